@@ -1,0 +1,3 @@
+from duo_gateway.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""How a simulated peer misbehaves on demand, shared by every simulator.
+
+Tests, benchmarks and the demo flip these switches (in the sim config or at run time through the
+simulators' admin endpoints) to prove that the gateway degrades correctly: slow peers time out, down
+peers are reported unavailable, garbage is answered with a clear error, and consent fails closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+from pydantic import Field
+
+from duo_gateway.config.base import StrictModel
+
+
+class Misbehaviour(StrictModel):
+    #: Added latency before every answer.
+    delay_ms: int = Field(default=0, ge=0, le=600_000)
+    #: Refuse connections (HTTP peers answer 503 and drop; DICOM peers stop listening).
+    down: bool = False
+    #: Answer with syntactically broken content instead of the real format.
+    malformed: bool = False
+    #: Answer with a SOAP Fault (SOAP peers only).
+    fault: bool = False
+
+    async def delay(self) -> None:
+        if self.delay_ms:
+            await asyncio.sleep(self.delay_ms / 1000)
+
+
+MitzDecisionOverride = Literal["Permit", "Deny", "NotApplicable", "Indeterminate"]
+
+
+class MitzMisbehaviour(Misbehaviour):
+    #: Answer every closed question with this decision whatever the consent records say.
+    force_decision: MitzDecisionOverride | None = None
