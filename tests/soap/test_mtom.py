@@ -162,7 +162,9 @@ def test_include_naming_absent_part_is_an_error() -> None:
 
 def test_plain_soap_with_inline_base64() -> None:
     env = _envelope()
-    dr = etree.SubElement(env.find("{*}Body/{*}RetrieveDocumentSetResponse"), f"{{{XDSB}}}DocumentResponse")
+    response = env.find("{*}Body/{*}RetrieveDocumentSetResponse")
+    assert response is not None
+    dr = etree.SubElement(response, f"{{{XDSB}}}DocumentResponse")
     doc = etree.SubElement(dr, f"{{{XDSB}}}Document")
     encoded = base64.b64encode(b"\x00inline\xff").decode()
     doc.text = "\n  " + encoded[:6] + "\n" + encoded[6:] + "\n"  # line-wrapped, as some stacks send it
