@@ -1,0 +1,1 @@
+"""Configuration: one class per concern (Synapse-style), composed by :class:`DuoConfig`."""

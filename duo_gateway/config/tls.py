@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import model_validator
 
-from duo_gateway.config.base import StrictModel
+from duo_gateway.config.base import ConfigPath, StrictModel
 
 
 class ServerTls(StrictModel):
     """TLS on a listener. ``client_auth = "required"`` is mTLS: a peer without a valid cert is refused."""
 
-    cert_file: Path
-    key_file: Path
+    cert_file: ConfigPath
+    key_file: ConfigPath
     #: CA bundle that client certificates must chain to; needed unless client_auth is ``none``.
-    ca_file: Path | None = None
+    ca_file: ConfigPath | None = None
     client_auth: Literal["none", "optional", "required"] = "required"
     #: Password of an encrypted key; set it through the environment, never in the file.
     key_password: str | None = None
@@ -33,9 +32,9 @@ class ClientTls(StrictModel):
     """TLS towards a peer. ``cert_file``/``key_file`` present this gateway's certificate (mTLS)."""
 
     #: CA bundle the peer's server certificate must chain to; None uses the system store.
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: ConfigPath | None = None
+    cert_file: ConfigPath | None = None
+    key_file: ConfigPath | None = None
     key_password: str | None = None
     #: Hostname verification; only switch off for a peer addressed by IP whose cert lacks it.
     check_hostname: bool = True

@@ -1,0 +1,90 @@
+"""``duo-gateway``: serve, check a config, print the config schema, run the simulated network."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from duo_gateway import __version__
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="duo-gateway", description=__doc__)
+    p.add_argument("--version", action="version", version=f"duo-gateway {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway daemon")
+    serve.add_argument("--config", type=Path, required=True, help="TOML config file")
+
+    check = sub.add_parser("check-config", help="validate a config file; exit 2 when invalid")
+    check.add_argument("file", type=Path)
+
+    sub.add_parser("config-schema", help="print the JSON Schema of the config file")
+
+    demo = sub.add_parser("demo", help="start the simulated national network with DUO on loopback")
+    demo.add_argument("--once", action="store_true",
+                      help="run the demo scenario, print a summary, exit 0 on success")
+    demo.add_argument("--ports-file", type=Path, help="write the endpoints as JSON once listening")
+    demo.add_argument("--base-port", type=int, default=0,
+                      help="first port to use (consecutive ports); default picks free ports")
+    demo.add_argument("--sim-config", type=Path, help="TOML of the simulated network (default: built in)")
+    demo.add_argument("--workdir", type=Path, help="where PACS storage and configs go (default: temp)")
+    demo.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args.file)
+    if args.command == "config-schema":
+        from duo_gateway.config.loader import render_json_schema
+
+        sys.stdout.write(render_json_schema())
+        return EXIT_OK
+    if args.command == "serve":
+        return _serve(args.config)
+    if args.command == "demo":
+        from duo_gateway.sim.network import run_demo
+
+        return asyncio.run(run_demo(once=args.once, ports_file=args.ports_file, base_port=args.base_port,
+                                    sim_config=args.sim_config, workdir=args.workdir,
+                                    log_level=args.log_level))
+    raise AssertionError(args.command)
+
+
+def _check_config(path: Path) -> int:
+    from duo_gateway.config.loader import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    print(f"{path}: valid ({len(config.tlb_hospitals)} TLB hospital(s), "
+          f"{len(config.xca_communities)} XCA communit(y/ies))")
+    return EXIT_OK
+
+
+def _serve(path: Path) -> int:
+    from duo_gateway.config.loader import ConfigError, load_config
+    from duo_gateway.daemon import serve
+    from duo_gateway.observability.logging import configure_logging
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    configure_logging(config.logging)
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

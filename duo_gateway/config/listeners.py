@@ -1,0 +1,33 @@
+"""The sockets DUO listens on: one HTTP(S) listener for every HTTP front door and one DICOM AE."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from duo_gateway.config.base import AeTitle, StrictModel
+from duo_gateway.config.tls import ServerTls
+
+
+class HttpListener(StrictModel):
+    host: str = "127.0.0.1"
+    #: 0 picks a free port (tests, demo); a deployment sets a fixed one.
+    port: int = Field(default=8443, ge=0, le=65535)
+    #: Without ``tls`` the listener is plain HTTP: only behind a TLS-terminating proxy or on loopback.
+    tls: ServerTls | None = None
+    #: Largest request body accepted (ITI-38/ITI-39/RAD-75 requests are small; answers stream).
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+
+
+class DicomListener(StrictModel):
+    """DUO's own DICOM AE: the C-MOVE destination hospitals send retrieved instances to."""
+
+    ae_title: AeTitle = "DUO_GATEWAY"
+    host: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=0, le=65535)
+    #: TCP_NODELAY on every DICOM socket; off only to reproduce the 40 ms Nagle stall.
+    tcp_nodelay: bool = True
+
+
+class Listeners(StrictModel):
+    http: HttpListener = HttpListener()
+    dicom: DicomListener = DicomListener()

@@ -1,0 +1,49 @@
+"""The address book: TLB hospitals (DICOM) and XCA communities (SOAP) DUO talks to."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AnyHttpUrl, Field
+
+from duo_gateway.config.base import AeTitle, HomeCommunityId, Oid, StrictModel, Ura
+from duo_gateway.config.tls import ClientTls
+
+
+class TlbHospital(StrictModel):
+    """One TLB hospital; DUO answers for it as data holder and queries its PACS over DICOM."""
+
+    ura: Ura
+    name: str = Field(min_length=1, max_length=200)
+    #: Organisation type code (RoleCodeNL 2.16.840.1.113883.2.4.15.1060), the Mitz data holder type.
+    organisation_type: str = Field(default="V6", pattern=r"^[A-Z0-9]{1,4}$")
+    ae_title: AeTitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    #: XDS repositoryUniqueId under which this hospital's documents are retrieved (ITI-39/RAD-75).
+    repository_unique_id: Oid
+    #: Where this PACS keeps the BSN: Twiin's guideline location is not settled, so it is per PACS.
+    bsn_attribute: Literal["PatientID", "OtherPatientIDsSequence"] = "PatientID"
+    #: Deadline for one DICOM operation (association + C-FIND) against this PACS.
+    timeout_s: float = Field(default=10.0, gt=0, le=600)
+    #: Parallel associations DUO opens to this PACS at most.
+    max_associations: int = Field(default=4, ge=1, le=64)
+
+
+class XcaCommunity(StrictModel):
+    """One XCA community reached through its Responding Gateway."""
+
+    home_community_id: HomeCommunityId
+    name: str = Field(min_length=1, max_length=200)
+    iti38: AnyHttpUrl
+    iti39: AnyHttpUrl
+    rad75: AnyHttpUrl | None = None
+    #: URAs of the institutions behind this gateway: matches Mitz localization and filters.
+    uras: list[Ura] = Field(default_factory=list)
+    tls: ClientTls | None = None
+    #: Some live peers still want SHA-1 XML signatures; the default is SHA-256.
+    signature_algorithm: Literal["sha256", "sha1"] = "sha256"
+    timeout_s: float = Field(default=20.0, gt=0, le=600)
+    max_concurrency: int = Field(default=4, ge=1, le=64)
+    #: Query this community even when Mitz localization names none of its data holders.
+    query_without_localization: bool = False

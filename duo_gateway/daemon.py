@@ -1,0 +1,137 @@
+"""The long-running gateway process: listeners up, dependencies wired, graceful down.
+
+``Gateway`` is used both by ``duo-gateway serve`` and in-process by the simulated network and the
+tests, so all three run exactly the same start and stop sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from aiohttp import web
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from duo_gateway.audit.auditor import Auditor
+from duo_gateway.config.loader import DuoConfig
+from duo_gateway.dicom.nodelay import install_tcp_nodelay
+from duo_gateway.health import Probe, build_probes
+from duo_gateway.http.server import FrontDoor, build_app
+from duo_gateway.observability.metrics import Metrics
+from duo_gateway.tls import server_context
+
+log = structlog.get_logger(__name__)
+
+
+class Gateway:
+    def __init__(self, config: DuoConfig, *, front_doors: Sequence[FrontDoor] = (),
+                 extra_probes: Sequence[Probe] = ()) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.auditor = Auditor(config.audit, base_dir=config.storage.path)
+        self._front_doors = list(front_doors)
+        self._extra_probes = list(extra_probes)
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._dicom_server: Any = None
+        self.app: web.Application | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.storage.path.mkdir(parents=True, exist_ok=True)
+        await self.auditor.start()
+        self.app = build_app(
+            self.metrics,
+            lambda: build_probes(cfg, self._extra_probes),
+            cfg.daemon.readiness_timeout_s,
+            self._front_doors,
+            max_request_bytes=cfg.listeners.http.max_request_bytes,
+            local_checks=self._local_checks,
+        )
+        self._runner = web.AppRunner(self.app, shutdown_timeout=cfg.daemon.shutdown_grace_s)
+        await self._runner.setup()
+        http = cfg.listeners.http
+        ssl_ctx = server_context(http.tls) if http.tls else None
+        self._site = web.TCPSite(self._runner, http.host, http.port, ssl_context=ssl_ctx)
+        await self._site.start()
+        await asyncio.to_thread(self._start_dicom)
+        log.info("gateway started", http=self.http_url, dicom_port=self.dicom_port,
+                 home_community_id=cfg.gateway.home_community_id,
+                 hospitals=len(cfg.tlb_hospitals), communities=len(cfg.xca_communities))
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish up to the grace period, then close."""
+        log.info("gateway stopping", grace_s=self.config.daemon.shutdown_grace_s)
+        if self._dicom_server is not None:
+            await asyncio.to_thread(self._dicom_server.shutdown)
+            self._dicom_server = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.auditor.stop(timeout=min(5.0, self.config.daemon.shutdown_grace_s))
+        log.info("gateway stopped")
+
+    # -- endpoints -----------------------------------------------------------------------------
+    @property
+    def http_port(self) -> int:
+        assert self._runner is not None, "gateway not started"
+        for addr in self._runner.addresses:
+            return int(addr[1])
+        raise RuntimeError("HTTP listener has no address")
+
+    @property
+    def http_url(self) -> str:
+        scheme = "https" if self.config.listeners.http.tls else "http"
+        return f"{scheme}://{self.config.listeners.http.host}:{self.http_port}"
+
+    @property
+    def dicom_port(self) -> int:
+        assert self._dicom_server is not None, "gateway not started"
+        return int(self._dicom_server.server_address[1])
+
+    # -- internals -----------------------------------------------------------------------------
+    def _start_dicom(self) -> None:
+        """DUO's own AE. This issue answers C-ECHO; the transfer issue adds storage to it."""
+        listener = self.config.listeners.dicom
+        install_tcp_nodelay(listener.tcp_nodelay)
+        ae = AE(ae_title=listener.ae_title)
+        ae.add_supported_context(Verification)
+        ae.require_called_aet = True
+        self._dicom_server = ae.start_server((listener.host, listener.port), block=False,
+                                             evt_handlers=[(evt.EVT_C_ECHO, lambda _e: 0x0000)])
+
+    def _local_checks(self) -> list[dict[str, Any]]:
+        audit = self.auditor.health()
+        return [{"peer": "audit", "kind": "audit", "essential": True, "ok": bool(audit.get("ok", True)),
+                 "detail": audit, "elapsed_ms": 0.0}]
+
+
+async def serve(config: DuoConfig) -> int:
+    """Run until SIGTERM/SIGINT, then shut down gracefully; exit code 0 on a clean stop."""
+    gateway = Gateway(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.start()
+    except OSError as exc:
+        log.error("cannot start listeners", error=str(exc))
+        await gateway.stop()
+        return 1
+    await stop.wait()
+    await gateway.stop()
+    return 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago; only for tests and the demo's --base-port-less mode."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,42 @@
+"""Blocking C-FIND SCU (Study Root). pynetdicom is thread-based: async callers use asyncio.to_thread."""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+from duo_gateway.dicom.nodelay import install_tcp_nodelay
+
+_PENDING = (0xFF00, 0xFF01)
+
+
+class FindError(RuntimeError):
+    """The association or the C-FIND failed; the caller reports the PACS as unavailable."""
+
+
+def c_find(calling_ae: str, host: str, port: int, called_ae: str, query: Dataset,
+           timeout_s: float) -> list[Dataset]:
+    install_tcp_nodelay()
+    ae = AE(ae_title=calling_ae)
+    for attr in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
+        setattr(ae, attr, timeout_s)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise FindError("association rejected" if assoc.is_rejected else "association failed")
+    matches: list[Dataset] = []
+    try:
+        for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise FindError("no C-FIND response (timeout or aborted association)")
+            if code in _PENDING:
+                if identifier is not None:
+                    matches.append(identifier)
+            elif code != 0x0000:
+                raise FindError(f"C-FIND failed with status 0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return matches

@@ -1,0 +1,60 @@
+"""structlog JSON lines on stdout for our code and for every library (aiohttp, pynetdicom).
+
+All records, whichever API produced them, go through one processor chain ending in the PHI
+scrubber, so there is one place to guarantee that no BSN or patient name is written in clear.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+from duo_gateway.config.runtime import LoggingConfig
+from duo_gateway.observability.phi import PhiScrubber
+
+_LIB_LOGGERS = ("pynetdicom", "aiohttp.access", "aiohttp.server", "aiohttp.web", "aiohttp.client",
+                "asyncio")
+
+
+def configure_logging(cfg: LoggingConfig, stream: TextIO | None = None) -> PhiScrubber:
+    key = cfg.pseudonym_key.get_secret_value().encode("utf-8") if cfg.pseudonym_key else None
+    scrubber = PhiScrubber(key)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+    ]
+    renderer: Any = (structlog.processors.JSONRenderer() if cfg.format == "json"
+                     else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, scrubber, renderer],
+    )
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_duo_handler", False):
+            root.removeHandler(old)
+    handler._duo_handler = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(cfg.level)
+    for name in _LIB_LOGGERS:
+        logging.getLogger(name).setLevel(cfg.level)
+    logging.getLogger("pynetdicom").setLevel(cfg.dicom_level)
+    # pynetdicom installs its own NullHandler-free handler on import in some versions; route it to root.
+    pnd = logging.getLogger("pynetdicom")
+    pnd.handlers.clear()
+    pnd.propagate = True
+    return scrubber

@@ -1,0 +1,36 @@
+"""Prometheus metrics. One registry per gateway instance, so tests and the demo can run several."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.http_requests = Counter(
+            "duo_http_requests_total", "HTTP requests handled, by route template and status.",
+            ["route", "method", "status"], registry=self.registry)
+        self.http_latency = Histogram(
+            "duo_http_request_duration_seconds", "HTTP request handling time by route template.",
+            ["route", "method"], buckets=_BUCKETS, registry=self.registry)
+        self.http_in_flight = Gauge(
+            "duo_http_requests_in_flight", "HTTP requests being handled now.", registry=self.registry)
+        self.peer_requests = Counter(
+            "duo_peer_requests_total", "Outbound calls to peers, by peer, operation and outcome.",
+            ["peer", "operation", "outcome"], registry=self.registry)
+        self.peer_latency = Histogram(
+            "duo_peer_request_duration_seconds", "Outbound call time by peer and operation.",
+            ["peer", "operation"], buckets=_BUCKETS, registry=self.registry)
+        self.peer_up = Gauge(
+            "duo_peer_up", "1 when the last readiness probe of the peer succeeded.", ["peer", "kind"],
+            registry=self.registry)
+
+    def observe_peer(self, peer: str, operation: str, outcome: str, seconds: float) -> None:
+        self.peer_requests.labels(peer, operation, outcome).inc()
+        self.peer_latency.labels(peer, operation).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
