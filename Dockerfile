@@ -20,9 +20,8 @@ WORKDIR /var/lib/duo
 VOLUME ["/etc/duo", "/var/lib/duo"]
 # HTTPS listener (XCA SOAP, TLB API, health, metrics) and the DICOM AE.
 EXPOSE 8443 11112
-# /healthz is liveness only; plain HTTP inside the container unless TLS is configured, so probe both.
+# Liveness via /healthz on the ops listener when configured (recommended with mTLS), else the main one.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-  CMD python -c "import os,ssl,urllib.request as u; p=os.environ.get('DUO__LISTENERS__HTTP__PORT','8443'); c=ssl._create_unverified_context(); \
-exec('try:\n u.urlopen(f\"https://127.0.0.1:{p}/healthz\",context=c,timeout=4)\nexcept Exception:\n u.urlopen(f\"http://127.0.0.1:{p}/healthz\",timeout=4)')" || exit 1
+  CMD ["duo-gateway", "healthcheck", "--config", "/etc/duo/duo.toml"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["duo-gateway", "serve", "--config", "/etc/duo/duo.toml"]

@@ -25,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file; exit 2 when invalid")
     check.add_argument("file", type=Path)
 
+    hc = sub.add_parser("healthcheck", help="exit 0 when the local daemon answers /healthz (container probe)")
+    hc.add_argument("--config", type=Path, required=True)
+    hc.add_argument("--timeout", type=float, default=4.0)
+
     sub.add_parser("config-schema", help="print the JSON Schema of the config file")
 
     demo = sub.add_parser("demo", help="start the simulated national network with DUO on loopback")
@@ -48,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(render_json_schema())
         return EXIT_OK
+    if args.command == "healthcheck":
+        return _healthcheck(args.config, args.timeout)
     if args.command == "serve":
         return _serve(args.config)
     if args.command == "demo":
@@ -70,6 +76,35 @@ def _check_config(path: Path) -> int:
     print(f"{path}: valid ({len(config.tlb_hospitals)} TLB hospital(s), "
           f"{len(config.xca_communities)} XCA communit(y/ies))")
     return EXIT_OK
+
+
+def _healthcheck(path: Path, timeout: float) -> int:
+    """Probe the ops listener when there is one, else the main listener (TLS unverified: liveness only)."""
+    import ssl
+    import urllib.request
+
+    from duo_gateway.config.loader import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    ops, http = config.listeners.ops, config.listeners.http
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - mapping wildcard binds to loopback
+    if ops is not None:
+        url, ctx = f"http://{local.get(ops.host, ops.host)}:{ops.port}/healthz", None
+    else:
+        scheme = "https" if http.tls else "http"
+        url = f"{scheme}://{local.get(http.host, http.host)}:{http.port}/healthz"
+        ctx = ssl._create_unverified_context() if http.tls else None  # noqa: S323 - own process, liveness
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=ctx) as resp:  # noqa: S310 - config URL
+            ok = resp.status == 200
+    except OSError as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def _serve(path: Path) -> int:

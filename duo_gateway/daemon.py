@@ -21,7 +21,7 @@ from duo_gateway.audit.auditor import Auditor
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.dicom.nodelay import install_tcp_nodelay
 from duo_gateway.health import Probe, build_probes
-from duo_gateway.http.server import FrontDoor, build_app
+from duo_gateway.http.server import FrontDoor, build_app, build_ops_app
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.tls import server_context
 
@@ -37,6 +37,7 @@ class Gateway:
         self._front_doors = list(front_doors)
         self._extra_probes = list(extra_probes)
         self._runner: web.AppRunner | None = None
+        self._ops_runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._dicom_server: Any = None
         self.app: web.Application | None = None
@@ -60,6 +61,12 @@ class Gateway:
         ssl_ctx = server_context(http.tls) if http.tls else None
         self._site = web.TCPSite(self._runner, http.host, http.port, ssl_context=ssl_ctx)
         await self._site.start()
+        if cfg.listeners.ops is not None:
+            ops_app = build_ops_app(self.metrics, lambda: build_probes(cfg, self._extra_probes),
+                                    cfg.daemon.readiness_timeout_s, self._local_checks)
+            self._ops_runner = web.AppRunner(ops_app, shutdown_timeout=1.0)
+            await self._ops_runner.setup()
+            await web.TCPSite(self._ops_runner, cfg.listeners.ops.host, cfg.listeners.ops.port).start()
         await asyncio.to_thread(self._start_dicom)
         log.info("gateway started", http=self.http_url, dicom_port=self.dicom_port,
                  home_community_id=cfg.gateway.home_community_id,
@@ -74,6 +81,9 @@ class Gateway:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._ops_runner is not None:
+            await self._ops_runner.cleanup()
+            self._ops_runner = None
         await self.auditor.stop(timeout=min(5.0, self.config.daemon.shutdown_grace_s))
         log.info("gateway stopped")
 
@@ -89,6 +99,13 @@ class Gateway:
     def http_url(self) -> str:
         scheme = "https" if self.config.listeners.http.tls else "http"
         return f"{scheme}://{self.config.listeners.http.host}:{self.http_port}"
+
+    @property
+    def ops_url(self) -> str | None:
+        if self._ops_runner is None or self.config.listeners.ops is None:
+            return None
+        port = int(self._ops_runner.addresses[0][1])
+        return f"http://{self.config.listeners.ops.host}:{port}"
 
     @property
     def dicom_port(self) -> int:

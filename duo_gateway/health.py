@@ -78,8 +78,9 @@ def build_probes(config: DuoConfig, extra: list[Probe] | None = None) -> list[Pr
             return result.ok, result.detail
         probes.append(Probe(f"tlb:{h.ura}", "dicom", False, echo))
     for c in config.xca_communities:
-        probes.append(Probe(f"xca:{c.home_community_id}", "xca", False,
-                            lambda c=c: http_reachable(str(c.iti38), c.tls, timeout)))
+        async def reach(c: Any = c) -> tuple[bool, str]:
+            return await http_reachable(str(c.iti38), c.tls, timeout)
+        probes.append(Probe(f"xca:{c.home_community_id}", "xca", False, reach))
     probes.extend(extra or [])
     return probes
 

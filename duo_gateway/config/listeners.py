@@ -28,6 +28,19 @@ class DicomListener(StrictModel):
     tcp_nodelay: bool = True
 
 
+class OpsListener(StrictModel):
+    """Plain-HTTP /healthz, /readyz and /metrics for the container runtime and Prometheus.
+
+    With mTLS on the main listener, probes and scrapers would each need a client certificate; this
+    listener keeps them out of the PKI. Bind it to loopback or a management network only: it serves
+    no patient data.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9090, ge=0, le=65535)
+
+
 class Listeners(StrictModel):
     http: HttpListener = HttpListener()
     dicom: DicomListener = DicomListener()
+    ops: OpsListener | None = None

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from duo_gateway.http.problem import problem_response
 from duo_gateway.observability.metrics import Metrics
@@ -28,7 +29,7 @@ def _route_label(request: web.Request) -> str:
     return canonical
 
 
-def make_middlewares(metrics: Metrics) -> list[Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]]:
+def make_middlewares(metrics: Metrics) -> list[Middleware]:
     @web.middleware
     async def correlate(request: web.Request, handler: Handler) -> web.StreamResponse:
         incoming = request.headers.get(REQUEST_ID_HEADER, "")

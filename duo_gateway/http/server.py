@@ -40,7 +40,22 @@ def build_app(
     local_checks: Callable[[], list[dict[str, Any]]] | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=make_middlewares(metrics), client_max_size=max_request_bytes)
+    add_ops_routes(app, metrics, probes, readiness_timeout_s, local_checks)
+    for door in front_doors:
+        door.mount(app)
+    return app
 
+
+def build_ops_app(metrics: Metrics, probes: ProbeSource, readiness_timeout_s: float,
+                  local_checks: Callable[[], list[dict[str, Any]]] | None = None) -> web.Application:
+    """The separate operations listener: health and metrics only, never patient data."""
+    app = web.Application(middlewares=make_middlewares(metrics), client_max_size=1024)
+    add_ops_routes(app, metrics, probes, readiness_timeout_s, local_checks)
+    return app
+
+
+def add_ops_routes(app: web.Application, metrics: Metrics, probes: ProbeSource, readiness_timeout_s: float,
+                   local_checks: Callable[[], list[dict[str, Any]]] | None) -> None:
     async def healthz(_request: web.Request) -> web.Response:
         # Liveness only: the event loop answers. Dependencies are /readyz's business.
         return web.json_response({"status": "alive"})
@@ -63,6 +78,3 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
-    for door in front_doors:
-        door.mount(app)
-    return app

@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from duo_gateway.bsn import is_valid_bsn
@@ -67,7 +67,7 @@ class PhiScrubber:
             return value
         return self.scrub_text(str(value))
 
-    def __call__(self, _logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
         """structlog processor: runs last before rendering, on every record from every library."""
         return {k: self.scrub_value(k, v) if k not in _UNTOUCHED else v for k, v in event_dict.items()}
 

@@ -180,7 +180,7 @@ async def run_demo(*, once: bool, ports_file: Path | None, base_port: int, sim_c
     from duo_gateway.observability.logging import configure_logging
     from duo_gateway.sim.scenario import run_scenario
 
-    configure_logging(LoggingConfig(level=log_level))  # type: ignore[arg-type]
+    configure_logging(LoggingConfig.model_validate({"level": log_level}))
     net = load_network(sim_config) if sim_config else default_network()
     own_workdir = workdir is None
     root = Path(tempfile.mkdtemp(prefix="duo-demo-")) if workdir is None else workdir

@@ -158,7 +158,7 @@ def _parse_fault(fault: etree._Element) -> SoapFault:
         prefix, _, local = sub_el.text.strip().rpartition(":")
         subcode = (sub_el.nsmap.get(prefix or None, "") or "", local)
     detail_el = fault.find("s:Detail", namespaces=ns)
-    detail = "".join(detail_el.itertext()).strip() if detail_el is not None else None
+    detail = "".join(str(t) for t in detail_el.itertext()).strip() if detail_el is not None else None
     return SoapFault(code, reason.strip(), subcode, detail or None)
 
 
