@@ -32,6 +32,7 @@ SUPPORTED_PYNETDICOM = "3.0."
 _MARKER = "__duo_tcp_nodelay__"
 _lock = threading.Lock()
 _enabled = False
+_chosen = False
 
 
 class UnsupportedPynetdicomError(RuntimeError):
@@ -44,7 +45,36 @@ def install_tcp_nodelay(enabled: bool = True) -> None:
     Safe to call from any thread, any number of times: the wrappers are installed once and only the
     switch changes afterwards. Sockets that already exist keep their setting.
     """
-    global _enabled
+    _check_version()
+    with _lock:
+        _choose(enabled)
+
+
+def ensure_tcp_nodelay() -> None:
+    """Install with TCP_NODELAY on unless someone already chose: for library code and simulators.
+
+    The switch is process-wide and the last :func:`install_tcp_nodelay` call wins, so a helper that
+    calls ``install_tcp_nodelay()`` would silently undo a deliberate ``tcp_nodelay = false`` from the
+    daemon's config (e.g. the demo runs simulators and gateway in one process). This keeps that choice.
+    """
+    _check_version()
+    with _lock:
+        if not _chosen:
+            _choose(True)
+
+
+def _choose(enabled: bool) -> None:
+    """Set the switch and wrap on first enable; the caller holds ``_lock``."""
+    global _enabled, _chosen
+    _enabled = enabled
+    _chosen = True
+    if enabled and not is_installed():
+        _wrap_create_socket()
+        _wrap_get_request()
+        log.info("tcp_nodelay_installed", pynetdicom=pynetdicom.__version__)
+
+
+def _check_version() -> None:
     version = str(getattr(pynetdicom, "__version__", ""))
     if not version.startswith(SUPPORTED_PYNETDICOM):
         raise UnsupportedPynetdicomError(
@@ -52,12 +82,6 @@ def install_tcp_nodelay(enabled: bool = True) -> None:
             f"found pynetdicom {version or 'unknown'}: re-verify transport.AssociationSocket._create_socket "
             "and transport.AssociationServer.get_request, then update SUPPORTED_PYNETDICOM"
         )
-    with _lock:
-        _enabled = enabled
-        if enabled and not is_installed():
-            _wrap_create_socket()
-            _wrap_get_request()
-            log.info("tcp_nodelay_installed", pynetdicom=version)
 
 
 def is_installed() -> bool:

@@ -74,7 +74,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from duo_gateway.dicom.nodelay import install_tcp_nodelay
+from duo_gateway.dicom.nodelay import ensure_tcp_nodelay
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import SimHospital
 from duo_gateway.sim.studies import GeneratedStudy, write_study
@@ -162,7 +162,7 @@ class SimPacs:
 
     def start(self) -> None:
         """Index the storage folder and listen (unless the behaviour says down). Returns at once."""
-        install_tcp_nodelay()
+        ensure_tcp_nodelay()  # on, unless the process (e.g. the daemon's config) already chose
         with self._lock:
             if self._started:
                 return

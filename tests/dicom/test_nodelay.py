@@ -10,8 +10,10 @@ import pytest
 from pynetdicom import AE, evt, transport
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from duo_gateway.dicom import nodelay
 from duo_gateway.dicom.nodelay import (
     UnsupportedPynetdicomError,
+    ensure_tcp_nodelay,
     install_tcp_nodelay,
     is_installed,
     tcp_nodelay_enabled,
@@ -84,6 +86,20 @@ def test_switching_off_leaves_nagle_on_for_new_sockets(scp: _Scp) -> None:
     install_tcp_nodelay(True)
     assert scp.echo() != 0
     assert scp.accepted[-1] != 0
+
+
+def test_ensure_keeps_a_deliberate_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    try:
+        install_tcp_nodelay(False)
+        ensure_tcp_nodelay()  # what a simulator or helper calls: must not undo the daemon's False
+        assert not tcp_nodelay_enabled()
+    finally:
+        install_tcp_nodelay(True)
+    # in a process where nobody chose yet, ensure switches it on
+    monkeypatch.setattr(nodelay, "_chosen", False)
+    monkeypatch.setattr(nodelay, "_enabled", False)
+    ensure_tcp_nodelay()
+    assert tcp_nodelay_enabled()
 
 
 def test_double_install_does_not_double_wrap() -> None:
