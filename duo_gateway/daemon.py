@@ -33,7 +33,7 @@ class Gateway:
                  extra_probes: Sequence[Probe] = ()) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.auditor = Auditor(config.audit, base_dir=config.storage.path)
+        self.auditor = Auditor(config.audit, storage_dir=config.storage.path)
         self._front_doors = list(front_doors)
         self._extra_probes = list(extra_probes)
         self._runner: web.AppRunner | None = None
@@ -75,15 +75,8 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish up to the grace period, then close."""
         log.info("gateway stopping", grace_s=self.config.daemon.shutdown_grace_s)
-        if self._dicom_server is not None:
-            await asyncio.to_thread(self._dicom_server.shutdown)
-            self._dicom_server = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        if self._ops_runner is not None:
-            await self._ops_runner.cleanup()
-            self._ops_runner = None
+        # All listeners stop accepting at once; aiohttp's cleanup then waits for in-flight handlers.
+        await asyncio.gather(self._stop_dicom(), self._stop_http())
         await self.auditor.stop(timeout=min(5.0, self.config.daemon.shutdown_grace_s))
         log.info("gateway stopped")
 
@@ -122,6 +115,16 @@ class Gateway:
         ae.require_called_aet = True
         self._dicom_server = ae.start_server((listener.host, listener.port), block=False,
                                              evt_handlers=[(evt.EVT_C_ECHO, lambda _e: 0x0000)])
+
+    async def _stop_dicom(self) -> None:
+        if self._dicom_server is not None:
+            server, self._dicom_server = self._dicom_server, None
+            await asyncio.to_thread(server.shutdown)
+
+    async def _stop_http(self) -> None:
+        runners = [r for r in (self._runner, self._ops_runner) if r is not None]
+        self._runner = self._ops_runner = None
+        await asyncio.gather(*(r.cleanup() for r in runners))
 
     def _local_checks(self) -> list[dict[str, Any]]:
         audit = self.auditor.health()

@@ -6,7 +6,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
-from duo_gateway.dicom.nodelay import install_tcp_nodelay
+from duo_gateway.dicom.nodelay import ensure_tcp_nodelay
 
 _PENDING = (0xFF00, 0xFF01)
 
@@ -17,7 +17,7 @@ class FindError(RuntimeError):
 
 def c_find(calling_ae: str, host: str, port: int, called_ae: str, query: Dataset,
            timeout_s: float) -> list[Dataset]:
-    install_tcp_nodelay()
+    ensure_tcp_nodelay()
     ae = AE(ae_title=calling_ae)
     for attr in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
         setattr(ae, attr, timeout_s)

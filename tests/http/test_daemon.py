@@ -131,8 +131,8 @@ async def test_metrics_request_ids_and_ops_listener(tmp_path: Path, mitz_stub: i
         async with aiohttp.ClientSession() as s:
             async with s.get(f"{gw.http_url}/healthz", headers={"X-Request-ID": "trace-12345678"}) as r:
                 assert r.headers["X-Request-ID"] == "trace-12345678"
-            async with s.get(f"{gw.http_url}/healthz", headers={"X-Request-ID": "bad id\x01"}) as r:
-                assert r.headers["X-Request-ID"] != "bad id\x01"
+            async with s.get(f"{gw.http_url}/healthz", headers={"X-Request-ID": "bad id; drop"}) as r:
+                assert r.headers["X-Request-ID"] != "bad id; drop"
                 assert len(r.headers["X-Request-ID"]) == 36
             async with s.get(f"{gw.http_url}/no/such/route") as r:
                 assert r.status == 404
