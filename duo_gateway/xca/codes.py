@@ -194,3 +194,35 @@ MIME_DICOM: Final = "application/dicom"
 
 EXPLICIT_VR_LITTLE_ENDIAN: Final = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LITTLE_ENDIAN: Final = "1.2.840.10008.1.2"
+
+# --- imaging metadata vocabulary (project choices where xca.md §7 / netherlands.md §4 leave a gap) ---
+
+#: DICOM Body Part Examined -> SNOMED CT anatomic region (DICOM PS3.16 Annex L, CID 4), for the
+#: anatomic half of a KOS entry's eventCodeList.
+BODY_PART_SNOMED: Final[dict[str, tuple[str, str]]] = {
+    "HEAD": ("69536005", "Head"),
+    "BRAIN": ("12738006", "Brain"),
+    "NECK": ("45048000", "Neck"),
+    "CHEST": ("43799004", "Chest"),
+    "ABDOMEN": ("818981001", "Abdomen"),
+    "PELVIS": ("816092008", "Pelvis"),
+    "LSPINE": ("122496007", "Lumbar spine"),
+    "CSPINE": ("122494005", "Cervical spine"),
+    "TSPINE": ("122495006", "Thoracic spine"),
+    "KNEE": ("72696002", "Knee"),
+    "HAND": ("85562004", "Hand"),
+    "BREAST": ("76752008", "Breast"),
+}
+#: Acquisition modalities (DICOM CID 29) with their display names; SR and KO are not acquisitions.
+MODALITY_DISPLAY: Final[dict[str, str]] = {
+    "CT": "Computed Tomography",
+    "MR": "Magnetic Resonance",
+    "CR": "Computed Radiography",
+    "DX": "Digital Radiography",
+    "US": "Ultrasound",
+    "MG": "Mammography",
+    "NM": "Nuclear Medicine",
+    "PT": "Positron emission tomography",
+    "XA": "X-Ray Angiography",
+    "RF": "Radio Fluoroscopy",
+}

@@ -1,0 +1,531 @@
+"""A simulated XCA / XCA-I Responding Gateway: one community holding generated imaging studies.
+
+It speaks the same codec the real gateway uses (so wire bugs show up in both directions) and serves,
+per study, a KOS manifest entry and, when the study has one, the report as a stand-alone DICOM SR
+entry (netherlands.md §4: "reports stand alone"); images come through RAD-75.
+
+Simplifications, on purpose:
+
+- No consent check. Real responding communities ask Mitz themselves (netherlands.md §2 step 6);
+  the gateway under test is what must not forward data without consent, so the sim answers anyone.
+- Only the network's patients are known; any other patient id gets an empty Success, the local
+  policy xca.md §5 allows.
+- No XUA/SAML validation; a ``wsse:Security`` header is ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Final
+
+import structlog
+from aiohttp import web
+from lxml import etree
+from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
+
+from duo_gateway.bsn import BSN_OID, bsn_cx
+from duo_gateway.dicom.kos import KosPatient, KosStudy, build_kos, encode_part10, instance_refs
+from duo_gateway.sim.behaviour import Misbehaviour
+from duo_gateway.sim.config import SimCommunity, SimInstitution, SimNetworkConfig, SimPatient
+from duo_gateway.sim.http import current_behaviour, install_behaviour
+from duo_gateway.sim.studies import BSN_ISSUER, GeneratedStudy, generate_studies
+from duo_gateway.soap.envelope import (
+    SOAP12_CONTENT_TYPE,
+    SOAP12_NS,
+    WSA_NS,
+    Addressing,
+    SoapFault,
+    build_envelope,
+    build_fault,
+    fault_http_status,
+    new_message_id,
+    parse_envelope,
+    serialize,
+)
+from duo_gateway.soap.mtom import Attachment, build_mtom, parse_mtom
+from duo_gateway.soap.xml import XmlError
+from duo_gateway.xca.codes import (
+    BASIC_TEXT_SR_SOP_CLASS,
+    BODY_PART_SNOMED,
+    DCM_SCHEME,
+    DICOM_UID_REGISTRY,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    HL7_CONFIDENTIALITY,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    KOS_SOP_CLASS,
+    LOINC,
+    MIME_DICOM,
+    MODALITY_DISPLAY,
+    SNOMED_CT,
+    STUDY_INSTANCE_UID_ID_TYPE,
+    Action,
+    EntryType,
+    ErrorCode,
+    QueryParam,
+    ResponseStatus,
+    ReturnType,
+    StoredQuery,
+)
+from duo_gateway.xca.ebrim import Author, DocumentEntry, ObjectRef
+from duo_gateway.xca.errors import RegistryError, RegistryErrorException, status_for
+from duo_gateway.xca.hl7 import Code, Cx, Hl7FormatError, Xon, dtm_key, parse_reference_id, reference_id
+from duo_gateway.xca.ids import document_entry_uuid, study_entry_uuid
+from duo_gateway.xca.query import (
+    AdhocQueryRequest,
+    AdhocQueryResponse,
+    QueryResult,
+    build_adhoc_query_response,
+    parse_adhoc_query_request,
+    validate_stored_query,
+)
+from duo_gateway.xca.retrieve import (
+    DocumentRequest,
+    RetrievedDocument,
+    RetrieveDocumentSetResponse,
+    build_retrieve_response,
+    composite_context,
+    parse_imaging_retrieve_request,
+    parse_retrieve_request,
+)
+
+log = structlog.get_logger(__name__)
+
+KOS_FORMAT: Final = Code(KOS_SOP_CLASS, DICOM_UID_REGISTRY, "Key Object Selection Document")
+SR_FORMAT: Final = Code(BASIC_TEXT_SR_SOP_CLASS, DICOM_UID_REGISTRY, "Basic Text SR")
+#: No XDS-I rule fixes class/type codes for a study (xca.md §7): SNOMED "Imaging" and LOINC
+#: "Diagnostic imaging study" are this project's choice. Report codes follow Twiin (netherlands.md §4).
+KOS_CLASS: Final = Code("363679005", SNOMED_CT, "Imaging")
+KOS_TYPE: Final = Code("18748-4", LOINC, "Diagnostic imaging study")
+REPORT_CLASS: Final = Code("9491000146107", SNOMED_CT, "Imaging Documentation")
+REPORT_TYPE: Final = Code("722124004", SNOMED_CT, "Radiologisch verslag")
+PRACTICE_SETTING: Final = Code("394914008", SNOMED_CT, "Radiology")
+FACILITY_TYPE: Final = Code("22232009", SNOMED_CT, "Hospital")
+CONFIDENTIALITY: Final = Code("N", HL7_CONFIDENTIALITY, "normal")
+SUPPORTED_TRANSFER_SYNTAXES: Final = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
+#: Largest request body accepted; requests are metadata only, so this is generous.
+MAX_REQUEST_BYTES: Final = 4 * 1024 * 1024
+
+_ACTIONS: Final = {
+    "/iti38": (Action.ITI38, Action.ITI38_RESPONSE),
+    "/iti39": (Action.ITI39, Action.ITI39_RESPONSE),
+    "/rad75": (Action.RAD75, Action.RAD75_RESPONSE),
+}
+
+
+@dataclass(frozen=True)
+class SimDocument:
+    """A registered document: its metadata, its bytes, and the BSN it belongs to (never logged)."""
+
+    entry: DocumentEntry
+    data: bytes
+    bsn: str
+
+
+@dataclass(frozen=True)
+class _Reply:
+    body: etree._Element
+    attachments: Sequence[Attachment] = ()
+    mtom: bool = False
+
+
+def community_seed(net: SimNetworkConfig, community: SimCommunity) -> int:
+    """Seed for a community's studies: stable across processes (unlike ``hash()``)."""
+    digest = hashlib.sha256(community.home_community_id.encode()).digest()
+    return net.seed + int.from_bytes(digest[:4], "big")
+
+
+class XcaCommunitySimulator:
+    """Holds the community's generated studies and answers ITI-38, ITI-39 and RAD-75."""
+
+    def __init__(self, community: SimCommunity, net: SimNetworkConfig) -> None:
+        self.community = community
+        self.home = community.home_community_id
+        self.repository_unique_id = community.repository_unique_id
+        self._patients = {p.bsn: p for p in net.patients}
+        self.studies: list[tuple[SimPatient, SimInstitution, GeneratedStudy]] = []
+        seed = community_seed(net, community)
+        for patient in net.patients:
+            for institution in community.institutions:
+                for study in generate_studies(
+                    patient, institution, community.studies_per_patient, seed, net.image_size
+                ):
+                    self.studies.append((patient, institution, study))
+        self.documents: list[SimDocument] = []
+        self._instances: dict[tuple[str, str, str], Dataset] = {}
+        for patient, institution, study in self.studies:
+            self.documents.extend(self._index(patient, institution, study))
+            for ds in study.instances:
+                key = (study.study_instance_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+                self._instances[key] = ds
+        self._by_unique_id = {d.entry.unique_id: d for d in self.documents}
+
+    # --- the document index ---
+
+    def _index(
+        self, patient: SimPatient, institution: SimInstitution, study: GeneratedStudy
+    ) -> list[SimDocument]:
+        kos = build_kos(
+            instance_refs(study.instances),
+            KosStudy(study.study_instance_uid, study.study_date, study.study_time, study.accession_number,
+                     study.study_id, study.description),
+            KosPatient(patient.bsn, patient.name, BSN_ISSUER, BSN_OID, patient.birth_date, patient.sex),
+            retrieve_location_uid=self.repository_unique_id,
+            institution_name=institution.name,
+        )
+        kos_bytes = encode_part10(kos)
+        started = study.study_date + study.study_time[:6]
+        events = [
+            Code(m, DCM_SCHEME, MODALITY_DISPLAY.get(m, m)) for m in study.modalities if m not in ("SR", "KO")
+        ]
+        if study.body_part in BODY_PART_SNOMED:
+            code, display = BODY_PART_SNOMED[study.body_part]
+            events.append(Code(code, SNOMED_CT, display))
+        kos_entry = DocumentEntry(
+            entry_uuid=study_entry_uuid(study.study_instance_uid, self.home),
+            unique_id=str(kos.SOPInstanceUID),
+            patient_id=bsn_cx(patient.bsn),
+            source_patient_id=bsn_cx(patient.bsn),
+            mime_type=MIME_DICOM,
+            repository_unique_id=self.repository_unique_id,
+            home=self.home,
+            title=study.description,
+            format_code=KOS_FORMAT,
+            class_code=KOS_CLASS,
+            type_code=KOS_TYPE,
+            practice_setting_code=PRACTICE_SETTING,
+            healthcare_facility_type_code=FACILITY_TYPE,
+            confidentiality_codes=(CONFIDENTIALITY,),
+            event_codes=tuple(events),
+            service_start_time=started,
+            creation_time=started,
+            reference_ids=(reference_id(study.study_instance_uid, STUDY_INSTANCE_UID_ID_TYPE),),
+            authors=(Author(institutions=(Xon(institution.name, institution.ura),)),),
+            language_code="nl-NL",
+            size=len(kos_bytes),
+            hash=hashlib.sha1(kos_bytes, usedforsecurity=False).hexdigest(),
+        )
+        docs = [SimDocument(kos_entry, kos_bytes, patient.bsn)]
+        for ds in study.instances:
+            if str(ds.SOPClassUID) != BASIC_TEXT_SR_SOP_CLASS:
+                continue
+            sr_bytes = encode_part10(ds)
+            # Same patient, study reference, author and events: image and report point at each other
+            # through referenceIdList (netherlands.md §4).
+            report = replace(
+                kos_entry,
+                entry_uuid=document_entry_uuid(str(ds.SOPInstanceUID), self.home),
+                unique_id=str(ds.SOPInstanceUID),
+                title=f"Radiologisch verslag: {study.description}",
+                format_code=SR_FORMAT,
+                class_code=REPORT_CLASS,
+                type_code=REPORT_TYPE,
+                creation_time=str(ds.ContentDate) + str(ds.ContentTime)[:6],
+                size=len(sr_bytes),
+                hash=hashlib.sha1(sr_bytes, usedforsecurity=False).hexdigest(),
+            )
+            docs.append(SimDocument(report, sr_bytes, patient.bsn))
+        return docs
+
+    # --- HTTP ---
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        install_behaviour(app, self.community.behaviour)
+        app.router.add_post("/iti38", self._handle)
+        app.router.add_post("/iti39", self._handle)
+        app.router.add_post("/rad75", self._handle)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        expected, response_action = _ACTIONS[request.path]
+        handler: Callable[[etree._Element, dict[str, bytes]], _Reply] = {
+            "/iti38": self._iti38, "/iti39": self._iti39, "/rad75": self._rad75,
+        }[request.path]
+        try:
+            raw = await request.read()
+            root, parts = parse_mtom(request.headers.get("Content-Type", ""), raw, MAX_REQUEST_BYTES)
+            env = parse_envelope(root)
+        except SoapFault as fault:
+            return _fault_response(fault, None)
+        except (XmlError, ValueError) as exc:
+            return _fault_response(SoapFault("Sender", f"not an acceptable SOAP 1.2 message: {exc}"), None)
+        relates_to = env.addressing.message_id
+        behaviour: Misbehaviour = current_behaviour(request.app)
+        if behaviour.fault:
+            log.info("xca_sim_fault", community=self.home, path=request.path)
+            return _fault_response(SoapFault("Receiver", "simulated responding gateway failure"), relates_to)
+        if behaviour.malformed:
+            log.info("xca_sim_malformed", community=self.home, path=request.path)
+            return web.Response(
+                status=200, body=b'<?xml version="1.0"?><s:Envelope xmlns:s="http://www.w3.org/2003/05/soap-en',
+                headers={"Content-Type": _soap_content_type(response_action)},
+            )
+        if env.addressing.action != expected:
+            return _fault_response(SoapFault(
+                "Sender", f"wsa:Action must be {expected} on {request.path}",
+                subcode=(WSA_NS, "ActionNotSupported"),
+            ), relates_to)
+        if env.body is None:
+            return _fault_response(SoapFault("Sender", "empty SOAP Body"), relates_to)
+        reply = handler(env.body, parts)
+        envelope = build_envelope(
+            Addressing(action=response_action, message_id=new_message_id(), relates_to=relates_to), reply.body
+        )
+        if not reply.mtom:
+            headers = {"Content-Type": _soap_content_type(response_action)}
+            return web.Response(body=serialize(envelope), headers=headers)
+        content_type, body = build_mtom(envelope, reply.attachments, response_action)
+        response = web.StreamResponse(status=200, headers={"Content-Type": content_type})
+        response.content_length = body.content_length
+        await response.prepare(request)
+        for chunk in body:
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    # --- ITI-38 ---
+
+    def _iti38(self, body: etree._Element, parts: dict[str, bytes]) -> _Reply:
+        del parts
+        try:
+            req = parse_adhoc_query_request(body)
+            query = validate_stored_query(req)
+            if req.home is not None and req.home != self.home:
+                raise RegistryErrorException.of(ErrorCode.UNKNOWN_COMMUNITY, req.home)
+            docs = self._find(query, req)
+        except RegistryErrorException as exc:
+            errors = tuple(_located(e, self.home) for e in exc.errors)
+            log.info("iti38", community=self.home, status="Failure", errors=[e.error_code for e in errors])
+            return _Reply(build_adhoc_query_response(AdhocQueryResponse(ResponseStatus.FAILURE, (), errors)))
+        objects: list[QueryResult] = [
+            d.entry if req.return_type is ReturnType.LEAF_CLASS else ObjectRef(d.entry.entry_uuid, self.home)
+            for d in docs
+        ]
+        log.info("iti38", community=self.home, query=query.name, return_type=str(req.return_type),
+                 results=len(objects))
+        return _Reply(build_adhoc_query_response(AdhocQueryResponse(ResponseStatus.SUCCESS, tuple(objects))))
+
+    def _find(self, query: StoredQuery, req: AdhocQueryRequest) -> list[SimDocument]:
+        if query is StoredQuery.GET_DOCUMENTS:
+            unique_ids = set(req.values(QueryParam.UNIQUE_ID) or ())
+            entry_uuids = {u.lower() for u in req.values(QueryParam.ENTRY_UUID) or ()}
+            return [d for d in self.documents
+                    if d.entry.unique_id in unique_ids or d.entry.entry_uuid in entry_uuids]
+        if query not in (StoredQuery.FIND_DOCUMENTS, StoredQuery.FIND_DOCUMENTS_BY_REFERENCE_ID):
+            return []  # folders, submission sets, associations: this community has none (xca.md §3)
+        cx = Cx.parse(req.single(QueryParam.PATIENT_ID) or "")
+        if cx.authority_oid != BSN_OID or cx.id not in self._patients:
+            return []
+        statuses = set(req.values(QueryParam.STATUS) or ())
+        entry_types = req.values(QueryParam.ENTRY_TYPE)
+        if entry_types is not None and EntryType.STABLE not in entry_types:
+            return []
+        predicates = _code_predicates(req) + _time_predicates(req)
+        if query is StoredQuery.FIND_DOCUMENTS_BY_REFERENCE_ID:
+            predicates.append(_reference_predicate(req))
+        return [
+            d for d in self.documents
+            if d.bsn == cx.id and d.entry.status in statuses and all(p(d.entry) for p in predicates)
+        ]
+
+    # --- ITI-39 ---
+
+    def _check_request(self, doc: DocumentRequest, context: str) -> RegistryError | None:
+        if doc.home is None:
+            return RegistryError(ErrorCode.MISSING_HOME_COMMUNITY_ID, f"no HomeCommunityId for {context}",
+                                 location=self.home)
+        if doc.home != self.home:
+            return RegistryError(ErrorCode.UNKNOWN_COMMUNITY, f"{doc.home} for {context}", location=self.home)
+        if doc.repository_unique_id != self.repository_unique_id:
+            return RegistryError(ErrorCode.UNKNOWN_REPOSITORY_ID, f"{doc.repository_unique_id} for {context}",
+                                 location=self.home)
+        return None
+
+    def _iti39(self, body: etree._Element, parts: dict[str, bytes]) -> _Reply:
+        del parts
+        try:
+            req = parse_retrieve_request(body)
+        except RegistryErrorException as exc:
+            return self._retrieve_reply(RetrieveDocumentSetResponse(
+                ResponseStatus.FAILURE, (), tuple(_located(e, self.home) for e in exc.errors)), "iti39")
+        documents: list[RetrievedDocument] = []
+        errors: list[RegistryError] = []
+        for doc in req.documents:
+            error = self._check_request(doc, doc.document_unique_id)
+            found = self._by_unique_id.get(doc.document_unique_id)
+            if error is None and found is None:
+                error = RegistryError(
+                    ErrorCode.DOCUMENT_UNIQUE_ID_ERROR, doc.document_unique_id, location=self.home
+                )
+            if error is not None:
+                errors.append(error)
+                continue
+            assert found is not None
+            documents.append(RetrievedDocument(
+                self.repository_unique_id, doc.document_unique_id, found.entry.mime_type, found.data,
+                self.home,
+            ))
+        return self._retrieve_reply(
+            RetrieveDocumentSetResponse(status_for(errors, bool(documents)), tuple(documents), tuple(errors)),
+            "iti39",
+        )
+
+    # --- RAD-75 ---
+
+    def _rad75(self, body: etree._Element, parts: dict[str, bytes]) -> _Reply:
+        del parts
+        try:
+            req = parse_imaging_retrieve_request(body)
+            syntax = next((ts for ts in req.transfer_syntaxes if ts in SUPPORTED_TRANSFER_SYNTAXES), None)
+            if req.transfer_syntaxes and syntax is None:
+                raise RegistryErrorException.of(
+                    ErrorCode.REPOSITORY_ERROR, "none of the requested transfer syntaxes is available: "
+                    + " ".join(req.transfer_syntaxes))
+        except RegistryErrorException as exc:
+            return self._retrieve_reply(RetrieveDocumentSetResponse(
+                ResponseStatus.FAILURE, (), tuple(_located(e, self.home) for e in exc.errors)), "rad75")
+        documents: list[RetrievedDocument] = []
+        errors: list[RegistryError] = []
+        for study_uid, series_uid, doc in req.instances():
+            context = composite_context(study_uid, series_uid, doc.document_unique_id)
+            error = self._check_request(doc, context)
+            ds = self._instances.get((study_uid, series_uid, doc.document_unique_id))
+            if error is None and ds is None:
+                error = RegistryError(ErrorCode.DOCUMENT_UNIQUE_ID_ERROR, context, location=self.home)
+            if error is not None:
+                errors.append(error)
+                continue
+            assert ds is not None
+            documents.append(RetrievedDocument(
+                self.repository_unique_id, doc.document_unique_id, MIME_DICOM,
+                _encode(ds, syntax or EXPLICIT_VR_LITTLE_ENDIAN), self.home,
+            ))
+        return self._retrieve_reply(
+            RetrieveDocumentSetResponse(status_for(errors, bool(documents)), tuple(documents), tuple(errors)),
+            "rad75",
+        )
+
+    def _retrieve_reply(self, resp: RetrieveDocumentSetResponse, transaction: str) -> _Reply:
+        log.info(transaction, community=self.home, status=resp.status.rsplit(":", 1)[-1],
+                 documents=len(resp.documents), errors=[e.error_code for e in resp.errors])
+        body, attachments = build_retrieve_response(resp, mtom=True)
+        return _Reply(body, attachments, mtom=True)
+
+
+# --- helpers ---
+
+
+def _soap_content_type(action: str) -> str:
+    return f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{action}"'
+
+
+def _fault_response(fault: SoapFault, relates_to: str | None) -> web.Response:
+    envelope = build_fault(fault, relates_to)
+    if fault.subcode:
+        # build_fault writes the subcode as "f:<local>" but lxml only declares "f" when the namespace
+        # is not in scope yet; for WS-Addressing it already is (as "a"), which leaves "f" undeclared.
+        ns, local = fault.subcode
+        for value in envelope.iter(f"{{{SOAP12_NS}}}Subcode"):
+            el = value.find(f"{{{SOAP12_NS}}}Value")
+            prefix = next((p for p, uri in (el.nsmap if el is not None else {}).items() if uri == ns), None)
+            if el is not None and prefix:
+                el.text = f"{prefix}:{local}"
+    return web.Response(
+        status=fault_http_status(fault),
+        body=serialize(envelope),
+        headers={"Content-Type": _soap_content_type("http://www.w3.org/2005/08/addressing/soap/fault")},
+    )
+
+
+def _located(error: RegistryError, home: str) -> RegistryError:
+    """ITI-39 and ITI-38 errors name the responding community as their location (GZ ITI39-012)."""
+    return error if error.location else replace(error, location=home)
+
+
+def _encode(ds: Dataset, transfer_syntax: str) -> bytes:
+    if transfer_syntax == str(ds.file_meta.TransferSyntaxUID):
+        return encode_part10(ds)
+    converted = copy.deepcopy(ds)
+    converted.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    return encode_part10(converted)
+
+
+_Predicate = Callable[[DocumentEntry], bool]
+
+
+def _one_of(getter: Callable[[DocumentEntry], Code | None], group: list[Code]) -> _Predicate:
+    def match(e: DocumentEntry) -> bool:
+        code = getter(e)
+        return code is not None and any(code.matches(x) for x in group)
+    return match
+
+
+def _any_of(getter: Callable[[DocumentEntry], tuple[Code, ...]], group: list[Code]) -> _Predicate:
+    def match(e: DocumentEntry) -> bool:
+        return any(c.matches(x) for c in getter(e) for x in group)
+    return match
+
+
+def _bound(getter: Callable[[DocumentEntry], str | None], bound: str, lower: bool) -> _Predicate:
+    key = dtm_key(bound)
+
+    def match(e: DocumentEntry) -> bool:
+        t = getter(e)
+        if t is None:
+            return False
+        return dtm_key(t) >= key if lower else dtm_key(t) < key
+    return match
+
+
+def _code_predicates(req: AdhocQueryRequest) -> list[_Predicate]:
+    single: list[tuple[str, Callable[[DocumentEntry], Code | None]]] = [
+        (QueryParam.CLASS_CODE, lambda e: e.class_code),
+        (QueryParam.TYPE_CODE, lambda e: e.type_code),
+        (QueryParam.FORMAT_CODE, lambda e: e.format_code),
+        (QueryParam.PRACTICE_SETTING_CODE, lambda e: e.practice_setting_code),
+        (QueryParam.HEALTHCARE_FACILITY_TYPE_CODE, lambda e: e.healthcare_facility_type_code),
+    ]
+    predicates = [_one_of(getter, group) for name, getter in single for group in req.codes(name)]
+    multi: list[tuple[str, Callable[[DocumentEntry], tuple[Code, ...]]]] = [
+        (QueryParam.EVENT_CODE_LIST, lambda e: e.event_codes),
+        (QueryParam.CONFIDENTIALITY_CODE, lambda e: e.confidentiality_codes),
+    ]
+    # Repeated slots AND, the codes within one slot OR.
+    predicates += [_any_of(getter, group) for name, getter in multi for group in req.codes(name)]
+    return predicates
+
+
+def _time_predicates(req: AdhocQueryRequest) -> list[_Predicate]:
+    """From is inclusive, To exclusive (ITI TF-2 §3.18.4.1.2.3.6.1); an entry without the time fails."""
+    ranges: list[tuple[str, str, Callable[[DocumentEntry], str | None]]] = [
+        (QueryParam.SERVICE_START_TIME_FROM, QueryParam.SERVICE_START_TIME_TO,
+         lambda e: e.service_start_time),
+        (QueryParam.CREATION_TIME_FROM, QueryParam.CREATION_TIME_TO, lambda e: e.creation_time),
+        (QueryParam.SERVICE_STOP_TIME_FROM, QueryParam.SERVICE_STOP_TIME_TO, lambda e: e.service_stop_time),
+    ]
+    predicates: list[_Predicate] = []
+    for from_name, to_name, getter in ranges:
+        low, high = req.time(from_name), req.time(to_name)
+        if low is not None:
+            predicates.append(_bound(getter, low, lower=True))
+        if high is not None:
+            predicates.append(_bound(getter, high, lower=False))
+    return predicates
+
+
+def _reference_predicate(req: AdhocQueryRequest) -> _Predicate:
+    groups = req.slot_groups(QueryParam.REFERENCE_ID_LIST)
+    try:
+        wanted = [{parse_reference_id(v) for v in g} for g in groups]
+    except Hl7FormatError as exc:
+        raise RegistryErrorException.of(ErrorCode.REGISTRY_ERROR, str(exc)) from exc
+
+    def match(e: DocumentEntry) -> bool:
+        have = {parse_reference_id(r) for r in e.reference_ids}
+        return all(have & g for g in wanted)
+
+    return match
