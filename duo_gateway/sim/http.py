@@ -9,27 +9,33 @@ simulator, which reads :func:`current_behaviour`.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
 from duo_gateway.sim.behaviour import Misbehaviour
 
-BEHAVIOUR_KEY: web.AppKey[Any] = web.AppKey("sim_behaviour", object)
+
+class BehaviourSwitch:
+    """Mutable holder: a running aiohttp app's state must not be reassigned, only what it holds."""
+
+    def __init__(self, behaviour: Misbehaviour) -> None:
+        self.value = behaviour
+
+
+BEHAVIOUR_KEY: web.AppKey[BehaviourSwitch] = web.AppKey("sim_behaviour", BehaviourSwitch)
 ADMIN_PREFIX = "/admin/"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def current_behaviour(app: web.Application) -> Misbehaviour:
-    behaviour: Misbehaviour = app[BEHAVIOUR_KEY]
-    return behaviour
+    return app[BEHAVIOUR_KEY].value
 
 
 def install_behaviour(app: web.Application, behaviour: Misbehaviour) -> None:
     """Mount the switch; the concrete class (e.g. MitzMisbehaviour) decides what admin PUTs accept."""
-    app[BEHAVIOUR_KEY] = behaviour
+    app[BEHAVIOUR_KEY] = BehaviourSwitch(behaviour)
     app.middlewares.append(behaviour_middleware)
     app.router.add_get("/admin/behaviour", _get_behaviour)
     app.router.add_put("/admin/behaviour", _put_behaviour)
@@ -61,5 +67,5 @@ async def _put_behaviour(request: web.Request) -> web.Response:
     except (ValidationError, ValueError) as exc:
         return web.json_response({"title": "invalid behaviour", "detail": str(exc)}, status=400,
                                  content_type="application/problem+json")
-    request.app[BEHAVIOUR_KEY] = behaviour
+    request.app[BEHAVIOUR_KEY].value = behaviour
     return web.json_response(behaviour.model_dump())

@@ -39,7 +39,6 @@ from typing import Final, TypeVar
 import aiohttp
 import structlog
 from aiohttp import web
-from lxml import etree
 
 from duo_gateway.bsn import BSN_OID, is_valid_bsn
 from duo_gateway.mitz.wire import (
@@ -402,32 +401,9 @@ def _message_id(env: Envelope | None) -> str:
 def _fault_response(fault: SoapFault, env: Envelope | None) -> web.Response:
     relates_to = env.addressing.message_id if env is not None else None
     envelope = build_fault(fault, relates_to=relates_to)
-    _rebind_subcode_prefix(envelope, fault)
-    if fault.code == "VersionMismatch":
-        # SOAP 1.2 §5.4.7: tell the sender which envelope version is understood.
-        header = envelope.find(f"{{{SOAP12_NS}}}Header")
-        assert header is not None
-        upgrade = etree.SubElement(header, f"{{{SOAP12_NS}}}Upgrade")
-        supported = etree.SubElement(upgrade, f"{{{SOAP12_NS}}}SupportedEnvelope", nsmap={"u": SOAP12_NS})
-        supported.set("qname", "u:Envelope")
     log.info("mitz.fault", code=fault.code, reason=fault.reason)
     return web.Response(status=fault_http_status(fault), body=to_bytes(envelope),
                         headers={"Content-Type": _SOAP_CONTENT_TYPE})
-
-
-def _rebind_subcode_prefix(envelope: etree._Element, fault: SoapFault) -> None:
-    """Work around build_fault writing ``f:local`` when lxml drops the ``f`` declaration because the
-    namespace is already in scope under another prefix (e.g. ``a:`` for WS-Addressing): the subcode
-    QName must resolve, or a client cannot tell ActionNotSupported from any other Sender fault."""
-    if fault.subcode is None:
-        return
-    ns, local = fault.subcode
-    value = envelope.find(f".//{{{SOAP12_NS}}}Subcode/{{{SOAP12_NS}}}Value")
-    if value is None:
-        return
-    prefix = next((p for p, uri in value.nsmap.items() if uri == ns and p), None)
-    if prefix is not None:
-        value.text = f"{prefix}:{local}"
 
 
 def _soap_response(answer: bytes, malformed: bool) -> web.Response:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 #: The professional in whose name the demo asks: a radiologist of DUO's own organisation.
 DEMO_UZI = "000095254"
 DEMO_ROLE = "01.039"
+SOAP_UTF8 = f"{SOAP12_CONTENT_TYPE}; charset=UTF-8"
 
 
 @dataclass
@@ -124,15 +125,17 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
             await _step(report, f"PACS {hospital.ae_title} ({hospital.name})", pacs_check)
 
         for community, peer in zip(net.communities, network.communities, strict=True):
-            async def xca_check(community: Any = community, url: str = f"{peer.url}/iti38") -> tuple[bool, str]:
+            async def xca_check(community: Any = community,
+                                url: str = f"{peer.url}/iti38") -> tuple[bool, str]:
                 counts = []
                 for patient in net.patients:
                     message_id = new_message_id()
                     body = build_adhoc_query_request(find_documents(bsn_cx(patient.bsn)))
                     env = build_envelope(Addressing(action=Action.ITI38, message_id=message_id, to=url,
                                                     reply_to=WSA_ANONYMOUS), body)
-                    async with http.post(url, data=serialize(env), headers={
-                            "Content-Type": f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{Action.ITI38}"'}) as r:
+                    content_type = f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{Action.ITI38}"'
+                    async with http.post(url, data=serialize(env),
+                                         headers={"Content-Type": content_type}) as r:
                         data = await r.read()
                     answer = parse_envelope(data)
                     if answer.body is None or answer.addressing.relates_to != message_id:
@@ -163,7 +166,7 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
                                        requester_ura=gw.config.gateway.ura,
                                        requester_type=gw.config.gateway.organisation_type)
                     async with http.post(url, data=build_closed_question(q, url, message_id),
-                                         headers={"Content-Type": "application/soap+xml; charset=UTF-8"}) as r:
+                                         headers={"Content-Type": SOAP_UTF8}) as r:
                         answer = parse_closed_answer(await r.read(), message_id, 1)
                     asked += 1
                     if answer.permitted != (ura in expected):
@@ -181,8 +184,7 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
                                  requester_type=gw.config.gateway.organisation_type,
                                  issuer=gw.config.gateway.home_community_id)
                 data = build_open_question(q, url, message_id, datetime.now(UTC))
-                async with http.post(url, data=data,
-                                     headers={"Content-Type": "application/soap+xml; charset=UTF-8"}) as r:
+                async with http.post(url, data=data, headers={"Content-Type": SOAP_UTF8}) as r:
                     counts[patient.consent] = len(parse_open_answer(await r.read(), message_id))
             ok = counts.get("none", 0) == 0 and counts.get("all", 0) > counts.get("partial", 0) > 0
             return ok, "locations per consent profile " + ", ".join(f"{k}={v}" for k, v in counts.items())

@@ -35,7 +35,6 @@ from duo_gateway.sim.http import current_behaviour, install_behaviour
 from duo_gateway.sim.studies import BSN_ISSUER, GeneratedStudy, generate_studies
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,
-    SOAP12_NS,
     WSA_NS,
     Addressing,
     SoapFault,
@@ -425,15 +424,6 @@ def _soap_content_type(action: str) -> str:
 
 def _fault_response(fault: SoapFault, relates_to: str | None) -> web.Response:
     envelope = build_fault(fault, relates_to)
-    if fault.subcode:
-        # build_fault writes the subcode as "f:<local>" but lxml only declares "f" when the namespace
-        # is not in scope yet; for WS-Addressing it already is (as "a"), which leaves "f" undeclared.
-        ns, local = fault.subcode
-        for value in envelope.iter(f"{{{SOAP12_NS}}}Subcode"):
-            el = value.find(f"{{{SOAP12_NS}}}Value")
-            prefix = next((p for p, uri in (el.nsmap if el is not None else {}).items() if uri == ns), None)
-            if el is not None and prefix:
-                el.text = f"{prefix}:{local}"
     return web.Response(
         status=fault_http_status(fault),
         body=serialize(envelope),

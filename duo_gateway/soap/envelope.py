@@ -169,8 +169,16 @@ def build_fault(fault: SoapFault, relates_to: str | None = None) -> etree._Eleme
     etree.SubElement(code, f"{{{SOAP12_NS}}}Value").text = f"s:{fault.code}"
     if fault.subcode:
         ns, local = fault.subcode
-        sub = etree.SubElement(code, f"{{{SOAP12_NS}}}Subcode", nsmap={"f": ns})
-        etree.SubElement(sub, f"{{{SOAP12_NS}}}Value").text = f"f:{local}"
+        sub = etree.SubElement(code, f"{{{SOAP12_NS}}}Subcode")
+        # The subcode is a QName in text content, which lxml cannot see: reuse the prefix already
+        # bound to the namespace (lxml would drop a second declaration), else declare one here.
+        prefix = next((p for p, uri in sub.nsmap.items() if uri == ns and p), None)
+        if prefix is None:
+            prefix = "f"
+            value = etree.SubElement(sub, f"{{{SOAP12_NS}}}Value", nsmap={prefix: ns})
+        else:
+            value = etree.SubElement(sub, f"{{{SOAP12_NS}}}Value")
+        value.text = f"{prefix}:{local}"
     reason = etree.SubElement(body, f"{{{SOAP12_NS}}}Reason")
     text = etree.SubElement(reason, f"{{{SOAP12_NS}}}Text")
     text.set("{http://www.w3.org/XML/1998/namespace}lang", "en")
@@ -182,7 +190,15 @@ def build_fault(fault: SoapFault, relates_to: str | None = None) -> etree._Eleme
         message_id=new_message_id(),
         relates_to=relates_to,
     )
-    return build_envelope(addressing, body)
+    envelope = build_envelope(addressing, body)
+    if fault.code == "VersionMismatch":
+        # SOAP 1.2 §5.4.7: tell the sender which envelope version is understood.
+        header = envelope.find(f"{{{SOAP12_NS}}}Header")
+        assert header is not None
+        upgrade = etree.SubElement(header, f"{{{SOAP12_NS}}}Upgrade")
+        supported = etree.SubElement(upgrade, f"{{{SOAP12_NS}}}SupportedEnvelope")
+        supported.set("qname", "s:Envelope")
+    return envelope
 
 
 def fault_http_status(fault: SoapFault) -> int:

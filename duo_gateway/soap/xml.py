@@ -37,8 +37,9 @@ def parse_xml(data: bytes, *, max_bytes: int = DEFAULT_MAX_XML_BYTES) -> etree._
         root = etree.fromstring(data, parser=_parser())
     except etree.XMLSyntaxError as exc:
         raise XmlError(f"malformed XML: {exc}") from exc
-    docinfo: etree.DocInfo = root.getroottree().docinfo
-    if docinfo.doctype or docinfo.internalDTD is not None:
+    docinfo = root.getroottree().docinfo
+    # lxml-stubs lack DocInfo.doctype; it exists at run time (the serialised DOCTYPE line).
+    if getattr(docinfo, "doctype", "") or docinfo.internalDTD is not None:
         raise XmlError("DTDs are not allowed")
     return root
 
