@@ -5,7 +5,6 @@ TCP_NODELAY=1 like every peer in the test harness (docs/dicom.md §10)."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -22,6 +21,7 @@ from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import SimHospital, SimPatient, default_network
 from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
+from tests.support.dcmtk import require_tool
 
 NET = default_network()
 HOSPITAL = NET.hospitals[0]
@@ -32,13 +32,7 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        msg = f"DCMTK tool {name!r} not installed (apt-get install dcmtk): SimPacs interop untested"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
+    return require_tool(name)
 
 
 def _run(name: str, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
