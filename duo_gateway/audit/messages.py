@@ -1,0 +1,613 @@
+"""DICOM PS3.15 A.5 audit messages: the typed model, its XML form, and one builder per transaction.
+
+Pure code, no I/O: transaction handlers build a message and hand it to the ``Auditor``. The XML follows
+the DICOM audit message schema (PS3.15 A.5.1, the form IHE ATNA and IPF use), not the older RFC 3881
+schema: codes are ``csd-code``/``codeSystemName``/``originalText`` attributes.
+
+Patient identifiers, BSNs included, belong in these records: the audit trail is where the disclosure
+of a patient's data is recorded. They must never reach operational logs instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+from typing import Literal
+
+from lxml import etree
+
+from duo_gateway.bsn import bsn_cx
+
+_XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>'
+
+
+@dataclass(frozen=True, slots=True)
+class Code:
+    """A coded value; ``original_text`` is required by the DICOM schema (it is the Code Meaning)."""
+
+    code: str
+    system_name: str
+    original_text: str
+
+
+class EventAction(StrEnum):
+    CREATE = "C"
+    READ = "R"
+    UPDATE = "U"
+    DELETE = "D"
+    EXECUTE = "E"
+
+
+class EventOutcome(IntEnum):
+    SUCCESS = 0
+    MINOR_FAILURE = 4
+    SERIOUS_FAILURE = 8
+    MAJOR_FAILURE = 12
+
+
+class NetworkAccessPointType(IntEnum):
+    MACHINE_NAME = 1
+    IP_ADDRESS = 2
+    TELEPHONE = 3
+    EMAIL = 4
+    URI = 5
+
+
+class ObjectType(IntEnum):
+    PERSON = 1
+    SYSTEM_OBJECT = 2
+    ORGANIZATION = 3
+    OTHER = 4
+
+
+class ObjectRole(IntEnum):
+    """ParticipantObjectTypeCodeRole; only the values the gateway's transactions use."""
+
+    PATIENT = 1
+    LOCATION = 2
+    REPORT = 3
+    RESOURCE = 4
+    MASTER_FILE = 5
+    USER = 6
+    DATA_DESTINATION = 16
+    DATA_REPOSITORY = 17
+    QUERY = 24
+
+
+EVENT_QUERY = Code("110112", "DCM", "Query")
+EVENT_EXPORT = Code("110106", "DCM", "Export")
+EVENT_IMPORT = Code("110107", "DCM", "Import")
+EVENT_INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
+
+ROLE_SOURCE = Code("110153", "DCM", "Source Role ID")
+ROLE_DESTINATION = Code("110152", "DCM", "Destination Role ID")
+
+ITI_38 = Code("ITI-38", "IHE Transactions", "Cross Gateway Query")
+ITI_39 = Code("ITI-39", "IHE Transactions", "Cross Gateway Retrieve")
+RAD_75 = Code("RAD-75", "IHE Transactions", "Cross Gateway Retrieve Imaging Document Set")
+#: No IHE, DICOM or VZVZ code is known for the Mitz questions, so the project defines its own code
+#: system: the questions stay recognisable in any Audit Record Repository and can be remapped in one
+#: place if VZVZ publishes codes. The event itself is a DCM 110112 Query (action E), like ITI-38: the
+#: gateway asks Mitz about a patient's consents and discloses the BSN in doing so.
+MITZ_CODE_SYSTEM = "DUO Transactions"
+MITZ_CLOSED_QUESTION = Code("MITZ-GAV", MITZ_CODE_SYSTEM, "Mitz Gesloten Autorisatievraag")
+MITZ_OPEN_QUESTION = Code("MITZ-OAV", MITZ_CODE_SYSTEM, "Mitz Open Autorisatievraag")
+
+ID_PATIENT_NUMBER = Code("2", "RFC-3881", "Patient Number")
+ID_REPORT_NUMBER = Code("9", "RFC-3881", "Report Number")
+ID_STUDY_INSTANCE_UID = Code("110180", "DCM", "Study Instance UID")
+ID_SOP_CLASS_UID = Code("110181", "DCM", "SOP Class UID")
+
+SOURCE_TYPE_APPLICATION_SERVER = Code("4", "DCM", "Application Server Process Tier in Multi-tier System")
+
+
+@dataclass(frozen=True, slots=True)
+class EventIdentification:
+    event_id: Code
+    action: EventAction
+    #: Must be timezone-aware: a repository merges records from many machines.
+    date_time: datetime
+    outcome: EventOutcome
+    type_codes: tuple[Code, ...] = ()
+    outcome_description: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.date_time.tzinfo is None or self.date_time.utcoffset() is None:
+            raise ValueError("EventDateTime must be timezone-aware")
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveParticipant:
+    user_id: str
+    user_is_requestor: bool
+    role_id_codes: tuple[Code, ...] = ()
+    alternative_user_id: str | None = None
+    user_name: str | None = None
+    network_access_point_id: str | None = None
+    network_access_point_type: NetworkAccessPointType | None = None
+
+    def __post_init__(self) -> None:
+        if (self.network_access_point_id is None) != (self.network_access_point_type is None):
+            raise ValueError("NetworkAccessPointID and NetworkAccessPointTypeCode go together")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSourceIdentification:
+    source_id: str
+    enterprise_site_id: str | None = None
+    type_codes: tuple[Code, ...] = (SOURCE_TYPE_APPLICATION_SERVER,)
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantObjectDetail:
+    """A type/value pair; the value is kept as bytes because the schema carries it base64-encoded."""
+
+    type: str
+    value: bytes
+
+    @classmethod
+    def text(cls, type_: str, value: str) -> ParticipantObjectDetail:
+        return cls(type_, value.encode("utf-8"))
+
+
+@dataclass(frozen=True, slots=True)
+class SopClassCount:
+    uid: str
+    number_of_instances: int
+
+
+@dataclass(frozen=True, slots=True)
+class DicomObjectDescription:
+    """The DICOM extension of a participant object (PS3.15 A.5.1 DICOMObjectDescriptionContents)."""
+
+    accession_numbers: tuple[str, ...] = ()
+    sop_classes: tuple[SopClassCount, ...] = ()
+    study_uids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantObjectIdentification:
+    object_id: str
+    type_code: ObjectType
+    type_code_role: ObjectRole
+    id_type_code: Code
+    #: The schema allows a name or a query, never both.
+    name: str | None = None
+    #: Raw query bytes (e.g. the SOAP request); serialized base64.
+    query: bytes | None = None
+    details: tuple[ParticipantObjectDetail, ...] = ()
+    description: DicomObjectDescription | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is not None and self.query is not None:
+            raise ValueError("ParticipantObjectName and ParticipantObjectQuery are mutually exclusive")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditMessage:
+    event: EventIdentification
+    participants: tuple[ActiveParticipant, ...]
+    source: AuditSourceIdentification
+    objects: tuple[ParticipantObjectIdentification, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.participants:
+            raise ValueError("an audit message needs at least one ActiveParticipant")
+
+
+# --- serialization ---------------------------------------------------------------------------------
+
+# Characters XML 1.0 cannot carry at all. Peer-supplied values (user IDs, query IDs) may contain them;
+# replacing beats refusing, since refusing would let a peer keep its request out of the audit trail.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _text(value: str) -> str:
+    return _NOT_XML.sub("\ufffd", value)
+
+
+def _set(element: etree._Element, name: str, value: str | int | None) -> None:
+    if value is not None:
+        element.set(name, _text(str(value)))
+
+
+def _code(parent: etree._Element, tag: str, code: Code) -> None:
+    element = etree.SubElement(parent, tag)
+    element.set("csd-code", _text(code.code))
+    element.set("codeSystemName", _text(code.system_name))
+    element.set("originalText", _text(code.original_text))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _event(root: etree._Element, event: EventIdentification) -> None:
+    element = etree.SubElement(root, "EventIdentification")
+    element.set("EventActionCode", event.action.value)
+    element.set("EventDateTime", format_event_datetime(event.date_time))
+    element.set("EventOutcomeIndicator", str(int(event.outcome)))
+    _code(element, "EventID", event.event_id)
+    for type_code in event.type_codes:
+        _code(element, "EventTypeCode", type_code)
+    if event.outcome_description is not None:
+        etree.SubElement(element, "EventOutcomeDescription").text = _text(event.outcome_description)
+
+
+def _participant(root: etree._Element, participant: ActiveParticipant) -> None:
+    element = etree.SubElement(root, "ActiveParticipant")
+    _set(element, "UserID", participant.user_id)
+    _set(element, "AlternativeUserID", participant.alternative_user_id)
+    _set(element, "UserName", participant.user_name)
+    element.set("UserIsRequestor", "true" if participant.user_is_requestor else "false")
+    _set(element, "NetworkAccessPointID", participant.network_access_point_id)
+    if participant.network_access_point_type is not None:
+        element.set("NetworkAccessPointTypeCode", str(int(participant.network_access_point_type)))
+    for role in participant.role_id_codes:
+        _code(element, "RoleIDCode", role)
+
+
+def _source(root: etree._Element, source: AuditSourceIdentification) -> None:
+    element = etree.SubElement(root, "AuditSourceIdentification")
+    _set(element, "AuditEnterpriseSiteID", source.enterprise_site_id)
+    _set(element, "AuditSourceID", source.source_id)
+    for type_code in source.type_codes:
+        _code(element, "AuditSourceTypeCode", type_code)
+
+
+def _object(root: etree._Element, obj: ParticipantObjectIdentification) -> None:
+    element = etree.SubElement(root, "ParticipantObjectIdentification")
+    _set(element, "ParticipantObjectID", obj.object_id)
+    element.set("ParticipantObjectTypeCode", str(int(obj.type_code)))
+    element.set("ParticipantObjectTypeCodeRole", str(int(obj.type_code_role)))
+    _code(element, "ParticipantObjectIDTypeCode", obj.id_type_code)
+    if obj.name is not None:
+        etree.SubElement(element, "ParticipantObjectName").text = _text(obj.name)
+    if obj.query is not None:
+        etree.SubElement(element, "ParticipantObjectQuery").text = _b64(obj.query)
+    for detail in obj.details:
+        child = etree.SubElement(element, "ParticipantObjectDetail")
+        child.set("type", _text(detail.type))
+        child.set("value", _b64(detail.value))
+    if obj.description is not None:
+        _description(element, obj.description)
+
+
+def _description(parent: etree._Element, description: DicomObjectDescription) -> None:
+    element = etree.SubElement(parent, "ParticipantObjectDescription")
+    for number in description.accession_numbers:
+        etree.SubElement(element, "Accession").set("Number", _text(number))
+    for sop in description.sop_classes:
+        child = etree.SubElement(element, "SOPClass")
+        child.set("UID", _text(sop.uid))
+        child.set("NumberOfInstances", str(sop.number_of_instances))
+    if description.study_uids:
+        contains = etree.SubElement(element, "ParticipantObjectContainsStudy")
+        for uid in description.study_uids:
+            etree.SubElement(contains, "StudyIDs").set("UID", _text(uid))
+
+
+def format_event_datetime(when: datetime) -> str:
+    """UTC with milliseconds and ``Z``: one unambiguous form, sortable as text."""
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def to_xml(message: AuditMessage) -> bytes:
+    """The UTF-8 ``<AuditMessage>`` document, with the XML declaration IPF sends after the BOM."""
+    root = etree.Element("AuditMessage")
+    _event(root, message.event)
+    for participant in message.participants:
+        _participant(root, participant)
+    _source(root, message.source)
+    for obj in message.objects:
+        _object(root, obj)
+    return _XML_DECLARATION + etree.tostring(root, encoding="UTF-8")
+
+
+# --- builders for the gateway's transactions --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One side of a network exchange as the audit record names it.
+
+    ``user_id`` is what identifies the process: an endpoint URL, a WS-Addressing ReplyTo, an AE title.
+    ``host`` (IP or DNS name) becomes the NetworkAccessPointID. ``alternative_user_id`` is conventionally
+    this gateway's process ID, set only on the local side.
+    """
+
+    user_id: str
+    host: str | None = None
+    alternative_user_id: str | None = None
+    user_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentRef:
+    """A retrieved document (ITI-39) or DICOM instance (RAD-75) and where it came from."""
+
+    document_unique_id: str
+    repository_unique_id: str
+    home_community_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StudyTransfer:
+    study_uid: str
+    sop_classes: tuple[SopClassCount, ...] = ()
+
+
+def _active(peer: Peer, *, requestor: bool, role: Code) -> ActiveParticipant:
+    nap_type: NetworkAccessPointType | None = None
+    if peer.host is not None:
+        try:
+            ipaddress.ip_address(peer.host)
+            nap_type = NetworkAccessPointType.IP_ADDRESS
+        except ValueError:
+            nap_type = NetworkAccessPointType.MACHINE_NAME
+    return ActiveParticipant(
+        user_id=peer.user_id,
+        user_is_requestor=requestor,
+        role_id_codes=(role,),
+        alternative_user_id=peer.alternative_user_id,
+        user_name=peer.user_name,
+        network_access_point_id=peer.host,
+        network_access_point_type=nap_type,
+    )
+
+
+def patient_object(patient_id: str) -> ParticipantObjectIdentification:
+    """The patient as a participant object (type 1, role 1); ``patient_id`` as the transaction carried it."""
+    return ParticipantObjectIdentification(
+        object_id=patient_id,
+        type_code=ObjectType.PERSON,
+        type_code_role=ObjectRole.PATIENT,
+        id_type_code=ID_PATIENT_NUMBER,
+    )
+
+
+def _document_object(doc: DocumentRef) -> ParticipantObjectIdentification:
+    details = [ParticipantObjectDetail.text("Repository Unique Id", doc.repository_unique_id)]
+    if doc.home_community_id is not None:
+        details.append(ParticipantObjectDetail.text("ihe:homeCommunityID", doc.home_community_id))
+    return ParticipantObjectIdentification(
+        object_id=doc.document_unique_id,
+        type_code=ObjectType.SYSTEM_OBJECT,
+        type_code_role=ObjectRole.REPORT,
+        id_type_code=ID_REPORT_NUMBER,
+        details=tuple(details),
+    )
+
+
+def _study_object(study: StudyTransfer) -> ParticipantObjectIdentification:
+    description = DicomObjectDescription(sop_classes=study.sop_classes) if study.sop_classes else None
+    return ParticipantObjectIdentification(
+        object_id=study.study_uid,
+        type_code=ObjectType.SYSTEM_OBJECT,
+        type_code_role=ObjectRole.REPORT,
+        id_type_code=ID_STUDY_INSTANCE_UID,
+        description=description,
+    )
+
+
+def _now(when: datetime | None) -> datetime:
+    return datetime.now(UTC) if when is None else when
+
+
+def _message(event: EventIdentification, participants: Sequence[ActiveParticipant],
+             source: AuditSourceIdentification, objects: Sequence[ParticipantObjectIdentification],
+             patient_id: str | None) -> AuditMessage:
+    all_objects = list(objects)
+    if patient_id is not None:
+        all_objects.append(patient_object(patient_id))
+    return AuditMessage(event=event, participants=tuple(participants), source=source,
+                        objects=tuple(all_objects))
+
+
+def iti38_query(
+    *,
+    initiating: Peer,
+    responding: Peer,
+    audit_source: AuditSourceIdentification,
+    query_id: str,
+    query_request: bytes,
+    patient_id: str | None,
+    home_community_id: str | None = None,
+    outcome: EventOutcome = EventOutcome.SUCCESS,
+    outcome_description: str | None = None,
+    when: datetime | None = None,
+    extra_participants: Sequence[ActiveParticipant] = (),
+) -> AuditMessage:
+    """Cross Gateway Query, recorded the same way by both gateways (only the local ``Peer`` differs).
+
+    The initiating gateway is the requesting Source, the responding one the Destination. ``query_id``
+    is the stored-query UUID, ``query_request`` the AdhocQueryRequest as sent; ``patient_id`` is the
+    CX form from the query (see ``duo_gateway.bsn.bsn_cx``). ``extra_participants`` carries the human
+    requestor from the XUA assertion.
+    """
+    details = [ParticipantObjectDetail.text("QueryEncoding", "UTF-8")]
+    if home_community_id is not None:
+        details.append(
+            ParticipantObjectDetail.text("urn:ihe:iti:xca:2010:homeCommunityId", home_community_id))
+    query = ParticipantObjectIdentification(
+        object_id=query_id,
+        type_code=ObjectType.SYSTEM_OBJECT,
+        type_code_role=ObjectRole.QUERY,
+        id_type_code=ITI_38,
+        query=query_request,
+        details=tuple(details),
+    )
+    event = EventIdentification(EVENT_QUERY, EventAction.EXECUTE, _now(when), outcome, (ITI_38,),
+                                outcome_description)
+    participants = [
+        _active(initiating, requestor=True, role=ROLE_SOURCE),
+        *extra_participants,
+        _active(responding, requestor=False, role=ROLE_DESTINATION),
+    ]
+    return _message(event, participants, audit_source, [query], patient_id)
+
+
+def iti39_retrieve(
+    *,
+    side: Literal["initiating", "responding"],
+    initiating: Peer,
+    responding: Peer,
+    audit_source: AuditSourceIdentification,
+    documents: Sequence[DocumentRef],
+    patient_id: str | None,
+    outcome: EventOutcome = EventOutcome.SUCCESS,
+    outcome_description: str | None = None,
+    when: datetime | None = None,
+    extra_participants: Sequence[ActiveParticipant] = (),
+) -> AuditMessage:
+    """Cross Gateway Retrieve: Export (R) on the responding side, Import (C) on the initiating side.
+
+    The responding gateway is the Source of the documents, the initiating one the requesting
+    Destination. Per CP-ITI-493 successes and failures go in separate records: call once per outcome.
+    """
+    event_id, action = (EVENT_EXPORT, EventAction.READ) if side == "responding" else (
+        EVENT_IMPORT, EventAction.CREATE)
+    event = EventIdentification(event_id, action, _now(when), outcome, (ITI_39,), outcome_description)
+    participants = [
+        _active(responding, requestor=False, role=ROLE_SOURCE),
+        *extra_participants,
+        _active(initiating, requestor=True, role=ROLE_DESTINATION),
+    ]
+    return _message(event, participants, audit_source, [_document_object(d) for d in documents], patient_id)
+
+
+def rad75_retrieve(
+    *,
+    side: Literal["initiating", "responding"],
+    initiating: Peer,
+    responding: Peer,
+    audit_source: AuditSourceIdentification,
+    studies: Sequence[StudyTransfer],
+    documents: Sequence[DocumentRef],
+    patient_id: str | None,
+    outcome: EventOutcome = EventOutcome.SUCCESS,
+    outcome_description: str | None = None,
+    when: datetime | None = None,
+    extra_participants: Sequence[ActiveParticipant] = (),
+) -> AuditMessage:
+    """Cross Gateway Retrieve Imaging Document Set as DICOM Instances Transferred (110104).
+
+    The sending (responding) side records Read, the receiving (initiating) side Create, as DICOM
+    PS3.15 A.5.3.3 defines the action from the receiver's point of view and IPF does for RAD-75.
+    One record per outcome (CP-ITI-493); each study is its own Study Instance UID object.
+    """
+    action = EventAction.READ if side == "responding" else EventAction.CREATE
+    event = EventIdentification(EVENT_INSTANCES_TRANSFERRED, action, _now(when), outcome, (RAD_75,),
+                                outcome_description)
+    participants = [
+        _active(responding, requestor=False, role=ROLE_SOURCE),
+        *extra_participants,
+        _active(initiating, requestor=True, role=ROLE_DESTINATION),
+    ]
+    objects = [_study_object(s) for s in studies] + [_document_object(d) for d in documents]
+    return _message(event, participants, audit_source, objects, patient_id)
+
+
+def mitz_consent_question(
+    *,
+    question: Literal["closed", "open"],
+    gateway: Peer,
+    mitz: Peer,
+    audit_source: AuditSourceIdentification,
+    bsn: str,
+    request_id: str,
+    request: bytes | None,
+    result: str | None,
+    outcome: EventOutcome = EventOutcome.SUCCESS,
+    outcome_description: str | None = None,
+    when: datetime | None = None,
+    extra_participants: Sequence[ActiveParticipant] = (),
+) -> AuditMessage:
+    """The gateway asking Mitz about a patient's consent (closed question) or data locations (open).
+
+    ``outcome`` says whether the question got an answer; the answer itself goes in ``result`` (the
+    XACML Decision for the closed question, the number of data holders for the open one), so a Deny
+    is a successful question, not a failed event. ``request_id`` is the message ID of the request.
+    """
+    code = MITZ_CLOSED_QUESTION if question == "closed" else MITZ_OPEN_QUESTION
+    details = (ParticipantObjectDetail.text("MitzResult", result),) if result is not None else ()
+    query = ParticipantObjectIdentification(
+        object_id=request_id,
+        type_code=ObjectType.SYSTEM_OBJECT,
+        type_code_role=ObjectRole.QUERY,
+        id_type_code=code,
+        query=request,
+        details=details,
+    )
+    event = EventIdentification(EVENT_QUERY, EventAction.EXECUTE, _now(when), outcome, (code,),
+                                outcome_description)
+    participants = [
+        _active(gateway, requestor=True, role=ROLE_SOURCE),
+        *extra_participants,
+        _active(mitz, requestor=False, role=ROLE_DESTINATION),
+    ]
+    return _message(event, participants, audit_source, [query], bsn_cx(bsn))
+
+
+def dicom_query(
+    *,
+    requestor: Peer,
+    responder: Peer,
+    audit_source: AuditSourceIdentification,
+    sop_class_uid: str,
+    identifier: bytes,
+    transfer_syntax_uid: str,
+    patient_id: str | None,
+    outcome: EventOutcome = EventOutcome.SUCCESS,
+    outcome_description: str | None = None,
+    when: datetime | None = None,
+) -> AuditMessage:
+    """A C-FIND (PS3.15 A.5.3.10): the query is the encoded identifier data set, keyed by SOP Class."""
+    query = ParticipantObjectIdentification(
+        object_id=sop_class_uid,
+        type_code=ObjectType.SYSTEM_OBJECT,
+        type_code_role=ObjectRole.REPORT,
+        id_type_code=ID_SOP_CLASS_UID,
+        query=identifier,
+        details=(ParticipantObjectDetail.text("TransferSyntax", transfer_syntax_uid),),
+    )
+    event = EventIdentification(EVENT_QUERY, EventAction.EXECUTE, _now(when), outcome, (),
+                                outcome_description)
+    participants = [
+        _active(requestor, requestor=True, role=ROLE_SOURCE),
+        _active(responder, requestor=False, role=ROLE_DESTINATION),
+    ]
+    return _message(event, participants, audit_source, [query], patient_id)
+
+
+def dicom_instances_transferred(
+    *,
+    side: Literal["source", "destination"],
+    source: Peer,
+    destination: Peer,
+    requestor: Literal["source", "destination"],
+    audit_source: AuditSourceIdentification,
+    studies: Sequence[StudyTransfer],
+    patient_id: str | None,
+    outcome: EventOutcome = EventOutcome.SUCCESS,
+    outcome_description: str | None = None,
+    when: datetime | None = None,
+) -> AuditMessage:
+    """C-STORE, or the C-STOREs of a C-MOVE (PS3.15 A.5.3.3), recorded by the ``side`` this gateway is.
+
+    ``source`` sends the instances, ``destination`` receives them. ``requestor`` names who asked: the
+    sender for a C-STORE push, the receiver for a C-MOVE this gateway issued to pull a study.
+    """
+    action = EventAction.READ if side == "source" else EventAction.CREATE
+    event = EventIdentification(EVENT_INSTANCES_TRANSFERRED, action, _now(when), outcome, (),
+                                outcome_description)
+    participants = [
+        _active(source, requestor=requestor == "source", role=ROLE_SOURCE),
+        _active(destination, requestor=requestor == "destination", role=ROLE_DESTINATION),
+    ]
+    return _message(event, participants, audit_source, [_study_object(s) for s in studies], patient_id)

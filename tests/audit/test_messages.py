@@ -1,0 +1,266 @@
+"""The audit XML, checked element by element against PS3.15 A.5.1 and the IHE/IPF conventions."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from lxml import etree
+
+from duo_gateway.audit.messages import (
+    ActiveParticipant,
+    AuditMessage,
+    AuditSourceIdentification,
+    Code,
+    DocumentRef,
+    EventAction,
+    EventIdentification,
+    EventOutcome,
+    NetworkAccessPointType,
+    ObjectRole,
+    ObjectType,
+    ParticipantObjectIdentification,
+    Peer,
+    SopClassCount,
+    StudyTransfer,
+    dicom_instances_transferred,
+    dicom_query,
+    iti38_query,
+    iti39_retrieve,
+    mitz_consent_question,
+    rad75_retrieve,
+    to_xml,
+)
+from duo_gateway.bsn import bsn_cx
+
+FIXTURES = Path(__file__).parent / "fixtures"
+WHEN = datetime(2024, 5, 1, 12, 30, 45, 123456, tzinfo=UTC)
+BSN = "999911120"
+SOURCE = AuditSourceIdentification(source_id="duo-gw-1", enterprise_site_id="DUO")
+LOCAL = Peer("http://www.w3.org/2005/08/addressing/anonymous", host="10.0.0.5", alternative_user_id="4242")
+REMOTE = Peer("https://rg.example.org/xca/iti38", host="rg.example.org")
+
+
+def parse(message: AuditMessage) -> etree._Element:
+    return etree.fromstring(to_xml(message))
+
+
+def one(root: etree._Element, path: str) -> etree._Element:
+    found = root.xpath(path)
+    assert isinstance(found, list) and len(found) == 1, (path, found)
+    element = found[0]
+    assert isinstance(element, etree._Element)
+    return element
+
+
+def code_of(element: etree._Element) -> tuple[str | None, str | None, str | None]:
+    return element.get("csd-code"), element.get("codeSystemName"), element.get("originalText")
+
+
+def attrs(element: etree._Element) -> dict[str, str]:
+    return {str(k): str(v) for k, v in element.attrib.items()}
+
+
+def details_of(element: etree._Element) -> dict[str | None, bytes]:
+    return {d.get("type"): base64.b64decode(d.get("value") or "")
+            for d in element.iterfind("ParticipantObjectDetail")}
+
+
+def b64_attr(element: etree._Element, path: str) -> bytes:
+    return base64.b64decode(one(element, path).get("value") or "")
+
+
+def golden_iti38() -> AuditMessage:
+    return iti38_query(
+        initiating=LOCAL, responding=REMOTE, audit_source=SOURCE,
+        query_id="urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d",
+        query_request=b"<query:AdhocQueryRequest/>", patient_id=bsn_cx(BSN),
+        home_community_id="urn:oid:1.2.3.4", when=WHEN)
+
+
+def test_golden_iti38_bytes() -> None:
+    """The exact bytes are pinned: an accidental change of the wire form must show up in review."""
+    assert to_xml(golden_iti38()) == (FIXTURES / "iti38_query.xml").read_bytes()
+
+
+def test_document_shape_and_declaration() -> None:
+    data = to_xml(golden_iti38())
+    assert data.startswith(b'<?xml version="1.0" encoding="UTF-8"?><AuditMessage>')
+    assert data.count(b"<?xml") == 1
+    root = etree.fromstring(data)
+    assert [child.tag for child in root] == [
+        "EventIdentification", "ActiveParticipant", "ActiveParticipant", "AuditSourceIdentification",
+        "ParticipantObjectIdentification", "ParticipantObjectIdentification"]
+    # Every coded value carries the three attributes the DICOM schema's CodedValueType requires.
+    coded = root.xpath("//*[@csd-code]")
+    assert isinstance(coded, list) and len(coded) == 7
+    for element in coded:
+        assert isinstance(element, etree._Element)
+        assert all(code_of(element)), element.tag
+    assert root.xpath("//*[@code or @displayName]") == []
+
+
+def test_iti38_structure() -> None:
+    root = parse(golden_iti38())
+    event = one(root, "/AuditMessage/EventIdentification")
+    assert attrs(event) == {"EventActionCode": "E", "EventDateTime": "2024-05-01T12:30:45.123Z",
+                            "EventOutcomeIndicator": "0"}
+    assert code_of(one(event, "EventID")) == ("110112", "DCM", "Query")
+    assert code_of(one(event, "EventTypeCode")) == ("ITI-38", "IHE Transactions", "Cross Gateway Query")
+
+    source = one(root, "ActiveParticipant[RoleIDCode/@csd-code='110153']")
+    assert attrs(source) == {"UserID": LOCAL.user_id, "AlternativeUserID": "4242", "UserIsRequestor": "true",
+                             "NetworkAccessPointID": "10.0.0.5", "NetworkAccessPointTypeCode": "2"}
+    dest = one(root, "ActiveParticipant[RoleIDCode/@csd-code='110152']")
+    assert attrs(dest) == {"UserID": REMOTE.user_id, "UserIsRequestor": "false",
+                           "NetworkAccessPointID": "rg.example.org", "NetworkAccessPointTypeCode": "1"}
+    assert code_of(one(dest, "RoleIDCode")) == ("110152", "DCM", "Destination Role ID")
+
+    audit_source = one(root, "AuditSourceIdentification")
+    assert attrs(audit_source) == {"AuditEnterpriseSiteID": "DUO", "AuditSourceID": "duo-gw-1"}
+    assert one(audit_source, "AuditSourceTypeCode").get("csd-code") == "4"
+
+    query = one(root, "ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='24']")
+    assert query.get("ParticipantObjectTypeCode") == "2"
+    assert query.get("ParticipantObjectID") == "urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"
+    assert code_of(one(query, "ParticipantObjectIDTypeCode"))[0] == "ITI-38"
+    assert base64.b64decode(one(query, "ParticipantObjectQuery").text or "") == b"<query:AdhocQueryRequest/>"
+    assert details_of(query) == {"QueryEncoding": b"UTF-8",
+                                 "urn:ihe:iti:xca:2010:homeCommunityId": b"urn:oid:1.2.3.4"}
+    assert [c.tag for c in query] == ["ParticipantObjectIDTypeCode", "ParticipantObjectQuery",
+                                      "ParticipantObjectDetail", "ParticipantObjectDetail"]
+
+    patient = one(root, "ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='1']")
+    assert patient.get("ParticipantObjectTypeCode") == "1"
+    assert patient.get("ParticipantObjectID") == f"{BSN}^^^&2.16.840.1.113883.2.4.6.3&ISO"
+    assert code_of(one(patient, "ParticipantObjectIDTypeCode")) == ("2", "RFC-3881", "Patient Number")
+
+
+def test_human_requestor_and_failure_outcome() -> None:
+    human = ActiveParticipant("<saml:NameID>uzi-123</saml:NameID>", True, user_name="Dr. Jansen")
+    msg = iti38_query(initiating=LOCAL, responding=REMOTE, audit_source=SOURCE, query_id="q",
+                      query_request=b"", patient_id=None, outcome=EventOutcome.SERIOUS_FAILURE,
+                      outcome_description="timeout", when=WHEN, extra_participants=[human])
+    root = parse(msg)
+    assert one(root, "EventIdentification").get("EventOutcomeIndicator") == "8"
+    assert one(root, "EventIdentification/EventOutcomeDescription").text == "timeout"
+    assert one(root, "ActiveParticipant[@UserName='Dr. Jansen']").get("UserIsRequestor") == "true"
+    assert root.xpath("ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='1']") == []
+
+
+@pytest.mark.parametrize(("side", "event", "action"),
+                         [("responding", "110106", "R"), ("initiating", "110107", "C")])
+def test_iti39(side: Literal["initiating", "responding"], event: str, action: str) -> None:
+    docs = [DocumentRef("1.2.3.1", "1.9.9", "urn:oid:1.2.3.4"), DocumentRef("1.2.3.2", "1.9.9")]
+    msg = iti39_retrieve(side=side, initiating=LOCAL, responding=REMOTE, audit_source=SOURCE,
+                         documents=docs, patient_id=bsn_cx(BSN), when=WHEN)
+    root = parse(msg)
+    assert one(root, "EventIdentification").get("EventActionCode") == action
+    assert one(root, "EventIdentification/EventID").get("csd-code") == event
+    assert one(root, "EventIdentification/EventTypeCode").get("csd-code") == "ITI-39"
+    # The responding gateway is the Source of the documents, the initiating one requested them.
+    assert one(root, "ActiveParticipant[RoleIDCode/@csd-code='110153']").get("UserID") == REMOTE.user_id
+    assert one(root, "ActiveParticipant[@UserIsRequestor='true']").get("UserID") == LOCAL.user_id
+    first = one(root, "ParticipantObjectIdentification[@ParticipantObjectID='1.2.3.1']")
+    assert (first.get("ParticipantObjectTypeCode"), first.get("ParticipantObjectTypeCodeRole")) == ("2", "3")
+    assert code_of(one(first, "ParticipantObjectIDTypeCode")) == ("9", "RFC-3881", "Report Number")
+    assert details_of(first) == {"Repository Unique Id": b"1.9.9", "ihe:homeCommunityID": b"urn:oid:1.2.3.4"}
+    second = one(root, "ParticipantObjectIdentification[@ParticipantObjectID='1.2.3.2']")
+    assert len(second.findall("ParticipantObjectDetail")) == 1
+
+
+def test_rad75_adds_study_objects() -> None:
+    msg = rad75_retrieve(side="initiating", initiating=LOCAL, responding=REMOTE, audit_source=SOURCE,
+                         studies=[StudyTransfer("1.2.840.1")],
+                         documents=[DocumentRef("1.2.840.1.1.1", "1.9.9")],
+                         patient_id=bsn_cx(BSN), when=WHEN)
+    root = parse(msg)
+    assert code_of(one(root, "EventIdentification/EventID")) == (
+        "110104", "DCM", "DICOM Instances Transferred")
+    assert one(root, "EventIdentification").get("EventActionCode") == "C"
+    assert code_of(one(root, "EventIdentification/EventTypeCode")) == (
+        "RAD-75", "IHE Transactions", "Cross Gateway Retrieve Imaging Document Set")
+    study = one(root, "ParticipantObjectIdentification[ParticipantObjectIDTypeCode/@csd-code='110180']")
+    assert study.get("ParticipantObjectID") == "1.2.840.1"
+    assert len(root.findall("ParticipantObjectIdentification")) == 3
+
+
+@pytest.mark.parametrize(("question", "code"), [("closed", "MITZ-GAV"), ("open", "MITZ-OAV")])
+def test_mitz_question_records_the_bsn(question: Literal["closed", "open"], code: str) -> None:
+    mitz = Peer("https://tst-api.mijn-mitz.nl/geslotenautorisatievraag/xacml3", host="tst-api.mijn-mitz.nl")
+    msg = mitz_consent_question(question=question, gateway=LOCAL, mitz=mitz, audit_source=SOURCE, bsn=BSN,
+                                request_id="urn:uuid:1", request=b"<Request/>", result="Deny", when=WHEN)
+    root = parse(msg)
+    assert code_of(one(root, "EventIdentification/EventID"))[0] == "110112"
+    assert one(root, "EventIdentification").get("EventActionCode") == "E"
+    assert one(root, "EventIdentification").get("EventOutcomeIndicator") == "0"  # a Deny is an answer
+    assert code_of(one(root, "EventIdentification/EventTypeCode"))[:2] == (code, "DUO Transactions")
+    assert one(root, "ActiveParticipant[@UserIsRequestor='false']").get("UserID") == mitz.user_id
+    patient = one(root, "ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='1']")
+    assert patient.get("ParticipantObjectID") == bsn_cx(BSN)
+    query = one(root, "ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='24']")
+    assert b64_attr(query, "ParticipantObjectDetail[@type='MitzResult']") == b"Deny"
+
+
+def test_dicom_query() -> None:
+    pacs = Peer("PACS_AE", host="192.0.2.10")
+    msg = dicom_query(requestor=LOCAL, responder=pacs, audit_source=SOURCE,
+                      sop_class_uid="1.2.840.10008.5.1.4.1.2.2.1", identifier=b"\x08\x00\x52\x00",
+                      transfer_syntax_uid="1.2.840.10008.1.2.1", patient_id="PAT1", when=WHEN)
+    root = parse(msg)
+    assert code_of(one(root, "EventIdentification/EventID"))[0] == "110112"
+    assert root.xpath("EventIdentification/EventTypeCode") == []
+    query = one(root, "ParticipantObjectIdentification[ParticipantObjectIDTypeCode/@csd-code='110181']")
+    assert query.get("ParticipantObjectID") == "1.2.840.10008.5.1.4.1.2.2.1"
+    assert base64.b64decode(one(query, "ParticipantObjectQuery").text or "") == b"\x08\x00\x52\x00"
+    assert b64_attr(query, "ParticipantObjectDetail[@type='TransferSyntax']") == b"1.2.840.10008.1.2.1"
+
+
+def test_c_move_pull_is_requested_by_the_receiver() -> None:
+    pacs = Peer("PACS_AE", host="192.0.2.10")
+    msg = dicom_instances_transferred(
+        side="destination", source=pacs, destination=LOCAL, requestor="destination", audit_source=SOURCE,
+        studies=[StudyTransfer("1.2.3", (SopClassCount("1.2.840.10008.5.1.4.1.1.2", 120),))],
+        patient_id="PAT1", when=WHEN)
+    root = parse(msg)
+    assert code_of(one(root, "EventIdentification/EventID"))[0] == "110104"
+    assert one(root, "EventIdentification").get("EventActionCode") == "C"
+    assert one(root, "ActiveParticipant[@UserIsRequestor='true']/RoleIDCode").get("csd-code") == "110152"
+    assert one(root, "ActiveParticipant[@UserIsRequestor='false']").get("UserID") == "PACS_AE"
+    sop = one(root, "ParticipantObjectIdentification/ParticipantObjectDescription/SOPClass")
+    assert attrs(sop) == {"UID": "1.2.840.10008.5.1.4.1.1.2", "NumberOfInstances": "120"}
+
+
+def test_event_time_is_rendered_in_utc() -> None:
+    cet = datetime(2024, 5, 1, 14, 30, 45, tzinfo=timezone(timedelta(hours=2)))
+    event = EventIdentification(Code("110112", "DCM", "Query"), EventAction.EXECUTE, cet,
+                                EventOutcome.SUCCESS)
+    msg = AuditMessage(event, (ActiveParticipant("x", True),), SOURCE)
+    assert one(parse(msg), "EventIdentification").get("EventDateTime") == "2024-05-01T12:30:45.000Z"
+
+
+def test_peer_supplied_control_characters_cannot_break_or_evade_the_record() -> None:
+    evil = Peer("user\x00\x1b[31m", host="10.0.0.9")
+    msg = iti38_query(initiating=evil, responding=REMOTE, audit_source=SOURCE, query_id="q\x07",
+                      query_request=b"\x00", patient_id=None, when=WHEN)
+    root = parse(msg)
+    assert one(root, "ActiveParticipant[@UserIsRequestor='true']").get("UserID") == "user\ufffd\ufffd[31m"
+    assert one(root, "ParticipantObjectIdentification").get("ParticipantObjectID") == "q\ufffd"
+
+
+def test_invalid_models_are_refused() -> None:
+    code = Code("110112", "DCM", "Query")
+    with pytest.raises(ValueError, match="timezone"):
+        EventIdentification(code, EventAction.EXECUTE, datetime(2024, 1, 1), EventOutcome.SUCCESS)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        ParticipantObjectIdentification("x", ObjectType.PERSON, ObjectRole.PATIENT, code,
+                                        name="n", query=b"q")
+    with pytest.raises(ValueError, match="go together"):
+        ActiveParticipant("x", True, network_access_point_id="10.0.0.1")
+    with pytest.raises(ValueError, match="ActiveParticipant"):
+        AuditMessage(EventIdentification(code, EventAction.EXECUTE, WHEN, EventOutcome.SUCCESS), (), SOURCE)
+    assert ActiveParticipant("x", True, network_access_point_id="h",
+                             network_access_point_type=NetworkAccessPointType.MACHINE_NAME).user_id == "x"
