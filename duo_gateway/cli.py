@@ -6,8 +6,12 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from duo_gateway import __version__
+
+if TYPE_CHECKING:
+    from duo_gateway.config.loader import DuoConfig
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -65,13 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
-def _check_config(path: Path) -> int:
+def _load(path: Path) -> DuoConfig | None:
+    """The config, or None after printing every problem (callers exit with EXIT_INVALID_CONFIG)."""
     from duo_gateway.config.loader import ConfigError, load_config
 
     try:
-        config = load_config(path)
+        return load_config(path)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
+        return None
+
+
+def _check_config(path: Path) -> int:
+    config = _load(path)
+    if config is None:
         return EXIT_INVALID_CONFIG
     print(f"{path}: valid ({len(config.tlb_hospitals)} TLB hospital(s), "
           f"{len(config.xca_communities)} XCA communit(y/ies))")
@@ -83,12 +94,8 @@ def _healthcheck(path: Path, timeout: float) -> int:
     import ssl
     import urllib.request
 
-    from duo_gateway.config.loader import ConfigError, load_config
-
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
+    config = _load(path)
+    if config is None:
         return EXIT_INVALID_CONFIG
     ops, http = config.listeners.ops, config.listeners.http
     local = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - mapping wildcard binds to loopback
@@ -108,14 +115,11 @@ def _healthcheck(path: Path, timeout: float) -> int:
 
 
 def _serve(path: Path) -> int:
-    from duo_gateway.config.loader import ConfigError, load_config
     from duo_gateway.daemon import serve
     from duo_gateway.observability.logging import configure_logging
 
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
+    config = _load(path)
+    if config is None:
         return EXIT_INVALID_CONFIG
     configure_logging(config.logging)
     return asyncio.run(serve(config))

@@ -132,13 +132,19 @@ class Gateway:
                  "detail": audit, "elapsed_ms": 0.0}]
 
 
-async def serve(config: DuoConfig) -> int:
-    """Run until SIGTERM/SIGINT, then shut down gracefully; exit code 0 on a clean stop."""
-    gateway = Gateway(config)
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT, so the caller can shut down in order instead of dying."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve(config: DuoConfig) -> int:
+    """Run until SIGTERM/SIGINT, then shut down gracefully; exit code 0 on a clean stop."""
+    gateway = Gateway(config)
+    stop = stop_on_signals()
     try:
         await gateway.start()
     except OSError as exc:

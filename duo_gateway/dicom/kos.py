@@ -166,7 +166,7 @@ def build_kos(
     ds.ContentDate = content_date if content_date is not None else study.study_date
     ds.ContentTime = content_time if content_time is not None else study.study_time
     ds.CurrentRequestedProcedureEvidenceSequence = DicomSequence(
-        [_evidence(study.study_instance_uid, refs, retrieve_ae_title, retrieve_location_uid)]
+        [evidence_item(study.study_instance_uid, refs, retrieve_ae_title, retrieve_location_uid)]
     )
     # SR Document Content, TID 2010 (Key Object Selection)
     ds.ValueType = "CONTAINER"
@@ -180,9 +180,13 @@ def build_kos(
     return ds
 
 
-def _evidence(
-    study_uid: str, refs: list[InstanceRef], ae_title: str | None, location_uid: str | None
+def evidence_item(
+    study_uid: str, refs: Iterable[InstanceRef], ae_title: str | None = None, location_uid: str | None = None
 ) -> Dataset:
+    """One study item of a (Current Requested Procedure / Pertinent Other) Evidence Sequence.
+
+    Shared by the KOS manifest and SR reports, which list the images they refer to the same way.
+    """
     by_series: dict[str, list[InstanceRef]] = {}
     for r in refs:
         by_series.setdefault(r.series_instance_uid, []).append(r)

@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from duo_gateway.config.loader import DuoConfig, parse_config
-from duo_gateway.daemon import Gateway
+from duo_gateway.daemon import Gateway, stop_on_signals
 from duo_gateway.sim.config import SimNetworkConfig, default_network, load_network
 from duo_gateway.sim.mitz import MitzSimulator
 from duo_gateway.sim.pacs import SimPacs
@@ -186,12 +186,7 @@ async def run_demo(*, once: bool, ports_file: Path | None, base_port: int, sim_c
     root = Path(tempfile.mkdtemp(prefix="duo-demo-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
     network = SimulatedNetwork(net, root, base_port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     try:
         await network.start()
         if ports_file is not None:

@@ -38,6 +38,7 @@ from pydicom.uid import (
 )
 
 from duo_gateway.bsn import BSN_OID
+from duo_gateway.dicom.kos import evidence_item, instance_refs
 from duo_gateway.sim.config import SimInstitution, SimPatient
 
 #: Studies fall in the five years before this date. A fixed anchor rather than ``date.today()``
@@ -539,24 +540,7 @@ def _report(
     ds.PerformedProcedureCodeSequence = DicomSequence([])
 
     # The evidence list lets a reader (or a KOS builder) find the images this report is about.
-    by_series: dict[str, list[Dataset]] = {}
-    for image in images:
-        by_series.setdefault(str(image.SeriesInstanceUID), []).append(image)
-    series_items = []
-    for series_uid, members in by_series.items():
-        series_item = Dataset()
-        series_item.SeriesInstanceUID = series_uid
-        refs = []
-        for image in members:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = image.SOPClassUID
-            ref.ReferencedSOPInstanceUID = image.SOPInstanceUID
-            refs.append(ref)
-        series_item.ReferencedSOPSequence = DicomSequence(refs)
-        series_items.append(series_item)
-    evidence = Dataset()
-    evidence.StudyInstanceUID = common.StudyInstanceUID
-    evidence.ReferencedSeriesSequence = DicomSequence(series_items)
+    evidence = evidence_item(str(common.StudyInstanceUID), instance_refs(images))
     ds.CurrentRequestedProcedureEvidenceSequence = DicomSequence([evidence])
 
     ds.ValueType = "CONTAINER"
