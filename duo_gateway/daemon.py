@@ -7,6 +7,7 @@ tests, so all three run exactly the same start and stop sequence.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from duo_gateway.audit.auditor import Auditor
+from duo_gateway.audit.messages import Peer, application_activity
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.dicom.nodelay import install_tcp_nodelay
 from duo_gateway.health import Probe, build_probes
@@ -47,6 +49,7 @@ class Gateway:
         cfg = self.config
         cfg.storage.path.mkdir(parents=True, exist_ok=True)
         await self.auditor.start()
+        self._audit_activity(started=True)
         self.app = build_app(
             self.metrics,
             lambda: build_probes(cfg, self._extra_probes),
@@ -77,6 +80,7 @@ class Gateway:
         log.info("gateway stopping", grace_s=self.config.daemon.shutdown_grace_s)
         # All listeners stop accepting at once; aiohttp's cleanup then waits for in-flight handlers.
         await asyncio.gather(self._stop_dicom(), self._stop_http())
+        self._audit_activity(started=False)
         await self.auditor.stop(timeout=min(5.0, self.config.daemon.shutdown_grace_s))
         log.info("gateway stopped")
 
@@ -115,6 +119,12 @@ class Gateway:
         ae.require_called_aet = True
         self._dicom_server = ae.start_server((listener.host, listener.port), block=False,
                                              evt_handlers=[(evt.EVT_C_ECHO, lambda _e: 0x0000)])
+
+    def _audit_activity(self, *, started: bool) -> None:
+        app = Peer(user_id=self.config.listeners.dicom.ae_title, host=socket.gethostname(),
+                   alternative_user_id=str(os.getpid()), user_name=self.config.gateway.name)
+        self.auditor.record(application_activity(started=started, application=app,
+                                                 audit_source=self.auditor.audit_source))
 
     async def _stop_dicom(self) -> None:
         if self._dicom_server is not None:

@@ -83,6 +83,10 @@ EVENT_QUERY = Code("110112", "DCM", "Query")
 EVENT_EXPORT = Code("110106", "DCM", "Export")
 EVENT_IMPORT = Code("110107", "DCM", "Import")
 EVENT_INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
+EVENT_APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
+APPLICATION_START = Code("110120", "DCM", "Application Start")
+APPLICATION_STOP = Code("110121", "DCM", "Application Stop")
+ROLE_APPLICATION = Code("110150", "DCM", "Application")
 
 ROLE_SOURCE = Code("110153", "DCM", "Source Role ID")
 ROLE_DESTINATION = Code("110152", "DCM", "Destination Role ID")
@@ -611,3 +615,17 @@ def dicom_instances_transferred(
         _active(destination, requestor=requestor == "destination", role=ROLE_DESTINATION),
     ]
     return _message(event, participants, audit_source, [_study_object(s) for s in studies], patient_id)
+
+
+def application_activity(
+    *,
+    started: bool,
+    application: Peer,
+    audit_source: AuditSourceIdentification,
+    when: datetime | None = None,
+) -> AuditMessage:
+    """Gateway start or stop (PS3.15 A.5.3.1): gaps in the trail are only explainable if these exist."""
+    event = EventIdentification(EVENT_APPLICATION_ACTIVITY, EventAction.EXECUTE, _now(when),
+                                EventOutcome.SUCCESS, (APPLICATION_START if started else APPLICATION_STOP,))
+    return _message(event, [_active(application, requestor=False, role=ROLE_APPLICATION)], audit_source, [],
+                    None)

@@ -18,8 +18,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from duo_gateway.audit.sink import parse_file_records
+from duo_gateway.audit.syslog import parse_message
 from duo_gateway.config.loader import DuoConfig, parse_config
 from duo_gateway.daemon import Gateway, free_port
+from duo_gateway.soap.xml import parse_xml
 from tests.support.pki import Pki
 
 
@@ -187,6 +190,18 @@ async def test_graceful_shutdown_finishes_in_flight_requests(tmp_path: Path, mit
                     await resp.read()
         assert await in_flight == (200, {"done": True})
         await asyncio.wait_for(stopping, 10)
+
+
+async def test_gateway_start_and_stop_are_in_the_audit_trail(tmp_path: Path, mitz_stub: int) -> None:
+    gw = Gateway(make_config(tmp_path, mitz_port=mitz_stub))
+    await gw.start()
+    await gw.stop()
+    records = parse_file_records((tmp_path / "storage" / "audit" / "audit.log").read_bytes()).records
+    events = [parse_xml(parse_message(r).msg) for r in records]
+    assert [e.xpath("string(EventIdentification/EventID/@csd-code)") for e in events] == ["110100", "110100"]
+    assert [e.xpath("string(EventIdentification/EventTypeCode/@csd-code)") for e in events] == \
+        ["110120", "110121"]
+    assert all(e.xpath("string(ActiveParticipant/RoleIDCode/@csd-code)") == "110150" for e in events)
 
 
 def test_serve_exits_0_on_sigterm_and_logs_json(tmp_path: Path) -> None:
