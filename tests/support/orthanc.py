@@ -1,0 +1,96 @@
+"""Orthanc (Debian package) as the independent PACS peer: one fresh instance per test on free ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def orthanc_binary() -> str:
+    path = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
+    if path is None:
+        msg = "Orthanc not installed (apt-get install orthanc): interop with a real PACS untested"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@dataclass(frozen=True)
+class Orthanc:
+    ae_title: str
+    host: str
+    dicom_port: int
+    http_port: int
+
+    def rest(self, path: str) -> object:
+        with urllib.request.urlopen(f"http://{self.host}:{self.http_port}{path}", timeout=10) as r:
+            return json.loads(r.read())
+
+
+@contextmanager
+def run_orthanc(workdir: Path, *, ae_title: str = "ORTHANC",
+                modalities: dict[str, tuple[str, str, int]] | None = None,
+                nodelay: bool = True) -> Iterator[Orthanc]:
+    """Start Orthanc with its index and storage in ``workdir``; ``modalities`` are C-MOVE destinations.
+
+    Orthanc binds 0.0.0.0 (no listen-address option in 1.10); DicomCheckModalityHost and the disabled
+    remote HTTP access keep it to loopback peers.
+    """
+    binary = orthanc_binary()
+    workdir.mkdir(parents=True, exist_ok=True)
+    dicom_port, http_port = _free_port(), _free_port()
+    config = {
+        "Name": "DUO_TEST", "StorageDirectory": str(workdir), "IndexDirectory": str(workdir),
+        "HttpServerEnabled": True, "HttpPort": http_port, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomServerEnabled": True, "DicomAet": ae_title,
+        "DicomPort": dicom_port, "DicomCheckCalledAet": True, "DicomAlwaysAllowEcho": True,
+        "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True, "DicomAlwaysAllowMove": True,
+        "DicomAlwaysAllowGet": True, "DicomCheckModalityHost": False,
+        "DicomModalities": {name: {"AET": aet, "Host": host, "Port": port}
+                            for name, (aet, host, port) in (modalities or {}).items()},
+        "Plugins": [], "StableAge": 1, "SaveJobs": False, "ConcurrentJobs": 2,
+    }
+    cfg_path = workdir / "orthanc.json"
+    cfg_path.write_text(json.dumps(config))
+    env = {**os.environ, **({"TCP_NODELAY": "1"} if nodelay else {})}
+    log = (workdir / "orthanc.log").open("wb")
+    proc = subprocess.Popen([binary, str(cfg_path)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    orthanc = Orthanc(ae_title, "127.0.0.1", dicom_port, http_port)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                orthanc.rest("/system")
+                with socket.create_connection(("127.0.0.1", dicom_port), timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Orthanc did not start: see {workdir / 'orthanc.log'}") from None
+                time.sleep(0.05)
+        yield orthanc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
