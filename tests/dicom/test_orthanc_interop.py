@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from pydicom.dataset import Dataset
 
-from duo_gateway.dicom.echo import c_echo
 from duo_gateway.daemon import Gateway, free_port
+from duo_gateway.dicom.echo import c_echo
 from duo_gateway.dicom.find import FindError, c_find
 from duo_gateway.sim.config import default_network
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
