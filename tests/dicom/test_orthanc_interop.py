@@ -16,8 +16,8 @@ from duo_gateway.dicom.echo import c_echo
 from duo_gateway.dicom.find import FindError, c_find
 from duo_gateway.sim.config import default_network
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
-from tests.http.test_daemon import make_config
 from tests.support.dcmtk import require_tool
+from tests.support.gateway import make_config
 from tests.support.orthanc import Orthanc, run_orthanc
 
 NET = default_network()
