@@ -117,7 +117,8 @@ class Gateway:
         ae = AE(ae_title=listener.ae_title)
         ae.add_supported_context(Verification)
         ae.require_called_aet = True
-        self._dicom_server = ae.start_server((listener.host, listener.port), block=False,
+        ssl_ctx = server_context(listener.tls) if listener.tls else None
+        self._dicom_server = ae.start_server((listener.host, listener.port), block=False, ssl_context=ssl_ctx,
                                              evt_handlers=[(evt.EVT_C_ECHO, lambda _e: 0x0000)])
 
     def _audit_activity(self, *, started: bool) -> None:

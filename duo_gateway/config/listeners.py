@@ -26,6 +26,9 @@ class DicomListener(StrictModel):
     port: int = Field(default=11112, ge=0, le=65535)
     #: TCP_NODELAY on every DICOM socket; off only to reproduce the 40 ms Nagle stall.
     tcp_nodelay: bool = True
+    #: DICOM over TLS (PS3.15 B.1, conventionally port 2762); with client_auth "required" only PACSes
+    #: holding a certificate from ca_file may associate.
+    tls: ServerTls | None = None
 
 
 class OpsListener(StrictModel):

@@ -28,6 +28,8 @@ class TlbHospital(StrictModel):
     timeout_s: float = Field(default=10.0, gt=0, le=600)
     #: Parallel associations DUO opens to this PACS at most.
     max_associations: int = Field(default=4, ge=1, le=64)
+    #: DICOM over TLS towards this PACS; cert_file/key_file make it mutual.
+    tls: ClientTls | None = None
 
 
 class XcaCommunity(StrictModel):

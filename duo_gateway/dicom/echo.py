@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 
 from pynetdicom import AE
@@ -14,14 +15,15 @@ class EchoResult:
     detail: str
 
 
-def c_echo(calling_ae: str, host: str, port: int, called_ae: str, timeout_s: float) -> EchoResult:
+def c_echo(calling_ae: str, host: str, port: int, called_ae: str, timeout_s: float,
+           tls: ssl.SSLContext | None = None) -> EchoResult:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=(tls, host) if tls else None)
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "association failed"
         return EchoResult(False, reason)

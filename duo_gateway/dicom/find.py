@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
@@ -16,13 +18,13 @@ class FindError(RuntimeError):
 
 
 def c_find(calling_ae: str, host: str, port: int, called_ae: str, query: Dataset,
-           timeout_s: float) -> list[Dataset]:
+           timeout_s: float, tls: ssl.SSLContext | None = None) -> list[Dataset]:
     ensure_tcp_nodelay()
     ae = AE(ae_title=calling_ae)
     for attr in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
         setattr(ae, attr, timeout_s)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=(tls, host) if tls else None)
     if not assoc.is_established:
         raise FindError("association rejected" if assoc.is_rejected else "association failed")
     matches: list[Dataset] = []

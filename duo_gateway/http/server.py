@@ -65,6 +65,7 @@ def add_ops_routes(app: web.Application, metrics: Metrics, probes: ProbeSource, 
         checks = [r.as_json() for r in results]
         for r in results:
             metrics.peer_up.labels(r.peer, r.kind).set(1 if r.ok else 0)
+            metrics.observe_peer(r.peer, "probe", "ok" if r.ok else "failed", r.elapsed_ms / 1000)
         local = local_checks() if local_checks else []
         checks.extend(local)
         ready = all(c["ok"] for c in checks if c.get("essential"))

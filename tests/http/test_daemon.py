@@ -20,8 +20,11 @@ from aiohttp import web
 
 from duo_gateway.audit.sink import parse_file_records
 from duo_gateway.audit.syslog import parse_message
+from duo_gateway.config.tls import ClientTls, ServerTls
 from duo_gateway.daemon import Gateway, free_port
+from duo_gateway.dicom.echo import c_echo
 from duo_gateway.soap.xml import parse_xml
+from duo_gateway.tls import client_context
 from tests.support.gateway import make_config
 from tests.support.pki import Pki
 
@@ -235,3 +238,25 @@ level = "INFO"
     assert "gateway started" in names and "gateway stopped" in names
     assert all({"timestamp", "level", "event"} <= e.keys() for e in events)
     assert (tmp_path / "var").is_dir()  # relative storage path resolved against the config file
+
+
+async def test_dicom_listener_requires_a_client_certificate_under_mtls(tmp_path: Path, pki: Pki,
+                                                                       mitz_stub: int) -> None:
+    """DICOM over TLS on DUO's own AE, probed by DUO's own C-ECHO client with and without a cert."""
+    cfg = make_config(tmp_path, mitz_port=mitz_stub)
+    listeners = cfg.listeners.model_copy(update={"dicom": cfg.listeners.dicom.model_copy(
+        update={"tls": ServerTls(cert_file=pki.server.cert, key_file=pki.server.key, ca_file=pki.ca_cert)})})
+    gw = Gateway(cfg.model_copy(update={"listeners": listeners}))
+    await gw.start()
+    try:
+        ae, port = cfg.listeners.dicom.ae_title, gw.dicom_port
+        good = client_context(ClientTls(ca_file=pki.ca_cert, cert_file=pki.client.cert,
+                                        key_file=pki.client.key))
+        no_cert = client_context(ClientTls(ca_file=pki.ca_cert))
+        rogue = client_context(ClientTls(ca_file=pki.ca_cert, cert_file=pki.rogue_client.cert,
+                                         key_file=pki.rogue_client.key))
+        assert (await asyncio.to_thread(c_echo, "PROBE", "127.0.0.1", port, ae, 5, good)).ok
+        for ctx in (no_cert, rogue, None):
+            assert not (await asyncio.to_thread(c_echo, "PROBE", "127.0.0.1", port, ae, 5, ctx)).ok
+    finally:
+        await gw.stop()
