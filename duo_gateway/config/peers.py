@@ -22,6 +22,9 @@ class TlbHospital(StrictModel):
     port: int = Field(ge=1, le=65535)
     #: XDS repositoryUniqueId under which this hospital's documents are retrieved (ITI-39/RAD-75).
     repository_unique_id: Oid
+    #: Mitz SourceSystem of this hospital (subscriptions; the open question returns it as SourceId).
+    #: Defaults to repository_unique_id.
+    mitz_source_id: Oid | None = None
     #: Where this PACS keeps the BSN: Twiin's guideline location is not settled, so it is per PACS.
     bsn_attribute: Literal["PatientID", "OtherPatientIDsSequence"] = "PatientID"
     #: Deadline for one DICOM operation (association + C-FIND) against this PACS.
@@ -30,6 +33,10 @@ class TlbHospital(StrictModel):
     max_associations: int = Field(default=4, ge=1, le=64)
     #: DICOM over TLS towards this PACS; cert_file/key_file make it mutual.
     tls: ClientTls | None = None
+
+    @property
+    def source_id(self) -> str:
+        return self.mitz_source_id or self.repository_unique_id
 
 
 class XcaCommunity(StrictModel):
