@@ -6,7 +6,6 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-APT_PACKAGES := python3 python3-venv python3-pip dcmtk orthanc
 DEMO_ARGS ?= --once
 
 .PHONY: demo test lint typecheck unit system-deps schema bench clean serve
@@ -31,6 +30,7 @@ system-deps:
 	command -v python3 >/dev/null || missing="$$missing python3"; \
 	python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv python3-pip"; \
 	command -v storescp >/dev/null || missing="$$missing dcmtk"; \
+	command -v xmlsec1 >/dev/null || missing="$$missing xmlsec1"; \
 	{ command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null || missing="$$missing orthanc"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
