@@ -28,6 +28,12 @@ class Metrics:
             "duo_peer_up", "1 when the last readiness probe of the peer succeeded.", ["peer", "kind"],
             registry=self.registry)
 
+        self.mitz_decisions = Counter(
+            "duo_mitz_decisions_total", "Closed-question outcomes: the decision, or why there is none.",
+            ["result", "source"], registry=self.registry)
+        self.mitz_localizations = Counter(
+            "duo_mitz_localizations_total", "Open-question outcomes.", ["result"], registry=self.registry)
+
     def observe_peer(self, peer: str, operation: str, outcome: str, seconds: float) -> None:
         self.peer_requests.labels(peer, operation, outcome).inc()
         self.peer_latency.labels(peer, operation).observe(seconds)
