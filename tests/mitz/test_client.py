@@ -38,8 +38,9 @@ GATEWAY = Peer(user_id="DUO_GATEWAY", host="127.0.0.1")
 
 
 def question(bsn: str = ALL, holder: str = HOSP1, **kw: Any) -> ClosedQuestion:
-    base: dict[str, Any] = {"bsn": bsn, "holder_ura": holder, "holder_type": "V6", "requester_uzi": "000095254",
-                            "requester_role": "01.039", "requester_ura": "00000666", "requester_type": "V6"}
+    base: dict[str, Any] = {"bsn": bsn, "holder_ura": holder, "holder_type": "V6",
+                            "requester_uzi": "000095254", "requester_role": "01.039",
+                            "requester_ura": "00000666", "requester_type": "V6"}
     return ClosedQuestion(**{**base, **kw})
 
 
@@ -199,7 +200,8 @@ async def test_tls_failures_are_refusals(pki: Pki) -> None:
     server_ctx.verify_mode = ssl.CERT_REQUIRED
     runner, port = await serve(sim.app(), server_ctx)
     base = f"https://127.0.0.1:{port}"
-    urls = {"closed_url": f"{base}/geslotenautorisatievraag/xacml3", "open_url": f"{base}/openautorisatievraag",
+    urls = {"closed_url": f"{base}/geslotenautorisatievraag/xacml3",
+            "open_url": f"{base}/openautorisatievraag",
             "subscriptions_url": f"{base}/abonnementen/fhir/Subscription"}
     try:
         good = ClientTls(ca_file=pki.ca_cert, cert_file=pki.client.cert, key_file=pki.client.key)
@@ -244,7 +246,8 @@ async def test_cache_expiry_and_key_covers_every_attribute(mitz: MitzServer) -> 
         assert len(mitz.requests) == 1
         # any attribute differs -> a different question -> asked
         for variant in (question(requester_role="01.015"), question(requester_ura="00000667"),
-                        question(purpose="COC"), question(holder_type="V5"), question(requester_uzi="000095255"),
+                        question(purpose="COC"), question(holder_type="V5"),
+                        question(requester_uzi="000095255"),
                         question(mandated_uzi="000095256"), question(requester_type="V5")):
             assert (await client.closed_question(variant)).source == "mitz"
         assert len(mitz.requests) == 8
@@ -363,7 +366,10 @@ async def test_every_question_is_audited_and_logs_carry_no_bsn(mitz: MitzServer,
 
 # -- end to end through a caller: nothing is disclosed without a Permit ---------------------------
 
-@pytest.mark.parametrize("mode", ["permit", "deny", "notapplicable", "indeterminate", *FAILURES, "incomplete"])
+GATE_MODES = ["permit", "deny", "notapplicable", "indeterminate", *FAILURES, "incomplete"]
+
+
+@pytest.mark.parametrize("mode", GATE_MODES)
 async def test_the_gate_discloses_only_on_permit(mitz: MitzServer, mode: str, tmp_path: Path) -> None:
     """A caller whose data source is a real simulated PACS query: it runs only on a Permit."""
     from duo_gateway.dicom.find import c_find
