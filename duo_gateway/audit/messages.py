@@ -629,3 +629,49 @@ def application_activity(
                                 EventOutcome.SUCCESS, (APPLICATION_START if started else APPLICATION_STOP,))
     return _message(event, [_active(application, requestor=False, role=ROLE_APPLICATION)], audit_source, [],
                     None)
+
+
+#: PS3.16 CID 400 "Patient Record": Mitz's consent notification updates what DUO knows of the patient's
+#: consent record (action U); a Subscription creates a patient-specific record at Mitz (action C).
+EVENT_PATIENT_RECORD = Code("110110", "DCM", "Patient Record")
+MITZ_NOTIFICATION = Code("MITZ-NOTIFY", MITZ_CODE_SYSTEM, "Mitz Toestemmingsnotificatie")
+
+
+def mitz_consent_notification(
+    *,
+    mitz: Peer,
+    gateway: Peer,
+    audit_source: AuditSourceIdentification,
+    notification_id: str | None,
+    bsn: str | None,
+    holder_ura: str | None,
+    result: str,
+    outcome: EventOutcome = EventOutcome.SUCCESS,
+    outcome_description: str | None = None,
+    when: datetime | None = None,
+) -> AuditMessage:
+    """Mitz (source, requestor) posting a consent notification to the gateway (destination).
+
+    Recorded for every notification received, rejected ones included (then ``bsn`` is None: nothing
+    in a body that failed validation is trusted as a patient identifier). ``result`` says what the
+    gateway did: e.g. ``permit``/``deny`` when acted on, ``ignored`` for a holder it does not
+    represent, ``rejected`` for an invalid body. ``notification_id`` is the Bundle id when there is one.
+    """
+    details = [ParticipantObjectDetail.text("MitzResult", result)]
+    if holder_ura is not None:
+        details.append(ParticipantObjectDetail.text("providerid", holder_ura))
+    notification = ParticipantObjectIdentification(
+        object_id=notification_id or "unidentified",
+        type_code=ObjectType.SYSTEM_OBJECT,
+        type_code_role=ObjectRole.REPORT,
+        id_type_code=MITZ_NOTIFICATION,
+        details=tuple(details),
+    )
+    event = EventIdentification(EVENT_PATIENT_RECORD, EventAction.UPDATE, _now(when), outcome,
+                                (MITZ_NOTIFICATION,), outcome_description)
+    participants = [
+        _active(mitz, requestor=True, role=ROLE_SOURCE),
+        _active(gateway, requestor=False, role=ROLE_DESTINATION),
+    ]
+    return _message(event, participants, audit_source, [notification],
+                    bsn_cx(bsn) if bsn is not None else None)
