@@ -1,4 +1,8 @@
-"""A throwaway PKI generated at test time: a CA, server and client certificates for loopback."""
+"""A throwaway PKI generated at test time: a CA, server and client certificates for loopback.
+
+EC keys by default (fast, fine for TLS); ``key_type="rsa"`` exists because PKIoverheid, and so every
+XML-DSig peer the gateway meets, is RSA-only.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ import datetime as dt
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
@@ -27,19 +32,32 @@ class Pki:
     #: A client certificate signed by a different CA: must be refused under mTLS.
     rogue_client: CertPair
     rogue_ca_cert: Path
+    #: The CA keys, so a test can issue extra certificates (expired, odd key usage, ...).
+    ca_key: Path | None = None
+    rogue_ca_key: Path | None = None
+
+
+KeyType = Literal["ec", "rsa"]
+_PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def new_key(key_type: KeyType = "ec") -> _PrivateKey:
+    if key_type == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return ec.generate_private_key(ec.SECP256R1())
 
 
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+def _write_key(key: _PrivateKey, path: Path) -> None:
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
 
 
-def _ca(cn: str, folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
+def _ca(cn: str, folder: Path, key_type: KeyType = "ec") -> tuple[x509.Certificate, _PrivateKey, Path]:
+    key = new_key(key_type)
     now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -52,12 +70,13 @@ def _ca(cn: str, folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivat
             .sign(key, hashes.SHA256()))
     path = folder / f"{cn}.pem"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, folder / f"{cn}.key")
     return cert, key, path
 
 
-def _leaf(cn: str, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, folder: Path,
-          server: bool) -> CertPair:
-    key = ec.generate_private_key(ec.SECP256R1())
+def _leaf(cn: str, ca: x509.Certificate, ca_key: _PrivateKey, folder: Path,
+          server: bool, key_type: KeyType = "ec") -> CertPair:
+    key = new_key(key_type)
     now = dt.datetime.now(dt.UTC)
     builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca.subject)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -76,14 +95,16 @@ def _leaf(cn: str, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, fol
     return pair
 
 
-def make_pki(folder: Path) -> Pki:
+def make_pki(folder: Path, key_type: KeyType = "ec") -> Pki:
     folder.mkdir(parents=True, exist_ok=True)
-    ca, ca_key, ca_path = _ca("duo-test-ca", folder)
-    rogue, rogue_key, rogue_path = _ca("rogue-ca", folder)
+    ca, ca_key, ca_path = _ca("duo-test-ca", folder, key_type)
+    rogue, rogue_key, rogue_path = _ca("rogue-ca", folder, key_type)
     return Pki(
         ca_cert=ca_path,
-        server=_leaf("server", ca, ca_key, folder, server=True),
-        client=_leaf("client", ca, ca_key, folder, server=False),
-        rogue_client=_leaf("rogue-client", rogue, rogue_key, folder, server=False),
+        server=_leaf("server", ca, ca_key, folder, server=True, key_type=key_type),
+        client=_leaf("client", ca, ca_key, folder, server=False, key_type=key_type),
+        rogue_client=_leaf("rogue-client", rogue, rogue_key, folder, server=False, key_type=key_type),
         rogue_ca_cert=rogue_path,
+        ca_key=folder / "duo-test-ca.key",
+        rogue_ca_key=folder / "rogue-ca.key",
     )
