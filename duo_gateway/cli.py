@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INVALID_CONFIG = 2
+DEFAULT_CONFIG = Path("/etc/duo/duo.toml")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +33,23 @@ def _parser() -> argparse.ArgumentParser:
     hc = sub.add_parser("healthcheck", help="exit 0 when the local daemon answers /healthz (container probe)")
     hc.add_argument("--config", type=Path, required=True)
     hc.add_argument("--timeout", type=float, default=4.0)
+
+    mitz = sub.add_parser("mitz", help="Mitz tools")
+    mitz_sub = mitz.add_subparsers(dest="mitz_command", required=True)
+    mc = mitz_sub.add_parser("check", help="ask one closed question and print the decision "
+                                           "(exit 0: Mitz answered, 1: no usable answer, 2: bad input)")
+    mc.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}")
+    mc.add_argument("--bsn", required=True)
+    mc.add_argument("--holder-ura", required=True, help="data holder URA")
+    mc.add_argument("--holder-type", help="data holder organisation type (default: from config, else V6)")
+    mc.add_argument("--requester-ura", required=True)
+    mc.add_argument("--requester-type", default="V6")
+    mc.add_argument("--uzi", default="000095254",
+                    help="responsible professional's UZI (default: the Mitz test UZI; use your own)")
+    mc.add_argument("--role", default="01.039", help="RoleCodeNL of the professional (default 01.039)")
+    mc.add_argument("--purpose", default="TREAT", choices=["TREAT", "COC"])
+    mc.add_argument("--category", action="append", help="gegevenscategorie (default: from config)")
+    mc.add_argument("--json", action="store_true", help="print the decision as JSON")
 
     sub.add_parser("config-schema", help="print the JSON Schema of the config file")
 
@@ -56,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(render_json_schema())
         return EXIT_OK
+    if args.command == "mitz":
+        return _mitz_check(args)
     if args.command == "healthcheck":
         return _healthcheck(args.config, args.timeout)
     if args.command == "serve":
@@ -112,6 +132,54 @@ def _healthcheck(path: Path, timeout: float) -> int:
         print(f"unhealthy: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _mitz_check(args: argparse.Namespace) -> int:
+    """Hospital IT's connection test: one real closed question, the verdict and why."""
+    import json
+
+    from duo_gateway.audit.messages import Peer
+    from duo_gateway.config.runtime import LoggingConfig
+    from duo_gateway.mitz.client import MitzClient
+    from duo_gateway.mitz.signing import request_signer
+    from duo_gateway.mitz.wire import ClosedQuestion, MitzRequestError
+    from duo_gateway.observability.logging import configure_logging
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_INVALID_CONFIG
+    configure_logging(LoggingConfig(level="WARNING"), stream=sys.stderr)
+    hospital = config.hospital_by_ura(args.holder_ura)
+    try:
+        question = ClosedQuestion(
+            bsn=args.bsn, holder_ura=args.holder_ura,
+            holder_type=args.holder_type or (hospital.organisation_type if hospital else "V6"),
+            categories=tuple(args.category or config.mitz.categories),
+            requester_uzi=args.uzi, requester_role=args.role, requester_ura=args.requester_ura,
+            requester_type=args.requester_type, purpose=args.purpose)
+    except MitzRequestError as exc:
+        print(f"invalid question: {exc}", file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+
+    async def ask() -> int:
+        client = MitzClient(config.mitz, gateway=Peer(user_id=config.listeners.dicom.ae_title),
+                            signer=request_signer(config.mitz))
+        try:
+            decision = await client.closed_question(question)
+        finally:
+            await client.close()
+        if args.json:
+            print(json.dumps({"permitted": decision.permitted, "decision": decision.summary,
+                              "decisions": dict(zip(question.categories, decision.decisions, strict=True)),
+                              "reason": decision.reason}))
+        else:
+            verdict = "PERMIT: disclosure allowed" if decision.permitted else "NO CONSENT: nothing disclosed"
+            print(f"{verdict} (decision {decision.summary}, {config.mitz.closed_url})")
+            if decision.reason:
+                print(f"reason: {decision.reason}")
+        return EXIT_FAILED if decision.source == "error" else EXIT_OK
+
+    return asyncio.run(ask())
 
 
 def _serve(path: Path) -> int:

@@ -21,9 +21,14 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.messages import Peer, application_activity
 from duo_gateway.config.loader import DuoConfig
+from duo_gateway.consent import ConsentGate
 from duo_gateway.dicom.nodelay import install_tcp_nodelay
 from duo_gateway.health import Probe, build_probes
 from duo_gateway.http.server import FrontDoor, build_app, build_ops_app
+from duo_gateway.mitz.client import MitzClient
+from duo_gateway.mitz.notify import MitzNotifyDoor
+from duo_gateway.mitz.signing import request_signer
+from duo_gateway.mitz.subscriptions import SubscriptionManager
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.tls import server_context
 
@@ -36,7 +41,18 @@ class Gateway:
         self.config = config
         self.metrics = Metrics()
         self.auditor = Auditor(config.audit, storage_dir=config.storage.path)
-        self._front_doors = list(front_doors)
+        self.identity = Peer(user_id=config.listeners.dicom.ae_title, host=socket.gethostname(),
+                             alternative_user_id=str(os.getpid()), user_name=config.gateway.name)
+        self.mitz = MitzClient(config.mitz, gateway=self.identity, auditor=self.auditor, metrics=self.metrics,
+                               signer=request_signer(config.mitz))
+        #: Every front door that discloses data asks this gate; see duo_gateway.consent.
+        self.consent = ConsentGate(self.mitz)
+        self.subscriptions = SubscriptionManager(config, auditor=self.auditor, metrics=self.metrics,
+                                                 gateway=self.identity)
+        # Mitz notifications evict cached decisions before they are acknowledged.
+        self._front_doors = [MitzNotifyDoor(config, self.mitz.consent_changed, self.auditor), *front_doors]
+        self._sync_stop = asyncio.Event()
+        self._sync_task: asyncio.Task[None] | None = None
         self._extra_probes = list(extra_probes)
         self._runner: web.AppRunner | None = None
         self._ops_runner: web.AppRunner | None = None
@@ -50,6 +66,7 @@ class Gateway:
         cfg.storage.path.mkdir(parents=True, exist_ok=True)
         await self.auditor.start()
         self._audit_activity(started=True)
+        await self.subscriptions.start()
         self.app = build_app(
             self.metrics,
             lambda: build_probes(cfg, self._extra_probes),
@@ -71,6 +88,7 @@ class Gateway:
             await self._ops_runner.setup()
             await web.TCPSite(self._ops_runner, cfg.listeners.ops.host, cfg.listeners.ops.port).start()
         await asyncio.to_thread(self._start_dicom)
+        self._sync_task = asyncio.create_task(self.subscriptions.run(self._sync_stop))
         log.info("gateway started", http=self.http_url, dicom_port=self.dicom_port,
                  home_community_id=cfg.gateway.home_community_id,
                  hospitals=len(cfg.tlb_hospitals), communities=len(cfg.xca_communities))
@@ -80,6 +98,15 @@ class Gateway:
         log.info("gateway stopping", grace_s=self.config.daemon.shutdown_grace_s)
         # All listeners stop accepting at once; aiohttp's cleanup then waits for in-flight handlers.
         await asyncio.gather(self._stop_dicom(), self._stop_http())
+        self._sync_stop.set()
+        if self._sync_task is not None:
+            try:
+                await asyncio.wait_for(self._sync_task, timeout=min(5.0, self.config.daemon.shutdown_grace_s))
+            except TimeoutError:
+                log.warning("subscription sync did not stop in time; cancelled")
+            self._sync_task = None
+        await self.subscriptions.close()
+        await self.mitz.close()
         self._audit_activity(started=False)
         await self.auditor.stop(timeout=min(5.0, self.config.daemon.shutdown_grace_s))
         log.info("gateway stopped")
@@ -122,9 +149,7 @@ class Gateway:
                                              evt_handlers=[(evt.EVT_C_ECHO, lambda _e: 0x0000)])
 
     def _audit_activity(self, *, started: bool) -> None:
-        app = Peer(user_id=self.config.listeners.dicom.ae_title, host=socket.gethostname(),
-                   alternative_user_id=str(os.getpid()), user_name=self.config.gateway.name)
-        self.auditor.record(application_activity(started=started, application=app,
+        self.auditor.record(application_activity(started=started, application=self.identity,
                                                  audit_source=self.auditor.audit_source))
 
     async def _stop_dicom(self) -> None:

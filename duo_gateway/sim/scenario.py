@@ -12,7 +12,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -20,14 +19,7 @@ from pydicom.dataset import Dataset
 
 from duo_gateway.bsn import bsn_cx
 from duo_gateway.dicom.find import c_find
-from duo_gateway.mitz.wire import (
-    ClosedQuestion,
-    OpenQuestion,
-    build_closed_question,
-    build_open_question,
-    parse_closed_answer,
-    parse_open_answer,
-)
+from duo_gateway.mitz.wire import ClosedQuestion, OpenQuestion
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,
     WSA_ANONYMOUS,
@@ -46,7 +38,6 @@ if TYPE_CHECKING:
 #: The professional in whose name the demo asks: a radiologist of DUO's own organisation.
 DEMO_UZI = "000095254"
 DEMO_ROLE = "01.039"
-SOAP_UTF8 = f"{SOAP12_CONTENT_TYPE}; charset=UTF-8"
 
 
 @dataclass
@@ -150,47 +141,39 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
 
             await _step(report, f"XCA {community.name} ({community.home_community_id})", xca_check)
 
-        mitz = network.mitz
-
         async def closed_matrix() -> tuple[bool, str]:
+            """DUO's own Mitz client (the one every disclosure goes through) against the Mitz sim."""
             holders = [(h.ura, h.organisation_type) for h in net.hospitals] + [
                 (i.ura, i.organisation_type) for c in net.communities for i in c.institutions]
             mismatches, asked = [], 0
             for patient in net.patients:
                 expected = net.consent_holders(patient)
                 for ura, org_type in holders:
-                    message_id = new_message_id()
-                    url = f"{mitz.url}/geslotenautorisatievraag/xacml3"
-                    q = ClosedQuestion(bsn=patient.bsn, holder_ura=ura, holder_type=org_type,
-                                       requester_uzi=DEMO_UZI, requester_role=DEMO_ROLE,
-                                       requester_ura=gw.config.gateway.ura,
-                                       requester_type=gw.config.gateway.organisation_type)
-                    async with http.post(url, data=build_closed_question(q, url, message_id),
-                                         headers={"Content-Type": SOAP_UTF8}) as r:
-                        answer = parse_closed_answer(await r.read(), message_id, 1)
+                    decision = await gw.mitz.closed_question(ClosedQuestion(
+                        bsn=patient.bsn, holder_ura=ura, holder_type=org_type, requester_uzi=DEMO_UZI,
+                        requester_role=DEMO_ROLE, requester_ura=gw.config.gateway.ura,
+                        requester_type=gw.config.gateway.organisation_type))
                     asked += 1
-                    if answer.permitted != (ura in expected):
-                        mismatches.append(f"{patient.consent}/{ura}")
+                    if decision.source == "error" or decision.permitted != (ura in expected):
+                        mismatches.append(f"{patient.consent}/{ura}:{decision.summary}")
             detail = f"{asked} closed questions, decisions match consent profiles"
             return not mismatches, detail if not mismatches else f"mismatches: {', '.join(mismatches)}"
 
         async def open_question() -> tuple[bool, str]:
             counts = {}
             for patient in net.patients:
-                message_id = new_message_id()
-                url = f"{mitz.url}/openautorisatievraag"
-                q = OpenQuestion(bsn=patient.bsn, requester_uzi=DEMO_UZI, requester_role=DEMO_ROLE,
-                                 requester_ura=gw.config.gateway.ura,
-                                 requester_type=gw.config.gateway.organisation_type,
-                                 issuer=gw.config.gateway.home_community_id)
-                data = build_open_question(q, url, message_id, datetime.now(UTC))
-                async with http.post(url, data=data, headers={"Content-Type": SOAP_UTF8}) as r:
-                    counts[patient.consent] = len(parse_open_answer(await r.read(), message_id))
+                located = await gw.mitz.open_question(OpenQuestion(
+                    bsn=patient.bsn, requester_uzi=DEMO_UZI, requester_role=DEMO_ROLE,
+                    requester_ura=gw.config.gateway.ura, requester_type=gw.config.gateway.organisation_type,
+                    issuer=gw.config.gateway.home_community_id))
+                if not located.ok:
+                    return False, f"open question failed: {located.reason}"
+                counts[patient.consent] = len(located.locations)
             ok = counts.get("none", 0) == 0 and counts.get("all", 0) > counts.get("partial", 0) > 0
             return ok, "locations per consent profile " + ", ".join(f"{k}={v}" for k, v in counts.items())
 
-        await _step(report, "Mitz closed question (XACML)", closed_matrix)
-        await _step(report, "Mitz open question (XCPD ITI-56)", open_question)
+        await _step(report, "Mitz closed question via DUO (XACML)", closed_matrix)
+        await _step(report, "Mitz open question via DUO (XCPD ITI-56)", open_question)
 
         async def metrics() -> tuple[bool, str]:
             async with http.get(f"{gw.http_url}/metrics") as r:
