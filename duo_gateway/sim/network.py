@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from duo_gateway.config.loader import DuoConfig, parse_config
-from duo_gateway.daemon import Gateway, stop_on_signals
+from duo_gateway.daemon import Gateway, free_port, stop_on_signals
 from duo_gateway.sim.config import SimNetworkConfig, default_network, load_network
 from duo_gateway.sim.mitz import MitzSimulator
 from duo_gateway.sim.pacs import SimPacs
@@ -76,6 +76,8 @@ class SimulatedNetwork:
         ports = _Ports(self.base_port)
         # Port allocation order is fixed: DUO HTTP, DUO DICOM, Mitz, hospitals, communities.
         duo_http_port, duo_dicom_port = ports.take(), ports.take()
+        # Mitz must know DUO's notify URL before DUO starts, so DUO's HTTP port is fixed up front.
+        duo_http_port = duo_http_port or free_port(HOST)
         self.mitz_sim = MitzSimulator(self.net, tlb_home_community_id=DUO_HOME_COMMUNITY_ID)
         self.mitz = await _serve("mitz", self.mitz_sim.app(), ports.take())
         for hospital in self.net.hospitals:
@@ -122,7 +124,13 @@ class SimulatedNetwork:
                 for c, peer in zip(self.net.communities, self.communities, strict=True)],
             "mitz": {"closed_url": f"{self.mitz.url}/geslotenautorisatievraag/xacml3",
                      "open_url": f"{self.mitz.url}/openautorisatievraag",
-                     "subscriptions_url": f"{self.mitz.url}/abonnementen/fhir/Subscription"},
+                     "subscriptions_url": f"{self.mitz.url}/abonnementen/fhir/Subscription",
+                     "notify_url": f"http://{HOST}:{http_port}/mitz/notify",
+                     # The demo shows a notification evicting a cached decision, so it caches;
+                     # production's default is no cache at all.
+                     "cache_ttl_s": 30.0,
+                     # Subscribe every demo patient at start (generated studies span five years).
+                     "subscription_sync_interval_s": 3600.0, "subscription_lookback_days": 36500},
             "storage": {"path": str(self.workdir / "duo")},
             "logging": {"level": "WARNING"},
             "daemon": {"shutdown_grace_s": 5.0},

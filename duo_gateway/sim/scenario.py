@@ -172,8 +172,46 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
             ok = counts.get("none", 0) == 0 and counts.get("all", 0) > counts.get("partial", 0) > 0
             return ok, "locations per consent profile " + ", ".join(f"{k}={v}" for k, v in counts.items())
 
+        async def subscriptions() -> tuple[bool, str]:
+            """DUO's subscription sync registered every TLB patient at Mitz for its hospital."""
+            assert network.mitz_sim is not None
+            expected = {(p.bsn, h.ura) for p in net.patients for h in net.hospitals
+                        if h.studies_per_patient > 0}
+            deadline = time.monotonic() + 15
+            while True:
+                have = {(s.bsn, s.provider_ura) for s in network.mitz_sim.subscriptions}
+                if expected <= have or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            found = len(have & expected)
+            return expected <= have, f"{found} of {len(expected)} patient/hospital subscriptions"
+
+        async def withdrawal() -> tuple[bool, str]:
+            """Consent withdrawn in Mitz reaches DUO as a notification and the next answer is fresh."""
+            patient = next(p for p in net.patients if p.consent == "all")
+            hospital = net.hospitals[0]
+            q = ClosedQuestion(bsn=patient.bsn, holder_ura=hospital.ura,
+                               holder_type=hospital.organisation_type, requester_uzi=DEMO_UZI,
+                               requester_role=DEMO_ROLE,
+                               requester_ura=gw.config.gateway.ura,
+                               requester_type=gw.config.gateway.organisation_type)
+            admin = f"{network.mitz.url}/admin/consent"
+            steps = []
+            for permit in (False, True):
+                before = await gw.mitz.closed_question(q)
+                async with http.put(admin, json={"bsn": patient.bsn, "holder_ura": hospital.ura,
+                                                 "permit": permit}) as r:
+                    notified = (await r.json())["notified"]
+                after = await gw.mitz.closed_question(q)
+                steps.append((before.permitted, notified, after.permitted, after.source))
+            ok = steps == [(True, 1, False, "mitz"), (False, 1, True, "mitz")]
+            return ok, ("withdraw: Permit -> notified -> Deny; restore: Deny -> notified -> Permit" if ok
+                        else f"unexpected {steps}")
+
         await _step(report, "Mitz closed question via DUO (XACML)", closed_matrix)
         await _step(report, "Mitz open question via DUO (XCPD ITI-56)", open_question)
+        await _step(report, "Mitz subscriptions by DUO (FHIR)", subscriptions)
+        await _step(report, "Mitz notification evicts DUO's cache", withdrawal)
 
         async def metrics() -> tuple[bool, str]:
             async with http.get(f"{gw.http_url}/metrics") as r:
