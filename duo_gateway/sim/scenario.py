@@ -80,6 +80,7 @@ async def _step(report: Report, name: str, check: Callable[[], Awaitable[tuple[b
 async def run_scenario(network: SimulatedNetwork) -> Report:
     assert network.gateway is not None and network.mitz is not None
     gw = network.gateway
+    mitz = network.mitz
     net = network.net
     report = Report()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
@@ -195,7 +196,7 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
                                requester_role=DEMO_ROLE,
                                requester_ura=gw.config.gateway.ura,
                                requester_type=gw.config.gateway.organisation_type)
-            admin = f"{network.mitz.url}/admin/consent"
+            admin = f"{mitz.url}/admin/consent"
             steps = []
             for permit in (False, True):
                 before = await gw.mitz.closed_question(q)
