@@ -417,3 +417,39 @@ def test_permits_cannot_be_forged() -> None:
     decision = ConsentDecision(True, ("Permit",), None, "mitz")
     with pytest.raises(TypeError):
         Permit(question(), decision, object())
+
+
+# -- optional XML-DSig of the XACML request -------------------------------------------------------
+
+async def test_signed_closed_question_verifies_and_is_answered(mitz: MitzServer, tmp_path: Path) -> None:
+    """With sign_requests the Request is signed by xml:id (mitz.md §2.2); Mitz still answers it."""
+    from datetime import UTC, datetime
+
+    from duo_gateway.mitz.signing import request_signer
+    from duo_gateway.soap.xml import parse_xml
+    from duo_gateway.xmldsig import XML_ID, TrustStore, verify
+    from tests.support.pki import make_pki
+
+    rsa = make_pki(tmp_path / "pki", key_type="rsa")
+    cfg = mitz.config(sign_requests=True, signing_key_file=str(rsa.client.key),
+                      signing_cert_file=str(rsa.client.cert))
+    seen: list[bytes] = []
+    signer = request_signer(cfg)
+    assert signer is not None
+
+    def recording(request: bytes) -> bytes:
+        seen.append(signer(request))
+        return seen[-1]
+
+    d = await ask(cfg, question(), signer=recording)
+    assert d.permitted, d.reason
+    root = parse_xml(seen[0])
+    ns = {"q": "urn:oasis:names:tc:xacml:3.0:profile:saml2.0:v2:schema:protocol:wd-14",
+          "x": "urn:oasis:names:tc:xacml:3.0:core:schema:wd-17", "ds": "http://www.w3.org/2000/09/xmldsig#"}
+    query = root.xpath("//q:XACMLAuthzDecisionQuery", namespaces=ns)[0]
+    assert query[0].tag == "{http://www.w3.org/2000/09/xmldsig#}Signature"  # first child
+    request = query.find("x:Request", ns)
+    verified = verify(query[0], expected_referenced=request, id_attribute=XML_ID,
+                      trusted=TrustStore.from_pem_files([rsa.ca_cert]), now=datetime.now(UTC))
+    assert verified.digest_algorithm == "sha256"
+    assert verified.signature_algorithm.endswith("rsa-sha256")
