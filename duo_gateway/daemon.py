@@ -50,7 +50,10 @@ class Gateway:
         self.subscriptions = SubscriptionManager(config, auditor=self.auditor, metrics=self.metrics,
                                                  gateway=self.identity)
         # Mitz notifications evict cached decisions before they are acknowledged.
-        self._front_doors = [MitzNotifyDoor(config, self.mitz.consent_changed, self.auditor), *front_doors]
+        self._front_doors = [
+            MitzNotifyDoor(config, lambda bsn, ura: self.mitz.consent_changed(bsn, ura), self.auditor),
+            *front_doors,
+        ]
         self._sync_stop = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
         self._extra_probes = list(extra_probes)

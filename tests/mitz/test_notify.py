@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -20,11 +21,10 @@ from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.sink import parse_file_records
 from duo_gateway.audit.syslog import parse_message
 from duo_gateway.bsn import bsn_cx
-from duo_gateway.config.audit import AuditConfig
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.mitz import MitzConfig
 from duo_gateway.daemon import Gateway
-from duo_gateway.mitz.notify import DEFAULT_MAX_BODY_BYTES, MitzNotifyDoor
+from duo_gateway.mitz.notify import DEFAULT_MAX_BODY_BYTES
 from duo_gateway.mitz.subscriptions import SubscriptionManager
 from duo_gateway.mitz.wire import ConsentStatement, Notification, build_notification
 from duo_gateway.sim.config import default_network
@@ -101,10 +101,11 @@ async def duo(tmp_path: Path) -> AsyncIterator[Duo]:
                 raise RuntimeError("cache unavailable")
             calls.append((bsn, holder_ura))
 
-        # The door audits into its own file here; the daemon hands it the gateway's Auditor.
-        auditor = Auditor(AuditConfig(file=Path("door-audit.log")), storage_dir=tmp_path / "door")
-        await auditor.start()
-        gateway = Gateway(cfg, front_doors=[MitzNotifyDoor(cfg, on_consent_change, auditor)])
+        # The gateway mounts the door itself, wired to its Mitz client's cache; the test watches
+        # that wire by standing in for the client's eviction method.
+        gateway = Gateway(cfg)
+        gateway.mitz.consent_changed = on_consent_change  # type: ignore[method-assign]
+        auditor = gateway.auditor
         await gateway.start()
         notify_url = f"{gateway.http_url}{NOTIFY_PATH}"
         # The subscriber knows both hospitals, so a notification for H2 reaches a DUO not representing it.
@@ -115,12 +116,11 @@ async def duo(tmp_path: Path) -> AsyncIterator[Duo]:
         manager = SubscriptionManager(sub_cfg)
         async with aiohttp.ClientSession() as session:
             try:
-                yield Duo(gateway, sim, mitz_url, notify_url, calls, tmp_path / "door" / "door-audit.log",
-                          manager, session, auditor, fail)
+                yield Duo(gateway, sim, mitz_url, notify_url, calls,
+                          tmp_path / "storage" / "audit" / "audit.log", manager, session, auditor, fail)
             finally:
                 await manager.close()
                 await gateway.stop()
-                await auditor.stop()
 
 
 def _hospital_cfg(duo: Duo, ura: str) -> Any:
@@ -135,9 +135,17 @@ def _notification(bsn: str = ANNA.bsn, holder: str = H1.ura, permit: bool = True
         statements=(ConsentStatement(provider_categories=("RPZAC104",), permit=permit),)))
 
 
-def _audit_events(duo: Duo) -> list[etree._Element]:
-    records = parse_file_records(duo.audit_file.read_bytes()).records
-    return [parse_xml(parse_message(r).msg) for r in records]
+async def _audit_events(duo: Duo, expected: int) -> list[etree._Element]:
+    """The notification events (DCM 110110) in the gateway's audit file, once ``expected`` are there:
+    the Auditor writes behind, so the file is polled rather than the Auditor stopped under the gateway."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:
+        records = parse_file_records(duo.audit_file.read_bytes()).records if duo.audit_file.exists() else []
+        events = [e for e in (parse_xml(parse_message(r).msg) for r in records)
+                  if e.xpath("string(EventIdentification/EventID/@csd-code)") == "110110"]
+        if len(events) >= expected or asyncio.get_running_loop().time() > deadline:
+            return events
+        await asyncio.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------------------ the real flow
@@ -273,9 +281,7 @@ async def test_every_notification_is_audited(duo: Duo) -> None:
     await duo.post(_notification(ANNA.bsn, H1.ura))
     await duo.post(_notification(BRAM.bsn, H2.ura))  # not represented
     await duo.post(b"{not json")
-    await duo.auditor.stop()  # flushes every queued record to the file
-
-    events = _audit_events(duo)
+    events = await _audit_events(duo, 3)
     assert len(events) == 3
     for event in events:
         assert event.xpath("string(EventIdentification/EventID/@csd-code)") == "110110"
