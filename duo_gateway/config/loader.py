@@ -25,6 +25,8 @@ from duo_gateway.config.listeners import Listeners
 from duo_gateway.config.mitz import MitzConfig
 from duo_gateway.config.peers import TlbHospital, XcaCommunity
 from duo_gateway.config.runtime import DaemonConfig, LoggingConfig, StorageConfig
+from duo_gateway.config.xca import XcaRespondingConfig
+from duo_gateway.config.xua import XuaConfig
 
 ENV_PREFIX = "DUO__"
 
@@ -35,6 +37,8 @@ class DuoConfig(StrictModel):
     tlb_hospitals: list[TlbHospital] = Field(default_factory=list)
     xca_communities: list[XcaCommunity] = Field(default_factory=list)
     mitz: MitzConfig
+    xua: XuaConfig = XuaConfig()
+    xca_responding: XcaRespondingConfig = XcaRespondingConfig()
     audit: AuditConfig = AuditConfig()
     storage: StorageConfig = StorageConfig()
     logging: LoggingConfig = LoggingConfig()

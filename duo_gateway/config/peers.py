@@ -8,6 +8,7 @@ from pydantic import AnyHttpUrl, Field
 
 from duo_gateway.config.base import AeTitle, HomeCommunityId, Oid, StrictModel, Ura
 from duo_gateway.config.tls import ClientTls
+from duo_gateway.config.xca import DocumentCodes
 
 
 class TlbHospital(StrictModel):
@@ -33,6 +34,8 @@ class TlbHospital(StrictModel):
     max_associations: int = Field(default=4, ge=1, le=64)
     #: DICOM over TLS towards this PACS; cert_file/key_file make it mutual.
     tls: ClientTls | None = None
+    #: XDS codes of this hospital's KOS and report entries (Dutch defaults).
+    document_codes: DocumentCodes = DocumentCodes()
 
     @property
     def source_id(self) -> str:

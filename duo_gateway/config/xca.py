@@ -1,0 +1,54 @@
+"""DUO as XCA(-I) Responding Gateway of the TLB community: paths, deadlines, limits, metadata codes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from duo_gateway.config.base import StrictModel
+
+
+class CodeConfig(StrictModel):
+    code: str = Field(min_length=1, max_length=64)
+    scheme: str = Field(min_length=1, max_length=64)
+    display: str = Field(min_length=1, max_length=256)
+
+
+def _c(code: str, scheme: str, display: str) -> CodeConfig:
+    return CodeConfig(code=code, scheme=scheme, display=display)
+
+
+_SNOMED = "2.16.840.1.113883.6.96"
+
+
+class DocumentCodes(StrictModel):
+    """XDS codes of one hospital's documents. No XDS-I rule fixes them for the KOS; the defaults follow
+    the Twiin report metadata (netherlands.md §4) and common Dutch XDS practice."""
+
+    kos_class: CodeConfig = _c("363679005", _SNOMED, "Imaging")
+    kos_type: CodeConfig = _c("18748-4", "2.16.840.1.113883.6.1", "Diagnostic imaging study")
+    report_class: CodeConfig = _c("9491000146107", _SNOMED, "Imaging Documentation")
+    report_type: CodeConfig = _c("722124004", _SNOMED, "Radiologisch verslag")
+    practice_setting: CodeConfig = _c("394914008", _SNOMED, "Radiology")
+    facility_type: CodeConfig = _c("22232009", _SNOMED, "Hospital")
+    confidentiality: CodeConfig = _c("N", "2.16.840.1.113883.5.25", "normal")
+    language: str = "nl-NL"
+
+
+class XcaRespondingConfig(StrictModel):
+    enabled: bool = True
+    iti38_path: str = Field(default="/xca/iti38", pattern=r"^/[A-Za-z0-9/_.-]*$")
+    iti39_path: str = Field(default="/xca/iti39", pattern=r"^/[A-Za-z0-9/_.-]*$")
+    rad75_path: str = Field(default="/xca/rad75", pattern=r"^/[A-Za-z0-9/_.-]*$")
+    #: Each hospital must answer (consent + C-FIND) within this; late ones make PartialSuccess.
+    hospital_deadline_s: float = Field(default=8.0, gt=0, le=120)
+    #: Largest request body (ITI-39/RAD-75 requests are small; this bounds hostile input).
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    #: Largest number of DocumentRequests in one ITI-39 or RAD-75 request.
+    max_documents_per_request: int = Field(default=10_000, ge=1)
+    #: How DUO pulls instances from a PACS for RAD-75: C-GET over the same association, or C-MOVE
+    #: to DUO's own storage SCP (for PACSes that refuse C-GET).
+    retrieve_method: Literal["c-get", "c-move"] = "c-get"
+    #: Instances fetched but not yet written to the requester, at most; bounds the spool.
+    retrieve_window: int = Field(default=16, ge=1, le=1024)

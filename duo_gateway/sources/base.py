@@ -1,0 +1,125 @@
+"""What the broker knows of a data source: small typed records and one protocol.
+
+A TLB hospital's PACS (DICOM today; DICOMweb or the TLB gateways' own protocol once published) is an
+:class:`ImagingSource`. The XCA responding front door and the TLB timeline only see this interface,
+so a new kind of source is a new module implementing it, not a change to them. Every method that
+reads patient data takes a :class:`~duo_gateway.consent.Permit` and must refuse one that does not
+cover that patient and this source (``permit.covers(bsn, source.holder_ura)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Protocol
+
+from duo_gateway.consent import Permit
+
+
+class SourceUnavailable(Exception):
+    """The source could not answer (down, refused, timed out, broken answer); ``detail`` says how."""
+
+    def __init__(self, source: str, detail: str) -> None:
+        super().__init__(f"{source}: {detail}")
+        self.source = source
+        self.detail = detail
+
+
+class NotCovered(PermissionError):
+    """A Permit for another patient or source was presented: a bug upstream, never data."""
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """One study as a study-level C-FIND (or QIDO-RS) describes it."""
+
+    study_instance_uid: str
+    patient_id: str
+    study_date: str | None = None          # YYYYMMDD
+    study_time: str | None = None          # HHMMSS[.ffffff]
+    accession_number: str | None = None
+    description: str | None = None
+    modalities: tuple[str, ...] = ()
+    body_part: str | None = None
+    series_count: int | None = None
+    instance_count: int | None = None
+    study_id: str | None = None
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    institution_name: str | None = None
+    referring_physician: str | None = None
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One instance as an image-level C-FIND describes it (enough for a KOS and for retrieval)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    modality: str | None = None
+    series_number: int | None = None
+    instance_number: int | None = None
+    #: For reports (SR, encapsulated PDF): when the document content was made.
+    content_date: str | None = None
+    content_time: str | None = None
+    #: Encapsulated PDF: the document's MIME type; SR: None.
+    mime_type: str | None = None
+    title: str | None = None
+
+
+@dataclass(frozen=True)
+class RetrievedInstance:
+    """One instance fetched from the source, spooled to ``path`` (Part 10 file).
+
+    The consumer owns the file: it must delete it (or move it) once consumed, so the spool holds at
+    most the instances in flight and memory never grows with the study.
+    """
+
+    record: InstanceRecord
+    path: Path
+    transfer_syntax_uid: str
+    size: int
+
+
+@dataclass(frozen=True)
+class RetrieveOutcome:
+    """What a retrieve did not deliver, per SOP Instance UID, with a reason each."""
+
+    missing: dict[str, str] = field(default_factory=dict)
+
+
+class ImagingSource(Protocol):
+    #: Stable id for logs, metrics and error contexts (e.g. "tlb:00010001").
+    name: str
+    #: The data holder: the URA Mitz is asked about.
+    holder_ura: str
+
+    async def find_studies(self, permit: Permit, bsn: str, *, date_from: date | None = None,
+                           date_to: date | None = None,
+                           study_uids: Sequence[str] = ()) -> list[StudyRecord]:
+        """Studies of the patient (optionally restricted to a date range and/or UIDs)."""
+        ...
+
+    async def find_instances(self, permit: Permit, bsn: str, study_uid: str, *,
+                             modalities: Sequence[str] = ()) -> list[InstanceRecord]:
+        """Every instance of one study (optionally only series of the given modalities)."""
+        ...
+
+    async def patient_of_study(self, study_uid: str) -> str | None:
+        """The BSN of a study's patient, to form the consent question before any data is read.
+
+        Needed where a request names documents but no patient (ITI-39, RAD-75). It reveals the BSN to
+        DUO only, never to the requester.
+        """
+        ...
+
+    def retrieve(self, permit: Permit, bsn: str, study_uid: str,
+                 instances: Sequence[InstanceRecord]) -> AsyncIterator[RetrievedInstance]:
+        """Stream the instances as they arrive, bounded in memory; what could not be fetched is
+        reported by raising nothing: the caller compares what arrived with what it asked for."""
+        ...
