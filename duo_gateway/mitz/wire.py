@@ -635,40 +635,74 @@ def _saml_attribute(stmt: etree._Element, name: str, hl7_local: str, xsi_type: s
 
 def build_assertion(q: OpenQuestion, now: datetime, assertion_id: str | None = None) -> etree._Element:
     """The unsigned XUA assertion B365 sends with the open question (signing is UNVERIFIED, §3)."""
+    return build_xua_assertion(issuer=q.issuer, uzi=q.requester_uzi, role=q.requester_role,
+                               ura=q.requester_ura, org_type=q.requester_type, purpose=q.purpose,
+                               mandated_uzi=q.mandated_uzi, now=now, assertion_id=assertion_id)
+
+
+def build_xua_assertion(
+    *,
+    issuer: str,
+    uzi: str,
+    role: str,
+    ura: str,
+    org_type: str | None,
+    purpose: str,
+    now: datetime,
+    audience: str = MITZ_AUDIENCE,
+    validity: timedelta = ASSERTION_VALIDITY,
+    mandated_uzi: str | None = None,
+    patient_bsn: str | None = None,
+    assertion_id: str | None = None,
+) -> etree._Element:
+    """An unsigned assertion in the Twiin/Mitz XUA vocabulary (mitz.md §3, netherlands.md §3).
+
+    One builder for the open question and for the XCA assertions DUO signs (``duo_gateway.xua``), so
+    both directions speak exactly the same attribute dialect. ``org_type`` may be None because Twiin
+    does not list the consulting facility type among its ITI-40 attributes. ``patient_bsn`` becomes an
+    XACML ``resource-id`` II (BSN root, NLMINBIZA as on every Mitz BSN): a project choice, since
+    neither Twiin nor Mitz documents a patient attribute in the token (UNVERIFIED).
+    """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
+    if validity <= timedelta(0):
+        raise ValueError("validity must be positive")
     issued = _saml_time(now)
     assertion = etree.Element(_q(SAML_NS, "Assertion"),
                               nsmap={"saml2": SAML_NS, "xsi": XSI_NS, "xs": XS_NS})
     assertion.set("ID", assertion_id or f"_{uuid.uuid4().hex}")
     assertion.set("Version", "2.0")
     assertion.set("IssueInstant", issued)
-    etree.SubElement(assertion, _q(SAML_NS, "Issuer")).text = q.issuer
+    etree.SubElement(assertion, _q(SAML_NS, "Issuer")).text = issuer
     subject = etree.SubElement(assertion, _q(SAML_NS, "Subject"))
     etree.SubElement(subject, _q(SAML_NS, "SubjectConfirmation")).set("Method", SAML_BEARER)
     conditions = etree.SubElement(assertion, _q(SAML_NS, "Conditions"))
     conditions.set("NotBefore", issued)
-    conditions.set("NotOnOrAfter", _saml_time(now + ASSERTION_VALIDITY))
+    conditions.set("NotOnOrAfter", _saml_time(now + validity))
     restriction = etree.SubElement(conditions, _q(SAML_NS, "AudienceRestriction"))
-    etree.SubElement(restriction, _q(SAML_NS, "Audience")).text = MITZ_AUDIENCE
+    etree.SubElement(restriction, _q(SAML_NS, "Audience")).text = audience
     authn = etree.SubElement(assertion, _q(SAML_NS, "AuthnStatement"))
     authn.set("AuthnInstant", issued)
     context = etree.SubElement(authn, _q(SAML_NS, "AuthnContext"))
     etree.SubElement(context, _q(SAML_NS, "AuthnContextClassRef")).text = SAML_X509
     stmt = etree.SubElement(assertion, _q(SAML_NS, "AttributeStatement"))
     _saml_attribute(stmt, ATTR_PROVIDER_ID, "id", "II",
-                    [("root", UZI_OID), ("extension", q.requester_uzi), ("assigningAuthorityName", CIBG)])
-    if q.mandated_uzi is not None:
+                    [("root", UZI_OID), ("extension", uzi), ("assigningAuthorityName", CIBG)])
+    if mandated_uzi is not None:
         _saml_attribute(stmt, ATTR_MANDATED, "id", "II",
-                        [("root", UZI_OID), ("extension", q.mandated_uzi), ("assigningAuthorityName", CIBG)])
+                        [("root", UZI_OID), ("extension", mandated_uzi), ("assigningAuthorityName", CIBG)])
     _saml_attribute(stmt, ATTR_ROLE, "Role", "CE",
-                    [("code", q.requester_role), ("codeSystem", ROLE_OID), ("codeSystemName", "RoleCodeNL")])
-    _saml_attribute(stmt, ATTR_PROVIDER_INSTITUTION, "id", "II",
-                    [("root", URA_OID), ("extension", q.requester_ura)])
-    _saml_attribute(stmt, ATTR_CONSULTING_TYPE, "consulting-facility-type-code", "CV",
-                    [("code", q.requester_type), ("codeSystem", ORG_TYPE_OID)])
+                    [("code", role), ("codeSystem", ROLE_OID), ("codeSystemName", "RoleCodeNL")])
+    _saml_attribute(stmt, ATTR_PROVIDER_INSTITUTION, "id", "II", [("root", URA_OID), ("extension", ura)])
+    if org_type is not None:
+        _saml_attribute(stmt, ATTR_CONSULTING_TYPE, "consulting-facility-type-code", "CV",
+                        [("code", org_type), ("codeSystem", ORG_TYPE_OID)])
     _saml_attribute(stmt, ATTR_PURPOSE, "PurposeOfUse", "CE",
-                    [("code", q.purpose), ("codeSystem", PURPOSE_OID)])
+                    [("code", purpose), ("codeSystem", PURPOSE_OID)])
+    if patient_bsn is not None:
+        _saml_attribute(stmt, ATTR_RESOURCE_ID, "id", "II",
+                        [("root", BSN_OID), ("extension", patient_bsn),
+                         ("assigningAuthorityName", NLMINBIZA)])
     return assertion
 
 

@@ -1,0 +1,582 @@
+"""XUA (IHE ITI-40): who is asking, proven by a signed SAML 2.0 assertion in ``wsse:Security``.
+
+Two directions, one vocabulary (the Twiin/Mitz attributes of netherlands.md §3 and mitz.md §3, built by
+:func:`duo_gateway.mitz.wire.build_xua_assertion`):
+
+* **Inbound** (DUO as XCA Responding Gateway): :func:`validate_xua` turns the header into a
+  :class:`Requester`, or raises the SOAP 1.2 ``Sender`` fault with a ``wsse:`` subcode that xca.md §11
+  requires for the NIST must-fault cases. The requester's attributes are what the consent gate puts
+  into the Mitz closed question (:meth:`Requester.closed_question`), so an attribute DUO accepts here
+  is an attribute Mitz is asked about: every one must be single-valued and typed exactly.
+* **Outbound** (DUO as Initiating Gateway): :func:`issue_assertion` and :func:`security_header`.
+
+Fault subcodes (OASIS WSS 1.1 §12), chosen so a peer's operator can tell what to fix:
+
+* ``InvalidSecurity``: the header itself is off (no assertion, two Security headers, a bad Timestamp);
+* ``InvalidSecurityToken``: the assertion is malformed, unsigned, not yet valid, too long-lived, or its
+  attributes are missing, duplicated or malformed;
+* ``FailedCheck``: the signature does not verify or falls outside the accepted XML-DSig profile;
+* ``FailedAuthentication``: well formed, but not acceptable: untrusted signer, not meant for us
+  (audience), too weak an authentication class, a purpose of use Mitz does not know;
+* ``MessageExpired``: the assertion or the message Timestamp has expired.
+
+Signature wrapping is defeated by construction: the attributes are read from the one ``saml2:Assertion``
+that is a direct child of the one ``wsse:Security`` header, and that same element object is what
+:func:`duo_gateway.xmldsig.verify` is told to expect (which also refuses an ID that occurs twice
+anywhere in the document). Nothing is read through ``.//`` searches that could reach a nested copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final, Literal
+
+from cryptography import x509
+from lxml import etree
+
+from duo_gateway import xmldsig
+from duo_gateway.bsn import BSN_OID, is_valid_bsn
+from duo_gateway.config.xua import XuaConfig
+from duo_gateway.mitz.wire import (
+    ATTR_CONSULTING_TYPE,
+    ATTR_MANDATED,
+    ATTR_PROVIDER_ID,
+    ATTR_PROVIDER_INSTITUTION,
+    ATTR_PURPOSE,
+    ATTR_RESOURCE_ID,
+    ATTR_ROLE,
+    HL7_NS,
+    ORG_TYPE_OID,
+    PURPOSE_OID,
+    PURPOSES,
+    ROLE_OID,
+    SAML_BEARER,
+    SAML_NS,
+    SAML_X509,
+    URA_OID,
+    UZI_OID,
+    WSSE_NS,
+    WSU_NS,
+    XSI_NS,
+    ClosedQuestion,
+    build_xua_assertion,
+)
+from duo_gateway.soap.envelope import SOAP12_NS, Envelope, SoapFault
+from duo_gateway.xmldsig import DS_NS, SAML_ID, DigestName, PrivateKey, SignatureError, TrustStore
+
+Subcode = Literal["InvalidSecurity", "InvalidSecurityToken", "FailedAuthentication", "FailedCheck",
+                  "MessageExpired"]
+
+SAML_HOLDER_OF_KEY: Final = "urn:oasis:names:tc:SAML:2.0:cm:holder-of-key"
+#: Bearer is what Twiin/Mitz send. Holder-of-key is accepted but its key is *not* matched against the
+#: TLS client: the assertion is then trusted exactly as much as a bearer one, never more.
+SUBJECT_CONFIRMATIONS: Final = frozenset({SAML_BEARER, SAML_HOLDER_OF_KEY})
+
+_AC: Final = "urn:oasis:names:tc:SAML:2.0:ac:classes:"
+#: Project policy: certificate-backed authentication only, because the Dutch professional signs in with
+#: an UZI pass (X509 in B365's assertion). This refuses Gazelle's ``secondauthncontext``
+#: (InternetProtocol: "an unacceptable authentication method") and ``invalidauthncontext`` cases.
+ACCEPTED_AUTHN_CONTEXTS: Final = frozenset({SAML_X509, f"{_AC}SmartcardPKI", f"{_AC}SoftwarePKI",
+                                            f"{_AC}TLSClient"})
+
+#: How long the message Timestamp DUO sends stays valid (WSS4J's default time-to-live).
+TIMESTAMP_TTL_S: Final = 300.0
+
+_DIGITS = re.compile(r"[0-9]+")
+_URA = re.compile(r"[0-9]{8}")
+_TIME = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d+)?(Z|[+-]\d{2}:\d{2})")
+#: xs:ID is an NCName; the signature Reference is ``#<ID>``, so nothing looser may pass.
+_NCNAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+
+#: Trust-store refusals from :func:`duo_gateway.xmldsig.verify` (who signed), as opposed to refusals
+#: of the signature itself (what was signed). Pinned by tests so a rewording there cannot go unnoticed.
+_TRUST_REFUSAL = re.compile(r"certificate .* (is not trusted|expired at|is not valid before|has a KeyUsage)")
+
+
+def _q(ns: str, local: str) -> str:
+    return f"{{{ns}}}{local}"
+
+
+def _fault(subcode: Subcode, reason: str) -> SoapFault:
+    return SoapFault("Sender", reason, subcode=(WSSE_NS, subcode))
+
+
+# --------------------------------------------------------------------------------------------------
+# What a token says
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_claims(uzi: str, role: str, ura: str, purpose: str, organisation_type: str | None,
+                  mandated_uzi: str | None) -> None:
+    """The value rules shared by both directions, so DUO never issues what it would itself refuse.
+
+    UZI and URA formats are UNVERIFIED (netherlands.md §5): UZI is only required to be digits (examples
+    have nine), URA to be exactly eight digits as in the project's config type. ``fullmatch`` with
+    ``[0-9]``, not ``\\d`` with ``$``: a trailing newline or a non-ASCII digit is not a number Mitz knows.
+    """
+    if not _DIGITS.fullmatch(uzi):
+        raise ValueError("provider-identifier (UZI) must be digits")
+    if mandated_uzi is not None and not _DIGITS.fullmatch(mandated_uzi):
+        raise ValueError("mandated (UZI) must be digits")
+    if not _URA.fullmatch(ura):
+        raise ValueError("provider-institution (URA) must be eight digits")
+    if purpose not in PURPOSES:
+        raise ValueError(f"purposeofuse must be one of {', '.join(sorted(PURPOSES))}")
+    if not role or role != role.strip():
+        raise ValueError("role code must be a non-empty code without surrounding whitespace")
+    if organisation_type is not None and (not organisation_type
+                                          or organisation_type != organisation_type.strip()):
+        raise ValueError("consulting-healthcare-facility-type-code must be a non-empty code")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claims:
+    """The responsible professional and organisation an assertion speaks for (netherlands.md §3).
+
+    ``organisation_type`` is optional because Twiin's ITI-40 table does not list it; Mitz needs it, so
+    :meth:`Requester.closed_question` takes a fallback (e.g. from the peer's address-book entry).
+    """
+
+    uzi: str
+    role: str
+    ura: str
+    purpose: str = "TREAT"
+    organisation_type: str | None = None
+    mandated_uzi: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_claims(self.uzi, self.role, self.ura, self.purpose, self.organisation_type, self.mandated_uzi)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Requester(Claims):
+    """A validated inbound assertion: the claims plus what audit and consent need to know about it."""
+
+    issuer: str
+    assertion_id: str
+    issue_instant: datetime
+    not_on_or_after: datetime
+    #: ``Subject/NameID`` when the peer sends one (Twiin/Mitz tokens carry none).
+    subject: str | None = None
+    #: The XACML ``resource-id`` BSN when present, for the caller to match against the query's patient.
+    patient_bsn: str | None = None
+    #: RFC 4514 subject of the certificate whose signature was verified.
+    signer: str
+
+    def closed_question(self, *, bsn: str, holder_ura: str, holder_type: str,
+                        categories: tuple[str, ...] = ("GGC002",),
+                        requester_type: str | None = None) -> ClosedQuestion:
+        """The Mitz question for this requester (netherlands.md §3: copy the token, add the holder).
+
+        The token's own organisation type wins over ``requester_type``; with neither, ClosedQuestion
+        raises MitzRequestError, which the consent gate turns into a refusal instead of asking Mitz.
+        """
+        return ClosedQuestion(
+            bsn=bsn, holder_ura=holder_ura, holder_type=holder_type, categories=categories,
+            requester_uzi=self.uzi, requester_role=self.role, requester_ura=self.ura,
+            requester_type=self.organisation_type or requester_type or "",
+            purpose=self.purpose, mandated_uzi=self.mandated_uzi,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Inbound
+# --------------------------------------------------------------------------------------------------
+
+
+def _elements(parent: etree._Element, ns: str, local: str) -> list[etree._Element]:
+    """Direct children only: a nested element of the same name is never the one we mean."""
+    return [c for c in parent if c.tag == _q(ns, local)]
+
+
+def _exactly_one(parent: etree._Element, ns: str, local: str, where: str,
+                 subcode: Subcode = "InvalidSecurityToken") -> etree._Element:
+    found = _elements(parent, ns, local)
+    if len(found) != 1:
+        raise _fault(subcode, f"{where} must hold exactly one {local}, found {len(found)}")
+    return found[0]
+
+
+def _time(value: str | None, what: str, subcode: Subcode = "InvalidSecurityToken") -> datetime:
+    """xs:dateTime with a zone (SAML core §1.3.3 wants UTC); beyond microseconds is cut, not refused."""
+    m = _TIME.fullmatch(value or "")
+    if m is None:
+        raise _fault(subcode, f"{what} is missing or not an xs:dateTime with a time zone")
+    fraction = (m.group(2) or ".0")[1:7].ljust(6, "0")
+    zone = "+00:00" if m.group(3) == "Z" else m.group(3)
+    try:
+        return datetime.fromisoformat(f"{m.group(1)}.{fraction}{zone}").astimezone(UTC)
+    except ValueError:
+        raise _fault(subcode, f"{what} is not a valid date and time") from None
+
+
+def _text(el: etree._Element) -> str:
+    return (el.text or "").strip()
+
+
+def _check_timestamp(security: etree._Element, now: datetime, skew: timedelta) -> None:
+    stamps = _elements(security, WSU_NS, "Timestamp")
+    if len(stamps) > 1:
+        raise _fault("InvalidSecurity", f"wsse:Security holds {len(stamps)} wsu:Timestamp elements")
+    if not stamps:
+        return
+    created_el = _elements(stamps[0], WSU_NS, "Created")
+    expires_el = _elements(stamps[0], WSU_NS, "Expires")
+    if len(created_el) > 1 or len(expires_el) > 1:
+        raise _fault("InvalidSecurity", "wsu:Timestamp holds more than one Created or Expires")
+    created = _time(created_el[0].text, "wsu:Timestamp/Created", "InvalidSecurity") if created_el else None
+    expires = _time(expires_el[0].text, "wsu:Timestamp/Expires", "InvalidSecurity") if expires_el else None
+    if created is not None and expires is not None and expires <= created:
+        raise _fault("InvalidSecurity", "wsu:Timestamp Expires is not after Created")
+    if created is not None and created > now + skew:
+        raise _fault("InvalidSecurity", f"wsu:Timestamp was created in the future ({created.isoformat()})")
+    if expires is not None and expires <= now - skew:
+        raise _fault("MessageExpired", f"the message expired at {expires.isoformat()} (wsu:Timestamp)")
+
+
+def _find_assertion(security: etree._Element) -> etree._Element | None:
+    if any(True for _ in security.iter(_q(SAML_NS, "EncryptedAssertion"))):
+        raise _fault("InvalidSecurityToken", "encrypted assertions are not supported")
+    direct = _elements(security, SAML_NS, "Assertion")
+    anywhere = list(security.iter(_q(SAML_NS, "Assertion")))
+    if len(anywhere) > len(direct) or len(direct) > 1:
+        # A second assertion, nested (Advice) or not, is exactly what wrapping attacks smuggle in.
+        raise _fault("InvalidSecurity",
+                     f"wsse:Security must hold exactly one saml2:Assertion, found {len(anywhere)}")
+    return direct[0] if direct else None
+
+
+def _verify_signature(assertion: etree._Element, trusted: TrustStore, now: datetime,
+                      allow_sha1: bool) -> x509.Certificate:
+    signatures = _elements(assertion, DS_NS, "Signature")
+    if not signatures:
+        raise _fault("InvalidSecurityToken",
+                     "the assertion is not signed (an enveloped ds:Signature is required)")
+    if len(signatures) > 1:
+        raise _fault("InvalidSecurityToken", f"the assertion carries {len(signatures)} signatures")
+    digests: frozenset[DigestName] = frozenset({"sha256", "sha1"} if allow_sha1 else {"sha256"})
+    try:
+        verified = xmldsig.verify(signatures[0], expected_referenced=assertion, id_attribute=SAML_ID,
+                                  trusted=trusted, now=now, allowed_digests=digests)
+    except SignatureError as exc:
+        subcode: Subcode = "FailedAuthentication" if _TRUST_REFUSAL.search(exc.reason) else "FailedCheck"
+        raise _fault(subcode, f"assertion signature refused: {exc.reason}") from exc
+    return verified.cert
+
+
+def _check_conditions(assertion: etree._Element, issued: datetime, now: datetime, skew: timedelta,
+                      max_lifetime: timedelta, audiences: Collection[str]) -> datetime:
+    """Returns NotOnOrAfter. Expiry at exactly NotOnOrAfter follows SAML's "on or after" wording."""
+    conditions = _exactly_one(assertion, SAML_NS, "Conditions", "the assertion")
+    not_after = _time(conditions.get("NotOnOrAfter"), "Conditions/@NotOnOrAfter")
+    not_before = _time(conditions.get("NotBefore"), "Conditions/@NotBefore") \
+        if conditions.get("NotBefore") is not None else None
+    if not_before is not None and not_after <= not_before:
+        raise _fault("InvalidSecurityToken", "Conditions NotOnOrAfter is not after NotBefore")
+    if not_after <= now - skew:
+        raise _fault("MessageExpired", f"the assertion expired at {not_after.isoformat()}")
+    if not_before is not None and not_before > now + skew:
+        raise _fault("InvalidSecurityToken", f"the assertion is not valid before {not_before.isoformat()}")
+    if issued > now + skew:
+        raise _fault("InvalidSecurityToken", f"the assertion was issued in the future ({issued.isoformat()})")
+    start = min(issued, not_before) if not_before is not None else issued
+    if not_after - start > max_lifetime:
+        raise _fault("InvalidSecurityToken",
+                     f"the assertion is valid for {(not_after - start).total_seconds():.0f} s, "
+                     f"longer than the accepted {max_lifetime.total_seconds():.0f} s")
+
+    restrictions: list[etree._Element] = []
+    for child in conditions:
+        if child.tag != _q(SAML_NS, "AudienceRestriction"):
+            # SAML core §2.5.1.5: a condition the relying party does not understand makes the
+            # assertion's validity indeterminate, which must not be read as valid.
+            raise _fault("InvalidSecurityToken", f"condition {etree.QName(child).localname} is not supported")
+        restrictions.append(child)
+    if not restrictions:
+        raise _fault("FailedAuthentication", "the assertion has no AudienceRestriction; it could be replayed "
+                     "to any service")
+    for restriction in restrictions:
+        # Every restriction must be met, each by any one of its audiences (SAML core §2.5.1.4).
+        offered = [_text(a) for a in _elements(restriction, SAML_NS, "Audience")]
+        if not any(a in audiences for a in offered):
+            raise _fault("FailedAuthentication",
+                         f"audience {', '.join(offered) or '(none)'} is not accepted by this gateway")
+    return not_after
+
+
+def _check_subject(assertion: etree._Element, now: datetime, skew: timedelta) -> str | None:
+    subject = _exactly_one(assertion, SAML_NS, "Subject", "the assertion")
+    name_ids = _elements(subject, SAML_NS, "NameID")
+    if len(name_ids) > 1:
+        raise _fault("InvalidSecurityToken", "Subject holds more than one NameID")
+    confirmations = _elements(subject, SAML_NS, "SubjectConfirmation")
+    accepted = [c for c in confirmations if c.get("Method") in SUBJECT_CONFIRMATIONS]
+    if not accepted:
+        raise _fault("InvalidSecurityToken", "Subject needs a bearer or holder-of-key SubjectConfirmation")
+    for confirmation in accepted:
+        for data in _elements(confirmation, SAML_NS, "SubjectConfirmationData"):
+            if data.get("NotOnOrAfter") is not None:
+                limit = _time(data.get("NotOnOrAfter"), "SubjectConfirmationData/@NotOnOrAfter")
+                if limit <= now - skew:
+                    raise _fault("MessageExpired", f"the subject confirmation expired at {limit.isoformat()}")
+    return (_text(name_ids[0]) or None) if name_ids else None
+
+
+def _check_authn(assertion: etree._Element, authn_contexts: Collection[str]) -> None:
+    statements = _elements(assertion, SAML_NS, "AuthnStatement")
+    if len(statements) != 1:
+        raise _fault("InvalidSecurityToken", f"the assertion must hold exactly one AuthnStatement, "
+                     f"found {len(statements)}")
+    statement = statements[0]
+    _time(statement.get("AuthnInstant"), "AuthnStatement/@AuthnInstant")
+    context = _exactly_one(statement, SAML_NS, "AuthnContext", "AuthnStatement")
+    refs = _elements(context, SAML_NS, "AuthnContextClassRef")
+    if len(refs) != 1 or len([c for c in context if isinstance(c.tag, str)]) != 1:
+        raise _fault("InvalidSecurityToken", "AuthnContext must hold exactly one AuthnContextClassRef and "
+                     "nothing else")
+    class_ref = _text(refs[0])
+    if class_ref not in authn_contexts:
+        raise _fault("FailedAuthentication", f"authentication class {class_ref or '(empty)'} is not accepted")
+
+
+_KNOWN_ATTRIBUTES: Final = (ATTR_PROVIDER_ID, ATTR_MANDATED, ATTR_ROLE, ATTR_PROVIDER_INSTITUTION,
+                            ATTR_CONSULTING_TYPE, ATTR_PURPOSE, ATTR_RESOURCE_ID)
+
+
+def _single_values(assertion: etree._Element) -> dict[str, etree._Element]:
+    """The hl7 element of each attribute DUO acts on; any second occurrence or value is refused.
+
+    A second role or purpose (NIST ``_secondrole``/``_secondpurposeofuse``) would leave it to chance
+    which one the consent question carries. Attributes DUO does not read (XSPA subject-id, organization,
+    homeCommunityId, ...) are left alone: international peers send them and they decide nothing here.
+    """
+    found: dict[str, list[etree._Element]] = {}
+    for statement in _elements(assertion, SAML_NS, "AttributeStatement"):
+        for attr in _elements(statement, SAML_NS, "Attribute"):
+            name = (attr.get("Name") or "").strip()
+            if name in _KNOWN_ATTRIBUTES:
+                found.setdefault(name, []).append(attr)
+    values: dict[str, etree._Element] = {}
+    for name, attrs in found.items():
+        if len(attrs) > 1:
+            raise _fault("InvalidSecurityToken", f"attribute {name} appears {len(attrs)} times; "
+                         "it must be single-valued")
+        attr_values = _elements(attrs[0], SAML_NS, "AttributeValue")
+        if len(attr_values) != 1:
+            raise _fault("InvalidSecurityToken", f"attribute {name} must have exactly one AttributeValue, "
+                         f"found {len(attr_values)}")
+        children = [c for c in attr_values[0] if isinstance(c.tag, str)]
+        if len(children) != 1 or etree.QName(children[0]).namespace != HL7_NS:
+            raise _fault("InvalidSecurityToken", f"attribute {name} must hold one typed hl7 element")
+        values[name] = children[0]
+    return values
+
+
+def _xsi_type(el: etree._Element) -> str | None:
+    """The hl7 local name of ``xsi:type``, or None when it is absent or not in the hl7 namespace."""
+    value = el.get(_q(XSI_NS, "type"))
+    if value is None:
+        return None
+    prefix, _, local = value.strip().rpartition(":")
+    return local if el.nsmap.get(prefix or None) == HL7_NS else None
+
+
+def _identifier(values: dict[str, etree._Element], name: str, root: str) -> str | None:
+    el = values.get(name)
+    if el is None:
+        return None
+    if _xsi_type(el) != "II":
+        raise _fault("InvalidSecurityToken", f"attribute {name} must be an hl7 II")
+    if el.get("root") != root:
+        raise _fault("InvalidSecurityToken", f"attribute {name} must have root {root}")
+    return el.get("extension") or ""
+
+
+def _code(values: dict[str, etree._Element], name: str, code_system: str) -> str | None:
+    el = values.get(name)
+    if el is None:
+        return None
+    # Mitz writes CE for role and purpose, Twiin's table CV for purpose: both carry code + codeSystem.
+    if _xsi_type(el) not in ("CE", "CV"):
+        raise _fault("InvalidSecurityToken", f"attribute {name} must be an hl7 CE or CV")
+    if el.get("codeSystem") != code_system:
+        raise _fault("FailedAuthentication", f"attribute {name} must use code system {code_system}")
+    return el.get("code") or ""
+
+
+def _claims(assertion: etree._Element) -> tuple[dict[str, str | None], str | None]:
+    values = _single_values(assertion)
+    claims = {
+        "uzi": _identifier(values, ATTR_PROVIDER_ID, UZI_OID),
+        "role": _code(values, ATTR_ROLE, ROLE_OID),
+        "ura": _identifier(values, ATTR_PROVIDER_INSTITUTION, URA_OID),
+        "purpose": _code(values, ATTR_PURPOSE, PURPOSE_OID),
+        "organisation_type": _code(values, ATTR_CONSULTING_TYPE, ORG_TYPE_OID),
+        "mandated_uzi": _identifier(values, ATTR_MANDATED, UZI_OID),
+    }
+    required = {"uzi": ATTR_PROVIDER_ID, "role": ATTR_ROLE, "ura": ATTR_PROVIDER_INSTITUTION,
+                "purpose": ATTR_PURPOSE}
+    missing = [attr for key, attr in required.items() if claims[key] is None]
+    if missing:
+        raise _fault("InvalidSecurityToken",
+                     f"the assertion lacks required attribute(s) {', '.join(missing)}")
+    purpose = claims["purpose"]
+    if purpose not in PURPOSES:
+        # Gazelle's _secondpurposeofuse: a purpose the policy does not grant access for.
+        raise _fault("FailedAuthentication",
+                     f"purposeofuse {purpose!r} is not accepted (only {', '.join(sorted(PURPOSES))})")
+    bsn = _identifier(values, ATTR_RESOURCE_ID, BSN_OID)
+    if bsn is not None and not is_valid_bsn(bsn):
+        # The value stays out of the reason: faults are logged.
+        raise _fault("InvalidSecurityToken", f"attribute {ATTR_RESOURCE_ID} is not a valid BSN")
+    return claims, bsn
+
+
+def validate_xua(
+    envelope: Envelope,
+    cfg: XuaConfig,
+    *,
+    trusted: TrustStore,
+    audiences: Collection[str],
+    now: datetime,
+    authn_contexts: Collection[str] = ACCEPTED_AUTHN_CONTEXTS,
+) -> Requester | None:
+    """The requester of an inbound XCA request, or the SOAP fault to answer with.
+
+    Returns None only when ``cfg.required`` is off and there is no assertion at all; a Security header
+    or assertion that *is* present is always checked, because a closed test network should still not
+    act on a broken or forged token. ``audiences`` is passed in (not read from ``cfg``) because its
+    empty-config default, the home community id, lives in the responding-gateway config.
+    ``mustUnderstand`` is not demanded on Security: DUO understands the header whether or not the
+    sender flagged it. A message-level ds:Signature over the Timestamp is ignored, not checked.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    if not audiences:
+        raise ValueError("at least one accepted audience is required")
+    now = now.astimezone(UTC)
+    skew = timedelta(seconds=cfg.clock_skew_s)
+    securities = [h for h in envelope.headers if h.tag == _q(WSSE_NS, "Security")]
+    if len(securities) > 1:
+        raise _fault("InvalidSecurity", f"{len(securities)} wsse:Security headers; exactly one is accepted")
+    if not securities:
+        if cfg.required:
+            raise _fault("InvalidSecurity",
+                         "an XUA assertion is required, but there is no wsse:Security header")
+        return None
+    security = securities[0]
+    _check_timestamp(security, now, skew)
+    assertion = _find_assertion(security)
+    if assertion is None:
+        if cfg.required:
+            raise _fault("InvalidSecurity", "an XUA assertion is required, but wsse:Security holds none")
+        return None
+
+    if assertion.get("Version") != "2.0":
+        raise _fault("InvalidSecurityToken",
+                     f"assertion Version must be 2.0, not {assertion.get('Version')!r}")
+    assertion_id = assertion.get("ID") or ""
+    if not _NCNAME.fullmatch(assertion_id):
+        raise _fault("InvalidSecurityToken", "the assertion ID is missing or not an xs:ID")
+    issued = _time(assertion.get("IssueInstant"), "assertion IssueInstant")
+    issuer = _text(_exactly_one(assertion, SAML_NS, "Issuer", "the assertion"))
+    if not issuer:
+        raise _fault("InvalidSecurityToken", "the assertion Issuer is empty")
+
+    # Everything below is read from this very element, now known to be what the signer signed.
+    signer = _verify_signature(assertion, trusted, now, cfg.allow_sha1)
+    not_after = _check_conditions(assertion, issued, now, skew, timedelta(seconds=cfg.max_lifetime_s),
+                                  audiences)
+    subject = _check_subject(assertion, now, skew)
+    _check_authn(assertion, authn_contexts)
+    claims, bsn = _claims(assertion)
+    try:
+        return Requester(
+            uzi=claims["uzi"] or "", role=claims["role"] or "", ura=claims["ura"] or "",
+            purpose=claims["purpose"] or "", organisation_type=claims["organisation_type"],
+            mandated_uzi=claims["mandated_uzi"], issuer=issuer, assertion_id=assertion_id,
+            issue_instant=issued, not_on_or_after=not_after, subject=subject, patient_bsn=bsn,
+            signer=signer.subject.rfc4514_string(),
+        )
+    except ValueError as exc:
+        raise _fault("InvalidSecurityToken", f"malformed attribute value: {exc}") from exc
+
+
+def load_trust_store(cfg: XuaConfig) -> TrustStore | None:
+    """The signers ``cfg`` trusts; None when it lists none, which only a non-required setup may run with."""
+    if not cfg.trusted_certs:
+        if cfg.required:
+            raise ValueError("xua.required is set but xua.trusted_certs is empty: no assertion could pass")
+        return None
+    return TrustStore.from_pem_files(cfg.trusted_certs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outbound
+# --------------------------------------------------------------------------------------------------
+
+
+def issue_assertion(
+    claims: Claims,
+    *,
+    issuer: str,
+    audience: str,
+    key: PrivateKey,
+    cert: x509.Certificate | Sequence[x509.Certificate],
+    now: datetime,
+    lifetime_s: float = 600.0,
+    digest: DigestName = "sha256",
+    subject_bsn: str | None = None,
+    assertion_id: str | None = None,
+) -> etree._Element:
+    """A signed assertion for a request DUO sends as Initiating Gateway.
+
+    The default lifetime is Twiin's 10 minutes (netherlands.md §3). The signature sits right after
+    Issuer, where the SAML schema puts it (strict peers validate the schema). ``subject_bsn``, when
+    given, travels as ``resource-id`` (see :func:`~duo_gateway.mitz.wire.build_xua_assertion`).
+    """
+    if not issuer.strip() or not audience.strip():
+        raise ValueError("issuer and audience are required")
+    if subject_bsn is not None and not is_valid_bsn(subject_bsn):
+        raise ValueError("subject_bsn is not nine digits passing the 11-proef")
+    assertion = build_xua_assertion(
+        issuer=issuer, uzi=claims.uzi, role=claims.role, ura=claims.ura, org_type=claims.organisation_type,
+        purpose=claims.purpose, now=now, audience=audience, validity=timedelta(seconds=lifetime_s),
+        mandated_uzi=claims.mandated_uzi, patient_bsn=subject_bsn, assertion_id=assertion_id)
+    xmldsig.sign(assertion, assertion, key, cert, digest=digest, id_attribute=SAML_ID, position=1)
+    return assertion
+
+
+def security_header(assertion: etree._Element, now: datetime, *,
+                    ttl_s: float = TIMESTAMP_TTL_S) -> etree._Element:
+    """``wsse:Security`` (mustUnderstand) with a ``wsu:Timestamp`` and a copy of ``assertion``.
+
+    A copy, so the caller's element is not moved out of its document; exclusive canonicalisation keeps
+    the signature valid in its new place (xca.md §11).
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    if ttl_s <= 0:
+        raise ValueError("ttl_s must be positive")
+    security = etree.Element(_q(WSSE_NS, "Security"), nsmap={"wsse": WSSE_NS, "wsu": WSU_NS})
+    security.set(_q(SOAP12_NS, "mustUnderstand"), "1")
+    stamp = etree.SubElement(security, _q(WSU_NS, "Timestamp"))
+    etree.SubElement(stamp, _q(WSU_NS, "Created")).text = _wsu_time(now)
+    etree.SubElement(stamp, _q(WSU_NS, "Expires")).text = _wsu_time(now + timedelta(seconds=ttl_s))
+    security.append(copy.deepcopy(assertion))
+    return security
+
+
+def _wsu_time(t: datetime) -> str:
+    utc = t.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+__all__ = [
+    "ACCEPTED_AUTHN_CONTEXTS", "SUBJECT_CONFIRMATIONS", "Claims", "Requester", "Subcode", "issue_assertion",
+    "load_trust_store", "security_header", "validate_xua",
+]

@@ -1,0 +1,851 @@
+"""XUA: the NIST must-fault cases, independent signers, wrapping attacks, clock edges, the golden token.
+
+Every refused case re-signs the assertion *after* planting its one defect, so the fault can only come
+from that defect, and every refusal asserts both the wsse subcode and the reason. The envelopes go
+through bytes and the project's hardened parser, as a peer's request would.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from lxml import etree
+from signxml.signer import XMLSigner
+
+from duo_gateway import xmldsig
+from duo_gateway.config.xua import XuaConfig
+from duo_gateway.mitz import wire
+from duo_gateway.mitz.wire import MitzRequestError
+from duo_gateway.soap.envelope import (
+    SOAP12_NS,
+    Addressing,
+    Envelope,
+    SoapFault,
+    build_envelope,
+    build_fault,
+    parse_envelope,
+)
+from duo_gateway.soap.xml import XmlError, parse_xml, to_bytes
+from duo_gateway.xmldsig import DS_NS, EXC_C14N, SAML_ID, PrivateKey, TrustStore, load_signing_pair
+from duo_gateway.xua import (
+    Claims,
+    Requester,
+    issue_assertion,
+    load_trust_store,
+    security_header,
+    validate_xua,
+)
+from tests.support.pki import Pki, make_pki
+
+FIXTURES = Path(__file__).parent / "fixtures" / "xua"
+AUDIENCE = "urn:oid:2.16.528.1.1007.99.1"
+ISSUER = "urn:oid:2.16.528.1.1007.99.9999"
+ITI38 = "urn:ihe:iti:2007:CrossGatewayQuery"
+QUERY_NS = "urn:oasis:names:tc:ebxml-regrep:xsd:query:3.0"
+NS = {"saml2": wire.SAML_NS, "ds": DS_NS, "wsse": wire.WSSE_NS, "wsu": wire.WSU_NS, "h": wire.HL7_NS,
+      "s": SOAP12_NS}
+CLAIMS = Claims(uzi="000095254", role="01.039", ura="00000666", purpose="TREAT", organisation_type="V6")
+CFG = XuaConfig(required=True, audiences=[AUDIENCE], clock_skew_s=60.0, max_lifetime_s=3600.0)
+
+Signer = tuple[PrivateKey, list[x509.Certificate]]
+Mutation = Callable[[etree._Element], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("xua-pki"), key_type="rsa")
+
+
+@pytest.fixture(scope="module")
+def signer(pki: Pki) -> Signer:
+    return load_signing_pair(pki.client.key, pki.client.cert)
+
+
+@pytest.fixture(scope="module")
+def store(pki: Pki) -> TrustStore:
+    return TrustStore.from_pem_files([pki.ca_cert])
+
+
+@pytest.fixture
+def now() -> dt.datetime:
+    # Whole seconds, so boundaries computed from the millisecond SAML times are exact. The throwaway
+    # PKI is valid from five minutes ago, which bounds how far back a test may move the clock.
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def attr_value(a: etree._Element, name: str) -> etree._Element:
+    found = a.findall(f"saml2:AttributeStatement/saml2:Attribute[@Name='{name}']/saml2:AttributeValue", NS)
+    assert len(found) == 1
+    return found[0][0]
+
+
+def build(now: dt.datetime, mutate: Mutation | None = None, *, sign: Signer | None = None,
+          lifetime_s: float = 600, audience: str = AUDIENCE, digest: xmldsig.DigestName = "sha256",
+          claims: Claims = CLAIMS, bsn: str | None = None, assertion_id: str = "_a1") -> etree._Element:
+    """An assertion in our vocabulary, with ``mutate`` applied *before* signing."""
+    a = wire.build_xua_assertion(issuer=ISSUER, uzi=claims.uzi, role=claims.role, ura=claims.ura,
+                                 org_type=claims.organisation_type, purpose=claims.purpose, now=now,
+                                 audience=audience, validity=dt.timedelta(seconds=lifetime_s),
+                                 mandated_uzi=claims.mandated_uzi, patient_bsn=bsn, assertion_id=assertion_id)
+    if mutate is not None:
+        mutate(a)
+    if sign is not None:
+        xmldsig.sign(a, a, sign[0], sign[1], digest=digest, id_attribute=SAML_ID, position=1)
+    return a
+
+
+def envelope(*security_children: etree._Element, extra_headers: list[etree._Element] | None = None,
+             body_extra: etree._Element | None = None, security: bool = True) -> Envelope:
+    """A parsed ITI-38 request with the given Security contents (copied, so callers keep theirs)."""
+    headers: list[etree._Element] = []
+    if security:
+        sec = etree.Element(f"{{{wire.WSSE_NS}}}Security", nsmap={"wsse": wire.WSSE_NS, "wsu": wire.WSU_NS})
+        sec.set(f"{{{SOAP12_NS}}}mustUnderstand", "1")
+        for child in security_children:
+            sec.append(copy.deepcopy(child))
+        headers.append(sec)
+    headers.extend(extra_headers or [])
+    body = etree.Element(f"{{{QUERY_NS}}}AdhocQueryRequest", nsmap={"query": QUERY_NS})
+    if body_extra is not None:
+        body.append(copy.deepcopy(body_extra))
+    env = build_envelope(Addressing(action=ITI38, message_id="urn:uuid:1", to="https://duo.test/xca"),
+                         body, headers)
+    return parse_envelope(to_bytes(env))
+
+
+def wrapped(security_el: etree._Element) -> Envelope:
+    body = etree.Element(f"{{{QUERY_NS}}}AdhocQueryRequest", nsmap={"query": QUERY_NS})
+    env = build_envelope(Addressing(action=ITI38, message_id="urn:uuid:1"), body, [security_el])
+    return parse_envelope(to_bytes(env))
+
+
+def validate(env: Envelope, store: TrustStore, now: dt.datetime, cfg: XuaConfig = CFG) -> Requester | None:
+    return validate_xua(env, cfg, trusted=store, audiences=[AUDIENCE], now=now)
+
+
+def refused(env: Envelope, store: TrustStore, now: dt.datetime, subcode: str, reason: str,
+            cfg: XuaConfig = CFG) -> SoapFault:
+    with pytest.raises(SoapFault) as info:
+        validate(env, store, now, cfg)
+    fault = info.value
+    assert (fault.code, fault.subcode) == ("Sender", (wire.WSSE_NS, subcode)), fault.reason
+    assert re.search(reason, fault.reason), fault.reason
+    return fault
+
+
+def self_signed(cn: str, key: rsa.RSAPrivateKey, not_before: dt.datetime, not_after: dt.datetime,
+                serial: int | None = None) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(serial or x509.random_serial_number())
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+
+
+# --------------------------------------------------------------------------------------------------
+# The happy path, both directions
+# --------------------------------------------------------------------------------------------------
+
+
+def test_issued_assertion_validates_into_the_requester(signer: Signer, store: TrustStore,
+                                                       now: dt.datetime) -> None:
+    claims = Claims(uzi="000095254", role="01.039", ura="00000666", purpose="COC", organisation_type="V6",
+                    mandated_uzi="000011111")
+    a = issue_assertion(claims, issuer=ISSUER, audience=AUDIENCE, key=signer[0], cert=signer[1], now=now,
+                        subject_bsn="900186021", assertion_id="_issued")
+    requester = validate(wrapped(security_header(a, now)), store, now)
+    assert requester == Requester(
+        uzi="000095254", role="01.039", ura="00000666", purpose="COC", organisation_type="V6",
+        mandated_uzi="000011111", issuer=ISSUER, assertion_id="_issued", issue_instant=now,
+        not_on_or_after=now + dt.timedelta(minutes=10), subject=None, patient_bsn="900186021",
+        signer="CN=client")
+
+
+def test_issued_assertion_has_the_twiin_shape(signer: Signer, now: dt.datetime) -> None:
+    a = issue_assertion(CLAIMS, issuer=ISSUER, audience=AUDIENCE, key=signer[0], cert=signer[1], now=now)
+    children = [etree.QName(c).localname for c in a]
+    # Signature right after Issuer, as the SAML schema orders it.
+    assert children == ["Issuer", "Signature", "Subject", "Conditions", "AuthnStatement",
+                        "AttributeStatement"]
+    assert a.findtext("saml2:Conditions/saml2:AudienceRestriction/saml2:Audience", namespaces=NS) == AUDIENCE
+    conditions = a.find("saml2:Conditions", NS)
+    assert conditions is not None
+    ten_minutes_on = (now + dt.timedelta(minutes=10)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    assert (conditions.get("NotBefore"), conditions.get("NotOnOrAfter")) == (
+        now.strftime("%Y-%m-%dT%H:%M:%S.000Z"), ten_minutes_on)
+    confirmation = a.find("saml2:Subject/saml2:SubjectConfirmation", NS)
+    assert confirmation is not None and confirmation.get("Method") == wire.SAML_BEARER
+    ura = attr_value(a, wire.ATTR_PROVIDER_INSTITUTION)
+    assert {k: ura.get(k) for k in ura.keys()} == {
+        f"{{{wire.XSI_NS}}}type": "II", "root": wire.URA_OID, "extension": "00000666"}
+
+
+def test_security_header_shape_and_the_callers_assertion_stays_put(signer: Signer, now: dt.datetime) -> None:
+    a = issue_assertion(CLAIMS, issuer=ISSUER, audience=AUDIENCE, key=signer[0], cert=signer[1], now=now)
+    holder = etree.Element("holder")
+    holder.append(a)
+    sec = security_header(a, now, ttl_s=120)
+    assert a.getparent() is holder
+    assert sec.get(f"{{{SOAP12_NS}}}mustUnderstand") == "1"
+    assert sec.findtext("wsu:Timestamp/wsu:Created", namespaces=NS) == now.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    assert sec.findtext("wsu:Timestamp/wsu:Expires", namespaces=NS) == (
+        now + dt.timedelta(minutes=2)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    assert [etree.QName(c).localname for c in sec] == ["Timestamp", "Assertion"]
+
+
+def test_claims_are_checked_before_anything_is_issued(signer: Signer, now: dt.datetime) -> None:
+    with pytest.raises(ValueError, match="URA"):
+        Claims(uzi="000095254", role="01.039", ura="666", purpose="TREAT")
+    with pytest.raises(ValueError, match="purposeofuse"):
+        Claims(uzi="000095254", role="01.039", ura="00000666", purpose="OPERATIONS")
+    with pytest.raises(ValueError, match="11-proef"):
+        issue_assertion(CLAIMS, issuer=ISSUER, audience=AUDIENCE, key=signer[0], cert=signer[1], now=now,
+                        subject_bsn="123456789")
+
+
+def test_requester_becomes_the_mitz_closed_question(signer: Signer, store: TrustStore,
+                                                    now: dt.datetime) -> None:
+    no_type = Claims(uzi="000095254", role="01.039", ura="00000666")
+    requester = validate(envelope(build(now, sign=signer, claims=no_type)), store, now)
+    assert requester is not None and requester.organisation_type is None
+    q = requester.closed_question(bsn="900186021", holder_ura="00000659", holder_type="V6",
+                                  requester_type="V4")
+    assert (q.requester_uzi, q.requester_role, q.requester_ura, q.requester_type, q.purpose) == (
+        "000095254", "01.039", "00000666", "V4", "TREAT")
+    with pytest.raises(MitzRequestError, match="requester_type"):
+        requester.closed_question(bsn="900186021", holder_ura="00000659", holder_type="V6")
+    typed = validate(envelope(build(now, sign=signer)), store, now)
+    assert typed is not None
+    assert typed.closed_question(bsn="900186021", holder_ura="00000659", holder_type="V6",
+                                 requester_type="V4").requester_type == "V6"
+
+
+# --------------------------------------------------------------------------------------------------
+# NIST must-fault cases (xca.md §11) and their Gazelle interpretations
+# --------------------------------------------------------------------------------------------------
+
+
+def _drop(path: str) -> Mutation:
+    def mutate(a: etree._Element) -> None:
+        el = a.find(path, NS)
+        assert el is not None, path
+        parent = el.getparent()
+        assert parent is not None
+        parent.remove(el)
+    return mutate
+
+
+def _set(path: str, attribute: str, value: str | None) -> Mutation:
+    def mutate(a: etree._Element) -> None:
+        el = a if path == "." else a.find(path, NS)
+        assert el is not None, path
+        if value is None:
+            del el.attrib[attribute]
+        else:
+            el.set(attribute, value)
+    return mutate
+
+
+def _duplicate(path: str) -> Mutation:
+    def mutate(a: etree._Element) -> None:
+        el = a.find(path, NS)
+        assert el is not None, path
+        el.addnext(copy.deepcopy(el))
+    return mutate
+
+
+def _text(path: str, value: str) -> Mutation:
+    def mutate(a: etree._Element) -> None:
+        el = a.find(path, NS)
+        assert el is not None, path
+        el.text = value
+    return mutate
+
+
+def _plain(path: str, value: str) -> Mutation:
+    """An untyped xs:string value instead of the hl7 element."""
+    def mutate(a: etree._Element) -> None:
+        el = a.find(path, NS)
+        assert el is not None, path
+        for child in list(el):
+            el.remove(child)
+        el.text = value
+    return mutate
+
+
+def _add(path: str, local: str) -> Mutation:
+    def mutate(a: etree._Element) -> None:
+        el = a.find(path, NS)
+        assert el is not None, path
+        etree.SubElement(el, f"{{{wire.SAML_NS}}}{local}")
+    return mutate
+
+
+def _attr(name: str) -> str:
+    return f"saml2:AttributeStatement/saml2:Attribute[@Name='{name}']"
+
+
+def _hl7(name: str) -> str:
+    return f"{_attr(name)}/saml2:AttributeValue/*"
+
+
+CLASS_REF = "saml2:AuthnStatement/saml2:AuthnContext/saml2:AuthnContextClassRef"
+NOT_SIGNED = "the assertion is not signed"
+
+CASES: list[tuple[str, Mutation, str, str]] = [
+    # _invalidauthnstatement
+    ("no-authn-statement", _drop("saml2:AuthnStatement"), "InvalidSecurityToken",
+     "exactly one AuthnStatement, found 0"),
+    ("two-authn-statements", _duplicate("saml2:AuthnStatement"), "InvalidSecurityToken",
+     "exactly one AuthnStatement, found 2"),
+    ("no-authn-instant", _set("saml2:AuthnStatement", "AuthnInstant", None), "InvalidSecurityToken",
+     "AuthnInstant is missing"),
+    ("no-class-ref", _drop(CLASS_REF), "InvalidSecurityToken", "exactly one AuthnContextClassRef"),
+    ("invalid-class-ref", _text(CLASS_REF, "urn:oasis:names:tc:SAML:2.0:ac:classes:Invalid"),
+     "FailedAuthentication", "authentication class .*:Invalid is not accepted"),
+    # _secondauthncontext: literally a second context, and Gazelle's reading (InternetProtocol)
+    ("second-authn-context", _duplicate("saml2:AuthnStatement/saml2:AuthnContext"), "InvalidSecurityToken",
+     "AuthnStatement must hold exactly one AuthnContext, found 2"),
+    ("second-class-ref", _duplicate(CLASS_REF), "InvalidSecurityToken", "exactly one AuthnContextClassRef"),
+    ("internet-protocol-class", _text(CLASS_REF, "urn:oasis:names:tc:SAML:2.0:ac:classes:InternetProtocol"),
+     "FailedAuthentication", "InternetProtocol is not accepted"),
+    # _secondrole
+    ("second-role-attribute", _duplicate(_attr(wire.ATTR_ROLE)), "InvalidSecurityToken",
+     "subject:role appears 2 times"),
+    ("second-role-value", _duplicate(f"{_attr(wire.ATTR_ROLE)}/saml2:AttributeValue"), "InvalidSecurityToken",
+     "subject:role must have exactly one AttributeValue, found 2"),
+    ("role-outside-rolecodenl", _set(_hl7(wire.ATTR_ROLE), "codeSystem", "2.16.840.1.113883.6.96"),
+     "FailedAuthentication", "subject:role must use code system 2.16.840.1.113883.2.4.15.111"),
+    # _secondpurposeofuse
+    ("second-purpose-attribute", _duplicate(_attr(wire.ATTR_PURPOSE)), "InvalidSecurityToken",
+     "purposeofuse appears 2 times"),
+    ("second-purpose-value", _duplicate(f"{_attr(wire.ATTR_PURPOSE)}/saml2:AttributeValue"),
+     "InvalidSecurityToken", "purposeofuse must have exactly one AttributeValue"),
+    ("purpose-not-for-mitz", _set(_hl7(wire.ATTR_PURPOSE), "code", "PUBLICHEALTH"), "FailedAuthentication",
+     "purposeofuse 'PUBLICHEALTH' is not accepted"),
+    # the other single-valued attributes
+    ("second-uzi", _duplicate(_attr(wire.ATTR_PROVIDER_ID)), "InvalidSecurityToken",
+     "provider-identifier appears 2 times"),
+    ("second-ura", _duplicate(_attr(wire.ATTR_PROVIDER_INSTITUTION)), "InvalidSecurityToken",
+     "provider-institution appears 2 times"),
+    ("second-org-type", _duplicate(_attr(wire.ATTR_CONSULTING_TYPE)), "InvalidSecurityToken",
+     "facility-type-code appears 2 times"),
+    # required attributes
+    ("no-uzi", _drop(_attr(wire.ATTR_PROVIDER_ID)), "InvalidSecurityToken",
+     "lacks required attribute.*provider-identifier"),
+    ("no-role", _drop(_attr(wire.ATTR_ROLE)), "InvalidSecurityToken",
+     "lacks required attribute.*subject:role"),
+    ("no-ura", _drop(_attr(wire.ATTR_PROVIDER_INSTITUTION)), "InvalidSecurityToken",
+     "lacks required attribute.*provider-institution"),
+    ("no-purpose", _drop(_attr(wire.ATTR_PURPOSE)), "InvalidSecurityToken",
+     "lacks required attribute.*purposeofuse"),
+    # malformed values
+    ("ura-seven-digits", _set(_hl7(wire.ATTR_PROVIDER_INSTITUTION), "extension", "0000666"),
+     "InvalidSecurityToken", r"URA\) must be eight digits"),
+    ("ura-letters", _set(_hl7(wire.ATTR_PROVIDER_INSTITUTION), "extension", "0000066a"),
+     "InvalidSecurityToken", r"URA\) must be eight digits"),
+    ("ura-trailing-newline", _set(_hl7(wire.ATTR_PROVIDER_INSTITUTION), "extension", "00000666\n"),
+     "InvalidSecurityToken", r"URA\) must be eight digits"),
+    ("uzi-not-digits", _set(_hl7(wire.ATTR_PROVIDER_ID), "extension", "UZI-95254"), "InvalidSecurityToken",
+     r"UZI\) must be digits"),
+    ("uzi-arabic-indic-digits", _set(_hl7(wire.ATTR_PROVIDER_ID), "extension", "٠٩٥٢٥٤"),
+     "InvalidSecurityToken", r"UZI\) must be digits"),
+    ("uzi-wrong-root", _set(_hl7(wire.ATTR_PROVIDER_ID), "root", wire.URA_OID), "InvalidSecurityToken",
+     "provider-identifier must have root 2.16.528.1.1007.3.1"),
+    ("uzi-untyped", _set(_hl7(wire.ATTR_PROVIDER_ID), f"{{{wire.XSI_NS}}}type", None), "InvalidSecurityToken",
+     "provider-identifier must be an hl7 II"),
+    ("role-empty", _set(_hl7(wire.ATTR_ROLE), "code", ""), "InvalidSecurityToken", "role code must be"),
+    ("purpose-plain-string", _plain(f"{_attr(wire.ATTR_PURPOSE)}/saml2:AttributeValue", "TREAT"),
+     "InvalidSecurityToken", "purposeofuse must hold one typed hl7 element"),
+    # assertion basics
+    ("version-1.9", _set(".", "Version", "1.9"), "InvalidSecurityToken", "Version must be 2.0, not '1.9'"),
+    ("bad-issue-instant", _set(".", "IssueInstant", "testIssueInstant"), "InvalidSecurityToken",
+     "IssueInstant is missing or not an xs:dateTime"),
+    ("late-issue-instant", _set(".", "IssueInstant", "2117-06-16T14:03:18.064Z"), "InvalidSecurityToken",
+     "issued in the future"),
+    ("no-issuer", _drop("saml2:Issuer"), "InvalidSecurityToken", "exactly one Issuer, found 0"),
+    ("no-subject", _drop("saml2:Subject"), "InvalidSecurityToken", "exactly one Subject, found 0"),
+    ("sender-vouches", _set("saml2:Subject/saml2:SubjectConfirmation", "Method",
+                            "urn:oasis:names:tc:SAML:2.0:cm:sender-vouches"),
+     "InvalidSecurityToken", "bearer or holder-of-key SubjectConfirmation"),
+    ("no-audience-restriction", _drop("saml2:Conditions/saml2:AudienceRestriction"), "FailedAuthentication",
+     "no AudienceRestriction"),
+    ("one-time-use", _add("saml2:Conditions", "OneTimeUse"), "InvalidSecurityToken",
+     "condition OneTimeUse is not supported"),
+    ("no-not-on-or-after", _set("saml2:Conditions", "NotOnOrAfter", None), "InvalidSecurityToken",
+     "NotOnOrAfter is missing"),
+    ("inverted-window", _set("saml2:Conditions", "NotBefore", "2999-01-01T00:00:00Z"), "InvalidSecurityToken",
+     "NotOnOrAfter is not after NotBefore"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "subcode", "reason"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_defect_is_refused(mutate: Mutation, subcode: str, reason: str, signer: Signer, store: TrustStore,
+                           now: dt.datetime) -> None:
+    refused(envelope(build(now, mutate, sign=signer)), store, now, subcode, reason)
+
+
+def test_fault_goes_on_the_wire_as_soap12_sender_with_the_wsse_subcode(store: TrustStore,
+                                                                       now: dt.datetime) -> None:
+    """The shape of xca.md §11, as the peer (or NIST's tool) parses it back."""
+    fault = refused(envelope(build(now)), store, now, "InvalidSecurityToken", NOT_SIGNED)
+    wire_bytes = to_bytes(build_fault(fault, relates_to="urn:uuid:1"))
+    root = parse_xml(wire_bytes)
+    assert root.findtext("s:Body/s:Fault/s:Code/s:Value", namespaces=NS) == "s:Sender"
+    with pytest.raises(SoapFault) as info:
+        parse_envelope(wire_bytes)
+    assert (info.value.code, info.value.subcode) == ("Sender", (wire.WSSE_NS, "InvalidSecurityToken"))
+    assert info.value.reason == fault.reason
+
+
+def test_positive_control_for_the_defect_table(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    """The unmutated assertion passes; so each case above fails because of its own defect only."""
+    assert validate(envelope(build(now, sign=signer)), store, now) is not None
+
+
+def test_nist_expired(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    issued = now - dt.timedelta(minutes=4)
+    env = envelope(build(issued, sign=signer, lifetime_s=60))
+    refused(env, store, now, "MessageExpired", "the assertion expired at")
+
+
+def test_nist_notyetvalid(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    env = envelope(build(now + dt.timedelta(minutes=10), sign=signer))
+    refused(env, store, now, "InvalidSecurityToken", "is not valid before")
+
+
+def test_nist_unsigned(store: TrustStore, now: dt.datetime) -> None:
+    refused(envelope(build(now)), store, now, "InvalidSecurityToken", NOT_SIGNED)
+
+
+def test_nist_unknownaudience(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    env = envelope(build(now, sign=signer, audience="http://ihe.unknown.xua/X-ServiceProvider-IHE-Unknown"))
+    refused(env, store, now, "FailedAuthentication",
+            "audience http://ihe.unknown.xua/X-ServiceProvider-IHE-Unknown is not accepted")
+
+
+def test_every_audience_restriction_must_be_met(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    def second_restriction(a: etree._Element) -> None:
+        conditions = a.find("saml2:Conditions", NS)
+        assert conditions is not None
+        extra = etree.SubElement(conditions, f"{{{wire.SAML_NS}}}AudienceRestriction")
+        etree.SubElement(extra, f"{{{wire.SAML_NS}}}Audience").text = "urn:oid:1.2.3.elsewhere"
+    refused(envelope(build(now, second_restriction, sign=signer)), store, now, "FailedAuthentication",
+            "urn:oid:1.2.3.elsewhere is not accepted")
+
+
+def test_lifetime_longer_than_configured_is_refused(signer: Signer, store: TrustStore,
+                                                    now: dt.datetime) -> None:
+    env = envelope(build(now, sign=signer, lifetime_s=3601))
+    refused(env, store, now, "InvalidSecurityToken", "valid for 3601 s, longer than the accepted 3600 s")
+    assert validate(envelope(build(now, sign=signer, lifetime_s=3600)), store, now) is not None
+
+
+def test_invalid_bsn_in_resource_id_is_refused_without_echoing_it(signer: Signer, store: TrustStore,
+                                                                  now: dt.datetime) -> None:
+    env = envelope(build(now, _set(_hl7(wire.ATTR_RESOURCE_ID), "extension", "123456789"), sign=signer,
+                         bsn="900186021"))
+    fault = refused(env, store, now, "InvalidSecurityToken", "resource-id is not a valid BSN")
+    assert "123456789" not in fault.reason
+
+
+def test_unknown_attributes_are_ignored(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    """International peers add XSPA attributes (subject-id, organization); they decide nothing here."""
+    def xspa(a: etree._Element) -> None:
+        stmt = a.find("saml2:AttributeStatement", NS)
+        assert stmt is not None
+        for _ in range(2):
+            attr = etree.SubElement(stmt, f"{{{wire.SAML_NS}}}Attribute",
+                                    Name="urn:oasis:names:tc:xspa:1.0:subject:subject-id")
+            etree.SubElement(attr, f"{{{wire.SAML_NS}}}AttributeValue").text = "Dr. Jansen"
+    assert validate(envelope(build(now, xspa, sign=signer)), store, now) is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Signatures: ours, signxml's, xmlsec1's; tampering; trust
+# --------------------------------------------------------------------------------------------------
+
+
+def test_tampering_after_signing_fails_the_check(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    a = build(now, sign=signer)
+    attr_value(a, wire.ATTR_PROVIDER_INSTITUTION).set("extension", "00000999")
+    refused(envelope(a), store, now, "FailedCheck", "DigestValue does not match")
+
+
+def test_untrusted_signer_fails_authentication(pki: Pki, store: TrustStore, now: dt.datetime) -> None:
+    rogue = load_signing_pair(pki.rogue_client.key, pki.rogue_client.cert)
+    refused(envelope(build(now, sign=rogue)), store, now, "FailedAuthentication",
+            "CN=rogue-client is not trusted")
+
+
+def test_expired_signing_certificate_fails_authentication(now: dt.datetime) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = self_signed("old-peer", key, now - dt.timedelta(days=30), now - dt.timedelta(days=1))
+    refused(envelope(build(now, sign=(key, [cert]))), TrustStore((cert,)), now, "FailedAuthentication",
+            "signing certificate CN=old-peer expired at")
+
+
+def test_two_signatures_are_refused(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    a = build(now, sign=signer)
+    sig = a.find("ds:Signature", NS)
+    assert sig is not None
+    sig.addnext(copy.deepcopy(sig))
+    refused(envelope(a), store, now, "InvalidSecurityToken", "carries 2 signatures")
+
+
+def test_sha1_only_when_allowed(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    env = envelope(build(now, sign=signer, digest="sha1"))
+    refused(env, store, now, "FailedCheck", "uses sha1, which is not allowed")
+    assert validate(env, store, now, CFG.model_copy(update={"allow_sha1": True})) is not None
+
+
+class _Sha1XMLSigner(XMLSigner):
+    """signxml refuses SHA-1 by default; overriding its check is the documented escape hatch."""
+
+    def check_deprecated_methods(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("digest", ["sha256", "sha1"])
+def test_signxml_signed_assertion_validates(digest: str, signer: Signer, store: TrustStore,
+                                            now: dt.datetime) -> None:
+    cls = _Sha1XMLSigner if digest == "sha1" else XMLSigner
+    signed = cls(signature_algorithm=f"rsa-{digest}", digest_algorithm=digest, c14n_algorithm=EXC_C14N).sign(
+        build(now), key=signer[0], cert=[signer[1][0]], id_attribute="ID")
+    # signxml appends the signature as the last child; position is not what makes it valid.
+    assert etree.QName(signed[-1]).localname == "Signature"
+    cfg = CFG.model_copy(update={"allow_sha1": digest == "sha1"})
+    requester = validate(envelope(signed), store, now, cfg)
+    assert requester is not None and requester.uzi == CLAIMS.uzi and requester.signer == "CN=client"
+
+
+XMLSEC_TEMPLATE = """<ds:Signature xmlns:ds="http://www.w3.org/2000/09/xmldsig#">
+  <ds:SignedInfo>
+    <ds:CanonicalizationMethod Algorithm="http://www.w3.org/2001/10/xml-exc-c14n#"/>
+    <ds:SignatureMethod Algorithm="http://www.w3.org/2001/04/xmldsig-more#rsa-sha256"/>
+    <ds:Reference URI="#{id}">
+      <ds:Transforms>
+        <ds:Transform Algorithm="http://www.w3.org/2000/09/xmldsig#enveloped-signature"/>
+        <ds:Transform Algorithm="http://www.w3.org/2001/10/xml-exc-c14n#"/>
+      </ds:Transforms>
+      <ds:DigestMethod Algorithm="http://www.w3.org/2001/04/xmlenc#sha256"/>
+      <ds:DigestValue/>
+    </ds:Reference>
+  </ds:SignedInfo>
+  <ds:SignatureValue/>
+  <ds:KeyInfo><ds:X509Data><ds:X509Certificate/></ds:X509Data></ds:KeyInfo>
+</ds:Signature>"""
+
+
+@pytest.fixture(scope="session")
+def xmlsec1() -> str:
+    path = shutil.which("xmlsec1")
+    if path is None:
+        msg = "xmlsec1 CLI not found (Debian package xmlsec1): the independent-signer checks did NOT run"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def xmlsec1_sign(xmlsec1: str, a: etree._Element, pki: Pki, tmp_path: Path) -> bytes:
+    template = tmp_path / "template.xml"
+    template.write_bytes(to_bytes(a))
+    out = tmp_path / "signed.xml"
+    result = subprocess.run([xmlsec1, "--sign", "--privkey-pem", f"{pki.client.key},{pki.client.cert}",
+                             "--id-attr:ID", "urn:oasis:names:tc:SAML:2.0:assertion:Assertion",
+                             "--output", str(out), str(template)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    return out.read_bytes()
+
+
+def test_xmlsec1_signed_assertion_validates(signer: Signer, pki: Pki, store: TrustStore, xmlsec1: str,
+                                            tmp_path: Path, now: dt.datetime) -> None:
+    a = build(now)
+    etree.indent(a)  # pretty-printed, as most peers' output is
+    template = parse_xml(XMLSEC_TEMPLATE.format(id=a.get("ID")).encode())
+    template.tail = "\n  "
+    a.insert(1, template)
+    signed = parse_xml(xmlsec1_sign(xmlsec1, a, pki, tmp_path))
+    assert signed.findtext(".//ds:DigestValue", namespaces=NS), "xmlsec1 did not fill the template"
+    requester = validate(envelope(signed), store, now)
+    assert requester is not None and requester.ura == CLAIMS.ura
+    # Control: the same xmlsec1 output with one attribute changed must not pass.
+    attr_value(signed, wire.ATTR_PROVIDER_INSTITUTION).set("extension", "00000999")
+    refused(envelope(signed), store, now, "FailedCheck", "DigestValue does not match")
+
+
+def test_our_assertion_in_a_security_header_verifies_with_xmlsec1(
+        signer: Signer, pki: Pki, xmlsec1: str, tmp_path: Path, now: dt.datetime) -> None:
+    a = issue_assertion(CLAIMS, issuer=ISSUER, audience=AUDIENCE, key=signer[0], cert=signer[1], now=now)
+    body = etree.Element(f"{{{QUERY_NS}}}AdhocQueryRequest")
+    path = tmp_path / "request.xml"
+    path.write_bytes(to_bytes(build_envelope(Addressing(action=ITI38), body, [security_header(a, now)])))
+    result = subprocess.run([xmlsec1, "--verify", "--trusted-pem", str(pki.ca_cert), "--id-attr:ID",
+                             "urn:oasis:names:tc:SAML:2.0:assertion:Assertion", str(path)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Signature wrapping: the assertion read must be the assertion signed
+# --------------------------------------------------------------------------------------------------
+
+
+def _forged(original: etree._Element, ura: str = "00000999", keep_id: bool = False) -> etree._Element:
+    forged = copy.deepcopy(original)
+    sig = forged.find("ds:Signature", NS)
+    if sig is not None:
+        forged.remove(sig)
+    attr_value(forged, wire.ATTR_PROVIDER_INSTITUTION).set("extension", ura)
+    if not keep_id:
+        forged.set("ID", "_forged")
+    return forged
+
+
+@pytest.mark.parametrize("forged_first", [True, False], ids=["forged-before", "forged-after"])
+def test_second_unsigned_assertion_next_to_the_signed_one(forged_first: bool, signer: Signer,
+                                                          store: TrustStore, now: dt.datetime) -> None:
+    signed = build(now, sign=signer)
+    pair = (_forged(signed), signed) if forged_first else (signed, _forged(signed))
+    refused(envelope(*pair), store, now, "InvalidSecurity", "exactly one saml2:Assertion, found 2")
+
+
+@pytest.mark.parametrize("where", ["body", "other-header"])
+def test_signed_assertion_moved_out_of_security(where: str, signer: Signer, store: TrustStore,
+                                                now: dt.datetime) -> None:
+    """The genuine token elsewhere in the message vouches for nothing inside Security."""
+    signed = build(now, sign=signer)
+    other = etree.Element("{urn:example:x}Extra")
+    other.append(copy.deepcopy(signed))
+    body_extra = other if where == "body" else None
+    headers = [other] if where == "other-header" else None
+
+    def with_forgery(forged: etree._Element) -> Envelope:
+        return envelope(forged, body_extra=body_extra, extra_headers=headers)
+
+    # Unsigned forgery with a fresh ID: refused as unsigned.
+    refused(with_forgery(_forged(signed)), store, now, "InvalidSecurityToken", NOT_SIGNED)
+    genuine_sig = signed.find("ds:Signature", NS)
+    assert genuine_sig is not None
+    # Forgery carrying the genuine signature and ID: the ID now occurs twice in the message.
+    same_id = _forged(signed, keep_id=True)
+    same_id.insert(1, copy.deepcopy(genuine_sig))
+    refused(with_forgery(same_id), store, now, "FailedCheck", "is carried by 2 elements")
+    # ... and with its own ID, the genuine signature points at the element outside Security.
+    renamed = _forged(signed)
+    renamed.insert(1, copy.deepcopy(genuine_sig))
+    refused(with_forgery(renamed), store, now, "FailedCheck", "does not point at the expected element")
+    # Control: the genuine assertion itself, in Security, with the same decoy placement, passes.
+    decoy = etree.Element("{urn:example:x}Extra")
+    requester = validate(envelope(signed, body_extra=decoy if where == "body" else None,
+                                  extra_headers=[decoy] if where == "other-header" else None), store, now)
+    assert requester is not None and requester.ura == CLAIMS.ura
+
+
+def test_signed_assertion_hidden_in_advice(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    signed = build(now, sign=signer)
+    outer = _forged(signed)
+    etree.SubElement(outer, f"{{{wire.SAML_NS}}}Advice").append(copy.deepcopy(signed))
+    refused(envelope(outer), store, now, "InvalidSecurity", "exactly one saml2:Assertion, found 2")
+
+
+def test_two_security_headers_are_refused(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    sec = security_header(build(now, sign=signer), now)
+    env = parse_envelope(to_bytes(build_envelope(Addressing(action=ITI38), None, [sec, copy.deepcopy(sec)])))
+    refused(env, store, now, "InvalidSecurity", "2 wsse:Security headers")
+
+
+def test_encrypted_assertion_is_refused(store: TrustStore, now: dt.datetime) -> None:
+    refused(envelope(etree.Element(f"{{{wire.SAML_NS}}}EncryptedAssertion")), store, now,
+            "InvalidSecurityToken", "encrypted assertions are not supported")
+
+
+def test_dtd_and_entities_never_reach_the_validator(signer: Signer, now: dt.datetime) -> None:
+    data = to_bytes(build_envelope(Addressing(action=ITI38), None, [security_header(build(now, sign=signer),
+                                                                                    now)]))
+    body = data.split(b"?>", 1)[1]
+    assert f">{ISSUER}<".encode() in body
+    body = body.replace(f">{ISSUER}<".encode(), b">&issuer;<")
+    evil = f'<?xml version="1.0"?><!DOCTYPE s:Envelope [<!ENTITY issuer "{ISSUER}">]>'.encode() + body
+    with pytest.raises(XmlError, match="DTD"):
+        parse_envelope(evil)
+
+
+# --------------------------------------------------------------------------------------------------
+# Clock edges
+# --------------------------------------------------------------------------------------------------
+
+
+def test_expiry_is_exactly_at_not_on_or_after(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    env = envelope(build(now, sign=signer, lifetime_s=120))
+    not_after = now + dt.timedelta(seconds=120)
+    strict = CFG.model_copy(update={"clock_skew_s": 0.0})
+    assert validate(env, store, not_after - dt.timedelta(milliseconds=1), strict) is not None
+    refused(env, store, not_after, "MessageExpired", "expired at", strict)
+    # With the default skew of 60 s, the token lives one skew longer, and not a millisecond more.
+    assert validate(env, store, not_after + dt.timedelta(seconds=59, milliseconds=999), CFG) is not None
+    refused(env, store, not_after + dt.timedelta(seconds=60), "MessageExpired", "expired at", CFG)
+
+
+def test_not_before_with_skew(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    env = envelope(build(now, sign=signer))
+    assert validate(env, store, now - dt.timedelta(seconds=60), CFG) is not None
+    refused(env, store, now - dt.timedelta(seconds=60, milliseconds=1), "InvalidSecurityToken",
+            "not valid before", CFG)
+
+
+def test_naive_clock_is_a_programming_error(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        validate(envelope(build(now, sign=signer)), store, now.replace(tzinfo=None))
+
+
+# --------------------------------------------------------------------------------------------------
+# wsu:Timestamp
+# --------------------------------------------------------------------------------------------------
+
+
+def _timestamp(created: str | None, expires: str | None) -> etree._Element:
+    stamp = etree.Element(f"{{{wire.WSU_NS}}}Timestamp")
+    if created is not None:
+        etree.SubElement(stamp, f"{{{wire.WSU_NS}}}Created").text = created
+    if expires is not None:
+        etree.SubElement(stamp, f"{{{wire.WSU_NS}}}Expires").text = expires
+    return stamp
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.parametrize(("created", "expires", "subcode", "reason"), [
+    (-600, -120, "MessageExpired", "the message expired at"),
+    (120, 400, "InvalidSecurity", "created in the future"),
+    (0, 0, "InvalidSecurity", "Expires is not after Created"),
+    (None, -61, "MessageExpired", "the message expired at"),
+])
+def test_timestamp_refusals(created: int | None, expires: int | None, subcode: str, reason: str,
+                            signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    stamp = _timestamp(None if created is None else _iso(now + dt.timedelta(seconds=created)),
+                       None if expires is None else _iso(now + dt.timedelta(seconds=expires)))
+    refused(envelope(stamp, build(now, sign=signer)), store, now, subcode, reason)
+
+
+def test_timestamp_malformed_or_doubled(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    a = build(now, sign=signer)
+    refused(envelope(_timestamp("yesterday", None), a), store, now, "InvalidSecurity",
+            "wsu:Timestamp/Created is missing or not an xs:dateTime")
+    ok = _timestamp(_iso(now), _iso(now + dt.timedelta(minutes=5)))
+    refused(envelope(ok, ok, a), store, now, "InvalidSecurity", "2 wsu:Timestamp elements")
+    assert validate(envelope(ok, a), store, now) is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# required / not required
+# --------------------------------------------------------------------------------------------------
+
+
+def test_required_without_header_or_assertion(store: TrustStore, now: dt.datetime) -> None:
+    refused(envelope(security=False), store, now, "InvalidSecurity", "no wsse:Security header")
+    refused(envelope(), store, now, "InvalidSecurity", "wsse:Security holds none")
+
+
+def test_not_required_and_absent_is_anonymous(store: TrustStore, now: dt.datetime) -> None:
+    optional = CFG.model_copy(update={"required": False})
+    assert validate(envelope(security=False), store, now, optional) is None
+    assert validate(envelope(_timestamp(_iso(now), None)), store, now, optional) is None
+
+
+def test_not_required_but_present_is_still_checked(signer: Signer, store: TrustStore,
+                                                   now: dt.datetime) -> None:
+    optional = CFG.model_copy(update={"required": False})
+    refused(envelope(build(now)), store, now, "InvalidSecurityToken", NOT_SIGNED, optional)
+    refused(envelope(_timestamp(None, _iso(now - dt.timedelta(hours=1)))), store, now, "MessageExpired",
+            "message expired", optional)
+    assert validate(envelope(build(now, sign=signer)), store, now, optional) is not None
+
+
+def test_load_trust_store(pki: Pki) -> None:
+    with pytest.raises(ValueError, match="trusted_certs is empty"):
+        load_trust_store(XuaConfig(required=True))
+    assert load_trust_store(XuaConfig(required=False)) is None
+    loaded = load_trust_store(XuaConfig(trusted_certs=[pki.ca_cert]))
+    assert loaded is not None
+    assert [c.subject.rfc4514_string() for c in loaded.certificates] == ["CN=duo-test-ca"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Golden fixture: fixed clock, fixed id, RSA PKCS#1 v1.5 is deterministic
+# --------------------------------------------------------------------------------------------------
+
+GOLDEN_KEY = FIXTURES / "golden-key.pem"
+GOLDEN_CERT = FIXTURES / "golden-cert.pem"
+GOLDEN_ASSERTION = FIXTURES / "assertion-signed.xml"
+GOLDEN_NOW = dt.datetime(2026, 3, 4, 10, 15, 30, tzinfo=dt.UTC)
+GOLDEN_CLAIMS = Claims(uzi="000095254", role="01.039", ura="00000666", purpose="TREAT",
+                       organisation_type="V6", mandated_uzi="000011111")
+
+
+def golden_bytes() -> bytes:
+    key, chain = load_signing_pair(GOLDEN_KEY, GOLDEN_CERT)
+    return to_bytes(issue_assertion(GOLDEN_CLAIMS, issuer=ISSUER, audience=AUDIENCE, key=key, cert=chain,
+                                    now=GOLDEN_NOW, subject_bsn="900186021", assertion_id="_golden-xua"))
+
+
+def test_golden_assertion_is_byte_stable() -> None:
+    assert golden_bytes() == GOLDEN_ASSERTION.read_bytes(), (
+        "issued assertion bytes changed; if intended, regenerate with "
+        "`python -m tests.test_xua --regenerate-golden`")
+
+
+def test_golden_assertion_validates_at_its_clock() -> None:
+    store = TrustStore.from_pem_files([GOLDEN_CERT])
+    a = parse_xml(GOLDEN_ASSERTION.read_bytes())
+    env = wrapped(security_header(a, GOLDEN_NOW))
+    requester = validate(env, store, GOLDEN_NOW + dt.timedelta(minutes=5))
+    assert requester is not None
+    assert (requester.assertion_id, requester.mandated_uzi, requester.patient_bsn, requester.signer) == (
+        "_golden-xua", "000011111", "900186021", "CN=duo-xua-golden")
+    # Without the header's own 5-minute Timestamp, the assertion's 10 minutes (+ skew) are what count.
+    bare = envelope(a)
+    assert validate(bare, store, GOLDEN_NOW + dt.timedelta(minutes=10, seconds=59)) is not None
+    refused(bare, store, GOLDEN_NOW + dt.timedelta(minutes=11), "MessageExpired",
+            r"the assertion expired at 2026-03-04T10:25:30\+00:00")
+
+
+def _regenerate_golden() -> None:
+    """Write a fresh test-only key, a long-lived self-signed certificate and the expected bytes."""
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = self_signed("duo-xua-golden", key, dt.datetime(2025, 1, 1, tzinfo=dt.UTC),
+                       dt.datetime(2045, 1, 1, tzinfo=dt.UTC), serial=20260304)
+    GOLDEN_KEY.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+    GOLDEN_CERT.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    GOLDEN_ASSERTION.write_bytes(golden_bytes())
+
+
+if __name__ == "__main__":
+    if "--regenerate-golden" not in sys.argv:
+        sys.exit("usage: python -m tests.test_xua --regenerate-golden  (test-only key, never a real one)")
+    _regenerate_golden()
