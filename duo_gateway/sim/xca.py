@@ -2,7 +2,10 @@
 
 It speaks the same codec the real gateway uses (so wire bugs show up in both directions) and serves,
 per study, a KOS manifest entry and, when the study has one, the report as a stand-alone DICOM SR
-entry (netherlands.md §4: "reports stand alone"); images come through RAD-75.
+entry (netherlands.md §4: "reports stand alone"); images come through RAD-75. The metadata and the
+KOS come from :mod:`duo_gateway.xca.metadata`, the mapping DUO applies to a TLB PACS, fed with what a
+C-FIND on this study would return; so the sim's entries are DUO's for the same study, size and hash
+left out included.
 
 Simplifications, on purpose:
 
@@ -27,12 +30,13 @@ from lxml import etree
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
-from duo_gateway.bsn import BSN_OID, bsn_cx
-from duo_gateway.dicom.kos import KosPatient, KosStudy, build_kos, encode_part10, instance_refs
+from duo_gateway.bsn import BSN_OID
+from duo_gateway.config.xca import DocumentCodes
+from duo_gateway.dicom.kos import encode_part10
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import SimCommunity, SimInstitution, SimNetworkConfig, SimPatient
 from duo_gateway.sim.http import current_behaviour, install_behaviour
-from duo_gateway.sim.studies import BSN_ISSUER, GeneratedStudy, generate_studies
+from duo_gateway.sim.studies import GeneratedStudy, generate_studies
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,
     WSA_NS,
@@ -47,20 +51,11 @@ from duo_gateway.soap.envelope import (
 )
 from duo_gateway.soap.mtom import Attachment, build_mtom, parse_mtom
 from duo_gateway.soap.xml import XmlError
+from duo_gateway.sources.base import InstanceRecord, StudyRecord
 from duo_gateway.xca.codes import (
-    BASIC_TEXT_SR_SOP_CLASS,
-    BODY_PART_SNOMED,
-    DCM_SCHEME,
-    DICOM_UID_REGISTRY,
     EXPLICIT_VR_LITTLE_ENDIAN,
-    HL7_CONFIDENTIALITY,
     IMPLICIT_VR_LITTLE_ENDIAN,
-    KOS_SOP_CLASS,
-    LOINC,
     MIME_DICOM,
-    MODALITY_DISPLAY,
-    SNOMED_CT,
-    STUDY_INSTANCE_UID_ID_TYPE,
     Action,
     EntryType,
     ErrorCode,
@@ -69,10 +64,10 @@ from duo_gateway.xca.codes import (
     ReturnType,
     StoredQuery,
 )
-from duo_gateway.xca.ebrim import Author, DocumentEntry, ObjectRef
+from duo_gateway.xca.ebrim import DocumentEntry, ObjectRef
 from duo_gateway.xca.errors import RegistryError, RegistryErrorException, status_for
-from duo_gateway.xca.hl7 import Code, Cx, Hl7FormatError, Xon, dtm_key, parse_reference_id, reference_id
-from duo_gateway.xca.ids import document_entry_uuid, study_entry_uuid
+from duo_gateway.xca.hl7 import Code, Cx, Hl7FormatError, dtm_key, parse_reference_id
+from duo_gateway.xca.metadata import MIME_PDF, is_report, kos_for_study, report_entry, study_entry
 from duo_gateway.xca.query import (
     AdhocQueryRequest,
     AdhocQueryResponse,
@@ -93,17 +88,6 @@ from duo_gateway.xca.retrieve import (
 
 log = structlog.get_logger(__name__)
 
-KOS_FORMAT: Final = Code(KOS_SOP_CLASS, DICOM_UID_REGISTRY, "Key Object Selection Document")
-SR_FORMAT: Final = Code(BASIC_TEXT_SR_SOP_CLASS, DICOM_UID_REGISTRY, "Basic Text SR")
-#: No XDS-I rule fixes class/type codes for a study (xca.md §7): SNOMED "Imaging" and LOINC
-#: "Diagnostic imaging study" are this project's choice. Report codes follow Twiin (netherlands.md §4).
-KOS_CLASS: Final = Code("363679005", SNOMED_CT, "Imaging")
-KOS_TYPE: Final = Code("18748-4", LOINC, "Diagnostic imaging study")
-REPORT_CLASS: Final = Code("9491000146107", SNOMED_CT, "Imaging Documentation")
-REPORT_TYPE: Final = Code("722124004", SNOMED_CT, "Radiologisch verslag")
-PRACTICE_SETTING: Final = Code("394914008", SNOMED_CT, "Radiology")
-FACILITY_TYPE: Final = Code("22232009", SNOMED_CT, "Hospital")
-CONFIDENTIALITY: Final = Code("N", HL7_CONFIDENTIALITY, "normal")
 SUPPORTED_TRANSFER_SYNTAXES: Final = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
 #: Largest request body accepted; requests are metadata only, so this is generous.
 MAX_REQUEST_BYTES: Final = 4 * 1024 * 1024
@@ -144,6 +128,8 @@ class XcaCommunitySimulator:
         self.community = community
         self.home = community.home_community_id
         self.repository_unique_id = community.repository_unique_id
+        #: The Dutch defaults a TLB hospital gets when its config names none (config/xca.py).
+        self.codes = DocumentCodes()
         self._patients = {p.bsn: p for p in net.patients}
         self.studies: list[tuple[SimPatient, SimInstitution, GeneratedStudy]] = []
         seed = community_seed(net, community)
@@ -167,66 +153,27 @@ class XcaCommunitySimulator:
     def _index(
         self, patient: SimPatient, institution: SimInstitution, study: GeneratedStudy
     ) -> list[SimDocument]:
-        kos = build_kos(
-            instance_refs(study.instances),
-            KosStudy(study.study_instance_uid, study.study_date, study.study_time, study.accession_number,
-                     study.study_id, study.description),
-            KosPatient(patient.bsn, patient.name, BSN_ISSUER, BSN_OID, patient.birth_date, patient.sex),
-            retrieve_location_uid=self.repository_unique_id,
-            institution_name=institution.name,
-        )
-        kos_bytes = encode_part10(kos)
-        started = study.study_date + study.study_time[:6]
-        events = [
-            Code(m, DCM_SCHEME, MODALITY_DISPLAY.get(m, m)) for m in study.modalities if m not in ("SR", "KO")
-        ]
-        if study.body_part in BODY_PART_SNOMED:
-            code, display = BODY_PART_SNOMED[study.body_part]
-            events.append(Code(code, SNOMED_CT, display))
-        kos_entry = DocumentEntry(
-            entry_uuid=study_entry_uuid(study.study_instance_uid, self.home),
-            unique_id=str(kos.SOPInstanceUID),
-            patient_id=bsn_cx(patient.bsn),
-            source_patient_id=bsn_cx(patient.bsn),
-            mime_type=MIME_DICOM,
-            repository_unique_id=self.repository_unique_id,
-            home=self.home,
-            title=study.description,
-            format_code=KOS_FORMAT,
-            class_code=KOS_CLASS,
-            type_code=KOS_TYPE,
-            practice_setting_code=PRACTICE_SETTING,
-            healthcare_facility_type_code=FACILITY_TYPE,
-            confidentiality_codes=(CONFIDENTIALITY,),
-            event_codes=tuple(events),
-            service_start_time=started,
-            creation_time=started,
-            reference_ids=(reference_id(study.study_instance_uid, STUDY_INSTANCE_UID_ID_TYPE),),
-            authors=(Author(institutions=(Xon(institution.name, institution.ura),)),),
-            language_code="nl-NL",
-            size=len(kos_bytes),
-            hash=hashlib.sha1(kos_bytes, usedforsecurity=False).hexdigest(),
-        )
-        docs = [SimDocument(kos_entry, kos_bytes, patient.bsn)]
-        for ds in study.instances:
-            if str(ds.SOPClassUID) != BASIC_TEXT_SR_SOP_CLASS:
-                continue
-            sr_bytes = encode_part10(ds)
-            # Same patient, study reference, author and events: image and report point at each other
-            # through referenceIdList (netherlands.md §4).
-            report = replace(
-                kos_entry,
-                entry_uuid=document_entry_uuid(str(ds.SOPInstanceUID), self.home),
-                unique_id=str(ds.SOPInstanceUID),
-                title=f"Radiologisch verslag: {study.description}",
-                format_code=SR_FORMAT,
-                class_code=REPORT_CLASS,
-                type_code=REPORT_TYPE,
-                creation_time=str(ds.ContentDate) + str(ds.ContentTime)[:6],
-                size=len(sr_bytes),
-                hash=hashlib.sha1(sr_bytes, usedforsecurity=False).hexdigest(),
-            )
-            docs.append(SimDocument(report, sr_bytes, patient.bsn))
+        # The same mapping DUO applies to a TLB PACS's C-FIND answers, fed with what a C-FIND would
+        # return for this study: a test that passes against the sim says something about DUO.
+        record = study_record(patient, study)
+        instances = [instance_record(ds) for ds in study.instances]
+        kos = kos_for_study(record, instances, bsn=patient.bsn,
+                            repository_unique_id=self.repository_unique_id, institution_name=institution.name)
+
+        def entry_of(report: InstanceRecord | None) -> DocumentEntry:
+            where = {"bsn": patient.bsn, "hospital_ura": institution.ura, "hospital_name": institution.name,
+                     "repository_unique_id": self.repository_unique_id, "home": self.home}
+            if report is None:
+                return study_entry(record, codes=self.codes, **where)
+            return report_entry(report, record, codes=self.codes, **where)
+
+        docs = [SimDocument(entry_of(None), encode_part10(kos), patient.bsn)]
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in study.instances}
+        for inst in instances:
+            if is_report(inst):
+                entry = entry_of(inst)
+                data = _document_bytes(entry, by_uid[inst.sop_instance_uid])
+                docs.append(SimDocument(entry, data, patient.bsn))
         return docs
 
     # --- HTTP ---
@@ -416,6 +363,59 @@ class XcaCommunitySimulator:
 
 
 # --- helpers ---
+
+
+def study_record(patient: SimPatient, study: GeneratedStudy) -> StudyRecord:
+    """The study as a study-level C-FIND on the simulated PACS would describe it."""
+    first = study.instances[0] if study.instances else None
+    return StudyRecord(
+        study_instance_uid=study.study_instance_uid,
+        patient_id=study.patient_id,
+        study_date=study.study_date,
+        study_time=study.study_time,
+        accession_number=study.accession_number,
+        description=study.description,
+        modalities=study.modalities,
+        body_part=study.body_part,
+        series_count=len(study.series_instance_uids),
+        instance_count=len(study.instances),
+        study_id=study.study_id,
+        patient_name=patient.name,
+        patient_birth_date=patient.birth_date,
+        patient_sex=patient.sex,
+        institution_name=study.institution_name,
+        referring_physician=str(first.ReferringPhysicianName) if first is not None else None,
+    )
+
+
+def instance_record(ds: Dataset) -> InstanceRecord:
+    """One instance as an image-level C-FIND returns it (SOP class and UIDs, report dates, title)."""
+    return InstanceRecord(
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        modality=_text(ds, "Modality"),
+        series_number=int(ds.SeriesNumber) if "SeriesNumber" in ds else None,
+        instance_number=int(ds.InstanceNumber) if "InstanceNumber" in ds else None,
+        content_date=_text(ds, "ContentDate"),
+        content_time=_text(ds, "ContentTime"),
+        mime_type=_text(ds, "MIMETypeOfEncapsulatedDocument"),
+        title=_text(ds, "DocumentTitle"),
+    )
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    return str(value) if value not in (None, "") else None
+
+
+def _document_bytes(entry: DocumentEntry, ds: Dataset) -> bytes:
+    """What ITI-39 returns for a report: the PDF itself when the entry says PDF, else the Part-10 file."""
+    if entry.mime_type == MIME_PDF:
+        data = bytes(ds.EncapsulatedDocument)
+        return data[:-1] if data.endswith(b"\x00") else data  # the even-length pad byte
+    return encode_part10(ds)
 
 
 def _soap_content_type(action: str) -> str:
