@@ -1,0 +1,113 @@
+"""A throwaway PKI for loopback: a CA, server and client certificates, made at run time.
+
+Used by the simulated network (demo TLS and the demo XUA issuer) and by the tests; never for real
+deployments, whose certificates come from PKIoverheid/UZI.
+
+EC keys by default (fast, fine for TLS); ``key_type="rsa"`` exists because PKIoverheid, and so every
+XML-DSig peer the gateway meets, is RSA-only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+@dataclass(frozen=True)
+class CertPair:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca_cert: Path
+    server: CertPair
+    client: CertPair
+    #: A client certificate signed by a different CA: must be refused under mTLS.
+    rogue_client: CertPair
+    rogue_ca_cert: Path
+    #: The CA keys, so a test can issue extra certificates (expired, odd key usage, ...).
+    ca_key: Path | None = None
+    rogue_ca_key: Path | None = None
+
+
+KeyType = Literal["ec", "rsa"]
+_PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def new_key(key_type: KeyType = "ec") -> _PrivateKey:
+    if key_type == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(key: _PrivateKey, path: Path) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+
+
+def _ca(cn: str, folder: Path, key_type: KeyType = "ec") -> tuple[x509.Certificate, _PrivateKey, Path]:
+    key = new_key(key_type)
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+    path = folder / f"{cn}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, folder / f"{cn}.key")
+    return cert, key, path
+
+
+def _leaf(cn: str, ca: x509.Certificate, ca_key: _PrivateKey, folder: Path,
+          server: bool, key_type: KeyType = "ec") -> CertPair:
+    key = new_key(key_type)
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                                     else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1"))]), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    pair = CertPair(folder / f"{cn}.crt", folder / f"{cn}.key")
+    pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, pair.key)
+    return pair
+
+
+def make_pki(folder: Path, key_type: KeyType = "ec") -> Pki:
+    folder.mkdir(parents=True, exist_ok=True)
+    ca, ca_key, ca_path = _ca("duo-test-ca", folder, key_type)
+    rogue, rogue_key, rogue_path = _ca("rogue-ca", folder, key_type)
+    return Pki(
+        ca_cert=ca_path,
+        server=_leaf("server", ca, ca_key, folder, server=True, key_type=key_type),
+        client=_leaf("client", ca, ca_key, folder, server=False, key_type=key_type),
+        rogue_client=_leaf("rogue-client", rogue, rogue_key, folder, server=False, key_type=key_type),
+        rogue_ca_cert=rogue_path,
+        ca_key=folder / "duo-test-ca.key",
+        rogue_ca_key=folder / "rogue-ca.key",
+    )
