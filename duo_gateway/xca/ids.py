@@ -41,13 +41,9 @@ def name_uuid(*parts: str) -> str:
     return urn_uuid(uuid.uuid5(ENTRY_NAMESPACE, "|".join(parts)))
 
 
-def study_entry_uuid(study_instance_uid: str, home: str | None = None) -> str:
-    """entryUUID of the KOS DocumentEntry that manifests a study (one per study and community)."""
-    return name_uuid("kos", study_instance_uid, home or "")
-
-
 def document_entry_uuid(document_unique_id: str, home: str | None = None) -> str:
-    """entryUUID of any other DocumentEntry, keyed by its uniqueId."""
+    """entryUUID of a DocumentEntry, keyed by its uniqueId (KOS uniqueIds already name the study and
+    the repository, see xca.metadata.kos_unique_id)."""
     return name_uuid("doc", document_unique_id, home or "")
 
 

@@ -58,7 +58,7 @@ from duo_gateway.xca.codes import (
 )
 from duo_gateway.xca.ebrim import Author, DocumentEntry, MetadataError
 from duo_gateway.xca.hl7 import Code, Xon, reference_id
-from duo_gateway.xca.ids import document_entry_uuid, normalise_home, study_entry_uuid
+from duo_gateway.xca.ids import document_entry_uuid, normalise_home
 
 #: Namespace of the on-demand KOS UIDs. Changing it renames every KOS DUO has ever announced, which
 #: breaks every ITI-39 for an entry a consumer still holds: never change it.
@@ -124,9 +124,12 @@ def study_entry(
     """The KOS DocumentEntry that makes a study visible in an ITI-38 answer (xca.md §7)."""
     home = _home(home)
     started = dicom_dtm(study.study_date, study.study_time)
+    unique_id = kos_unique_id(study.study_instance_uid, repository_unique_id)
     return DocumentEntry(
-        entry_uuid=study_entry_uuid(study.study_instance_uid, home),
-        unique_id=kos_unique_id(study.study_instance_uid, repository_unique_id),
+        # Keyed by the uniqueId, which includes the repository: one study held by two hospitals
+        # gives two distinct entries in one answer.
+        entry_uuid=document_entry_uuid(unique_id, home),
+        unique_id=unique_id,
         patient_id=_patient_cx(bsn),
         source_patient_id=_patient_cx(bsn),
         mime_type=MIME_DICOM,

@@ -56,7 +56,7 @@ from duo_gateway.xca.codes import (
     Scheme,
 )
 from duo_gateway.xca.hl7 import reference_id
-from duo_gateway.xca.ids import normalise_home, study_entry_uuid
+from duo_gateway.xca.ids import document_entry_uuid, normalise_home
 from duo_gateway.xca.query import QuerySyntaxError, decode_slot, decode_value
 from duo_gateway.xca.retrieve import inline_documents
 from tests.xca.xsd import assert_valid
@@ -70,7 +70,7 @@ STUDY = "1.2.3.4.5"
 
 def kos_entry(**changes: object) -> DocumentEntry:
     entry = DocumentEntry(
-        entry_uuid=study_entry_uuid(STUDY, HOME),
+        entry_uuid=document_entry_uuid(STUDY, HOME),
         unique_id="2.25.123",
         patient_id=str(PATIENT),
         mime_type="application/dicom",

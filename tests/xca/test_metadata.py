@@ -21,7 +21,7 @@ from duo_gateway.xca import AdhocQueryResponse, ResponseStatus, build_adhoc_quer
 from duo_gateway.xca.codes import EntryStatus, EntryType
 from duo_gateway.xca.ebrim import DocumentEntry, MetadataError, build_extrinsic_object
 from duo_gateway.xca.hl7 import Code, Xon
-from duo_gateway.xca.ids import document_entry_uuid, study_entry_uuid
+from duo_gateway.xca.ids import document_entry_uuid
 from duo_gateway.xca.metadata import (
     BASIC_TEXT_SR,
     COMPREHENSIVE_SR,
@@ -93,7 +93,7 @@ def _report_entry(report: InstanceRecord, study: StudyRecord = STUDY) -> Documen
 
 def test_study_entry_field_by_field() -> None:
     e = _kos_entry()
-    assert e.entry_uuid == study_entry_uuid(STUDY_UID, HOME)
+    assert e.entry_uuid == document_entry_uuid(e.unique_id, HOME)
     assert e.unique_id == kos_unique_id(STUDY_UID, REPO)
     assert e.patient_id == e.source_patient_id == "999911120^^^&2.16.840.1.113883.2.4.6.3&ISO"
     assert e.mime_type == "application/dicom"
@@ -419,3 +419,12 @@ def _sop_uids(kos: Dataset) -> list[str]:
     [evidence] = kos.CurrentRequestedProcedureEvidenceSequence
     return [str(sop.ReferencedSOPInstanceUID) for s in evidence.ReferencedSeriesSequence
             for sop in s.ReferencedSOPSequence]
+
+
+def test_one_study_at_two_hospitals_gives_two_distinct_entries() -> None:
+    """A study copied to a second hospital's PACS must not collide in one ITI-38 answer."""
+    first = study_entry(STUDY, codes=CODES, **WHERE)
+    second = study_entry(STUDY, codes=CODES, **{**WHERE, "repository_unique_id": "2.999.77.1",
+                                                "hospital_ura": "00010099"})
+    assert first.unique_id != second.unique_id
+    assert first.entry_uuid != second.entry_uuid
