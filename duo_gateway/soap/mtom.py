@@ -9,12 +9,13 @@ parameter, or plain SOAP with inline base64 instead of XOP are all accepted (xca
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import itertools
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -112,6 +113,22 @@ class MtomBody:
 
     def __bytes__(self) -> bytes:
         return b"".join(self)
+
+    async def astream(self) -> AsyncIterator[bytes]:
+        """The same chunks for an asyncio writer: file reads run in a thread, never on the loop."""
+        for seg in self._segments:
+            if isinstance(seg, bytes):
+                yield seg
+                continue
+            if isinstance(seg.data, bytes):
+                yield seg.data
+                continue
+            fh = await asyncio.to_thread(seg.data.open, "rb")
+            try:
+                while chunk := await asyncio.to_thread(fh.read, self._chunk_bytes):
+                    yield chunk
+            finally:
+                await asyncio.to_thread(fh.close)
 
 
 def _header_safe(value: str, what: str) -> str:

@@ -1,0 +1,791 @@
+"""What ITI-38, ITI-39 and RAD-75 mean for the TLB community, without any HTTP or SOAP.
+
+For every patient-bearing request and every TLB hospital, the Mitz closed question comes first (data
+holder = that hospital, requester = the XUA assertion); a hospital's PACS is only ever touched with
+the :class:`~duo_gateway.consent.Permit` that answer produced. Hospitals are asked in parallel, each
+within its own deadline; one that is down or late turns the answer into a PartialSuccess naming it,
+one without consent contributes nothing (the Mitz client has audited why).
+
+Where a request names documents but no patient (ITI-39, RAD-75), the study's patient is read from
+the PACS first, then consent is asked again: consent may have been withdrawn since the query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date
+from pathlib import Path
+
+import structlog
+from pydicom import dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from duo_gateway.audit.auditor import Auditor
+from duo_gateway.audit.messages import (
+    DocumentRef,
+    EventOutcome,
+    Peer,
+    StudyTransfer,
+    iti38_query,
+    iti39_retrieve,
+    rad75_retrieve,
+)
+from duo_gateway.bsn import BSN_OID, bsn_cx, is_valid_bsn
+from duo_gateway.config.loader import DuoConfig
+from duo_gateway.config.peers import TlbHospital
+from duo_gateway.consent import ConsentGate, Permit, Refusal
+from duo_gateway.dicom.kos import encode_part10
+from duo_gateway.mitz.wire import ClosedQuestion
+from duo_gateway.observability.metrics import Metrics
+from duo_gateway.sources.base import ImagingSource, SourceUnavailable
+from duo_gateway.xca.codes import (
+    MIME_DICOM,
+    STUDY_INSTANCE_UID_ID_TYPE,
+    EntryStatus,
+    EntryType,
+    ErrorCode,
+    QueryParam,
+    ResponseStatus,
+    ReturnType,
+    Severity,
+    StoredQuery,
+)
+from duo_gateway.xca.docindex import DocumentIndex, IndexedDocument
+from duo_gateway.xca.ebrim import DocumentEntry, ObjectRef
+from duo_gateway.xca.errors import RegistryError, RegistryErrorException, status_for
+from duo_gateway.xca.hl7 import Cx, Hl7FormatError, dtm_key, parse_reference_id
+from duo_gateway.xca.ids import normalise_home
+from duo_gateway.xca.metadata import is_report, kos_for_study, report_entry, study_entry
+from duo_gateway.xca.query import AdhocQueryRequest, AdhocQueryResponse, validate_stored_query
+from duo_gateway.xca.retrieve import (
+    DocumentRequest,
+    RetrievedDocument,
+    RetrieveDocumentSetRequest,
+    RetrieveDocumentSetResponse,
+    RetrieveImagingDocumentSetRequest,
+    composite_context,
+)
+from duo_gateway.xua import Requester
+
+log = structlog.get_logger(__name__)
+
+#: Transfer syntaxes DUO can convert between without touching pixel data.
+_UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+_REPORT_MODALITIES = ("SR", "DOC")
+_PDF = "application/pdf"
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Who asked: the XUA requester and the calling gateway (for consent and audit)."""
+
+    requester: Requester
+    caller: Peer
+    request_bytes: bytes = b""
+
+
+@dataclass
+class _HospitalAnswer:
+    entries: list[DocumentEntry] = field(default_factory=list)
+    errors: list[RegistryError] = field(default_factory=list)
+    answered: bool = False
+
+
+@dataclass
+class ImagingRetrieval:
+    """A RAD-75 answer whose instances are spooled files; ``close()`` removes the spool."""
+
+    status: ResponseStatus
+    documents: list[RetrievedDocument]
+    errors: list[RegistryError]
+    spool: Path | None
+
+    def close(self) -> None:
+        if self.spool is not None:
+            shutil.rmtree(self.spool, ignore_errors=True)
+            self.spool = None
+
+
+class RespondingGateway:
+    def __init__(
+        self,
+        config: DuoConfig,
+        *,
+        sources: Mapping[str, ImagingSource],
+        gate: ConsentGate,
+        index: DocumentIndex,
+        auditor: Auditor,
+        identity: Peer,
+        spool_dir: Path,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._cfg = config
+        self._home = config.gateway.home_community_id
+        self._sources = dict(sources)
+        self._hospitals = {h.ura: h for h in config.tlb_hospitals}
+        self._by_repository = {h.repository_unique_id: h for h in config.tlb_hospitals}
+        self._gate = gate
+        self._index = index
+        self._auditor = auditor
+        self._identity = identity
+        self._spool_dir = spool_dir
+        self._metrics = metrics
+        self._deadline = config.xca_responding.hospital_deadline_s
+
+    @property
+    def home(self) -> str:
+        return self._home
+
+    # ------------------------------------------------------------------------------------------
+    # consent
+    # ------------------------------------------------------------------------------------------
+    def _question(self, ctx: CallContext, bsn: str, hospital: TlbHospital) -> Callable[[], ClosedQuestion]:
+        return lambda: ctx.requester.closed_question(
+            bsn=bsn,
+            holder_ura=hospital.ura,
+            holder_type=hospital.organisation_type,
+            categories=tuple(self._cfg.mitz.categories),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # ITI-38
+    # ------------------------------------------------------------------------------------------
+    async def query(self, req: AdhocQueryRequest, ctx: CallContext) -> AdhocQueryResponse:
+        bsn: str | None = None
+        try:
+            stored = validate_stored_query(req)
+            if req.home is not None and normalise_home(req.home) != self._home:
+                raise RegistryErrorException.of(
+                    ErrorCode.UNKNOWN_COMMUNITY, f"unknown community {req.home}", self._home
+                )
+            if stored in (StoredQuery.FIND_DOCUMENTS, StoredQuery.FIND_DOCUMENTS_BY_REFERENCE_ID):
+                bsn = self._patient(req)
+                entries, errors = await self._find(req, stored, bsn, ctx)
+            elif stored == StoredQuery.GET_DOCUMENTS:
+                entries, errors, bsn = await self._get_documents(req, ctx)
+            else:
+                # Folders, submission sets and associations do not exist on-demand (TF-38 §3.38.1).
+                entries, errors = [], []
+        except RegistryErrorException as exc:
+            errors = [replace(e, location=e.location or self._home) for e in exc.errors]
+            self._audit_query(
+                req, ctx, bsn, EventOutcome.MINOR_FAILURE, "; ".join(e.error_code for e in errors)
+            )
+            return AdhocQueryResponse(ResponseStatus.FAILURE, (), tuple(errors))
+        await self._index.record_entries(entries)
+        objects: tuple[DocumentEntry | ObjectRef, ...]
+        if req.return_type is ReturnType.OBJECT_REF:
+            objects = tuple(ObjectRef(e.entry_uuid, self._home) for e in entries)
+        else:
+            objects = tuple(entries)
+        status = status_for(errors, bool(entries) or len(errors) < len(self._sources))
+        self._audit_query(
+            req,
+            ctx,
+            bsn,
+            EventOutcome.SUCCESS if status == ResponseStatus.SUCCESS else EventOutcome.MINOR_FAILURE,
+            None,
+        )
+        return AdhocQueryResponse(status, objects, tuple(errors))
+
+    def _patient(self, req: AdhocQueryRequest) -> str:
+        raw = req.single(QueryParam.PATIENT_ID)
+        if raw is None:
+            raise RegistryErrorException.of(ErrorCode.STORED_QUERY_MISSING_PARAM, QueryParam.PATIENT_ID)
+        try:
+            cx = Cx.parse(raw)
+        except Hl7FormatError as exc:
+            raise RegistryErrorException.of(ErrorCode.UNKNOWN_PATIENT_ID, str(exc)) from exc
+        if cx.authority_oid != BSN_OID or not is_valid_bsn(cx.id):
+            # Never echo the id itself: it may be a BSN with a typo, i.e. someone else's.
+            raise RegistryErrorException.of(
+                ErrorCode.UNKNOWN_PATIENT_ID,
+                f"patient id is not a valid BSN (11-proef) with authority {BSN_OID}",
+            )
+        return cx.id
+
+    async def _find(
+        self, req: AdhocQueryRequest, stored: StoredQuery, bsn: str, ctx: CallContext
+    ) -> tuple[list[DocumentEntry], list[RegistryError]]:
+        statuses = req.values(QueryParam.STATUS) or []
+        types = req.values(QueryParam.ENTRY_TYPE)
+        if EntryStatus.APPROVED not in statuses or (types is not None and EntryType.STABLE not in types):
+            return [], []  # every entry DUO has is an Approved, stable entry
+        start_from, start_to = (
+            req.time(QueryParam.SERVICE_START_TIME_FROM),
+            req.time(QueryParam.SERVICE_START_TIME_TO),
+        )
+        study_uids: list[str] = []
+        if stored == StoredQuery.FIND_DOCUMENTS_BY_REFERENCE_ID:
+            for group in req.slot_groups(QueryParam.REFERENCE_ID_LIST):
+                for value in group:
+                    try:
+                        uid, id_type = parse_reference_id(value)
+                    except Hl7FormatError:
+                        continue
+                    if id_type == STUDY_INSTANCE_UID_ID_TYPE:
+                        study_uids.append(uid)
+            if not study_uids:
+                return [], []
+        results = await asyncio.gather(
+            *(
+                self._hospital_find(ctx, bsn, h, start_from, start_to, study_uids)
+                for h in self._cfg.tlb_hospitals
+                if h.ura in self._sources
+            )
+        )
+        entries = [e for r in results for e in r.entries]
+        errors = [e for r in results for e in r.errors]
+        entries = [e for e in entries if _matches(e, req, start_from, start_to)]
+        return entries, errors
+
+    async def _hospital_find(
+        self,
+        ctx: CallContext,
+        bsn: str,
+        hospital: TlbHospital,
+        start_from: str | None,
+        start_to: str | None,
+        study_uids: Sequence[str],
+    ) -> _HospitalAnswer:
+        source = self._sources[hospital.ura]
+        answer = _HospitalAnswer()
+
+        async def work() -> None:
+            verdict = await self._gate.check(self._question(ctx, bsn, hospital))
+            if isinstance(verdict, Refusal):
+                answer.answered = True
+                return
+            studies = await source.find_studies(
+                verdict,
+                bsn,
+                date_from=_dtm_date(start_from),
+                date_to=_dtm_date(start_to, upper=True),
+                study_uids=study_uids,
+            )
+            for study in studies:
+                answer.entries.append(
+                    study_entry(
+                        study,
+                        bsn=bsn,
+                        hospital_ura=hospital.ura,
+                        hospital_name=hospital.name,
+                        repository_unique_id=hospital.repository_unique_id,
+                        home=self._home,
+                        codes=hospital.document_codes,
+                    )
+                )
+                if any(m in _REPORT_MODALITIES for m in study.modalities):
+                    instances = await source.find_instances(
+                        verdict, bsn, study.study_instance_uid, modalities=_REPORT_MODALITIES
+                    )
+                    answer.entries.extend(
+                        report_entry(
+                            rec,
+                            study,
+                            bsn=bsn,
+                            hospital_ura=hospital.ura,
+                            hospital_name=hospital.name,
+                            repository_unique_id=hospital.repository_unique_id,
+                            home=self._home,
+                            codes=hospital.document_codes,
+                        )
+                        for rec in instances
+                        if is_report(rec)
+                    )
+            answer.answered = True
+
+        try:
+            await asyncio.wait_for(work(), self._deadline)
+        except TimeoutError:
+            answer.entries.clear()
+            answer.errors.append(self._unavailable(hospital, f"no answer within {self._deadline:g} s"))
+        except SourceUnavailable as exc:
+            answer.entries.clear()
+            answer.errors.append(self._unavailable(hospital, exc.detail))
+        return answer
+
+    def _unavailable(self, hospital: TlbHospital, detail: str) -> RegistryError:
+        log.warning("tlb hospital unavailable", hospital_ura=hospital.ura, detail=detail)
+        return RegistryError(
+            ErrorCode.REGISTRY_NOT_AVAILABLE,
+            f"TLB hospital {hospital.name} (URA {hospital.ura}) unavailable: {detail}"[:1000],
+            Severity.ERROR,
+            self._home,
+        )
+
+    async def _get_documents(
+        self,
+        req: AdhocQueryRequest,
+        ctx: CallContext,
+    ) -> tuple[list[DocumentEntry], list[RegistryError], str | None]:
+        unique_ids = req.values(QueryParam.UNIQUE_ID) or []
+        entry_uuids = req.values(QueryParam.ENTRY_UUID) or []
+        docs = list((await self._index.lookup_many(unique_ids)).values())
+        for entry_uuid in entry_uuids:
+            found = await self._index.lookup_entry_uuid(entry_uuid)
+            if found is not None:
+                docs.append(found)
+        entries: list[DocumentEntry] = []
+        errors: list[RegistryError] = []
+        bsn_seen: str | None = None
+        for (hospital_ura, study_uid), group in _group(docs).items():
+            hospital = self._hospitals.get(hospital_ura)
+            source = self._sources.get(hospital_ura)
+            if hospital is None or source is None:
+                continue
+            try:
+                bsn = await asyncio.wait_for(source.patient_of_study(study_uid), self._deadline)
+                if bsn is None:
+                    continue
+                bsn_seen = bsn
+                answer = await self._hospital_find(ctx, bsn, hospital, None, None, [study_uid])
+            except (TimeoutError, SourceUnavailable) as exc:
+                errors.append(self._unavailable(hospital, str(exc) or "timeout"))
+                continue
+            wanted = {d.unique_id for d in group}
+            entries.extend(e for e in answer.entries if e.unique_id in wanted)
+            errors.extend(answer.errors)
+        return entries, errors, bsn_seen
+
+    def _audit_query(
+        self,
+        req: AdhocQueryRequest,
+        ctx: CallContext,
+        bsn: str | None,
+        outcome: EventOutcome,
+        description: str | None,
+    ) -> None:
+        self._auditor.record(
+            iti38_query(
+                initiating=ctx.caller,
+                responding=self._identity,
+                audit_source=self._auditor.audit_source,
+                query_id=req.query_id,
+                query_request=ctx.request_bytes,
+                patient_id=bsn_cx(bsn) if bsn else None,
+                home_community_id=self._home,
+                outcome=outcome,
+                outcome_description=description,
+                extra_participants=(),
+            )
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # ITI-39
+    # ------------------------------------------------------------------------------------------
+    async def retrieve(
+        self, req: RetrieveDocumentSetRequest, ctx: CallContext
+    ) -> RetrieveDocumentSetResponse:
+        if len(req.documents) > self._cfg.xca_responding.max_documents_per_request:
+            raise RegistryErrorException.of(ErrorCode.REGISTRY_ERROR, "too many DocumentRequests", self._home)
+        documents: list[RetrievedDocument] = []
+        errors: list[RegistryError] = []
+        delivered: dict[str | None, list[DocumentRef]] = {}
+        refused: dict[str | None, list[DocumentRef]] = {}
+        for doc in req.documents:
+            ref = DocumentRef(doc.document_unique_id, doc.repository_unique_id, doc.home)
+            error, bsn, data = await self._retrieve_one(doc, ctx)
+            if error is not None:
+                errors.append(error)
+                refused.setdefault(bsn, []).append(ref)
+                continue
+            assert data is not None
+            documents.append(data)
+            delivered.setdefault(bsn, []).append(ref)
+        for bsn, refs in delivered.items():
+            self._audit_iti39(ctx, bsn, refs, EventOutcome.SUCCESS, None)
+        for bsn, refs in refused.items():
+            self._audit_iti39(ctx, bsn, refs, EventOutcome.MINOR_FAILURE, "not delivered")
+        return RetrieveDocumentSetResponse(
+            status_for(errors, bool(documents)), tuple(documents), tuple(errors)
+        )
+
+    def _home_error(self, doc: DocumentRequest) -> RegistryError | None:
+        if doc.home is None:
+            return RegistryError(
+                ErrorCode.MISSING_HOME_COMMUNITY_ID,
+                f"DocumentRequest {doc.document_unique_id} without HomeCommunityId",
+                Severity.ERROR,
+                self._home,
+            )
+        if normalise_home(doc.home) != self._home:
+            return RegistryError(
+                ErrorCode.UNKNOWN_COMMUNITY, f"unknown community {doc.home}", Severity.ERROR, self._home
+            )
+        return None
+
+    async def _retrieve_one(
+        self,
+        doc: DocumentRequest,
+        ctx: CallContext,
+    ) -> tuple[RegistryError | None, str | None, RetrievedDocument | None]:
+        def unknown(why: str) -> RegistryError:
+            # Unknown, no consent, or gone: the requester learns the same, the audit knows which.
+            log.info("iti-39 document not delivered", reason=why)
+            return RegistryError(
+                ErrorCode.DOCUMENT_UNIQUE_ID_ERROR,
+                f"document {doc.document_unique_id} is not available",
+                Severity.ERROR,
+                self._home,
+            )
+
+        home_error = self._home_error(doc)
+        if home_error is not None:
+            return home_error, None, None
+        hospital = self._by_repository.get(doc.repository_unique_id)
+        if hospital is None or hospital.ura not in self._sources:
+            return (
+                RegistryError(
+                    ErrorCode.UNKNOWN_REPOSITORY_ID,
+                    f"unknown repository {doc.repository_unique_id}",
+                    Severity.ERROR,
+                    self._home,
+                ),
+                None,
+                None,
+            )
+        indexed = await self._index.lookup(doc.document_unique_id)
+        if indexed is None or indexed.hospital_ura != hospital.ura:
+            return unknown("not announced by an ITI-38 answer"), None, None
+        source = self._sources[hospital.ura]
+        try:
+            async with asyncio.timeout(self._deadline * 4):
+                bsn = await source.patient_of_study(indexed.study_uid)
+                if bsn is None:
+                    return unknown("study no longer in the PACS"), None, None
+                verdict = await self._gate.check(self._question(ctx, bsn, hospital))
+                if isinstance(verdict, Refusal):
+                    return unknown(f"no consent: {verdict.reason}"), bsn, None
+                data, mime = await self._document_bytes(source, verdict, bsn, indexed, hospital)
+        except (TimeoutError, SourceUnavailable) as exc:
+            err = self._unavailable(hospital, str(exc) or "timeout")
+            return replace(err, error_code=ErrorCode.REPOSITORY_ERROR), None, None
+        if data is None:
+            return unknown("document not found in the study"), bsn, None
+        return (
+            None,
+            bsn,
+            RetrievedDocument(doc.repository_unique_id, doc.document_unique_id, mime, data, home=self._home),
+        )
+
+    async def _document_bytes(
+        self, source: ImagingSource, permit: Permit, bsn: str, indexed: IndexedDocument, hospital: TlbHospital
+    ) -> tuple[bytes | None, str]:
+        instances = await source.find_instances(permit, bsn, indexed.study_uid)
+        if indexed.kind == "kos":
+            studies = await source.find_studies(permit, bsn, study_uids=[indexed.study_uid])
+            if not studies:
+                return None, MIME_DICOM
+            kos = kos_for_study(
+                studies[0],
+                [i for i in instances if not is_report(i)],
+                bsn=bsn,
+                repository_unique_id=hospital.repository_unique_id,
+                institution_name=hospital.name,
+            )
+            return encode_part10(kos), MIME_DICOM
+        record = next((i for i in instances if i.sop_instance_uid == indexed.sop_instance_uid), None)
+        if record is None:
+            return None, indexed.mime_type
+        spool = Path(tempfile.mkdtemp(prefix="iti39-", dir=self._spool_dir))
+        try:
+            async for got in source.retrieve(permit, bsn, indexed.study_uid, [record]):
+                data = await asyncio.to_thread(got.path.read_bytes)
+                got.path.unlink(missing_ok=True)
+                if indexed.mime_type == _PDF:
+                    return await asyncio.to_thread(_encapsulated_document, data), _PDF
+                return data, MIME_DICOM
+        finally:
+            shutil.rmtree(spool, ignore_errors=True)
+        return None, indexed.mime_type
+
+    def _audit_iti39(
+        self,
+        ctx: CallContext,
+        bsn: str | None,
+        refs: list[DocumentRef],
+        outcome: EventOutcome,
+        description: str | None,
+    ) -> None:
+        self._auditor.record(
+            iti39_retrieve(
+                side="responding",
+                initiating=ctx.caller,
+                responding=self._identity,
+                audit_source=self._auditor.audit_source,
+                documents=refs,
+                patient_id=bsn_cx(bsn) if bsn else None,
+                outcome=outcome,
+                outcome_description=description,
+            )
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # RAD-75
+    # ------------------------------------------------------------------------------------------
+    async def retrieve_imaging(
+        self, req: RetrieveImagingDocumentSetRequest, ctx: CallContext
+    ) -> ImagingRetrieval:
+        """Fetch every requested instance into a per-request spool, then answer exactly.
+
+        Status and errors travel before the documents in the response, so they must be known before
+        the first byte is sent; spooling to disk keeps memory flat whatever the study size.
+        """
+        requested = req.instances()
+        if len(requested) > self._cfg.xca_responding.max_documents_per_request:
+            raise RegistryErrorException.of(ErrorCode.REGISTRY_ERROR, "too many DocumentRequests", self._home)
+        accepted = [ts for ts in req.transfer_syntaxes]
+        errors: list[RegistryError] = []
+        documents: list[RetrievedDocument] = []
+        spool = Path(tempfile.mkdtemp(prefix="rad75-", dir=self._spool_dir))
+        result = ImagingRetrieval(ResponseStatus.FAILURE, documents, errors, spool)
+        try:
+            by_study: dict[tuple[str, str], list[tuple[str, str, DocumentRequest]]] = {}
+            for study_uid, series_uid, doc in requested:
+                ctx_id = composite_context(study_uid, series_uid, doc.document_unique_id)
+                home_error = self._home_error(doc)
+                if home_error is not None:
+                    errors.append(replace(home_error, code_context=f"{home_error.code_context} ({ctx_id})"))
+                    continue
+                hospital = self._by_repository.get(doc.repository_unique_id)
+                if hospital is None or hospital.ura not in self._sources:
+                    errors.append(
+                        RegistryError(
+                            ErrorCode.REPOSITORY_ERROR,
+                            f"unknown repository {doc.repository_unique_id} ({ctx_id})",
+                            Severity.ERROR,
+                            self._home,
+                        )
+                    )
+                    continue
+                by_study.setdefault((hospital.ura, study_uid), []).append((study_uid, series_uid, doc))
+            for (ura, study_uid), wanted in by_study.items():
+                await self._retrieve_study(
+                    ctx, self._hospitals[ura], study_uid, wanted, accepted, spool, documents, errors
+                )
+            result.status = status_for(errors, bool(documents))
+            return result
+        except BaseException:
+            result.close()
+            raise
+
+    async def _retrieve_study(
+        self,
+        ctx: CallContext,
+        hospital: TlbHospital,
+        study_uid: str,
+        wanted: list[tuple[str, str, DocumentRequest]],
+        accepted: list[str],
+        spool: Path,
+        documents: list[RetrievedDocument],
+        errors: list[RegistryError],
+    ) -> None:
+        source = self._sources[hospital.ura]
+
+        def missing(
+            items: Iterable[tuple[str, str, DocumentRequest]],
+            code: str = ErrorCode.DOCUMENT_UNIQUE_ID_ERROR,
+            why: str = "not available",
+        ) -> None:
+            for st, se, doc in items:
+                errors.append(
+                    RegistryError(
+                        code, composite_context(st, se, doc.document_unique_id), Severity.ERROR, self._home
+                    )
+                )
+            if why != "not available":
+                log.info("rad-75 instances not delivered", count=len(list(items)), reason=why)
+
+        bsn: str | None = None
+        try:
+            async with asyncio.timeout(self._deadline):
+                bsn = await source.patient_of_study(study_uid)
+            if bsn is None:
+                missing(wanted)
+                self._audit_rad75(
+                    ctx, None, study_uid, hospital, [], EventOutcome.MINOR_FAILURE, "unknown study"
+                )
+                return
+            verdict = await self._gate.check(self._question(ctx, bsn, hospital))
+            if isinstance(verdict, Refusal):
+                missing(wanted)  # the requester learns "not available", the audit learns why
+                self._audit_rad75(
+                    ctx,
+                    bsn,
+                    study_uid,
+                    hospital,
+                    [],
+                    EventOutcome.MINOR_FAILURE,
+                    f"no consent: {verdict.reason}",
+                )
+                return
+            async with asyncio.timeout(self._deadline):
+                existing = {
+                    i.sop_instance_uid: i for i in await source.find_instances(verdict, bsn, study_uid)
+                }
+            present = [
+                (st, se, doc)
+                for st, se, doc in wanted
+                if doc.document_unique_id in existing
+                and existing[doc.document_unique_id].series_instance_uid == se
+            ]
+            missing([w for w in wanted if w not in present])
+            records = [existing[doc.document_unique_id] for _st, _se, doc in present]
+            arrived: dict[str, RetrievedDocument] = {}
+            refs: list[DocumentRef] = []
+            async for got in source.retrieve(verdict, bsn, study_uid, records):
+                target = spool / f"{got.record.sop_instance_uid}.dcm"
+                await asyncio.to_thread(shutil.move, got.path, target)
+                where = composite_context(
+                    study_uid, got.record.series_instance_uid, got.record.sop_instance_uid
+                )
+                if got.transfer_syntax_uid not in accepted:
+                    converted = await asyncio.to_thread(_convert, target, accepted)
+                    if not converted:
+                        errors.append(
+                            RegistryError(
+                                ErrorCode.REPOSITORY_ERROR,
+                                f"{where}: stored as {got.transfer_syntax_uid}, not requested",
+                                Severity.ERROR,
+                                self._home,
+                            )
+                        )
+                        target.unlink(missing_ok=True)
+                        continue
+                arrived[got.record.sop_instance_uid] = RetrievedDocument(
+                    hospital.repository_unique_id,
+                    got.record.sop_instance_uid,
+                    MIME_DICOM,
+                    target,
+                    home=self._home,
+                )
+                refs.append(
+                    DocumentRef(got.record.sop_instance_uid, hospital.repository_unique_id, self._home)
+                )
+            for st, se, doc in present:
+                if doc.document_unique_id in arrived:
+                    documents.append(arrived[doc.document_unique_id])
+                elif not any(doc.document_unique_id in e.code_context for e in errors):
+                    missing([(st, se, doc)], ErrorCode.REPOSITORY_ERROR, "not delivered by the PACS")
+            self._audit_rad75(
+                ctx,
+                bsn,
+                study_uid,
+                hospital,
+                refs,
+                EventOutcome.SUCCESS if refs else EventOutcome.MINOR_FAILURE,
+                None,
+            )
+        except (TimeoutError, SourceUnavailable) as exc:
+            detail = getattr(exc, "detail", None) or "timeout"
+            missing(wanted, ErrorCode.REPOSITORY_ERROR, detail)
+            self._audit_rad75(ctx, bsn, study_uid, hospital, [], EventOutcome.SERIOUS_FAILURE, detail)
+
+    def _audit_rad75(
+        self,
+        ctx: CallContext,
+        bsn: str | None,
+        study_uid: str,
+        hospital: TlbHospital,
+        refs: list[DocumentRef],
+        outcome: EventOutcome,
+        description: str | None,
+    ) -> None:
+        self._auditor.record(
+            rad75_retrieve(
+                side="responding",
+                initiating=ctx.caller,
+                responding=self._identity,
+                audit_source=self._auditor.audit_source,
+                studies=[StudyTransfer(study_uid)],
+                documents=refs,
+                patient_id=bsn_cx(bsn) if bsn else None,
+                outcome=outcome,
+                outcome_description=description,
+            )
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _dtm_date(value: str | None, upper: bool = False) -> date | None:
+    """The calendar day of a DTM bound; the exact comparison happens on the entries afterwards."""
+    if not value or len(value) < 4:
+        return None
+    y = int(value[0:4])
+    m = int(value[4:6]) if len(value) >= 6 else (12 if upper else 1)
+    d = int(value[6:8]) if len(value) >= 8 else (31 if upper and m == 12 else 1)
+    with contextlib.suppress(ValueError):
+        return date(y, m, d)
+    return date(y, m, 28)
+
+
+def _matches(
+    entry: DocumentEntry, req: AdhocQueryRequest, start_from: str | None, start_to: str | None
+) -> bool:
+    """The exact FindDocuments semantics on top of the PACS's day-granular date range."""
+    if start_from or start_to:
+        if not entry.service_start_time:
+            return False
+        key = dtm_key(entry.service_start_time)
+        if start_from and key < dtm_key(start_from):
+            return False
+        if start_to and key >= dtm_key(start_to):
+            return False
+    for name, value in (
+        (QueryParam.FORMAT_CODE, entry.format_code),
+        (QueryParam.CLASS_CODE, entry.class_code),
+        (QueryParam.TYPE_CODE, entry.type_code),
+        (QueryParam.PRACTICE_SETTING_CODE, entry.practice_setting_code),
+        (QueryParam.HEALTHCARE_FACILITY_TYPE_CODE, entry.healthcare_facility_type_code),
+    ):
+        groups = req.codes(name)
+        if groups and not all(value is not None and any(value.matches(c) for c in g) for g in groups):
+            return False
+    for name, values in (
+        (QueryParam.EVENT_CODE_LIST, entry.event_codes),
+        (QueryParam.CONFIDENTIALITY_CODE, entry.confidentiality_codes),
+    ):
+        for group in req.codes(name):
+            if not any(v.matches(c) for v in values for c in group):
+                return False
+    return True
+
+
+def _group(docs: Iterable[IndexedDocument]) -> dict[tuple[str, str], list[IndexedDocument]]:
+    out: dict[tuple[str, str], list[IndexedDocument]] = {}
+    for d in docs:
+        out.setdefault((d.hospital_ura, d.study_uid), []).append(d)
+    return out
+
+
+def _encapsulated_document(part10: bytes) -> bytes:
+    from io import BytesIO
+
+    ds = dcmread(BytesIO(part10))
+    data = bytes(ds.EncapsulatedDocument)
+    # The value is padded to even length; a PDF ends with %%EOF, so trailing NULs are padding.
+    return data.rstrip(b"\x00") if data.endswith(b"\x00") else data
+
+
+def _convert(path: Path, accepted: Sequence[str]) -> bool:
+    """Re-encode an uncompressed instance in a requested uncompressed syntax; False when impossible."""
+    ds = dcmread(path)
+    current = ds.file_meta.TransferSyntaxUID
+    target = next((ts for ts in accepted if ts in _UNCOMPRESSED), None)
+    if current not in _UNCOMPRESSED or target is None:
+        return False
+    ds.file_meta.TransferSyntaxUID = UID(target)
+    ds.save_as(
+        path, implicit_vr=target == ImplicitVRLittleEndian, little_endian=True, enforce_file_format=True
+    )
+    return True

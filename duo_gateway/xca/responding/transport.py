@@ -1,0 +1,310 @@
+"""The HTTP edge of the XCA responding gateway: bytes in, SOAP/MTOM out, faults for bad input.
+
+Everything protocol-specific happens in :mod:`.service`; here: size limits, MTOM/plain SOAP
+parsing, WS-Addressing, XUA, and turning outcomes into SOAP 1.2 responses (faults with HTTP 400/500,
+registry errors inside 200 answers as XDS wants). Unexpected errors become a Receiver fault, never
+a stack trace and never a crashed daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+from aiohttp import web
+from lxml import etree
+
+from duo_gateway.audit.messages import Peer
+from duo_gateway.config.loader import DuoConfig
+from duo_gateway.soap.envelope import (
+    SOAP12_CONTENT_TYPE,
+    WSA_NS,
+    Addressing,
+    Envelope,
+    SoapFault,
+    build_envelope,
+    build_fault,
+    fault_http_status,
+    new_message_id,
+    parse_envelope,
+    serialize,
+)
+from duo_gateway.soap.mtom import XOP_NS, Attachment, build_mtom, normalise_cid, parse_mtom
+from duo_gateway.soap.xml import XmlError
+from duo_gateway.xca.codes import Action, ResponseStatus
+from duo_gateway.xca.errors import RegistryErrorException
+from duo_gateway.xca.query import (
+    AdhocQueryResponse,
+    build_adhoc_query_response,
+    parse_adhoc_query_request,
+)
+from duo_gateway.xca.responding.service import CallContext, RespondingGateway
+from duo_gateway.xca.retrieve import (
+    RetrieveDocumentSetResponse,
+    build_retrieve_response,
+    parse_imaging_retrieve_request,
+    parse_retrieve_request,
+)
+from duo_gateway.xmldsig import TrustStore
+from duo_gateway.xua import validate_xua
+
+log = structlog.get_logger(__name__)
+
+FAULT_ACTION = "http://www.w3.org/2005/08/addressing/soap/fault"
+
+
+@dataclass(frozen=True)
+class _Route:
+    path: str
+    action: str
+    response_action: str
+
+
+class XcaRespondingDoor:
+    """Mounts ITI-38, ITI-39 and RAD-75 on DUO's HTTP listener."""
+
+    name = "xca-responding"
+
+    def __init__(self, config: DuoConfig, service: RespondingGateway, trusted: TrustStore) -> None:
+        self._cfg = config
+        self._service = service
+        self._trusted = trusted
+        rc = config.xca_responding
+        self._audiences = config.xua.audiences or [config.gateway.home_community_id]
+        self._routes = {
+            rc.iti38_path: _Route(rc.iti38_path, Action.ITI38, Action.ITI38_RESPONSE),
+            rc.iti39_path: _Route(rc.iti39_path, Action.ITI39, Action.ITI39_RESPONSE),
+            rc.rad75_path: _Route(rc.rad75_path, Action.RAD75, Action.RAD75_RESPONSE),
+        }
+
+    def mount(self, app: web.Application) -> None:
+        handlers: dict[
+            str, Callable[[web.Request, Envelope, CallContext, _Route], Awaitable[web.StreamResponse]]
+        ] = {Action.ITI38: self._iti38, Action.ITI39: self._iti39, Action.RAD75: self._rad75}
+        for route in self._routes.values():
+            handler = handlers[route.action]
+
+            async def endpoint(
+                request: web.Request,
+                route: _Route = route,
+                handler: Callable[..., Awaitable[web.StreamResponse]] = handler,
+            ) -> web.StreamResponse:
+                return await self._handle(request, route, handler)
+
+            app.router.add_post(route.path, endpoint)
+
+    async def _handle(
+        self, request: web.Request, route: _Route, handler: Callable[..., Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        relates_to: str | None = None
+        try:
+            limit = self._cfg.xca_responding.max_request_bytes
+            if request.content_length is not None and request.content_length > limit:
+                raise SoapFault("Sender", f"request larger than {limit} bytes")
+            raw = await _read_bounded(request, limit)
+            root, parts = parse_mtom(request.headers.get("Content-Type", ""), raw, limit)
+            if parts:
+                raise SoapFault("Sender", "attachments are not expected in this request")
+            env = parse_envelope(root)
+            relates_to = env.addressing.message_id
+            if env.addressing.action != route.action:
+                raise SoapFault(
+                    "Sender",
+                    f"wsa:Action must be {route.action} at {route.path}",
+                    subcode=(WSA_NS, "ActionNotSupported"),
+                )
+            if env.body is None:
+                raise SoapFault("Sender", "empty SOAP Body")
+            requester = validate_xua(
+                env, self._cfg.xua, trusted=self._trusted, audiences=self._audiences, now=datetime.now(UTC)
+            )
+            if requester is None:
+                raise SoapFault(
+                    "Sender", "an XUA assertion is required"
+                )  # required=False still needs a requester
+            ctx = CallContext(
+                requester,
+                Peer(user_id=env.addressing.reply_to or "anonymous", host=request.remote),
+                etree.tostring(env.body),
+            )
+            return await handler(request, env, ctx, route)
+        except SoapFault as fault:
+            log.info("xca request faulted", path=route.path, code=fault.code, reason=fault.reason)
+            return _fault_response(fault, relates_to)
+        except (XmlError, ValueError) as exc:
+            log.info("xca request refused", path=route.path, reason=str(exc)[:200])
+            return _fault_response(
+                SoapFault("Sender", f"not an acceptable SOAP 1.2 message: {exc}"[:500]), relates_to
+            )
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("xca request failed", path=route.path)
+            return _fault_response(
+                SoapFault("Receiver", "internal error; the request was not processed"), relates_to
+            )
+
+    async def _iti38(
+        self,
+        request: web.Request,
+        env: Envelope,
+        ctx: CallContext,
+        route: _Route,
+    ) -> web.StreamResponse:
+        assert env.body is not None
+        try:
+            req = parse_adhoc_query_request(env.body)
+        except RegistryErrorException as exc:
+            resp = AdhocQueryResponse(ResponseStatus.FAILURE, (), exc.errors)
+        else:
+            resp = await self._service.query(req, ctx)
+        return _soap_response(build_adhoc_query_response(resp), route.response_action, env)
+
+    async def _iti39(
+        self,
+        request: web.Request,
+        env: Envelope,
+        ctx: CallContext,
+        route: _Route,
+    ) -> web.StreamResponse:
+        assert env.body is not None
+        try:
+            resp = await self._service.retrieve(parse_retrieve_request(env.body), ctx)
+        except RegistryErrorException as exc:
+            resp = RetrieveDocumentSetResponse(ResponseStatus.FAILURE, (), exc.errors)
+        return await _mtom_response(request, resp, route.response_action, env)
+
+    async def _rad75(
+        self,
+        request: web.Request,
+        env: Envelope,
+        ctx: CallContext,
+        route: _Route,
+    ) -> web.StreamResponse:
+        assert env.body is not None
+        try:
+            req = parse_imaging_retrieve_request(env.body)
+        except RegistryErrorException as exc:
+            return await _mtom_response(
+                request,
+                RetrieveDocumentSetResponse(ResponseStatus.FAILURE, (), exc.errors),
+                route.response_action,
+                env,
+            )
+        retrieval = await self._service.retrieve_imaging(req, ctx)
+        try:
+            resp = RetrieveDocumentSetResponse(
+                retrieval.status, tuple(retrieval.documents), tuple(retrieval.errors)
+            )
+            return await _mtom_response(request, resp, route.response_action, env)
+        finally:
+            retrieval.close()
+
+
+async def _read_bounded(request: web.Request, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise SoapFault("Sender", f"request larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _content_type(action: str) -> str:
+    return f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{action}"'
+
+
+def _answer(body: etree._Element, action: str, env: Envelope) -> etree._Element:
+    return build_envelope(
+        Addressing(action=action, message_id=new_message_id(), relates_to=env.addressing.message_id), body
+    )
+
+
+def _soap_response(body: etree._Element, action: str, env: Envelope) -> web.Response:
+    return web.Response(
+        body=serialize(_answer(body, action, env)), headers={"Content-Type": _content_type(action)}
+    )
+
+
+async def _mtom_response(
+    request: web.Request, resp: RetrieveDocumentSetResponse, action: str, env: Envelope
+) -> web.StreamResponse:
+    """Answer in kind: MTOM to an MTOM request, inline base64 to a plain SOAP one (peers that cannot
+    read multipart, zeep among them). Both stream; documents on disk are read chunk by chunk in a
+    thread, so neither memory nor the event loop depends on the study size."""
+    body_el, attachments = build_retrieve_response(resp, mtom=True)
+    envelope = _answer(body_el, action, env)
+    if request.headers.get("Content-Type", "").lower().startswith("multipart/related"):
+        content_type, body = build_mtom(envelope, attachments, action)
+        response = web.StreamResponse(status=200, headers={"Content-Type": content_type})
+        response.content_length = body.content_length
+        await response.prepare(request)
+        async for chunk in body.astream():
+            await response.write(chunk)
+    else:
+        segments = _inline_segments(envelope, attachments)
+        response = web.StreamResponse(status=200, headers={"Content-Type": _content_type(action)})
+        response.content_length = sum(
+            len(x) if isinstance(x, bytes) else _b64_len(x.size()) for x in segments
+        )
+        await response.prepare(request)
+        for segment in segments:
+            if isinstance(segment, bytes):
+                await response.write(segment)
+                continue
+            async for chunk in _b64_stream(segment):
+                await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+_MARK = "DUO-INLINE-DOCUMENT-"
+
+
+def _inline_segments(envelope: etree._Element, attachments: list[Attachment]) -> list[bytes | Attachment]:
+    """The serialized envelope cut where each xop:Include stood, with the attachment in between."""
+    by_cid = {a.content_id: a for a in attachments}
+    for include in envelope.iter(f"{{{XOP_NS}}}Include"):
+        parent = include.getparent()
+        assert parent is not None
+        cid = normalise_cid(include.get("href", ""))
+        parent.remove(include)
+        parent.text = f"{_MARK}{cid}{_MARK}"
+    out: list[bytes | Attachment] = []
+    for i, piece in enumerate(serialize(envelope).split(_MARK.encode())):
+        if i % 2 == 0:
+            out.append(piece)
+        else:
+            out.append(by_cid[piece.decode()])
+    return out
+
+
+def _b64_len(n: int) -> int:
+    return 4 * ((n + 2) // 3)
+
+
+async def _b64_stream(attachment: Attachment) -> AsyncIterator[bytes]:
+    """Base64 in chunks whose raw size is a multiple of 3, so the pieces concatenate correctly."""
+    if isinstance(attachment.data, bytes):
+        yield base64.b64encode(attachment.data)
+        return
+    fh = await asyncio.to_thread(attachment.data.open, "rb")
+    try:
+        while chunk := await asyncio.to_thread(fh.read, 3 * 64 * 1024):
+            yield base64.b64encode(chunk)
+    finally:
+        await asyncio.to_thread(fh.close)
+
+
+def _fault_response(fault: SoapFault, relates_to: str | None) -> web.Response:
+    return web.Response(
+        status=fault_http_status(fault),
+        body=serialize(build_fault(fault, relates_to)),
+        headers={"Content-Type": _content_type(FAULT_ACTION)},
+    )
