@@ -30,7 +30,12 @@ from duo_gateway.mitz.notify import MitzNotifyDoor
 from duo_gateway.mitz.signing import request_signer
 from duo_gateway.mitz.subscriptions import SubscriptionManager
 from duo_gateway.observability.metrics import Metrics
+from duo_gateway.sources.dicom_pacs import DicomPacsSource
 from duo_gateway.tls import server_context
+from duo_gateway.xca.docindex import DocumentIndex
+from duo_gateway.xca.responding.service import RespondingGateway
+from duo_gateway.xca.responding.transport import XcaRespondingDoor
+from duo_gateway.xmldsig import TrustStore
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +61,17 @@ class Gateway:
         ]
         self._sync_stop = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
+        self.spool_dir = config.storage.path / "spool"
+        #: Each TLB hospital's PACS, as an ImagingSource (DICOM today).
+        window = config.xca_responding.retrieve_window
+        self.sources: dict[str, DicomPacsSource] = {
+            h.ura: DicomPacsSource(h, config.listeners.dicom.ae_title, self.spool_dir,
+                                   retrieve_method="c-get", retrieve_window=window, metrics=self.metrics)
+            for h in config.tlb_hospitals}
+        self.index: DocumentIndex | None = None
+        self.xua_trust: TrustStore | None = None
+        if config.xua.trusted_certs:
+            self.xua_trust = TrustStore.from_pem_files(config.xua.trusted_certs)
         self._extra_probes = list(extra_probes)
         self._runner: web.AppRunner | None = None
         self._ops_runner: web.AppRunner | None = None
@@ -70,6 +86,16 @@ class Gateway:
         await self.auditor.start()
         self._audit_activity(started=True)
         await self.subscriptions.start()
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.index = await DocumentIndex.open(cfg.storage.path)
+        if cfg.xca_responding.enabled:
+            if self.xua_trust is None:
+                log.error("xca responding gateway has no trusted XUA issuers: every request will be refused",
+                          hint="set xua.trusted_certs")
+            service = RespondingGateway(cfg, sources=self.sources, gate=self.consent, index=self.index,
+                                        auditor=self.auditor, identity=self.identity,
+                                        spool_dir=self.spool_dir, metrics=self.metrics)
+            self._front_doors.append(XcaRespondingDoor(cfg, service, self.xua_trust))
         self.app = build_app(
             self.metrics,
             lambda: build_probes(cfg, self._extra_probes),
@@ -110,6 +136,8 @@ class Gateway:
             self._sync_task = None
         await self.subscriptions.close()
         await self.mitz.close()
+        if self.index is not None:
+            await self.index.close()
         self._audit_activity(started=False)
         await self.auditor.stop(timeout=min(5.0, self.config.daemon.shutdown_grace_s))
         log.info("gateway stopped")

@@ -20,6 +20,7 @@ from lxml import etree
 
 from duo_gateway.audit.messages import Peer
 from duo_gateway.config.loader import DuoConfig
+from duo_gateway.mitz.wire import WSSE_NS
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,
     WSA_NS,
@@ -69,7 +70,7 @@ class XcaRespondingDoor:
 
     name = "xca-responding"
 
-    def __init__(self, config: DuoConfig, service: RespondingGateway, trusted: TrustStore) -> None:
+    def __init__(self, config: DuoConfig, service: RespondingGateway, trusted: TrustStore | None) -> None:
         self._cfg = config
         self._service = service
         self._trusted = trusted
@@ -119,13 +120,16 @@ class XcaRespondingDoor:
                 )
             if env.body is None:
                 raise SoapFault("Sender", "empty SOAP Body")
+            if self._trusted is None:
+                raise SoapFault("Sender", "this gateway trusts no XUA issuer yet (xua.trusted_certs)",
+                                subcode=(WSSE_NS, "FailedAuthentication"))
             requester = validate_xua(
                 env, self._cfg.xua, trusted=self._trusted, audiences=self._audiences, now=datetime.now(UTC)
             )
             if requester is None:
-                raise SoapFault(
-                    "Sender", "an XUA assertion is required"
-                )  # required=False still needs a requester
+                # Even where XUA is optional, Mitz must be asked in someone's name: no requester, no data.
+                raise SoapFault("Sender", "no XUA assertion: there is no requester to ask consent for",
+                                subcode=(WSSE_NS, "InvalidSecurity"))
             ctx = CallContext(
                 requester,
                 Peer(user_id=env.addressing.reply_to or "anonymous", host=request.remote),
