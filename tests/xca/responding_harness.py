@@ -1,0 +1,155 @@
+"""A DUO with two simulated TLB hospitals and the Mitz simulator, and an XDS-side caller with XUA."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from cryptography import x509
+from lxml import etree
+
+from duo_gateway.config.loader import DuoConfig, parse_config
+from duo_gateway.daemon import Gateway
+from duo_gateway.sim.config import SimNetworkConfig, default_network
+from duo_gateway.sim.mitz import MitzSimulator
+from duo_gateway.sim.pacs import SimPacs
+from duo_gateway.sim.pki import Pki, make_pki
+from duo_gateway.sim.studies import GeneratedStudy, generate_studies
+from duo_gateway.soap.envelope import (
+    SOAP12_CONTENT_TYPE,
+    WSA_ANONYMOUS,
+    Addressing,
+    Envelope,
+    build_envelope,
+    new_message_id,
+    parse_envelope,
+    serialize,
+)
+from duo_gateway.soap.mtom import build_mtom, parse_mtom
+from duo_gateway.xca.codes import Action
+from duo_gateway.xmldsig import PrivateKey, load_signing_pair
+from duo_gateway.xua import Claims, issue_assertion, security_header
+
+HOME = "urn:oid:2.16.528.1.1007.99.1"
+CLAIMS = Claims(uzi="000095254", role="01.039", ura="00000666", organisation_type="V6", purpose="TREAT")
+
+
+@dataclass
+class Reply:
+    status: int
+    envelope: Envelope | None
+    parts: dict[str, bytes]
+    raw: bytes
+    content_type: str
+
+
+@dataclass
+class Network:
+    net: SimNetworkConfig
+    gateway: Gateway
+    pacs: list[SimPacs]
+    studies: dict[str, list[GeneratedStudy]]   # hospital URA -> studies
+    mitz: MitzSimulator
+    pki: Pki
+    key: PrivateKey
+    cert: list[x509.Certificate]
+    session: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return self.gateway.http_url
+
+    def assertion(self, claims: Claims = CLAIMS, *, audience: str = HOME, lifetime_s: float = 600,
+                  now: datetime | None = None) -> etree._Element:
+        return issue_assertion(claims, issuer="urn:oid:2.16.528.1.1007.99.777", audience=audience,
+                               key=self.key, cert=self.cert, now=now or datetime.now(UTC), lifetime_s=lifetime_s)
+
+    async def call(self, path: str, action: str, body: etree._Element, *, assertion: etree._Element | None = None,
+                   with_xua: bool = True, mtom: bool = False) -> Reply:
+        headers_el = []
+        if with_xua:
+            headers_el.append(security_header(assertion if assertion is not None else self.assertion(),
+                                              datetime.now(UTC)))
+        env = build_envelope(Addressing(action=action, message_id=new_message_id(), to=self.url + path,
+                                        reply_to=WSA_ANONYMOUS), body, headers_el)
+        if mtom:
+            content_type, mbody = build_mtom(env, [], action)
+            data = bytes(mbody)
+        else:
+            content_type = f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{action}"'
+            data = serialize(env)
+        return await self.post(path, data, content_type)
+
+    async def post(self, path: str, data: bytes, content_type: str) -> Reply:
+        async with self.session.post(self.url + path, data=data, headers={"Content-Type": content_type}) as r:
+            raw = await r.read()
+            ct = r.headers.get("Content-Type", "")
+            status = r.status
+        try:
+            root, parts = parse_mtom(ct, raw, 1 << 30)
+            env: Envelope | None = parse_envelope(root)
+        except Exception:
+            env, parts = None, {}
+        return Reply(status, env, parts, raw, ct)
+
+
+def duo_config(tmp: Path, net: SimNetworkConfig, pacs: list[SimPacs], mitz_url: str, trusted: Path,
+               **overrides: Any) -> DuoConfig:
+    raw: dict[str, Any] = {
+        "gateway": {"home_community_id": HOME, "ura": "00099001", "name": "DUO"},
+        "listeners": {"http": {"host": "127.0.0.1", "port": 0}, "dicom": {"host": "127.0.0.1", "port": 0}},
+        "tlb_hospitals": [
+            {"ura": h.ura, "name": h.name, "ae_title": h.ae_title, "host": "127.0.0.1", "port": p.port,
+             "repository_unique_id": h.repository_unique_id, "timeout_s": 3.0}
+            for h, p in zip(net.hospitals, pacs, strict=True)],
+        "mitz": {"closed_url": f"{mitz_url}/geslotenautorisatievraag/xacml3",
+                 "open_url": f"{mitz_url}/openautorisatievraag",
+                 "subscriptions_url": f"{mitz_url}/abonnementen/fhir/Subscription"},
+        "xua": {"trusted_certs": [str(trusted)]},
+        "xca_responding": {"hospital_deadline_s": 2.0},
+        "storage": {"path": str(tmp / "duo")},
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return parse_config(raw, base_dir=tmp, source="test", env={})
+
+
+@asynccontextmanager
+async def running_network(tmp: Path, *, studies_per_patient: int = 2, **overrides: Any) -> AsyncIterator[Network]:
+    net = default_network()
+    mitz = MitzSimulator(net, tlb_home_community_id=HOME)
+    runner = web.AppRunner(mitz.app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    mitz_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    pacs: list[SimPacs] = []
+    studies: dict[str, list[GeneratedStudy]] = {}
+    for h in net.hospitals:
+        p = SimPacs(h, tmp / "pacs" / h.ae_title)
+        generated = [s for pt in net.patients for s in generate_studies(pt, h, studies_per_patient, net.seed)]
+        await asyncio.to_thread(p.preload, generated)
+        await asyncio.to_thread(p.start)
+        pacs.append(p)
+        studies[h.ura] = generated
+    pki = make_pki(tmp / "pki", key_type="rsa")
+    key, cert = load_signing_pair(pki.client.key, pki.client.cert)
+    gateway = Gateway(duo_config(tmp, net, pacs, mitz_url, pki.ca_cert, **overrides))
+    await gateway.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Network(net, gateway, pacs, studies, mitz, pki, key, cert, session)
+    finally:
+        await gateway.stop()
+        for p in pacs:
+            await asyncio.to_thread(p.stop)
+        await runner.cleanup()
+
+
+__all__ = ["CLAIMS", "HOME", "Action", "Network", "Reply", "running_network"]
