@@ -55,7 +55,7 @@ class Network:
     net: SimNetworkConfig
     gateway: Gateway
     pacs: list[SimPacs]
-    studies: dict[str, list[GeneratedStudy]]   # hospital URA -> studies
+    studies: dict[str, list[GeneratedStudy]]  # hospital URA -> studies
     mitz: MitzSimulator
     pki: Pki
     key: PrivateKey
@@ -66,19 +66,46 @@ class Network:
     def url(self) -> str:
         return self.gateway.http_url
 
-    def assertion(self, claims: Claims = CLAIMS, *, audience: str = HOME, lifetime_s: float = 600,
-                  now: datetime | None = None) -> etree._Element:
-        return issue_assertion(claims, issuer="urn:oid:2.16.528.1.1007.99.777", audience=audience,
-                               key=self.key, cert=self.cert, now=now or datetime.now(UTC), lifetime_s=lifetime_s)
+    def assertion(
+        self,
+        claims: Claims = CLAIMS,
+        *,
+        audience: str = HOME,
+        lifetime_s: float = 600,
+        now: datetime | None = None,
+    ) -> etree._Element:
+        return issue_assertion(
+            claims,
+            issuer="urn:oid:2.16.528.1.1007.99.777",
+            audience=audience,
+            key=self.key,
+            cert=self.cert,
+            now=now or datetime.now(UTC),
+            lifetime_s=lifetime_s,
+        )
 
-    async def call(self, path: str, action: str, body: etree._Element, *, assertion: etree._Element | None = None,
-                   with_xua: bool = True, mtom: bool = False) -> Reply:
+    async def call(
+        self,
+        path: str,
+        action: str,
+        body: etree._Element,
+        *,
+        assertion: etree._Element | None = None,
+        with_xua: bool = True,
+        mtom: bool = False,
+    ) -> Reply:
         headers_el = []
         if with_xua:
-            headers_el.append(security_header(assertion if assertion is not None else self.assertion(),
-                                              datetime.now(UTC)))
-        env = build_envelope(Addressing(action=action, message_id=new_message_id(), to=self.url + path,
-                                        reply_to=WSA_ANONYMOUS), body, headers_el)
+            headers_el.append(
+                security_header(assertion if assertion is not None else self.assertion(), datetime.now(UTC))
+            )
+        env = build_envelope(
+            Addressing(
+                action=action, message_id=new_message_id(), to=self.url + path, reply_to=WSA_ANONYMOUS
+            ),
+            body,
+            headers_el,
+        )
         if mtom:
             content_type, mbody = build_mtom(env, [], action)
             data = bytes(mbody)
@@ -100,18 +127,29 @@ class Network:
         return Reply(status, env, parts, raw, ct)
 
 
-def duo_config(tmp: Path, net: SimNetworkConfig, pacs: list[SimPacs], mitz_url: str, trusted: Path,
-               **overrides: Any) -> DuoConfig:
+def duo_config(
+    tmp: Path, net: SimNetworkConfig, pacs: list[SimPacs], mitz_url: str, trusted: Path, **overrides: Any
+) -> DuoConfig:
     raw: dict[str, Any] = {
         "gateway": {"home_community_id": HOME, "ura": "00099001", "name": "DUO"},
         "listeners": {"http": {"host": "127.0.0.1", "port": 0}, "dicom": {"host": "127.0.0.1", "port": 0}},
         "tlb_hospitals": [
-            {"ura": h.ura, "name": h.name, "ae_title": h.ae_title, "host": "127.0.0.1", "port": p.port,
-             "repository_unique_id": h.repository_unique_id, "timeout_s": 3.0}
-            for h, p in zip(net.hospitals, pacs, strict=True)],
-        "mitz": {"closed_url": f"{mitz_url}/geslotenautorisatievraag/xacml3",
-                 "open_url": f"{mitz_url}/openautorisatievraag",
-                 "subscriptions_url": f"{mitz_url}/abonnementen/fhir/Subscription"},
+            {
+                "ura": h.ura,
+                "name": h.name,
+                "ae_title": h.ae_title,
+                "host": "127.0.0.1",
+                "port": p.port,
+                "repository_unique_id": h.repository_unique_id,
+                "timeout_s": 3.0,
+            }
+            for h, p in zip(net.hospitals, pacs, strict=True)
+        ],
+        "mitz": {
+            "closed_url": f"{mitz_url}/geslotenautorisatievraag/xacml3",
+            "open_url": f"{mitz_url}/openautorisatievraag",
+            "subscriptions_url": f"{mitz_url}/abonnementen/fhir/Subscription",
+        },
         "xua": {"trusted_certs": [str(trusted)]},
         "xca_responding": {"hospital_deadline_s": 2.0},
         "storage": {"path": str(tmp / "duo")},
@@ -122,7 +160,9 @@ def duo_config(tmp: Path, net: SimNetworkConfig, pacs: list[SimPacs], mitz_url: 
 
 
 @asynccontextmanager
-async def running_network(tmp: Path, *, studies_per_patient: int = 2, **overrides: Any) -> AsyncIterator[Network]:
+async def running_network(
+    tmp: Path, *, studies_per_patient: int = 2, **overrides: Any
+) -> AsyncIterator[Network]:
     net = default_network()
     mitz = MitzSimulator(net, tlb_home_community_id=HOME)
     runner = web.AppRunner(mitz.app())
