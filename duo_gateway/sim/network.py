@@ -24,6 +24,7 @@ from duo_gateway.daemon import Gateway, free_port, stop_on_signals
 from duo_gateway.sim.config import SimNetworkConfig, default_network, load_network
 from duo_gateway.sim.mitz import MitzSimulator
 from duo_gateway.sim.pacs import SimPacs
+from duo_gateway.sim.pki import Pki, make_pki
 from duo_gateway.sim.studies import generate_studies
 from duo_gateway.sim.xca import XcaCommunitySimulator
 
@@ -33,6 +34,8 @@ HOST = "127.0.0.1"
 DUO_HOME_COMMUNITY_ID = "urn:oid:2.16.528.1.1007.99.1"
 DUO_URA = "00099001"
 DUO_AE_TITLE = "DUO_GATEWAY"
+#: The demo XDS community's XUA issuer: DUO trusts assertions it signs (its CA is in xua.trusted_certs).
+DEMO_XUA_ISSUER = "urn:oid:2.16.528.1.1007.99.777"
 
 
 class _Ports:
@@ -71,8 +74,11 @@ class SimulatedNetwork:
     communities: list[_HttpPeer] = field(default_factory=list)
     community_sims: list[XcaCommunitySimulator] = field(default_factory=list)
     gateway: Gateway | None = None
+    pki: Pki | None = None
 
     async def start(self) -> None:
+        # A throwaway RSA PKI: the demo XDS side signs XUA assertions with its client pair.
+        self.pki = await asyncio.to_thread(make_pki, self.workdir / "pki", "rsa")
         ports = _Ports(self.base_port)
         # Port allocation order is fixed: DUO HTTP, DUO DICOM, Mitz, hospitals, communities.
         duo_http_port, duo_dicom_port = ports.take(), ports.take()
@@ -131,6 +137,7 @@ class SimulatedNetwork:
                      "cache_ttl_s": 30.0,
                      # Subscribe every demo patient at start (generated studies span five years).
                      "subscription_sync_interval_s": 3600.0, "subscription_lookback_days": 36500},
+            "xua": {"trusted_certs": [str(self.pki.ca_cert)] if self.pki else []},
             "storage": {"path": str(self.workdir / "duo")},
             "logging": {"level": "WARNING"},
             "daemon": {"shutdown_grace_s": 5.0},
@@ -142,9 +149,17 @@ class SimulatedNetwork:
         assert self.gateway is not None and self.mitz is not None
         gw = self.gateway
         base = gw.http_url
+        xca = gw.config.xca_responding
+        xua: dict[str, str] = {}
+        if self.pki is not None:
+            xua = {"issuer": DEMO_XUA_ISSUER, "audience": gw.config.gateway.home_community_id,
+                   "cert": str(self.pki.client.cert), "key": str(self.pki.client.key),
+                   "ca": str(self.pki.ca_cert)}
         return {
+            "xua": xua,
             "duo": {"http": base, "metrics": f"{base}/metrics", "healthz": f"{base}/healthz",
-                    "readyz": f"{base}/readyz",
+                    "readyz": f"{base}/readyz", "iti38": base + xca.iti38_path,
+                    "iti39": base + xca.iti39_path, "rad75": base + xca.rad75_path,
                     "home_community_id": gw.config.gateway.home_community_id,
                     "dicom": {"ae_title": gw.config.listeners.dicom.ae_title, "host": HOST,
                               "port": gw.dicom_port}},

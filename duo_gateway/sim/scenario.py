@@ -12,25 +12,50 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from lxml import etree
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from duo_gateway.bsn import bsn_cx
 from duo_gateway.dicom.find import c_find
 from duo_gateway.mitz.wire import ClosedQuestion, OpenQuestion
+from duo_gateway.sim.network import DEMO_XUA_ISSUER
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,
     WSA_ANONYMOUS,
     Addressing,
+    Envelope,
     build_envelope,
     new_message_id,
     parse_envelope,
     serialize,
 )
-from duo_gateway.xca.codes import Action
-from duo_gateway.xca.query import build_adhoc_query_request, find_documents, parse_adhoc_query_response
+from duo_gateway.soap.mtom import build_mtom, parse_mtom
+from duo_gateway.xca.codes import KOS_SOP_CLASS, Action, ResponseStatus
+from duo_gateway.xca.ebrim import DocumentEntry
+from duo_gateway.xca.query import (
+    AdhocQueryResponse,
+    build_adhoc_query_request,
+    find_documents,
+    parse_adhoc_query_response,
+)
+from duo_gateway.xca.retrieve import (
+    DocumentRequest,
+    RetrieveDocumentSetRequest,
+    RetrieveImagingDocumentSetRequest,
+    SeriesRequest,
+    StudyRequest,
+    build_imaging_retrieve_request,
+    build_retrieve_request,
+    parse_retrieve_response,
+)
+from duo_gateway.xmldsig import load_signing_pair
+from duo_gateway.xua import Claims, issue_assertion, security_header
 
 if TYPE_CHECKING:
     from duo_gateway.sim.network import SimulatedNetwork
@@ -214,6 +239,35 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
         await _step(report, "Mitz subscriptions by DUO (FHIR)", subscriptions)
         await _step(report, "Mitz notification evicts DUO's cache", withdrawal)
 
+        async def xds_asks_duo() -> tuple[bool, str]:
+            """An XDS community queries DUO (ITI-38), fetches a KOS (ITI-39) and its images (RAD-75)."""
+            caller = XdsCaller(network)
+            per_profile: dict[str, set[str]] = {}
+            first_kos: DocumentEntry | None = None
+            for patient in net.patients:
+                found = await caller.find(patient.bsn)
+                if found.status != ResponseStatus.SUCCESS:
+                    return False, f"ITI-38 for a {patient.consent} patient: {found.status}"
+                per_profile[patient.consent] = {u for e in found.entries for u in e.author_uras}
+                kos = [e for e in found.entries if e.format_code and e.format_code.code == KOS_SOP_CLASS]
+                if patient.consent == "all" and kos:
+                    first_kos = kos[0]
+            expected = {p.consent: {h.ura for h in net.hospitals if h.ura in net.consent_holders(p)}
+                        for p in net.patients}
+            if per_profile != expected or first_kos is None:
+                return False, f"hospitals per consent profile {per_profile}, expected {expected}"
+            kos_ds = await caller.kos(first_kos)
+            refs = [(str(s.SeriesInstanceUID), str(i.ReferencedSOPInstanceUID))
+                    for st in kos_ds.CurrentRequestedProcedureEvidenceSequence
+                    for s in st.ReferencedSeriesSequence for i in s.ReferencedSOPSequence]
+            delivered = await caller.images(first_kos, str(kos_ds.StudyInstanceUID), refs)
+            ok = delivered == len(refs) > 0 and str(kos_ds.SOPInstanceUID) == first_kos.unique_id
+            return ok, (f"hospitals per consent: all={len(per_profile['all'])}, "
+                        f"partial={len(per_profile['partial'])}, none={len(per_profile['none'])}; "
+                        f"KOS of {len(refs)} instances, RAD-75 delivered {delivered}")
+
+        await _step(report, "XDS community asks DUO (ITI-38/39, RAD-75)", xds_asks_duo)
+
         async def metrics() -> tuple[bool, str]:
             async with http.get(f"{gw.http_url}/metrics") as r:
                 text = await r.text()
@@ -224,3 +278,65 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
 
 
 __all__ = ["Report", "run_scenario"]
+
+
+class XdsCaller:
+    """The demo XDS community's Initiating Gateway: signed XUA, WS-Addressing, DUO's own codec."""
+
+    def __init__(self, network: SimulatedNetwork) -> None:
+        assert network.gateway is not None and network.pki is not None
+        self._gw = network.gateway
+        self._key, self._cert = load_signing_pair(network.pki.client.key, network.pki.client.cert)
+        self._home = network.gateway.config.gateway.home_community_id
+
+    async def _call(self, path: str, action: str, body: etree._Element) -> tuple[Envelope, dict[str, bytes]]:
+        now = datetime.now(UTC)
+        assertion = issue_assertion(
+            Claims(uzi=DEMO_UZI, role=DEMO_ROLE, ura="00020011", organisation_type="V6"),
+            issuer=DEMO_XUA_ISSUER, audience=self._home, key=self._key, cert=self._cert, now=now)
+        url = self._gw.http_url + path
+        env = build_envelope(Addressing(action=action, message_id=new_message_id(), to=url,
+                                        reply_to=WSA_ANONYMOUS), body, [security_header(assertion, now)])
+        content_type, mtom = build_mtom(env, [], action)
+        async with aiohttp.ClientSession() as http, http.post(
+                url, data=bytes(mtom), headers={"Content-Type": content_type}) as r:
+            data, reply_type = await r.read(), r.headers.get("Content-Type", "")
+        root, parts = parse_mtom(reply_type, data, 1 << 30)
+        answer = parse_envelope(root)
+        if answer.body is None:
+            raise ValueError(f"{action}: empty answer")
+        return answer, parts
+
+    async def find(self, bsn: str) -> AdhocQueryResponse:
+        env, _ = await self._call(self._gw.config.xca_responding.iti38_path, Action.ITI38,
+                                  build_adhoc_query_request(find_documents(bsn_cx(bsn))))
+        assert env.body is not None
+        return parse_adhoc_query_response(env.body)
+
+    async def kos(self, entry: DocumentEntry) -> Dataset:
+        assert entry.repository_unique_id is not None
+        request = RetrieveDocumentSetRequest((DocumentRequest(entry.repository_unique_id, entry.unique_id,
+                                                              self._home),))
+        env, parts = await self._call(self._gw.config.xca_responding.iti39_path, Action.ITI39,
+                                      build_retrieve_request(request))
+        assert env.body is not None
+        docs = parse_retrieve_response(env.body, parts).documents
+        if not docs or not isinstance(docs[0].data, bytes):
+            raise ValueError("ITI-39 delivered no KOS")
+        return dcmread(BytesIO(docs[0].data))
+
+    async def images(self, entry: DocumentEntry, study_uid: str, refs: list[tuple[str, str]]) -> int:
+        assert entry.repository_unique_id is not None
+        repo = entry.repository_unique_id
+        by_series: dict[str, list[str]] = {}
+        for series, sop in refs:
+            by_series.setdefault(series, []).append(sop)
+        request = RetrieveImagingDocumentSetRequest(
+            (StudyRequest(study_uid, tuple(SeriesRequest(se, tuple(DocumentRequest(repo, sop, self._home)
+                                                                    for sop in sops))
+                                          for se, sops in by_series.items())),),
+            ("1.2.840.10008.1.2.1",))
+        env, parts = await self._call(self._gw.config.xca_responding.rad75_path, Action.RAD75,
+                                      build_imaging_retrieve_request(request))
+        assert env.body is not None
+        return len(parse_retrieve_response(env.body, parts).documents)

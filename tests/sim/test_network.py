@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,16 +26,25 @@ def test_demo_once_shows_every_component_healthy(tmp_path: Path) -> None:
     ports_file = tmp_path / "ports.json"
     proc = run_demo("--once", "--ports-file", str(ports_file))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "11 of 11 checks passed: network healthy" in proc.stdout
+    assert "12 of 12 checks passed: network healthy" in proc.stdout
     ports = json.loads(ports_file.read_text())
     assert ports["duo"]["home_community_id"].startswith("urn:oid:")
     assert ports["duo"]["metrics"].endswith("/metrics")
     assert set(ports["duo"]["dicom"]) == {"ae_title", "host", "port"}
+    assert {ports["duo"][k].rsplit("/", 1)[-1] for k in ("iti38", "iti39", "rad75")} == {
+        "iti38",
+        "iti39",
+        "rad75",
+    }
+    xua = ports["xua"]
+    assert xua["audience"] == ports["duo"]["home_community_id"] and xua["issuer"].startswith("urn:oid:")
+    assert Path(xua["cert"]).is_file() is False  # the demo's temp workdir is gone once --once exits
     assert set(ports["mitz"]) >= {"closed", "open", "subscriptions"}
     assert len(ports["tlb_hospitals"]) == 2
     assert all(set(h) >= {"ura", "name", "ae_title", "host", "port"} for h in ports["tlb_hospitals"])
-    assert all(set(c) >= {"home_community_id", "name", "iti38", "iti39", "rad75"}
-               for c in ports["xca_communities"])
+    assert all(
+        set(c) >= {"home_community_id", "name", "iti38", "iti39", "rad75"} for c in ports["xca_communities"]
+    )
     assert sorted(p["consent"] for p in ports["patients"]) == ["all", "none", "partial"]
     # loopback only, every endpoint
     text = json.dumps(ports)
@@ -47,8 +57,9 @@ def test_demo_once_shows_every_component_healthy(tmp_path: Path) -> None:
 def test_demo_once_fails_when_the_network_is_not_healthy(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parents[2] / "config" / "sim.example.toml"
     sim = tmp_path / "sim.toml"
-    sim.write_text(example.read_text().replace('# force_decision = "Indeterminate"',
-                                               'force_decision = "Indeterminate"'))
+    sim.write_text(
+        example.read_text().replace('# force_decision = "Indeterminate"', 'force_decision = "Indeterminate"')
+    )
     proc = run_demo("--once", "--sim-config", str(sim))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "[FAIL] Mitz closed question" in proc.stdout
@@ -77,8 +88,12 @@ def test_demo_keeps_running_on_fixed_ports_until_sigterm(tmp_path: Path) -> None
     require_tool("echoscu")
     base = _free_block(8)
     ports_file = tmp_path / "ports.json"
-    proc = subprocess.Popen([*CLI, "demo", "--ports-file", str(ports_file), "--base-port", str(base)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*CLI, "demo", "--ports-file", str(ports_file), "--base-port", str(base)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not ports_file.exists():
@@ -94,9 +109,15 @@ def test_demo_keeps_running_on_fixed_ports_until_sigterm(tmp_path: Path) -> None
             assert json.loads(r.read())["status"] == "ready"
         # DUO's own DICOM AE answers a real DCMTK echoscu
         dicom = ports["duo"]["dicom"]
-        echo = subprocess.run(["echoscu", "-aec", dicom["ae_title"], dicom["host"], str(dicom["port"])],
-                              capture_output=True, text=True, timeout=30)
+        echo = subprocess.run(
+            ["echoscu", "-aec", dicom["ae_title"], dicom["host"], str(dicom["port"])],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert echo.returncode == 0, echo.stderr
+        # An outside XDS tool talks to the demo with the advertised XUA issuer material.
+        assert query_duo_like_an_xds_community(ports) >= 4
         proc.terminate()
         proc.wait(timeout=30)
         assert proc.returncode == 0
@@ -104,3 +125,52 @@ def test_demo_keeps_running_on_fixed_ports_until_sigterm(tmp_path: Path) -> None
         if proc.poll() is None:
             proc.kill()
             pytest.fail("demo did not stop on SIGTERM")
+
+
+def query_duo_like_an_xds_community(ports: dict[str, Any]) -> int:
+    """ITI-38 FindDocuments to the running demo, signed with the ports file's XUA pair: entry count."""
+    from datetime import UTC, datetime
+
+    from duo_gateway.bsn import bsn_cx
+    from duo_gateway.soap.envelope import (
+        WSA_ANONYMOUS,
+        Addressing,
+        build_envelope,
+        new_message_id,
+        parse_envelope,
+        serialize,
+    )
+    from duo_gateway.xca.codes import Action, ResponseStatus
+    from duo_gateway.xca.query import build_adhoc_query_request, find_documents, parse_adhoc_query_response
+    from duo_gateway.xmldsig import load_signing_pair
+    from duo_gateway.xua import Claims, issue_assertion, security_header
+
+    xua, url = ports["xua"], ports["duo"]["iti38"]
+    key, cert = load_signing_pair(Path(xua["key"]), Path(xua["cert"]))
+    now = datetime.now(UTC)
+    assertion = issue_assertion(
+        Claims(uzi="000095254", role="01.039", ura="00020011", organisation_type="V6"),
+        issuer=xua["issuer"],
+        audience=xua["audience"],
+        key=key,
+        cert=cert,
+        now=now,
+    )
+    everywhere = next(p["bsn"] for p in ports["patients"] if p["consent"] == "all")
+    env = build_envelope(
+        Addressing(Action.ITI38, new_message_id(), url, None, WSA_ANONYMOUS),
+        build_adhoc_query_request(find_documents(bsn_cx(everywhere))),
+        [security_header(assertion, now)],
+    )
+    request = urllib.request.Request(
+        url,
+        data=serialize(env),
+        method="POST",
+        headers={"Content-Type": f'application/soap+xml; charset=UTF-8; action="{Action.ITI38}"'},
+    )
+    with urllib.request.urlopen(request, timeout=30) as r:
+        answer = parse_envelope(r.read())
+    assert answer.body is not None
+    response = parse_adhoc_query_response(answer.body)
+    assert response.status == ResponseStatus.SUCCESS
+    return len(response.entries)
