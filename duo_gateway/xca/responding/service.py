@@ -16,10 +16,11 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 from pydicom import dcmread
@@ -73,6 +74,8 @@ from duo_gateway.xca.retrieve import (
 from duo_gateway.xua import Requester
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 #: Transfer syntaxes DUO can convert between without touching pixel data.
 _UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
@@ -493,16 +496,15 @@ class RespondingGateway:
         record = next((i for i in instances if i.sop_instance_uid == indexed.sop_instance_uid), None)
         if record is None:
             return None, indexed.mime_type
-        spool = Path(tempfile.mkdtemp(prefix="iti39-", dir=self._spool_dir))
-        try:
-            async for got in source.retrieve(permit, bsn, indexed.study_uid, [record]):
+        # _closing: returning from inside the loop must end the C-GET and free the association now,
+        # not whenever the abandoned generator is garbage-collected.
+        async with _closing(source.retrieve(permit, bsn, indexed.study_uid, [record])) as stream:
+            async for got in stream:
                 data = await asyncio.to_thread(got.path.read_bytes)
                 got.path.unlink(missing_ok=True)
                 if indexed.mime_type == _PDF:
                     return await asyncio.to_thread(_encapsulated_document, data), _PDF
                 return data, MIME_DICOM
-        finally:
-            shutil.rmtree(spool, ignore_errors=True)
         return None, indexed.mime_type
 
     def _audit_iti39(
@@ -639,35 +641,37 @@ class RespondingGateway:
             records = [existing[doc.document_unique_id] for _st, _se, doc in present]
             arrived: dict[str, RetrievedDocument] = {}
             refs: list[DocumentRef] = []
-            async for got in source.retrieve(verdict, bsn, study_uid, records):
-                target = spool / f"{got.record.sop_instance_uid}.dcm"
-                await asyncio.to_thread(shutil.move, got.path, target)
-                where = composite_context(
-                    study_uid, got.record.series_instance_uid, got.record.sop_instance_uid
-                )
-                if got.transfer_syntax_uid not in accepted:
-                    converted = await asyncio.to_thread(_convert, target, accepted)
-                    if not converted:
-                        errors.append(
-                            RegistryError(
-                                ErrorCode.REPOSITORY_ERROR,
-                                f"{where}: stored as {got.transfer_syntax_uid}, not requested",
-                                Severity.ERROR,
-                                self._home,
+            # _closing: an error below must end the C-GET at once, not at garbage collection.
+            async with _closing(source.retrieve(verdict, bsn, study_uid, records)) as stream:
+                async for got in stream:
+                    target = spool / f"{got.record.sop_instance_uid}.dcm"
+                    await asyncio.to_thread(shutil.move, got.path, target)
+                    where = composite_context(
+                        study_uid, got.record.series_instance_uid, got.record.sop_instance_uid
+                    )
+                    if got.transfer_syntax_uid not in accepted:
+                        converted = await asyncio.to_thread(_convert, target, accepted)
+                        if not converted:
+                            errors.append(
+                                RegistryError(
+                                    ErrorCode.REPOSITORY_ERROR,
+                                    f"{where}: stored as {got.transfer_syntax_uid}, not requested",
+                                    Severity.ERROR,
+                                    self._home,
+                                )
                             )
-                        )
-                        target.unlink(missing_ok=True)
-                        continue
-                arrived[got.record.sop_instance_uid] = RetrievedDocument(
-                    hospital.repository_unique_id,
-                    got.record.sop_instance_uid,
-                    MIME_DICOM,
-                    target,
-                    home=self._home,
-                )
-                refs.append(
-                    DocumentRef(got.record.sop_instance_uid, hospital.repository_unique_id, self._home)
-                )
+                            target.unlink(missing_ok=True)
+                            continue
+                    arrived[got.record.sop_instance_uid] = RetrievedDocument(
+                        hospital.repository_unique_id,
+                        got.record.sop_instance_uid,
+                        MIME_DICOM,
+                        target,
+                        home=self._home,
+                    )
+                    refs.append(
+                        DocumentRef(got.record.sop_instance_uid, hospital.repository_unique_id, self._home)
+                    )
             for st, se, doc in present:
                 if doc.document_unique_id in arrived:
                     documents.append(arrived[doc.document_unique_id])
@@ -759,6 +763,18 @@ def _matches(
             if not any(v.matches(c) for v in values for c in group):
                 return False
     return True
+
+
+@contextlib.asynccontextmanager
+async def _closing(stream: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
+    """``contextlib.aclosing`` for the ImagingSource protocol, whose retrieve() promises only an
+    AsyncIterator: a source's async generator holds a PACS association until it is closed."""
+    try:
+        yield stream
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _group(docs: Iterable[IndexedDocument]) -> dict[tuple[str, str], list[IndexedDocument]]:
