@@ -1,0 +1,927 @@
+"""Asyncio-facing DICOM Query/Retrieve SCU (C-FIND, C-GET, C-MOVE) over thread-based pynetdicom.
+
+pynetdicom blocks: each association is a thread plus a reactor, ``send_c_*`` are blocking generators
+and event handlers run in pynetdicom's threads (docs/dicom.md §6). The event loop must never wait on
+any of that, so this module keeps to three rules:
+
+- **One single-thread executor per association.** Associate, the Q/R pump (the thread iterating the
+  ``send_c_*`` generator) and release run on it, one after the other, so an association is only ever
+  driven by one thread. Parallelism comes from more associations, limited per PACS by a semaphore
+  (``max_associations``), never from more threads per association. Abort is the exception: it must
+  interrupt a blocked pump, so it runs in a thread of its own.
+- **Bounded hand-over with back-pressure.** The pump and the C-STORE handler hand results to the loop
+  through a bounded :class:`asyncio.Queue` with ``run_coroutine_threadsafe(...).result(timeout)``.
+  A received instance is first written to the spool and renamed into place, then queued, and only
+  then does the handler answer 0x0000; while the consumer lags, the handler waits (the PACS waits for
+  our C-STORE-RSP), so at most ``window`` files sit spooled and unconsumed and memory stays flat.
+- **Timeouts everywhere, abort on cancel.** All pynetdicom timeouts are set, every wait on a thread is
+  bounded, and a consumer that stops iterating (cancel, break, error) aborts the association and
+  leaves no files it did not receive behind.
+
+Failures surface as :class:`QrError` subclasses, each with a ``kind`` short enough for a metric label.
+
+C-MOVE needs DUO's own storage SCP as destination: :class:`MoveRouter` is the piece that SCP's
+C-STORE handler calls, and it routes each incoming instance to the move that asked for it (by Move
+Originator Message ID, which the router allocates uniquely, falling back to the expected SOP Instance
+UIDs for PACSes that leave the originator fields empty).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import re
+import secrets
+import shutil
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import structlog
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    build_context,
+    build_role,
+    evt,
+)
+from pynetdicom.association import Association
+from pynetdicom.events import EventHandlerType
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from duo_gateway.dicom.nodelay import ensure_tcp_nodelay
+
+log = structlog.get_logger(__name__)
+
+# pynetdicom starts its own threads (association, reactor, SCP handlers); with this switch they
+# inherit the caller's contextvars, so structlog's bound request_id follows a request into them.
+# It is process-global and only ever wanted on, so it is set once, here, on import.
+_config.PASS_CONTEXTVARS = True
+
+Model = Literal["study", "patient"]
+
+_FIND = {"study": StudyRootQueryRetrieveInformationModelFind,
+         "patient": PatientRootQueryRetrieveInformationModelFind}
+_GET = {"study": StudyRootQueryRetrieveInformationModelGet,
+        "patient": PatientRootQueryRetrieveInformationModelGet}
+_MOVE = {"study": StudyRootQueryRetrieveInformationModelMove,
+         "patient": PatientRootQueryRetrieveInformationModelMove}
+
+SUCCESS = 0x0000
+CANCEL = 0xFE00
+OUT_OF_RESOURCES = 0xA700
+NOT_AUTHORISED = 0x0124
+CANNOT_UNDERSTAND = 0xC000
+_PENDING = frozenset({0xFF00, 0xFF01})
+
+#: One context per transfer syntax, so the PACS can send each file exactly as stored: offered several
+#: syntaxes in one context, the acceptor picks its own favourite (pynetdicom: Implicit VR) and
+#: re-encodes, and a compressed file would have to be decompressed (pynetdicom-based PACSes fail).
+_UNCOMPRESSED: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_COMPRESSED: tuple[UID, ...] = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEG2000Lossless,
+                                JPEG2000, JPEGLSLossless, RLELossless, DeflatedExplicitVRLittleEndian)
+#: Presentation context IDs are odd numbers 1..255: at most 128 contexts in one association.
+MAX_CONTEXTS = 128
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: How often blocked thread-side waits look at the cancel flag.
+_POLL_S = 0.05
+
+T = TypeVar("T")
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+class QrError(RuntimeError):
+    """A Q/R operation failed; ``kind`` is a short, stable label (metrics, logs)."""
+
+    kind = "error"
+
+
+class AssociationRejected(QrError):
+    kind = "rejected"
+
+
+class AssociationFailed(QrError):
+    """No association: connection refused or reset, TLS failure, no answer to A-ASSOCIATE."""
+
+    kind = "connect"
+
+
+class QrTimeout(QrError):
+    kind = "timeout"
+
+
+class QrAborted(QrError):
+    """The peer aborted, or sent something pynetdicom could not handle (it then aborts)."""
+
+    kind = "aborted"
+
+
+class QrStatusError(QrError):
+    """The peer answered with a Failure or Cancel status."""
+
+    kind = "status"
+
+    def __init__(self, operation: str, status: int, detail: str = "") -> None:
+        super().__init__(f"{operation} failed with status 0x{status:04X}{': ' + detail if detail else ''}")
+        self.status = status
+
+
+# -- records ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpooledInstance:
+    """One instance received and renamed into the spool; the consumer now owns ``path``."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    size: int
+    #: The file's header (no pixel data), read once in the receiving thread for validation.
+    header: Dataset
+
+
+@dataclass(frozen=True)
+class RetrieveSummary:
+    """The final C-GET/C-MOVE response counters (PS3.4 C.4.2/C.4.3); missing ones are None."""
+
+    status: int
+    completed: int | None
+    failed: int | None
+    warning: int | None
+
+
+#: Returns None to accept a received instance, or why it is refused (it is then deleted, never queued).
+Validator = Callable[[Dataset], str | None]
+
+
+# -- thread -> loop hand-over ------------------------------------------------------------------------
+
+
+class _End:
+    """Terminal marker of one operation, carrying its summary (or None for C-FIND)."""
+
+    def __init__(self, summary: RetrieveSummary | None = None) -> None:
+        self.summary = summary
+
+
+class _Bridge:
+    """A bounded queue fed from threads; a put waits for room (back-pressure) but never forever."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, maxsize: int) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[object] = asyncio.Queue(maxsize)
+        self.closed = threading.Event()
+
+    def put(self, item: object, timeout_s: float) -> bool:
+        """Thread side: True once ``item`` is in the queue; False when closed, timed out or no loop."""
+        if self.closed.is_set():
+            return False
+        try:
+            fut = asyncio.run_coroutine_threadsafe(self.queue.put(item), self.loop)
+        except RuntimeError:  # loop closed
+            return False
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fut.result(timeout=_POLL_S)
+                return True
+            except TimeoutError:
+                if self.closed.is_set() or time.monotonic() > deadline:
+                    # cancel() fails when the put completed meanwhile: the item is queued after all
+                    return not fut.cancel()
+            except Exception:  # cancelled, or the loop went away
+                return False
+
+    async def get(self, timeout_s: float) -> object:
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout_s)
+        except TimeoutError:
+            raise QrTimeout(f"no DIMSE progress within {timeout_s:g} s") from None
+
+    def drain(self) -> list[object]:
+        items: list[object] = []
+        while True:
+            try:
+                items.append(self.queue.get_nowait())
+            except asyncio.QueueEmpty:
+                return items
+
+
+# -- the spool -------------------------------------------------------------------------------------
+
+
+class Spool:
+    """Where one retrieve lands: a directory, a window of unconsumed files, and a validator.
+
+    Created on the event loop (it binds to it) and shared by the C-GETs/C-MOVEs of one retrieve, so
+    the window bounds the whole retrieve, not each sub-request. A file counts against the window from
+    the moment a C-STORE starts writing it until the consumer asks for the next item, so "at most
+    ``window`` files in the spool" holds for anything the spool wrote, consumed or not.
+    """
+
+    def __init__(self, directory: Path, window: int, *, validate: Validator | None = None,
+                 store_wait_s: float = 30.0, fsync: bool = False) -> None:
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.window = window
+        #: How long a C-STORE may wait for the consumer before it is refused (0xA700). Keep it below
+        #: the PACS's own DIMSE timeout, or the PACS aborts first.
+        self.store_wait_s = store_wait_s
+        #: The spool is transient (a crash loses the retrieve anyway), so fsync before the ACK is off
+        #: by default; a renamed-into-place file is complete either way.
+        self.fsync = fsync
+        self._validate = validate
+        self._permits = threading.Semaphore(window)
+        self._bridge = _Bridge(asyncio.get_running_loop(), window + 1)
+        self._lock = threading.Lock()
+        self._outstanding: set[Path] = set()
+        self._inflight = 0
+        self.refused = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._bridge.closed.is_set()
+
+    # thread side ----------------------------------------------------------------------------------
+
+    def store(self, event: Any) -> int:
+        """EVT_C_STORE handler body: 0x0000 only once the file is in place and queued."""
+        with self._lock:
+            if self.closed:
+                return OUT_OF_RESOURCES
+            self._inflight += 1
+        try:
+            return self._store(event)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+    def _store(self, event: Any) -> int:
+        sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+        sop_class = str(event.request.AffectedSOPClassUID or "")
+        if not _UID_RE.match(sop_uid) or len(sop_uid) > 64:
+            log.warning("qr_store_bad_uid")  # the UID becomes part of a file name: never trust it
+            return CANNOT_UNDERSTAND
+        if not self._acquire():
+            log.warning("qr_store_refused_window", sop_instance_uid=sop_uid, closed=self.closed)
+            return OUT_OF_RESOURCES
+        queued = False
+        tmp: Path | None = None
+        try:
+            fd, tmp_name = tempfile.mkstemp(dir=self.directory, prefix=".part-", suffix=".dcm")
+            tmp = Path(tmp_name)
+            if _config.STORE_RECV_CHUNKED_DATASET:
+                # pynetdicom already wrote a Part-10 file and deletes it when we return: take it.
+                os.close(fd)
+                shutil.move(event.dataset_path, tmp)
+            else:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(event.encoded_dataset(include_meta=True))
+                    if self.fsync:
+                        fh.flush()
+                        os.fsync(fh.fileno())
+            header = dcmread(tmp, stop_before_pixels=True)
+            if str(header.get("SOPInstanceUID", "")) != sop_uid:
+                log.warning("qr_store_uid_mismatch", sop_instance_uid=sop_uid)
+                self.refused += 1
+                return CANNOT_UNDERSTAND
+            reason = self._validate(header) if self._validate is not None else None
+            if reason is not None:
+                log.warning("qr_store_refused", sop_instance_uid=sop_uid, reason=reason)
+                self.refused += 1
+                return NOT_AUTHORISED
+            final = self.directory / f"{sop_uid}.{secrets.token_hex(4)}.dcm"
+            with self._lock:
+                if self.closed:
+                    return OUT_OF_RESOURCES
+                os.replace(tmp, final)
+                tmp = None
+                self._outstanding.add(final)
+            meta = getattr(header, "file_meta", None)
+            ts = str(meta.get("TransferSyntaxUID", "") if meta is not None else "") or str(
+                event.context.transfer_syntax)
+            item = SpooledInstance(final, sop_class, sop_uid, ts, final.stat().st_size, header)
+            if not self._bridge.put(item, self.store_wait_s):
+                with self._lock:
+                    self._outstanding.discard(final)
+                final.unlink(missing_ok=True)
+                log.warning("qr_store_not_queued", sop_instance_uid=sop_uid, closed=self.closed)
+                return OUT_OF_RESOURCES
+            queued = True
+            return SUCCESS
+        except OSError as exc:
+            log.error("qr_store_spool_failed", sop_instance_uid=sop_uid, error=type(exc).__name__)
+            return OUT_OF_RESOURCES
+        except Exception as exc:
+            log.warning("qr_store_undecodable", sop_instance_uid=sop_uid, error=type(exc).__name__)
+            return CANNOT_UNDERSTAND
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            if not queued:
+                self._permits.release()
+
+    def _acquire(self) -> bool:
+        deadline = time.monotonic() + self.store_wait_s
+        while not self.closed:
+            if self._permits.acquire(timeout=_POLL_S):
+                if self.closed:
+                    self._permits.release()
+                    return False
+                return True
+            if time.monotonic() > deadline:
+                return False
+        return False
+
+    def _put_end(self, item: object, timeout_s: float) -> bool:
+        return self._bridge.put(item, timeout_s)
+
+    # loop side ------------------------------------------------------------------------------------
+
+    async def _next(self, timeout_s: float) -> object:
+        return await self._bridge.get(timeout_s)
+
+    def _handed_over(self, item: SpooledInstance) -> None:
+        with self._lock:
+            self._outstanding.discard(item.path)
+
+    def _consumed(self) -> None:
+        self._permits.release()
+
+    async def close(self) -> None:
+        """Stop accepting, wait briefly for C-STOREs in flight, delete every file not handed over."""
+        with self._lock:
+            self._bridge.closed.set()
+        deadline = time.monotonic() + self.store_wait_s + 1
+        while True:
+            with self._lock:
+                busy = self._inflight
+            if not busy or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        for item in self._bridge.drain():
+            if isinstance(item, SpooledInstance):
+                item.path.unlink(missing_ok=True)
+        with self._lock:
+            leftovers, self._outstanding = self._outstanding, set()
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+
+
+# -- C-MOVE routing --------------------------------------------------------------------------------
+
+
+@dataclass
+class _MoveRegistration:
+    spool: Spool
+    expected: frozenset[str] | None
+    originators: frozenset[str]
+
+
+class MoveRouter:
+    """Routes C-STOREs arriving at DUO's storage SCP to the C-MOVE that caused them.
+
+    The daemon's storage SCP calls :meth:`handle_store` from its EVT_C_STORE handler (or installs
+    :meth:`evt_handlers` as is). A move registers before sending its C-MOVE-RQ and gets a Message ID
+    unique among active moves; PACSes copy it into Move Originator Message ID, so that is the key.
+    The Move Originator AE Title is not required to match: pynetdicom-based PACSes put their own AE
+    title there. PACSes that send no originator fields are matched by expected SOP Instance UID,
+    which only works when exactly one active move expects it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._moves: dict[int, _MoveRegistration] = {}
+        self._next_id = 1
+
+    def register(self, spool: Spool, expected: Iterable[str] | None = None,
+                 originators: Iterable[str] = ()) -> int:
+        with self._lock:
+            for _ in range(65535):
+                msg_id = self._next_id
+                self._next_id = self._next_id % 65535 + 1
+                if msg_id not in self._moves:
+                    self._moves[msg_id] = _MoveRegistration(
+                        spool, frozenset(expected) if expected is not None else None,
+                        frozenset(a.strip() for a in originators))
+                    return msg_id
+        raise QrError("65535 C-MOVEs in flight: no Message ID left")
+
+    def unregister(self, msg_id: int) -> None:
+        with self._lock:
+            self._moves.pop(msg_id, None)
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._moves)
+
+    def handle_store(self, event: Any) -> int | None:
+        """The C-STORE status when the instance belongs to an active move; None when it is not ours."""
+        req = event.request
+        sop_uid = str(req.AffectedSOPInstanceUID or "")
+        with self._lock:
+            reg = self._moves.get(req.MoveOriginatorMessageID) if req.MoveOriginatorMessageID else None
+            if reg is not None and reg.expected is not None and sop_uid not in reg.expected:
+                reg = None
+            if reg is None:
+                candidates = [r for r in self._moves.values()
+                              if r.expected is not None and sop_uid in r.expected]
+                reg = candidates[0] if len(candidates) == 1 else None
+        if reg is None:
+            return None
+        return reg.spool.store(event)
+
+    def on_c_store(self, event: Any) -> int:
+        """EVT_C_STORE handler for an SCP that only takes C-MOVE results: anything else is refused."""
+        status = self.handle_store(event)
+        if status is None:
+            log.warning("qr_move_unsolicited_store", calling_ae=str(event.assoc.requestor.ae_title).strip())
+            return NOT_AUTHORISED
+        return status
+
+    def evt_handlers(self) -> list[EventHandlerType]:
+        return [(evt.EVT_C_STORE, self.on_c_store)]
+
+
+# -- presentation contexts ---------------------------------------------------------------------------
+
+
+def storage_contexts(sop_classes: Iterable[str], budget: int = MAX_CONTEXTS - 1) -> list[PresentationContext]:
+    """Storage contexts for receiving ``sop_classes`` (C-GET SCP role), within ``budget`` contexts.
+
+    While the budget allows it for every class: one context per (class, syntax), uncompressed and the
+    common compressed ones, so files arrive byte for byte as stored. Past that, one context per class
+    offering both uncompressed syntaxes: still every class, but the PACS chooses the encoding.
+    """
+    classes = list(dict.fromkeys(str(c) for c in sop_classes))
+    if not classes:
+        raise ValueError("no SOP classes to retrieve")
+    if len(classes) > budget:
+        raise QrError(f"{len(classes)} SOP classes exceed the {budget} presentation contexts left")
+    syntaxes = _UNCOMPRESSED + _COMPRESSED
+    if len(classes) * len(syntaxes) <= budget:
+        return [build_context(sop, ts) for sop in classes for ts in syntaxes]
+    return [build_context(sop, list(_UNCOMPRESSED)) for sop in classes]
+
+
+def receiving_contexts() -> list[PresentationContext]:
+    """Supported contexts for DUO's storage SCP (C-MOVE destination) that keep files as stored.
+
+    A pynetdicom acceptor picks the first of *its own* syntaxes that the sender offers, and the
+    stock list starts with Implicit VR: an Explicit VR file would be re-encoded on the way in.
+    Listing Explicit VR first (then everything else) keeps what PACSes usually store untouched.
+    """
+    preferred = [ExplicitVRLittleEndian,
+                 *(ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian)]
+    contexts = []
+    for cx in AllStoragePresentationContexts:
+        assert cx.abstract_syntax is not None
+        contexts.append(build_context(cx.abstract_syntax, preferred))
+    return contexts
+
+
+# -- the client ------------------------------------------------------------------------------------
+
+
+class QrClient:
+    """Q/R SCU towards one PACS; at most ``max_associations`` open to it at a time.
+
+    Create it on the event loop that uses it (the concurrency limit is an asyncio primitive).
+    """
+
+    def __init__(self, calling_ae: str, host: str, port: int, called_ae: str, *, timeout_s: float = 10.0,
+                 tls: ssl.SSLContext | None = None, max_associations: int = 4,
+                 store_wait_s: float | None = None, move_idle_s: float | None = None) -> None:
+        self.calling_ae = calling_ae
+        self.host = host
+        self.port = port
+        self.called_ae = called_ae
+        self.timeout_s = timeout_s
+        self.tls = tls
+        #: How long a received instance may wait for the consumer (see :attr:`Spool.store_wait_s`).
+        self.store_wait_s = store_wait_s if store_wait_s is not None else timeout_s
+        #: Longest silence on a C-MOVE association: C-MOVE-RSPs pause while our SCP waits for the
+        #: consumer, so this must exceed the store wait.
+        self.move_idle_s = move_idle_s if move_idle_s is not None else timeout_s + self.store_wait_s
+        self._slots = asyncio.Semaphore(max_associations)
+
+    def spool(self, directory: Path, window: int, validate: Validator | None = None) -> Spool:
+        return Spool(directory, window, validate=validate, store_wait_s=self.store_wait_s)
+
+    @asynccontextmanager
+    async def associate(self, *, find: bool = True, get_sop_classes: Sequence[str] = (),
+                        move: bool = False, model: Model = "study",
+                        dimse_timeout_s: float | None = None) -> AsyncIterator[QrAssociation]:
+        """An association for several operations in a row (e.g. SERIES then IMAGE C-FINDs).
+
+        ``get_sop_classes`` adds the C-GET model and storage contexts with SCP role selection.
+        Leaving the block releases it; an exception or cancellation inside aborts it instead.
+        """
+        contexts: list[PresentationContext] = []
+        if find:
+            contexts.append(build_context(_FIND[model]))
+        if move:
+            contexts.append(build_context(_MOVE[model]))
+        ext_neg = []
+        handlers: list[EventHandlerType] = []
+        state = _AssocState()
+        if get_sop_classes:
+            contexts.append(build_context(_GET[model]))
+            contexts.extend(storage_contexts(get_sop_classes, MAX_CONTEXTS - len(contexts)))
+            ext_neg = [build_role(sop, scp_role=True) for sop in dict.fromkeys(get_sop_classes)]
+            handlers = [(evt.EVT_C_STORE, state.on_c_store)]
+        dimse = dimse_timeout_s if dimse_timeout_s is not None else self.timeout_s
+        async with self._slots:
+            qa = await QrAssociation._open(self, contexts, ext_neg, handlers, state, dimse)
+            try:
+                yield qa
+            except QrStatusError:
+                await qa._release()  # the PACS said no; the association itself is fine
+                raise
+            except BaseException:
+                await qa._abort()
+                raise
+            else:
+                await qa._release()
+
+    # one-shot conveniences ---------------------------------------------------------------------
+
+    async def find(self, query: Dataset, model: Model = "study") -> AsyncGenerator[Dataset, None]:
+        """Stream the matches of one C-FIND, on an association of its own."""
+        async with self.associate(model=model) as qa, aclosing(qa.find(query, model)) as stream:
+            async for identifier in stream:
+                yield identifier
+
+    async def find_all(self, query: Dataset, model: Model = "study") -> list[Dataset]:
+        return [identifier async for identifier in self.find(query, model)]
+
+    async def get(self, query: Dataset, spool: Spool, sop_classes: Sequence[str],
+                  model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
+        """C-GET on an association of its own; instances stream as they land in ``spool``.
+
+        Like every streaming method here this is an async generator: consume it inside
+        ``contextlib.aclosing`` so that leaving the loop early (an exception, a cancellation while
+        the loop body awaits) aborts the association and empties the spool at once rather than
+        whenever the generator is garbage-collected. Cancellation while awaiting the next item
+        cleans up at once either way.
+        """
+        try:
+            async with (self.associate(find=False, get_sop_classes=sop_classes, model=model) as qa,
+                        aclosing(qa.get(query, spool, model)) as stream):
+                async for item in stream:
+                    yield item
+        finally:
+            await spool.close()
+
+    async def move(self, query: Dataset, destination_ae: str, router: MoveRouter, spool: Spool,
+                   expected: Iterable[str] | None = None,
+                   model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
+        """C-MOVE to DUO's own storage SCP (``destination_ae``, which must route through ``router``)."""
+        try:
+            async with (self.associate(find=False, move=True, model=model,
+                                       dimse_timeout_s=self.move_idle_s) as qa,
+                        aclosing(qa.move(query, destination_ae, router, spool, expected, model)) as stream):
+                async for item in stream:
+                    yield item
+        finally:
+            await spool.close()
+
+
+class _AssocState:
+    """What the association's C-STORE handler (running in the pump thread) delivers into."""
+
+    def __init__(self) -> None:
+        self.spool: Spool | None = None
+
+    def on_c_store(self, event: Any) -> int:
+        spool = self.spool
+        if spool is None:
+            return NOT_AUTHORISED  # a C-STORE outside any C-GET of ours
+        return spool.store(event)
+
+
+def _run_in(executor: ThreadPoolExecutor, fn: Callable[[], T]) -> Future[T]:
+    """Submit with the caller's contextvars (run_in_executor would drop them)."""
+    ctx = contextvars.copy_context()
+    return executor.submit(ctx.run, fn)
+
+
+class QrAssociation:
+    """One established association; operations run one at a time, each pumped on its executor."""
+
+    def __init__(self, client: QrClient, assoc: Association, executor: ThreadPoolExecutor,
+                 state: _AssocState) -> None:
+        self._client = client
+        self._assoc = assoc
+        self._executor = executor
+        self._state = state
+        self._busy = False
+        self._broken = False
+
+    @classmethod
+    async def _open(cls, client: QrClient, contexts: list[PresentationContext], ext_neg: list[Any],
+                    handlers: list[EventHandlerType], state: _AssocState,
+                    dimse_timeout_s: float) -> QrAssociation:
+        ensure_tcp_nodelay()
+        ae = AE(ae_title=client.calling_ae)
+        ae.acse_timeout = client.timeout_s
+        ae.network_timeout = client.timeout_s
+        ae.connection_timeout = client.timeout_s
+        ae.dimse_timeout = dimse_timeout_s
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"qr-{client.called_ae.strip()}")
+        tls_args = (client.tls, client.host) if client.tls is not None else None
+        fut = _run_in(executor, partial(ae.associate, client.host, client.port, contexts=contexts,
+                                        ae_title=client.called_ae, ext_neg=ext_neg or None,
+                                        tls_args=tls_args, evt_handlers=handlers or None))
+        try:
+            assoc = await asyncio.wait_for(asyncio.wrap_future(fut), client.timeout_s * 3 + 1)
+        except BaseException:
+            # Cancelled (or stuck) while associating: whatever comes of it must not stay open.
+            executor.submit(_abort_when_done, fut)
+            executor.shutdown(wait=False)
+            raise
+        if not assoc.is_established:
+            executor.shutdown(wait=False)
+            if assoc.is_rejected:
+                raise AssociationRejected(f"association rejected by {client.called_ae}")
+            # pynetdicom reports a refused connection as "aborted" too: either way nothing was said
+            raise AssociationFailed(f"no association with {client.called_ae} at {client.host}:{client.port}")
+        return cls(client, assoc, executor, state)
+
+    async def _release(self) -> None:
+        if self._broken:
+            await self._abort()
+            return
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(_run_in(self._executor, self._assoc.release)),
+                                   self._client.timeout_s + 1)
+        except TimeoutError:
+            await self._abort()
+        finally:
+            self._executor.shutdown(wait=False)
+
+    async def _abort(self) -> None:
+        """Abort from a thread of its own: the executor's thread may be blocked in the pump."""
+        self._broken = True
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._assoc.abort), self._client.timeout_s + 1)
+        except Exception as exc:  # nothing more we can do; the socket dies with the thread
+            log.warning("qr_abort_failed", error=type(exc).__name__)
+        finally:
+            _wake_pump(self._assoc)
+            self._executor.shutdown(wait=False)
+
+    def _idle_s(self) -> float:
+        dimse = self._assoc.dimse_timeout
+        return (float(dimse) if dimse is not None else self._client.timeout_s) + 5
+
+    # C-FIND -------------------------------------------------------------------------------------
+
+    async def find(self, query: Dataset, model: Model = "study") -> AsyncGenerator[Dataset, None]:
+        """Matches as the PACS sends them; raises a :class:`QrError` on failure."""
+        self._start()
+        bridge = _Bridge(asyncio.get_running_loop(), 64)
+        pump = _run_in(self._executor, partial(self._pump_find, query, _FIND[model], bridge))
+        finished = False
+        try:
+            while True:
+                item = await bridge.get(self._idle_s())
+                if isinstance(item, _End):
+                    finished = True
+                    return
+                if isinstance(item, QrError):
+                    finished = True
+                    self._broken = self._broken or not self._assoc.is_established
+                    raise item
+                assert isinstance(item, Dataset)
+                yield item
+        finally:
+            self._busy = False
+            if not finished:
+                bridge.closed.set()
+                await self._abort()
+            await _join(pump, self._idle_s() if finished else 1.0)
+
+    def _pump_find(self, query: Dataset, model: UID, bridge: _Bridge) -> None:
+        wait = self._idle_s()
+        try:
+            started = time.monotonic()
+            for status, identifier in self._assoc.send_c_find(query, model):
+                if bridge.closed.is_set():
+                    return
+                code = status.get("Status")
+                if code is None:
+                    bridge.put(self._no_response("C-FIND", started), wait)
+                    return
+                if code in _PENDING:
+                    started = time.monotonic()
+                    if identifier is not None and not bridge.put(identifier, wait):
+                        return
+                elif code == SUCCESS:
+                    bridge.put(_End(), wait)
+                    return
+                else:
+                    bridge.put(QrStatusError("C-FIND", int(code), _error_comment(status)), wait)
+                    return
+            bridge.put(QrAborted("C-FIND ended without a final status"), wait)
+        except Exception as exc:
+            bridge.put(_as_qr_error("C-FIND", exc), wait)
+
+    # C-GET --------------------------------------------------------------------------------------
+
+    async def get(self, query: Dataset, spool: Spool,
+                  model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
+        """One C-GET; instances land in ``spool`` (the caller closes it). Raises :class:`QrStatusError`
+        on a Failure/Cancel final status, after yielding what did arrive."""
+        self._start()
+        self._state.spool = spool
+        pump = _run_in(self._executor, partial(self._pump_retrieve, "C-GET", spool, partial(
+            self._assoc.send_c_get, query, _GET[model])))
+        try:
+            async with aclosing(self._drain(spool)) as stream:
+                async for item in stream:
+                    yield item
+        finally:
+            self._state.spool = None
+            await _join(pump, self._idle_s() if not self._broken else 1.0)
+
+    # C-MOVE -------------------------------------------------------------------------------------
+
+    async def move(self, query: Dataset, destination_ae: str, router: MoveRouter, spool: Spool,
+                   expected: Iterable[str] | None = None,
+                   model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
+        """One C-MOVE to ``destination_ae``; DUO's SCP hands the instances over through ``router``."""
+        self._start()
+        msg_id = router.register(spool, expected, originators=(self._client.calling_ae,
+                                                               self._client.called_ae))
+        pump = _run_in(self._executor, partial(self._pump_retrieve, "C-MOVE", spool, partial(
+            self._assoc.send_c_move, query, destination_ae, _MOVE[model], msg_id=msg_id)))
+        try:
+            async with aclosing(self._drain(spool)) as stream:
+                async for item in stream:
+                    yield item
+        finally:
+            router.unregister(msg_id)
+            await _join(pump, self._idle_s() if not self._broken else 1.0)
+
+    async def _drain(self, spool: Spool) -> AsyncGenerator[SpooledInstance, None]:
+        finished = False
+        try:
+            while True:
+                item = await spool._next(self._idle_s() + spool.store_wait_s)
+                if isinstance(item, SpooledInstance):
+                    spool._handed_over(item)
+                    try:
+                        yield item
+                    finally:
+                        spool._consumed()
+                    continue
+                finished = True
+                if isinstance(item, QrError):
+                    self._broken = self._broken or not self._assoc.is_established
+                    raise item
+                assert isinstance(item, _End)
+                return
+        finally:
+            self._busy = False
+            if not finished:
+                # Cancelled, broken off or timed out: refuse further C-STOREs and let the ones in
+                # flight answer first (a C-STORE-RSP after the abort upsets pynetdicom's state
+                # machine), then stop the PACS mid-stream.
+                await spool.close()
+                await self._abort()
+
+    def _pump_retrieve(self, operation: str, spool: Spool,
+                       send: Callable[[], Iterator[tuple[Dataset, Dataset | None]]]) -> None:
+        wait = self._idle_s()
+        try:
+            started = time.monotonic()
+            for status, identifier in send():
+                code = status.get("Status")
+                if code is None:
+                    spool._put_end(self._no_response(operation, started), wait)
+                    return
+                started = time.monotonic()
+                if code in _PENDING:
+                    continue
+                summary = RetrieveSummary(int(code), status.get("NumberOfCompletedSuboperations"),
+                                          status.get("NumberOfFailedSuboperations"),
+                                          status.get("NumberOfWarningSuboperations"))
+                if code == SUCCESS or 0xB000 <= code <= 0xBFFF or code == 0x0001:
+                    if code != SUCCESS:
+                        log.warning("qr_retrieve_warning", operation=operation, status=f"0x{code:04X}",
+                                    failed=summary.failed, completed=summary.completed)
+                    spool._put_end(_End(summary), wait)
+                else:
+                    spool._put_end(QrStatusError(operation, int(code), _failed_uids(identifier)), wait)
+                return
+            spool._put_end(QrAborted(f"{operation} ended without a final status"), wait)
+        except Exception as exc:
+            spool._put_end(_as_qr_error(operation, exc), wait)
+
+    # shared -------------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._busy:
+            raise RuntimeError("one operation at a time per association")
+        if self._broken or not self._assoc.is_established:
+            raise QrAborted("association no longer established")
+        self._busy = True
+
+    def _no_response(self, operation: str, since: float) -> QrError:
+        """pynetdicom yields an empty status both on DIMSE timeout and on abort: tell them apart."""
+        self._broken = True
+        dimse = self._assoc.dimse_timeout
+        if dimse is not None and time.monotonic() - since >= float(dimse) * 0.9:
+            return QrTimeout(f"no {operation} response within {float(dimse):g} s")
+        return QrAborted(f"association aborted during {operation}")
+
+
+def _wake_pump(assoc: Association) -> None:
+    """Unblock a pump waiting in ``dimse.get_msg`` after an abort, which pynetdicom does not do: the
+    pump would otherwise sit until the DIMSE timeout. ``(None, None)`` is exactly what get_msg returns
+    on timeout or abort, so the pump ends through its ordinary no-response path. Private pynetdicom
+    API (3.0.x, pinned like nodelay.py); without ``msg_queue`` the pump just waits for the timeout."""
+    queue = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    if queue is not None:
+        queue.put((None, None))
+
+
+def _abort_when_done(fut: Future[Association]) -> None:
+    try:
+        assoc = fut.result()
+    except Exception:
+        return
+    if assoc.is_established:
+        assoc.abort()
+
+
+async def _join(fut: Future[None], timeout_s: float) -> None:
+    """Wait for a pump to finish (it does once the association ends), but never forever."""
+    try:
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), timeout_s)
+    except TimeoutError:
+        log.warning("qr_pump_still_running")
+    except Exception as exc:
+        log.warning("qr_pump_failed", error=type(exc).__name__)
+
+
+def _as_qr_error(operation: str, exc: Exception) -> QrError:
+    if isinstance(exc, QrError):
+        return exc
+    if isinstance(exc, ValueError | RuntimeError):  # no accepted context, unencodable identifier
+        return QrError(f"{operation} could not be sent: {exc}")
+    return QrError(f"{operation} failed: {type(exc).__name__}")
+
+
+def _error_comment(status: Dataset) -> str:
+    return str(status.get("ErrorComment", "") or "")
+
+
+def _failed_uids(identifier: Dataset | None) -> str:
+    if identifier is None or "FailedSOPInstanceUIDList" not in identifier:
+        return ""
+    value = identifier.FailedSOPInstanceUIDList
+    count = 1 if isinstance(value, str) else len(value)
+    return f"{count} failed SOP instance(s)"

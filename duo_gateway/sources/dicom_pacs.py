@@ -1,0 +1,497 @@
+"""A TLB hospital's PACS as an :class:`~duo_gateway.sources.base.ImagingSource`, over DICOM Q/R.
+
+Two things a PACS cannot be trusted with, so this module does them itself:
+
+- **Which patient an answer belongs to.** A PACS that ignores or mis-implements the patient key (an
+  unsupported sequence match, a misconfigured query view) answers with *other* patients' studies.
+  Every study-level answer must carry the BSN where this hospital keeps it (``bsn_attribute``) or it
+  is dropped and counted in the log; every retrieved file is checked the same way before the C-STORE
+  is acknowledged, so a wrong instance never reaches the spool's consumer.
+- **Consent.** Every method that reads patient data first checks the Permit against this hospital
+  and BSN, before any network traffic.
+
+Where the BSN lives (``PatientID`` or an ``OtherPatientIDsSequence`` item) is per hospital because the
+Dutch guideline is not settled. Sequence matching is optional in DICOM (PS3.4 C.2.2.2.6) and Orthanc
+1.10 ignores a sequence key: such a PACS then answers with every study (also filtered by date/UID when
+given) and the BSN check drops the rest. That is correct but costs a full scan per query; a PACS where
+this matters should be configured with ``PatientID`` or fixed to support sequence matching.
+
+BodyPartExamined is a series attribute: filling :attr:`StudyRecord.body_part` would cost one more
+C-FIND per study, so it stays None here (find_instances does ask the series level).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncGenerator, Awaitable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing
+from datetime import date
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+from duo_gateway.bsn import BSN_OID, is_valid_bsn
+from duo_gateway.config.peers import TlbHospital
+from duo_gateway.consent import Permit
+from duo_gateway.dicom.qr import (
+    MoveRouter,
+    QrAssociation,
+    QrClient,
+    QrError,
+    QrStatusError,
+    QrTimeout,
+    Spool,
+    SpooledInstance,
+    Validator,
+)
+from duo_gateway.observability.metrics import Metrics
+from duo_gateway.sources.base import (
+    InstanceRecord,
+    NotCovered,
+    RetrievedInstance,
+    SourceUnavailable,
+    StudyRecord,
+)
+from duo_gateway.tls import client_context
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+#: Issuer names a BSN item may carry (the Dutch assigning authority, or the BSN OID itself).
+BSN_ISSUERS = frozenset({"NLMINBIZA", "BSN", BSN_OID})
+
+_STUDY_RETURN_KEYS = ("StudyDate", "StudyTime", "AccessionNumber", "StudyDescription", "ModalitiesInStudy",
+                      "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "StudyID",
+                      "PatientName", "PatientBirthDate", "PatientSex", "ReferringPhysicianName",
+                      "InstitutionName")
+_SERIES_RETURN_KEYS = ("Modality", "SeriesNumber", "BodyPartExamined", "NumberOfSeriesRelatedInstances")
+_IMAGE_RETURN_KEYS = ("SOPClassUID", "InstanceNumber", "ContentDate", "ContentTime",
+                      "MIMETypeOfEncapsulatedDocument", "DocumentTitle")
+#: SOP Instance UIDs per IMAGE-level retrieve: keeps identifiers well under any PDU/PACS limit.
+_UIDS_PER_RETRIEVE = 200
+
+
+class DicomPacsSource:
+    """One TLB hospital's PACS; answers only within a Permit for that hospital and patient."""
+
+    def __init__(self, hospital: TlbHospital, calling_ae: str, spool_dir: Path,
+                 retrieve_method: Literal["c-get", "c-move"] = "c-get", retrieve_window: int = 16,
+                 metrics: Metrics | None = None, *, move_router: MoveRouter | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
+        if retrieve_method == "c-move" and move_router is None:
+            raise ValueError("C-MOVE needs the move_router of DUO's storage SCP (AE title = calling_ae)")
+        self.hospital = hospital
+        self.name = f"tlb:{hospital.ura}"
+        self.holder_ura = hospital.ura
+        self.calling_ae = calling_ae
+        self.spool_dir = spool_dir
+        self.retrieve_method = retrieve_method
+        self.retrieve_window = retrieve_window
+        self._metrics = metrics
+        self._router = move_router
+        if tls is None and hospital.tls is not None:
+            tls = client_context(hospital.tls)
+        self._qr = QrClient(calling_ae, hospital.host, hospital.port, hospital.ae_title,
+                            timeout_s=hospital.timeout_s, tls=tls,
+                            max_associations=hospital.max_associations)
+
+    # -- ImagingSource -----------------------------------------------------------------------------
+
+    async def find_studies(self, permit: Permit, bsn: str, *, date_from: date | None = None,
+                           date_to: date | None = None,
+                           study_uids: Sequence[str] = ()) -> list[StudyRecord]:
+        self._check(permit, bsn)
+        query = self._patient_query("STUDY", bsn)
+        query.StudyInstanceUID = list(study_uids) if study_uids else ""
+        query.StudyDate = _date_range(date_from, date_to)
+        for keyword in _STUDY_RETURN_KEYS:
+            if keyword not in query:
+                setattr(query, keyword, "")
+        answers = await self._deadline("c-find", self._find(query), self.hospital.timeout_s)
+        wanted = set(study_uids)
+        low, high = (d.strftime("%Y%m%d") if d else None for d in (date_from, date_to))
+        records: dict[str, StudyRecord] = {}
+        foreign = outside = 0
+        for ds in answers:
+            uid = self._unique(ds, "StudyInstanceUID")
+            if not self._belongs(ds, bsn):
+                foreign += 1
+                continue
+            study_date = _text(ds, "StudyDate")
+            if (wanted and uid not in wanted) or not _in_range(study_date, low, high):
+                outside += 1  # a PACS that ignored the UID list or date range: same patient, not asked
+                continue
+            records.setdefault(uid, self._study_record(ds, bsn))
+        if foreign:
+            log.warning("pacs_foreign_studies_dropped", source=self.name, count=foreign)
+        log.info("pacs_find_studies", source=self.name, studies=len(records), dropped_outside=outside)
+        return list(records.values())
+
+    async def find_instances(self, permit: Permit, bsn: str, study_uid: str, *,
+                             modalities: Sequence[str] = ()) -> list[InstanceRecord]:
+        self._check(permit, bsn)
+        # One association for the whole walk; its deadline grows with the series it has to visit.
+        return await self._deadline("c-find", self._walk_study(bsn, study_uid, modalities),
+                                    self.hospital.timeout_s * 4)
+
+    async def patient_of_study(self, study_uid: str) -> str | None:
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study_uid
+        query.PatientID = ""
+        if self.hospital.bsn_attribute == "OtherPatientIDsSequence":
+            query.OtherPatientIDsSequence = DicomSequence([_id_item("")])
+        answers = await self._deadline("c-find", self._find(query), self.hospital.timeout_s)
+        candidates: set[str] = set()
+        for ds in answers:
+            if self._unique(ds, "StudyInstanceUID") != study_uid:
+                continue  # a PACS that ignored the UID key
+            candidates.update(self._bsns_of(ds))
+        if len(candidates) > 1:
+            log.warning("pacs_study_patient_ambiguous", source=self.name, study_instance_uid=study_uid,
+                        candidates=len(candidates))
+            return None
+        return next(iter(candidates), None)
+
+    def retrieve(self, permit: Permit, bsn: str, study_uid: str,
+                 instances: Sequence[InstanceRecord]) -> AsyncGenerator[RetrievedInstance, None]:
+        """Stream the instances; consume inside ``contextlib.aclosing`` so that stopping early (an
+        error, a cancelled consumer) aborts the PACS and empties the spool at once."""
+        # Checked here, not inside the generator, so a wrong Permit fails at the call, before anything.
+        self._check(permit, bsn)
+        return self._retrieve(bsn, study_uid, list(instances))
+
+    # -- retrieve ----------------------------------------------------------------------------------
+
+    async def _retrieve(self, bsn: str, study_uid: str,
+                        instances: list[InstanceRecord]) -> AsyncGenerator[RetrievedInstance, None]:
+        wanted = {i.sop_instance_uid: i for i in instances if i.study_instance_uid == study_uid}
+        if len(wanted) != len(instances):
+            log.warning("pacs_retrieve_foreign_records_ignored", source=self.name,
+                        count=len(instances) - len(wanted))
+        if not wanted:
+            return
+        by_series: dict[str, list[InstanceRecord]] = {}
+        for record in wanted.values():
+            by_series.setdefault(record.series_instance_uid, []).append(record)
+        counts = await self._deadline("c-find", self._series_counts(study_uid), self.hospital.timeout_s)
+        operation = self.retrieve_method
+        spool = self._qr.spool(self.spool_dir, self.retrieve_window,
+                               self._validator(bsn, study_uid, frozenset(wanted)))
+        delivered = 0
+        started = time.perf_counter()
+        outcome = "cancelled"
+        try:
+            async with self._association(operation, sorted({r.sop_class_uid for r in wanted.values()})) as qa:
+                for series_uid, members in by_series.items():
+                    whole = counts.get(series_uid) == len(members)
+                    for query in _retrieve_queries(study_uid, series_uid, members, whole):
+                        try:
+                            # aclosing: leaving early must close the C-GET/C-MOVE stream (abort, clean
+                            # spool) now, before the association is torn down, not at garbage collection.
+                            async with aclosing(self._retrieve_one(qa, query, spool, members)) as stream:
+                                async for item in stream:
+                                    delivered += 1
+                                    yield RetrievedInstance(wanted[item.sop_instance_uid], item.path,
+                                                            item.transfer_syntax_uid, item.size)
+                        except QrStatusError as exc:
+                            # This series failed at the PACS; the others may still come. The caller
+                            # compares what arrived with what it asked for.
+                            log.warning("pacs_retrieve_status", source=self.name,
+                                        series_instance_uid=series_uid, status=f"0x{exc.status:04X}")
+            outcome = "ok" if delivered == len(wanted) else "partial"
+        except QrError as exc:
+            outcome = exc.kind
+            raise SourceUnavailable(self.name, f"{operation} {exc.kind}: {exc}") from exc
+        finally:
+            await spool.close()
+            self._observe(operation, outcome, time.perf_counter() - started)
+            log.info("pacs_retrieve", source=self.name, study_instance_uid=study_uid, method=operation,
+                     asked=len(wanted), delivered=delivered, refused=spool.refused, outcome=outcome)
+
+    def _association(self, operation: str,
+                     sop_classes: list[str]) -> AbstractAsyncContextManager[QrAssociation]:
+        if operation == "c-move":
+            return self._qr.associate(find=False, move=True, dimse_timeout_s=self._qr.move_idle_s)
+        return self._qr.associate(find=False, get_sop_classes=sop_classes)
+
+    def _retrieve_one(self, qa: QrAssociation, query: Dataset, spool: Spool,
+                      members: list[InstanceRecord]) -> AsyncGenerator[SpooledInstance, None]:
+        if self.retrieve_method == "c-move":
+            assert self._router is not None
+            return qa.move(query, self.calling_ae, self._router, spool,
+                           expected={m.sop_instance_uid for m in members})
+        return qa.get(query, spool)
+
+    async def _series_counts(self, study_uid: str) -> dict[str, int | None]:
+        """Instances per series, to retrieve a series whole when all of it is asked for."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "SERIES"
+        query.StudyInstanceUID = study_uid
+        query.SeriesInstanceUID = ""
+        query.NumberOfSeriesRelatedInstances = ""
+        counts: dict[str, int | None] = {}
+        for ds in await self._find(query):
+            counts[self._unique(ds, "SeriesInstanceUID")] = _int(ds, "NumberOfSeriesRelatedInstances")
+        return counts
+
+    def _validator(self, bsn: str, study_uid: str, wanted: frozenset[str]) -> Validator:
+        """Runs in the receiving thread: refuse what was not asked for or is not this patient's."""
+
+        def validate(header: Dataset) -> str | None:
+            if str(header.get("SOPInstanceUID", "")) not in wanted:
+                return "instance not requested"
+            if str(header.get("StudyInstanceUID", "")) != study_uid:
+                return "instance of another study"
+            if not self._belongs(header, bsn):
+                return "instance of another patient"
+            return None
+
+        return validate
+
+    # -- find helpers ------------------------------------------------------------------------------
+
+    async def _walk_study(self, bsn: str, study_uid: str, modalities: Sequence[str]) -> list[InstanceRecord]:
+        wanted_modalities = {m.upper() for m in modalities}
+        async with self._qr.associate() as qa:
+            check = self._patient_query("STUDY", bsn)
+            check.StudyInstanceUID = study_uid
+            own = [ds for ds in await _collect(qa.find(check))
+                   if self._unique(ds, "StudyInstanceUID") == study_uid and self._belongs(ds, bsn)]
+            if not own:
+                log.warning("pacs_study_not_of_patient", source=self.name, study_instance_uid=study_uid)
+                return []
+            series_query = Dataset()
+            series_query.QueryRetrieveLevel = "SERIES"
+            series_query.StudyInstanceUID = study_uid
+            series_query.SeriesInstanceUID = ""
+            for keyword in _SERIES_RETURN_KEYS:
+                setattr(series_query, keyword, "")
+            series: dict[str, Dataset] = {}
+            for ds in await _collect(qa.find(series_query)):
+                modality = _text(ds, "Modality")
+                if wanted_modalities and (modality or "").upper() not in wanted_modalities:
+                    continue
+                series.setdefault(self._unique(ds, "SeriesInstanceUID"), ds)
+            records: dict[str, InstanceRecord] = {}
+            foreign = 0
+            for series_uid, sds in series.items():
+                image_query = Dataset()
+                image_query.QueryRetrieveLevel = "IMAGE"
+                image_query.StudyInstanceUID = study_uid
+                image_query.SeriesInstanceUID = series_uid
+                image_query.SOPInstanceUID = ""
+                for keyword in _IMAGE_RETURN_KEYS:
+                    setattr(image_query, keyword, "")
+                # Patient keys as return keys: a PACS that names a patient per instance gets checked
+                # per instance too (one that files a foreign instance under this study, say).
+                image_query.PatientID = ""
+                if self.hospital.bsn_attribute == "OtherPatientIDsSequence":
+                    image_query.OtherPatientIDsSequence = DicomSequence([_id_item("")])
+                for ds in await _collect(qa.find(image_query)):
+                    sop_uid = self._unique(ds, "SOPInstanceUID")
+                    if self._names_other(ds, bsn):
+                        foreign += 1
+                        continue
+                    sop_class = _text(ds, "SOPClassUID")
+                    if not sop_class:
+                        raise SourceUnavailable(self.name, "IMAGE-level answer without SOPClassUID")
+                    records.setdefault(sop_uid, InstanceRecord(
+                        study_instance_uid=study_uid, series_instance_uid=series_uid,
+                        sop_class_uid=sop_class, sop_instance_uid=sop_uid, modality=_text(sds, "Modality"),
+                        series_number=_int(sds, "SeriesNumber"), instance_number=_int(ds, "InstanceNumber"),
+                        content_date=_text(ds, "ContentDate"), content_time=_text(ds, "ContentTime"),
+                        mime_type=_text(ds, "MIMETypeOfEncapsulatedDocument"),
+                        title=_text(ds, "DocumentTitle")))
+        result = sorted(records.values(), key=lambda r: (r.series_number or 0, r.series_instance_uid,
+                                                         r.instance_number or 0, r.sop_instance_uid))
+        if foreign:
+            log.warning("pacs_foreign_instances_dropped", source=self.name, study_instance_uid=study_uid,
+                        count=foreign)
+        log.info("pacs_find_instances", source=self.name, study_instance_uid=study_uid, series=len(series),
+                 instances=len(result))
+        return result
+
+    async def _find(self, query: Dataset) -> list[Dataset]:
+        return await self._qr.find_all(query)
+
+    async def _deadline(self, operation: str, work: Awaitable[T], seconds: float) -> T:
+        """Run one source operation under a deadline, mapping every failure to SourceUnavailable."""
+        started = time.perf_counter()
+        outcome = "cancelled"
+        try:
+            async with asyncio.timeout(seconds):
+                result = await work
+            outcome = "ok"
+            return result
+        except TimeoutError as exc:
+            outcome = "timeout"
+            raise SourceUnavailable(self.name, f"{operation}: no answer within {seconds:g} s") from exc
+        except QrTimeout as exc:
+            outcome = "timeout"
+            raise SourceUnavailable(self.name, f"{operation}: {exc}") from exc
+        except QrError as exc:
+            outcome = exc.kind
+            raise SourceUnavailable(self.name, f"{operation} {exc.kind}: {exc}") from exc
+        except SourceUnavailable:
+            outcome = "malformed"
+            raise
+        except OSError as exc:  # e.g. TLS material unreadable
+            outcome = "connect"
+            raise SourceUnavailable(self.name, f"{operation}: {type(exc).__name__}") from exc
+        finally:
+            self._observe(operation, outcome, time.perf_counter() - started)
+
+    def _observe(self, operation: str, outcome: str, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.observe_peer(self.name, operation, outcome, seconds)
+
+    # -- identity ----------------------------------------------------------------------------------
+
+    def _check(self, permit: Permit, bsn: str) -> None:
+        if not permit.covers(bsn, self.holder_ura):
+            raise NotCovered(f"the Permit does not cover this patient's data at {self.name}")
+
+    def _patient_query(self, level: str, bsn: str) -> Dataset:
+        query = Dataset()
+        query.QueryRetrieveLevel = level
+        if self.hospital.bsn_attribute == "PatientID":
+            query.PatientID = bsn
+        else:
+            query.PatientID = ""
+            query.OtherPatientIDsSequence = DicomSequence([_id_item(bsn)])
+        return query
+
+    def _bsns_of(self, ds: Dataset) -> set[str]:
+        """The BSN(s) an identifier or header names where this hospital keeps it."""
+        if self.hospital.bsn_attribute == "PatientID":
+            value = _text(ds, "PatientID") or ""
+            return {value} if is_valid_bsn(value) else set()
+        found: set[str] = set()
+        for item in ds.get("OtherPatientIDsSequence", None) or []:
+            value = _text(item, "PatientID") or ""
+            if is_valid_bsn(value) and _bsn_issued(item):
+                found.add(value)
+        return found
+
+    def _names_other(self, ds: Dataset, bsn: str) -> bool:
+        """Whether an answer names a patient and it is not ``bsn`` (naming none is not a mismatch)."""
+        if self.hospital.bsn_attribute == "PatientID":
+            named = _text(ds, "PatientID")
+            return named is not None and named != bsn
+        ids = self._bsns_of(ds)
+        return bool(ids) and bsn not in ids
+
+    def _belongs(self, ds: Dataset, bsn: str) -> bool:
+        return bsn in self._bsns_of(ds)
+
+    def _unique(self, ds: Dataset, keyword: str) -> str:
+        """The level's unique key; an answer without it is a broken answer, not a smaller one."""
+        value = _text(ds, keyword)
+        if not value:
+            raise SourceUnavailable(self.name, f"C-FIND answer without {keyword}")
+        return value
+
+    def _study_record(self, ds: Dataset, bsn: str) -> StudyRecord:
+        modalities = ds.get("ModalitiesInStudy", None)
+        if modalities is None or modalities == "":
+            mods: tuple[str, ...] = ()
+        elif isinstance(modalities, str):
+            mods = tuple(m for m in modalities.split("\\") if m)
+        else:
+            mods = tuple(str(m) for m in modalities if m)
+        return StudyRecord(
+            study_instance_uid=self._unique(ds, "StudyInstanceUID"), patient_id=bsn,
+            study_date=_text(ds, "StudyDate"), study_time=_text(ds, "StudyTime"),
+            accession_number=_text(ds, "AccessionNumber"), description=_text(ds, "StudyDescription"),
+            modalities=mods, series_count=_int(ds, "NumberOfStudyRelatedSeries"),
+            instance_count=_int(ds, "NumberOfStudyRelatedInstances"), study_id=_text(ds, "StudyID"),
+            patient_name=_text(ds, "PatientName"), patient_birth_date=_text(ds, "PatientBirthDate"),
+            patient_sex=_text(ds, "PatientSex"), institution_name=_text(ds, "InstitutionName"),
+            referring_physician=_text(ds, "ReferringPhysicianName"))
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+async def _collect(stream: AsyncGenerator[Dataset, None]) -> list[Dataset]:
+    async with aclosing(stream) as matches:
+        return [ds async for ds in matches]
+
+
+def _retrieve_queries(study_uid: str, series_uid: str, members: list[InstanceRecord],
+                      whole: bool) -> Iterator[Dataset]:
+    if whole:
+        query = Dataset()
+        query.QueryRetrieveLevel = "SERIES"
+        query.StudyInstanceUID = study_uid
+        query.SeriesInstanceUID = series_uid
+        yield query
+        return
+    uids = [m.sop_instance_uid for m in members]
+    for start in range(0, len(uids), _UIDS_PER_RETRIEVE):
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = study_uid
+        query.SeriesInstanceUID = series_uid
+        chunk = uids[start:start + _UIDS_PER_RETRIEVE]
+        query.SOPInstanceUID = chunk if len(chunk) > 1 else chunk[0]
+        yield query
+
+
+def _id_item(patient_id: str) -> Dataset:
+    item = Dataset()
+    item.PatientID = patient_id
+    item.IssuerOfPatientID = ""
+    return item
+
+
+def _bsn_issued(item: Dataset) -> bool:
+    """An item whose issuer is named must name the BSN's: another issuer's number is not a BSN."""
+    issuer = _text(item, "IssuerOfPatientID")
+    if issuer and issuer not in BSN_ISSUERS:
+        return False
+    for qualifier in item.get("IssuerOfPatientIDQualifiersSequence", None) or []:
+        entity = _text(qualifier, "UniversalEntityID")
+        if entity and entity != BSN_OID:
+            return False
+    return True
+
+
+def _date_range(date_from: date | None, date_to: date | None) -> str:
+    if date_from is None and date_to is None:
+        return ""
+    low = date_from.strftime("%Y%m%d") if date_from else ""
+    high = date_to.strftime("%Y%m%d") if date_to else ""
+    return f"{low}-{high}"
+
+
+def _in_range(value: str | None, low: str | None, high: str | None) -> bool:
+    if low is None and high is None:
+        return True
+    if not value:
+        return False
+    day = value[:8]
+    return (low is None or day >= low) and (high is None or day <= high)
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword, None)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = _text(ds, keyword)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

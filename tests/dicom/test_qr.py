@@ -1,0 +1,476 @@
+"""The asyncio Q/R SCU against the simulated PACS and a real Orthanc: streaming, spooling with
+back-pressure, C-MOVE routing, typed failures, cancellation, and a loop that keeps ticking."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import gc
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import aclosing, contextmanager
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.transport import ThreadedAssociationServer
+
+from duo_gateway.dicom.qr import (
+    MAX_CONTEXTS,
+    AssociationFailed,
+    AssociationRejected,
+    MoveRouter,
+    QrClient,
+    QrError,
+    QrStatusError,
+    QrTimeout,
+    SpooledInstance,
+    receiving_contexts,
+    storage_contexts,
+)
+from duo_gateway.sim.behaviour import Misbehaviour
+from duo_gateway.sim.config import default_network
+from duo_gateway.sim.pacs import SimPacs
+from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
+from tests.support.dcmtk import require_tool
+from tests.support.orthanc import Orthanc, run_orthanc
+
+NET = default_network()
+HOSPITAL = NET.hospitals[0]
+ANNA, BRAM, CARLA = NET.patients
+HOST = "127.0.0.1"
+DUO_AE = "DUO_TEST"
+
+
+@contextmanager
+def fixtures_frozen() -> Iterator[None]:
+    """Take the module fixtures' large pydicom heap out of the cyclic GC for a latency measurement.
+
+    A full collection over it stalls every thread for 50-150 ms on the test VM; that pause is the
+    test harness's, not the gateway's, and would drown the thing measured: whether DICOM I/O ever
+    runs on the event loop.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def big_study(template: GeneratedStudy, count: int) -> GeneratedStudy:
+    """``count`` copies of one image in one series of a new study: a study big enough to stream."""
+    study_uid, series_uid = generate_uid(), generate_uid()
+    instances = []
+    for number in range(1, count + 1):
+        ds = copy.deepcopy(template.instances[0])
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = number
+        instances.append(ds)
+    return dataclasses.replace(template, study_instance_uid=str(study_uid), instances=instances)
+
+
+@dataclasses.dataclass
+class Sim:
+    pacs: SimPacs
+    anna: list[GeneratedStudy]
+    big: GeneratedStudy
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
+    pacs = SimPacs(HOSPITAL, tmp_path_factory.mktemp("pacs"))
+    studies = {p.bsn: generate_studies(p, HOSPITAL, 3, NET.seed) for p in NET.patients}
+    for patient_studies in studies.values():
+        pacs.preload(patient_studies)
+    big = big_study(generate_studies(ANNA, HOSPITAL, 1, NET.seed, image_size=96)[0], 80)
+    pacs.preload([big])
+    pacs.start()
+    try:
+        yield Sim(pacs, studies[ANNA.bsn], big)
+    finally:
+        pacs.stop()
+
+
+@pytest.fixture
+def pacs(sim: Sim) -> Iterator[SimPacs]:
+    """The module's PACS, put back to normal behaviour after each test."""
+    yield sim.pacs
+    sim.pacs.set_behaviour(Misbehaviour())
+
+
+def client(port: int, called: str = HOSPITAL.ae_title, timeout_s: float = 5, **kw: object) -> QrClient:
+    return QrClient(DUO_AE, HOST, port, called, timeout_s=timeout_s, **kw)  # type: ignore[arg-type]
+
+
+def study_query(**keys: object) -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = ""
+    for k, v in keys.items():
+        setattr(q, k, v)
+    return q
+
+
+def retrieve_query(study_uid: str) -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = study_uid
+    return q
+
+
+def sop_classes(study: GeneratedStudy) -> list[str]:
+    return sorted({str(ds.SOPClassUID) for ds in study.instances})
+
+
+def assert_identical(items: list[SpooledInstance], study: GeneratedStudy) -> None:
+    stored = {str(ds.SOPInstanceUID): ds for ds in study.instances}
+    assert sorted(i.sop_instance_uid for i in items) == sorted(stored)
+    for item in items:
+        got = dcmread(item.path)
+        want = stored[item.sop_instance_uid]
+        assert str(got.SOPInstanceUID) == item.sop_instance_uid
+        assert got.get("PixelData") == want.get("PixelData")
+        assert got == want  # every element
+        # as stored, not re-encoded by the PACS into a syntax of its choosing
+        assert got.file_meta.TransferSyntaxUID == want.file_meta.TransferSyntaxUID == item.transfer_syntax_uid
+        assert item.size == item.path.stat().st_size
+
+
+# -- C-FIND ---------------------------------------------------------------------------------------
+
+
+async def test_find_streams_matches_of_one_patient(pacs: SimPacs, sim: Sim) -> None:
+    found = await client(pacs.port).find_all(study_query(PatientID=ANNA.bsn, ModalitiesInStudy=""))
+    assert sorted(str(d.StudyInstanceUID) for d in found) == sorted(
+        [s.study_instance_uid for s in sim.anna] + [sim.big.study_instance_uid])
+
+
+async def test_concurrent_finds_respect_max_associations(pacs: SimPacs) -> None:
+    pacs.set_behaviour(Misbehaviour(delay_ms=150))  # keep each association open a while
+    qr = client(pacs.port, max_associations=2)
+    peak = 0
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            assert pacs._server is not None
+            peak = max(peak, len(pacs._server.active_associations))
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.create_task(sample())
+    results = await asyncio.gather(*(qr.find_all(study_query(PatientID=ANNA.bsn)) for _ in range(6)))
+    done.set()
+    await sampler
+    assert all(len(r) == 4 for r in results)
+    assert peak == 2
+
+
+async def test_failures_are_typed(pacs: SimPacs) -> None:
+    with pytest.raises(AssociationRejected):
+        await client(pacs.port, called="NOT_THE_PACS").find_all(study_query(PatientID=ANNA.bsn))
+    bad = Dataset()
+    bad.QueryRetrieveLevel = "FRAME"
+    with pytest.raises(QrStatusError) as info:
+        await client(pacs.port).find_all(bad)
+    assert info.value.status == 0xA900
+    pacs.set_behaviour(Misbehaviour(down=True))
+    started = time.monotonic()
+    with pytest.raises(AssociationFailed):
+        await client(pacs.port).find_all(study_query(PatientID=ANNA.bsn))
+    assert time.monotonic() - started < 2
+
+
+async def test_slow_pacs_times_out_and_cancel_is_prompt(pacs: SimPacs) -> None:
+    pacs.set_behaviour(Misbehaviour(delay_ms=5000))
+    started = time.monotonic()
+    with pytest.raises(QrTimeout):
+        await client(pacs.port, timeout_s=0.5).find_all(study_query(PatientID=ANNA.bsn))
+    assert time.monotonic() - started < 2
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(client(pacs.port, timeout_s=10).find_all(study_query(PatientID=ANNA.bsn)), 0.3)
+    assert time.monotonic() - started < 1.5  # aborted, not waiting out the 10 s DIMSE timeout
+
+
+async def test_breaking_off_a_find_leaves_the_pacs_usable(pacs: SimPacs, sim: Sim) -> None:
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID = sim.big.study_instance_uid
+    q.SeriesInstanceUID = str(sim.big.instances[0].SeriesInstanceUID)
+    q.SOPInstanceUID = ""
+    qr = client(pacs.port)
+    stream = qr.find(q)
+    async for _ in stream:
+        break
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert qr._slots._value == 4
+    assert len(await qr.find_all(q)) == len(sim.big.instances)
+
+
+# -- C-GET ----------------------------------------------------------------------------------------
+
+
+async def test_get_spools_identical_files(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    study = sim.anna[0]
+    qr = client(pacs.port)
+    spool = qr.spool(tmp_path / "spool", 4)
+    items = [i async for i in qr.get(retrieve_query(study.study_instance_uid), spool, sop_classes(study))]
+    assert_identical(items, study)
+    assert not list((tmp_path / "spool").glob(".part-*"))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_get_in_both_receive_modes(pacs: SimPacs, sim: Sim, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch, chunked: bool) -> None:
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", chunked)
+    study = sim.anna[1]
+    qr = client(pacs.port)
+    items = [i async for i in qr.get(retrieve_query(study.study_instance_uid), qr.spool(tmp_path, 2),
+                                     sop_classes(study))]
+    assert_identical(items, study)
+
+
+async def test_validator_refusals_never_reach_the_consumer(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    study = sim.anna[0]
+    keep = {str(ds.SOPInstanceUID) for ds in study.instances[:2]}
+    qr = client(pacs.port)
+    spool = qr.spool(tmp_path, 2, validate=lambda h: None if str(h.SOPInstanceUID) in keep else "no")
+    items = [i async for i in qr.get(retrieve_query(study.study_instance_uid), spool, sop_classes(study))]
+    assert {i.sop_instance_uid for i in items} == keep
+    assert spool.refused == len(study.instances) - 2
+    assert sorted(os.listdir(tmp_path)) == sorted(i.path.name for i in items)
+
+
+async def test_get_failure_status_is_typed(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"  # without SOPInstanceUID: the PACS refuses (0xA900)
+    q.StudyInstanceUID = sim.anna[0].study_instance_uid
+    qr = client(pacs.port)
+    with pytest.raises(QrStatusError):
+        async for _ in qr.get(q, qr.spool(tmp_path, 2), sop_classes(sim.anna[0])):
+            pass
+
+
+async def test_slow_consumer_back_pressure_and_responsive_loop(pacs: SimPacs, sim: Sim,
+                                                               tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    window = 3
+    peak = 0
+    lateness = 0.0
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, sum(1 for _ in spool_dir.iterdir()) if spool_dir.exists() else 0)
+            await asyncio.sleep(0.002)
+
+    async def tick() -> None:
+        nonlocal lateness
+        while not done.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lateness = max(lateness, time.perf_counter() - before - 0.01)
+
+    qr = client(pacs.port)
+    received = 0
+    with fixtures_frozen():
+        tasks = [asyncio.create_task(sample()), asyncio.create_task(tick())]
+        async for item in qr.get(retrieve_query(sim.big.study_instance_uid), qr.spool(spool_dir, window),
+                                 sop_classes(sim.big)):
+            received += 1
+            await asyncio.sleep(0.005)  # a consumer slower than the PACS
+            item.path.unlink()
+        done.set()
+        await asyncio.gather(*tasks)
+    assert received == len(sim.big.instances)
+    assert 1 <= peak <= window
+    assert lateness < 0.1, lateness
+    assert list(spool_dir.iterdir()) == []
+
+
+async def test_cancel_mid_get_aborts_and_cleans_up(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    taken: list[Path] = []
+    five = asyncio.Event()
+    qr = client(pacs.port)
+
+    async def consume() -> None:
+        stream = qr.get(retrieve_query(sim.big.study_instance_uid), qr.spool(spool_dir, 4),
+                        sop_classes(sim.big))
+        async with aclosing(stream):
+            async for item in stream:
+                taken.append(item.path)
+                if len(taken) == 5:
+                    five.set()
+                    await asyncio.sleep(10)  # cancelled here, in the consumer's own code
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(five.wait(), 10)
+    await asyncio.sleep(0.1)  # let the PACS fill the window
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < 2
+    # only what the consumer took remains: no queued, half-written or temp files
+    assert sorted(spool_dir.iterdir()) == sorted(taken)
+    assert qr._slots._value == 4
+    assert len(await qr.find_all(study_query(PatientID=ANNA.bsn))) == 4  # PACS fine afterwards
+
+
+async def test_event_loop_ticks_during_large_find(pacs: SimPacs, sim: Sim) -> None:
+    lateness = 0.0
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        nonlocal lateness
+        while not done.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lateness = max(lateness, time.perf_counter() - before - 0.01)
+
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID = sim.big.study_instance_uid
+    q.SeriesInstanceUID = str(sim.big.instances[0].SeriesInstanceUID)
+    q.SOPInstanceUID = ""
+    q.InstanceNumber = ""
+    with fixtures_frozen():
+        ticker = asyncio.create_task(tick())
+        for _ in range(3):
+            assert len(await client(pacs.port).find_all(q)) == len(sim.big.instances)
+        done.set()
+        await ticker
+    assert lateness < 0.1, lateness
+
+
+def test_storage_contexts_fit_the_128_limit() -> None:
+    classes = [f"1.2.3.{i}" for i in range(12)]
+    contexts = storage_contexts(classes)
+    assert len(contexts) == 12 * 10 and len(contexts) < MAX_CONTEXTS
+    assert all(len(cx.transfer_syntax) == 1 for cx in contexts)  # the PACS cannot re-encode
+    many = [f"1.2.3.{i}" for i in range(100)]
+    assert len(storage_contexts(many)) == 100  # one (uncompressed) context each once that no longer fits
+    with pytest.raises(QrError):
+        storage_contexts([f"1.2.3.{i}" for i in range(MAX_CONTEXTS)])
+
+
+# -- C-MOVE ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def move_scp() -> Iterator[tuple[MoveRouter, int]]:
+    """DUO's storage SCP as the daemon would run it: every C-STORE goes through the router."""
+    router = MoveRouter()
+    ae = AE(ae_title=DUO_AE)
+    ae.supported_contexts = receiving_contexts()
+    server = ae.start_server((HOST, 0), block=False, evt_handlers=router.evt_handlers())
+    assert isinstance(server, ThreadedAssociationServer)
+    try:
+        yield router, int(server.server_address[1])
+    finally:
+        server.shutdown()
+
+
+async def test_move_to_own_scp_routes_by_originator(pacs: SimPacs, sim: Sim, tmp_path: Path,
+                                                    move_scp: tuple[MoveRouter, int]) -> None:
+    router, port = move_scp
+    pacs.add_move_destination(DUO_AE, HOST, port)
+    qr = client(pacs.port)
+    study = sim.anna[2]
+    items = [i async for i in qr.move(retrieve_query(study.study_instance_uid), DUO_AE, router,
+                                      qr.spool(tmp_path, 2))]
+    assert_identical(items, study)
+    assert router.active == 0
+
+
+def test_unsolicited_store_at_own_scp_is_refused(move_scp: tuple[MoveRouter, int], sim: Sim) -> None:
+    _, port = move_scp
+    ds = sim.anna[0].instances[0]
+    ae = AE(ae_title="INTRUDER")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate(HOST, port, ae_title=DUO_AE)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert status.Status == 0x0124  # no move asked for it: DUO takes no unsolicited data
+
+
+# -- Orthanc --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Loaded:
+    orthanc: Orthanc
+    studies: list[GeneratedStudy]
+    router: MoveRouter
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
+    storescu = require_tool("storescu")
+    tmp = tmp_path_factory.mktemp("orthanc")
+    studies = generate_studies(ANNA, HOSPITAL, 2, NET.seed) + generate_studies(BRAM, HOSPITAL, 1, NET.seed)
+    files = [str(p) for s in studies for p in write_study(s, tmp / "send" / s.study_instance_uid)]
+    router = MoveRouter()
+    ae = AE(ae_title=DUO_AE)
+    ae.supported_contexts = receiving_contexts()
+    server = ae.start_server((HOST, 0), block=False, evt_handlers=router.evt_handlers())
+    assert isinstance(server, ThreadedAssociationServer)
+    modalities = {"duo": (DUO_AE, HOST, int(server.server_address[1]))}
+    try:
+        with run_orthanc(tmp / "db", modalities=modalities) as orthanc:
+            proc = subprocess.run([storescu, "-aet", "LOADER", "-aec", orthanc.ae_title, orthanc.host,
+                                   str(orthanc.dicom_port), *files], capture_output=True, text=True,
+                                  env={**os.environ, "TCP_NODELAY": "1"}, timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            yield Loaded(orthanc, studies, router)
+    finally:
+        server.shutdown()
+
+
+def orthanc_client(o: Orthanc) -> QrClient:
+    return QrClient(DUO_AE, o.host, o.dicom_port, o.ae_title, timeout_s=10)
+
+
+async def test_orthanc_find_get_and_move(orthanc: Loaded, tmp_path: Path) -> None:
+    qr = orthanc_client(orthanc.orthanc)
+    found = await qr.find_all(study_query(PatientID=ANNA.bsn, NumberOfStudyRelatedInstances=""))
+    anna = orthanc.studies[:2]
+    assert sorted(str(d.StudyInstanceUID) for d in found) == sorted(s.study_instance_uid for s in anna)
+
+    got = [i async for i in qr.get(retrieve_query(anna[0].study_instance_uid), qr.spool(tmp_path / "g", 2),
+                                   sop_classes(anna[0]))]
+    assert_identical(got, anna[0])
+
+    moved = [i async for i in qr.move(retrieve_query(anna[1].study_instance_uid), DUO_AE, orthanc.router,
+                                      qr.spool(tmp_path / "m", 2),
+                                      expected={str(ds.SOPInstanceUID) for ds in anna[1].instances})]
+    assert_identical(moved, anna[1])
+
+
+async def test_orthanc_image_level_get_with_uid_list(orthanc: Loaded, tmp_path: Path) -> None:
+    study = orthanc.studies[0]
+    subset = study.instances[:3]
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID = study.study_instance_uid
+    q.SOPInstanceUID = [str(ds.SOPInstanceUID) for ds in subset]
+    qr = orthanc_client(orthanc.orthanc)
+    got = [i async for i in qr.get(q, qr.spool(tmp_path, 2), sop_classes(study))]
+    assert sorted(i.sop_instance_uid for i in got) == sorted(str(ds.SOPInstanceUID) for ds in subset)
+
+

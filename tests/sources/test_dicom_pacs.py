@@ -1,0 +1,502 @@
+"""DicomPacsSource against the simulated PACS and a real Orthanc: what it finds and retrieves is
+exactly what the PACS holds for the permitted patient, nothing of anyone else's, and every way the
+PACS can fail becomes SourceUnavailable."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import gc
+import os
+import socket
+import subprocess
+import time
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import aclosing, contextmanager
+from datetime import date
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from duo_gateway.config.peers import TlbHospital
+from duo_gateway.consent import ConsentGate, Permit
+from duo_gateway.dicom.qr import MoveRouter, receiving_contexts
+from duo_gateway.mitz.client import ConsentDecision
+from duo_gateway.mitz.wire import ClosedQuestion
+from duo_gateway.observability.metrics import Metrics
+from duo_gateway.sim.behaviour import Misbehaviour
+from duo_gateway.sim.config import default_network
+from duo_gateway.sim.pacs import SimPacs
+from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
+from duo_gateway.sources.base import InstanceRecord, NotCovered, RetrievedInstance, SourceUnavailable
+from duo_gateway.sources.dicom_pacs import DicomPacsSource
+from tests.support.dcmtk import require_tool
+from tests.support.orthanc import Orthanc, run_orthanc
+
+NET = default_network()
+HOSPITAL, OTHER_HOSPITAL = NET.hospitals
+ANNA, BRAM, CARLA = NET.patients
+HOST = "127.0.0.1"
+DUO_AE = "DUO_TEST"
+
+
+@contextmanager
+def fixtures_frozen() -> Iterator[None]:
+    """Take the module fixtures' large pydicom heap out of the cyclic GC for a latency measurement.
+
+    A full collection over it stalls every thread for 50-150 ms on the test VM; that pause is the
+    test harness's, not the gateway's, and would drown the thing measured: whether DICOM I/O ever
+    runs on the event loop.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+class _PermitAll:
+    async def closed_question(self, question: ClosedQuestion) -> ConsentDecision:
+        return ConsentDecision(True, ("Permit",), None, "mitz")  # type: ignore[arg-type]
+
+
+async def permit(bsn: str, ura: str = HOSPITAL.ura) -> Permit:
+    verdict = await ConsentGate(_PermitAll()).check(ClosedQuestion(
+        bsn=bsn, holder_ura=ura, holder_type="V6", requester_uzi="000095254", requester_role="01.039",
+        requester_ura="00000666", requester_type="V6"))
+    assert isinstance(verdict, Permit)
+    return verdict
+
+
+def hospital(port: int, **overrides: object) -> TlbHospital:
+    fields: dict[str, object] = {"ura": HOSPITAL.ura, "name": HOSPITAL.name, "ae_title": HOSPITAL.ae_title,
+                                 "host": HOST, "port": port, "timeout_s": 5,
+                                 "repository_unique_id": HOSPITAL.repository_unique_id}
+    return TlbHospital.model_validate({**fields, **overrides})
+
+
+def source(port: int, spool: Path, window: int = 4, **overrides: object) -> DicomPacsSource:
+    method = overrides.pop("retrieve_method", "c-get")
+    router = overrides.pop("move_router", None)
+    metrics = overrides.pop("metrics", None)
+    return DicomPacsSource(hospital(port, **overrides), DUO_AE, spool, method, window,  # type: ignore[arg-type]
+                           metrics, move_router=router)  # type: ignore[arg-type]
+
+
+def records_of(study: GeneratedStudy) -> list[InstanceRecord]:
+    return [InstanceRecord(study.study_instance_uid, str(ds.SeriesInstanceUID), str(ds.SOPClassUID),
+                           str(ds.SOPInstanceUID)) for ds in study.instances]
+
+
+async def collect(stream: AsyncGenerator[RetrievedInstance, None]) -> list[RetrievedInstance]:
+    out: list[RetrievedInstance] = []
+    async with aclosing(stream) as s:
+        async for item in s:
+            out.append(item)
+    return out
+
+
+def assert_identical(got: list[RetrievedInstance], expected: list[Dataset]) -> None:
+    want = {str(ds.SOPInstanceUID): ds for ds in expected}
+    assert sorted(i.record.sop_instance_uid for i in got) == sorted(want)
+    for item in got:
+        ds = dcmread(item.path)
+        assert str(ds.SOPInstanceUID) == item.record.sop_instance_uid
+        stored = want[item.record.sop_instance_uid]
+        assert ds.get("PixelData") == stored.get("PixelData")
+        assert ds == stored
+        assert ds.file_meta.TransferSyntaxUID == stored.file_meta.TransferSyntaxUID  # not re-encoded
+        assert item.size == item.path.stat().st_size
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Sim:
+    pacs: SimPacs
+    anna: list[GeneratedStudy]
+    bram: list[GeneratedStudy]
+    foreign: Dataset  # Bram's image filed under Anna's third study
+    big: GeneratedStudy
+
+
+def _big(template: GeneratedStudy, count: int) -> GeneratedStudy:
+    study_uid, series_uid = generate_uid(), generate_uid()
+    instances = []
+    for n in range(count):
+        ds = copy.deepcopy(template.instances[0])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = n + 1
+        instances.append(ds)
+    return dataclasses.replace(template, study_instance_uid=str(study_uid), instances=instances)
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
+    pacs = SimPacs(HOSPITAL, tmp_path_factory.mktemp("pacs"))
+    studies = {p.bsn: generate_studies(p, HOSPITAL, 3, NET.seed) for p in NET.patients}
+    for s in studies.values():
+        pacs.preload(s)
+    anna, bram = studies[ANNA.bsn], studies[BRAM.bsn]
+    foreign = copy.deepcopy(bram[0].instances[0])
+    foreign.StudyInstanceUID = anna[2].study_instance_uid
+    foreign.SeriesInstanceUID = anna[2].instances[0].SeriesInstanceUID
+    foreign.SOPInstanceUID = foreign.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    pacs.preload([dataclasses.replace(anna[2], instances=[foreign])])
+    big = _big(anna[0], 40)
+    pacs.preload([big])
+    pacs.start()
+    try:
+        yield Sim(pacs, anna, bram, foreign, big)
+    finally:
+        pacs.stop()
+
+
+@pytest.fixture
+def pacs(sim: Sim) -> Iterator[SimPacs]:
+    yield sim.pacs
+    sim.pacs.set_behaviour(Misbehaviour())
+
+
+# -- find ---------------------------------------------------------------------------------------------
+
+
+async def test_find_studies_of_the_patient(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    found = await source(pacs.port, tmp_path).find_studies(await permit(ANNA.bsn), ANNA.bsn)
+    by_uid = {r.study_instance_uid: r for r in found}
+    assert set(by_uid) == {s.study_instance_uid for s in sim.anna} | {sim.big.study_instance_uid}
+    for study in sim.anna[:2]:
+        record = by_uid[study.study_instance_uid]
+        assert record.patient_id == ANNA.bsn
+        assert (record.study_date, record.accession_number, record.description) == (
+            study.study_date, study.accession_number, study.description)
+        assert set(record.modalities) == set(study.modalities)
+        assert record.instance_count == len(study.instances)
+        assert record.series_count == len(study.series_instance_uids)
+        assert record.patient_sex == ANNA.sex and record.patient_birth_date == ANNA.birth_date
+
+
+async def test_date_ranges_and_uid_lists(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    src = source(pacs.port, tmp_path)
+    p = await permit(ANNA.bsn)
+    studies = sorted(sim.anna, key=lambda s: s.study_date)
+    assert len({s.study_date for s in studies}) == 3
+    middle = date.fromisoformat(f"{studies[1].study_date[:4]}-{studies[1].study_date[4:6]}-"
+                                f"{studies[1].study_date[6:]}")
+
+    def uids(records: list) -> set[str]:  # type: ignore[type-arg]
+        return {r.study_instance_uid for r in records} - {sim.big.study_instance_uid}
+
+    assert uids(await src.find_studies(p, ANNA.bsn, date_from=middle)) == {
+        s.study_instance_uid for s in studies[1:]}
+    assert uids(await src.find_studies(p, ANNA.bsn, date_to=middle)) == {
+        s.study_instance_uid for s in studies[:2]}
+    assert uids(await src.find_studies(p, ANNA.bsn, date_from=middle, date_to=middle)) == {
+        studies[1].study_instance_uid}
+    wanted = [studies[0].study_instance_uid, studies[2].study_instance_uid]
+    assert uids(await src.find_studies(p, ANNA.bsn, study_uids=wanted)) == set(wanted)
+    # another patient's UID in the list is not a way in
+    assert await src.find_studies(p, ANNA.bsn, study_uids=[sim.bram[0].study_instance_uid]) == []
+
+
+async def test_find_instances_match_what_is_stored(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    src = source(pacs.port, tmp_path)
+    p = await permit(ANNA.bsn)
+    study = sim.anna[0]
+    found = await src.find_instances(p, ANNA.bsn, study.study_instance_uid)
+    assert sorted(r.sop_instance_uid for r in found) == sorted(
+        str(ds.SOPInstanceUID) for ds in study.instances)
+    stored = {str(ds.SOPInstanceUID): ds for ds in study.instances}
+    for r in found:
+        ds = stored[r.sop_instance_uid]
+        assert (r.series_instance_uid, r.sop_class_uid, r.modality, r.instance_number) == (
+            str(ds.SeriesInstanceUID), str(ds.SOPClassUID), str(ds.Modality), int(ds.InstanceNumber))
+    report_study = next(s for s in sim.anna if s.has_report)
+    only_sr = await src.find_instances(p, ANNA.bsn, report_study.study_instance_uid, modalities=["SR"])
+    assert [r.modality for r in only_sr] == ["SR"]
+    # Bram's image filed under Anna's study is not listed as hers
+    third = await src.find_instances(p, ANNA.bsn, sim.anna[2].study_instance_uid)
+    assert str(sim.foreign.SOPInstanceUID) not in {r.sop_instance_uid for r in third}
+    assert len(third) == len(sim.anna[2].instances)
+    # a study of someone else yields nothing for this patient's Permit
+    assert await src.find_instances(p, ANNA.bsn, sim.bram[1].study_instance_uid) == []
+
+
+async def test_patient_of_study(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    src = source(pacs.port, tmp_path)
+    assert await src.patient_of_study(sim.bram[1].study_instance_uid) == BRAM.bsn
+    assert await src.patient_of_study(str(generate_uid())) is None
+    seq = source(pacs.port, tmp_path, bsn_attribute="OtherPatientIDsSequence")
+    assert await seq.patient_of_study(sim.anna[1].study_instance_uid) == ANNA.bsn
+
+
+async def test_other_patient_ids_sequence_mode_drops_what_the_pacs_does_not_filter(
+        pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    # SimPacs, like Orthanc, ignores sequence matching and so answers with every patient's studies;
+    # Anna's third study legitimately shows up for Bram too: it holds one of his images (misfiled)
+    src = source(pacs.port, tmp_path, bsn_attribute="OtherPatientIDsSequence")
+    found = await src.find_studies(await permit(BRAM.bsn), BRAM.bsn)
+    assert {r.study_instance_uid for r in found} == {s.study_instance_uid for s in sim.bram} | {
+        sim.anna[2].study_instance_uid}
+    found = await src.find_studies(await permit(CARLA.bsn), CARLA.bsn)
+    assert len(found) == 3 and all(r.patient_id == CARLA.bsn for r in found)
+    instances = await src.find_instances(await permit(BRAM.bsn), BRAM.bsn, sim.bram[0].study_instance_uid)
+    assert len(instances) == len(sim.bram[0].instances)
+
+
+async def test_pacs_ignoring_the_patient_key_does_not_leak() -> None:
+    """A PACS that answers every C-FIND with everyone's studies (or with broken identifiers)."""
+    answers: list[Dataset] = []
+    for pid, uid in ((ANNA.bsn, "1.2.3.1"), (BRAM.bsn, "1.2.3.2"), ("", "1.2.3.3")):
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.PatientID = pid
+        ds.StudyInstanceUID = uid
+        answers.append(ds)
+
+    def on_find(event: object) -> Iterator[tuple[int, Dataset | None]]:
+        for ds in answers:
+            yield 0xFF00, ds
+        yield 0x0000, None
+
+    ae = AE(ae_title=HOSPITAL.ae_title)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    assert isinstance(server, ThreadedAssociationServer)
+    try:
+        src = source(int(server.server_address[1]), Path("/nonexistent"))
+        found = await src.find_studies(await permit(ANNA.bsn), ANNA.bsn)
+        assert [r.study_instance_uid for r in found] == ["1.2.3.1"]
+        del answers[0]["StudyInstanceUID"]  # a "match" nobody can retrieve is a broken answer
+        with pytest.raises(SourceUnavailable, match="without StudyInstanceUID"):
+            await src.find_studies(await permit(ANNA.bsn), ANNA.bsn)
+    finally:
+        server.shutdown()
+
+
+async def test_malformed_pacs_is_unavailable(pacs: SimPacs, tmp_path: Path) -> None:
+    pacs.set_behaviour(Misbehaviour(malformed=True))
+    with pytest.raises(SourceUnavailable):
+        await source(pacs.port, tmp_path).find_studies(await permit(ANNA.bsn), ANNA.bsn)
+
+
+# -- consent and failures ---------------------------------------------------------------------------
+
+
+async def test_wrong_permit_is_refused_before_any_network_traffic(sim: Sim, tmp_path: Path) -> None:
+    with socket.socket() as listener:
+        listener.bind((HOST, 0))
+        listener.listen()
+        listener.setblocking(False)
+        src = source(listener.getsockname()[1], tmp_path)
+        study = sim.anna[0]
+        for p in (await permit(BRAM.bsn), await permit(ANNA.bsn, OTHER_HOSPITAL.ura)):
+            with pytest.raises(NotCovered):
+                await src.find_studies(p, ANNA.bsn)
+            with pytest.raises(NotCovered):
+                await src.find_instances(p, ANNA.bsn, study.study_instance_uid)
+            with pytest.raises(NotCovered):
+                src.retrieve(p, ANNA.bsn, study.study_instance_uid, records_of(study))
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+
+
+async def test_down_and_slow_pacs_are_unavailable(pacs: SimPacs, tmp_path: Path) -> None:
+    metrics = Metrics()
+    src = source(pacs.port, tmp_path, timeout_s=0.5, metrics=metrics)
+    p = await permit(ANNA.bsn)
+    pacs.set_behaviour(Misbehaviour(down=True))
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable) as info:
+        await src.find_studies(p, ANNA.bsn)
+    assert info.value.source == f"tlb:{HOSPITAL.ura}"
+    pacs.set_behaviour(Misbehaviour(delay_ms=5000))
+    with pytest.raises(SourceUnavailable, match="within"):
+        await src.find_studies(p, ANNA.bsn)
+    with pytest.raises(SourceUnavailable):
+        await src.patient_of_study("1.2.3")
+    assert time.monotonic() - started < 3
+    samples = {(s.labels["operation"], s.labels["outcome"]): s.value
+               for m in metrics.registry.collect() if m.name == "duo_peer_requests"
+               for s in m.samples if s.name.endswith("_total")}
+    assert samples[("c-find", "connect")] == 1
+    assert samples[("c-find", "timeout")] == 2
+
+
+# -- retrieve -----------------------------------------------------------------------------------------
+
+
+async def test_retrieve_whole_study_and_subset(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    src = source(pacs.port, spool)
+    p = await permit(ANNA.bsn)
+    study = sim.anna[0]
+    got = await collect(src.retrieve(p, ANNA.bsn, study.study_instance_uid, records_of(study)))
+    assert_identical(got, study.instances)
+    # subset: a whole series plus part of another (SERIES- and IMAGE-level retrieves)
+    series = study.series_instance_uids
+    whole = [ds for ds in study.instances if str(ds.SeriesInstanceUID) == series[0]]
+    part = [ds for ds in study.instances if str(ds.SeriesInstanceUID) == series[1]][:1]
+    wanted = {str(ds.SOPInstanceUID) for ds in whole + part}
+    subset = [r for r in records_of(study) if r.sop_instance_uid in wanted]
+    got = await collect(src.retrieve(p, ANNA.bsn, study.study_instance_uid, subset))
+    assert_identical(got, whole + part)
+    assert not list(spool.glob(".part-*"))
+
+
+async def test_retrieve_refuses_an_instance_of_another_patient(pacs: SimPacs, sim: Sim,
+                                                               tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    study = sim.anna[2]
+    foreign = InstanceRecord(study.study_instance_uid, str(sim.foreign.SeriesInstanceUID),
+                             str(sim.foreign.SOPClassUID), str(sim.foreign.SOPInstanceUID))
+    got = await collect(source(pacs.port, spool).retrieve(
+        await permit(ANNA.bsn), ANNA.bsn, study.study_instance_uid, [*records_of(study), foreign]))
+    assert_identical(got, study.instances)
+    assert sorted(spool.iterdir()) == sorted(i.path for i in got)
+
+
+async def test_retrieve_by_c_move_to_own_scp(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    router = MoveRouter()
+    ae = AE(ae_title=DUO_AE)
+    ae.supported_contexts = receiving_contexts()
+    server = ae.start_server((HOST, 0), block=False, evt_handlers=router.evt_handlers())
+    assert isinstance(server, ThreadedAssociationServer)
+    pacs.add_move_destination(DUO_AE, HOST, int(server.server_address[1]))
+    try:
+        src = source(pacs.port, tmp_path, retrieve_method="c-move", move_router=router)
+        study = sim.anna[1]
+        got = await collect(src.retrieve(await permit(ANNA.bsn), ANNA.bsn, study.study_instance_uid,
+                                         records_of(study)))
+        assert_identical(got, study.instances)
+    finally:
+        server.shutdown()
+
+
+async def test_retrieve_window_bounds_the_spool_and_cancel_cleans_up(pacs: SimPacs, sim: Sim,
+                                                                     tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    src = source(pacs.port, spool, window=3)
+    p = await permit(ANNA.bsn)
+    records = records_of(sim.big)
+    peak = 0
+    lateness = 0.0
+    taken: list[Path] = []
+    holding = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak, lateness
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lateness = max(lateness, time.perf_counter() - before - 0.005)
+            if spool.exists():
+                peak = max(peak, sum(1 for _ in spool.iterdir()))
+
+    async def consume(stop_after: int | None) -> None:
+        async with aclosing(src.retrieve(p, ANNA.bsn, sim.big.study_instance_uid, records)) as stream:
+            async for item in stream:
+                taken.append(item.path)
+                await asyncio.sleep(0.01)  # slower than the PACS
+                if stop_after is not None and len(taken) >= stop_after:
+                    holding.set()
+                    await asyncio.sleep(30)
+                item.path.unlink()
+
+    watcher = asyncio.create_task(watch())
+    with fixtures_frozen():
+        await consume(None)
+    assert len(taken) == len(records)
+    assert 1 <= peak <= 3
+    assert lateness < 0.1, lateness
+    assert list(spool.iterdir()) == []
+
+    taken.clear()
+    task = asyncio.create_task(consume(stop_after=5))
+    await asyncio.wait_for(holding.wait(), 10)
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    watcher.cancel()
+    assert [p.name for p in spool.iterdir()] == [taken[-1].name]  # only the file the consumer held
+    assert peak <= 3
+
+
+# -- Orthanc --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Loaded:
+    orthanc: Orthanc
+    anna: list[GeneratedStudy]
+    router: MoveRouter
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
+    storescu = require_tool("storescu")
+    tmp = tmp_path_factory.mktemp("orthanc")
+    anna = generate_studies(ANNA, HOSPITAL, 3, NET.seed)
+    studies = anna + generate_studies(BRAM, HOSPITAL, 1, NET.seed)
+    files = [str(p) for s in studies for p in write_study(s, tmp / "send" / s.study_instance_uid)]
+    router = MoveRouter()
+    ae = AE(ae_title=DUO_AE)
+    ae.supported_contexts = receiving_contexts()
+    server = ae.start_server((HOST, 0), block=False, evt_handlers=router.evt_handlers())
+    assert isinstance(server, ThreadedAssociationServer)
+    try:
+        with run_orthanc(tmp / "db", modalities={"duo": (DUO_AE, HOST, int(server.server_address[1]))}) as o:
+            proc = subprocess.run([storescu, "-aet", "LOADER", "-aec", o.ae_title, o.host, str(o.dicom_port),
+                                   *files], capture_output=True, text=True,
+                                  env={**os.environ, "TCP_NODELAY": "1"}, timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            yield Loaded(o, anna, router)
+    finally:
+        server.shutdown()
+
+
+def orthanc_source(o: Loaded, spool: Path, **kw: object) -> DicomPacsSource:
+    return source(o.orthanc.dicom_port, spool, ae_title=o.orthanc.ae_title, move_router=o.router, **kw)
+
+
+async def test_orthanc_find(orthanc: Loaded, tmp_path: Path) -> None:
+    src = orthanc_source(orthanc, tmp_path)
+    p = await permit(ANNA.bsn)
+    found = await src.find_studies(p, ANNA.bsn)
+    assert {r.study_instance_uid for r in found} == {s.study_instance_uid for s in orthanc.anna}
+    first = sorted(orthanc.anna, key=lambda s: s.study_date)[0]
+    day = date(int(first.study_date[:4]), int(first.study_date[4:6]), int(first.study_date[6:]))
+    assert [r.study_instance_uid for r in await src.find_studies(p, ANNA.bsn, date_to=day)] == [
+        first.study_instance_uid]
+    wanted = [s.study_instance_uid for s in orthanc.anna[1:]]
+    found = await src.find_studies(p, ANNA.bsn, study_uids=wanted)
+    assert {r.study_instance_uid for r in found} == set(wanted)
+    study = orthanc.anna[0]
+    instances = await src.find_instances(p, ANNA.bsn, study.study_instance_uid)
+    assert sorted(r.sop_instance_uid for r in instances) == sorted(
+        str(d.SOPInstanceUID) for d in study.instances)
+    assert await src.patient_of_study(study.study_instance_uid) == ANNA.bsn
+
+
+@pytest.mark.parametrize("method", ["c-get", "c-move"])
+async def test_orthanc_retrieve_whole_and_subset(orthanc: Loaded, tmp_path: Path, method: str) -> None:
+    src = orthanc_source(orthanc, tmp_path, retrieve_method=method)
+    p = await permit(ANNA.bsn)
+    study = orthanc.anna[1]
+    got = await collect(src.retrieve(p, ANNA.bsn, study.study_instance_uid, records_of(study)))
+    assert_identical(got, study.instances)
+    subset = records_of(study)[::2]
+    got = await collect(src.retrieve(p, ANNA.bsn, study.study_instance_uid, subset))
+    wanted = {r.sop_instance_uid for r in subset}
+    assert_identical(got, [ds for ds in study.instances if str(ds.SOPInstanceUID) in wanted])
