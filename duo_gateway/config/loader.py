@@ -25,6 +25,7 @@ from duo_gateway.config.listeners import Listeners
 from duo_gateway.config.mitz import MitzConfig
 from duo_gateway.config.peers import TlbHospital, XcaCommunity
 from duo_gateway.config.runtime import DaemonConfig, LoggingConfig, StorageConfig
+from duo_gateway.config.timeline import TimelineConfig
 from duo_gateway.config.xca import XcaRespondingConfig
 from duo_gateway.config.xua import XuaConfig
 
@@ -39,6 +40,7 @@ class DuoConfig(StrictModel):
     mitz: MitzConfig
     xua: XuaConfig = XuaConfig()
     xca_responding: XcaRespondingConfig = XcaRespondingConfig()
+    timeline: TimelineConfig = TimelineConfig()
     audit: AuditConfig = AuditConfig()
     storage: StorageConfig = StorageConfig()
     logging: LoggingConfig = LoggingConfig()

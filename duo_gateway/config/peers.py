@@ -57,5 +57,9 @@ class XcaCommunity(StrictModel):
     signature_algorithm: Literal["sha256", "sha1"] = "sha256"
     timeout_s: float = Field(default=20.0, gt=0, le=600)
     max_concurrency: int = Field(default=4, ge=1, le=64)
+    #: Retries after a transient failure (connection refused/reset, HTTP 502/503/504), with
+    #: exponential backoff and jitter; never after a SOAP Fault or a registry error.
+    retries: int = Field(default=2, ge=0, le=10)
+    retry_backoff_s: float = Field(default=0.2, gt=0, le=30)
     #: Query this community even when Mitz localization names none of its data holders.
     query_without_localization: bool = False
