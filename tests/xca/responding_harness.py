@@ -17,7 +17,7 @@ from lxml import etree
 
 from duo_gateway.config.loader import DuoConfig, parse_config
 from duo_gateway.daemon import Gateway
-from duo_gateway.sim.config import SimNetworkConfig, default_network
+from duo_gateway.sim.config import SimHospital, SimNetworkConfig, default_network
 from duo_gateway.sim.mitz import MitzSimulator
 from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.pki import Pki, make_pki
@@ -127,23 +127,33 @@ class Network:
         return Reply(status, env, parts, raw, ct)
 
 
+@dataclass(frozen=True)
+class PacsEndpoint:
+    """Where DUO finds one TLB hospital's PACS: a SimPacs or any other DICOM peer (Orthanc)."""
+
+    hospital: SimHospital
+    ae_title: str
+    port: int
+    host: str = "127.0.0.1"
+
+
 def duo_config(
-    tmp: Path, net: SimNetworkConfig, pacs: list[SimPacs], mitz_url: str, trusted: Path, **overrides: Any
+    tmp: Path, endpoints: list[PacsEndpoint], mitz_url: str, trusted: Path, **overrides: Any
 ) -> DuoConfig:
     raw: dict[str, Any] = {
         "gateway": {"home_community_id": HOME, "ura": "00099001", "name": "DUO"},
         "listeners": {"http": {"host": "127.0.0.1", "port": 0}, "dicom": {"host": "127.0.0.1", "port": 0}},
         "tlb_hospitals": [
             {
-                "ura": h.ura,
-                "name": h.name,
-                "ae_title": h.ae_title,
-                "host": "127.0.0.1",
-                "port": p.port,
-                "repository_unique_id": h.repository_unique_id,
+                "ura": e.hospital.ura,
+                "name": e.hospital.name,
+                "ae_title": e.ae_title,
+                "host": e.host,
+                "port": e.port,
+                "repository_unique_id": e.hospital.repository_unique_id,
                 "timeout_s": 3.0,
             }
-            for h, p in zip(net.hospitals, pacs, strict=True)
+            for e in endpoints
         ],
         "mitz": {
             "closed_url": f"{mitz_url}/geslotenautorisatievraag/xacml3",
@@ -160,36 +170,71 @@ def duo_config(
 
 
 @asynccontextmanager
-async def running_network(
-    tmp: Path, *, studies_per_patient: int = 2, **overrides: Any
+async def _network(
+    tmp: Path,
+    net: SimNetworkConfig,
+    endpoints: list[PacsEndpoint],
+    pacs: list[SimPacs],
+    studies: dict[str, list[GeneratedStudy]],
+    **overrides: Any,
 ) -> AsyncIterator[Network]:
-    net = default_network()
+    """DUO, the Mitz simulator and a XUA issuer around PACSes that are already running."""
     mitz = MitzSimulator(net, tlb_home_community_id=HOME)
     runner = web.AppRunner(mitz.app())
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     mitz_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    pacs: list[SimPacs] = []
-    studies: dict[str, list[GeneratedStudy]] = {}
-    for h in net.hospitals:
-        p = SimPacs(h, tmp / "pacs" / h.ae_title)
-        generated = [s for pt in net.patients for s in generate_studies(pt, h, studies_per_patient, net.seed)]
-        await asyncio.to_thread(p.preload, generated)
-        await asyncio.to_thread(p.start)
-        pacs.append(p)
-        studies[h.ura] = generated
-    pki = make_pki(tmp / "pki", key_type="rsa")
-    key, cert = load_signing_pair(pki.client.key, pki.client.cert)
-    gateway = Gateway(duo_config(tmp, net, pacs, mitz_url, pki.ca_cert, **overrides))
-    await gateway.start()
     try:
-        async with aiohttp.ClientSession() as session:
-            yield Network(net, gateway, pacs, studies, mitz, pki, key, cert, session)
+        pki = make_pki(tmp / "pki", key_type="rsa")
+        key, cert = load_signing_pair(pki.client.key, pki.client.cert)
+        gateway = Gateway(duo_config(tmp, endpoints, mitz_url, pki.ca_cert, **overrides))
+        await gateway.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                yield Network(net, gateway, pacs, studies, mitz, pki, key, cert, session)
+        finally:
+            await gateway.stop()
     finally:
-        await gateway.stop()
-        for p in pacs:
-            await asyncio.to_thread(p.stop)
         await runner.cleanup()
 
 
-__all__ = ["CLAIMS", "HOME", "Action", "Network", "Reply", "running_network"]
+@asynccontextmanager
+async def running_network(
+    tmp: Path, *, studies_per_patient: int = 2, **overrides: Any
+) -> AsyncIterator[Network]:
+    """Two SimPacs hospitals, each holding ``studies_per_patient`` generated studies of every patient."""
+    net = default_network()
+    pacs: list[SimPacs] = []
+    studies: dict[str, list[GeneratedStudy]] = {}
+    try:
+        for h in net.hospitals:
+            p = SimPacs(h, tmp / "pacs" / h.ae_title)
+            pacs.append(p)
+            generated = [
+                s for pt in net.patients for s in generate_studies(pt, h, studies_per_patient, net.seed)
+            ]
+            await asyncio.to_thread(p.preload, generated)
+            await asyncio.to_thread(p.start)
+            studies[h.ura] = generated
+        endpoints = [PacsEndpoint(h, h.ae_title, p.port) for h, p in zip(net.hospitals, pacs, strict=True)]
+        async with _network(tmp, net, endpoints, pacs, studies, **overrides) as network:
+            yield network
+    finally:
+        for p in pacs:
+            await asyncio.to_thread(p.stop)
+
+
+@asynccontextmanager
+async def running_external_pacs_network(
+    tmp: Path, endpoint: PacsEndpoint, studies: list[GeneratedStudy], **overrides: Any
+) -> AsyncIterator[Network]:
+    """One TLB hospital whose PACS is someone else's (Orthanc), already loaded with ``studies``."""
+    net = default_network()
+    async with _network(tmp, net, [endpoint], [], {endpoint.hospital.ura: studies}, **overrides) as network:
+        yield network
+
+
+__all__ = [
+    "CLAIMS", "HOME", "Action", "Network", "PacsEndpoint", "Reply", "running_external_pacs_network",
+    "running_network",
+]
