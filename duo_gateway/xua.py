@@ -138,7 +138,7 @@ class Claims:
     """The responsible professional and organisation an assertion speaks for (netherlands.md §3).
 
     ``organisation_type`` is optional because Twiin's ITI-40 table does not list it; Mitz needs it, so
-    :meth:`Requester.closed_question` takes a fallback (e.g. from the peer's address-book entry).
+    :meth:`closed_question` takes a fallback (e.g. from the peer's address-book entry).
     """
 
     uzi: str
@@ -150,6 +150,21 @@ class Claims:
 
     def __post_init__(self) -> None:
         _check_claims(self.uzi, self.role, self.ura, self.purpose, self.organisation_type, self.mandated_uzi)
+
+    def closed_question(self, *, bsn: str, holder_ura: str, holder_type: str,
+                        categories: tuple[str, ...] = ("GGC002",),
+                        requester_type: str | None = None) -> ClosedQuestion:
+        """The Mitz question for this requester (netherlands.md §3: copy the token, add the holder).
+
+        The token's own organisation type wins over ``requester_type``; with neither, ClosedQuestion
+        raises MitzRequestError, which the consent gate turns into a refusal instead of asking Mitz.
+        """
+        return ClosedQuestion(
+            bsn=bsn, holder_ura=holder_ura, holder_type=holder_type, categories=categories,
+            requester_uzi=self.uzi, requester_role=self.role, requester_ura=self.ura,
+            requester_type=self.organisation_type or requester_type or "",
+            purpose=self.purpose, mandated_uzi=self.mandated_uzi,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,21 +181,6 @@ class Requester(Claims):
     patient_bsn: str | None = None
     #: RFC 4514 subject of the certificate whose signature was verified.
     signer: str
-
-    def closed_question(self, *, bsn: str, holder_ura: str, holder_type: str,
-                        categories: tuple[str, ...] = ("GGC002",),
-                        requester_type: str | None = None) -> ClosedQuestion:
-        """The Mitz question for this requester (netherlands.md §3: copy the token, add the holder).
-
-        The token's own organisation type wins over ``requester_type``; with neither, ClosedQuestion
-        raises MitzRequestError, which the consent gate turns into a refusal instead of asking Mitz.
-        """
-        return ClosedQuestion(
-            bsn=bsn, holder_ura=holder_ura, holder_type=holder_type, categories=categories,
-            requester_uzi=self.uzi, requester_role=self.role, requester_ura=self.ura,
-            requester_type=self.organisation_type or requester_type or "",
-            purpose=self.purpose, mandated_uzi=self.mandated_uzi,
-        )
 
 
 # --------------------------------------------------------------------------------------------------

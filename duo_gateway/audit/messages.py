@@ -675,3 +675,38 @@ def mitz_consent_notification(
     ]
     return _message(event, participants, audit_source, [notification],
                     bsn_cx(bsn) if bsn is not None else None)
+
+
+TLB_TIMELINE = Code("TLB-TIMELINE", MITZ_CODE_SYSTEM, "TLB Tijdlijn")
+
+
+def timeline_disclosure(
+    *,
+    gateway: Peer,
+    requester: Peer,
+    audit_source: AuditSourceIdentification,
+    bsn: str,
+    study_uids: Sequence[str],
+    sources: Sequence[str],
+    outcome: EventOutcome = EventOutcome.SUCCESS,
+    outcome_description: str | None = None,
+    when: datetime | None = None,
+) -> AuditMessage:
+    """The timeline DUO handed to a TLB requester: an Export (DCM 110106) of study metadata.
+
+    Every study disclosed is its own Study Instance UID object, so an Audit Record Repository can
+    answer "who saw which study of this patient"; the sources asked go in a detail for context.
+    """
+    event = EventIdentification(EVENT_EXPORT, EventAction.READ, _now(when), outcome, (TLB_TIMELINE,),
+                                outcome_description)
+    participants = [
+        _active(gateway, requestor=False, role=ROLE_SOURCE),
+        _active(requester, requestor=True, role=ROLE_DESTINATION),
+    ]
+    objects = [_study_object(StudyTransfer(uid)) for uid in study_uids]
+    if sources:
+        objects.append(ParticipantObjectIdentification(
+            object_id="timeline-sources", type_code=ObjectType.SYSTEM_OBJECT, type_code_role=ObjectRole.QUERY,
+            id_type_code=TLB_TIMELINE,
+            details=(ParticipantObjectDetail.text("Sources", ",".join(sources)),)))
+    return _message(event, participants, audit_source, objects, bsn_cx(bsn))
