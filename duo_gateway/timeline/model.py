@@ -48,8 +48,8 @@ class StudyRef:
     hospital_ura: str | None = None
 
     def encode(self) -> str:
-        data = {"k": self.kind, "s": self.study_uid, "h": self.home_community_id, "r": self.repository_unique_id,
-                "d": self.document_unique_id, "a": self.hospital_ura}
+        data = {"k": self.kind, "s": self.study_uid, "h": self.home_community_id,
+                "r": self.repository_unique_id, "d": self.document_unique_id, "a": self.hospital_ura}
         raw = json.dumps({k: v for k, v in data.items() if v is not None}, separators=(",", ":"))
         return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
