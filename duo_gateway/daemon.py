@@ -23,6 +23,7 @@ from duo_gateway.audit.messages import Peer, application_activity
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.consent import ConsentGate
 from duo_gateway.dicom.nodelay import install_tcp_nodelay
+from duo_gateway.dicom.qr import MoveRouter, receiving_contexts
 from duo_gateway.health import Probe, build_probes
 from duo_gateway.http.server import FrontDoor, build_app, build_ops_app
 from duo_gateway.mitz.client import MitzClient
@@ -64,9 +65,12 @@ class Gateway:
         self.spool_dir = config.storage.path / "spool"
         #: Each TLB hospital's PACS, as an ImagingSource (DICOM today).
         window = config.xca_responding.retrieve_window
+        method = config.xca_responding.retrieve_method
+        #: Routes C-STOREs that PACSes send to DUO's AE back to the C-MOVE that asked for them.
+        self.move_router = MoveRouter()
         self.sources: dict[str, DicomPacsSource] = {
-            h.ura: DicomPacsSource(h, config.listeners.dicom.ae_title, self.spool_dir,
-                                   retrieve_method="c-get", retrieve_window=window, metrics=self.metrics)
+            h.ura: DicomPacsSource(h, config.listeners.dicom.ae_title, self.spool_dir, retrieve_method=method,
+                                   retrieve_window=window, metrics=self.metrics, move_router=self.move_router)
             for h in config.tlb_hospitals}
         self.index: DocumentIndex | None = None
         self.xua_trust: TrustStore | None = None
@@ -169,15 +173,22 @@ class Gateway:
 
     # -- internals -----------------------------------------------------------------------------
     def _start_dicom(self) -> None:
-        """DUO's own AE. This issue answers C-ECHO; the transfer issue adds storage to it."""
+        """DUO's own AE: C-ECHO, and C-STORE for instances PACSes send because DUO asked (C-MOVE).
+
+        Unsolicited C-STOREs are refused by the router: DUO is not an archive anyone may push to.
+        """
         listener = self.config.listeners.dicom
         install_tcp_nodelay(listener.tcp_nodelay)
         ae = AE(ae_title=listener.ae_title)
         ae.add_supported_context(Verification)
+        for context in receiving_contexts():
+            assert context.abstract_syntax is not None
+            ae.add_supported_context(context.abstract_syntax, context.transfer_syntax)
         ae.require_called_aet = True
         ssl_ctx = server_context(listener.tls) if listener.tls else None
         self._dicom_server = ae.start_server((listener.host, listener.port), block=False, ssl_context=ssl_ctx,
-                                             evt_handlers=[(evt.EVT_C_ECHO, lambda _e: 0x0000)])
+                                             evt_handlers=[(evt.EVT_C_ECHO, lambda _e: 0x0000),
+                                                           *self.move_router.evt_handlers()])
 
     def _audit_activity(self, *, started: bool) -> None:
         self.auditor.record(application_activity(started=started, application=self.identity,

@@ -202,4 +202,6 @@ def build_fault(fault: SoapFault, relates_to: str | None = None) -> etree._Eleme
 
 
 def fault_http_status(fault: SoapFault) -> int:
-    return 500 if fault.code == "Receiver" else 400
+    """SOAP 1.2 Part 2 §7.5.1.2: only a Sender fault is the client's error (400); VersionMismatch,
+    MustUnderstand and Receiver faults are answered with 500."""
+    return 400 if fault.code == "Sender" else 500

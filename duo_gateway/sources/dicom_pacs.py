@@ -22,6 +22,8 @@ C-FIND per study, so it stays None here (find_instances does ask the series leve
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import ssl
 import time
@@ -131,7 +133,29 @@ class DicomPacsSource:
         if foreign:
             log.warning("pacs_foreign_studies_dropped", source=self.name, count=foreign)
         log.info("pacs_find_studies", source=self.name, studies=len(records), dropped_outside=outside)
+        if records:
+            parts = await self._deadline("c-find", self._body_parts(list(records)), self.hospital.timeout_s)
+            for uid, part in parts.items():
+                records[uid] = dataclasses.replace(records[uid], body_part=part)
         return list(records.values())
+
+    async def _body_parts(self, study_uids: list[str]) -> dict[str, str]:
+        """BodyPartExamined is a series attribute: one series-level C-FIND per study, on one association,
+        so the KOS entry's anatomic-region event code (xca.md §7) can be filled."""
+        found: dict[str, str] = {}
+        async with self._qr.associate() as qa:
+            for uid in study_uids:
+                query = Dataset()
+                query.QueryRetrieveLevel = "SERIES"
+                query.StudyInstanceUID = uid
+                query.SeriesInstanceUID = ""
+                query.Modality = ""
+                query.BodyPartExamined = ""
+                for ds in await _collect(qa.find(query)):
+                    part = _text(ds, "BodyPartExamined")
+                    if part and (_text(ds, "Modality") or "") not in ("SR", "KO", "PR", "DOC"):
+                        found.setdefault(uid, part.upper())
+        return found
 
     async def find_instances(self, permit: Permit, bsn: str, study_uid: str, *,
                              modalities: Sequence[str] = ()) -> list[InstanceRecord]:

@@ -522,7 +522,7 @@ async def test_bad_input_gets_sender_faults(peer: Peer, net: SimNetworkConfig) -
     soap11 = await _raw(
         peer, f'<e:Envelope xmlns:e="{SOAP11_NS}"><e:Body/></e:Envelope>'.encode(), "text/xml"
     )
-    assert soap11.status == 400 and _fault(soap11).code == "VersionMismatch"
+    assert soap11.status == 500 and _fault(soap11).code == "VersionMismatch"  # SOAP 1.2 Part 2 §7.5.1.2
     wrong_action = await post(
         peer, "/iti38", Action.ITI39, build_adhoc_query_request(find_documents(anna(net)))
     )

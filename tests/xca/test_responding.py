@@ -316,11 +316,6 @@ async def test_kos_entry_metadata_matches_the_study(duo: Network, wsdl_dir: Path
         assert entry.healthcare_facility_type_code and entry.practice_setting_code
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="duo_gateway/sources/dicom_pacs.py leaves StudyRecord.body_part None (series attribute not "
-           "queried), so the KOS entry has no anatomic-region eventCode",
-)
 async def test_kos_entry_carries_the_body_part(duo: Network, wsdl_dir: Path) -> None:
     from duo_gateway.xca.codes import BODY_PART_SNOMED, SNOMED_CT
 
