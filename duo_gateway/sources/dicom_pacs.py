@@ -22,9 +22,8 @@ C-FIND per study, so it stays None here (find_instances does ask the series leve
 
 from __future__ import annotations
 
-import dataclasses
-
 import asyncio
+import dataclasses
 import ssl
 import time
 from collections.abc import AsyncGenerator, Awaitable, Iterator, Sequence

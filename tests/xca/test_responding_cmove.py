@@ -34,22 +34,38 @@ async def test_rad75_through_c_move(tmp_path: Path, wsdl_dir: Path) -> None:
         study = studies_of(duo, H1, ALL)[0]
         stored = stored_files(duo, H1, study.study_instance_uid)
         request = study_request(study, repo(duo, H1), images_only=False)
-        _, resp = await rad75(duo, RetrieveImagingDocumentSetRequest((request,), (EXPLICIT_VR_LITTLE_ENDIAN,)),
-                              wsdl_dir)
+        _, resp = await rad75(
+            duo, RetrieveImagingDocumentSetRequest((request,), (EXPLICIT_VR_LITTLE_ENDIAN,)), wsdl_dir
+        )
         assert resp.status == ResponseStatus.SUCCESS, resp.errors
         assert sorted(d.document_unique_id for d in resp.documents) == sorted(stored)
-        assert all(isinstance(d.data, bytes) and dcmread_uid(d.data) == d.document_unique_id
-                   for d in resp.documents)
+        assert all(
+            isinstance(d.data, bytes) and dcmread_uid(d.data) == d.document_unique_id for d in resp.documents
+        )
 
         # Nobody may push to DUO's AE outside a C-MOVE DUO asked for.
         storescu = require_tool("storescu")
         one = next(iter(stored.values()))
         path = tmp_path / "push.dcm"
         path.write_bytes(one)
-        push = await asyncio.to_thread(subprocess.run, [
-            storescu, "-v", "-aet", "INTRUDER", "-aec", gw.config.listeners.dicom.ae_title, "127.0.0.1",
-            str(gw.dicom_port), str(path)], capture_output=True, text=True, timeout=30,
-            env={**os.environ, "TCP_NODELAY": "1"})
+        push = await asyncio.to_thread(
+            subprocess.run,
+            [
+                storescu,
+                "-v",
+                "-aet",
+                "INTRUDER",
+                "-aec",
+                gw.config.listeners.dicom.ae_title,
+                "127.0.0.1",
+                str(gw.dicom_port),
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
         # 0x0124 Refused: Not Authorized (PS3.7 C.5), which DCMTK prints as an unknown C-STORE status.
         assert "Store Response (Unknown Status: 0x124)" in push.stderr, push.stdout + push.stderr
 
