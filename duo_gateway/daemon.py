@@ -32,11 +32,14 @@ from duo_gateway.mitz.signing import request_signer
 from duo_gateway.mitz.subscriptions import SubscriptionManager
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sources.dicom_pacs import DicomPacsSource
+from duo_gateway.timeline.service import TimelineService
+from duo_gateway.tlb.api import TlbApiDoor
 from duo_gateway.tls import server_context
 from duo_gateway.xca.docindex import DocumentIndex
+from duo_gateway.xca.initiating.client import CommunityClient
 from duo_gateway.xca.responding.service import RespondingGateway
 from duo_gateway.xca.responding.transport import XcaRespondingDoor
-from duo_gateway.xmldsig import TrustStore
+from duo_gateway.xmldsig import TrustStore, load_signing_pair
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +75,20 @@ class Gateway:
             h.ura: DicomPacsSource(h, config.listeners.dicom.ae_title, self.spool_dir, retrieve_method=method,
                                    retrieve_window=window, metrics=self.metrics, move_router=self.move_router)
             for h in config.tlb_hospitals}
+        signing = None
+        if config.xua.signing_key_file is not None and config.xua.signing_cert_file is not None:
+            signing = load_signing_pair(config.xua.signing_key_file, config.xua.signing_cert_file)
+        #: DUO as XCA Initiating Gateway: one client per community (it owns that peer's concurrency).
+        self.communities = {
+            c.home_community_id: CommunityClient(c, home_community_id=config.gateway.home_community_id,
+                                                 xua=config.xua, signing=signing, metrics=self.metrics,
+                                                 auditor=self.auditor, identity=self.identity)
+            for c in config.xca_communities}
+        self.timeline = TimelineService(config, mitz=self.mitz, gate=self.consent,
+                                        communities=self.communities, sources=self.sources,
+                                        auditor=self.auditor, identity=self.identity)
+        if config.timeline.enabled:
+            self._front_doors.append(TlbApiDoor(self.timeline, config.timeline))
         self.index: DocumentIndex | None = None
         self.xua_trust: TrustStore | None = None
         if config.xua.trusted_certs:
@@ -139,6 +156,8 @@ class Gateway:
                 log.warning("subscription sync did not stop in time; cancelled")
             self._sync_task = None
         await self.subscriptions.close()
+        for community in self.communities.values():
+            await community.close()
         await self.mitz.close()
         if self.index is not None:
             await self.index.close()
