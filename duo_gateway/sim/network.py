@@ -137,7 +137,10 @@ class SimulatedNetwork:
                      "cache_ttl_s": 30.0,
                      # Subscribe every demo patient at start (generated studies span five years).
                      "subscription_sync_interval_s": 3600.0, "subscription_lookback_days": 36500},
-            "xua": {"trusted_certs": [str(self.pki.ca_cert)] if self.pki else []},
+            # DUO trusts the demo XDS issuer (the client pair) and signs its own outbound assertions
+            # with the server pair.
+            "xua": {"trusted_certs": [str(self.pki.ca_cert)], "signing_key_file": str(self.pki.server.key),
+                    "signing_cert_file": str(self.pki.server.cert)} if self.pki else {},
             "storage": {"path": str(self.workdir / "duo")},
             "logging": {"level": "WARNING"},
             "daemon": {"shutdown_grace_s": 5.0},
@@ -160,6 +163,7 @@ class SimulatedNetwork:
             "duo": {"http": base, "metrics": f"{base}/metrics", "healthz": f"{base}/healthz",
                     "readyz": f"{base}/readyz", "iti38": base + xca.iti38_path,
                     "iti39": base + xca.iti39_path, "rad75": base + xca.rad75_path,
+                    "tlb_api": base + gw.config.timeline.path_prefix,
                     "home_community_id": gw.config.gateway.home_community_id,
                     "dicom": {"ae_title": gw.config.listeners.dicom.ae_title, "host": HOST,
                               "port": gw.dicom_port}},

@@ -76,6 +76,8 @@ class Step:
 @dataclass
 class Report:
     steps: list[Step] = field(default_factory=list)
+    #: Extra lines printed after the checks (the demo timelines).
+    details: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -87,6 +89,8 @@ class Report:
         for s in self.steps:
             mark = "ok  " if s.ok else "FAIL"
             lines.append(f"  [{mark}] {s.name:<{width}}  {s.detail}  ({s.elapsed_ms:.0f} ms)")
+        if self.details:
+            lines += ["", "  timelines (date, modalities, description, institution, sources):", *self.details]
         passed = sum(s.ok for s in self.steps)
         lines += ["", f"{passed} of {len(self.steps)} checks passed: "
                       f"{'network healthy' if self.ok else 'NETWORK NOT HEALTHY'}"]
@@ -267,6 +271,36 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
                         f"KOS of {len(refs)} instances, RAD-75 delivered {delivered}")
 
         await _step(report, "XDS community asks DUO (ITI-38/39, RAD-75)", xds_asks_duo)
+
+        async def timelines() -> tuple[bool, str]:
+            """A TLB clinician's timeline for each demo patient, through DUO's TLB API."""
+            url = f"{gw.http_url}{gw.config.timeline.path_prefix}/timeline"
+            lines: list[str] = []
+            problems: list[str] = []
+            for patient in net.patients:
+                body = {"patient": {"bsn": patient.bsn}, "period": {"from": "2015-01-01", "to": "2026-12-31"},
+                        "requester": {"ura": "00010001", "organization_type": "V6", "uzi": DEMO_UZI,
+                                      "role": DEMO_ROLE, "purpose": "TREAT"}}
+                async with http.post(url, json=body) as r:
+                    answer = await r.json()
+                    if r.status != 200:
+                        return False, f"HTTP {r.status}: {answer.get('title')}"
+                found = {s["institution"]["ura"] for s in answer["studies"]}
+                expected = net.consent_holders(patient)
+                if found != expected:
+                    problems.append(f"{patient.consent}: institutions {sorted(found)} != {sorted(expected)}")
+                statuses = ", ".join(f"{s['id']}={s['status']}" for s in answer["sources"])
+                lines.append(f"      {patient.consent} consent: {len(answer['studies'])} studies; {statuses}")
+                for s in answer["studies"]:
+                    when, what = (s.get("started") or "")[:10], ",".join(s["modalities"])
+                    about, where = (s.get("description") or "")[:28], s["institution"]["name"][:24]
+                    sources = ",".join(s["sources"])
+                    lines.append(f"        {when:<10}  {what:<6} {about:<28} {where:<24} {sources}")
+            report.details.extend(lines)
+            ok = not problems
+            return ok, "consent honoured for all/partial/none" if ok else "; ".join(problems)
+
+        await _step(report, "TLB timelines through DUO (national)", timelines)
 
         async def metrics() -> tuple[bool, str]:
             async with http.get(f"{gw.http_url}/metrics") as r:

@@ -81,7 +81,10 @@ class TimelineService:
             if reason is not None or client is None:
                 skipped.append(SourceOutcome(sid, "xca", name, "not-localized", reason or "no client"))
                 continue
-            jobs[sid] = ("xca", name, self._community_job(client, community, request, remaining))
+            holders = (
+                None if community.query_without_localization else self._located_holders(community, located)
+            )
+            jobs[sid] = ("xca", name, self._community_job(client, community, request, remaining, holders))
 
         if self._cfg.timeline.include_tlb_hospitals:
             for hospital in self._cfg.tlb_hospitals:
@@ -148,6 +151,14 @@ class TimelineService:
             return "Mitz located data here, but none at the chosen institutions"
         return None
 
+    @staticmethod
+    def _located_holders(community: XcaCommunity, located: Localization) -> set[str]:
+        return {
+            _pad(loc.holder_ura)
+            for loc in located.locations
+            if loc.home_community_id == community.home_community_id
+        }
+
     def _hospital_skip(self, hospital: TlbHospital, located: Localization, chosen: set[str]) -> str | None:
         if chosen and _pad(hospital.ura) not in chosen:
             return "not among the chosen institutions"
@@ -158,13 +169,31 @@ class TimelineService:
 
     # -- jobs ----------------------------------------------------------------------------------
     def _community_job(
-        self, client: CommunityClient, community: XcaCommunity, request: TimelineRequest, deadline: float
+        self,
+        client: CommunityClient,
+        community: XcaCommunity,
+        request: TimelineRequest,
+        deadline: float,
+        holders: set[str] | None,
     ) -> Callable[[], Coroutine[Any, Any, SourceOutcome]]:
         async def job() -> SourceOutcome:
             response = await client.find_documents(
                 request.requester, request.bsn, request.date_from, request.date_to, deadline_s=deadline
             )
-            return outcome_from_response(community, response)
+            outcome = outcome_from_response(community, response)
+            if holders is None:
+                return outcome
+            # Mitz named the data holders that have consent for this requester; a community that
+            # also returns other institutions' studies (its own consent check failed or is lax) does
+            # not get them past DUO.
+            kept = institution_filter(outcome.studies, holders)
+            if len(kept) != len(outcome.studies):
+                log.warning(
+                    "community returned studies of holders Mitz did not locate",
+                    community=community.home_community_id,
+                    dropped=len(outcome.studies) - len(kept),
+                )
+            return replace(outcome, studies=tuple(kept))
 
         return job
 

@@ -26,7 +26,7 @@ def test_demo_once_shows_every_component_healthy(tmp_path: Path) -> None:
     ports_file = tmp_path / "ports.json"
     proc = run_demo("--once", "--ports-file", str(ports_file))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "12 of 12 checks passed: network healthy" in proc.stdout
+    assert "13 of 13 checks passed: network healthy" in proc.stdout
     ports = json.loads(ports_file.read_text())
     assert ports["duo"]["home_community_id"].startswith("urn:oid:")
     assert ports["duo"]["metrics"].endswith("/metrics")
