@@ -1,5 +1,16 @@
-"""``python -m bench``: run every benchmark (each is also runnable on its own)."""
+"""``python -m bench``: run every benchmark, one after the other (each is also runnable on its own).
 
-from bench import sim_pacs
+Sequential on purpose: each one measures its baseline and DUO in the same run on a 2-core machine,
+so two benchmarks at once would skew both. Defaults keep each to a few minutes at most.
+"""
 
-raise SystemExit(sim_pacs.main())
+from bench import iti38, rad75, sim_pacs
+
+codes = []
+for name, run in (("sim_pacs", sim_pacs.main), ("iti38", lambda: iti38.main([])),
+                  ("rad75", lambda: rad75.main([]))):
+    print(f"== bench.{name} ==", flush=True)
+    codes.append(run())
+    print(flush=True)
+
+raise SystemExit(max(codes))

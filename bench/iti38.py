@@ -1,0 +1,443 @@
+"""ITI-38 FindDocuments through DUO against the codec floor measured in the same run.
+
+Measured: an XDS community's FindDocuments for one patient, answered by DUO from two TLB hospitals
+(SimPacs, 50 studies each) after a Mitz closed question per hospital: requests/s and p50/p99 latency
+at 1 and 8 concurrent clients. DUO runs in its own process, Mitz and the PACSes in another, the
+client in this one. Every request carries a fresh signed XUA assertion; all are built before the
+clock starts (the signing time is printed, not counted), as a real initiating gateway signs on its
+own CPU.
+
+Floor: what no implementation of ITI-38 can skip, on this machine, with DUO's own codec and no I/O:
+parse the very same request bytes, validate the XUA assertion (signature included), parse the
+AdhocQuery, map the 100 study records to DocumentEntries and build + serialize the answer. The ratio
+DUO latency ÷ floor says how much of a request is waiting on peers and plumbing rather than on
+unavoidable CPU; /metrics deltas then say which peer (Mitz, C-FIND) the waiting is on.
+
+Correctness is checked on every answer (HTTP 200, Success, exactly one KOS entry per study) and one
+answer per run is compared entry by entry with the floor's, so a broken path cannot print a fast number.
+
+Usage: python -m bench.iti38 [--requests 200] [--clients 1 8] [--studies 50] [--reports]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from lxml import etree
+
+from bench._harness import (
+    HOME,
+    Child,
+    PreparedRequest,
+    XdsCaller,
+    bench_studies,
+    consenting_patient,
+    duo_config,
+    exit_on_sigterm,
+    histogram_deltas,
+    median,
+    network,
+    parse_metrics,
+    percentile,
+    start_duo,
+)
+from duo_gateway.bsn import BSN_OID
+from duo_gateway.config.loader import DuoConfig, parse_config
+from duo_gateway.config.runtime import LoggingConfig
+from duo_gateway.observability.logging import configure_logging
+from duo_gateway.sim.config import SimHospital
+from duo_gateway.sim.pki import make_pki
+from duo_gateway.sim.studies import write_study
+from duo_gateway.soap.envelope import Addressing, build_envelope, new_message_id, parse_envelope, serialize
+from duo_gateway.soap.mtom import parse_mtom
+from duo_gateway.sources.base import StudyRecord
+from duo_gateway.xca.codes import Action, ResponseStatus
+from duo_gateway.xca.ebrim import DocumentEntry
+from duo_gateway.xca.hl7 import Cx
+from duo_gateway.xca.metadata import study_entry
+from duo_gateway.xca.query import (
+    AdhocQueryResponse,
+    build_adhoc_query_request,
+    build_adhoc_query_response,
+    find_documents,
+    parse_adhoc_query_request,
+    parse_adhoc_query_response,
+)
+from duo_gateway.xmldsig import TrustStore
+from duo_gateway.xua import validate_xua
+
+SUCCESS = b'status="urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"'
+EXTRINSIC = b"<rim:ExtrinsicObject "
+RIM = "urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0"
+WARMUP = 10
+
+
+class BrokenAnswer(AssertionError):
+    """DUO answered, but not with the expected FindDocuments result: no number may be printed."""
+
+
+@dataclass
+class Run:
+    clients: int
+    latencies: list[float]
+    wall_s: float
+    last_body: bytes
+    #: answers that were not the expected Success (count, first reason): the row then prints no rate
+    failures: tuple[int, str]
+    where: dict[tuple[str, ...], tuple[float, float]]
+    handler: dict[tuple[str, ...], tuple[float, float]]
+
+
+def check(status: int, body: bytes, entries: int | None) -> None:
+    """Cheap enough to run on every answer without delaying the other clients' requests."""
+    if status != 200 or SUCCESS not in body[:4096]:
+        start = body.find(b"status=", body.find(b"AdhocQueryResponse"))
+        error = body.find(b"codeContext=")
+        raise BrokenAnswer(f"HTTP {status}, not a Success answer: {body[start:start + 80]!r} "
+                           f"{body[error:error + 300]!r}")
+    got = body.count(EXTRINSIC)
+    if entries is not None and got != entries:
+        raise BrokenAnswer(f"{got} ExtrinsicObjects instead of {entries}")
+
+
+async def load(url: str, requests: Sequence[PreparedRequest], clients: int,
+               entries: int | None) -> tuple[list[float], float, bytes, tuple[int, str]]:
+    """``clients`` workers, each posting the next unsent request as soon as its previous answer is read.
+
+    A wrong answer does not stop the run (a deadline missed under load is a result worth seeing), but
+    it is counted and its reason kept, and the report then prints no rate for that row.
+    """
+    latencies: list[float] = []
+    last = b""
+    failed = 0
+    reason = ""
+    queue = list(reversed(requests))
+    connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def worker() -> None:
+            nonlocal last, failed, reason
+            while queue:
+                req = queue.pop()
+                started = time.perf_counter()
+                async with session.post(url, data=req.body, headers={"Content-Type": req.content_type}) as r:
+                    body = await r.read()
+                latencies.append(time.perf_counter() - started)
+                try:
+                    check(r.status, body, entries)
+                except BrokenAnswer as exc:
+                    failed += 1
+                    reason = reason or str(exc)
+                    continue
+                last = body
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - started
+    return latencies, wall, last, (failed, reason)
+
+
+def findscu_baseline(hospitals: Sequence[dict[str, Any]], bsn: str, studies: int,
+                     repeats: int) -> float | None:
+    """The peers' share: DCMTK findscu asking every SimPacs the same study-level C-FIND, in parallel.
+
+    Median wall time over ``repeats`` (process start included, ~10 ms); None without DCMTK.
+    """
+    if shutil.which("findscu") is None:
+        return None
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    times: list[float] = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        procs = [subprocess.Popen(
+            ["findscu", "-S", "-aet", "BENCH", "-aec", h["ae_title"], "-k", "QueryRetrieveLevel=STUDY",
+             "-k", f"PatientID={bsn}", "-k", "StudyInstanceUID", "-k", "StudyDate", "-k", "StudyTime",
+             "-k", "AccessionNumber", "-k", "StudyDescription", "-k", "ModalitiesInStudy",
+             "-k", "NumberOfStudyRelatedInstances", "127.0.0.1", str(h["port"])],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for h in hospitals]
+        outputs = [p.communicate(timeout=60) for p in procs]
+        times.append(time.perf_counter() - started)
+        for p, (_out, err) in zip(procs, outputs, strict=True):
+            if p.returncode != 0 or err.count("Find Response") != studies:
+                raise BrokenAnswer(f"findscu: exit {p.returncode}, {err.count('Find Response')} answers")
+    return median(times)
+
+
+def start_orthancs(stack: contextlib.ExitStack, work: Path, hospitals: Sequence[SimHospital],
+                   args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``--pacs orthanc``: each hospital an Orthanc (C++) holding the same studies, so the peers'
+    share of a request is small and what remains is DUO's."""
+    from tests.support.orthanc import run_orthanc  # the project's Orthanc runner (TCP_NODELAY=1)
+
+    net = network()
+    out = []
+    for h in hospitals:
+        orthanc = stack.enter_context(run_orthanc(work / f"orthanc-{h.ae_title}", ae_title=h.ae_title))
+        folder = work / f"load-{h.ae_title}"
+        for study in bench_studies(net, h, args.studies, args.image_size, args.reports):
+            write_study(study, folder)
+        subprocess.run(["storescu", "-aet", "BENCH", "-aec", h.ae_title, "+sd", "127.0.0.1",
+                        str(orthanc.dicom_port), str(folder)], check=True, capture_output=True,
+                       env={**os.environ, "TCP_NODELAY": "1"})
+        shutil.rmtree(folder)
+        out.append({"ura": h.ura, "name": h.name, "ae_title": h.ae_title, "port": orthanc.dicom_port,
+                    "repository_unique_id": h.repository_unique_id})
+    return out
+
+
+async def scrape(base: str) -> str:
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as r:
+        return await r.text()
+
+
+# -- the floor -------------------------------------------------------------------------------------
+
+
+def study_records(net_hospitals: Sequence[Any], studies: int, image_size: int,
+                  reports: bool) -> list[tuple[Any, StudyRecord]]:
+    """The StudyRecords a study-level C-FIND of the preloaded PACSes yields (same generator, same seed)."""
+    net = network()
+    bsn = consenting_patient(net).bsn
+    out: list[tuple[Any, StudyRecord]] = []
+    for hospital in net_hospitals:
+        for s in bench_studies(net, hospital, studies, image_size, reports):
+            first = s.instances[0]
+            out.append((hospital, StudyRecord(
+                study_instance_uid=s.study_instance_uid, patient_id=bsn, study_date=s.study_date,
+                study_time=s.study_time, accession_number=s.accession_number, description=s.description,
+                modalities=tuple(sorted({str(ds.Modality) for ds in s.instances})),
+                body_part=s.body_part.upper() or None,
+                series_count=len(s.series_instance_uids), instance_count=len(s.instances),
+                study_id=s.study_id, patient_name=str(first.PatientName),
+                patient_birth_date=str(first.PatientBirthDate), patient_sex=str(first.PatientSex),
+                institution_name=str(first.get("InstitutionName", "")) or None,
+                referring_physician=str(first.get("ReferringPhysicianName", "")) or None)))
+    return out
+
+
+@dataclass
+class Floor:
+    per_request_s: float
+    stages_s: dict[str, float]
+    body: bytes
+
+
+def floor(requests: Sequence[PreparedRequest], config: DuoConfig, trust: TrustStore,
+          records: Sequence[tuple[Any, StudyRecord]]) -> Floor:
+    """DUO's codec alone on the same request bytes; median per request and per stage."""
+    bsn = consenting_patient(network()).bsn
+    codes = {h.ura: h.document_codes for h in config.tlb_hospitals}
+    limit = config.xca_responding.max_request_bytes
+    stages: dict[str, list[float]] = {"parse": [], "xua": [], "query": [], "mapping": [], "answer": []}
+    totals: list[float] = []
+    body = b""
+    for req in requests:
+        t0 = time.perf_counter()
+        root, _parts = parse_mtom(req.content_type, req.body, limit)
+        env = parse_envelope(root)
+        t1 = time.perf_counter()
+        requester = validate_xua(env, config.xua, trusted=trust, audiences=[HOME], now=datetime.now(UTC))
+        assert requester is not None and env.body is not None
+        t2 = time.perf_counter()
+        query = parse_adhoc_query_request(env.body)
+        assert query.single("$XDSDocumentEntryPatientId") is not None
+        t3 = time.perf_counter()
+        entries: list[DocumentEntry] = [
+            study_entry(rec, bsn=bsn, hospital_ura=h.ura, hospital_name=h.name,
+                        repository_unique_id=h.repository_unique_id, home=HOME, codes=codes[h.ura])
+            for h, rec in records]
+        t4 = time.perf_counter()
+        answer = build_envelope(
+            Addressing(action=Action.ITI38_RESPONSE, message_id=new_message_id(),
+                       relates_to=env.addressing.message_id),
+            build_adhoc_query_response(AdhocQueryResponse(ResponseStatus.SUCCESS, tuple(entries))))
+        body = serialize(answer)
+        t5 = time.perf_counter()
+        for name, secs in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            stages[name].append(secs)
+        totals.append(t5 - t0)
+    return Floor(median(totals), {k: median(v) for k, v in stages.items()}, body)
+
+
+def entries_of(body: bytes) -> dict[str, bytes]:
+    """uniqueId → canonical ExtrinsicObject, to compare DUO's answer with the floor's."""
+    root, _ = parse_mtom("application/soap+xml", body, 1 << 26)
+    env = parse_envelope(root)
+    assert env.body is not None
+    resp = parse_adhoc_query_response(env.body)
+    if resp.status != ResponseStatus.SUCCESS:
+        raise BrokenAnswer(f"status {resp.status}")
+    out = {}
+    for eo in env.body.iter(f"{{{RIM}}}ExtrinsicObject"):
+        unique = next(e.get("value") for e in eo.iter(f"{{{RIM}}}ExternalIdentifier")
+                      if e.get("identificationScheme") == "urn:uuid:2e82c1f6-a085-4c72-9da3-8640a32e42ab")
+        out[str(unique)] = etree.tostring(eo, method="c14n", exclusive=True)
+    return out
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+
+def report(args: argparse.Namespace, runs: list[Run], fl: Floor, signing: tuple[int, float],
+           sizes: tuple[int, int], same: int, entries: int, hospitals: int, pacs_s: float | None) -> None:
+    signed, secs = signing
+    pacs = "SimPacs" if args.pacs == "sim" else "Orthanc"
+    print(f"ITI-38 FindDocuments, 1 patient, {hospitals} TLB hospitals ({pacs}) × {args.studies} studies"
+          f"{' with reports' if args.reports else ''}, Mitz simulator (no consent cache); "
+          "DUO, peers and client in 3 processes, loopback")
+    print(f"XUA: {signed} requests signed up front in {secs:.2f} s ({secs / signed * 1e3:.1f} ms each, "
+          "RSA), excluded from the timings")
+    stage_txt = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in fl.stages_s.items())
+    print(f"floor (DUO's codec only, no I/O, median of {args.requests}): {fl.per_request_s * 1e3:.2f} ms"
+          f"/request = {1 / fl.per_request_s:.0f} req/s on one core  [{stage_txt} ms]")
+    print(f"answer: {entries} entries, {sizes[0] / 1e3:.0f} kB from DUO, {sizes[1] / 1e3:.0f} kB from the"
+          f" floor; {same}/{entries} entries byte-identical (c14n)")
+    if pacs_s is not None:
+        print(f"peers alone: DCMTK findscu, same study-level C-FIND to the {hospitals} {pacs} in parallel: "
+              f"{pacs_s * 1e3:.0f} ms (median of 20, process start included)")
+    print(f"{'clients':>7} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50÷floor':>10}"
+          f" {'req/s ÷ floor rate':>19}")
+    for r in runs:
+        if r.failures[0]:
+            print(f"{r.clients:>7} {len(r.latencies):>8}  FAILED: {r.failures[0]} answers not a full "
+                  f"Success, e.g. {r.failures[1][:300]}")
+            continue
+        rate = len(r.latencies) / r.wall_s
+        p50, p99 = percentile(r.latencies, 50), percentile(r.latencies, 99)
+        print(f"{r.clients:>7} {len(r.latencies):>8} {rate:>8.1f} {p50 * 1e3:>8.1f} {p99 * 1e3:>8.1f}"
+              f" {p50 / fl.per_request_s:>10.1f} {rate * fl.per_request_s:>19.2f}")
+    if pacs_s is not None and runs and runs[0].clients == 1 and not runs[0].failures[0]:
+        own = percentile(runs[0].latencies, 50) - pacs_s
+        print(f"beyond the peers' study-level C-FIND at 1 client: p50 − peers alone = {own * 1e3:.0f} ms = "
+              f"{own / fl.per_request_s:.1f}× the floor (DUO's work plus any further PACS queries it makes)")
+    print("where DUO's time goes (server-side means from its /metrics; hospitals are asked in parallel):")
+    for r in runs:
+        n = len(r.latencies)
+        parts = []
+        for (route, _m), (count, total) in sorted(r.handler.items()):
+            if "iti38" in route:
+                parts.append(f"handler {total / count * 1e3:.1f} ms")
+        for (peer, op), (count, total) in sorted(r.where.items()):
+            parts.append(f"{peer} {op} {count / n:.1f}×{total / count * 1e3:.1f} ms")
+        print(f"  {r.clients} client(s): " + "; ".join(parts))
+
+
+async def amain(args: argparse.Namespace, work: Path) -> int:
+    net = network()
+    hospitals = net.hospitals[: args.hospitals]
+    sim_hospitals = 0 if args.pacs == "orthanc" else args.hospitals
+    peers = Child("bench._peers", ["--workdir", str(work / "peers"), "--hospitals", str(sim_hospitals),
+                                   "--studies", str(args.studies), "--image-size", str(args.image_size),
+                                   *(["--reports"] if args.reports else [])], work, "peers")
+    duo: Child | None = None
+    orthancs = contextlib.ExitStack()
+    try:
+        pki = make_pki(work / "pki", key_type="rsa")
+        if args.pacs == "orthanc":
+            pacs_list = await asyncio.to_thread(start_orthancs, orthancs, work, hospitals, args)
+        info = await asyncio.to_thread(peers.wait_ready)
+        if args.pacs != "orthanc":
+            pacs_list = info["hospitals"]
+        tlb = [{"ura": h["ura"], "name": h["name"], "ae_title": h["ae_title"], "host": "127.0.0.1",
+                "port": h["port"], "repository_unique_id": h["repository_unique_id"]}
+               for h in pacs_list]
+        raw = duo_config(work, tlb, info["mitz_url"], pki.ca_cert)
+        duo, ready = await asyncio.to_thread(start_duo, work, raw)
+        base = ready["http_url"]
+        config = parse_config(raw, base_dir=work, source="bench", env={})
+        url = base + config.xca_responding.iti38_path
+
+        bsn = consenting_patient(net).bsn
+        query = build_adhoc_query_request(find_documents(Cx(bsn, BSN_OID)))
+        caller = XdsCaller(pki)
+        total = WARMUP + args.requests * len(args.clients)
+        started = time.perf_counter()
+        prepared = [caller.request(url, Action.ITI38, query) for _ in range(total)]
+        signing = (total, time.perf_counter() - started)
+
+        records = study_records(hospitals, args.studies, args.image_size, args.reports)
+        expected = len(records)
+        if args.reports:
+            # One KOS per study plus one entry per report: learn the count from a first answer.
+            _lat, _wall, first, _failed = await load(url, prepared[:1], 1, None)
+            expected = first.count(EXTRINSIC)
+            if expected <= len(records):
+                raise BrokenAnswer(f"with reports expected more than {len(records)} entries, got {expected}")
+        _lat, _wall, _last, (failed, reason) = await load(url, prepared[:WARMUP], 1, expected)
+        if failed:
+            raise BrokenAnswer(f"warm-up: {failed}/{WARMUP} wrong answers: {reason}")
+        pacs_s = await asyncio.to_thread(findscu_baseline, pacs_list, bsn, args.studies, 20)
+
+        runs: list[Run] = []
+        offset = WARMUP
+        for clients in args.clients:
+            batch = prepared[offset:offset + args.requests]
+            offset += args.requests
+            before = parse_metrics(await scrape(base))
+            lat, wall, last, failures = await load(url, batch, clients, expected)
+            after = parse_metrics(await scrape(base))
+            runs.append(Run(clients, lat, wall, last, failures,
+                            histogram_deltas(before, after, "duo_peer_request_duration_seconds",
+                                             ("peer", "operation")),
+                            histogram_deltas(before, after, "duo_http_request_duration_seconds",
+                                             ("route", "method"))))
+
+        trust = TrustStore.from_pem_files(config.xua.trusted_certs)
+        fl = floor(prepared[WARMUP:WARMUP + args.requests], config, trust, records)
+        good = [r for r in runs if r.last_body]
+        if not good:
+            raise BrokenAnswer(f"no correct answer in any run: {runs[0].failures[1]}")
+        duo_entries, floor_entries = entries_of(good[-1].last_body), entries_of(fl.body)
+        if not args.reports and set(duo_entries) != set(floor_entries):
+            raise BrokenAnswer("DUO's answer and the floor's name different documents")
+        same = sum(1 for k, v in floor_entries.items() if duo_entries.get(k) == v)
+        report(args, runs, fl, signing, (len(good[-1].last_body), len(fl.body)), same,
+               len(duo_entries), len(hospitals), pacs_s)
+        return 1 if any(r.failures[0] for r in runs) else 0
+    finally:
+        if duo is not None:
+            await asyncio.to_thread(duo.stop)
+        await asyncio.to_thread(peers.stop)
+        await asyncio.to_thread(orthancs.close)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=50, help="timed requests per client count")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients")
+    parser.add_argument("--hospitals", type=int, default=2, choices=[1, 2])
+    parser.add_argument("--studies", type=int, default=50, help="studies per hospital")
+    parser.add_argument("--image-size", type=int, default=8)
+    parser.add_argument("--pacs", choices=["sim", "orthanc"], default="sim",
+                        help="the hospitals' PACS: SimPacs (pynetdicom, one peers process) or Orthanc")
+    parser.add_argument("--reports", action="store_true",
+                        help="keep the report (SR) of every other study: DUO then walks those studies too")
+    args = parser.parse_args(argv)
+    configure_logging(LoggingConfig(level="WARNING"))
+    exit_on_sigterm()
+    work = Path(tempfile.mkdtemp(prefix="duo-bench-iti38-"))
+    try:
+        return asyncio.run(amain(args, work))
+    except KeyboardInterrupt:
+        print("interrupted; every process and temporary directory of this benchmark was removed")
+        return 130
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
