@@ -1,0 +1,300 @@
+"""The TLB timeline API's HTTP edge: JSON in, one merged timeline or an RFC 9457 problem out.
+
+Everything about *building* a timeline lives behind :class:`TimelineProvider`; here: media type, size
+and syntax of the body, validation (:mod:`duo_gateway.tlb.models`), and turning each refusal into a
+problem that says which member to fix. Status codes, as documented in ``schemas/tlb-api.openapi.yaml``:
+
+* 400 ``malformed-json``: the body is not one UTF-8 JSON text (or repeats a member name: with two
+  ``bsn`` members, which one DUO reads must not be left to a parser's habit);
+* 422 ``invalid-*``: well-formed JSON that is not a valid timeline request, typed by what to fix;
+* 413, 415: too large, not ``application/json``;
+* 500 ``internal``, 504 ``timeout``: DUO's own failure, never the caller's input.
+
+No BSN is logged here, not even refused ones: log records carry counts, codes and the requester's
+professional identifiers only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final, NoReturn, Protocol
+
+import structlog
+from aiohttp import web
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from duo_gateway.config.timeline import TimelineConfig
+from duo_gateway.http.problem import PROBLEM_CONTENT_TYPE
+from duo_gateway.timeline.model import TimelineRequest
+from duo_gateway.timeline.result import TimelineResult
+from duo_gateway.tlb.models import (
+    MAX_PERIOD_DAYS,
+    FieldError,
+    Problem,
+    ProblemType,
+    TimelineAnswer,
+    TimelineQuery,
+)
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_SCHEMA_PATH: Final = Path(__file__).resolve().parents[2] / "schemas" / "tlb-api.openapi.yaml"
+#: A timeline request is a few hundred bytes; 64 KiB leaves room for MAX_INSTITUTIONS and nothing silly.
+DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024
+#: How long past its own deadline the provider may take before the door gives up on it.
+DEFAULT_DEADLINE_GRACE_S: Final = 5.0
+YAML_CONTENT_TYPE: Final = "application/yaml"
+#: Details of at most this many refused members go into ``detail``; ``errors`` lists them all.
+_DETAIL_ERRORS: Final = 3
+
+_TITLES: Final[dict[ProblemType, str]] = {
+    ProblemType.MALFORMED_JSON: "Request body is not JSON",
+    ProblemType.INVALID_REQUEST: "Invalid timeline request",
+    ProblemType.INVALID_BSN: "Invalid BSN",
+    ProblemType.INVALID_PERIOD: "Invalid period",
+    ProblemType.INVALID_INSTITUTION: "Invalid institution",
+    ProblemType.INVALID_REQUESTER: "Invalid requester",
+    ProblemType.UNSUPPORTED_MEDIA_TYPE: "Unsupported media type",
+    ProblemType.PAYLOAD_TOO_LARGE: "Request too large",
+    ProblemType.TIMEOUT: "Timeline not ready in time",
+    ProblemType.INTERNAL: "Internal error",
+}
+#: Which problem a refused member belongs to, by the top-level member it sits in.
+_BY_MEMBER: Final[dict[str, ProblemType]] = {
+    "patient": ProblemType.INVALID_BSN,
+    "period": ProblemType.INVALID_PERIOD,
+    "institutions": ProblemType.INVALID_INSTITUTION,
+    "requester": ProblemType.INVALID_REQUESTER,
+}
+_SERVERS_LINE = re.compile(r"(?m)^(servers:\n  - url: )\S+$")
+
+
+class TimelineProvider(Protocol):
+    """Builds the timeline (duo_gateway.timeline.service). Expected not to raise: a failing source is a
+    :class:`~duo_gateway.timeline.model.SourceOutcome`, and the deadline is its own to keep."""
+
+    async def timeline(self, request: TimelineRequest) -> TimelineResult: ...
+
+
+class _Refusal(Exception):
+    """A request the door will not pass on; carries the problem to answer with."""
+
+    def __init__(self, status: int, type_: ProblemType, detail: str,
+                 errors: Sequence[FieldError] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.type = type_
+        self.detail = detail
+        self.errors = list(errors) if errors is not None else None
+
+
+class TlbApiDoor:
+    """POST {prefix}/timeline and GET {prefix}/openapi.yaml on DUO's HTTP listener.
+
+    Authentication of the calling system is the listener's (mTLS); who the *professional* is comes from
+    the request's ``requester`` and goes to the consent gate with the rest of the request.
+    """
+
+    name = "tlb-api"
+
+    def __init__(self, provider: TimelineProvider, config: TimelineConfig, *,
+                 schema_path: Path | None = DEFAULT_SCHEMA_PATH,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 deadline_grace_s: float = DEFAULT_DEADLINE_GRACE_S) -> None:
+        if max_body_bytes < 1 or deadline_grace_s < 0:
+            raise ValueError("max_body_bytes must be positive and deadline_grace_s not negative")
+        self._provider = provider
+        self._config = config
+        self._max_body_bytes = max_body_bytes
+        self._deadline_grace_s = deadline_grace_s
+        self._document = self._with_prefix(self._load_document(schema_path))
+
+    def mount(self, app: web.Application) -> None:
+        if not self._config.enabled:
+            log.info("tlb api disabled; not mounted")
+            return
+        prefix = self._config.path_prefix
+        app.router.add_post(f"{prefix}/timeline", self._timeline)
+        document = self._document
+        if document is not None:
+            async def openapi(_request: web.Request) -> web.Response:
+                return web.Response(body=document, content_type=YAML_CONTENT_TYPE, charset="utf-8")
+
+            app.router.add_get(f"{prefix}/openapi.yaml", openapi)
+
+    # -- handlers ------------------------------------------------------------------------------
+    async def _timeline(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            query = await self._parse(request)
+        except _Refusal as refusal:
+            log.info("tlb_timeline_refused", status=refusal.status, problem=refusal.type.value,
+                     codes=sorted({e.code for e in refusal.errors or ()}))
+            return _problem(refusal.status, refusal.type, refusal.detail, refusal.errors)
+        timeline_request = query.to_request()
+        budget = self._config.deadline_s + self._deadline_grace_s
+        try:
+            async with asyncio.timeout(budget) as deadline:
+                result = await self._provider.timeline(timeline_request)
+        except TimeoutError:
+            if not deadline.expired():
+                return _internal_error("the provider raised TimeoutError")
+            log.error("tlb_timeline_overran", budget_s=budget)
+            return _problem(504, ProblemType.TIMEOUT,
+                            f"the timeline was not ready within {budget:g} s; try again later")
+        except Exception:
+            return _internal_error("the provider raised")
+        try:
+            answer = TimelineAnswer.from_result(result)
+        except ValidationError:
+            # Sending it anyway would break the documented schema clients rely on.
+            return _internal_error("the result does not fit the API's answer")
+        log.info("tlb_timeline", studies=len(answer.studies),
+                 sources={s.id: s.status for s in answer.sources},
+                 institutions=len(timeline_request.institutions),
+                 period_days=(timeline_request.date_to - timeline_request.date_from).days + 1,
+                 requester_ura=timeline_request.requester.ura, purpose=timeline_request.requester.purpose,
+                 elapsed_ms=round((time.perf_counter() - started) * 1000))
+        response = web.json_response(answer.model_dump(mode="json"))
+        # The answer is patient data: no shared or private cache may keep it.
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    # -- parsing -------------------------------------------------------------------------------
+    async def _parse(self, request: web.Request) -> TimelineQuery:
+        if request.content_type != "application/json" or (
+                request.charset is not None and request.charset.lower() not in ("utf-8", "utf8")):
+            raise _Refusal(415, ProblemType.UNSUPPORTED_MEDIA_TYPE,
+                           "send the request as application/json (UTF-8)")
+        raw = await self._read_body(request)
+        _check_json(raw)
+        try:
+            return TimelineQuery.model_validate_json(
+                raw, context={MAX_PERIOD_DAYS: self._config.max_period_days})
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_input=False)
+            if any(e["type"] == "json_invalid" for e in errors):
+                # json.loads took it, pydantic's parser did not (e.g. a number too large for it).
+                raise _Refusal(400, ProblemType.MALFORMED_JSON,
+                               "the body is not JSON this API can read") from None
+            _refuse_invalid(errors)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, read no further than the limit, whatever Content-Length claims."""
+        limit = self._max_body_bytes
+        too_large = _Refusal(413, ProblemType.PAYLOAD_TOO_LARGE,
+                             f"a timeline request is at most {limit} bytes")
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
+        body = bytearray()
+        while len(body) <= limit:
+            chunk = await request.content.read(limit + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
+        if len(body) > limit:
+            raise too_large
+        return bytes(body)
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _load_document(path: Path | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            # A missing document must not keep the gateway from serving timelines.
+            log.error("tlb api document unreadable; GET openapi.yaml not served", path=str(path),
+                      error=exc.strerror)
+            return None
+
+    def _with_prefix(self, document: bytes | None) -> bytes | None:
+        """The document's ``servers`` URL set to the configured prefix, so the served copy is never wrong.
+
+        Text substitution on the one fixed-format line, because YAML is not a runtime dependency.
+        """
+        if document is None:
+            return None
+        text = document.decode("utf-8")
+        replaced, count = _SERVERS_LINE.subn(lambda m: m.group(1) + self._config.path_prefix, text, count=1)
+        if count != 1:
+            log.warning("tlb api document has no servers line to set the prefix in; served as is")
+            return document
+        return replaced.encode("utf-8")
+
+
+def _internal_error(reason: str) -> web.Response:
+    """Called inside ``except``: the traceback goes to the log (through the PHI scrubber, since exception
+    text is not DUO's to vouch for); the caller gets the request id and nothing else."""
+    log.exception("tlb_timeline_failed", reason=reason)
+    return _problem(500, ProblemType.INTERNAL, "the timeline could not be built; quote the request id")
+
+
+def _check_json(raw: bytes) -> None:
+    """One UTF-8 JSON text with no repeated member names and no NaN/Infinity."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                raise ValueError("a member name is repeated")
+            obj[key] = value
+        return obj
+
+    def no_constants(_name: str) -> NoReturn:
+        raise ValueError("NaN and Infinity are not JSON")
+
+    try:
+        json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constants)
+    except UnicodeDecodeError:
+        raise _Refusal(400, ProblemType.MALFORMED_JSON, "the body is not UTF-8") from None
+    except RecursionError:
+        raise _Refusal(400, ProblemType.MALFORMED_JSON, "the body nests too deeply") from None
+    except ValueError as exc:  # JSONDecodeError is one
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise _Refusal(400, ProblemType.MALFORMED_JSON, f"the body is not valid JSON: {reason}") from None
+
+
+def _refuse_invalid(errors: list[ErrorDetails]) -> NoReturn:
+    field_errors = [FieldError(pointer=_pointer(e["loc"]), detail=e["msg"], code=e["type"]) for e in errors]
+    kinds = {_kind(e) for e in errors}
+    type_ = kinds.pop() if len(kinds) == 1 else ProblemType.INVALID_REQUEST
+    shown = "; ".join(f"{f.pointer or '(body)'}: {f.detail}" for f in field_errors[:_DETAIL_ERRORS])
+    more = len(field_errors) - _DETAIL_ERRORS
+    detail = shown + (f" (and {more} more)" if more > 0 else "")
+    raise _Refusal(422, type_, detail, field_errors)
+
+
+def _kind(error: ErrorDetails) -> ProblemType:
+    # An unknown member is a shape problem wherever it sits: "Invalid BSN" would mislead for /patient/x.
+    if error["type"] == "extra_forbidden" or not error["loc"]:
+        return ProblemType.INVALID_REQUEST
+    return _BY_MEMBER.get(str(error["loc"][0]), ProblemType.INVALID_REQUEST)
+
+
+def _pointer(loc: tuple[int | str, ...]) -> str:
+    """RFC 6901: ``~`` and ``/`` inside a member name are escaped, so every pointer resolves."""
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in loc)
+
+
+def _problem(status: int, type_: ProblemType, detail: str,
+             errors: Sequence[FieldError] | None = None) -> web.Response:
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    # Built as the model first, so every problem sent is one the documented schema describes.
+    problem = Problem(type=type_.value, title=_TITLES[type_], status=status, detail=detail,
+                      errors=list(errors) if errors is not None else None,
+                      request_id=request_id if isinstance(request_id, str) else None)
+    response = web.json_response(problem.model_dump(mode="json", exclude_none=True), status=status,
+                                 content_type=PROBLEM_CONTENT_TYPE)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_SCHEMA_PATH", "TimelineProvider", "TlbApiDoor"]
