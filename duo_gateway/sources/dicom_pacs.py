@@ -139,20 +139,28 @@ class DicomPacsSource:
         return list(records.values())
 
     async def _body_parts(self, study_uids: list[str]) -> dict[str, str]:
-        """BodyPartExamined is a series attribute: one series-level C-FIND per study, on one association,
-        so the KOS entry's anatomic-region event code (xca.md §7) can be filled."""
+        """BodyPartExamined is a series attribute: series-level C-FINDs with the study UIDs as a UID
+        list (list matching on a unique key, PS3.4 C.2.2.2.2), 200 per query, so the KOS entry's
+        anatomic-region event code (xca.md §7) costs one query per hospital, not one per study.
+        A PACS that refuses UID lists leaves the body part unknown rather than failing the query."""
         found: dict[str, str] = {}
         async with self._qr.associate() as qa:
-            for uid in study_uids:
+            for start in range(0, len(study_uids), 200):
                 query = Dataset()
                 query.QueryRetrieveLevel = "SERIES"
-                query.StudyInstanceUID = uid
+                query.StudyInstanceUID = study_uids[start:start + 200]
                 query.SeriesInstanceUID = ""
                 query.Modality = ""
                 query.BodyPartExamined = ""
-                for ds in await _collect(qa.find(query)):
+                try:
+                    answers = await _collect(qa.find(query))
+                except QrStatusError as exc:
+                    log.info("pacs_body_part_unavailable", source=self.name, status=exc.status)
+                    return found
+                for ds in answers:
                     part = _text(ds, "BodyPartExamined")
-                    if part and (_text(ds, "Modality") or "") not in ("SR", "KO", "PR", "DOC"):
+                    uid = _text(ds, "StudyInstanceUID")
+                    if part and uid and (_text(ds, "Modality") or "") not in ("SR", "KO", "PR", "DOC"):
                         found.setdefault(uid, part.upper())
         return found
 

@@ -429,7 +429,7 @@ async def test_soap11_is_a_version_mismatch(mitz: Mitz) -> None:
     resp = await mitz.client.post(
         CLOSED_ROUTE, data=data, headers={"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'}
     )
-    assert resp.status == 400
+    assert resp.status == 500  # SOAP 1.2 Part 2 §7.5.1.2: VersionMismatch is a 500
     body = await resp.read()
     upgrade = etree.fromstring(body).find(
         "{http://www.w3.org/2003/05/soap-envelope}Header/{http://www.w3.org/2003/05/soap-envelope}Upgrade"

@@ -184,6 +184,7 @@ async def test_find_studies_of_the_patient(pacs: SimPacs, sim: Sim, tmp_path: Pa
         assert record.instance_count == len(study.instances)
         assert record.series_count == len(study.series_instance_uids)
         assert record.patient_sex == ANNA.sex and record.patient_birth_date == ANNA.birth_date
+        assert record.body_part == study.body_part  # from one series-level UID-list C-FIND
 
 
 async def test_date_ranges_and_uid_lists(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
@@ -475,6 +476,9 @@ async def test_orthanc_find(orthanc: Loaded, tmp_path: Path) -> None:
     p = await permit(ANNA.bsn)
     found = await src.find_studies(p, ANNA.bsn)
     assert {r.study_instance_uid for r in found} == {s.study_instance_uid for s in orthanc.anna}
+    # Orthanc answers the series-level UID-list query too, so the body part is known
+    assert {r.study_instance_uid: r.body_part for r in found} == {
+        s.study_instance_uid: s.body_part for s in orthanc.anna}
     first = sorted(orthanc.anna, key=lambda s: s.study_date)[0]
     day = date(int(first.study_date[:4]), int(first.study_date[4:6]), int(first.study_date[6:]))
     assert [r.study_instance_uid for r in await src.find_studies(p, ANNA.bsn, date_to=day)] == [
