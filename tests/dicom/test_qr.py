@@ -295,7 +295,9 @@ async def test_slow_consumer_back_pressure_and_responsive_loop(pacs: SimPacs, si
         await asyncio.gather(*tasks)
     assert received == len(sim.big.instances)
     assert 1 <= peak <= window
-    assert lateness < 0.1, lateness
+    # Generous on purpose: the suite must not time things (2 busy cores in CI); a DIMSE exchange run
+    # on the loop would stall it for the whole transfer, seconds, not a scheduling hiccup.
+    assert lateness < 1.0, lateness
     assert list(spool_dir.iterdir()) == []
 
 
@@ -352,7 +354,9 @@ async def test_event_loop_ticks_during_large_find(pacs: SimPacs, sim: Sim) -> No
             assert len(await client(pacs.port).find_all(q)) == len(sim.big.instances)
         done.set()
         await ticker
-    assert lateness < 0.1, lateness
+    # Generous on purpose: the suite must not time things (2 busy cores in CI); a DIMSE exchange run
+    # on the loop would stall it for the whole transfer, seconds, not a scheduling hiccup.
+    assert lateness < 1.0, lateness
 
 
 def test_storage_contexts_fit_the_128_limit() -> None:
