@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +45,14 @@ from duo_gateway.tlb.models import (
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_SCHEMA_PATH: Final = Path(__file__).resolve().parents[2] / "schemas" / "tlb-api.openapi.yaml"
+def _schema_location() -> Path:
+    """The repository copy in a checkout; the one pip installs under ``<prefix>/share`` otherwise."""
+    in_repo = Path(__file__).resolve().parents[2] / "schemas" / "tlb-api.openapi.yaml"
+    installed = Path(sys.prefix) / "share" / "duo-gateway" / "schemas" / "tlb-api.openapi.yaml"
+    return in_repo if in_repo.is_file() or not installed.is_file() else installed
+
+
+DEFAULT_SCHEMA_PATH: Final = _schema_location()
 #: A timeline request is a few hundred bytes; 64 KiB leaves room for MAX_INSTITUTIONS and nothing silly.
 DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024
 #: How long past its own deadline the provider may take before the door gives up on it.
