@@ -182,7 +182,10 @@ class TimelineService:
             )
             outcome = outcome_from_response(community, response)
             if holders is None:
-                return outcome
+                # Nothing Mitz said vouches for these studies: the clinician must be able to see that
+                # this community was asked on configuration alone (its own consent check is all there is).
+                return replace(outcome, detail=f"{outcome.detail}; asked without Mitz localization "
+                               "(query_without_localization)")
             # Mitz named the data holders that have consent for this requester; a community that
             # also returns other institutions' studies (its own consent check failed or is lax) does
             # not get them past DUO.
