@@ -13,18 +13,24 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from duo_gateway.consent import Permit
 
 
 class SourceUnavailable(Exception):
-    """The source could not answer (down, refused, timed out, broken answer); ``detail`` says how."""
+    """The source could not answer; ``kind`` says how (callers report it per source), ``detail`` why.
 
-    def __init__(self, source: str, detail: str) -> None:
+    ``unavailable``: refused, down, aborted; ``timeout``: no answer in time; ``error``: it answered,
+    but with something unusable (a broken identifier, a failure status).
+    """
+
+    def __init__(self, source: str, detail: str,
+                 kind: Literal["unavailable", "timeout", "error"] = "unavailable") -> None:
         super().__init__(f"{source}: {detail}")
         self.source = source
         self.detail = detail
+        self.kind = kind
 
 
 class NotCovered(PermissionError):

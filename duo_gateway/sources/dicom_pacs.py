@@ -332,7 +332,7 @@ class DicomPacsSource:
                         continue
                     sop_class = _text(ds, "SOPClassUID")
                     if not sop_class:
-                        raise SourceUnavailable(self.name, "IMAGE-level answer without SOPClassUID")
+                        raise SourceUnavailable(self.name, "IMAGE-level answer without SOPClassUID", "error")
                     records.setdefault(sop_uid, InstanceRecord(
                         study_instance_uid=study_uid, series_instance_uid=series_uid,
                         sop_class_uid=sop_class, sop_instance_uid=sop_uid, modality=_text(sds, "Modality"),
@@ -363,10 +363,14 @@ class DicomPacsSource:
             return result
         except TimeoutError as exc:
             outcome = "timeout"
-            raise SourceUnavailable(self.name, f"{operation}: no answer within {seconds:g} s") from exc
+            detail = f"{operation}: no answer within {seconds:g} s"
+            raise SourceUnavailable(self.name, detail, "timeout") from exc
         except QrTimeout as exc:
             outcome = "timeout"
-            raise SourceUnavailable(self.name, f"{operation}: {exc}") from exc
+            raise SourceUnavailable(self.name, f"{operation}: {exc}", "timeout") from exc
+        except QrStatusError as exc:
+            outcome = exc.kind
+            raise SourceUnavailable(self.name, f"{operation} {exc.kind}: {exc}", "error") from exc
         except QrError as exc:
             outcome = exc.kind
             raise SourceUnavailable(self.name, f"{operation} {exc.kind}: {exc}") from exc
@@ -426,7 +430,7 @@ class DicomPacsSource:
         """The level's unique key; an answer without it is a broken answer, not a smaller one."""
         value = _text(ds, keyword)
         if not value:
-            raise SourceUnavailable(self.name, f"C-FIND answer without {keyword}")
+            raise SourceUnavailable(self.name, f"C-FIND answer without {keyword}", "error")
         return value
 
     def _study_record(self, ds: Dataset, bsn: str) -> StudyRecord:

@@ -85,5 +85,5 @@ async def ask_tlb_hospital(request: TimelineRequest, requester: Claims, hospital
                 reports = [i for i in instances if is_report(i)]
             studies.append(study_from_record(record, hospital, home, source_id, reports))
     except SourceUnavailable as exc:
-        return outcome("unavailable", exc.detail)
+        return outcome(exc.kind, exc.detail)
     return outcome("ok", f"{len(studies)} studies", tuple(studies))

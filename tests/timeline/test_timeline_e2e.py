@@ -539,3 +539,21 @@ async def test_no_bsn_in_logs(network: TimelineNetwork) -> None:
         assert patient.bsn not in text
         assert patient.name.split("^")[0] not in text
 
+
+
+async def test_a_pacs_answering_garbage_is_error_and_a_slow_one_is_timeout(network: TimelineNetwork) -> None:
+    """TLB hospitals are classified like communities: broken identifiers are ``error`` (SimPacs
+    ``malformed`` answers C-FIND without the unique key), a PACS past its timeout is ``timeout``."""
+    amstel, maas = network.pacs[H1.ura], network.pacs[H2.ura]
+    await asyncio.to_thread(amstel.set_behaviour, Misbehaviour(malformed=True))
+    await asyncio.to_thread(maas.set_behaviour, Misbehaviour(delay_ms=7000))  # hospital timeout_s is 5
+    try:
+        status, answer, _ = await network.timeline(ALL.bsn)
+    finally:
+        await asyncio.to_thread(amstel.set_behaviour, Misbehaviour())
+        await asyncio.to_thread(maas.set_behaviour, Misbehaviour())
+    assert status == 200, answer
+    sources = _sources(answer)
+    assert sources[_tlb_id(H1)]["status"] == "error", sources[_tlb_id(H1)]
+    assert sources[_tlb_id(H2)]["status"] == "timeout", sources[_tlb_id(H2)]
+    assert sources[_tlb_id(H3)]["status"] == "ok"
