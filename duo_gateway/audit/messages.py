@@ -346,7 +346,8 @@ class StudyTransfer:
     sop_classes: tuple[SopClassCount, ...] = ()
 
 
-def _active(peer: Peer, *, requestor: bool, role: Code) -> ActiveParticipant:
+def active_participant(peer: Peer, *, requestor: bool, role: Code) -> ActiveParticipant:
+    """One side of an exchange as an ActiveParticipant; the access point type follows from the host."""
     nap_type: NetworkAccessPointType | None = None
     if peer.host is not None:
         try:
@@ -449,9 +450,9 @@ def iti38_query(
     event = EventIdentification(EVENT_QUERY, EventAction.EXECUTE, _now(when), outcome, (ITI_38,),
                                 outcome_description)
     participants = [
-        _active(initiating, requestor=True, role=ROLE_SOURCE),
+        active_participant(initiating, requestor=True, role=ROLE_SOURCE),
         *extra_participants,
-        _active(responding, requestor=False, role=ROLE_DESTINATION),
+        active_participant(responding, requestor=False, role=ROLE_DESTINATION),
     ]
     return _message(event, participants, audit_source, [query], patient_id)
 
@@ -478,9 +479,9 @@ def iti39_retrieve(
         EVENT_IMPORT, EventAction.CREATE)
     event = EventIdentification(event_id, action, _now(when), outcome, (ITI_39,), outcome_description)
     participants = [
-        _active(responding, requestor=False, role=ROLE_SOURCE),
+        active_participant(responding, requestor=False, role=ROLE_SOURCE),
         *extra_participants,
-        _active(initiating, requestor=True, role=ROLE_DESTINATION),
+        active_participant(initiating, requestor=True, role=ROLE_DESTINATION),
     ]
     return _message(event, participants, audit_source, [_document_object(d) for d in documents], patient_id)
 
@@ -509,9 +510,9 @@ def rad75_retrieve(
     event = EventIdentification(EVENT_INSTANCES_TRANSFERRED, action, _now(when), outcome, (RAD_75,),
                                 outcome_description)
     participants = [
-        _active(responding, requestor=False, role=ROLE_SOURCE),
+        active_participant(responding, requestor=False, role=ROLE_SOURCE),
         *extra_participants,
-        _active(initiating, requestor=True, role=ROLE_DESTINATION),
+        active_participant(initiating, requestor=True, role=ROLE_DESTINATION),
     ]
     objects = [_study_object(s) for s in studies] + [_document_object(d) for d in documents]
     return _message(event, participants, audit_source, objects, patient_id)
@@ -551,9 +552,9 @@ def mitz_consent_question(
     event = EventIdentification(EVENT_QUERY, EventAction.EXECUTE, _now(when), outcome, (code,),
                                 outcome_description)
     participants = [
-        _active(gateway, requestor=True, role=ROLE_SOURCE),
+        active_participant(gateway, requestor=True, role=ROLE_SOURCE),
         *extra_participants,
-        _active(mitz, requestor=False, role=ROLE_DESTINATION),
+        active_participant(mitz, requestor=False, role=ROLE_DESTINATION),
     ]
     return _message(event, participants, audit_source, [query], bsn_cx(bsn))
 
@@ -583,8 +584,8 @@ def dicom_query(
     event = EventIdentification(EVENT_QUERY, EventAction.EXECUTE, _now(when), outcome, (),
                                 outcome_description)
     participants = [
-        _active(requestor, requestor=True, role=ROLE_SOURCE),
-        _active(responder, requestor=False, role=ROLE_DESTINATION),
+        active_participant(requestor, requestor=True, role=ROLE_SOURCE),
+        active_participant(responder, requestor=False, role=ROLE_DESTINATION),
     ]
     return _message(event, participants, audit_source, [query], patient_id)
 
@@ -611,8 +612,8 @@ def dicom_instances_transferred(
     event = EventIdentification(EVENT_INSTANCES_TRANSFERRED, action, _now(when), outcome, (),
                                 outcome_description)
     participants = [
-        _active(source, requestor=requestor == "source", role=ROLE_SOURCE),
-        _active(destination, requestor=requestor == "destination", role=ROLE_DESTINATION),
+        active_participant(source, requestor=requestor == "source", role=ROLE_SOURCE),
+        active_participant(destination, requestor=requestor == "destination", role=ROLE_DESTINATION),
     ]
     return _message(event, participants, audit_source, [_study_object(s) for s in studies], patient_id)
 
@@ -627,8 +628,8 @@ def application_activity(
     """Gateway start or stop (PS3.15 A.5.3.1): gaps in the trail are only explainable if these exist."""
     event = EventIdentification(EVENT_APPLICATION_ACTIVITY, EventAction.EXECUTE, _now(when),
                                 EventOutcome.SUCCESS, (APPLICATION_START if started else APPLICATION_STOP,))
-    return _message(event, [_active(application, requestor=False, role=ROLE_APPLICATION)], audit_source, [],
-                    None)
+    participant = active_participant(application, requestor=False, role=ROLE_APPLICATION)
+    return _message(event, [participant], audit_source, [], None)
 
 
 #: PS3.16 CID 400 "Patient Record": Mitz's consent notification updates what DUO knows of the patient's
@@ -670,8 +671,8 @@ def mitz_consent_notification(
     event = EventIdentification(EVENT_PATIENT_RECORD, EventAction.UPDATE, _now(when), outcome,
                                 (MITZ_NOTIFICATION,), outcome_description)
     participants = [
-        _active(mitz, requestor=True, role=ROLE_SOURCE),
-        _active(gateway, requestor=False, role=ROLE_DESTINATION),
+        active_participant(mitz, requestor=True, role=ROLE_SOURCE),
+        active_participant(gateway, requestor=False, role=ROLE_DESTINATION),
     ]
     return _message(event, participants, audit_source, [notification],
                     bsn_cx(bsn) if bsn is not None else None)
@@ -700,8 +701,8 @@ def timeline_disclosure(
     event = EventIdentification(EVENT_EXPORT, EventAction.READ, _now(when), outcome, (TLB_TIMELINE,),
                                 outcome_description)
     participants = [
-        _active(gateway, requestor=False, role=ROLE_SOURCE),
-        _active(requester, requestor=True, role=ROLE_DESTINATION),
+        active_participant(gateway, requestor=False, role=ROLE_SOURCE),
+        active_participant(requester, requestor=True, role=ROLE_DESTINATION),
     ]
     objects = [_study_object(StudyTransfer(uid)) for uid in study_uids]
     if sources:

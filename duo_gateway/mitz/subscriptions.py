@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import json
 import os
 import secrets
@@ -66,19 +65,18 @@ from duo_gateway.audit.messages import (
     MITZ_CODE_SYSTEM,
     ROLE_DESTINATION,
     ROLE_SOURCE,
-    ActiveParticipant,
     AuditMessage,
     AuditSourceIdentification,
     Code,
     EventAction,
     EventIdentification,
     EventOutcome,
-    NetworkAccessPointType,
     ObjectRole,
     ObjectType,
     ParticipantObjectDetail,
     ParticipantObjectIdentification,
     Peer,
+    active_participant,
     patient_object,
 )
 from duo_gateway.bsn import BSN_OID, bsn_cx, is_valid_bsn
@@ -655,19 +653,6 @@ class SubscriptionManager:
 # --------------------------------------------------------------------------------------------------
 
 
-def _participant(peer: Peer, *, requestor: bool, role: Code) -> ActiveParticipant:
-    nap_type: NetworkAccessPointType | None = None
-    if peer.host is not None:
-        try:
-            ipaddress.ip_address(peer.host)
-            nap_type = NetworkAccessPointType.IP_ADDRESS
-        except ValueError:
-            nap_type = NetworkAccessPointType.MACHINE_NAME
-    return ActiveParticipant(user_id=peer.user_id, user_is_requestor=requestor, role_id_codes=(role,),
-                             alternative_user_id=peer.alternative_user_id, user_name=peer.user_name,
-                             network_access_point_id=peer.host, network_access_point_type=nap_type)
-
-
 def subscription_audit(*, gateway: Peer, mitz: Peer, audit_source: AuditSourceIdentification, bsn: str,
                        hospital: TlbHospital, source_oid: str, request: bytes,
                        outcome: SubscriptionOutcome, result: EventOutcome,
@@ -694,8 +679,8 @@ def subscription_audit(*, gateway: Peer, mitz: Peer, audit_source: AuditSourceId
     event = EventIdentification(EVENT_PATIENT_RECORD, EventAction.CREATE, when or datetime.now(UTC), result,
                                 (MITZ_SUBSCRIPTION,), outcome.reason)
     participants = (
-        _participant(gateway, requestor=True, role=ROLE_SOURCE),
-        _participant(mitz, requestor=False, role=ROLE_DESTINATION),
+        active_participant(gateway, requestor=True, role=ROLE_SOURCE),
+        active_participant(mitz, requestor=False, role=ROLE_DESTINATION),
     )
     return AuditMessage(event=event, participants=participants, source=audit_source,
                         objects=(subscription, patient_object(bsn_cx(bsn))))
