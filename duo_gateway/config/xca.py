@@ -50,5 +50,7 @@ class XcaRespondingConfig(StrictModel):
     #: How DUO pulls instances from a PACS for RAD-75: C-GET over the same association, or C-MOVE
     #: to DUO's own storage SCP (for PACSes that refuse C-GET).
     retrieve_method: Literal["c-get", "c-move"] = "c-get"
-    #: Instances fetched but not yet written to the requester, at most; bounds the spool.
+    #: Instances a PACS may deliver ahead of DUO's consumer (C-GET/C-MOVE back-pressure). It bounds
+    #: the retrieve queue, not the RAD-75 spool: RAD-75 answers only once the request's instances are
+    #: all on disk (status and errors precede the documents), so the spool holds the whole request.
     retrieve_window: int = Field(default=16, ge=1, le=1024)
