@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import gc
 import os
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import aclosing, contextmanager
+from contextlib import aclosing
 from pathlib import Path
 
 import pytest
@@ -39,6 +38,7 @@ from duo_gateway.sim.config import default_network
 from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
 from tests.support.dcmtk import require_tool
+from tests.support.gc import fixtures_frozen
 from tests.support.orthanc import Orthanc, run_orthanc
 
 NET = default_network()
@@ -48,20 +48,6 @@ HOST = "127.0.0.1"
 DUO_AE = "DUO_TEST"
 
 
-@contextmanager
-def fixtures_frozen() -> Iterator[None]:
-    """Take the module fixtures' large pydicom heap out of the cyclic GC for a latency measurement.
-
-    A full collection over it stalls every thread for 50-150 ms on the test VM; that pause is the
-    test harness's, not the gateway's, and would drown the thing measured: whether DICOM I/O ever
-    runs on the event loop.
-    """
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def big_study(template: GeneratedStudy, count: int) -> GeneratedStudy:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import gc
 import os
 import socket
 import subprocess
 import time
 from collections.abc import AsyncGenerator, Iterator
-from contextlib import aclosing, contextmanager
+from contextlib import aclosing
 from datetime import date
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_stud
 from duo_gateway.sources.base import InstanceRecord, NotCovered, RetrievedInstance, SourceUnavailable
 from duo_gateway.sources.dicom_pacs import DicomPacsSource
 from tests.support.dcmtk import require_tool
+from tests.support.gc import fixtures_frozen
 from tests.support.orthanc import Orthanc, run_orthanc
 
 NET = default_network()
@@ -47,20 +47,6 @@ HOST = "127.0.0.1"
 DUO_AE = "DUO_TEST"
 
 
-@contextmanager
-def fixtures_frozen() -> Iterator[None]:
-    """Take the module fixtures' large pydicom heap out of the cyclic GC for a latency measurement.
-
-    A full collection over it stalls every thread for 50-150 ms on the test VM; that pause is the
-    test harness's, not the gateway's, and would drown the thing measured: whether DICOM I/O ever
-    runs on the event loop.
-    """
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 class _PermitAll:
