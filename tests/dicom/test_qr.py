@@ -4,10 +4,8 @@ back-pressure, C-MOVE routing, typed failures, cancellation, and a loop that kee
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import aclosing
@@ -16,7 +14,6 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -37,9 +34,9 @@ from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import default_network
 from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
-from tests.support.dcmtk import require_tool
 from tests.support.gc import fixtures_frozen
-from tests.support.orthanc import Orthanc, run_orthanc
+from tests.support.orthanc import Orthanc, orthanc_moving_to
+from tests.support.studies import big_study
 
 NET = default_network()
 HOSPITAL = NET.hospitals[0]
@@ -48,20 +45,6 @@ HOST = "127.0.0.1"
 DUO_AE = "DUO_TEST"
 
 
-
-
-def big_study(template: GeneratedStudy, count: int) -> GeneratedStudy:
-    """``count`` copies of one image in one series of a new study: a study big enough to stream."""
-    study_uid, series_uid = generate_uid(), generate_uid()
-    instances = []
-    for number in range(1, count + 1):
-        ds = copy.deepcopy(template.instances[0])
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.InstanceNumber = number
-        instances.append(ds)
-    return dataclasses.replace(template, study_instance_uid=str(study_uid), instances=instances)
 
 
 @dataclasses.dataclass
@@ -411,25 +394,12 @@ class Loaded:
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
-    storescu = require_tool("storescu")
     tmp = tmp_path_factory.mktemp("orthanc")
     studies = generate_studies(ANNA, HOSPITAL, 2, NET.seed) + generate_studies(BRAM, HOSPITAL, 1, NET.seed)
     files = [str(p) for s in studies for p in write_study(s, tmp / "send" / s.study_instance_uid)]
     router = MoveRouter()
-    ae = AE(ae_title=DUO_AE)
-    ae.supported_contexts = receiving_contexts()
-    server = ae.start_server((HOST, 0), block=False, evt_handlers=router.evt_handlers())
-    assert isinstance(server, ThreadedAssociationServer)
-    modalities = {"duo": (DUO_AE, HOST, int(server.server_address[1]))}
-    try:
-        with run_orthanc(tmp / "db", modalities=modalities) as orthanc:
-            proc = subprocess.run([storescu, "-aet", "LOADER", "-aec", orthanc.ae_title, orthanc.host,
-                                   str(orthanc.dicom_port), *files], capture_output=True, text=True,
-                                  env={**os.environ, "TCP_NODELAY": "1"}, timeout=60)
-            assert proc.returncode == 0, proc.stderr
-            yield Loaded(orthanc, studies, router)
-    finally:
-        server.shutdown()
+    with orthanc_moving_to(tmp / "db", router, DUO_AE, files) as orthanc:
+        yield Loaded(orthanc, studies, router)
 
 
 def orthanc_client(o: Orthanc) -> QrClient:

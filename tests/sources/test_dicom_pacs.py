@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import os
 import socket
-import subprocess
 import time
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
@@ -36,9 +34,9 @@ from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
 from duo_gateway.sources.base import InstanceRecord, NotCovered, RetrievedInstance, SourceUnavailable
 from duo_gateway.sources.dicom_pacs import DicomPacsSource
-from tests.support.dcmtk import require_tool
 from tests.support.gc import fixtures_frozen
-from tests.support.orthanc import Orthanc, run_orthanc
+from tests.support.orthanc import Orthanc, orthanc_moving_to
+from tests.support.studies import big_study
 
 NET = default_network()
 HOSPITAL, OTHER_HOSPITAL = NET.hospitals
@@ -115,18 +113,6 @@ class Sim:
     big: GeneratedStudy
 
 
-def _big(template: GeneratedStudy, count: int) -> GeneratedStudy:
-    study_uid, series_uid = generate_uid(), generate_uid()
-    instances = []
-    for n in range(count):
-        ds = copy.deepcopy(template.instances[0])
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.InstanceNumber = n + 1
-        instances.append(ds)
-    return dataclasses.replace(template, study_instance_uid=str(study_uid), instances=instances)
-
-
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
     pacs = SimPacs(HOSPITAL, tmp_path_factory.mktemp("pacs"))
@@ -139,7 +125,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
     foreign.SeriesInstanceUID = anna[2].instances[0].SeriesInstanceUID
     foreign.SOPInstanceUID = foreign.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     pacs.preload([dataclasses.replace(anna[2], instances=[foreign])])
-    big = _big(anna[0], 40)
+    big = big_study(anna[0], 40)
     pacs.preload([big])
     pacs.start()
     try:
@@ -432,25 +418,13 @@ class Loaded:
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
-    storescu = require_tool("storescu")
     tmp = tmp_path_factory.mktemp("orthanc")
     anna = generate_studies(ANNA, HOSPITAL, 3, NET.seed)
     studies = anna + generate_studies(BRAM, HOSPITAL, 1, NET.seed)
     files = [str(p) for s in studies for p in write_study(s, tmp / "send" / s.study_instance_uid)]
     router = MoveRouter()
-    ae = AE(ae_title=DUO_AE)
-    ae.supported_contexts = receiving_contexts()
-    server = ae.start_server((HOST, 0), block=False, evt_handlers=router.evt_handlers())
-    assert isinstance(server, ThreadedAssociationServer)
-    try:
-        with run_orthanc(tmp / "db", modalities={"duo": (DUO_AE, HOST, int(server.server_address[1]))}) as o:
-            proc = subprocess.run([storescu, "-aet", "LOADER", "-aec", o.ae_title, o.host, str(o.dicom_port),
-                                   *files], capture_output=True, text=True,
-                                  env={**os.environ, "TCP_NODELAY": "1"}, timeout=60)
-            assert proc.returncode == 0, proc.stderr
-            yield Loaded(o, anna, router)
-    finally:
-        server.shutdown()
+    with orthanc_moving_to(tmp / "db", router, DUO_AE, files) as orthanc:
+        yield Loaded(orthanc, anna, router)
 
 
 def orthanc_source(o: Loaded, spool: Path, **kw: object) -> DicomPacsSource:

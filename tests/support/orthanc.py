@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,3 +95,34 @@ def run_orthanc(workdir: Path, *, ae_title: str = "ORTHANC",
             proc.kill()
             proc.wait()
         log.close()
+
+
+def load_with_storescu(orthanc: Orthanc, files: list[str]) -> None:
+    """Load files with DCMTK storescu, the independent sender (TCP_NODELAY as in every benchmark)."""
+    from tests.support.dcmtk import require_tool
+
+    proc = subprocess.run([require_tool("storescu"), "-aet", "LOADER", "-aec", orthanc.ae_title, orthanc.host,
+                           str(orthanc.dicom_port), *files], capture_output=True, text=True,
+                          env={**os.environ, "TCP_NODELAY": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+@contextmanager
+def orthanc_moving_to(workdir: Path, router: Any, ae_title: str, files: list[str]) -> Iterator[Orthanc]:
+    """A loaded Orthanc whose C-MOVE destination ``ae_title`` is a pynetdicom storage SCP on loopback
+    that hands what arrives to ``router`` (duo_gateway.dicom.qr.MoveRouter), as DUO's own AE does."""
+    from pynetdicom import AE
+
+    from duo_gateway.dicom.qr import receiving_contexts
+
+    ae = AE(ae_title=ae_title)
+    ae.supported_contexts = receiving_contexts()
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=router.evt_handlers())
+    assert server is not None
+    try:
+        modalities = {"duo": (ae_title, "127.0.0.1", int(server.server_address[1]))}
+        with run_orthanc(workdir, modalities=modalities) as orthanc:
+            load_with_storescu(orthanc, files)
+            yield orthanc
+    finally:
+        server.shutdown()
