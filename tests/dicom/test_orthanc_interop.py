@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +14,8 @@ from duo_gateway.dicom.echo import c_echo
 from duo_gateway.dicom.find import FindError, c_find
 from duo_gateway.sim.config import default_network
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
-from tests.support.dcmtk import require_tool
 from tests.support.gateway import make_config
-from tests.support.orthanc import Orthanc, run_orthanc
+from tests.support.orthanc import Orthanc, load_with_storescu, run_orthanc
 
 NET = default_network()
 
@@ -28,14 +25,10 @@ Loaded = tuple[Orthanc, list[GeneratedStudy]]
 
 @pytest.fixture
 def loaded_orthanc(tmp_path: Path) -> Iterator[Loaded]:
-    storescu = require_tool("storescu")
     studies = generate_studies(NET.patients[0], NET.hospitals[0], 2, NET.seed)
     files = [str(p) for s in studies for p in write_study(s, tmp_path / "send" / s.study_instance_uid)]
     with run_orthanc(tmp_path / "orthanc") as orthanc:
-        proc = subprocess.run([storescu, "-aet", "LOADER", "-aec", orthanc.ae_title, orthanc.host,
-                               str(orthanc.dicom_port), *files], capture_output=True, text=True,
-                              env={**os.environ, "TCP_NODELAY": "1"}, timeout=60)
-        assert proc.returncode == 0, proc.stderr
+        load_with_storescu(orthanc, files)
         yield orthanc, studies
 
 

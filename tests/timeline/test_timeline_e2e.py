@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -36,8 +34,7 @@ from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_stud
 from duo_gateway.sim.xca import community_seed
 from duo_gateway.soap.xml import parse_xml
 from duo_gateway.timeline.model import StudyRef
-from tests.support.dcmtk import require_tool
-from tests.support.orthanc import run_orthanc
+from tests.support.orthanc import load_with_storescu, run_orthanc
 from tests.timeline.harness import (
     ALL,
     BUITEN,
@@ -78,15 +75,11 @@ MARKED_UNLOCALIZED = "asked without Mitz localization"
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     """Orthanc holding H3's studies plus a copy of one H1 study, loaded with DCMTK's storescu."""
-    storescu = require_tool("storescu")
     tmp = tmp_path_factory.mktemp("orthanc")
     studies = [*hospital_studies(H3), duplicate_in_orthanc()]
     files = [str(p) for s in studies for p in write_study(s, tmp / "send" / s.study_instance_uid)]
     with run_orthanc(tmp / "db", ae_title=H3.ae_title) as server:
-        proc = subprocess.run([storescu, "-aet", "LOADER", "-aec", server.ae_title, server.host,
-                               str(server.dicom_port), *files], capture_output=True, text=True,
-                              env={**os.environ, "TCP_NODELAY": "1"}, timeout=60)
-        assert proc.returncode == 0, proc.stderr
+        load_with_storescu(server, files)
         yield server.ae_title, server.dicom_port
 
 

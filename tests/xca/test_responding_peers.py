@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from io import BytesIO
@@ -43,8 +41,7 @@ from duo_gateway.xca.hl7 import reference_id
 from duo_gateway.xca.query import find_documents, parse_adhoc_query_response
 from duo_gateway.xca.retrieve import DocumentRequest, RetrieveImagingDocumentSetRequest
 from duo_gateway.xua import security_header
-from tests.support.dcmtk import require_tool
-from tests.support.orthanc import Orthanc, run_orthanc
+from tests.support.orthanc import Orthanc, load_with_storescu, run_orthanc
 from tests.xca.responding_harness import (
     HOME,
     Network,
@@ -80,17 +77,13 @@ XDSIB = "urn:ihe:rad:xdsi-b:2009"
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, list[GeneratedStudy]]]:
-    storescu = require_tool("storescu")
     tmp = tmp_path_factory.mktemp("orthanc")
     hospital = next(h for h in NET.hospitals if h.ura == H1)
     patient = next(p for p in NET.patients if p.bsn == ALL)
     studies = generate_studies(patient, hospital, 2, NET.seed)
     files = [str(p) for s in studies for p in write_study(s, tmp / "send" / s.study_instance_uid)]
     with run_orthanc(tmp / "orthanc", ae_title="ORTHANC_H1") as server:
-        proc = subprocess.run([storescu, "-aet", "LOADER", "-aec", server.ae_title, server.host,
-                               str(server.dicom_port), *files], capture_output=True, text=True,
-                              env={**os.environ, "TCP_NODELAY": "1"}, timeout=60)
-        assert proc.returncode == 0, proc.stderr
+        load_with_storescu(server, files)
         yield server, studies
 
 
