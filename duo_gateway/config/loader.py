@@ -26,6 +26,7 @@ from duo_gateway.config.mitz import MitzConfig
 from duo_gateway.config.peers import TlbHospital, XcaCommunity
 from duo_gateway.config.runtime import DaemonConfig, LoggingConfig, StorageConfig
 from duo_gateway.config.timeline import TimelineConfig
+from duo_gateway.config.transfer import TransferConfig
 from duo_gateway.config.xca import XcaRespondingConfig
 from duo_gateway.config.xua import XuaConfig
 
@@ -41,6 +42,7 @@ class DuoConfig(StrictModel):
     xua: XuaConfig = XuaConfig()
     xca_responding: XcaRespondingConfig = XcaRespondingConfig()
     timeline: TimelineConfig = TimelineConfig()
+    transfers: TransferConfig = TransferConfig()
     audit: AuditConfig = AuditConfig()
     storage: StorageConfig = StorageConfig()
     logging: LoggingConfig = LoggingConfig()

@@ -63,3 +63,5 @@ class XcaCommunity(StrictModel):
     retry_backoff_s: float = Field(default=0.2, gt=0, le=30)
     #: Query this community even when Mitz localization names none of its data holders.
     query_without_localization: bool = False
+    #: Transfers: instances asked per RAD-75 request (a series is split into batches of this size).
+    rad75_batch_size: int = Field(default=50, ge=1, le=10_000)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from duo_gateway.config.base import ConfigPath, StrictModel
 
@@ -13,6 +13,18 @@ from duo_gateway.config.base import ConfigPath, StrictModel
 class StorageConfig(StrictModel):
     #: Spool, transfer jobs and the default audit file live here; a volume in the container.
     path: ConfigPath = Path("var")
+    #: Database of transfer jobs. None is SQLite in ``transfers.sqlite`` under ``path`` (one DUO);
+    #: ``postgresql://user@host/db`` lets several DUO replicas share jobs. Put a password in the
+    #: environment (``DUO__STORAGE__URL``), not in the file.
+    url: SecretStr | None = Field(default=None)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+                ("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("storage.url must start with postgresql://, postgres:// or sqlite:///")
+        return value
 
 
 class LoggingConfig(StrictModel):
