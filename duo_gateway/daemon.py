@@ -32,6 +32,7 @@ from duo_gateway.mitz.signing import request_signer
 from duo_gateway.mitz.subscriptions import SubscriptionManager
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sources.dicom_pacs import DicomPacsSource
+from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.service import TimelineService
 from duo_gateway.tlb.api import TlbApiDoor
 from duo_gateway.tls import server_context
@@ -84,9 +85,13 @@ class Gateway:
                                                  xua=config.xua, signing=signing, metrics=self.metrics,
                                                  auditor=self.auditor, identity=self.identity)
             for c in config.xca_communities}
+        key = config.timeline.study_id_key
+        #: Seals the opaque study ids the timeline hands out and transfers take back.
+        self.study_ids = StudyIds.from_settings(key.get_secret_value() if key else None, config.storage.path)
         self.timeline = TimelineService(config, mitz=self.mitz, gate=self.consent,
                                         communities=self.communities, sources=self.sources,
-                                        auditor=self.auditor, identity=self.identity)
+                                        auditor=self.auditor, identity=self.identity,
+                                        study_ids=self.study_ids)
         if config.timeline.enabled:
             self._front_doors.append(TlbApiDoor(self.timeline, config.timeline))
         self.index: DocumentIndex | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from duo_gateway.config.base import StrictModel
 
@@ -17,3 +17,7 @@ class TimelineConfig(StrictModel):
     max_period_days: int = Field(default=36_600, ge=1)
     #: Ask DUO's own TLB hospitals too (consent-checked C-FIND), so the timeline is national.
     include_tlb_hospitals: bool = True
+    #: Key (32 bytes, base64) sealing the opaque study ids the API hands out; replicas must share it.
+    #: Unset: a key file under storage.path (keys/study-id.key), made on first start. Set it through
+    #: the environment (DUO__TIMELINE__STUDY_ID_KEY), never in the file.
+    study_id_key: SecretStr | None = None

@@ -14,8 +14,9 @@ class MergedStudy:
     entry (netherlands.md: every study appears only once), and ``sources`` says who had it."""
 
     study_uid: str
-    #: Opaque to the caller (an encoded :class:`~duo_gateway.timeline.model.StudyRef`), handed back to
-    #: fetch the study, so the API never has to expose where it lives.
+    #: Opaque to the caller (a sealed :class:`~duo_gateway.timeline.model.StudyRef` and BSN, see
+    #: :mod:`duo_gateway.timeline.ids`), handed back to fetch the study, so the API never has to
+    #: expose where it lives and a caller cannot forge one.
     id: str
     started: str | None = None            # ISO 8601 local date-time or date, as the source gave it
     accession_number: str | None = None

@@ -26,7 +26,15 @@ from duo_gateway.consent import ConsentGate
 from duo_gateway.mitz.client import Localization, MitzClient
 from duo_gateway.mitz.wire import OpenQuestion
 from duo_gateway.sources.base import ImagingSource
-from duo_gateway.timeline.model import Report, SourceKind, SourceOutcome, TimelineRequest, TimelineStudy
+from duo_gateway.timeline.ids import StudyIds
+from duo_gateway.timeline.model import (
+    Report,
+    SourceKind,
+    SourceOutcome,
+    StudyRef,
+    TimelineRequest,
+    TimelineStudy,
+)
 from duo_gateway.timeline.result import MergedStudy, TimelineResult
 from duo_gateway.timeline.tlb_source import ask_tlb_hospital
 from duo_gateway.timeline.xca_source import institution_filter, outcome_from_response
@@ -55,8 +63,10 @@ class TimelineService:
         sources: Mapping[str, ImagingSource],
         auditor: Auditor,
         identity: Peer,
+        study_ids: StudyIds,
     ) -> None:
         self._cfg = config
+        self._ids = study_ids
         self._home = config.gateway.home_community_id
         self._mitz = mitz
         self._gate = gate
@@ -102,7 +112,7 @@ class TimelineService:
         outcomes.extend(skipped)
         if chosen:
             outcomes = [replace(o, studies=tuple(institution_filter(o.studies, chosen))) for o in outcomes]
-        merged = merge(outcomes)
+        merged = merge(outcomes, lambda ref: self._ids.seal(ref, request.bsn))
         self._audit(request, merged, outcomes)
         log.info(
             "timeline answered",
@@ -269,7 +279,7 @@ class TimelineService:
         )
 
 
-def merge(outcomes: Sequence[SourceOutcome]) -> list[MergedStudy]:
+def merge(outcomes: Sequence[SourceOutcome], make_id: Callable[[StudyRef], str]) -> list[MergedStudy]:
     """Each study once (by Study Instance UID), listing every source; newest first.
 
     TLB copies come first as primary: fetching from a hospital DUO speaks DICOM to directly is one
@@ -289,7 +299,7 @@ def merge(outcomes: Sequence[SourceOutcome]) -> list[MergedStudy]:
         merged.append(
             MergedStudy(
                 study_uid=uid,
-                id=first.ref.encode(),
+                id=make_id(first.ref),
                 started=_first(copies, lambda c: c.started),
                 accession_number=_first(copies, lambda c: c.accession_number),
                 modalities=tuple(dict.fromkeys(m for c in copies for m in c.modalities)),

@@ -255,7 +255,9 @@ async def test_same_study_at_two_sources_appears_once_with_both(network: Timelin
     at_partieel = studies[duplicate_at_partieel().study_instance_uid]
     assert at_partieel["sources"] == [_tlb_id(H1), source_id(PARTIEEL)]
     for study in (in_orthanc, at_partieel):
-        ref = StudyRef.decode(study["id"])
+        sealed = network.gateway.study_ids.open(study["id"])
+        ref = sealed.ref
+        assert sealed.bsn == ALL.bsn
         assert (ref.kind, ref.hospital_ura, ref.study_uid) == ("tlb", H1.ura, study["study_instance_uid"])
     # Both copies were really delivered: each source counts the duplicate among its studies.
     sources = _sources(answer)
