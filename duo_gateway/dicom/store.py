@@ -1,0 +1,555 @@
+"""Asyncio-facing C-STORE SCU: relays spooled Part 10 files into a destination PACS, one by one.
+
+A transfer relays a study instance by instance as each lands in the spool; the destination is the
+requester's own PACS (:class:`~duo_gateway.config.transfer.DestinationPacs`). Decisions and why:
+
+- **One association for many instances.** An association per instance costs a TCP + A-ASSOCIATE
+  round trip each and is 3-30x slower (pynetdicom #639/#701, docs/dicom.md §8). The association is
+  opened lazily on the first store and kept until the ``async with`` block ends.
+- **Presentation contexts grow with what arrives.** We do not know a study's SOP classes and
+  transfer syntaxes up front (they arrive one by one), so the client proposes one context per
+  (SOP class, transfer syntax) seen so far, plus Explicit and Implicit VR Little Endian for each
+  class (a fallback for conversion). One context per syntax, because a file is only sent unchanged
+  when the acceptor picks exactly its syntax (offered several in one context, acceptors pick their
+  own favourite). When an instance needs a pair the open association never proposed, it is released
+  and re-associated with the larger set (at most 128 contexts; the least recently used SOP classes
+  drop out first). :meth:`StoreClient.expect` pre-declares pairs to avoid those re-associations.
+- **Files are streamed, never decoded.** pynetdicom's ``send_c_store(path)`` either decodes the whole
+  dataset (x3 memory, slower) or, with the process-global ``STORE_SEND_CHUNKED_DATASET``, streams
+  it; but even then it queues *every* P-DATA PDU of the instance at once on an unbounded queue, so a
+  500 MB multi-frame instance to a slow WAN peer would sit in memory. :func:`_send_file` therefore
+  drives the same pynetdicom 3.0 internals (pinned like nodelay.py) but feeds PDUs only while fewer
+  than :data:`MAX_QUEUED_PDUS` wait for the socket: memory stays flat whatever the instance size,
+  and no process-global switch changes behaviour for other pynetdicom users in the process.
+- **Conversion only where it is lossless and streamable.** When the destination declines the file's
+  syntax but takes the other uncompressed little-endian one, the file is transcoded to a temp file
+  (header re-encoded, pixel data copied in chunks, see reconcile.py) and that is sent. DUO never
+  decompresses: a compressed syntax the destination declines is a ``refused`` result with a clear
+  detail.
+- **Threads, not the loop.** pynetdicom blocks, so every association operation runs on one
+  single-thread executor per client (an association is only ever driven by one thread); abort runs on
+  a thread of its own so it can interrupt a blocked send. Each :meth:`StoreClient.store` is one
+  executor hop: (re)association, optional conversion and the C-STORE all happen in it.
+- **What counts as stored.** Only a Success or Warning status from the destination. 0xA7xx (out of
+  resources) is ``transient`` (retry later); every other failure is ``refused`` (permanent for this
+  instance). No association, a timeout or an abort raises :class:`StoreUnavailable` and the next
+  store re-associates.
+
+Parallelism (``DestinationPacs.max_associations`` > 1) is the caller's choice: run that many
+StoreClients, each with its own association, and feed them from one queue. More threads per
+association would not help (pynetdicom serialises an association), and on 2 cores the GIL caps the
+gain (docs/dicom.md §2: four associations did not beat one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import ssl
+import struct
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import pynetdicom
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import split_dataset
+from pynetdicom.presentation import PresentationContext
+
+from duo_gateway.config.transfer import DestinationPacs
+from duo_gateway.dicom.nodelay import SUPPORTED_PYNETDICOM, ensure_tcp_nodelay
+from duo_gateway.dicom.qr import MAX_CONTEXTS
+from duo_gateway.dicom.reconcile import PIXEL_TAGS, copy_range, read_part10_header, write_part10_header
+from duo_gateway.tls import client_context
+
+log = structlog.get_logger(__name__)
+
+StoreOutcome = Literal["stored", "warning", "refused", "transient"]
+
+SUCCESS = 0x0000
+#: Status DUO reports for an instance it could not even offer: the destination accepts no
+#: presentation context for it (PS3.7 C.5.19 "SOP Class not Supported" is the nearest meaning).
+NOT_SUPPORTED = 0x0122
+#: PDUs of one instance waiting for the socket, at most: 64 x 16 KiB (Orthanc's PDU) = 1 MiB.
+MAX_QUEUED_PDUS = 64
+#: PDU size we send when the peer allows "unlimited": pynetdicom would read the whole file into one.
+_MAX_SEND_PDU = 1 << 20
+_UNCOMPRESSED_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    sop_instance_uid: str
+    status: int
+    outcome: StoreOutcome
+    detail: str
+
+    @property
+    def stored(self) -> bool:
+        """The destination has the instance (Success or Warning)."""
+        return self.outcome in ("stored", "warning")
+
+
+class StoreUnavailable(Exception):
+    """No usable association: refused, rejected, aborted, timed out, network error.
+
+    Transient from the caller's point of view (``retryable``): the instance was not stored and the
+    next :meth:`StoreClient.store` opens a new association. ``kind`` is a short metric label.
+    """
+
+    def __init__(self, detail: str, *, kind: str = "aborted", retryable: bool = True) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.kind = kind
+        self.retryable = retryable
+
+
+def classify(status: int) -> StoreOutcome:
+    """PS3.4 B.2.3 / PS3.7 C: Success, Warning (0xB000/0xB006/0xB007, any 0xBxxx), Out of resources
+    (0xA7xx: the destination may take it later), and every other status a permanent refusal."""
+    if status == SUCCESS:
+        return "stored"
+    if 0xB000 <= status <= 0xBFFF:
+        return "warning"
+    if 0xA700 <= status <= 0xA7FF:
+        return "transient"
+    return "refused"
+
+
+_MEANING = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
+            0xB007: "data set does not match SOP class"}
+
+
+def _detail(status: int, outcome: StoreOutcome, comment: str) -> str:
+    if outcome == "stored":
+        text = "stored"
+    elif outcome == "warning":
+        text = f"stored with warning 0x{status:04X} ({_MEANING.get(status, 'warning')})"
+    elif outcome == "transient":
+        text = f"destination out of resources (0x{status:04X}); retry later"
+    elif 0xA900 <= status <= 0xA9FF:
+        text = f"refused: data set does not match SOP class (0x{status:04X})"
+    elif 0xC000 <= status <= 0xCFFF:
+        text = f"refused: cannot understand (0x{status:04X})"
+    else:
+        text = f"refused with status 0x{status:04X}"
+    return f"{text}: {comment}" if comment else text
+
+
+# -- the client ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Conn:
+    assoc: Association
+    proposed: frozenset[tuple[str, str]]
+    #: (SOP class, transfer syntax) -> accepted presentation context ID.
+    accepted: dict[tuple[str, str], int]
+
+
+class StoreClient:
+    """C-STORE SCU towards one destination PACS over one (re-)negotiated association.
+
+    Use as ``async with StoreClient(dest, calling_ae) as client: await client.store(...)``. Stores are
+    serialised (one association, one operation at a time); create it on the loop that uses it.
+    """
+
+    def __init__(self, destination: DestinationPacs, calling_ae: str, *,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.destination = destination
+        self.calling_ae = calling_ae
+        self.timeout_s = destination.timeout_s
+        self._tls = tls if tls is not None else (
+            client_context(destination.tls) if destination.tls is not None else None)
+        #: SOP class -> transfer syntaxes seen, most recently used class last.
+        self._wanted: OrderedDict[str, list[str]] = OrderedDict()
+        self._conn: _Conn | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = asyncio.Lock()
+        self._msg_id = 0
+        self._ae: AE | None = None
+        #: Associations opened so far (re-associations included): for tests, logs and metrics.
+        self.associations = 0
+
+    async def __aenter__(self) -> StoreClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close(abort=exc is not None)
+
+    async def close(self, *, abort: bool = False) -> None:
+        """Release the association (abort it when ``abort``), and stop the worker thread."""
+        conn, self._conn = self._conn, None
+        executor, self._executor = self._executor, None
+        try:
+            if conn is not None and conn.assoc.is_established:
+                if abort or executor is None:
+                    await self._abort_assoc(conn.assoc)
+                else:
+                    try:
+                        await asyncio.wait_for(asyncio.wrap_future(executor.submit(conn.assoc.release)),
+                                               self.timeout_s + 1)
+                    except (TimeoutError, Exception):
+                        await self._abort_assoc(conn.assoc)
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=False)
+
+    def expect(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Pre-declare (SOP class, transfer syntax) pairs, e.g. from a C-FIND or a KOS, so the first
+        association proposes them all and no re-association is needed mid-study."""
+        for sop, ts in pairs:
+            self._note(str(sop), str(ts), touch=False)
+
+    async def store(self, path: Path, *, sop_class_uid: str, sop_instance_uid: str,
+                    transfer_syntax_uid: str) -> StoreResult:
+        """C-STORE one Part 10 file; returns the destination's verdict or raises StoreUnavailable.
+
+        The UIDs come from the caller (who read them when the file was spooled): the file is not
+        parsed again here beyond its file meta length.
+        """
+        async with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix=f"store-{self.destination.ae_title.strip()}")
+            ctx = contextvars.copy_context()
+            fut = self._executor.submit(ctx.run, self._store_sync, path, str(sop_class_uid),
+                                        str(sop_instance_uid), str(transfer_syntax_uid))
+            # pynetdicom's own timeouts (connect, ACSE, DIMSE, network) all fire well before this;
+            # it is the backstop for a thread that hangs anyway.
+            budget = self.timeout_s * 4 + 5
+            try:
+                return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), budget)
+            except TimeoutError:
+                await self._drop_conn()
+                raise StoreUnavailable(f"no C-STORE response from {self._name} within {budget:g} s",
+                                       kind="timeout") from None
+            except asyncio.CancelledError:
+                # The C-STORE may or may not have reached the PACS: abort, so that the next store
+                # starts on a clean association and the caller retries this instance.
+                await self._drop_conn()
+                raise
+
+    # thread side ----------------------------------------------------------------------------------
+
+    @property
+    def _name(self) -> str:
+        d = self.destination
+        return f"{d.ae_title} at {d.host}:{d.port}"
+
+    def _note(self, sop: str, ts: str, *, touch: bool = True) -> None:
+        tss = self._wanted.get(sop)
+        if tss is None:
+            self._wanted[sop] = [ts]
+        elif ts not in tss:
+            tss.append(ts)
+        if touch:
+            self._wanted.move_to_end(sop)
+
+    def _contexts(self, must: tuple[str, str]) -> list[tuple[str, str]]:
+        """Pairs to propose: ``must`` first, then the most recently used classes, within 128."""
+        pairs: list[tuple[str, str]] = [must]
+        for sop in [must[0], *reversed(self._wanted)]:
+            for ts in [*self._wanted.get(sop, []), *_UNCOMPRESSED_LE]:
+                if (sop, ts) not in pairs and len(pairs) < MAX_CONTEXTS:
+                    pairs.append((sop, ts))
+        return pairs
+
+    def _store_sync(self, path: Path, sop: str, sop_uid: str, ts: str) -> StoreResult:
+        key = (sop, ts)
+        self._note(sop, ts)
+        conn = self._conn
+        if conn is not None and not conn.assoc.is_established:
+            self._conn = conn = None
+        if conn is None or (key not in conn.accepted and key not in conn.proposed):
+            if conn is not None:
+                log.info("store_reassociate", destination=self.destination.name, sop_class=sop,
+                         transfer_syntax=ts)
+                self._release_sync(conn)
+                self._conn = None
+            conn = self._open_sync(key)
+            if conn is None:
+                return StoreResult(sop_uid, NOT_SUPPORTED, "refused",
+                                   f"{self._name} accepts no presentation context for SOP class {sop} "
+                                   f"({UID(ts).name}): association refused every proposed context")
+            self._conn = conn
+        cx = conn.accepted.get(key)
+        if cx is not None:
+            return self._send_sync(conn, path, None, cx, sop, sop_uid)
+        return self._convert_and_send(conn, path, sop, sop_uid, ts)
+
+    def _convert_and_send(self, conn: _Conn, path: Path, sop: str, sop_uid: str, ts: str) -> StoreResult:
+        if not any(s == sop for s, _ in conn.accepted):
+            return StoreResult(sop_uid, NOT_SUPPORTED, "refused",
+                               f"{self._name} does not accept SOP class {sop}")
+        target = next((t for t in _UNCOMPRESSED_LE if t != ts and (sop, t) in conn.accepted), None)
+        if ts not in _UNCOMPRESSED_LE or target is None:
+            accepted = ", ".join(UID(t).name for s, t in conn.accepted if s == sop)
+            return StoreResult(sop_uid, NOT_SUPPORTED, "refused",
+                               f"{self._name} does not accept {UID(ts).name} for SOP class {sop} "
+                               f"(accepts {accepted}); DUO does not decompress or re-encode pixel data")
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".convert-", suffix=".dcm")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            transcode_uncompressed(path, tmp, UID(target))
+            log.info("store_converted", sop_instance_uid=sop_uid, source=UID(ts).name,
+                     target=UID(target).name)
+            return self._send_sync(conn, tmp, None, conn.accepted[(sop, target)], sop, sop_uid)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _open_sync(self, must: tuple[str, str]) -> _Conn | None:
+        """Associate; None when the destination accepted the association but none of its contexts."""
+        ensure_tcp_nodelay()
+        _check_pynetdicom()
+        if self._ae is None:
+            ae = AE(ae_title=self.calling_ae)
+            ae.acse_timeout = self.timeout_s
+            ae.network_timeout = self.timeout_s
+            ae.connection_timeout = self.timeout_s
+            ae.dimse_timeout = self.timeout_s
+            self._ae = ae
+        pairs = self._contexts(must)
+        contexts: list[PresentationContext] = [build_context(sop, ts) for sop, ts in pairs]
+        d = self.destination
+        tls_args = (self._tls, d.host) if self._tls is not None else None
+        try:
+            assoc = self._ae.associate(d.host, d.port, contexts=contexts, ae_title=d.ae_title,
+                                       tls_args=tls_args)
+        except (OSError, ssl.SSLError) as exc:
+            raise StoreUnavailable(f"no association with {self._name}: {type(exc).__name__}: {exc}",
+                                   kind="connect") from None
+        self.associations += 1
+        if not assoc.is_established:
+            if assoc.is_rejected:
+                raise StoreUnavailable(f"association rejected by {self._name}", kind="rejected")
+            if assoc.rejected_contexts and not assoc.accepted_contexts:
+                log.warning("store_no_context", destination=d.name, sop_class=must[0])
+                return None
+            # pynetdicom reports a refused connection and a timeout as "aborted" too
+            raise StoreUnavailable(f"no association with {self._name} (refused, timed out or aborted)",
+                                   kind="connect")
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id or 0)
+                    for cx in assoc.accepted_contexts}
+        log.info("store_associated", destination=d.name, proposed=len(pairs), accepted=len(accepted))
+        return _Conn(assoc, frozenset(pairs), accepted)
+
+    def _send_sync(self, conn: _Conn, path: Path, offset: int | None, context_id: int, sop: str,
+                   sop_uid: str) -> StoreResult:
+        self._msg_id = self._msg_id % 65535 + 1
+        started = time.monotonic()
+        try:
+            status_ds = _send_file(conn.assoc, path, offset, context_id, sop, sop_uid, self._msg_id,
+                                   self.timeout_s)
+        except _SendStalled as exc:
+            self._abort_sync(conn)
+            raise StoreUnavailable(f"C-STORE to {self._name} stalled: {exc}", kind="timeout") from None
+        except (OSError, ValueError):
+            # A local file problem mid-send leaves a half-sent message: the association is unusable.
+            self._abort_sync(conn)
+            raise
+        code = status_ds.get("Status")
+        if code is None:
+            self._abort_sync(conn)
+            dimse = float(conn.assoc.dimse_timeout or self.timeout_s)
+            if time.monotonic() - started >= dimse * 0.9:
+                raise StoreUnavailable(f"no C-STORE response from {self._name} within {dimse:g} s",
+                                       kind="timeout")
+            raise StoreUnavailable(f"association with {self._name} lost during C-STORE", kind="aborted")
+        status = int(code)
+        outcome = classify(status)
+        detail = _detail(status, outcome, str(status_ds.get("ErrorComment", "") or ""))
+        if outcome != "stored":
+            log.warning("store_status", sop_instance_uid=sop_uid, status=f"0x{status:04X}", outcome=outcome)
+        return StoreResult(sop_uid, status, outcome, detail)
+
+    def _release_sync(self, conn: _Conn) -> None:
+        if conn.assoc.is_established:
+            conn.assoc.release()
+        if conn.assoc.is_established:
+            conn.assoc.abort()
+
+    def _abort_sync(self, conn: _Conn) -> None:
+        if self._conn is conn:
+            self._conn = None
+        if conn.assoc.is_established:
+            conn.assoc.abort()
+
+    # loop side ------------------------------------------------------------------------------------
+
+    async def _drop_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._abort_assoc(conn.assoc)
+
+    async def _abort_assoc(self, assoc: Association) -> None:
+        """Abort from a thread of its own (the executor may be blocked in a send), then wake the
+        sender waiting for a response, which pynetdicom does not do on abort (see qr._wake_pump)."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(assoc.abort), self.timeout_s + 1)
+        except Exception as exc:
+            log.warning("store_abort_failed", error=type(exc).__name__)
+        finally:
+            queue = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+            if queue is not None:
+                queue.put((None, None))
+
+
+# -- the send path (pynetdicom 3.0 internals) -------------------------------------------------------
+
+
+class _SendStalled(Exception):
+    """The peer stopped reading: no PDU left the queue within the timeout."""
+
+
+def _check_pynetdicom() -> None:
+    version = str(getattr(pynetdicom, "__version__", ""))
+    if not version.startswith(SUPPORTED_PYNETDICOM):
+        raise RuntimeError(f"duo_gateway.dicom.store drives pynetdicom {SUPPORTED_PYNETDICOM}x internals, "
+                           f"found {version}: re-verify _send_file against Association.send_c_store")
+
+
+def _dataset_offset(path: Path) -> int:
+    """Where the dataset starts: from (0002,0000) when present (fast), else by parsing the meta."""
+    with open(path, "rb") as fh:
+        head = fh.read(144)
+    if len(head) == 144 and head[128:132] == b"DICM" and head[132:138] == b"\x02\x00\x00\x00UL":
+        return 144 + int(struct.unpack("<I", head[140:144])[0])
+    return int(split_dataset(path)[1])
+
+
+def _send_file(assoc: Association, path: Path, offset: int | None, context_id: int, sop_class: str,
+               sop_uid: str, msg_id: int, stall_s: float) -> Dataset:
+    """``Association.send_c_store`` for a file, streamed with a bounded PDU queue.
+
+    Mirrors pynetdicom 3.0.4's send_c_store with STORE_SEND_CHUNKED_DATASET (pause the reactor so it
+    does not take our response, encode the message from the file, wait for the response), except
+    that PDUs are handed to the DUL only while fewer than MAX_QUEUED_PDUS are waiting.
+    """
+    if offset is None:
+        offset = _dataset_offset(path)
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.Priority = 2
+    req.AffectedSOPClassUID = sop_class
+    req.AffectedSOPInstanceUID = sop_uid
+    req._dataset_path = (path, offset)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    msg.context_id = context_id
+    pdu_max = int(assoc.dimse.maximum_pdu_size or 0)
+    if pdu_max <= 0 or pdu_max > _MAX_SEND_PDU:
+        pdu_max = _MAX_SEND_PDU
+    assoc._reactor_checkpoint.clear()
+    try:
+        while not assoc._is_paused:
+            if not assoc.is_established:
+                return Dataset()
+            time.sleep(0.0001)
+        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": msg})
+        dul = assoc.dul
+        queue = dul.to_provider_queue
+        for pdata in msg.encode_msg(context_id, pdu_max):
+            if queue.qsize() >= MAX_QUEUED_PDUS:
+                _wait_for_room(assoc, queue, stall_s)
+            dul.send_pdu(pdata)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    if rsp is None:
+        assoc._handle_no_response()
+        return Dataset()
+    return assoc._check_received_status(rsp)
+
+
+def _wait_for_room(assoc: Association, queue: Any, stall_s: float) -> None:
+    last, since = queue.qsize(), time.monotonic()
+    while queue.qsize() >= MAX_QUEUED_PDUS // 2:
+        if not assoc.is_established:
+            raise _SendStalled("association ended while sending")
+        size = queue.qsize()
+        if size != last:
+            last, since = size, time.monotonic()
+        elif time.monotonic() - since > stall_s:
+            raise _SendStalled(f"peer read nothing for {stall_s:g} s")
+        time.sleep(0.0002)
+
+
+# -- streamed Explicit <-> Implicit VR Little Endian transcoding ------------------------------------
+
+_EXPLICIT_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                                b"UR", b"UT", b"UV"})
+
+
+def _pixel_vr(tag: int, bits_allocated: int | None) -> bytes:
+    if tag == 0x7FE00008:
+        return b"OF"
+    if tag == 0x7FE00009:
+        return b"OD"
+    return b"OW" if (bits_allocated or 16) > 8 else b"OB"
+
+
+def transcode_uncompressed(src: Path, dst: Path, target: UID) -> None:
+    """Rewrite an Explicit/Implicit VR Little Endian file as the other one, pixel data in chunks.
+
+    The header goes through pydicom (small); each pixel data element gets a new element header and
+    its value is copied as bytes (both syntaxes are little endian, so the value bytes are identical).
+    """
+    if target not in _UNCOMPRESSED_LE:
+        raise ValueError(f"cannot transcode to {target.name}")
+    with open(src, "rb") as fin, open(dst, "wb") as out:
+        header = read_part10_header(fin)
+        if header.transfer_syntax not in _UNCOMPRESSED_LE:
+            raise ValueError(f"cannot transcode from {header.transfer_syntax.name}")
+        src_implicit = header.transfer_syntax.is_implicit_VR
+        bits = header.dataset.get("BitsAllocated")
+        write_part10_header(out, header, header.dataset, target)
+        fp = DicomFileLike(out)
+        fp.is_implicit_VR = target.is_implicit_VR
+        fp.is_little_endian = True
+        while fin.tell() < header.size:
+            raw = fin.read(8)
+            if len(raw) < 8:
+                raise ValueError("truncated element header")
+            group, elem = struct.unpack("<HH", raw[:4])
+            tag = (group << 16) | elem
+            if src_implicit:
+                vr = _pixel_vr(tag, bits)
+                length = int(struct.unpack("<I", raw[4:8])[0])
+            else:
+                vr = raw[4:6]
+                if vr in _EXPLICIT_LONG_VRS:
+                    length = int(struct.unpack("<I", fin.read(4))[0])
+                else:
+                    length = int(struct.unpack("<H", raw[6:8])[0])
+            if tag not in PIXEL_TAGS or length == 0xFFFFFFFF:
+                raise ValueError(f"unexpected element ({group:04X},{elem:04X}) where pixel data was expected")
+            if target.is_implicit_VR:
+                out.write(struct.pack("<HHI", group, elem, length))
+            else:
+                out.write(struct.pack("<HH2sHI", group, elem, vr, 0, length))
+            copy_range(fin, out, length)
+            tail = read_dataset(fin, is_implicit_VR=src_implicit, is_little_endian=True,
+                                stop_when=lambda t, _vr, _len: int(t) in PIXEL_TAGS)
+            if len(tail):
+                tail.set_original_encoding(src_implicit, True)
+                write_dataset(fp, tail)
+
