@@ -13,8 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from io import BytesIO
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
@@ -235,3 +237,110 @@ def encode_part10(ds: Dataset) -> bytes:
     buf = BytesIO()
     dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
+
+
+# --- reading manifests ------------------------------------------------------------------------------
+
+
+class KosError(ValueError):
+    """Bytes that are not a usable KOS manifest (not DICOM, not a KOS, or without evidence)."""
+
+
+@dataclass(frozen=True)
+class KosSeries:
+    """One referenced series as a consumer needs it to ask for the images (RAD-69/75 or C-MOVE)."""
+
+    series_instance_uid: str
+    #: RetrieveLocationUID: the Imaging Document Source's repositoryUniqueId for RAD-69/75.
+    retrieve_location_uid: str | None
+    retrieve_ae_title: str | None
+    #: (SOP Class UID, SOP Instance UID) in manifest order, duplicates dropped.
+    instances: tuple[tuple[str, str], ...]
+
+    @property
+    def sop_instance_uids(self) -> tuple[str, ...]:
+        return tuple(uid for _, uid in self.instances)
+
+
+@dataclass(frozen=True)
+class KosManifest:
+    sop_instance_uid: str
+    study_instance_uid: str
+    patient_id: str
+    issuer_of_patient_id: str | None
+    series: tuple[KosSeries, ...]
+
+    @property
+    def instance_count(self) -> int:
+        return sum(len(s.instances) for s in self.series)
+
+
+def _str(value: object) -> str | None:
+    """A single DICOM value as text: the first of a multi-value (e.g. several AE titles), stripped."""
+    if isinstance(value, MultiValue | list | tuple):
+        value = value[0] if len(value) else None
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def parse_kos(data: bytes) -> KosManifest:
+    """The study, patient and per-series instance references of a KOS manifest (xca.md §7).
+
+    Reads what :func:`build_kos` writes and what other sources write: a Part 10 file with or
+    without preamble, several evidence items for one series (merged), RetrieveLocationUID and
+    RetrieveAETitle on the series item or, failing that, on the instance items. Only the evidence of
+    the manifest's own study is returned: that is the study an XDS-I entry stands for; a reference
+    to another study (a prior, say) is not part of this study's transfer.
+    """
+    try:
+        ds = dcmread(BytesIO(data), force=True)
+        sop_class = _str(ds.get("SOPClassUID"))
+        evidence = list(ds.get("CurrentRequestedProcedureEvidenceSequence") or ())
+        own_study = _str(ds.get("StudyInstanceUID"))
+        patient_id = _str(ds.get("PatientID")) or ""
+        issuer = _str(ds.get("IssuerOfPatientID"))
+        sop_uid = _str(ds.get("SOPInstanceUID")) or ""
+    except Exception as exc:  # pydicom raises many types on hostile input
+        raise KosError(f"not a readable DICOM object: {type(exc).__name__}: {exc}") from exc
+    if sop_class is not None and sop_class != KOS_SOP_CLASS_UID:
+        raise KosError(f"SOP Class {sop_class} is not Key Object Selection")
+    if not evidence:
+        raise KosError("manifest without Current Requested Procedure Evidence Sequence")
+    studies = {_str(item.get("StudyInstanceUID")) for item in evidence} - {None}
+    study_uid = own_study if own_study in studies else (next(iter(studies)) if len(studies) == 1 else None)
+    if study_uid is None:
+        raise KosError("no evidence for the manifest's own study")
+    merged: dict[str, tuple[str | None, str | None, dict[str, str]]] = {}
+    try:
+        for item in evidence:
+            if _str(item.get("StudyInstanceUID")) != study_uid:
+                continue
+            for series in item.get("ReferencedSeriesSequence") or ():
+                series_uid = _str(series.get("SeriesInstanceUID"))
+                if series_uid is None:
+                    raise KosError("referenced series without SeriesInstanceUID")
+                location = _str(series.get("RetrieveLocationUID"))
+                ae_title = _str(series.get("RetrieveAETitle"))
+                known_location, known_ae, instances = merged.setdefault(series_uid, (None, None, {}))
+                for sop in series.get("ReferencedSOPSequence") or ():
+                    sop_class_uid = _str(sop.get("ReferencedSOPClassUID"))
+                    instance_uid = _str(sop.get("ReferencedSOPInstanceUID"))
+                    if sop_class_uid is None or instance_uid is None:
+                        raise KosError(f"series {series_uid}: a reference without SOP Class/Instance UID")
+                    instances.setdefault(instance_uid, sop_class_uid)
+                    location = location or _str(sop.get("RetrieveLocationUID"))
+                    ae_title = ae_title or _str(sop.get("RetrieveAETitle"))
+                merged[series_uid] = (known_location or location, known_ae or ae_title, instances)
+    except KosError:
+        raise
+    except Exception as exc:
+        raise KosError(f"malformed evidence: {type(exc).__name__}: {exc}") from exc
+    series_list = tuple(
+        KosSeries(uid, location, ae, tuple((cls, inst) for inst, cls in instances.items()))
+        for uid, (location, ae, instances) in merged.items() if instances
+    )
+    if not series_list:
+        raise KosError("manifest references no instances")
+    return KosManifest(sop_uid, study_uid, patient_id, issuer, series_list)

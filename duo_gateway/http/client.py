@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ssl
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
@@ -30,6 +32,31 @@ class PeerResponse:
     headers: CIMultiDictProxy[str]
     body: bytes
     elapsed_s: float
+
+
+@dataclass(frozen=True)
+class PeerStream:
+    """An answer whose body is still on the wire: read ``content`` as far as the protocol needs.
+
+    ``content`` is aiohttp's reader (``async read(n)``); the total timeout of the call keeps running
+    while it is read.
+    """
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    content: aiohttp.StreamReader
+    started: float
+
+    async def read_bounded(self, max_bytes: int) -> bytes:
+        """The rest of the body, for answers that are small by nature (errors, faults)."""
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await self.content.read(64 * 1024):
+            size += len(chunk)
+            if size > max_bytes:
+                raise PeerCallError("too-large", f"more than {max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
 class PeerCallError(Exception):
@@ -83,6 +110,53 @@ class PeerClient:
                 data = await self._read_bounded(resp)
                 outcome = str(resp.status)
                 return PeerResponse(resp.status, resp.headers, data, time.perf_counter() - started)
+        except PeerCallError as exc:
+            outcome = exc.kind
+            raise
+        except TimeoutError as exc:
+            outcome = "timeout"
+            raise PeerCallError("timeout", f"no complete answer within {timeout_s:g} s") from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            outcome = "tls"
+            raise PeerCallError("tls", str(exc.certificate_error)) from exc
+        except aiohttp.ClientSSLError as exc:
+            outcome = "tls"
+            raise PeerCallError("tls", type(exc).__name__) from exc
+        except aiohttp.ClientConnectorError as exc:
+            outcome = "connect"
+            raise PeerCallError("connect", exc.strerror or type(exc).__name__) from exc
+        except aiohttp.ClientError as exc:
+            outcome = "protocol"
+            raise PeerCallError("protocol", type(exc).__name__) from exc
+        finally:
+            if self._metrics is not None:
+                self._metrics.observe_peer(self.peer, operation, outcome, time.perf_counter() - started)
+
+    @asynccontextmanager
+    async def stream_post(self, url: str, body: bytes, *, operation: str, timeout_s: float,
+                          content_type: str | None = None) -> AsyncIterator[PeerStream]:
+        """POST and hand over the answer as soon as its headers are in; the body is read by the caller.
+
+        For answers too big to hold (RAD-75 image batches): the caller streams ``content`` to disk.
+        ``timeout_s`` is total, connect time and body reading included, like :meth:`post`. Transport
+        failures while the caller reads the body become :class:`PeerCallError` too; the caller's own
+        exceptions pass through unchanged. The metric is observed once, when the block is left, with
+        the HTTP status as outcome only if the caller got through the body without a transport error.
+        """
+        headers = {}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        request_id = structlog.contextvars.get_contextvars().get("request_id")
+        if isinstance(request_id, str):
+            headers[REQUEST_ID_HEADER] = request_id
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            async with self._get_session().post(
+                    url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s),
+                    allow_redirects=False) as resp:
+                yield PeerStream(resp.status, resp.headers, resp.content, started)
+                outcome = str(resp.status)
         except PeerCallError as exc:
             outcome = exc.kind
             raise

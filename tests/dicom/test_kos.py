@@ -6,15 +6,20 @@ from io import BytesIO
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+from pydicom.sequence import Sequence as DicomSequence
 
 from duo_gateway.dicom.kos import (
     KOS_SOP_CLASS_UID,
     InstanceRef,
+    KosError,
     KosPatient,
+    KosSeries,
     KosStudy,
     build_kos,
     encode_part10,
     kos_sop_instance_uid,
+    parse_kos,
 )
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -117,3 +122,96 @@ def test_sop_instance_uid_is_deterministic_and_order_independent() -> None:
 def test_empty_manifest_is_refused() -> None:
     with pytest.raises(ValueError):
         build_kos([], STUDY, PATIENT)
+
+
+# --- parse_kos: what build_kos and other vendors write ---------------------------------------------
+
+
+def test_parse_kos_reads_what_build_kos_writes() -> None:
+    ds = build_kos(REFS, STUDY, PATIENT, retrieve_ae_title="PACS_AE", retrieve_location_uid="1.2.3.999")
+    manifest = parse_kos(encode_part10(ds))
+    assert (manifest.study_instance_uid, manifest.patient_id, manifest.issuer_of_patient_id) == (
+        "1.2.3.100", "999911120", "NLMINBIZA")
+    assert manifest.sop_instance_uid == str(ds.SOPInstanceUID)
+    assert manifest.instance_count == 4
+    by_uid = {s.series_instance_uid: s for s in manifest.series}
+    assert set(by_uid) == {"1.2.3.100.1", "1.2.3.100.2", "1.2.3.100.9"}
+    assert by_uid["1.2.3.100.1"] == KosSeries("1.2.3.100.1", "1.2.3.999", "PACS_AE",
+                                              ((CT, "1.2.3.100.1.1"), (CT, "1.2.3.100.1.2")))
+    assert by_uid["1.2.3.100.9"].sop_instance_uids == ("1.2.3.100.9.1",)
+
+
+def test_parse_kos_without_retrieve_information() -> None:
+    manifest = parse_kos(encode_part10(build_kos(REFS, STUDY, PATIENT)))
+    assert {(s.retrieve_location_uid, s.retrieve_ae_title) for s in manifest.series} == {(None, None)}
+
+
+def _vendor_kos() -> bytes:
+    """A manifest shaped the way other sources write them: no preamble, split and foreign evidence.
+
+    Two evidence items for the same study (the same series split over both, one instance repeated),
+    the location on the instance items instead of the series, a multi-valued AE title, and a
+    reference to a prior study that is not this manifest's.
+    """
+    def series(uid: str, sops: list[tuple[str, str]], **kw: str | list[str]) -> Dataset:
+        item = Dataset()
+        item.SeriesInstanceUID = uid
+        for key, value in kw.items():
+            setattr(item, key, value)
+        refs = []
+        for cls, inst in sops:
+            sop = Dataset()
+            sop.ReferencedSOPClassUID = cls
+            sop.ReferencedSOPInstanceUID = inst
+            sop.RetrieveLocationUID = "1.2.3.777"
+            refs.append(sop)
+        item.ReferencedSOPSequence = DicomSequence(refs)
+        return item
+
+    def study(uid: str, items: list[Dataset]) -> Dataset:
+        st = Dataset()
+        st.StudyInstanceUID = uid
+        st.ReferencedSeriesSequence = DicomSequence(items)
+        return st
+
+    ds = build_kos(REFS, STUDY, PATIENT)
+    ds.CurrentRequestedProcedureEvidenceSequence = DicomSequence([
+        study("1.2.3.100", [series("1.2.3.100.1", [(CT, "1.2.3.100.1.1")],
+                                   RetrieveAETitle=["AE_ONE", "AE_TWO"])]),
+        study("1.2.3.50", [series("1.2.3.50.1", [(CT, "1.2.3.50.1.1")])]),
+        study("1.2.3.100", [series("1.2.3.100.1", [(CT, "1.2.3.100.1.2"), (CT, "1.2.3.100.1.1")])]),
+    ])
+    del ds.file_meta  # a bare dataset: no preamble, no File Meta Information
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=False, little_endian=True, implicit_vr=True)
+    return buf.getvalue()
+
+
+def test_parse_kos_reads_other_vendors_shapes() -> None:
+    data = _vendor_kos()
+    assert data[128:132] != b"DICM"  # no preamble
+    manifest = parse_kos(data)
+    assert manifest.study_instance_uid == "1.2.3.100"
+    assert manifest.series == (KosSeries("1.2.3.100.1", "1.2.3.777", "AE_ONE",
+                                         ((CT, "1.2.3.100.1.1"), (CT, "1.2.3.100.1.2"))),)
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    (b"", "Evidence|readable"),
+    (b"\x00" * 128 + b"DICM" + b"\xff" * 40, "readable|Evidence"),
+    (b"not dicom at all, just some text", "readable|Evidence"),
+])
+def test_parse_kos_refuses_garbage(data: bytes, match: str) -> None:
+    with pytest.raises(KosError, match=match):
+        parse_kos(data)
+
+
+def test_parse_kos_refuses_other_sop_classes_and_empty_evidence() -> None:
+    ds = build_kos(REFS, STUDY, PATIENT)
+    ds.SOPClassUID = CT
+    with pytest.raises(KosError, match="not Key Object Selection"):
+        parse_kos(encode_part10(ds))
+    ds = build_kos(REFS, STUDY, PATIENT)
+    del ds.CurrentRequestedProcedureEvidenceSequence
+    with pytest.raises(KosError, match="Evidence"):
+        parse_kos(encode_part10(ds))
