@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.filewriter import write_dataset, write_file_meta_info
@@ -82,7 +83,10 @@ def read_part10_header(fp: BinaryIO,
     """
     size = fp.seek(0, os.SEEK_END)
     fp.seek(0)
-    preamble = read_preamble(fp, False)
+    try:
+        preamble = read_preamble(fp, False)
+    except InvalidDicomError:
+        preamble = None
     if preamble is None:
         raise ValueError("not a DICOM Part 10 file (no preamble/DICM prefix)")
     meta_ds = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=_not_file_meta)

@@ -1,0 +1,181 @@
+"""Import reconciliation: identity rewritten, original kept, pixel data byte-identical and never in memory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+from duo_gateway.dicom.reconcile import read_part10_header, reconcile_file
+
+BSN_OID = "2.16.840.1.113883.2.4.6.3"
+LOCAL = "HOSPB-000123"
+ISSUER = "HOSP_B"
+
+
+def sample(name: str) -> Path:
+    path = get_testdata_file(name, download=False)
+    assert path is not None, name
+    return Path(str(path))
+
+
+def pixel_bytes(path: Path) -> str:
+    """Digest of the raw bytes from the first pixel data element to the end (what must not change)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        read_part10_header(fh)
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def with_bsn(src: Path, dst: Path, bsn: str = "999911120") -> Path:
+    """A copy of ``src`` identified the way a TLB hospital sends it: BSN with the BSN OID as qualifier."""
+    ds = dcmread(src)
+    ds.PatientID = bsn
+    ds.IssuerOfPatientID = "NLMINBIZA"
+    q = Dataset()
+    q.UniversalEntityID = BSN_OID
+    q.UniversalEntityIDType = "ISO"
+    ds.IssuerOfPatientIDQualifiersSequence = Sequence([q])
+    if "OtherPatientIDsSequence" in ds:
+        del ds.OtherPatientIDsSequence
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+def write_large(path: Path, pixel_mb: int, *, implicit: bool = False) -> Path:
+    """A CT with ``pixel_mb`` MiB of native pixel data, written without holding it in memory."""
+    frames = max(1, pixel_mb * (1 << 20) // (512 * 512 * 2))
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = uid = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = uid
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "999911120"
+    ds.PatientName = "Test^Large"
+    ds.Modality = "CT"
+    ds.Rows = ds.Columns = 512
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.save_as(path, enforce_file_format=True)
+    length = frames * 512 * 512 * 2
+    chunk = bytes(range(256)) * 4096  # 1 MiB, not all zeros so a shifted copy would show
+    with open(path, "ab") as fh:
+        if implicit:
+            fh.write(struct.pack("<HHI", 0x7FE0, 0x0010, length))
+        else:
+            fh.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, length))
+        left = length
+        while left:
+            piece = chunk[: min(len(chunk), left)]
+            fh.write(piece)
+            left -= len(piece)
+    return path
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm",
+                                  "MR_small_jp2klossless.dcm", "MR_small_bigendian.dcm"])
+def test_identity_rewritten_original_kept_pixels_identical(tmp_path: Path, name: str) -> None:
+    src = with_bsn(sample(name), tmp_path / "src.dcm")
+    dst = tmp_path / "dst.dcm"
+    result = reconcile_file(src, dst, local_patient_id=LOCAL, issuer=ISSUER)
+    assert result.changed and result.kept_original
+    assert (result.original_patient_id, result.original_issuer) == ("999911120", "NLMINBIZA")
+
+    before, after = dcmread(src), dcmread(dst)
+    assert after.PatientID == LOCAL and after.IssuerOfPatientID == ISSUER
+    assert "IssuerOfPatientIDQualifiersSequence" not in after  # it qualified the BSN, not the local id
+    item = after.OtherPatientIDsSequence[-1]
+    assert (item.PatientID, item.IssuerOfPatientID) == ("999911120", "NLMINBIZA")
+    assert item.IssuerOfPatientIDQualifiersSequence[0].UniversalEntityID == BSN_OID
+    # everything after the header is the same bytes; the rest of the dataset is unchanged
+    assert pixel_bytes(dst) == pixel_bytes(src)
+    assert after.PixelData == before.PixelData
+    assert after.file_meta.TransferSyntaxUID == before.file_meta.TransferSyntaxUID
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "PatientName", "Rows", "Columns"):
+        assert after.get(keyword) == before.get(keyword)
+    # the file meta group length matches what is really there
+    meta_len = after.file_meta.FileMetaInformationGroupLength
+    with open(dst, "rb") as fh:
+        header = read_part10_header(fh)
+    assert header.body_offset == 132 + 12 + meta_len
+
+
+def test_idempotent_and_in_place(tmp_path: Path) -> None:
+    path = with_bsn(sample("CT_small.dcm"), tmp_path / "ct.dcm")
+    first = reconcile_file(path, path, local_patient_id=LOCAL, issuer=ISSUER)
+    once = path.read_bytes()
+    second = reconcile_file(path, path, local_patient_id=LOCAL, issuer=ISSUER)
+    assert first.changed and not second.changed
+    assert path.read_bytes() == once
+    ds = dcmread(path)
+    assert [i.PatientID for i in ds.OtherPatientIDsSequence].count("999911120") == 1
+    assert not list(tmp_path.glob(".reconcile-*"))  # no temp file left behind
+
+
+def test_existing_other_id_not_duplicated(tmp_path: Path) -> None:
+    src = with_bsn(sample("CT_small.dcm"), tmp_path / "src.dcm")
+    ds = dcmread(src)
+    item = Dataset()
+    item.PatientID = "999911120"
+    item.IssuerOfPatientID = "NLMINBIZA"
+    item.IssuerOfPatientIDQualifiersSequence = ds.IssuerOfPatientIDQualifiersSequence
+    ds.OtherPatientIDsSequence = Sequence([item])
+    ds.save_as(src, enforce_file_format=True)
+    result = reconcile_file(src, tmp_path / "dst.dcm", local_patient_id=LOCAL, issuer=None)
+    assert result.changed and not result.kept_original
+    out = dcmread(tmp_path / "dst.dcm")
+    assert len(out.OtherPatientIDsSequence) == 1
+    assert out.PatientID == LOCAL and "IssuerOfPatientID" not in out
+
+
+def test_deflated_falls_back_to_in_memory(tmp_path: Path) -> None:
+    src = sample("image_dfl.dcm")
+    result = reconcile_file(src, tmp_path / "dst.dcm", local_patient_id=LOCAL, issuer=ISSUER)
+    assert result.changed
+    out, before = dcmread(tmp_path / "dst.dcm"), dcmread(src)
+    assert out.PatientID == LOCAL and out.PixelData == before.PixelData
+
+
+def test_not_dicom_refused_and_nothing_written(tmp_path: Path) -> None:
+    src = tmp_path / "junk.dcm"
+    src.write_bytes(b"not dicom" * 100)
+    with pytest.raises(ValueError):
+        reconcile_file(src, tmp_path / "dst.dcm", local_patient_id=LOCAL, issuer=ISSUER)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.dcm"]
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_large_file_memory_stays_small(tmp_path: Path, implicit: bool) -> None:
+    src = write_large(tmp_path / "big.dcm", 100, implicit=implicit)
+    dst = tmp_path / "out.dcm"
+    tracemalloc.start()
+    try:
+        reconcile_file(src, dst, local_patient_id=LOCAL, issuer=ISSUER)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"reconcile 100 MiB pixel data: tracemalloc peak {peak / 1e6:.1f} MB")
+    assert peak < 10 * (1 << 20)
+    assert os.path.getsize(dst) > 100 * (1 << 20)
+    assert pixel_bytes(dst) == pixel_bytes(src)
+    header = dcmread(dst, stop_before_pixels=True)
+    assert header.PatientID == LOCAL and header.OtherPatientIDsSequence[0].PatientID == "999911120"
