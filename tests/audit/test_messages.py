@@ -29,8 +29,10 @@ from duo_gateway.audit.messages import (
     dicom_instances_transferred,
     dicom_query,
     iti38_query,
+    iti39_import,
     iti39_retrieve,
     mitz_consent_question,
+    rad75_import,
     rad75_retrieve,
     to_xml,
 )
@@ -264,3 +266,45 @@ def test_invalid_models_are_refused() -> None:
         AuditMessage(EventIdentification(code, EventAction.EXECUTE, WHEN, EventOutcome.SUCCESS), (), SOURCE)
     assert ActiveParticipant("x", True, network_access_point_id="h",
                              network_access_point_type=NetworkAccessPointType.MACHINE_NAME).user_id == "x"
+
+
+# --- DUO as Initiating Gateway importing for a transfer ----------------------------------------------
+
+
+def test_iti39_import_is_a_110107_create_with_the_documents_and_patient() -> None:
+    human = ActiveParticipant("000095254", True, alternative_user_id="00000666", user_name="01.039")
+    msg = iti39_import(initiating=LOCAL, responding=REMOTE, audit_source=SOURCE,
+                       documents=[DocumentRef("1.2.3.9", "1.9.9", "urn:oid:1.2.3.4")], patient_id=bsn_cx(BSN),
+                       outcome=EventOutcome.SERIOUS_FAILURE, outcome_description="XDSDocumentUniqueIdError",
+                       when=WHEN, extra_participants=[human])
+    root = parse(msg)
+    event = one(root, "EventIdentification")
+    assert (event.get("EventActionCode"), event.get("EventOutcomeIndicator")) == ("C", "8")
+    assert code_of(one(event, "EventID")) == ("110107", "DCM", "Import")
+    assert one(event, "EventTypeCode").get("csd-code") == "ITI-39"
+    assert one(event, "EventOutcomeDescription").text == "XDSDocumentUniqueIdError"
+    assert one(root, "ActiveParticipant[RoleIDCode/@csd-code='110153']").get("UserID") == REMOTE.user_id
+    assert one(root, "ActiveParticipant[RoleIDCode/@csd-code='110152']").get("UserID") == LOCAL.user_id
+    assert one(root, "ActiveParticipant[@UserName='01.039']").get("UserID") == "000095254"
+    doc = one(root, "ParticipantObjectIdentification[@ParticipantObjectID='1.2.3.9']")
+    assert details_of(doc) == {"Repository Unique Id": b"1.9.9", "ihe:homeCommunityID": b"urn:oid:1.2.3.4"}
+    patient = one(root, "ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='1']")
+    assert patient.get("ParticipantObjectID") == bsn_cx(BSN)
+
+
+def test_rad75_import_is_a_110104_create_with_one_study_and_its_instances() -> None:
+    docs = [DocumentRef(f"1.2.840.1.1.{i}", "1.9.9", "urn:oid:1.2.3.4") for i in (1, 2)]
+    msg = rad75_import(initiating=LOCAL, responding=REMOTE, audit_source=SOURCE, study_uid="1.2.840.1",
+                       documents=docs, patient_id=bsn_cx(BSN),
+                       sop_classes=[SopClassCount("1.2.840.10008.5.1.4.1.1.2", 2)], when=WHEN)
+    root = parse(msg)
+    event = one(root, "EventIdentification")
+    assert (event.get("EventActionCode"), event.get("EventOutcomeIndicator")) == ("C", "0")
+    assert code_of(one(event, "EventID")) == ("110104", "DCM", "DICOM Instances Transferred")
+    assert one(event, "EventTypeCode").get("csd-code") == "RAD-75"
+    study = one(root, "ParticipantObjectIdentification[ParticipantObjectIDTypeCode/@csd-code='110180']")
+    assert study.get("ParticipantObjectID") == "1.2.840.1"
+    assert attrs(one(study, "ParticipantObjectDescription/SOPClass")) == {
+        "UID": "1.2.840.10008.5.1.4.1.1.2", "NumberOfInstances": "2"}
+    ids = [o.get("ParticipantObjectID") for o in root.findall("ParticipantObjectIdentification")]
+    assert ids == ["1.2.840.1", "1.2.840.1.1.1", "1.2.840.1.1.2", bsn_cx(BSN)]
