@@ -239,17 +239,31 @@ def _external_identifier(eo: etree._Element, entry: DocumentEntry, scheme: Schem
 
 
 # --- parsing ---
+#
+# An Initiating Gateway decodes every entry of every community's answer on its event loop, so this is
+# one pass over each element's children with tag dispatch (no ElementPath ``find``, which compiles and
+# walks a path per call, nor ``iterchildren(tag)``, whose set-up costs more than the few children it
+# skips). What it reads is exactly what the path-based reading did: direct children
+# only, slots of the same name concatenated, values stripped, the first ``Name/LocalizedString``.
+
+_SLOT = rim("Slot")
+_VALUE_LIST = rim("ValueList")
+_VALUE = rim("Value")
+_NAME = rim("Name")
+_LOCALIZED_STRING = rim("LocalizedString")
+_CLASSIFICATION = rim("Classification")
+_EXTERNAL_IDENTIFIER = rim("ExternalIdentifier")
+_VERSION_INFO = rim("VersionInfo")
 
 
-def _slots(el: etree._Element) -> dict[str, list[str]]:
-    """Every slot directly under ``el``, read once: an entry is asked for a dozen slots, and scanning
-    all slots for each name was most of the time an Initiating Gateway spent decoding answers."""
-    out: dict[str, list[str]] = {}
-    value_path = f"{rim('ValueList')}/{rim('Value')}"
-    for slot in el.iterfind(rim("Slot")):
-        out.setdefault(slot.get("name") or "", []).extend(
-            (v.text or "").strip() for v in slot.iterfind(value_path))
-    return out
+def _slot_into(slot: etree._Element, out: dict[str, list[str]]) -> None:
+    """Add one ``rim:Slot``'s values (``ValueList/Value`` texts, stripped) under its name."""
+    values = out.setdefault(slot.get("name") or "", [])
+    for value_list in slot:  # plain iteration with a tag test: cheaper than iterchildren(tag) here
+        if value_list.tag == _VALUE_LIST:
+            for value in value_list:
+                if value.tag == _VALUE:
+                    values.append((value.text or "").strip())
 
 
 def _first(slots: dict[str, list[str]], name: str) -> str | None:
@@ -257,9 +271,13 @@ def _first(slots: dict[str, list[str]], name: str) -> str | None:
     return values[0] if values and values[0] else None
 
 
-def _name(el: etree._Element) -> str | None:
-    ls = el.find(f"{rim('Name')}/{rim('LocalizedString')}")
-    return ls.get("value") if ls is not None else None
+def _localized(name: etree._Element) -> tuple[bool, str | None]:
+    """(found, ``value``) of the first LocalizedString of one ``rim:Name``. Not found: the next Name
+    is looked at, as the path ``Name/LocalizedString`` would."""
+    for ls in name:
+        if ls.tag == _LOCALIZED_STRING:
+            return True, ls.get("value")
+    return False, None
 
 
 def _lenient_home(value: str | None) -> str | None:
@@ -277,44 +295,65 @@ _MODELLED_SLOTS = frozenset({
 })
 
 
+def _read_classification(cl: etree._Element, codes: dict[str, list[Code]], authors: list[Author]) -> None:
+    """One ``rim:Classification``: an author, or a code under its scheme."""
+    scheme = cl.get("classificationScheme") or ""
+    slots: dict[str, list[str]] = {}
+    display: str | None = None
+    named = False
+    for child in cl:
+        tag = child.tag
+        if tag == _SLOT:
+            _slot_into(child, slots)
+        elif tag == _NAME and not named:
+            named, display = _localized(child)
+    if scheme == Scheme.AUTHOR:
+        authors.append(Author(
+            institutions=tuple(Xon.parse(v) for v in slots.get("authorInstitution", []) if v),
+            person=_first(slots, "authorPerson"),
+            roles=tuple(slots.get("authorRole", [])),
+            specialties=tuple(slots.get("authorSpecialty", [])),
+        ))
+        return
+    codes.setdefault(scheme, []).append(
+        Code(cl.get("nodeRepresentation") or "", _first(slots, "codingScheme") or "", display))
+
+
 def parse_extrinsic_object(eo: etree._Element) -> DocumentEntry:
     """Lenient: an entry missing optional metadata is still an entry; only the ids are required."""
-    entry_uuid = eo.get("id") or ""
     codes: dict[str, list[Code]] = {}
     authors: list[Author] = []
-    for cl in eo.iterfind(rim("Classification")):
-        scheme = cl.get("classificationScheme") or ""
-        cl_slots = _slots(cl)
-        if scheme == Scheme.AUTHOR:
-            authors.append(Author(
-                institutions=tuple(Xon.parse(v) for v in cl_slots.get("authorInstitution", []) if v),
-                person=_first(cl_slots, "authorPerson"),
-                roles=tuple(cl_slots.get("authorRole", [])),
-                specialties=tuple(cl_slots.get("authorSpecialty", [])),
-            ))
-            continue
-        node = cl.get("nodeRepresentation") or ""
-        coding_scheme = _first(cl_slots, "codingScheme") or ""
-        codes.setdefault(scheme, []).append(Code(node, coding_scheme, _name(cl)))
     idents: dict[str, str] = {}
-    for ei in eo.iterfind(rim("ExternalIdentifier")):
-        idents[ei.get("identificationScheme") or ""] = (ei.get("value") or "").strip()
-    slots = _slots(eo)
+    slots: dict[str, list[str]] = {}
+    title: str | None = None
+    named = False
+    version: str | None = None
+    for child in eo:
+        tag = child.tag
+        if tag == _CLASSIFICATION:
+            _read_classification(child, codes, authors)
+        elif tag == _SLOT:
+            _slot_into(child, slots)
+        elif tag == _EXTERNAL_IDENTIFIER:
+            idents[child.get("identificationScheme") or ""] = (child.get("value") or "").strip()
+        elif tag == _NAME and not named:
+            named, title = _localized(child)
+        elif tag == _VERSION_INFO and version is None:
+            version = child.get("versionName", "1")
     size_text = _first(slots, "size")
-    version = eo.find(rim("VersionInfo"))
 
     def one(scheme: Scheme) -> Code | None:
         values = codes.get(scheme)
         return values[0] if values else None
 
     return DocumentEntry(
-        entry_uuid=entry_uuid,
+        entry_uuid=eo.get("id") or "",
         unique_id=idents.get(Scheme.UNIQUE_ID, ""),
         patient_id=idents.get(Scheme.PATIENT_ID, ""),
         mime_type=eo.get("mimeType") or "application/octet-stream",
         repository_unique_id=_first(slots, "repositoryUniqueId"),
         home=_lenient_home(eo.get("home")),
-        title=_name(eo),
+        title=title,
         status=eo.get("status") or EntryStatus.APPROVED,
         object_type=eo.get("objectType") or EntryType.STABLE,
         format_code=one(Scheme.FORMAT_CODE),
@@ -333,7 +372,7 @@ def parse_extrinsic_object(eo: etree._Element) -> DocumentEntry:
         size=int(size_text) if size_text and size_text.isdigit() else None,
         hash=_first(slots, "hash"),
         source_patient_id=_first(slots, "sourcePatientId"),
-        version=version.get("versionName", "1") if version is not None else "1",
+        version=version if version is not None else "1",
         extra_slots=tuple((name, tuple(values)) for name, values in slots.items()
                           if name not in _MODELLED_SLOTS),
     )
