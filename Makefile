@@ -32,6 +32,7 @@ system-deps:
 	command -v storescp >/dev/null || missing="$$missing dcmtk"; \
 	command -v xmlsec1 >/dev/null || missing="$$missing xmlsec1"; \
 	{ command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null || missing="$$missing orthanc"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \

@@ -265,8 +265,8 @@ async def test_mark_stored_counts_once_and_failures_can_recover(store: TransferS
     await store.mark_failed(job.id, "duo-a", 0, uid2, "timeout again")
     assert await store.mark_stored(job.id, "duo-a", 0, uid2, 700) is True
 
-    rows = {r.sop_instance_uid: (r.state, r.attempts, r.bytes, r.error) for r in await store.instances(job.id)
-            }
+    rows = {r.sop_instance_uid: (r.state, r.attempts, r.bytes, r.error)
+            for r in await store.instances(job.id)}
     assert rows == {uid1: ("stored", 1, 500, None), uid2: ("stored", 3, 700, None)}
     fresh = await store.get(job.id)
     assert fresh is not None
