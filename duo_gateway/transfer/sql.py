@@ -8,6 +8,7 @@ the difference this small is what lets one set of tests vouch for both.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -188,7 +189,12 @@ class SqliteBackend(Backend):
         self._lock = threading.Lock()
 
     def open(self) -> None:
+        if self._conn is not None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Jobs name patients and requesters: owner-only, like the spool. SQLite gives the -wal and
+        # -shm files the database file's mode, so creating the file first is enough.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                timeout=self._busy_timeout_ms / 1000)
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")

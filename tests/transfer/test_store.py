@@ -399,3 +399,50 @@ def test_expected_total_ignores_studies_that_ended_without_a_manifest() -> None:
     assert job.instances_expected == 3
     waiting = Job(**{**job.__dict__, "studies": (*job.studies, study(2, "running", None))})
     assert waiting.instances_expected is None
+
+
+async def test_parallel_writes_to_one_job_are_all_counted(store: TransferStore) -> None:
+    """Several associations of one worker report at once; the job row lock keeps every count right."""
+    job = await store.create(new_job("s1"))
+    await claimed(store)
+    await store.add_expected(job.id, "duo-a", 0, [instance(n) for n in range(24)])
+    start = await store.revision(job.id)
+    outcomes = await asyncio.gather(
+        *(store.mark_stored(job.id, "duo-a", 0, instance(n % 16).sop_instance_uid, 10) for n in range(32)),
+        *(store.mark_failed(job.id, "duo-a", 0, instance(n).sop_instance_uid, "refused")
+          for n in range(16, 24)))
+    assert outcomes[:32].count(True) == 16
+    fresh = await store.get(job.id)
+    assert fresh is not None and start is not None
+    assert (fresh.instances_stored, fresh.instances_failed, fresh.bytes) == (16, 8, 160)
+    assert fresh.revision == start + 16 + 8
+
+
+async def test_postgres_claim_skips_a_row_another_replica_is_locking(postgres_server: Postgres) -> None:
+    import psycopg
+
+    url = postgres_server.create_database("skip")
+    store = TransferStore.open(url, Path("/nonexistent"))
+    await store.start()
+    try:
+        first = await store.create(new_job("s1"))
+        second = await store.create(new_job("s2"))
+        with psycopg.connect(url) as other:  # a replica in the middle of claiming the oldest job
+            other.execute("SELECT id FROM transfer_jobs WHERE id = %s FOR UPDATE", (first.id,))
+            got = await asyncio.wait_for(store.claim("duo-a", 30), timeout=5)
+            assert got is not None and got.id == second.id
+            other.rollback()
+        assert (await claimed(store, "duo-b")).id == first.id
+    finally:
+        await store.close()
+
+
+async def test_the_sqlite_file_is_private(tmp_path: Path) -> None:
+    store = TransferStore.open(None, tmp_path / "var")
+    await store.start()
+    try:
+        await store.create(new_job())
+        assert (tmp_path / "var" / "transfers.sqlite").stat().st_mode & 0o077 == 0
+        assert (tmp_path / "var" / "transfers.sqlite-wal").stat().st_mode & 0o077 == 0
+    finally:
+        await store.close()
