@@ -1,0 +1,662 @@
+"""DUO as XCA(-I) Initiating Gateway for a transfer: ITI-39 for the KOS, RAD-75 for the images.
+
+A transfer of a study found in a community reads the study's KOS manifest (:meth:`retrieve_document`),
+parses it (:func:`duo_gateway.dicom.kos.parse_kos`) and asks for the images per series batch
+(:meth:`retrieve_images`); the caller C-STOREs each instance and deletes its file. The choices that
+matter, and why:
+
+- **Memory does not grow with the study.** A RAD-75 answer is read with
+  :class:`duo_gateway.soap.mtom_stream.MtomStream`: each MTOM part goes to its own spool file as it
+  arrives and is handed to the caller as soon as it is complete, while the rest is still on the wire.
+  A background task reads the answer, so a slow C-STORE downstream never stalls the HTTP exchange
+  into the deadline, and disk use is bounded by one batch.
+- **Per-instance outcomes.** The source's consent decision and repository trouble show up as a
+  registry Failure or PartialSuccess: every requested instance that did not arrive becomes a
+  :class:`PartFailure` naming the source's reason, so the transfer can report and retry per image.
+  Only when nothing usable came (SOAP Fault, HTTP error, timeout, garbage) does the call raise
+  :class:`RetrieveFailed`; once images were handed over, a later breakdown fails the rest per instance.
+- **Never unsigned, a fresh XUA assertion per request** with ``subject_bsn``: the responding side
+  asks Mitz with it (xca.md §11). SHA-1 only where the community's config says so.
+- **Retries only where repeating can help**, as for ITI-38 (:mod:`.client`): a refused or lost
+  connection and HTTP 502/503/504, within the caller's absolute deadline, and for RAD-75 only before
+  any image was handed over (a retry would deliver them twice).
+- **Every request that went out is audited** as an Import (ITI-39 110107, RAD-75 110104), one record
+  per outcome (CP-ITI-493): the BSN was disclosed and the data now lives on DUO's side.
+- **Logs never carry the BSN**; text a peer wrote has it masked in every ``detail``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+import structlog
+from lxml import etree
+
+from duo_gateway.audit.auditor import Auditor
+from duo_gateway.audit.messages import (
+    ActiveParticipant,
+    DocumentRef,
+    EventOutcome,
+    Peer,
+    iti39_import,
+    rad75_import,
+)
+from duo_gateway.bsn import bsn_cx, is_valid_bsn
+from duo_gateway.config.peers import XcaCommunity
+from duo_gateway.config.xua import XuaConfig
+from duo_gateway.http.client import PeerCallError, PeerClient
+from duo_gateway.observability.metrics import Metrics
+from duo_gateway.soap.envelope import (
+    SOAP12_CONTENT_TYPE,
+    WSA_ANONYMOUS,
+    Addressing,
+    Envelope,
+    EnvelopeError,
+    SoapFault,
+    build_envelope,
+    new_message_id,
+    parse_envelope,
+    serialize,
+)
+from duo_gateway.soap.mtom import XOP_NS, MtomError, normalise_cid, parse_mtom
+from duo_gateway.soap.mtom_stream import MtomStream, remove_quietly
+from duo_gateway.soap.xml import XmlError
+from duo_gateway.xca.codes import MIME_DICOM, RS_NS, Action, ErrorCode, ResponseStatus
+from duo_gateway.xca.errors import RegistryError, parse_error_list, parse_status
+from duo_gateway.xca.initiating.client import SigningPair
+from duo_gateway.xca.retrieve import (
+    DocumentRequest,
+    RetrieveDocumentSetRequest,
+    RetrieveImagingDocumentSetRequest,
+    SeriesRequest,
+    StudyRequest,
+    build_imaging_retrieve_request,
+    build_retrieve_request,
+    parse_retrieve_response,
+    xdsb,
+)
+from duo_gateway.xua import Claims, issue_assertion, security_header
+
+log = structlog.get_logger(__name__)
+
+RetrieveKind = Literal["timeout", "unavailable", "error"]
+
+#: A KOS or a report; anything bigger from ITI-39 is a misbehaving peer.
+MAX_DOCUMENT_BYTES: Final = 64 * 1024 * 1024
+#: One image: an enhanced multi-frame CT can be a few hundred MiB.
+MAX_IMAGE_BYTES: Final = 1024 * 1024 * 1024
+#: The SOAP envelope of a RAD-75 answer without its parts (inline base64 answers included).
+MAX_ENVELOPE_BYTES: Final = 64 * 1024 * 1024
+MIN_ATTEMPT_S: Final = 0.1
+_TRANSIENT_HTTP: Final = frozenset({502, 503, 504})
+#: Registry errors that say "not now" rather than "no": worth another try later.
+_TRANSIENT_CODES: Final = frozenset({
+    ErrorCode.REGISTRY_BUSY, ErrorCode.REPOSITORY_BUSY, ErrorCode.REGISTRY_OUT_OF_RESOURCES,
+    ErrorCode.REGISTRY_NOT_AVAILABLE, ErrorCode.UNAVAILABLE_COMMUNITY,
+})
+_MASK: Final = "[patient]"
+_UID_TOKEN: Final = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+
+
+class RetrieveFailed(Exception):
+    """The whole call failed: nothing usable came from the community.
+
+    ``kind`` follows ITI-38's community statuses; ``retryable`` says whether asking again later can
+    help (a timeout, an unavailable community, a busy repository), ``errors`` are the registry
+    errors the community gave, if any.
+    """
+
+    def __init__(self, kind: RetrieveKind, detail: str, *, retryable: bool = False,
+                 errors: tuple[RegistryError, ...] = ()) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind: RetrieveKind = kind
+        self.detail = detail
+        self.retryable = retryable
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class RetrievedPart:
+    """One instance, complete in a spool file; the consumer deletes ``path``."""
+
+    sop_instance_uid: str
+    path: Path
+    size: int
+    mime_type: str
+
+
+@dataclass(frozen=True)
+class PartFailure:
+    """An instance the source did not deliver, with its reason (registry error or absence)."""
+
+    sop_instance_uid: str
+    detail: str
+    retryable: bool
+
+
+@dataclass
+class _Attempt:
+    """Mutable state of one RAD-75 call, shared by the reading task and the generator."""
+
+    sent: bool = False
+    pushed: set[str] = field(default_factory=set)
+    failed: RetrieveFailed | None = None
+    failures: list[PartFailure] = field(default_factory=list)
+    errors: tuple[RegistryError, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Done:
+    pass
+
+
+class CommunityRetriever:
+    """ITI-39 and RAD-75 towards one community for transfers; lives as long as the daemon.
+
+    ``spool_dir`` holds the images between arrival and the consumer's C-STORE; it is created if
+    missing. The semaphore (``max_concurrency``) is separate from the query client's, so transfers
+    cannot starve timelines of connections or the other way round.
+    """
+
+    def __init__(self, community: XcaCommunity, *, home_community_id: str, xua: XuaConfig,
+                 signing: SigningPair | None, metrics: Metrics | None, auditor: Auditor | None,
+                 identity: Peer, spool_dir: Path) -> None:
+        self.community = community
+        self._home = home_community_id
+        self._issuer = xua.issuer or home_community_id
+        self._signing = signing
+        self._auditor = auditor
+        self._identity = identity
+        self._spool = spool_dir
+        self._spool.mkdir(parents=True, exist_ok=True)
+        # Inline base64 grows the body by 4/3: the limit is on the decoded document.
+        self._http = PeerClient(f"xca:{community.home_community_id}", community.tls, metrics,
+                                max_body_bytes=MAX_DOCUMENT_BYTES * 4 // 3 + 1024 * 1024,
+                                pool_size=community.max_concurrency)
+        self._slots = asyncio.Semaphore(community.max_concurrency)
+
+    async def close(self) -> None:
+        await self._http.close()
+
+    # -- ITI-39 ---------------------------------------------------------------------------------
+
+    async def retrieve_document(self, claims: Claims, bsn: str, *, home_community_id: str,
+                                repository_unique_id: str, document_unique_id: str,
+                                deadline_s: float) -> bytes:
+        """One document (the KOS, a report) by ITI-39; raises :class:`RetrieveFailed`."""
+        if not is_valid_bsn(bsn):
+            raise ValueError("bsn is not a valid BSN")
+        self._require_signing()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        request = RetrieveDocumentSetRequest(
+            (DocumentRequest(repository_unique_id, document_unique_id, home_community_id),))
+        doc = DocumentRef(document_unique_id, repository_unique_id, home_community_id)
+        attempts = 0
+        while True:
+            sent = False
+            try:
+                async with self._slot(deadline):
+                    budget = min(self.community.timeout_s, deadline - loop.time())
+                    if budget <= 0:
+                        raise RetrieveFailed("timeout", "the deadline passed before the community was asked",
+                                             retryable=True)
+                    message_id = new_message_id()
+                    payload = await asyncio.to_thread(self._envelope, claims, bsn, Action.ITI39,
+                                                      str(self.community.iti39),
+                                                      build_retrieve_request(request), message_id)
+                    sent = True
+                    attempts += 1
+                    try:
+                        answer = await self._http.post(str(self.community.iti39), payload, operation="iti39",
+                                                       timeout_s=budget, content_type=_ctype(Action.ITI39))
+                    except PeerCallError as exc:
+                        raise _call_failure(exc, self.community.timeout_s,
+                                            cut=budget < self.community.timeout_s) from exc
+                    except asyncio.CancelledError:
+                        self._audit_iti39(claims, bsn, doc,
+                                          RetrieveFailed("timeout", "cancelled by the caller"))
+                        raise
+                    if answer.status in _TRANSIENT_HTTP:
+                        raise RetrieveFailed("unavailable", f"HTTP {answer.status}", retryable=True)
+                    data = await asyncio.to_thread(self._interpret_iti39, answer.status,
+                                                   answer.headers.get("Content-Type", ""), answer.body,
+                                                   message_id, document_unique_id)
+            except RetrieveFailed as failed:
+                failed = _masked(failed, bsn)
+                if sent:
+                    self._audit_iti39(claims, bsn, doc, failed)
+                if (not failed.retryable or not sent or attempts > self.community.retries
+                        or failed.kind == "error" or deadline - loop.time() < MIN_ATTEMPT_S):
+                    log.info("xca retrieve document", community=self.community.home_community_id,
+                             status=failed.kind, detail=failed.detail, attempts=attempts)
+                    raise failed from None
+                backoff = min(self.community.retry_backoff_s * 2 ** (attempts - 1),
+                              max(0.0, deadline - loop.time() - MIN_ATTEMPT_S))
+                log.info("xca retrieve document retry", community=self.community.home_community_id,
+                         attempt=attempts, after=failed.kind, backoff_ms=round(backoff * 1000))
+                await asyncio.sleep(backoff)
+                continue
+            self._audit_iti39(claims, bsn, doc, None)
+            log.info("xca retrieve document", community=self.community.home_community_id, status="ok",
+                     size=len(data), attempts=attempts)
+            return data
+
+    def _interpret_iti39(self, status: int, content_type: str, body: bytes, message_id: str,
+                         document_unique_id: str) -> bytes:
+        try:
+            root, parts = parse_mtom(content_type, body, MAX_DOCUMENT_BYTES)
+            envelope = parse_envelope(root)
+        except SoapFault as fault:
+            raise _fault_failure(fault) from None
+        except (XmlError, EnvelopeError, ValueError) as exc:
+            raise RetrieveFailed("error", f"HTTP {status} without a SOAP answer" if status != 200
+                                 else f"malformed answer: {exc}") from None
+        response_el = _check_envelope(envelope, status, Action.ITI39_RESPONSE, message_id)
+        try:
+            response = parse_retrieve_response(response_el, parts, max_document_bytes=MAX_DOCUMENT_BYTES)
+        except ValueError as exc:
+            raise RetrieveFailed("error", f"malformed answer: {exc}") from None
+        for doc in response.documents:
+            if doc.document_unique_id == document_unique_id and isinstance(doc.data, bytes):
+                return doc.data
+        listed = _listed(response.errors)
+        raise RetrieveFailed(
+            "error", f"registry {response.status.rsplit(':', 1)[-1]} without the document"
+            + (f": {listed}" if listed else ""),
+            retryable=_transient(response.errors), errors=response.errors)
+
+    # -- RAD-75 ---------------------------------------------------------------------------------
+
+    async def retrieve_images(self, claims: Claims, bsn: str, *, home_community_id: str, study_uid: str,
+                              series_uid: str, repository_unique_id: str, sop_instance_uids: Sequence[str],
+                              transfer_syntaxes: Sequence[str],
+                              deadline_s: float) -> AsyncIterator[RetrievedPart | PartFailure]:
+        """One RAD-75 request for these instances of one series; see the module docstring.
+
+        Yields each :class:`RetrievedPart` once it is complete on disk, then a :class:`PartFailure` for
+        every requested UID not delivered. Use ``contextlib.aclosing`` (or exhaust it): closing early
+        stops the download and deletes every spool file not yet handed over.
+        """
+        if self.community.rad75 is None:
+            raise RetrieveFailed("error", "community has no RAD-75 endpoint")
+        if not is_valid_bsn(bsn):
+            raise ValueError("bsn is not a valid BSN")
+        wanted = list(dict.fromkeys(sop_instance_uids))
+        if not wanted or not transfer_syntaxes:
+            raise ValueError("RAD-75 needs at least one SOP Instance UID and one transfer syntax")
+        self._require_signing()
+        request = RetrieveImagingDocumentSetRequest(
+            (StudyRequest(study_uid, (SeriesRequest(series_uid, tuple(
+                DocumentRequest(repository_unique_id, uid, home_community_id) for uid in wanted)),)),),
+            tuple(transfer_syntaxes))
+        body_el = build_imaging_retrieve_request(request)
+        deadline = asyncio.get_running_loop().time() + deadline_s
+        queue: asyncio.Queue[RetrievedPart | _Done] = asyncio.Queue()
+        state = _Attempt()
+        task = asyncio.create_task(self._rad75_exchange(claims, bsn, body_el, wanted, deadline, queue, state))
+        delivered: list[str] = []
+        ended = "stopped by the caller"
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Done):
+                    break
+                delivered.append(item.sop_instance_uid)
+                yield item
+            await task  # done already; surfaces a bug in the reader rather than hiding it
+            if state.failed is not None and not delivered:
+                ended = state.failed.detail
+                raise state.failed
+            ended = ""
+            for failure in state.failures:
+                yield failure
+        finally:
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            while not queue.empty():
+                leftover = queue.get_nowait()
+                if isinstance(leftover, RetrievedPart):
+                    await remove_quietly(leftover.path)
+            if state.sent:
+                self._audit_rad75(claims, bsn, study_uid, repository_unique_id, home_community_id,
+                                  delivered, wanted, state, ended)
+            log.info("xca retrieve images", community=self.community.home_community_id,
+                     requested=len(wanted), delivered=len(delivered),
+                     failed=len(wanted) - len(delivered),
+                     status=state.failed.kind if state.failed and not delivered else "ok" if not ended
+                     else "stopped", errors=[e.error_code for e in state.errors])
+
+    async def _rad75_exchange(self, claims: Claims, bsn: str, body_el: etree._Element, wanted: list[str],
+                              deadline: float, queue: asyncio.Queue[RetrievedPart | _Done],
+                              state: _Attempt) -> None:
+        """The reading task: attempts with retries, parts into ``queue``, the verdict into ``state``."""
+        loop = asyncio.get_running_loop()
+        attempts = 0
+        try:
+            while True:
+                attempts += 1
+                try:
+                    await self._rad75_attempt(claims, bsn, body_el, wanted, deadline, queue, state)
+                    return
+                except RetrieveFailed as failed:
+                    failed = _masked(failed, bsn)
+                    if (state.pushed or not failed.retryable or failed.kind == "timeout"
+                            or attempts > self.community.retries or deadline - loop.time() < MIN_ATTEMPT_S):
+                        self._fail_rest(state, failed, wanted)
+                        return
+                    backoff = min(self.community.retry_backoff_s * 2 ** (attempts - 1),
+                                  max(0.0, deadline - loop.time() - MIN_ATTEMPT_S))
+                    log.info("xca retrieve images retry", community=self.community.home_community_id,
+                             attempt=attempts, after=failed.kind, backoff_ms=round(backoff * 1000))
+                    await asyncio.sleep(backoff)
+        finally:
+            queue.put_nowait(_Done())
+
+    def _fail_rest(self, state: _Attempt, failed: RetrieveFailed, wanted: list[str]) -> None:
+        state.failed = failed
+        state.errors = failed.errors or state.errors
+        # Used once parts were handed over: then the rest fails per instance instead of the call.
+        answered = state.pushed | {f.sop_instance_uid for f in state.failures}
+        state.failures.extend(PartFailure(uid, f"{failed.kind}: {failed.detail}", failed.retryable)
+                              for uid in wanted if uid not in answered)
+
+    async def _rad75_attempt(self, claims: Claims, bsn: str, body_el: etree._Element, wanted: list[str],
+                             deadline: float, queue: asyncio.Queue[RetrievedPart | _Done],
+                             state: _Attempt) -> None:
+        loop = asyncio.get_running_loop()
+        url = str(self.community.rad75)
+        state.failures.clear()  # a retry only happens before anything was handed over
+        async with self._slot(deadline):
+            budget = deadline - loop.time()
+            if budget <= 0:
+                raise RetrieveFailed("timeout", "the deadline passed before the community was asked",
+                                     retryable=True)
+            message_id = new_message_id()
+            payload = await asyncio.to_thread(self._envelope, claims, bsn, Action.RAD75, url, body_el,
+                                              message_id)
+            state.sent = True
+            try:
+                async with self._http.stream_post(url, payload, operation="rad75", timeout_s=budget,
+                                                  content_type=_ctype(Action.RAD75)) as resp:
+                    if resp.status in _TRANSIENT_HTTP:
+                        raise RetrieveFailed("unavailable", f"HTTP {resp.status}", retryable=True)
+                    stream = MtomStream(resp.headers.get("Content-Type", ""), resp.content, self._spool,
+                                        max_part_bytes=MAX_IMAGE_BYTES, max_xml_bytes=MAX_ENVELOPE_BYTES)
+                    async with stream:
+                        await self._read_answer(stream, resp.status, message_id, wanted, queue, state)
+            except MtomError as exc:
+                raise RetrieveFailed("error", f"malformed answer: {exc}") from None
+            except PeerCallError as exc:
+                raise _call_failure(exc, budget, cut=True) from exc
+
+    async def _read_answer(self, stream: MtomStream, http_status: int, message_id: str, wanted: list[str],
+                           queue: asyncio.Queue[RetrievedPart | _Done], state: _Attempt) -> None:
+        """Check the envelope, then hand over each requested instance as its part completes."""
+        try:
+            envelope = parse_envelope(await stream.envelope())
+        except SoapFault as fault:
+            raise _fault_failure(fault) from None
+        except (XmlError, EnvelopeError) as exc:
+            raise RetrieveFailed("error", f"HTTP {http_status} without a SOAP answer" if http_status != 200
+                                 else f"malformed answer: {exc}") from None
+        response_el = _check_envelope(envelope, http_status, Action.RAD75_RESPONSE, message_id)
+        status, errors, by_cid, inline = _index_response(response_el, set(wanted))
+        state.errors = errors
+        for uid, mime, data in inline:
+            await self._push_inline(uid, mime, data, queue, state.pushed)
+        async for part in stream.parts():
+            target = by_cid.pop(part.content_id, None)
+            if target is None or target[0] in state.pushed:
+                await remove_quietly(part.path)
+                continue
+            uid, mime = target
+            if mime == MIME_DICOM and not await asyncio.to_thread(_is_part10, part.path):
+                await remove_quietly(part.path)
+                state.failures.append(PartFailure(
+                    uid, "the source sent something that is not a DICOM Part 10 file", False))
+                continue
+            state.pushed.add(uid)
+            queue.put_nowait(RetrievedPart(uid, part.path, part.size, mime))
+        state.failures.extend(_absent(wanted, state.pushed, {f.sop_instance_uid for f in state.failures},
+                                      status, errors, set(by_cid.values())))
+
+    async def _push_inline(self, uid: str, mime: str, data: bytes,
+                           queue: asyncio.Queue[RetrievedPart | _Done], pushed: set[str]) -> None:
+        """A document sent as inline base64 (plain SOAP answers): spooled like an MTOM part."""
+        path = self._spool / f"inline-{uuid.uuid4().hex}.part"
+        await asyncio.to_thread(path.write_bytes, data)
+        pushed.add(uid)
+        queue.put_nowait(RetrievedPart(uid, path, len(data), mime))
+
+    # -- shared ---------------------------------------------------------------------------------
+
+    def _require_signing(self) -> None:
+        if self._signing is None:
+            raise RetrieveFailed("error", "DUO has no XUA signing key and certificate "
+                                 "(xua.signing_key_file): the community was not asked, since an unsigned "
+                                 "request must not be sent")
+
+    def _slot(self, deadline: float) -> _Slot:
+        return _Slot(self._slots, deadline, self.community.max_concurrency)
+
+    def _envelope(self, claims: Claims, bsn: str, action: str, url: str, body: etree._Element,
+                  message_id: str) -> bytes:
+        """A fresh assertion per request, so no token outlives the request it was made for."""
+        assert self._signing is not None
+        key, cert = self._signing
+        now = datetime.now(UTC)
+        try:
+            assertion = issue_assertion(claims, issuer=self._issuer,
+                                        audience=self.community.home_community_id, key=key, cert=cert,
+                                        now=now, digest=self.community.signature_algorithm, subject_bsn=bsn)
+        except ValueError as exc:
+            raise RetrieveFailed("error", f"could not issue the XUA assertion: {exc}") from None
+        envelope = build_envelope(
+            Addressing(action=action, message_id=message_id, to=url, reply_to=WSA_ANONYMOUS), body,
+            [security_header(assertion, now)])
+        return serialize(envelope)
+
+    # -- audit ----------------------------------------------------------------------------------
+
+    def _human(self, claims: Claims) -> ActiveParticipant:
+        return ActiveParticipant(user_id=claims.uzi, user_is_requestor=True, alternative_user_id=claims.ura,
+                                 user_name=claims.role)
+
+    def _peer(self, url: str) -> Peer:
+        return Peer(user_id=url, host=urlsplit(url).hostname)
+
+    def _audit_iti39(self, claims: Claims, bsn: str, doc: DocumentRef, failed: RetrieveFailed | None) -> None:
+        if self._auditor is None:
+            return
+        self._auditor.record(iti39_import(
+            initiating=self._identity, responding=self._peer(str(self.community.iti39)),
+            audit_source=self._auditor.audit_source, documents=(doc,), patient_id=bsn_cx(bsn),
+            outcome=EventOutcome.SUCCESS if failed is None else EventOutcome.SERIOUS_FAILURE,
+            outcome_description=None if failed is None else f"{failed.kind}: {failed.detail}"[:1024],
+            when=datetime.now(UTC), extra_participants=(self._human(claims),)))
+
+    def _audit_rad75(self, claims: Claims, bsn: str, study_uid: str, repository_unique_id: str, home: str,
+                     delivered: list[str], wanted: list[str], state: _Attempt, ended: str) -> None:
+        if self._auditor is None:
+            return
+        peer = self._peer(str(self.community.rad75))
+
+        def record(uids: Sequence[str], outcome: EventOutcome, description: str | None) -> None:
+            assert self._auditor is not None
+            self._auditor.record(rad75_import(
+                initiating=self._identity, responding=peer, audit_source=self._auditor.audit_source,
+                study_uid=study_uid, documents=[DocumentRef(u, repository_unique_id, home) for u in uids],
+                patient_id=bsn_cx(bsn), outcome=outcome,
+                outcome_description=None if description is None else description[:1024],
+                when=datetime.now(UTC), extra_participants=(self._human(claims),)))
+
+        if delivered:
+            record(delivered, EventOutcome.SUCCESS, None)
+        got = set(delivered)
+        missing = [u for u in wanted if u not in got]
+        if missing:
+            reasons = {f.sop_instance_uid: f.detail for f in state.failures}
+            detail = ended or "; ".join(dict.fromkeys(reasons.get(u, "not delivered") for u in missing))
+            record(missing, EventOutcome.MINOR_FAILURE if delivered else EventOutcome.SERIOUS_FAILURE, detail)
+
+
+class _Slot:
+    """One of the community's connection slots, waited for no longer than the caller's deadline."""
+
+    def __init__(self, sem: asyncio.Semaphore, deadline: float, size: int) -> None:
+        self._sem = sem
+        self._deadline = deadline
+        self._size = size
+
+    async def __aenter__(self) -> None:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                await self._sem.acquire()
+        except TimeoutError:
+            raise RetrieveFailed("timeout", f"all {self._size} connections to the community stayed busy "
+                                 "until the deadline", retryable=True) from None
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._sem.release()
+
+
+# --- interpretation --------------------------------------------------------------------------------
+
+
+def _ctype(action: str) -> str:
+    return f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{action}"'
+
+
+def _listed(errors: Sequence[RegistryError]) -> str:
+    return "; ".join(f"{e.error_code}: {e.code_context}" for e in errors)
+
+
+def _transient(errors: Sequence[RegistryError]) -> bool:
+    return any(e.error_code in _TRANSIENT_CODES for e in errors if e.is_error)
+
+
+def _masked(failed: RetrieveFailed, bsn: str) -> RetrieveFailed:
+    if bsn not in failed.detail:
+        return failed
+    return RetrieveFailed(failed.kind, failed.detail.replace(bsn, _MASK), retryable=failed.retryable,
+                          errors=failed.errors)
+
+
+def _fault_failure(fault: SoapFault) -> RetrieveFailed:
+    subcode = f" ({fault.subcode[1]})" if fault.subcode else ""
+    return RetrieveFailed("error", f"SOAP fault {fault.code}{subcode}: {fault.reason}")
+
+
+def _call_failure(exc: PeerCallError, limit_s: float, *, cut: bool) -> RetrieveFailed:
+    if exc.kind == "timeout":
+        return RetrieveFailed("timeout", "no complete answer before the deadline" if cut
+                              else f"no answer within {limit_s:g} s", retryable=True)
+    if exc.kind == "connect":
+        return RetrieveFailed("unavailable", f"connection failed: {exc.detail}", retryable=True)
+    if exc.kind == "protocol" and isinstance(exc.__cause__, aiohttp.ServerDisconnectedError
+                                              | aiohttp.ClientOSError):
+        return RetrieveFailed("unavailable", f"connection lost: {exc.detail}", retryable=True)
+    if exc.kind == "tls":
+        return RetrieveFailed("unavailable", f"TLS failed: {exc.detail}")
+    return RetrieveFailed("error", f"unusable HTTP answer ({exc.kind}): {exc.detail}")
+
+
+def _check_envelope(envelope: Envelope, status: int, action: str, message_id: str) -> etree._Element:
+    if status != 200:
+        raise RetrieveFailed("error", f"HTTP {status} with a SOAP answer that is not a fault")
+    if envelope.addressing.action != action:
+        got = envelope.addressing.action or "(none)"
+        raise RetrieveFailed("error", f"malformed answer: wsa:Action {got}, expected {action}")
+    if envelope.addressing.relates_to != message_id:
+        raise RetrieveFailed("error", "malformed answer: wsa:RelatesTo does not name the request's MessageID")
+    if envelope.body is None:
+        raise RetrieveFailed("error", "malformed answer: empty SOAP Body")
+    return envelope.body
+
+
+def _index_response(el: etree._Element, wanted: set[str]) -> tuple[
+        ResponseStatus, tuple[RegistryError, ...], dict[str, tuple[str, str]], list[tuple[str, str, bytes]]]:
+    """Status, errors, ``{cid: (uid, mime)}`` of the MTOM documents, and the inline ones decoded.
+
+    Only requested UIDs are kept: a document DUO did not ask for has no place in the transfer.
+    """
+    if el.tag != xdsb("RetrieveDocumentSetResponse"):
+        raise RetrieveFailed("error", f"malformed answer: expected RetrieveDocumentSetResponse, got {el.tag}")
+    rr = el.find(f"{{{RS_NS}}}RegistryResponse")
+    try:
+        if rr is None:
+            raise ValueError("RetrieveDocumentSetResponse without RegistryResponse")
+        status = parse_status(rr.get("status"))
+        errors = parse_error_list(rr)
+    except ValueError as exc:
+        raise RetrieveFailed("error", f"malformed answer: {exc}") from None
+    by_cid: dict[str, tuple[str, str]] = {}
+    inline: list[tuple[str, str, bytes]] = []
+    for dr in el.iterfind(xdsb("DocumentResponse")):
+        uid = (dr.findtext(xdsb("DocumentUniqueId")) or "").strip()
+        mime = (dr.findtext(xdsb("mimeType")) or "").strip() or MIME_DICOM
+        doc = dr.find(xdsb("Document"))
+        if uid not in wanted or doc is None:
+            continue
+        include = doc.find(f"{{{XOP_NS}}}Include")
+        if include is not None:
+            by_cid[normalise_cid(include.get("href", ""))] = (uid, mime)
+            continue
+        try:
+            inline.append((uid, mime, base64.b64decode("".join((doc.text or "").split()), validate=True)))
+        except binascii.Error:
+            raise RetrieveFailed("error", f"malformed answer: Document of {uid} is neither xop:Include "
+                                 "nor base64") from None
+    return status, errors, by_cid, inline
+
+
+def _names(error: RegistryError, uid: str) -> bool:
+    """Whether a codeContext names this instance (alone or as ``study:series:instance``, xca.md §9)."""
+    return uid in _UID_TOKEN.findall(error.code_context)
+
+
+def _absent(wanted: list[str], pushed: set[str], failed: set[str], status: ResponseStatus,
+            errors: tuple[RegistryError, ...], named_without_part: set[tuple[str, str]]) -> list[PartFailure]:
+    """A PartFailure for each requested instance that neither arrived nor already failed."""
+    orphans = {uid for uid, _ in named_without_part}
+    general = [e for e in errors if e.is_error and not any(_names(e, u) for u in wanted)]
+    out: list[PartFailure] = []
+    for uid in wanted:
+        if uid in pushed or uid in failed:
+            continue
+        own = [e for e in errors if e.is_error and _names(e, uid)]
+        if own:
+            out.append(PartFailure(uid, _listed(own), _transient(own)))
+        elif uid in orphans:
+            out.append(PartFailure(uid, "named in the answer but its MTOM part is missing", True))
+        elif general:
+            out.append(PartFailure(uid, _listed(general), _transient(general)))
+        else:
+            short = status.rsplit(":", 1)[-1]
+            out.append(PartFailure(uid, f"absent from a {short} answer without a RegistryError", True))
+    return out
+
+
+def _is_part10(path: Path) -> bool:
+    with path.open("rb") as fh:
+        head = fh.read(132)
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+__all__ = [
+    "MAX_DOCUMENT_BYTES", "MAX_IMAGE_BYTES", "CommunityRetriever", "PartFailure", "RetrieveFailed",
+    "RetrieveKind", "RetrievedPart",
+]
