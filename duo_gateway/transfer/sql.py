@@ -238,10 +238,13 @@ class PostgresBackend(Backend):
     dialect = POSTGRESQL
     _SCHEMA_LOCK_KEY: Final = 0x6475_6F74  # "duot": pg_advisory_xact_lock key for migrations
 
-    def __init__(self, url: str, *, pool_size: int = 4, connect_timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, *, pool_size: int = 4, connect_timeout_s: float = 10.0,
+                 check_idle_s: float = 30.0) -> None:
         self._url = url
         self._connect_timeout_s = connect_timeout_s
-        self._idle: list[Any] = []
+        self._check_idle_s = check_idle_s
+        #: (connection, when it was last returned): most recently used last.
+        self._idle: list[tuple[Any, float]] = []
         self._slots = threading.BoundedSemaphore(pool_size)
         self._lock = threading.Lock()
         self._closed = True
@@ -256,7 +259,7 @@ class PostgresBackend(Backend):
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             conn.close()
 
     def _connect(self) -> Any:
@@ -273,7 +276,12 @@ class PostgresBackend(Backend):
         conn: Any = None
         try:
             with self._lock:
-                conn = self._idle.pop() if self._idle else None
+                conn, since = self._idle.pop() if self._idle else (None, 0.0)
+            if conn is not None and time.monotonic() - since >= self._check_idle_s and not _alive(conn):
+                # The server restarted or a proxy dropped the idle connection: better a fresh one now
+                # than a failed job step. Checked outside any transaction, so nothing can be lost.
+                conn.close()
+                conn = None
             if conn is None:
                 conn = self._connect()
             with conn.transaction(), conn.cursor() as cur:
@@ -285,7 +293,7 @@ class PostgresBackend(Backend):
                 reusable = not (conn.closed or conn.broken)
                 with self._lock:
                     if reusable and not self._closed:
-                        self._idle.append(conn)
+                        self._idle.append((conn, time.monotonic()))
                         conn = None
                 if conn is not None:
                     conn.close()
@@ -294,6 +302,16 @@ class PostgresBackend(Backend):
     def _schema_lock(self, tx: Tx) -> None:
         # CREATE TABLE IF NOT EXISTS is not safe against a concurrent CREATE in PostgreSQL.
         tx.one("SELECT pg_advisory_xact_lock(?)", (self._SCHEMA_LOCK_KEY,))
+
+
+def _alive(conn: Any) -> bool:
+    import psycopg
+
+    try:
+        conn.execute("SELECT 1")
+    except psycopg.Error:
+        return False
+    return True
 
 
 def _server_clock(tx: Tx) -> float:

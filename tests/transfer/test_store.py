@@ -446,3 +446,19 @@ async def test_the_sqlite_file_is_private(tmp_path: Path) -> None:
         assert (tmp_path / "var" / "transfers.sqlite-wal").stat().st_mode & 0o077 == 0
     finally:
         await store.close()
+
+
+async def test_postgres_replaces_connections_the_server_dropped(postgres_server: Postgres) -> None:
+    import psycopg
+
+    url = postgres_server.create_database("drop")
+    store = SqlTransferStore(PostgresBackend(url, check_idle_s=0))
+    await store.start()
+    try:
+        job = await store.create(new_job())
+        with psycopg.connect(url, autocommit=True) as admin:  # e.g. a server restart or an idle timeout
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        assert await store.get(job.id) == job
+    finally:
+        await store.close()
