@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from duo_gateway.dicom.reconcile import read_part10_header, reconcile_file
 
@@ -58,7 +58,7 @@ def write_large(path: Path, pixel_mb: int, *, implicit: bool = False) -> Path:
     frames = max(1, pixel_mb * (1 << 20) // (512 * 512 * 2))
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
     ds.file_meta.MediaStorageSOPInstanceUID = uid = generate_uid()
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
