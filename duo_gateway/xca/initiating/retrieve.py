@@ -32,7 +32,7 @@ import base64
 import binascii
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -282,7 +282,7 @@ class CommunityRetriever:
     async def retrieve_images(self, claims: Claims, bsn: str, *, home_community_id: str, study_uid: str,
                               series_uid: str, repository_unique_id: str, sop_instance_uids: Sequence[str],
                               transfer_syntaxes: Sequence[str],
-                              deadline_s: float) -> AsyncIterator[RetrievedPart | PartFailure]:
+                              deadline_s: float) -> AsyncGenerator[RetrievedPart | PartFailure, None]:
         """One RAD-75 request for these instances of one series; see the module docstring.
 
         Yields each :class:`RetrievedPart` once it is complete on disk, then a :class:`PartFailure` for

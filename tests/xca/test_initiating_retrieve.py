@@ -1,0 +1,291 @@
+"""DUO pulling a study from an XCA community for a transfer: ITI-39 KOS, parse_kos, RAD-75 batches.
+
+The community is the real simulator on a loopback port, behind the recording middleware of
+test_initiating (every request DUO sends is kept, XSD-validated and its XUA assertion checked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from lxml import etree
+from pydicom import dcmread
+
+from duo_gateway.audit.auditor import Auditor
+from duo_gateway.audit.sink import parse_file_records
+from duo_gateway.audit.syslog import parse_message
+from duo_gateway.bsn import bsn_cx
+from duo_gateway.config.audit import AuditConfig
+from duo_gateway.config.peers import XcaCommunity
+from duo_gateway.config.xua import XuaConfig
+from duo_gateway.dicom.kos import parse_kos
+from duo_gateway.observability.metrics import Metrics
+from duo_gateway.sim.config import SimNetworkConfig, default_network
+from duo_gateway.sim.pki import Pki, make_pki
+from duo_gateway.sim.xca import XcaCommunitySimulator
+from duo_gateway.soap.envelope import parse_envelope
+from duo_gateway.xca.codes import EXPLICIT_VR_LITTLE_ENDIAN, Action, ErrorCode
+from duo_gateway.xca.initiating.retrieve import (
+    CommunityRetriever,
+    PartFailure,
+    RetrievedPart,
+    RetrieveFailed,
+)
+from duo_gateway.xca.metadata import KOS_FORMAT
+from duo_gateway.xca.retrieve import parse_imaging_retrieve_request, parse_retrieve_request
+from duo_gateway.xmldsig import TrustStore, load_signing_pair
+from duo_gateway.xua import validate_xua
+from tests.xca.test_initiating import BSN, CLAIMS, DUO_HOME, IDENTITY, Community, Recorder, _serve
+from tests.xca.xsd import assert_valid
+
+TS = (EXPLICIT_VR_LITTLE_ENDIAN,)
+
+
+@pytest.fixture(scope="module")
+def net() -> SimNetworkConfig:
+    return default_network()
+
+
+@pytest.fixture(scope="module")
+def sim(net: SimNetworkConfig) -> XcaCommunitySimulator:
+    return XcaCommunitySimulator(net.communities[0], net)
+
+
+@pytest.fixture(scope="module")
+def rsa_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("xua-pki"), key_type="rsa")
+
+
+@pytest.fixture
+async def community(sim: XcaCommunitySimulator) -> AsyncIterator[Community]:
+    recorder = Recorder()
+    app = sim.app()
+    app.middlewares.insert(0, recorder.middleware)
+    server = await _serve(app)
+    try:
+        yield Community(str(server.make_url("")).rstrip("/"), app, recorder, sim.home)
+    finally:
+        await server.close()
+
+
+def _config(c: Community, **kw: Any) -> XcaCommunity:
+    base: dict[str, Any] = {
+        "home_community_id": c.home, "name": "XDS Noord", "iti38": f"{c.url}/iti38",
+        "iti39": f"{c.url}/iti39", "rad75": f"{c.url}/rad75", "timeout_s": 5.0, "retries": 1,
+        "retry_backoff_s": 0.01, "rad75_batch_size": 3,
+    }
+    return XcaCommunity.model_validate({**base, **kw})
+
+
+@dataclass
+class Retrievers:
+    pki: Pki
+    spool: Path
+    made: list[CommunityRetriever] = field(default_factory=list)
+
+    def __call__(self, cfg: XcaCommunity, *, signed: bool = True,
+                 auditor: Auditor | None = None) -> CommunityRetriever:
+        signing = load_signing_pair(self.pki.client.key, self.pki.client.cert) if signed else None
+        r = CommunityRetriever(cfg, home_community_id=DUO_HOME, xua=XuaConfig(), signing=signing,
+                               metrics=Metrics(), auditor=auditor, identity=IDENTITY, spool_dir=self.spool)
+        self.made.append(r)
+        return r
+
+
+@pytest.fixture
+async def retrievers(rsa_pki: Pki, tmp_path: Path) -> AsyncIterator[Retrievers]:
+    made = Retrievers(rsa_pki, tmp_path / "spool")
+    yield made
+    for r in made.made:
+        await r.close()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(directory.iterdir()) if directory.exists() else []
+
+
+def _kos_doc(sim: XcaCommunitySimulator) -> tuple[str, str]:
+    doc = next(d for d in sim.documents if d.bsn == BSN and d.entry.format_code == KOS_FORMAT)
+    assert doc.entry.repository_unique_id is not None
+    return doc.entry.repository_unique_id, doc.entry.unique_id
+
+
+Items = AsyncGenerator[RetrievedPart | PartFailure, None]
+
+
+async def _collect(it: Items) -> tuple[list[RetrievedPart], list[PartFailure]]:
+    parts: list[RetrievedPart] = []
+    failures: list[PartFailure] = []
+    async with aclosing(it):
+        async for item in it:
+            if isinstance(item, RetrievedPart):
+                parts.append(item)
+            else:
+                failures.append(item)
+    return parts, failures
+
+
+def _images(r: CommunityRetriever, sim: XcaCommunitySimulator, study: str, series: str, repo: str,
+            uids: Sequence[str], deadline_s: float = 10.0) -> Items:
+    return r.retrieve_images(CLAIMS, BSN, home_community_id=sim.home, study_uid=study, series_uid=series,
+                             repository_unique_id=repo, sop_instance_uids=uids, transfer_syntaxes=TS,
+                             deadline_s=deadline_s)
+
+
+def _check_requests(c: Community, rsa_pki: Pki, wsdl_dir: Path) -> None:
+    trust = TrustStore.from_pem_files([rsa_pki.ca_cert])
+    for env in c.recorder.envelopes():
+        assert env.body is not None
+        assert_valid(wsdl_dir, env.body)
+        requester = validate_xua(env, XuaConfig(trusted_certs=[rsa_pki.ca_cert]), trusted=trust,
+                                 audiences=[c.home], now=datetime.now(UTC))
+        assert requester is not None and requester.patient_bsn == BSN and requester.uzi == CLAIMS.uzi
+
+
+# --- the whole path ---------------------------------------------------------------------------------
+
+
+async def test_kos_then_every_series_in_batches(community: Community, sim: XcaCommunitySimulator,
+                                               retrievers: Retrievers, rsa_pki: Pki, wsdl_dir: Path) -> None:
+    cfg = _config(community)
+    r = retrievers(cfg)
+    repo, kos_uid = _kos_doc(sim)
+    data = await r.retrieve_document(CLAIMS, BSN, home_community_id=sim.home, repository_unique_id=repo,
+                                     document_unique_id=kos_uid, deadline_s=10)
+    manifest = parse_kos(data)
+    assert manifest.sop_instance_uid == kos_uid and manifest.patient_id == BSN
+    requested = 0
+    for series in manifest.series:
+        assert series.retrieve_location_uid == sim.repository_unique_id
+        uids = series.sop_instance_uids
+        for i in range(0, len(uids), cfg.rad75_batch_size):
+            batch = uids[i:i + cfg.rad75_batch_size]
+            requested += 1
+            parts, failures = await _collect(_images(r, sim, manifest.study_instance_uid,
+                                                     series.series_instance_uid,
+                                                     series.retrieve_location_uid, batch))
+            assert failures == []
+            assert sorted(p.sop_instance_uid for p in parts) == sorted(batch)
+            for part in parts:
+                assert part.mime_type == "application/dicom" and part.size == part.path.stat().st_size
+                ds = dcmread(BytesIO(part.path.read_bytes()))  # a valid Part 10 file...
+                assert str(ds.SOPInstanceUID) == part.sop_instance_uid  # ...of the instance asked for
+                assert str(ds.SeriesInstanceUID) == series.series_instance_uid
+                part.path.unlink()  # the consumer's job
+    assert requested >= 2 and _files(retrievers.spool) == []
+    envs = community.recorder.envelopes()
+    assert [e.addressing.action for e in envs] == [Action.ITI39] + [Action.RAD75] * requested
+    assert envs[0].body is not None
+    assert parse_retrieve_request(envs[0].body).documents[0].home == sim.home
+    for env in envs[1:]:
+        assert env.body is not None
+        req = parse_imaging_retrieve_request(env.body)
+        assert len(req.instances()) <= cfg.rad75_batch_size and req.transfer_syntaxes == TS
+    _check_requests(community, rsa_pki, wsdl_dir)
+
+
+async def test_partial_success_gives_parts_and_a_failure_per_unknown_uid(
+        community: Community, sim: XcaCommunitySimulator, retrievers: Retrievers, tmp_path: Path) -> None:
+    study = next(g for p, _, g in sim.studies if p.bsn == BSN)
+    ds = study.instances[0]
+    series = str(ds.SeriesInstanceUID)
+    known = [str(d.SOPInstanceUID) for d in study.instances if str(d.SeriesInstanceUID) == series][:2]
+    unknown = f"{series}.999999"
+    auditor = Auditor(AuditConfig(), storage_dir=tmp_path / "audit-store")
+    await auditor.start()
+    r = retrievers(_config(community), auditor=auditor)
+    parts, failures = await _collect(_images(r, sim, study.study_instance_uid, series,
+                                             sim.repository_unique_id, [known[0], unknown, *known[1:]]))
+    await auditor.stop()
+    assert sorted(p.sop_instance_uid for p in parts) == sorted(known)
+    assert [(f.sop_instance_uid, f.retryable) for f in failures] == [(unknown, False)]
+    assert ErrorCode.DOCUMENT_UNIQUE_ID_ERROR in failures[0].detail
+    for part in parts:
+        part.path.unlink()
+
+    records = parse_file_records((tmp_path / "audit-store" / "audit" / "audit.log").read_bytes()).records
+    roots = [etree.fromstring(parse_message(rec).msg) for rec in records]
+    outcomes = sorted(str(root.xpath("string(EventIdentification/@EventOutcomeIndicator)")) for root in roots)
+    assert outcomes == ["0", "4"]  # one Success record, one with the failed instance
+    for root in roots:
+        assert root.find("EventIdentification/EventID[@csd-code='110104']") is not None
+        assert root.find("EventIdentification/EventTypeCode[@csd-code='RAD-75']") is not None
+        patient = root.find("ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='1']")
+        assert patient is not None and patient.get("ParticipantObjectID") == bsn_cx(BSN)
+        ids = {o.get("ParticipantObjectID") for o in root.iter("ParticipantObjectIdentification")}
+        assert study.study_instance_uid in ids
+
+
+async def test_unknown_kos_is_a_failed_retrieve_with_the_registry_error(
+        community: Community, sim: XcaCommunitySimulator, retrievers: Retrievers) -> None:
+    r = retrievers(_config(community))
+    with pytest.raises(RetrieveFailed) as info:
+        await r.retrieve_document(CLAIMS, BSN, home_community_id=sim.home,
+                                  repository_unique_id=sim.repository_unique_id,
+                                  document_unique_id="1.2.3.4.5.6.7", deadline_s=5)
+    assert (info.value.kind, info.value.retryable) == ("error", False)
+    assert [e.error_code for e in info.value.errors] == [ErrorCode.DOCUMENT_UNIQUE_ID_ERROR]
+
+
+# --- a misbehaving community ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("behaviour", "kind", "retryable"), [
+    ({"fault": True}, "error", False),
+    ({"malformed": True}, "error", False),
+    ({"down": True}, "unavailable", True),
+    ({"delay_ms": 3000}, "timeout", True),
+])
+async def test_misbehaving_community_is_a_retrieve_failed(
+        community: Community, sim: XcaCommunitySimulator, retrievers: Retrievers,
+        behaviour: dict[str, Any], kind: str, retryable: bool) -> None:
+    community.behave(**behaviour)
+    r = retrievers(_config(community))
+    repo, kos_uid = _kos_doc(sim)
+    with structlog.testing.capture_logs() as logs:
+        with pytest.raises(RetrieveFailed) as doc_info:
+            await r.retrieve_document(CLAIMS, BSN, home_community_id=sim.home, repository_unique_id=repo,
+                                      document_unique_id=kos_uid, deadline_s=1.0)
+        study = next(g for p, _, g in sim.studies if p.bsn == BSN)
+        ds = study.instances[0]
+        with pytest.raises(RetrieveFailed) as img_info:
+            await _collect(_images(r, sim, study.study_instance_uid, str(ds.SeriesInstanceUID), repo,
+                                   [str(ds.SOPInstanceUID)], deadline_s=1.0))
+    for info in (doc_info, img_info):
+        assert (info.value.kind, info.value.retryable) == (kind, retryable), info.value
+    assert BSN not in repr(logs)
+    assert _files(retrievers.spool) == []
+
+
+async def test_without_rad75_endpoint_or_signing_pair_nothing_is_sent(
+        community: Community, sim: XcaCommunitySimulator, retrievers: Retrievers) -> None:
+    no_rad75 = retrievers(_config(community, rad75=None))
+    with pytest.raises(RetrieveFailed, match="no RAD-75 endpoint"):
+        await _collect(_images(no_rad75, sim, "1.2", "1.2.3", sim.repository_unique_id, ["1.2.3.4"]))
+    unsigned = retrievers(_config(community), signed=False)
+    with pytest.raises(RetrieveFailed, match="signing key"):
+        await _collect(_images(unsigned, sim, "1.2", "1.2.3", sim.repository_unique_id, ["1.2.3.4"]))
+    assert community.recorder.bodies == []
+
+
+async def test_stopping_early_leaves_only_the_files_handed_over(
+        community: Community, sim: XcaCommunitySimulator, retrievers: Retrievers) -> None:
+    study = next(g for p, _, g in sim.studies if p.bsn == BSN)
+    series = str(study.instances[0].SeriesInstanceUID)
+    uids = [str(d.SOPInstanceUID) for d in study.instances if str(d.SeriesInstanceUID) == series]
+    assert len(uids) >= 2
+    r = retrievers(_config(community))
+    async with aclosing(_images(r, sim, study.study_instance_uid, series, sim.repository_unique_id,
+                                uids)) as it:
+        first = await anext(it)
+    assert isinstance(first, RetrievedPart)
+    assert _files(retrievers.spool) == [first.path]
+    parse_envelope(community.recorder.bodies[-1])  # the request went out whole
