@@ -286,7 +286,8 @@ class CommunityRetriever:
         """One RAD-75 request for these instances of one series; see the module docstring.
 
         Yields each :class:`RetrievedPart` once it is complete on disk, then a :class:`PartFailure` for
-        every requested UID not delivered. Use ``contextlib.aclosing`` (or exhaust it): closing early
+        every requested UID not delivered. An async generator (the brief's ``AsyncIterator``, narrowed
+        so ``contextlib.aclosing`` type-checks): use ``aclosing`` or exhaust it, since closing early
         stops the download and deletes every spool file not yet handed over.
         """
         if self.community.rad75 is None:
