@@ -36,8 +36,12 @@ from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.service import TimelineService
 from duo_gateway.tlb.api import TlbApiDoor
 from duo_gateway.tls import server_context
+from duo_gateway.transfer.metrics import TransferMetrics
+from duo_gateway.transfer.service import TransferService
+from duo_gateway.transfer.store import TransferStore
 from duo_gateway.xca.docindex import DocumentIndex
 from duo_gateway.xca.initiating.client import CommunityClient
+from duo_gateway.xca.initiating.retrieve import CommunityRetriever
 from duo_gateway.xca.responding.service import RespondingGateway
 from duo_gateway.xca.responding.transport import XcaRespondingDoor
 from duo_gateway.xmldsig import TrustStore, load_signing_pair
@@ -92,8 +96,21 @@ class Gateway:
                                         communities=self.communities, sources=self.sources,
                                         auditor=self.auditor, identity=self.identity,
                                         study_ids=self.study_ids)
+        #: DUO as XCA Initiating Gateway for retrieval (ITI-39, RAD-75): transfers from communities.
+        self.retrievers = {
+            c.home_community_id: CommunityRetriever(c, home_community_id=config.gateway.home_community_id,
+                                                    xua=config.xua, signing=signing, metrics=self.metrics,
+                                                    auditor=self.auditor, identity=self.identity,
+                                                    spool_dir=self.spool_dir / "rad75")
+            for c in config.xca_communities}
+        self.transfers: TransferService | None = None
+        if config.transfers.enabled:
+            self.transfers = TransferService(
+                config, store=TransferStore.open(config.storage.url, config.storage.path),
+                study_ids=self.study_ids, gate=self.consent, sources=self.sources, retrievers=self.retrievers,
+                metrics=TransferMetrics(self.metrics.registry), auditor=self.auditor)
         if config.timeline.enabled:
-            self._front_doors.append(TlbApiDoor(self.timeline, config.timeline))
+            self._front_doors.append(TlbApiDoor(self.timeline, config.timeline, transfers=self.transfers))
         self.index: DocumentIndex | None = None
         self.xua_trust: TrustStore | None = None
         if config.xua.trusted_certs:
@@ -143,6 +160,10 @@ class Gateway:
             await self._ops_runner.setup()
             await web.TCPSite(self._ops_runner, cfg.listeners.ops.host, cfg.listeners.ops.port).start()
         await asyncio.to_thread(self._start_dicom)
+        if self.transfers is not None:
+            # After DUO's AE is up: a resumed job may C-MOVE to it at once.
+            (self.spool_dir / "rad75").mkdir(parents=True, exist_ok=True)
+            await self.transfers.start()
         self._sync_task = asyncio.create_task(self.subscriptions.run(self._sync_stop))
         log.info("gateway started", http=self.http_url, dicom_port=self.dicom_port,
                  home_community_id=cfg.gateway.home_community_id,
@@ -152,7 +173,11 @@ class Gateway:
         """Stop accepting, let in-flight requests finish up to the grace period, then close."""
         log.info("gateway stopping", grace_s=self.config.daemon.shutdown_grace_s)
         # All listeners stop accepting at once; aiohttp's cleanup then waits for in-flight handlers.
-        await asyncio.gather(self._stop_dicom(), self._stop_http())
+        await self._stop_http()
+        if self.transfers is not None:
+            # Jobs stop where they are; their claim lapses and they resume here or on another replica.
+            await self.transfers.stop()
+        await self._stop_dicom()
         self._sync_stop.set()
         if self._sync_task is not None:
             try:
@@ -163,6 +188,8 @@ class Gateway:
         await self.subscriptions.close()
         for community in self.communities.values():
             await community.close()
+        for retriever in self.retrievers.values():
+            await retriever.close()
         await self.mitz.close()
         if self.index is not None:
             await self.index.close()

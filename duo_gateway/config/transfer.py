@@ -18,6 +18,9 @@ class DestinationPacs(StrictModel):
     #: URAs of the organisations allowed to send here; empty means any authenticated requester.
     uras: list[Ura] = Field(default_factory=list)
     tls: ClientTls | None = None
+    #: IssuerOfPatientID written with a request's ``local_patient_id`` (import reconciliation): the
+    #: assigning authority of the patient ids in this PACS.
+    patient_id_issuer: str | None = Field(default=None, min_length=1, max_length=64)
     #: Parallel C-STORE associations towards this PACS per transfer.
     max_associations: int = Field(default=1, ge=1, le=16)
     #: Deadline for one DICOM operation (association, one C-STORE).

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from duo_gateway.config.loader import DuoConfig, parse_config
 from duo_gateway.daemon import Gateway, free_port, stop_on_signals
-from duo_gateway.sim.config import SimNetworkConfig, default_network, load_network
+from duo_gateway.sim.config import SimHospital, SimNetworkConfig, default_network, load_network
 from duo_gateway.sim.mitz import MitzSimulator
 from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.pki import Pki, make_pki
@@ -36,6 +36,10 @@ DUO_URA = "00099001"
 DUO_AE_TITLE = "DUO_GATEWAY"
 #: The demo XDS community's XUA issuer: DUO trusts assertions it signs (its CA is in xua.trusted_certs).
 DEMO_XUA_ISSUER = "urn:oid:2.16.528.1.1007.99.777"
+#: The TLB requester's own PACS: where the demo's transfers land (an empty SimPacs storage SCP).
+REQUESTER_PACS = SimHospital(ura="00010001", name="Eigen PACS (aanvrager)", ae_title="REQUESTER_PACS",
+                             repository_unique_id="2.16.528.1.1007.99.10001.9", studies_per_patient=0)
+REQUESTER_PACS_NAME = "requester-pacs"
 
 
 class _Ports:
@@ -75,6 +79,7 @@ class SimulatedNetwork:
     community_sims: list[XcaCommunitySimulator] = field(default_factory=list)
     gateway: Gateway | None = None
     pki: Pki | None = None
+    requester_pacs: SimPacs | None = None
 
     async def start(self) -> None:
         # A throwaway RSA PKI: the demo XDS side signs XUA assertions with its client pair.
@@ -98,6 +103,10 @@ class SimulatedNetwork:
             sim = XcaCommunitySimulator(community, self.net)
             self.community_sims.append(sim)
             self.communities.append(await _serve(community.name, sim.app(), ports.take()))
+        # Taken last, so the other listeners keep the ports they had before transfers existed.
+        self.requester_pacs = SimPacs(REQUESTER_PACS, self.workdir / "pacs" / "REQUESTER", host=HOST,
+                                      port=ports.take())
+        await asyncio.to_thread(self.requester_pacs.start)
         self.gateway = Gateway(self._duo_config(duo_http_port, duo_dicom_port))
         await self.gateway.start()
         for pacs in self.pacs:
@@ -108,11 +117,11 @@ class SimulatedNetwork:
             await self.gateway.stop()
         for peer in [*self.communities, *([self.mitz] if self.mitz else [])]:
             await peer.runner.cleanup()
-        for pacs in self.pacs:
+        for pacs in [*self.pacs, *([self.requester_pacs] if self.requester_pacs else [])]:
             await asyncio.to_thread(pacs.stop)
 
     def _duo_config(self, http_port: int, dicom_port: int) -> DuoConfig:
-        assert self.mitz is not None
+        assert self.mitz is not None and self.requester_pacs is not None
         raw: dict[str, Any] = {
             "gateway": {"home_community_id": DUO_HOME_COMMUNITY_ID, "ura": DUO_URA,
                         "name": "DUO gateway (simulated network)"},
@@ -141,6 +150,10 @@ class SimulatedNetwork:
             # with the server pair.
             "xua": {"trusted_certs": [str(self.pki.ca_cert)], "signing_key_file": str(self.pki.server.key),
                     "signing_cert_file": str(self.pki.server.cert)} if self.pki else {},
+            "transfers": {"destinations": [{
+                "name": REQUESTER_PACS_NAME, "ae_title": REQUESTER_PACS.ae_title, "host": HOST,
+                "port": self.requester_pacs.port, "patient_id_issuer": "EIGEN_ZIEKENHUIS"}],
+                "retry_backoff_s": 0.2},
             "storage": {"path": str(self.workdir / "duo")},
             "logging": {"level": "WARNING"},
             "daemon": {"shutdown_grace_s": 5.0},
@@ -179,6 +192,8 @@ class SimulatedNetwork:
                  "iti39": f"{peer.url}/iti39", "rad75": f"{peer.url}/rad75", "admin": f"{peer.url}/admin/"}
                 for c, peer in zip(self.net.communities, self.communities, strict=True)],
             "patients": [{"bsn": p.bsn, "name": p.name, "consent": p.consent} for p in self.net.patients],
+            "requester_pacs": {"name": REQUESTER_PACS_NAME, "ae_title": REQUESTER_PACS.ae_title, "host": HOST,
+                               "port": self.requester_pacs.port if self.requester_pacs else 0},
         }
 
     def iter_pacs(self) -> Iterator[tuple[Any, SimPacs]]:

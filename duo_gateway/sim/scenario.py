@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -24,7 +25,7 @@ from pydicom.dataset import Dataset
 from duo_gateway.bsn import bsn_cx
 from duo_gateway.dicom.find import c_find
 from duo_gateway.mitz.wire import ClosedQuestion, OpenQuestion
-from duo_gateway.sim.network import DEMO_XUA_ISSUER
+from duo_gateway.sim.network import DEMO_XUA_ISSUER, REQUESTER_PACS_NAME
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,
     WSA_ANONYMOUS,
@@ -302,6 +303,54 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
 
         await _step(report, "TLB timelines through DUO (national)", timelines)
 
+        async def transfers() -> tuple[bool, str]:
+            """One study from a TLB hospital and one from an XCA community into the requester's PACS,
+            checked at that PACS: every instance of each manifest, on the requester's local patient id."""
+            assert network.requester_pacs is not None
+            api = f"{gw.http_url}{gw.config.timeline.path_prefix}"
+            patient = next(p for p in net.patients if p.consent == "all")
+            requester = {"ura": "00010001", "organization_type": "V6", "uzi": DEMO_UZI, "role": DEMO_ROLE,
+                         "purpose": "TREAT"}
+            body: dict[str, Any] = {"patient": {"bsn": patient.bsn}, "requester": requester,
+                                    "period": {"from": "2015-01-01", "to": "2026-12-31"}}
+            async with http.post(f"{api}/timeline", json=body) as r:
+                studies = (await r.json())["studies"]
+            chosen = [next(s for s in studies if s["sources"][0].startswith(kind))
+                      for kind in ("tlb:", "xca:")]
+            local_id = "EZ-0001"
+            order = {"studies": [s["id"] for s in chosen], "destination": REQUESTER_PACS_NAME,
+                     "requester": requester, "local_patient_id": local_id}
+            async with http.post(f"{api}/transfers", json=order) as r:
+                accepted = await r.json()
+                if r.status != 202:
+                    return False, f"HTTP {r.status}: {accepted.get('detail')}"
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:
+                async with http.get(f"{api}/transfers/{accepted['id']}") as r:
+                    status = await r.json()
+                if status["state"] not in ("queued", "running"):
+                    break
+                if asyncio.get_running_loop().time() > deadline:
+                    return False, f"transfer still {status['state']} after 60 s"
+                await asyncio.sleep(0.2)
+            problems: list[str] = []
+            for study, progress in zip(chosen, status["studies"], strict=True):
+                paths = network.requester_pacs.instance_paths(study["study_instance_uid"])
+                patient_ids = await asyncio.to_thread(_patient_ids, paths)
+                report.details.append(
+                    f"      {study['sources'][0]:<40} {progress['state']:<9} {progress['instances_stored']}/"
+                    f"{progress['instances_expected']} instances, {progress['bytes'] / 1e6:.1f} MB; "
+                    f"in the requester's PACS: {len(paths)} on patient {','.join(sorted(patient_ids))}")
+                if progress["state"] != "completed" or len(paths) != progress["instances_expected"]:
+                    problems.append(f"{study['sources'][0]}: {progress['state']}, {len(paths)} at the PACS")
+                if patient_ids != {local_id}:
+                    problems.append(f"{study['sources'][0]}: patient ids {sorted(patient_ids)}")
+            ok = status["state"] == "completed" and not problems
+            return ok, (f"{status['instances_stored']} instances, {status['bytes'] / 1e6:.1f} MB, verified "
+                        "at the requester's PACS" if ok else "; ".join(problems) or status["state"])
+
+        await _step(report, "Transfers into the requester's PACS (TLB and XCA)", transfers)
+
         async def metrics() -> tuple[bool, str]:
             async with http.get(f"{gw.http_url}/metrics") as r:
                 text = await r.text()
@@ -309,6 +358,10 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
 
         await _step(report, "DUO /metrics (Prometheus)", metrics)
     return report
+
+
+def _patient_ids(paths: list[Path]) -> set[str]:
+    return {str(dcmread(p, stop_before_pixels=True).PatientID) for p in paths}
 
 
 __all__ = ["Report", "run_scenario"]

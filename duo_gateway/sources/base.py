@@ -9,7 +9,7 @@ cover that patient and this source (``permit.covers(bsn, source.holder_ura)``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -125,7 +125,7 @@ class ImagingSource(Protocol):
         ...
 
     def retrieve(self, permit: Permit, bsn: str, study_uid: str,
-                 instances: Sequence[InstanceRecord]) -> AsyncIterator[RetrievedInstance]:
+                 instances: Sequence[InstanceRecord]) -> AsyncGenerator[RetrievedInstance, None]:
         """Stream the instances as they arrive, bounded in memory; what could not be fetched is
         reported by raising nothing: the caller compares what arrived with what it asked for."""
         ...

@@ -21,13 +21,13 @@ import json
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, Final, NoReturn, Protocol
+from typing import Any, Final, NoReturn, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from duo_gateway.config.timeline import TimelineConfig
@@ -36,14 +36,21 @@ from duo_gateway.timeline.model import TimelineRequest
 from duo_gateway.timeline.result import TimelineResult
 from duo_gateway.tlb.models import (
     MAX_PERIOD_DAYS,
+    DestinationAddress,
     FieldError,
     Problem,
     ProblemType,
     TimelineAnswer,
     TimelineQuery,
+    TransferAccepted,
+    TransferQuery,
+    TransferStatus,
 )
+from duo_gateway.transfer.service import AdhocDestination, TransferRefused, TransferRequest
+from duo_gateway.transfer.store import TERMINAL_STATES, Job
 
 log = structlog.get_logger(__name__)
+Q = TypeVar("Q", bound=BaseModel)
 
 def _schema_location() -> Path:
     """The repository copy in a checkout; the one pip installs under ``<prefix>/share`` otherwise."""
@@ -72,6 +79,11 @@ _TITLES: Final[dict[ProblemType, str]] = {
     ProblemType.PAYLOAD_TOO_LARGE: "Request too large",
     ProblemType.TIMEOUT: "Timeline not ready in time",
     ProblemType.INTERNAL: "Internal error",
+    ProblemType.INVALID_STUDY: "Invalid study id",
+    ProblemType.INVALID_DESTINATION: "Invalid destination",
+    ProblemType.INVALID_PATIENT_ID: "Invalid local patient id",
+    ProblemType.DESTINATION_NOT_ALLOWED: "Destination not allowed",
+    ProblemType.NOT_FOUND: "No such transfer",
 }
 #: Which problem a refused member belongs to, by the top-level member it sits in.
 _BY_MEMBER: Final[dict[str, ProblemType]] = {
@@ -79,7 +91,19 @@ _BY_MEMBER: Final[dict[str, ProblemType]] = {
     "period": ProblemType.INVALID_PERIOD,
     "institutions": ProblemType.INVALID_INSTITUTION,
     "requester": ProblemType.INVALID_REQUESTER,
+    "studies": ProblemType.INVALID_STUDY,
+    "destination": ProblemType.INVALID_DESTINATION,
+    "local_patient_id": ProblemType.INVALID_PATIENT_ID,
 }
+_REFUSALS: Final[dict[str, tuple[int, ProblemType]]] = {
+    "unknown-study": (422, ProblemType.INVALID_STUDY),
+    "unknown-destination": (422, ProblemType.INVALID_DESTINATION),
+    "destination-not-allowed": (403, ProblemType.DESTINATION_NOT_ALLOWED),
+}
+#: A comment line on an idle event stream, so proxies and clients see the connection is alive.
+SSE_KEEPALIVE_S: Final = 15.0
+#: A transfer request names at most MAX_TRANSFER_STUDIES ids of a few hundred bytes each.
+TRANSFER_MAX_BODY_BYTES: Final = 512 * 1024
 _SERVERS_LINE = re.compile(r"(?m)^(servers:\n  - url: )\S+$")
 
 
@@ -88,6 +112,18 @@ class TimelineProvider(Protocol):
     :class:`~duo_gateway.timeline.model.SourceOutcome`, and the deadline is its own to keep."""
 
     async def timeline(self, request: TimelineRequest) -> TimelineResult: ...
+
+
+class TransferProvider(Protocol):
+    """Queues and reports transfers (duo_gateway.transfer.service); refusals are TransferRefused."""
+
+    async def submit(self, request: TransferRequest) -> Job: ...
+
+    async def get(self, job_id: str) -> Job | None: ...
+
+    async def cancel(self, job_id: str) -> Job | None: ...
+
+    def watch(self, job_id: str) -> AsyncIterator[Job]: ...
 
 
 class _Refusal(Exception):
@@ -112,12 +148,14 @@ class TlbApiDoor:
     name = "tlb-api"
 
     def __init__(self, provider: TimelineProvider, config: TimelineConfig, *,
+                 transfers: TransferProvider | None = None,
                  schema_path: Path | None = DEFAULT_SCHEMA_PATH,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  deadline_grace_s: float = DEFAULT_DEADLINE_GRACE_S) -> None:
         if max_body_bytes < 1 or deadline_grace_s < 0:
             raise ValueError("max_body_bytes must be positive and deadline_grace_s not negative")
         self._provider = provider
+        self._transfers = transfers
         self._config = config
         self._max_body_bytes = max_body_bytes
         self._deadline_grace_s = deadline_grace_s
@@ -129,6 +167,11 @@ class TlbApiDoor:
             return
         prefix = self._config.path_prefix
         app.router.add_post(f"{prefix}/timeline", self._timeline)
+        if self._transfers is not None:
+            app.router.add_post(f"{prefix}/transfers", self._submit)
+            app.router.add_get(f"{prefix}/transfers/{{id}}", self._status)
+            app.router.add_delete(f"{prefix}/transfers/{{id}}", self._cancel)
+            app.router.add_get(f"{prefix}/transfers/{{id}}/events", self._events)
         document = self._document
         if document is not None:
             async def openapi(_request: web.Request) -> web.Response:
@@ -140,7 +183,7 @@ class TlbApiDoor:
     async def _timeline(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         try:
-            query = await self._parse(request)
+            query = await self._parse(request, TimelineQuery, self._max_body_bytes)
         except _Refusal as refusal:
             log.info("tlb_timeline_refused", status=refusal.status, problem=refusal.type.value,
                      codes=sorted({e.code for e in refusal.errors or ()}))
@@ -174,16 +217,99 @@ class TlbApiDoor:
         response.headers["Cache-Control"] = "no-store"
         return response
 
+    # -- transfers -----------------------------------------------------------------------------
+    async def _submit(self, request: web.Request) -> web.Response:
+        assert self._transfers is not None
+        try:
+            query = await self._parse(request, TransferQuery, TRANSFER_MAX_BODY_BYTES)
+        except _Refusal as refusal:
+            log.info("tlb_transfer_refused", status=refusal.status, problem=refusal.type.value,
+                     codes=sorted({e.code for e in refusal.errors or ()}))
+            return _problem(refusal.status, refusal.type, refusal.detail, refusal.errors)
+        destination: str | AdhocDestination
+        if isinstance(query.destination, DestinationAddress):
+            d = query.destination
+            destination = AdhocDestination(d.ae_title, d.host, d.port)
+        else:
+            destination = query.destination
+        try:
+            job = await self._transfers.submit(TransferRequest(
+                study_ids=tuple(query.studies), destination=destination, requester=query.requester.claims(),
+                local_patient_id=query.local_patient_id))
+        except TransferRefused as refused:
+            status, type_ = _REFUSALS[refused.kind]
+            log.info("tlb_transfer_refused", status=status, problem=type_.value)
+            return _problem(status, type_, refused.detail)
+        except Exception:
+            log.exception("tlb_transfer_failed")
+            return _problem(500, ProblemType.INTERNAL,
+                            "the transfer could not be queued; quote the request id")
+        href = f"{self._config.path_prefix}/transfers/{job.id}"
+        body = TransferAccepted(id=job.id, state=job.state, href=href)
+        response = web.json_response(body.model_dump(mode="json"), status=202)
+        response.headers["Location"] = href
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    async def _status(self, request: web.Request) -> web.Response:
+        assert self._transfers is not None
+        job = await self._transfers.get(request.match_info["id"])
+        return _not_found() if job is None else _status_response(job)
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        assert self._transfers is not None
+        job = await self._transfers.cancel(request.match_info["id"])
+        if job is None:
+            return _not_found()
+        log.info("tlb_transfer_cancel", job=job.id, state=job.state)
+        return _status_response(job)
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: ``progress`` with the whole status on every change, ``end`` once final."""
+        assert self._transfers is not None
+        stream = self._transfers.watch(request.match_info["id"])
+        first: asyncio.Task[Job] = asyncio.ensure_future(anext(stream))
+        pending: asyncio.Task[Job] | None = first
+        try:
+            done, _ = await asyncio.wait({first}, timeout=SSE_KEEPALIVE_S)
+            if first in done and isinstance(first.exception(), StopAsyncIteration):
+                return _not_found()
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                   "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+            await response.prepare(request)
+            while pending is not None:
+                current = pending
+                done, _ = await asyncio.wait({current}, timeout=SSE_KEEPALIVE_S)
+                if not done:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                try:
+                    job = current.result()
+                except StopAsyncIteration:
+                    break
+                status = TransferStatus.model_validate(_status_fields(job))
+                data = json.dumps(status.model_dump(mode="json"), separators=(",", ":"))
+                final = job.state in TERMINAL_STATES
+                await response.write(f"event: {'end' if final else 'progress'}\nid: {job.revision}\n"
+                                     f"data: {data}\n\n".encode())
+                pending = None if final else asyncio.ensure_future(anext(stream))
+            await response.write_eof()
+            return response
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+            await stream.aclose()  # type: ignore[attr-defined]
+
     # -- parsing -------------------------------------------------------------------------------
-    async def _parse(self, request: web.Request) -> TimelineQuery:
+    async def _parse(self, request: web.Request, model: type[Q], max_body_bytes: int) -> Q:
         if request.content_type != "application/json" or (
                 request.charset is not None and request.charset.lower() not in ("utf-8", "utf8")):
             raise _Refusal(415, ProblemType.UNSUPPORTED_MEDIA_TYPE,
                            "send the request as application/json (UTF-8)")
-        raw = await self._read_body(request)
+        raw = await self._read_body(request, max_body_bytes)
         _check_json(raw)
         try:
-            return TimelineQuery.model_validate_json(
+            return model.model_validate_json(
                 raw, context={MAX_PERIOD_DAYS: self._config.max_period_days})
         except ValidationError as exc:
             errors = exc.errors(include_url=False, include_input=False)
@@ -193,11 +319,9 @@ class TlbApiDoor:
                                "the body is not JSON this API can read") from None
             _refuse_invalid(errors)
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: web.Request, limit: int) -> bytes:
         """The whole body, read no further than the limit, whatever Content-Length claims."""
-        limit = self._max_body_bytes
-        too_large = _Refusal(413, ProblemType.PAYLOAD_TOO_LARGE,
-                             f"a timeline request is at most {limit} bytes")
+        too_large = _Refusal(413, ProblemType.PAYLOAD_TOO_LARGE, f"a request is at most {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
             raise too_large
         body = bytearray()
@@ -236,6 +360,32 @@ class TlbApiDoor:
             log.warning("tlb api document has no servers line to set the prefix in; served as is")
             return document
         return replaced.encode("utf-8")
+
+
+def _status_fields(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id, "state": job.state, "instances_expected": job.instances_expected,
+        "instances_stored": job.instances_stored, "instances_failed": job.instances_failed,
+        "bytes": job.bytes, "destination": str(job.destination.get("name", "")),
+        "created": job.created_at.isoformat(), "updated": job.updated_at.isoformat(),
+        "cancel_requested": job.cancel_requested,
+        "studies": [{"id": s.study_id, "state": s.state, "instances_expected": s.instances_expected,
+                     "instances_stored": s.instances_stored, "instances_failed": s.instances_failed,
+                     "bytes": s.bytes, "detail": s.detail} for s in job.studies],
+        "errors": list(job.errors),
+    }
+
+
+def _status_response(job: Job) -> web.Response:
+    status = TransferStatus.model_validate(_status_fields(job))
+    response = web.json_response(status.model_dump(mode="json"))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _not_found() -> web.Response:
+    return _problem(404, ProblemType.NOT_FOUND,
+                    "no transfer with this id (finished ones are kept for a while)")
 
 
 def _internal_error(reason: str) -> web.Response:
@@ -305,4 +455,6 @@ def _problem(status: int, type_: ProblemType, detail: str,
     return response
 
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_SCHEMA_PATH", "TimelineProvider", "TlbApiDoor"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES", "DEFAULT_SCHEMA_PATH", "TimelineProvider", "TlbApiDoor", "TransferProvider",
+]

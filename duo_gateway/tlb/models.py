@@ -54,6 +54,11 @@ class ProblemType(StrEnum):
     PAYLOAD_TOO_LARGE = "urn:duo-gateway:problem:payload-too-large"
     TIMEOUT = "urn:duo-gateway:problem:timeout"
     INTERNAL = "urn:duo-gateway:problem:internal"
+    INVALID_STUDY = "urn:duo-gateway:problem:invalid-study"
+    INVALID_DESTINATION = "urn:duo-gateway:problem:invalid-destination"
+    INVALID_PATIENT_ID = "urn:duo-gateway:problem:invalid-patient-id"
+    DESTINATION_NOT_ALLOWED = "urn:duo-gateway:problem:destination-not-allowed"
+    NOT_FOUND = "urn:duo-gateway:problem:not-found"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,6 +234,75 @@ class TimelineAnswer(_Response):
                    sources=[Source.from_outcome(o) for o in result.sources])
 
 
+# --------------------------------------------------------------------------------------------------
+# Transfers
+# --------------------------------------------------------------------------------------------------
+
+#: DICOM AE title (PS3.5 AE VR): 1-16 characters, no backslash or control characters.
+AE_TITLE_PATTERN: Final = r"^[ -\[\]-~]{1,16}$"
+#: A DICOM LO value without backslash: what PatientID may hold.
+PATIENT_ID_PATTERN: Final = r"^[ -\[\]-~]{1,64}$"
+MAX_TRANSFER_STUDIES: Final = 100
+
+
+class DestinationAddress(_Request):
+    """An ad-hoc destination, accepted only where the gateway's configuration allows it."""
+
+    ae_title: str = Field(pattern=AE_TITLE_PATTERN)
+    host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")
+    port: int = Field(ge=1, le=65535)
+
+
+class TransferQuery(_Request):
+    """POST {prefix}/transfers: studies from a timeline, brought into the requester's own PACS."""
+
+    studies: list[Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[A-Za-z0-9_-]+$")]] = Field(
+        min_length=1, max_length=MAX_TRANSFER_STUDIES,
+        description="Study `id`s exactly as a timeline answer gave them (opaque, sealed by DUO).")
+    destination: str | DestinationAddress = Field(
+        description="The name of a configured destination PACS, or an AE title/host/port where allowed.")
+    requester: Requester
+    local_patient_id: str | None = Field(
+        default=None, pattern=PATIENT_ID_PATTERN,
+        description="The patient's id in the destination PACS: DUO writes it as PatientID (keeping the "
+        "original in OtherPatientIDsSequence) so the study lands on the right patient.")
+
+
+TransferState = Literal["queued", "running", "completed", "partial", "failed", "cancelled"]
+StudyTransferState = Literal["pending", "running", "completed", "partial", "failed", "cancelled"]
+
+
+class TransferAccepted(_Response):
+    id: str
+    state: TransferState
+    href: str = Field(description="Where to read the transfer's state.")
+
+
+class StudyTransfer(_Response):
+    id: str = Field(description="The study id from the request.")
+    state: StudyTransferState
+    instances_expected: int | None = Field(ge=0, description="From the source's manifest; null until read.")
+    instances_stored: int = Field(ge=0)
+    instances_failed: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    detail: str | None
+
+
+class TransferStatus(_Response):
+    id: str
+    state: TransferState
+    instances_expected: int | None = Field(ge=0)
+    instances_stored: int = Field(ge=0, description="Stored at the destination with a success status.")
+    instances_failed: int = Field(ge=0, description="Not stored (yet): the last attempt failed.")
+    bytes: int = Field(ge=0)
+    destination: str
+    created: str = Field(description="ISO 8601, UTC.")
+    updated: str = Field(description="ISO 8601, UTC.")
+    cancel_requested: bool
+    studies: list[StudyTransfer]
+    errors: list[str]
+
+
 class FieldError(_Response):
     pointer: str = Field(description="RFC 6901 JSON Pointer into the request body; empty: the body itself.")
     detail: str
@@ -257,14 +331,33 @@ def openapi_component_schemas() -> dict[str, Any]:
     Requests are described as validated, responses as serialised (pydantic's two JSON Schema modes).
     """
     _, top = models_json_schema(
-        [(TimelineQuery, "validation"), (TimelineAnswer, "serialization"), (Problem, "serialization")],
+        [(TimelineQuery, "validation"), (TimelineAnswer, "serialization"), (Problem, "serialization"),
+         (TransferQuery, "validation"), (TransferAccepted, "serialization"),
+         (TransferStatus, "serialization")],
         ref_template=REF_TEMPLATE)
     defs: dict[str, Any] = top["$defs"]
     return defs
 
 
 __all__ = [
-    "MAX_INSTITUTIONS", "MAX_PERIOD_DAYS", "FieldError", "Institution", "Patient", "Period", "Problem",
-    "ProblemType", "ReportLink", "Requester", "Source", "Study", "TimelineAnswer", "TimelineQuery",
+    "MAX_INSTITUTIONS",
+    "MAX_PERIOD_DAYS",
+    "DestinationAddress",
+    "FieldError",
+    "Institution",
+    "Patient",
+    "Period",
+    "Problem",
+    "ProblemType",
+    "ReportLink",
+    "Requester",
+    "Source",
+    "Study",
+    "StudyTransfer",
+    "TimelineAnswer",
+    "TimelineQuery",
+    "TransferAccepted",
+    "TransferQuery",
+    "TransferStatus",
     "openapi_component_schemas",
 ]

@@ -26,7 +26,7 @@ def test_demo_once_shows_every_component_healthy(tmp_path: Path) -> None:
     ports_file = tmp_path / "ports.json"
     proc = run_demo("--once", "--ports-file", str(ports_file))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "13 of 13 checks passed: network healthy" in proc.stdout
+    assert "14 of 14 checks passed: network healthy" in proc.stdout
     ports = json.loads(ports_file.read_text())
     assert ports["duo"]["home_community_id"].startswith("urn:oid:")
     assert ports["duo"]["metrics"].endswith("/metrics")
@@ -46,6 +46,10 @@ def test_demo_once_shows_every_component_healthy(tmp_path: Path) -> None:
         set(c) >= {"home_community_id", "name", "iti38", "iti39", "rad75"} for c in ports["xca_communities"]
     )
     assert sorted(p["consent"] for p in ports["patients"]) == ["all", "none", "partial"]
+    # The requester's own PACS, where the demo's transfers land (issue 6's contract).
+    assert set(ports["requester_pacs"]) == {"name", "ae_title", "host", "port"}
+    assert ports["requester_pacs"]["port"] > 0
+    assert "Transfers into the requester's PACS" in proc.stdout
     # loopback only, every endpoint
     text = json.dumps(ports)
     assert "0.0.0.0" not in text and "localhost" not in text

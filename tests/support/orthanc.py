@@ -45,6 +45,13 @@ class Orthanc:
         with urllib.request.urlopen(f"http://{self.host}:{self.http_port}{path}", timeout=10) as r:
             return json.loads(r.read())
 
+    def post(self, path: str, body: object) -> object:
+        request = urllib.request.Request(f"http://{self.host}:{self.http_port}{path}",
+                                         data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.loads(r.read())
+
 
 @contextmanager
 def run_orthanc(workdir: Path, *, ae_title: str = "ORTHANC",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any, get_args
@@ -17,6 +18,7 @@ import schemathesis
 import yaml
 from aiohttp import web
 from hypothesis import HealthCheck, settings
+from prometheus_client import CollectorRegistry
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -25,9 +27,13 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from duo_gateway.config.timeline import TimelineConfig
+from duo_gateway.config.transfer import DestinationPacs, TransferConfig
+from duo_gateway.consent import ConsentGate
 from duo_gateway.http.server import build_app
-from duo_gateway.mitz.wire import PURPOSES
+from duo_gateway.mitz.client import ConsentDecision
+from duo_gateway.mitz.wire import PURPOSES, ClosedQuestion
 from duo_gateway.observability.metrics import Metrics
+from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import SourceKind, SourceStatus
 from duo_gateway.tlb.api import DEFAULT_SCHEMA_PATH, TlbApiDoor
 from duo_gateway.tlb.models import (
@@ -38,11 +44,18 @@ from duo_gateway.tlb.models import (
     TimelineQuery,
     openapi_component_schemas,
 )
+from duo_gateway.transfer.metrics import TransferMetrics
+from duo_gateway.transfer.service import TransferService
+from duo_gateway.transfer.store import TransferStore
+from tests.support.gateway import make_config
 from tests.tlb.test_api import CANNED, FakeProvider
 
 DOC: dict[str, Any] = yaml.safe_load(DEFAULT_SCHEMA_PATH.read_text(encoding="utf-8"))
 SCHEMA = schemathesis.openapi.from_path(DEFAULT_SCHEMA_PATH)
 TIMELINE = DOC["paths"]["/timeline"]["post"]
+#: Every status any operation documents.
+STATUSES = {status for path in DOC["paths"].values() for op in path.values() if isinstance(op, dict)
+            for status in op.get("responses", {})}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,7 +137,7 @@ def test_the_examples_are_what_the_models_accept() -> None:
             if value is not None:
                 problem = Problem.model_validate(value)
                 assert problem.type in {t.value for t in ProblemType}
-                assert str(problem.status) in TIMELINE["responses"]
+                assert str(problem.status) in STATUSES
                 problems += 1
     assert problems >= 6
 
@@ -134,26 +147,43 @@ def test_the_examples_are_what_the_models_accept() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+class _NoMitz:
+    """Schemathesis cannot forge a sealed study id, so no job ever runs and Mitz is never asked."""
+
+    async def closed_question(self, question: ClosedQuestion) -> ConsentDecision:
+        raise AssertionError("no transfer job can exist in this test")
+
+
 @pytest.fixture(scope="module")
-def live_url() -> Iterator[str]:
+def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The door in DUO's HTTP app on a loopback port, served from its own thread and event loop, since
-    schemathesis calls it synchronously."""
+    schemathesis calls it synchronously. Transfers are served by the real service over SQLite."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="tlb-api-live", daemon=True)
     thread.start()
+    storage = tmp_path_factory.mktemp("transfers")
+    config = make_config(storage, mitz_port=9)
+    config = config.model_copy(update={"transfers": TransferConfig(destinations=[DestinationPacs(
+        name="own-pacs", ae_title="OWN_PACS", host="127.0.0.1", port=9)])})
+    ids = StudyIds(os.urandom(32))
 
-    async def start() -> web.AppRunner:
-        door = TlbApiDoor(FakeProvider(result=CANNED), TimelineConfig())
+    async def start() -> tuple[web.AppRunner, TransferService]:
+        transfers = TransferService(config, store=TransferStore.open(None, storage), study_ids=ids,
+                                    gate=ConsentGate(_NoMitz()), sources={}, retrievers={},
+                                    metrics=TransferMetrics(CollectorRegistry()), auditor=None)
+        await transfers.start()
+        door = TlbApiDoor(FakeProvider(result=CANNED), TimelineConfig(), transfers=transfers)
         runner = web.AppRunner(build_app(Metrics(), lambda: [], 1.0, [door]))
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return runner
+        return runner, transfers
 
-    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    runner, transfers = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
     try:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}/tlb/v1"
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(transfers.stop(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()

@@ -1,0 +1,68 @@
+"""Where a transfer's instances come from, seen through one small interface.
+
+A study lives either in a TLB hospital's PACS (DICOM, behind a Mitz closed question) or in an XCA
+community (ITI-39 manifest + RAD-75, consent being that community's business). The transfer runner
+only needs two things of either: *what the study holds* (the manifest it verifies against at the
+end) and *those instances, as they arrive* (spooled Part 10 files it relays and deletes). A new kind
+of source (DICOMweb, the TLB gateways' own protocol) is a new :class:`StudyFetcher`, nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from duo_gateway.transfer.store import ExpectedInstance
+
+
+class FetchFailed(Exception):
+    """The source could not give the manifest or any instance now.
+
+    ``retryable``: a later attempt may succeed (down, timeout, refused association, Mitz outage);
+    otherwise (no consent, unknown study, a manifest that is not one) retrying only repeats it.
+    """
+
+    def __init__(self, detail: str, *, retryable: bool) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One instance on disk; the runner owns ``path`` from here and deletes it after relaying."""
+
+    sop_instance_uid: str
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True)
+class Missed:
+    """One asked-for instance the source said (or showed, by not sending it) it would not deliver."""
+
+    sop_instance_uid: str
+    detail: str
+    retryable: bool
+
+
+class StudyFetcher(Protocol):
+    #: Names the source in job detail, logs and metrics (e.g. ``tlb:00010001``, ``xca:urn:oid:…``).
+    source: str
+
+    async def manifest(self) -> list[ExpectedInstance]:
+        """Every instance of the study the source will deliver: what "completed" is checked against."""
+        ...
+
+    def fetch(self, wanted: Sequence[ExpectedInstance]) -> AsyncGenerator[Fetched | Missed, None]:
+        """Stream ``wanted`` as it arrives, then a :class:`Missed` for each one that did not come.
+
+        Raises :class:`FetchFailed` when the source as a whole failed; consumers iterate inside
+        ``contextlib.aclosing`` so an early stop releases the source and its spool at once.
+        """
+        ...
+
+
+__all__ = ["FetchFailed", "Fetched", "Missed", "StudyFetcher"]

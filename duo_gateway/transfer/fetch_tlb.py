@@ -1,0 +1,80 @@
+"""A study in a TLB hospital's PACS: Mitz closed question first, then C-FIND, then C-GET/C-MOVE.
+
+The Permit is asked once per fetcher (one per study per job attempt) and never cached beyond it: a
+transfer that resumes after a crash asks Mitz again, so a consent withdrawn in between is honoured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+
+from duo_gateway.config.peers import TlbHospital
+from duo_gateway.consent import ConsentGate, Permit, Refusal
+from duo_gateway.sources.base import ImagingSource, InstanceRecord, SourceUnavailable
+from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed
+from duo_gateway.transfer.store import ExpectedInstance
+from duo_gateway.xua import Claims
+
+
+class TlbStudyFetcher:
+    def __init__(self, *, hospital: TlbHospital, source: ImagingSource, gate: ConsentGate, claims: Claims,
+                 bsn: str, study_uid: str) -> None:
+        self.source = f"tlb:{hospital.ura}"
+        self._hospital = hospital
+        self._pacs = source
+        self._gate = gate
+        self._claims = claims
+        self._bsn = bsn
+        self._study_uid = study_uid
+        self._permit: Permit | None = None
+        self._records: dict[str, InstanceRecord] = {}
+
+    async def _consent(self) -> Permit:
+        if self._permit is None:
+            verdict = await self._gate.check(lambda: self._claims.closed_question(
+                bsn=self._bsn, holder_ura=self._hospital.ura, holder_type=self._hospital.organisation_type))
+            if isinstance(verdict, Refusal):
+                # A Mitz outage may pass; a Deny (or an incomplete question) will not by retrying.
+                outage = verdict.decision is None or verdict.decision.source == "error"
+                if verdict.decision is not None and not outage:
+                    raise FetchFailed(f"no consent: Mitz {verdict.decision.summary}", retryable=False)
+                raise FetchFailed(f"consent could not be established: {verdict.reason}",
+                                  retryable=verdict.decision is not None)
+            self._permit = verdict
+        return self._permit
+
+    async def manifest(self) -> list[ExpectedInstance]:
+        permit = await self._consent()
+        try:
+            records = await self._pacs.find_instances(permit, self._bsn, self._study_uid)
+        except SourceUnavailable as exc:
+            raise FetchFailed(f"{self.source}: {exc.detail}", retryable=exc.kind != "error") from exc
+        if not records:
+            raise FetchFailed(f"{self.source} holds no instances of this study for this patient",
+                              retryable=False)
+        self._records = {r.sop_instance_uid: r for r in records}
+        return [ExpectedInstance(r.sop_instance_uid, r.series_instance_uid, r.sop_class_uid) for r in records]
+
+    async def fetch(self, wanted: Sequence[ExpectedInstance]) -> AsyncGenerator[Fetched | Missed, None]:
+        permit = await self._consent()
+        records = [self._records.get(w.sop_instance_uid) or InstanceRecord(
+            self._study_uid, w.series_instance_uid, w.sop_class_uid, w.sop_instance_uid) for w in wanted]
+        arrived: set[str] = set()
+        try:
+            async with aclosing(self._pacs.retrieve(permit, self._bsn, self._study_uid, records)) as stream:
+                async for item in stream:
+                    arrived.add(item.record.sop_instance_uid)
+                    yield Fetched(item.record.sop_instance_uid, item.path, item.size)
+        except SourceUnavailable as exc:
+            if not arrived:
+                raise FetchFailed(f"{self.source}: {exc.detail}", retryable=exc.kind != "error") from exc
+            detail, retryable = f"{self.source}: {exc.detail}", True
+        else:
+            detail, retryable = f"{self.source} did not deliver it", True
+        for w in wanted:
+            if w.sop_instance_uid not in arrived:
+                yield Missed(w.sop_instance_uid, detail, retryable)
+
+
+__all__ = ["TlbStudyFetcher"]

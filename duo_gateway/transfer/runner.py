@@ -1,0 +1,367 @@
+"""One claimed transfer job, worked through: fetch each study, relay every instance, verify, finish.
+
+The rules that make a transfer trustworthy, and where they live here:
+
+- **An instance counts as stored only on a success (or warning) status from the destination**,
+  recorded in the job store right after that status and before the next instance; a crash in between
+  re-sends that one instance on resume, which a PACS treats as the same object (same SOP Instance UID).
+- **Resume fetches only what is missing**: the manifest is re-read (the source may have changed,
+  and a resumed job must ask Mitz again), merged idempotently with what the store already knows, and
+  only instances not yet stored are asked for.
+- **Transient is retried, permanent is recorded**: an association refused, a timeout, a destination
+  "out of resources" or a source outage is retried with exponential backoff and full jitter; a
+  refusal (no consent, an unknown study, a destination rejecting an object) is not, because
+  repeating it only repeats it.
+- **Completed means exactly the manifest**: the stored SOP Instance UIDs must equal the manifest's;
+  otherwise the study is ``partial`` (some stored) or ``failed`` (none), with the missing listed.
+- **Every write is fenced by the claim** (:class:`~duo_gateway.transfer.store.LeaseLost`): a job taken
+  over by another replica stops here without touching its state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import structlog
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from duo_gateway.config.loader import DuoConfig
+from duo_gateway.config.peers import TlbHospital, XcaCommunity
+from duo_gateway.config.transfer import DestinationPacs
+from duo_gateway.consent import ConsentGate
+from duo_gateway.dicom.reconcile import reconcile_file
+from duo_gateway.dicom.store import StoreClient, StoreUnavailable
+from duo_gateway.sources.base import ImagingSource
+from duo_gateway.timeline.ids import StudyIds
+from duo_gateway.timeline.model import StudyRef
+from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed, StudyFetcher
+from duo_gateway.transfer.fetch_tlb import TlbStudyFetcher
+from duo_gateway.transfer.fetch_xca import XcaStudyFetcher
+from duo_gateway.transfer.metrics import TransferMetrics
+from duo_gateway.transfer.store import (
+    ExpectedInstance,
+    InstanceRow,
+    Job,
+    JobState,
+    StudyProgress,
+    StudyState,
+    TransferStore,
+)
+from duo_gateway.xca.initiating.retrieve import CommunityRetriever
+from duo_gateway.xua import Claims
+
+log = structlog.get_logger(__name__)
+
+UNCOMPRESSED: Final = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+#: How many missing UIDs a study's detail names; the full list is in the instance rows.
+SHOWN_MISSING: Final = 10
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    state: StudyState
+    detail: str
+    stored: int
+    expected: int
+    bytes: int
+    source: str
+
+
+class _Relay:
+    """Reconcile (when asked) and C-STORE one fetched instance, with retries for transient failures."""
+
+    def __init__(self, runner: JobRunner, job: Job, index: int, client: StoreClient,
+                 issuer: str | None) -> None:
+        self._r = runner
+        self._issuer = issuer
+        self._job = job
+        self._index = index
+        self._client = client
+
+    async def __call__(self, item: Fetched) -> bool:
+        """True when the failure (if any) was transient, so another pass may still store it."""
+        job, cfg = self._job, self._r.cfg.transfers
+        paths = [item.path]
+        try:
+            meta = await asyncio.to_thread(read_file_meta_info, item.path)
+            sop_uid = str(meta.get("MediaStorageSOPInstanceUID", ""))
+            sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+            syntax = str(meta.get("TransferSyntaxUID", ""))
+            if sop_uid != item.sop_instance_uid or not sop_class or not syntax:
+                await self._failed(item, "the source sent an object that is not the instance asked for")
+                return True
+            path = item.path
+            if job.local_patient_id:
+                path = item.path.with_name(item.path.name + ".reconciled")
+                paths.append(path)
+                await asyncio.to_thread(reconcile_file, item.path, path,
+                                        local_patient_id=job.local_patient_id,
+                                        issuer=self._issuer)
+            for attempt in range(cfg.retries + 1):
+                last = attempt == cfg.retries
+                try:
+                    result = await self._client.store(path, sop_class_uid=sop_class, sop_instance_uid=sop_uid,
+                                                      transfer_syntax_uid=syntax)
+                except StoreUnavailable as exc:
+                    if last or not exc.retryable:
+                        await self._failed(item, f"destination unavailable: {exc.detail}")
+                        return True
+                    await self._r.backoff(attempt)
+                    continue
+                if result.outcome in ("stored", "warning"):
+                    first = await self._r.store.mark_stored(job.id, self._r.owner, self._index, sop_uid,
+                                                            item.size)
+                    if first:
+                        self._r.metrics.instances.labels("stored").inc()
+                        self._r.metrics.bytes.inc(item.size)
+                    self._r.changed()
+                    return False
+                if result.outcome == "transient" and not last:
+                    await self._r.backoff(attempt)
+                    continue
+                await self._failed(item, f"destination: {result.detail} (status 0x{result.status:04X})")
+                return result.outcome == "transient"
+            return True  # pragma: no cover - the loop always returns
+        finally:
+            for p in paths:
+                p.unlink(missing_ok=True)
+
+    async def _failed(self, item: Fetched, detail: str) -> None:
+        self._r.metrics.instances.labels("failed").inc()
+        await self._r.store.mark_failed(self._job.id, self._r.owner, self._index, item.sop_instance_uid,
+                                        detail)
+        self._r.changed()
+
+
+class JobRunner:
+    """Runs claimed jobs for one DUO process (``owner``); one instance shared by its workers."""
+
+    def __init__(self, cfg: DuoConfig, *, store: TransferStore, owner: str, study_ids: StudyIds,
+                 gate: ConsentGate, sources: Mapping[str, ImagingSource],
+                 retrievers: Mapping[str, CommunityRetriever], metrics: TransferMetrics,
+                 changed: Callable[[], None], audit: Callable[[Job, int, StudyOutcome, Claims], None],
+                 rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.owner = owner
+        self.metrics = metrics
+        self.changed = changed
+        self._ids = study_ids
+        self._gate = gate
+        self._sources = dict(sources)
+        self._retrievers = dict(retrievers)
+        self._audit = audit
+        self._rng = rng or random.SystemRandom()
+
+    async def backoff(self, attempt: int) -> None:
+        cfg = self.cfg.transfers
+        await asyncio.sleep(self._rng.uniform(0, cfg.retry_backoff_s * 2 ** attempt))
+
+    def destination(self, spec: Mapping[str, object]) -> DestinationPacs:
+        """The job's destination, re-read from the current configuration when it is a named one, so an
+        operator's correction (new port, TLS) applies to resumed jobs too."""
+        name = spec.get("name")
+        if spec.get("adhoc"):
+            return DestinationPacs.model_validate(
+                {k: spec[k] for k in ("name", "ae_title", "host", "port") if k in spec})
+        for dest in self.cfg.transfers.destinations:
+            if dest.name == name:
+                return dest
+        raise LookupError(f"destination {name!r} is no longer configured")
+
+    async def run(self, job: Job) -> Job:
+        """Work the job to a final state; raises LeaseLost (fencing) or CancelledError unchanged."""
+        started = time.perf_counter()
+        claims = Claims(**job.requester)
+        try:
+            destination = self.destination(job.destination)
+        except LookupError as exc:
+            return await self._finish(job, "failed", [str(exc)])
+        log.info("transfer_started", job=job.id, studies=len(job.studies), destination=destination.name,
+                 resumed=any(s.state != "pending" for s in job.studies))
+        outcomes: list[StudyOutcome | None] = []
+        async with AsyncExitStack() as stack:
+            client = await stack.enter_async_context(
+                StoreClient(destination, self.cfg.listeners.dicom.ae_title))
+            for study in job.studies:
+                if study.state == "completed":
+                    outcomes.append(None)
+                    continue
+                outcome = await self._study(job, study, claims, client, destination)
+                outcomes.append(outcome)
+                self._audit(job, study.index, outcome, claims)
+        fresh = await self.store.get(job.id)
+        assert fresh is not None
+        states = [s.state for s in fresh.studies]
+        errors = [f"study {s.index + 1}: {s.detail}" for s in fresh.studies
+                  if s.state != "completed" and s.detail]
+        if all(s == "completed" for s in states):
+            final: JobState = "completed"
+        elif fresh.instances_stored > 0 or "completed" in states or "partial" in states:
+            final = "partial"
+        else:
+            final = "failed"
+        seconds = time.perf_counter() - started
+        moved = sum(o.bytes for o in outcomes if o is not None)
+        if seconds > 0 and moved:
+            self.metrics.throughput.observe(moved / seconds)
+        log.info("transfer_finished", job=job.id, state=final, stored=fresh.instances_stored,
+                 failed=fresh.instances_failed, seconds=round(seconds, 3))
+        return await self._finish(job, final, errors)
+
+    async def _finish(self, job: Job, state: JobState, errors: list[str]) -> Job:
+        done = await self.store.finish(job.id, self.owner, state, errors)
+        self.metrics.jobs.labels(state).inc()
+        self.changed()
+        return done
+
+    def check_study(self, study_id: str) -> None:
+        """Raises ValueError for an id DUO did not issue, LookupError for a source it no longer knows."""
+        ref = self._ids.open(study_id).ref
+        if ref.kind == "tlb":
+            self._hospital(ref)
+        else:
+            self._community(ref)
+
+    def _hospital(self, ref: StudyRef) -> tuple[TlbHospital, ImagingSource]:
+        hospital = next((h for h in self.cfg.tlb_hospitals if h.ura == ref.hospital_ura), None)
+        source = self._sources.get(ref.hospital_ura or "")
+        if hospital is None or source is None:
+            raise LookupError(f"TLB hospital {ref.hospital_ura} is not (or no longer) configured")
+        return hospital, source
+
+    def _community(self, ref: StudyRef) -> tuple[XcaCommunity, CommunityRetriever]:
+        community = next((c for c in self.cfg.xca_communities
+                          if c.home_community_id == ref.home_community_id), None)
+        retriever = self._retrievers.get(ref.home_community_id)
+        if community is None or retriever is None:
+            raise LookupError(f"community {ref.home_community_id} is not (or no longer) configured")
+        return community, retriever
+
+    def _fetcher(self, study: StudyProgress, claims: Claims) -> StudyFetcher:
+        sealed = self._ids.open(study.study_id)
+        if sealed.ref.kind == "tlb":
+            hospital, source = self._hospital(sealed.ref)
+            return TlbStudyFetcher(hospital=hospital, source=source, gate=self._gate, claims=claims,
+                                   bsn=sealed.bsn, study_uid=sealed.ref.study_uid)
+        community, retriever = self._community(sealed.ref)
+        return XcaStudyFetcher(community=community, retriever=retriever, claims=claims, bsn=sealed.bsn,
+                               ref=sealed.ref)
+
+    async def _study(self, job: Job, study: StudyProgress, claims: Claims, client: StoreClient,
+                     destination: DestinationPacs) -> StudyOutcome:
+        index = study.index
+        try:
+            fetcher = self._fetcher(study, claims)
+        except (LookupError, ValueError) as exc:
+            return await self._set(job, index, "failed", str(exc), source="unknown")
+        await self.store.set_study(job.id, self.owner, index, "running")
+        self.changed()
+
+        expected = await self._manifest(job, index, fetcher)
+        if isinstance(expected, StudyOutcome):
+            return expected
+        await self.store.add_expected(job.id, self.owner, index, expected)
+        self.changed()
+        # One association proposing every SOP class of the study, instead of re-associating mid-study.
+        client.expect((e.sop_class_uid, ts) for e in {e.sop_class_uid: e for e in expected}.values()
+                      for ts in UNCOMPRESSED)
+        relay = _Relay(self, job, index, client, destination.patient_id_issuer)
+        cfg = self.cfg.transfers
+        for attempt in range(cfg.retries + 1):
+            pending = [ExpectedInstance(r.sop_instance_uid, r.series_instance_uid, r.sop_class_uid)
+                       for r in await self.store.instances(job.id, index) if r.state != "stored"]
+            if not pending:
+                break
+            transient = await self._pass(job, index, fetcher, pending, relay)
+            if not transient or attempt == cfg.retries:
+                break
+            log.info("transfer_study_retry", job=job.id, study=index, pending=len(pending),
+                     attempt=attempt + 1)
+            await self.backoff(attempt)
+        return await self._verify(job, index, expected, fetcher.source)
+
+    async def _manifest(self, job: Job, index: int,
+                        fetcher: StudyFetcher) -> list[ExpectedInstance] | StudyOutcome:
+        cfg = self.cfg.transfers
+        for attempt in range(cfg.retries + 1):
+            try:
+                return await fetcher.manifest()
+            except FetchFailed as exc:
+                if not exc.retryable or attempt == cfg.retries:
+                    return await self._set(job, index, "failed", exc.detail, source=fetcher.source)
+                log.info("transfer_manifest_retry", job=job.id, study=index, attempt=attempt + 1)
+                await self.backoff(attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _pass(self, job: Job, index: int, fetcher: StudyFetcher, pending: list[ExpectedInstance],
+                    relay: Callable[[Fetched], Awaitable[bool]]) -> bool:
+        """One fetch of everything pending; True when something failed in a way worth another pass."""
+        transient = False
+        try:
+            async with aclosing(fetcher.fetch(pending)) as stream:
+                async for item in stream:
+                    if isinstance(item, Missed):
+                        self.metrics.instances.labels("failed").inc()
+                        await self.store.mark_failed(job.id, self.owner, index, item.sop_instance_uid,
+                                                     item.detail)
+                        self.changed()
+                        transient |= item.retryable
+                    else:
+                        transient |= await relay(item)
+        except FetchFailed as exc:
+            for w in pending:
+                await self.store.mark_failed(job.id, self.owner, index, w.sop_instance_uid, exc.detail)
+            self.changed()
+            return exc.retryable
+        return transient
+
+    async def _verify(self, job: Job, index: int, expected: list[ExpectedInstance],
+                      source: str) -> StudyOutcome:
+        rows = await self.store.instances(job.id, index)
+        stored = {r.sop_instance_uid for r in rows if r.state == "stored"}
+        wanted = {e.sop_instance_uid for e in expected}
+        nbytes = sum(r.bytes for r in rows if r.state == "stored")
+        missing = sorted(wanted - stored)
+        if not missing and stored >= wanted:
+            return await self._set(job, index, "completed", f"{len(stored)} instances stored and verified "
+                                   "against the manifest", source=source, stored=len(stored),
+                                   expected=len(wanted), nbytes=nbytes)
+        reasons = _reasons([r for r in rows if r.sop_instance_uid in set(missing)])
+        shown = ", ".join(missing[:SHOWN_MISSING]) + (" ..." if len(missing) > SHOWN_MISSING else "")
+        state: StudyState = "partial" if stored & wanted else "failed"
+        return await self._set(job, index, state, f"{len(missing)} of {len(wanted)} instances missing "
+                               f"({reasons}): {shown}", source=source, stored=len(stored & wanted),
+                               expected=len(wanted), nbytes=nbytes)
+
+    async def _set(self, job: Job, index: int, state: StudyState, detail: str, *, source: str,
+                   stored: int = 0, expected: int = 0, nbytes: int = 0) -> StudyOutcome:
+        await self.store.set_study(job.id, self.owner, index, state, detail)
+        self.changed()
+        log.info("transfer_study", job=job.id, study=index, state=state, source=source, stored=stored,
+                 expected=expected)
+        return StudyOutcome(state, detail, stored, expected, nbytes, source)
+
+
+def _reasons(rows: list[InstanceRow]) -> str:
+    """The distinct last errors of the missing instances, most frequent first."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.error or "not delivered"] = counts.get(r.error or "not delivered", 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    return "; ".join(f"{n}× {text}" for text, n in ranked[:3])
+
+
+def spool_for(storage: Path) -> Path:
+    return storage / "spool" / "transfers"
+
+
+__all__ = ["JobRunner", "StudyOutcome", "spool_for"]

@@ -1,0 +1,265 @@
+"""Transfers as the TLB API sees them: submit, read, cancel, watch; and the workers that run them.
+
+Jobs live in the :class:`~duo_gateway.transfer.store.TransferStore`, never only in this process:
+the API answers 202 as soon as the job is stored, any replica's worker may claim it, and a watcher
+(server-sent events) reads progress from the store, so it works whichever replica runs the job. The
+local runner pokes watchers on every change so progress shows without waiting for the poll.
+
+A submitted study id is opened (unsealed) at once: an id DUO did not issue, or for a source DUO no
+longer knows, is the caller's error and answered as such, not discovered later by a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import structlog
+
+from duo_gateway.audit.auditor import Auditor
+from duo_gateway.config.loader import DuoConfig
+from duo_gateway.config.transfer import DestinationPacs
+from duo_gateway.consent import ConsentGate
+from duo_gateway.sources.base import ImagingSource
+from duo_gateway.timeline.ids import StudyIds
+from duo_gateway.transfer.metrics import TransferMetrics
+from duo_gateway.transfer.runner import JobRunner, StudyOutcome
+from duo_gateway.transfer.store import TERMINAL_STATES, Job, LeaseLost, NewJob, TransferStore
+from duo_gateway.xca.initiating.retrieve import CommunityRetriever
+from duo_gateway.xua import Claims
+
+log = structlog.get_logger(__name__)
+
+#: How often an idle worker looks for queued work (a submit here wakes it at once).
+CLAIM_POLL_S: Final = 1.0
+#: How often a watcher re-reads a job it has not been poked about (another replica runs it).
+WATCH_POLL_S: Final = 0.5
+#: Studies in one transfer request at most.
+MAX_STUDIES: Final = 100
+
+RefusalKind = Literal["unknown-study", "unknown-destination", "destination-not-allowed"]
+
+
+class TransferRefused(Exception):
+    """A request DUO will not queue; ``kind`` picks the API problem, ``detail`` says what to fix."""
+
+    def __init__(self, kind: RefusalKind, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class AdhocDestination:
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class TransferRequest:
+    study_ids: tuple[str, ...]
+    destination: str | AdhocDestination
+    requester: Claims
+    local_patient_id: str | None = None
+
+
+class TransferService:
+    def __init__(self, cfg: DuoConfig, *, store: TransferStore, study_ids: StudyIds, gate: ConsentGate,
+                 sources: Mapping[str, ImagingSource], retrievers: Mapping[str, CommunityRetriever],
+                 metrics: TransferMetrics, auditor: Auditor | None,
+                 audit: Callable[[Job, int, StudyOutcome, Claims], None] | None = None,
+                 owner: str | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self._ids = study_ids
+        self._metrics = metrics
+        self._auditor = auditor
+        #: Unique per process, readable in the store: which replica holds a job.
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self._changed = asyncio.Condition()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._workers: list[asyncio.Task[None]] = []
+        self._running: dict[str, asyncio.Task[Job]] = {}
+        self._cancel_asked: set[str] = set()
+        self.runner = JobRunner(cfg, store=store, owner=self.owner, study_ids=study_ids, gate=gate,
+                                sources=sources, retrievers=retrievers, metrics=metrics,
+                                changed=self._poke, audit=audit or (lambda *_: None))
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.store.start()
+        self._workers = [asyncio.create_task(self._worker(n), name=f"transfer-worker-{n}")
+                         for n in range(self.cfg.transfers.workers)]
+        self._workers.append(asyncio.create_task(self._purger(), name="transfer-purge"))
+
+    async def stop(self) -> None:
+        """Stop working; unfinished jobs keep their state and are resumed when the lease lapses."""
+        self._stopping = True
+        self._wake.set()
+        for task in [*self._running.values(), *self._workers]:
+            task.cancel()
+        await asyncio.gather(*self._running.values(), *self._workers, return_exceptions=True)
+        await self.store.close()
+
+    # -- API -----------------------------------------------------------------------------------
+    async def submit(self, request: TransferRequest) -> Job:
+        if not request.study_ids:
+            raise TransferRefused("unknown-study", "name at least one study")
+        for n, study_id in enumerate(request.study_ids):
+            try:
+                self.runner.check_study(study_id)
+            except (LookupError, ValueError) as exc:
+                raise TransferRefused("unknown-study", f"studies[{n}]: {exc}") from None
+        destination = self._destination(request.destination, request.requester)
+        spec = {"name": destination.name, "ae_title": destination.ae_title, "host": destination.host,
+                "port": destination.port}
+        if isinstance(request.destination, AdhocDestination):
+            spec["adhoc"] = True
+        claims = request.requester
+        job = await self.store.create(NewJob(
+            requester={"uzi": claims.uzi, "role": claims.role, "ura": claims.ura, "purpose": claims.purpose,
+                       "organisation_type": claims.organisation_type, "mandated_uzi": claims.mandated_uzi},
+            destination=spec, studies=tuple(dict.fromkeys(request.study_ids)),
+            local_patient_id=request.local_patient_id))
+        self._metrics.submitted.inc()
+        log.info("transfer_submitted", job=job.id, studies=len(job.studies), destination=destination.name,
+                 requester_ura=claims.ura)
+        self._wake.set()
+        return job
+
+    async def get(self, job_id: str) -> Job | None:
+        return await self.store.get(job_id)
+
+    async def cancel(self, job_id: str) -> Job | None:
+        job = await self.store.request_cancel(job_id)
+        if job is not None:
+            task = self._running.get(job_id)
+            if task is not None:
+                self._cancel_asked.add(job_id)
+                task.cancel()
+            self._poke()
+        return job
+
+    async def watch(self, job_id: str) -> AsyncIterator[Job]:
+        """Every change of the job (by revision), ending with its final state."""
+        seen = -1
+        while True:
+            revision = await self.store.revision(job_id)
+            if revision is None:
+                return
+            if revision != seen:
+                job = await self.store.get(job_id)
+                if job is None:
+                    return
+                seen = job.revision
+                yield job
+                if job.state in TERMINAL_STATES:
+                    return
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), WATCH_POLL_S)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _destination(self, wanted: str | AdhocDestination, claims: Claims) -> DestinationPacs:
+        cfg = self.cfg.transfers
+        if isinstance(wanted, AdhocDestination):
+            if not cfg.allow_adhoc_destinations:
+                raise TransferRefused("destination-not-allowed", "ad-hoc destinations are not allowed here; "
+                                      "name a configured destination")
+            return DestinationPacs(name=f"{wanted.ae_title}@{wanted.host}:{wanted.port}",
+                                   ae_title=wanted.ae_title, host=wanted.host, port=wanted.port)
+        dest = next((d for d in cfg.destinations if d.name == wanted), None)
+        if dest is None:
+            raise TransferRefused("unknown-destination", f"no destination named {wanted!r} is configured")
+        if dest.uras and claims.ura.zfill(8) not in {u.zfill(8) for u in dest.uras}:
+            raise TransferRefused("destination-not-allowed",
+                                  f"organisation {claims.ura} may not send to {wanted!r}")
+        return dest
+
+    def _poke(self) -> None:
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        task = asyncio.get_running_loop().create_task(notify())
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def _worker(self, n: int) -> None:
+        while not self._stopping:
+            try:
+                job = await self.store.claim(self.owner, self.cfg.transfers.lease_s)
+            except Exception:
+                log.exception("transfer_claim_failed", worker=n)
+                job = None
+            if job is None:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), CLAIM_POLL_S)
+                continue
+            await self._work(job)
+
+    async def _work(self, job: Job) -> None:
+        task = asyncio.create_task(self.runner.run(job), name=f"transfer-{job.id}")
+        self._running[job.id] = task
+        self._metrics.running.inc()
+        heartbeat = asyncio.create_task(self._heartbeat(job.id, task))
+        try:
+            await task
+        except asyncio.CancelledError:
+            if job.id in self._cancel_asked:
+                with contextlib.suppress(LeaseLost):
+                    await self.store.finish(job.id, self.owner, "cancelled", ["cancelled by the requester"])
+                    self._metrics.jobs.labels("cancelled").inc()
+                    log.info("transfer_cancelled", job=job.id)
+            elif self._stopping:
+                raise
+        except LeaseLost:
+            log.warning("transfer_lease_lost", job=job.id)
+        except Exception:
+            log.exception("transfer_job_crashed", job=job.id)
+            with contextlib.suppress(Exception):
+                await self.store.finish(job.id, self.owner, "failed", ["internal error; see the gateway log"])
+        finally:
+            heartbeat.cancel()
+            self._running.pop(job.id, None)
+            self._cancel_asked.discard(job.id)
+            self._metrics.running.dec()
+            self._poke()
+
+    async def _heartbeat(self, job_id: str, task: asyncio.Task[Job]) -> None:
+        """Keeps the claim alive; stops the job when it was cancelled elsewhere or the claim was lost."""
+        period = self.cfg.transfers.lease_s / 3
+        while not task.done():
+            await asyncio.sleep(period)
+            try:
+                job = await self.store.renew(job_id, self.owner, self.cfg.transfers.lease_s)
+            except LeaseLost:
+                task.cancel()
+                return
+            except Exception:
+                log.exception("transfer_renew_failed", job=job_id)
+                continue
+            if job.cancel_requested:
+                self._cancel_asked.add(job_id)
+                task.cancel()
+                return
+
+    async def _purger(self) -> None:
+        while not self._stopping:
+            try:
+                purged = await self.store.purge(self.cfg.transfers.keep_finished_s)
+                if purged:
+                    log.info("transfer_jobs_purged", count=purged)
+            except Exception:
+                log.exception("transfer_purge_failed")
+            await asyncio.sleep(3600)
+
+
+__all__ = ["MAX_STUDIES", "AdhocDestination", "TransferRefused", "TransferRequest", "TransferService"]

@@ -1,0 +1,235 @@
+"""Transfers end to end, over HTTP, with Orthanc as the TLB hospital's PACS and as the requester's PACS.
+
+Each test takes study ids from DUO's own timeline (as the TLB app does), posts a transfer, and checks
+the result at the destination Orthanc itself, not only in DUO's status: "completed" is only true if
+every instance of the manifest is really there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from duo_gateway.dicom.qr import receiving_contexts
+from duo_gateway.sim.behaviour import Misbehaviour, MitzMisbehaviour
+from duo_gateway.sim.http import BEHAVIOUR_KEY
+from duo_gateway.sim.studies import write_study
+from tests.support.orthanc import Orthanc, load_with_storescu, run_orthanc
+from tests.transfer.harness import (
+    ALL,
+    LOCAL_ISSUER,
+    NONE,
+    NOORD,
+    TransferNetwork,
+    clear,
+    destination_instances,
+    kos_instances,
+    running,
+    tlb_studies,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    tmp = tmp_path_factory.mktemp("source")
+    files = [str(p) for s in tlb_studies() for p in write_study(s, tmp / "send" / s.study_instance_uid)]
+    with run_orthanc(tmp / "orthanc", ae_title="ORTHANC_SRC") as orthanc:
+        load_with_storescu(orthanc, files)
+        yield orthanc
+
+
+@pytest.fixture(scope="module")
+def destination(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    with run_orthanc(tmp_path_factory.mktemp("destination"), ae_title="OWN_PACS") as orthanc:
+        yield orthanc
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def network(tmp_path_factory: pytest.TempPathFactory, source: Orthanc,
+                  destination: Orthanc) -> AsyncIterator[TransferNetwork]:
+    async with running(tmp_path_factory.mktemp("net"), source, destination) as net:
+        yield net
+
+
+@pytest.fixture(autouse=True)
+def empty_destination(destination: Orthanc) -> None:
+    clear(destination)
+
+
+async def test_a_tlb_study_lands_in_the_requesters_pacs_on_the_local_patient(network: TransferNetwork,
+                                                                              destination: Orthanc) -> None:
+    [(study_id, study)] = await network.study_ids(ALL.bsn, "tlb:")
+    status, accepted = await network.submit([study_id], local_patient_id="LOCAL-42")
+    assert status == 202, accepted
+    assert accepted["href"].endswith(accepted["id"])
+    final = await network.wait(accepted["id"])
+    assert final["state"] == "completed", final
+    generated = next(s for s in tlb_studies() if s.study_instance_uid == study["study_instance_uid"])
+    wanted = {str(ds.SOPInstanceUID) for ds in generated.instances}
+    assert final["instances_expected"] == final["instances_stored"] == len(wanted)
+    assert final["instances_failed"] == 0 and final["bytes"] > 0
+    [detail] = final["studies"]
+    assert detail["id"] == study_id and detail["state"] == "completed"
+
+    arrived = await asyncio.to_thread(destination_instances, destination, study["study_instance_uid"])
+    assert set(arrived) == wanted
+    for tags in arrived.values():
+        # Import reconciliation: the local id is the patient id, the BSN is kept as another id.
+        assert tags["PatientID"] == "LOCAL-42"
+        assert tags["IssuerOfPatientID"] == LOCAL_ISSUER
+        assert ALL.bsn in json.dumps(tags["OtherPatientIDsSequence"])
+
+
+async def test_an_xca_study_lands_complete_as_its_manifest_lists_it(network: TransferNetwork,
+                                                                     destination: Orthanc) -> None:
+    studies = await network.study_ids(ALL.bsn, f"xca:{NOORD.home_community_id}")
+    assert studies
+    study_id, study = studies[0]
+    status, accepted = await network.submit([study_id])
+    assert status == 202, accepted
+    final = await network.wait(accepted["id"])
+    assert final["state"] == "completed", final
+    wanted = kos_instances(network.community_sim, study["study_instance_uid"])
+    assert final["instances_stored"] == final["instances_expected"] == len(wanted)
+    arrived = await asyncio.to_thread(destination_instances, destination, study["study_instance_uid"])
+    assert set(arrived) == wanted
+    # No local id asked: the study keeps the patient's own id.
+    assert {tags["PatientID"] for tags in arrived.values()} == {ALL.bsn}
+
+
+async def test_both_worlds_in_one_transfer_and_progress_as_server_sent_events(
+        network: TransferNetwork, destination: Orthanc) -> None:
+    [(tlb_id, _)] = await network.study_ids(ALL.bsn, "tlb:")
+    xca_id, _ = (await network.study_ids(ALL.bsn, "xca:"))[0]
+    status, accepted = await network.submit([tlb_id, xca_id])
+    assert status == 202
+    events: list[tuple[str, dict[str, object]]] = []
+    async with network.session.get(f"{network.api}/transfers/{accepted['id']}/events") as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        name = ""
+        async for raw in r.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+    assert events[-1][0] == "end" and events[-1][1]["state"] == "completed"
+    assert all(name == "progress" for name, _ in events[:-1]) and len(events) >= 2
+    stored = [int(str(e["instances_stored"])) for _, e in events]
+    assert stored == sorted(stored), "progress never goes backwards"
+
+
+async def test_refusals_are_problems_not_jobs(network: TransferNetwork) -> None:
+    [(study_id, _)] = await network.study_ids(ALL.bsn, "tlb:")
+    tampered = study_id[:-4] + ("AAAA" if not study_id.endswith("AAAA") else "BBBB")
+    status, problem = await network.submit([tampered])
+    assert status == 422 and problem["type"] == "urn:duo-gateway:problem:invalid-study", problem
+    status, problem = await network.submit([study_id], destination="nowhere")
+    assert status == 422 and problem["type"] == "urn:duo-gateway:problem:invalid-destination"
+    status, problem = await network.submit([study_id], destination={"ae_title": "X", "host": "127.0.0.1",
+                                                                    "port": 104})
+    assert status == 403 and problem["type"] == "urn:duo-gateway:problem:destination-not-allowed"
+    status, problem = await network.submit([study_id], local_patient_id="a\\b")
+    assert status == 422 and problem["type"] == "urn:duo-gateway:problem:invalid-patient-id"
+    async with network.session.get(f"{network.api}/transfers/00000000-0000-4000-8000-000000000000") as r:
+        assert r.status == 404
+        assert (await r.json())["type"] == "urn:duo-gateway:problem:not-found"
+
+
+async def test_no_consent_fails_the_study_and_nothing_is_fetched(network: TransferNetwork,
+                                                                  destination: Orthanc) -> None:
+    """A study id issued while consent held, used after it is gone: Mitz is asked again, and wins."""
+    [(study_id, study)] = await network.study_ids(ALL.bsn, "tlb:")
+    mitz_switch = network.mitz.app[BEHAVIOUR_KEY]
+    before = mitz_switch.value
+    mitz_switch.value = MitzMisbehaviour(force_decision="Deny")
+    try:
+        _, accepted = await network.submit([study_id])
+        final = await network.wait(accepted["id"])
+    finally:
+        mitz_switch.value = before
+    assert final["state"] == "failed", final
+    assert "no consent" in final["studies"][0]["detail"]
+    assert await asyncio.to_thread(destination_instances, destination, study["study_instance_uid"]) == {}
+    # The NONE patient has no timeline studies to send at all.
+    assert (await network.timeline(NONE.bsn))["studies"] == []
+
+
+async def test_a_community_down_for_a_while_is_retried_until_complete(network: TransferNetwork,
+                                                                     destination: Orthanc) -> None:
+    study_id, study = (await network.study_ids(ALL.bsn, "xca:"))[0]
+    with network.misbehaving(Misbehaviour(down=True)):
+        status, accepted = await network.submit([study_id])
+        assert status == 202
+        await asyncio.sleep(0.3)
+        assert (await network.status(accepted["id"]))["state"] in ("queued", "running")
+    final = await network.wait(accepted["id"])
+    assert final["state"] == "completed", final
+    arrived = await asyncio.to_thread(destination_instances, destination, study["study_instance_uid"])
+    assert set(arrived) == kos_instances(network.community_sim, study["study_instance_uid"])
+
+
+async def test_cancel_stops_a_running_transfer(network: TransferNetwork) -> None:
+    study_id, _ = (await network.study_ids(ALL.bsn, "xca:"))[0]
+    with network.misbehaving(Misbehaviour(delay_ms=400)):
+        status, accepted = await network.submit([study_id])
+        assert status == 202
+        deadline = time.monotonic() + 10
+        while (await network.status(accepted["id"]))["state"] == "queued":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        async with network.session.delete(f"{network.api}/transfers/{accepted['id']}") as r:
+            assert r.status == 200
+            assert (await r.json())["cancel_requested"] is True
+        final = await network.wait(accepted["id"], timeout_s=20)
+    assert final["state"] == "cancelled", final
+    assert final["instances_stored"] < (final["instances_expected"] or 10**6)
+
+
+async def test_a_destination_refusing_some_instances_makes_a_partial_with_the_missing_listed(
+        tmp_path: Path, source: Orthanc) -> None:
+    """A pynetdicom storage SCP that refuses every other instance (0xA900) and stores the rest."""
+    received: list[str] = []
+    refused: set[str] = set()
+
+    def on_store(event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        if len(received) % 2:
+            refused.add(uid)
+            received.append(uid)
+            return 0xA900
+        received.append(uid)
+        return 0x0000
+
+    ae = AE(ae_title="PICKY_PACS")
+    ae.supported_contexts = receiving_contexts()
+    ae.add_supported_context(Verification)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    picky = Orthanc("PICKY_PACS", "127.0.0.1", int(server.server_address[1]), 0)
+    try:
+        async with running(tmp_path, source, picky) as net:
+            [(study_id, study)] = await net.study_ids(ALL.bsn, "tlb:")
+            status, accepted = await net.submit([study_id])
+            assert status == 202
+            final = await net.wait(accepted["id"])
+    finally:
+        server.shutdown()
+    assert final["state"] == "partial", final
+    assert final["instances_failed"] == len(refused) > 0
+    assert final["instances_stored"] == final["instances_expected"] - len(refused)
+    detail = final["studies"][0]["detail"]
+    assert f"{len(refused)} of {final['instances_expected']} instances missing" in detail
+    assert any(uid in detail for uid in refused)
+    # Refused instances are not retried as if transient: each was offered exactly once.
+    assert sorted(received) == sorted(set(received))
+    assert study["study_instance_uid"]
