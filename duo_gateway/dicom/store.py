@@ -46,17 +46,19 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+import select
+import socket
 import ssl
 import struct
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Literal
 
 import pynetdicom
 import structlog
@@ -65,11 +67,11 @@ from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context, evt
+from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import split_dataset
+from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.presentation import PresentationContext
 
 from duo_gateway.config.transfer import DestinationPacs
@@ -86,9 +88,7 @@ SUCCESS = 0x0000
 #: Status DUO reports for an instance it could not even offer: the destination accepts no
 #: presentation context for it (PS3.7 C.5.19 "SOP Class not Supported" is the nearest meaning).
 NOT_SUPPORTED = 0x0122
-#: PDUs of one instance waiting for the socket, at most: 64 x 16 KiB (Orthanc's PDU) = 1 MiB.
-MAX_QUEUED_PDUS = 64
-#: PDU size we send when the peer allows "unlimited": pynetdicom would read the whole file into one.
+#: PDU size we send when the peer allows "unlimited" (or more): memory holds one PDU at a time.
 _MAX_SEND_PDU = 1 << 20
 _UNCOMPRESSED_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -186,6 +186,8 @@ class StoreClient:
         self._ae: AE | None = None
         #: Associations opened so far (re-associations included): for tests, logs and metrics.
         self.associations = 0
+        #: time.monotonic() of the last sign of life of the store in flight (set from the thread).
+        self._progress = 0.0
 
     async def __aenter__(self) -> StoreClient:
         return self
@@ -232,14 +234,23 @@ class StoreClient:
             ctx = contextvars.copy_context()
             fut = self._executor.submit(ctx.run, self._store_sync, path, str(sop_class_uid),
                                         str(sop_instance_uid), str(transfer_syntax_uid))
-            # pynetdicom's own timeouts (connect, ACSE, DIMSE, network) all fire well before this;
-            # it is the backstop for a thread that hangs anyway.
+            # pynetdicom's own timeouts (connect, ACSE, DIMSE) and the send stall check fire well
+            # before this; it is the backstop for a thread that hangs anyway. Measured from the last
+            # PDU written, so a big instance on a slow link is not cut off while it moves.
             budget = self.timeout_s * 4 + 5
+            self._progress = time.monotonic()
+            waiting = asyncio.shield(asyncio.wrap_future(fut))
             try:
-                return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), budget)
+                while True:
+                    left = self._progress + budget - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    done, _ = await asyncio.wait([waiting], timeout=left)
+                    if done:
+                        return waiting.result()
             except TimeoutError:
                 await self._drop_conn()
-                raise StoreUnavailable(f"no C-STORE response from {self._name} within {budget:g} s",
+                raise StoreUnavailable(f"no C-STORE progress towards {self._name} within {budget:g} s",
                                        kind="timeout") from None
             except asyncio.CancelledError:
                 # The C-STORE may or may not have reached the PACS: abort, so that the next store
@@ -358,7 +369,7 @@ class StoreClient:
         started = time.monotonic()
         try:
             status_ds = _send_file(conn.assoc, path, offset, context_id, sop, sop_uid, self._msg_id,
-                                   self.timeout_s)
+                                   self.timeout_s, self._touch)
         except _SendStalled as exc:
             self._abort_sync(conn)
             raise StoreUnavailable(f"C-STORE to {self._name} stalled: {exc}", kind="timeout") from None
@@ -380,6 +391,9 @@ class StoreClient:
         if outcome != "stored":
             log.warning("store_status", sop_instance_uid=sop_uid, status=f"0x{status:04X}", outcome=outcome)
         return StoreResult(sop_uid, status, outcome, detail)
+
+    def _touch(self) -> None:
+        self._progress = time.monotonic()
 
     def _release_sync(self, conn: _Conn) -> None:
         if conn.assoc.is_established:
@@ -437,12 +451,20 @@ def _dataset_offset(path: Path) -> int:
 
 
 def _send_file(assoc: Association, path: Path, offset: int | None, context_id: int, sop_class: str,
-               sop_uid: str, msg_id: int, stall_s: float) -> Dataset:
-    """``Association.send_c_store`` for a file, streamed with a bounded PDU queue.
+               sop_uid: str, msg_id: int, stall_s: float,
+               progress: Callable[[], None] | None = None) -> Dataset:
+    """``Association.send_c_store`` for a file, written straight to the association's socket.
 
-    Mirrors pynetdicom 3.0.4's send_c_store with STORE_SEND_CHUNKED_DATASET (pause the reactor so it
-    does not take our response, encode the message from the file, wait for the response), except
-    that PDUs are handed to the DUL only while fewer than MAX_QUEUED_PDUS are waiting.
+    Mirrors pynetdicom 3.0.4's send_c_store (pause the association reactor so it does not take our
+    response; wait for the C-STORE-RSP through the DIMSE provider) but writes the P-DATA-TF PDUs
+    itself, from this thread, instead of queueing each one for the DUL thread. pynetdicom's DUL moves
+    one PDU per reactor iteration and sleeps 1 ms whenever its queue runs dry, which capped a relay
+    at ~100 instances/s; it also queues *all* PDUs of an instance up front (a 500 MB instance would
+    sit in memory). Writing directly is safe because P-DATA does not change the DUL state machine
+    (DT-2 stays in Sta6), the reactor is paused, and nothing else writes while we do: the DUL only
+    writes what is queued to it (A-RELEASE/A-ABORT, which only come after this returns or when the
+    association is being torn down anyway). It keeps reading the socket, so a peer's A-ABORT is seen.
+    Memory: one PDU (the peer's max PDU length, at most 1 MiB) at a time.
     """
     if offset is None:
         offset = _dataset_offset(path)
@@ -451,26 +473,46 @@ def _send_file(assoc: Association, path: Path, offset: int | None, context_id: i
     req.Priority = 2
     req.AffectedSOPClassUID = sop_class
     req.AffectedSOPInstanceUID = sop_uid
-    req._dataset_path = (path, offset)
     msg = C_STORE_RQ()
     msg.primitive_to_message(req)
-    msg.context_id = context_id
+    msg.command_set.CommandDataSetType = 0x0001
+    msg._set_command_group_length()
+    command = encode(msg.command_set, True, True)
+    if command is None:
+        raise ValueError("could not encode the C-STORE-RQ command set")
     pdu_max = int(assoc.dimse.maximum_pdu_size or 0)
     if pdu_max <= 0 or pdu_max > _MAX_SEND_PDU:
         pdu_max = _MAX_SEND_PDU
+    fragment = pdu_max - 6  # PDV item: 4-byte length, context ID, control header, data
+    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    if sock is None:
+        return Dataset()
     assoc._reactor_checkpoint.clear()
     try:
         while not assoc._is_paused:
             if not assoc.is_established:
                 return Dataset()
             time.sleep(0.0001)
-        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": msg})
-        dul = assoc.dul
-        queue = dul.to_provider_queue
-        for pdata in msg.encode_msg(context_id, pdu_max):
-            if queue.qsize() >= MAX_QUEUED_PDUS:
-                _wait_for_room(assoc, queue, stall_s)
-            dul.send_pdu(pdata)
+        try:
+            _write_fragments(sock, context_id, command, fragment, True, stall_s, progress)
+            with open(path, "rb") as fh:
+                length = fh.seek(0, os.SEEK_END) - offset
+                fh.seek(offset)
+                left = length
+                while True:
+                    data = fh.read(min(fragment, left))
+                    if len(data) != min(fragment, left):
+                        raise ValueError(f"{path} shrank while it was being sent")
+                    left -= len(data)
+                    _write_pdu(sock, context_id, 0x02 if left == 0 else 0x00, data, stall_s)
+                    if progress is not None:
+                        progress()
+                    if left == 0:
+                        break
+        except (ConnectionError, ssl.SSLError) as exc:
+            # The peer went away mid-send; the DUL notices on its side and ends the association.
+            log.warning("store_send_failed", error=type(exc).__name__)
+            return Dataset()
         _, rsp = assoc.dimse.get_msg(block=True)
     finally:
         assoc._reactor_checkpoint.set()
@@ -480,17 +522,26 @@ def _send_file(assoc: Association, path: Path, offset: int | None, context_id: i
     return assoc._check_received_status(rsp)
 
 
-def _wait_for_room(assoc: Association, queue: Any, stall_s: float) -> None:
-    last, since = queue.qsize(), time.monotonic()
-    while queue.qsize() >= MAX_QUEUED_PDUS // 2:
-        if not assoc.is_established:
-            raise _SendStalled("association ended while sending")
-        size = queue.qsize()
-        if size != last:
-            last, since = size, time.monotonic()
-        elif time.monotonic() - since > stall_s:
-            raise _SendStalled(f"peer read nothing for {stall_s:g} s")
-        time.sleep(0.0002)
+def _write_fragments(sock: socket.socket, context_id: int, data: bytes, fragment: int, command: bool,
+                     stall_s: float, progress: Callable[[], None] | None) -> None:
+    view = memoryview(data)
+    for start in range(0, max(len(data), 1), fragment):
+        last = start + fragment >= len(data)
+        control = (0x01 if command else 0x00) | (0x02 if last else 0x00)
+        _write_pdu(sock, context_id, control, view[start:start + fragment], stall_s)
+        if progress is not None:
+            progress()
+
+
+def _write_pdu(sock: socket.socket, context_id: int, control: int, data: bytes | memoryview,
+               stall_s: float) -> None:
+    """One P-DATA-TF PDU with one PDV item (PS3.8 9.3.5): type 0x04, length, then the item."""
+    size = len(data)
+    header = struct.pack(">BBIIBB", 0x04, 0x00, size + 6, size + 2, context_id, control)
+    _, writable, _ = select.select([], [sock], [], stall_s)
+    if not writable:
+        raise _SendStalled(f"peer read nothing for {stall_s:g} s")
+    sock.sendall(header + bytes(data))
 
 
 # -- streamed Explicit <-> Implicit VR Little Endian transcoding ------------------------------------
