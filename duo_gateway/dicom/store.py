@@ -15,12 +15,13 @@ requester's own PACS (:class:`~duo_gateway.config.transfer.DestinationPacs`). De
   and re-associated with the larger set (at most 128 contexts; the least recently used SOP classes
   drop out first). :meth:`StoreClient.expect` pre-declares pairs to avoid those re-associations.
 - **Files are streamed, never decoded.** pynetdicom's ``send_c_store(path)`` either decodes the whole
-  dataset (x3 memory, slower) or, with the process-global ``STORE_SEND_CHUNKED_DATASET``, streams
-  it; but even then it queues *every* P-DATA PDU of the instance at once on an unbounded queue, so a
-  500 MB multi-frame instance to a slow WAN peer would sit in memory. :func:`_send_file` therefore
-  drives the same pynetdicom 3.0 internals (pinned like nodelay.py) but feeds PDUs only while fewer
-  than :data:`MAX_QUEUED_PDUS` wait for the socket: memory stays flat whatever the instance size,
-  and no process-global switch changes behaviour for other pynetdicom users in the process.
+  dataset (x3 memory, slower) or, with the process-global ``STORE_SEND_CHUNKED_DATASET``, streams it
+  through its DUL thread, which moves one PDU per reactor iteration, sleeps 1 ms whenever its queue
+  runs dry and queues *every* PDU of an instance up front (a 500 MB instance would sit in memory).
+  :func:`_send_file` keeps pynetdicom for association, reactor and response handling (3.0 internals,
+  pinned like nodelay.py) but writes the P-DATA-TF PDUs straight to the socket from the sending
+  thread: one PDU in memory at a time, and to DCMTK storescp about 2x the instances/s of pynetdicom's
+  own chunked send in one quick run (110-137 vs 50-75 MB/s for 0.5 MB CTs on a loaded 2-core VM).
 - **Conversion only where it is lossless and streamable.** When the destination declines the file's
   syntax but takes the other uncompressed little-endian one, the file is transcoded to a temp file
   (header re-encoded, pixel data copied in chunks, see reconcile.py) and that is sent. DUO never
@@ -90,6 +91,8 @@ SUCCESS = 0x0000
 NOT_SUPPORTED = 0x0122
 #: PDU size we send when the peer allows "unlimited" (or more): memory holds one PDU at a time.
 _MAX_SEND_PDU = 1 << 20
+#: DUL poll interval while a C-STORE-RSP is awaited (pynetdicom's idle default is 1 ms).
+_RESPONSE_POLL_S = 0.0001
 _UNCOMPRESSED_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
@@ -513,7 +516,15 @@ def _send_file(assoc: Association, path: Path, offset: int | None, context_id: i
             # The peer went away mid-send; the DUL notices on its side and ends the association.
             log.warning("store_send_failed", error=type(exc).__name__)
             return Dataset()
-        _, rsp = assoc.dimse.get_msg(block=True)
+        # The DUL polls its socket and sleeps 1 ms when idle: poll faster while the response is due
+        # (it is in a few ms), then go back to idling cheaply between instances.
+        dul = assoc.dul
+        idle_delay = dul._run_loop_delay
+        dul._run_loop_delay = _RESPONSE_POLL_S
+        try:
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            dul._run_loop_delay = idle_delay
     finally:
         assoc._reactor_checkpoint.set()
     if rsp is None:
