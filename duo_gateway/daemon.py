@@ -108,7 +108,7 @@ class Gateway:
             self.transfers = TransferService(
                 config, store=TransferStore.open(config.storage.url, config.storage.path),
                 study_ids=self.study_ids, gate=self.consent, sources=self.sources, retrievers=self.retrievers,
-                metrics=TransferMetrics(self.metrics.registry), auditor=self.auditor)
+                metrics=TransferMetrics(self.metrics.registry), auditor=self.auditor, identity=self.identity)
         if config.timeline.enabled:
             self._front_doors.append(TlbApiDoor(self.timeline, config.timeline, transfers=self.transfers))
         self.index: DocumentIndex | None = None

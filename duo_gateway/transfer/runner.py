@@ -33,6 +33,8 @@ import structlog
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from duo_gateway.audit.auditor import Auditor
+from duo_gateway.audit.messages import Peer
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.peers import TlbHospital, XcaCommunity
 from duo_gateway.config.transfer import DestinationPacs
@@ -42,6 +44,7 @@ from duo_gateway.dicom.store import StoreClient, StoreUnavailable
 from duo_gateway.sources.base import ImagingSource
 from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import StudyRef
+from duo_gateway.transfer.audit import audit_study
 from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed, StudyFetcher
 from duo_gateway.transfer.fetch_tlb import TlbStudyFetcher
 from duo_gateway.transfer.fetch_xca import XcaStudyFetcher
@@ -147,7 +150,7 @@ class JobRunner:
     def __init__(self, cfg: DuoConfig, *, store: TransferStore, owner: str, study_ids: StudyIds,
                  gate: ConsentGate, sources: Mapping[str, ImagingSource],
                  retrievers: Mapping[str, CommunityRetriever], metrics: TransferMetrics,
-                 changed: Callable[[], None], audit: Callable[[Job, int, StudyOutcome, Claims], None],
+                 changed: Callable[[], None], auditor: Auditor | None, identity: Peer,
                  rng: random.Random | None = None) -> None:
         self.cfg = cfg
         self.store = store
@@ -158,7 +161,8 @@ class JobRunner:
         self._gate = gate
         self._sources = dict(sources)
         self._retrievers = dict(retrievers)
-        self._audit = audit
+        self._auditor = auditor
+        self._identity = identity
         self._rng = rng or random.SystemRandom()
 
     async def backoff(self, attempt: int) -> None:
@@ -197,7 +201,7 @@ class JobRunner:
                     continue
                 outcome = await self._study(job, study, claims, client, destination)
                 outcomes.append(outcome)
-                self._audit(job, study.index, outcome, claims)
+                self._audit(study, outcome, destination)
         fresh = await self.store.get(job.id)
         assert fresh is not None
         states = [s.state for s in fresh.studies]
@@ -222,6 +226,19 @@ class JobRunner:
         self.metrics.jobs.labels(state).inc()
         self.changed()
         return done
+
+    def _audit(self, study: StudyProgress, outcome: StudyOutcome, destination: DestinationPacs) -> None:
+        if self._auditor is None:
+            return
+        try:
+            sealed = self._ids.open(study.study_id)
+        except ValueError:
+            return  # an id that never opened fetched nothing and disclosed nothing
+        hospital = next((h for h in self.cfg.tlb_hospitals if h.ura == sealed.ref.hospital_ura), None) \
+            if sealed.ref.kind == "tlb" else None
+        audit_study(self._auditor, gateway=self._identity, bsn=sealed.bsn, study_uid=sealed.ref.study_uid,
+                    state=outcome.state, detail=outcome.detail, destination=destination, hospital=hospital,
+                    stored=outcome.stored)
 
     def check_study(self, study_id: str) -> None:
         """Raises ValueError for an id DUO did not issue, LookupError for a source it no longer knows."""

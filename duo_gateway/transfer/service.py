@@ -15,20 +15,21 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
 import structlog
 
 from duo_gateway.audit.auditor import Auditor
+from duo_gateway.audit.messages import Peer
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.consent import ConsentGate
 from duo_gateway.sources.base import ImagingSource
 from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.transfer.metrics import TransferMetrics
-from duo_gateway.transfer.runner import JobRunner, StudyOutcome
+from duo_gateway.transfer.runner import JobRunner
 from duo_gateway.transfer.store import TERMINAL_STATES, Job, LeaseLost, NewJob, TransferStore
 from duo_gateway.xca.initiating.retrieve import CommunityRetriever
 from duo_gateway.xua import Claims
@@ -72,8 +73,7 @@ class TransferRequest:
 class TransferService:
     def __init__(self, cfg: DuoConfig, *, store: TransferStore, study_ids: StudyIds, gate: ConsentGate,
                  sources: Mapping[str, ImagingSource], retrievers: Mapping[str, CommunityRetriever],
-                 metrics: TransferMetrics, auditor: Auditor | None,
-                 audit: Callable[[Job, int, StudyOutcome, Claims], None] | None = None,
+                 metrics: TransferMetrics, auditor: Auditor | None, identity: Peer | None = None,
                  owner: str | None = None) -> None:
         self.cfg = cfg
         self.store = store
@@ -90,7 +90,8 @@ class TransferService:
         self._cancel_asked: set[str] = set()
         self.runner = JobRunner(cfg, store=store, owner=self.owner, study_ids=study_ids, gate=gate,
                                 sources=sources, retrievers=retrievers, metrics=metrics,
-                                changed=self._poke, audit=audit or (lambda *_: None))
+                                changed=self._poke, auditor=auditor,
+                                identity=identity or Peer(user_id=cfg.listeners.dicom.ae_title))
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:

@@ -15,13 +15,17 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from lxml import etree
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from duo_gateway.audit.sink import parse_file_records
+from duo_gateway.audit.syslog import parse_message
 from duo_gateway.dicom.qr import receiving_contexts
 from duo_gateway.sim.behaviour import Misbehaviour, MitzMisbehaviour
 from duo_gateway.sim.http import BEHAVIOUR_KEY
 from duo_gateway.sim.studies import write_study
+from duo_gateway.soap.xml import parse_xml
 from tests.support.orthanc import Orthanc, load_with_storescu, run_orthanc
 from tests.transfer.harness import (
     ALL,
@@ -233,3 +237,39 @@ async def test_a_destination_refusing_some_instances_makes_a_partial_with_the_mi
     # Refused instances are not retried as if transient: each was offered exactly once.
     assert sorted(received) == sorted(set(received))
     assert study["study_instance_uid"]
+
+
+async def test_transfers_are_audited_per_study_and_per_call(network: TransferNetwork) -> None:
+    """TLB: the import from the hospital and the disclosure to the destination (DICOM Instances
+    Transferred, 110104); XCA: the ITI-39 and RAD-75 Import records, then the disclosure."""
+    [(tlb_id, tlb_study)] = await network.study_ids(ALL.bsn, "tlb:")
+    xca_id, xca_study = (await network.study_ids(ALL.bsn, "xca:"))[0]
+    _, accepted = await network.submit([tlb_id, xca_id])
+    assert (await network.wait(accepted["id"]))["state"] == "completed"
+    audit_file = network.gateway.config.storage.path / "audit" / "audit.log"
+
+    def about(study_uid: str) -> list[etree._Element]:
+        events = [parse_xml(parse_message(r).msg)
+                  for r in parse_file_records(audit_file.read_bytes()).records] if audit_file.exists() else []
+        return [e for e in events if study_uid in e.xpath(
+            "ParticipantObjectIdentification/@ParticipantObjectID")]
+
+    deadline = time.monotonic() + 10
+    while len(about(tlb_study["study_instance_uid"])) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)  # the auditor writes behind a queue
+    for study, kinds in ((tlb_study, {"110104"}), (xca_study, {"110104"})):
+        events = about(study["study_instance_uid"])
+        ids = {str(e.xpath("string(EventIdentification/EventID/@csd-code)")) for e in events}
+        assert kinds <= ids, (study["sources"], ids)
+        # Earlier tests of this module sent (or failed to send) the same studies: this transfer's record
+        # is one of the successful ones.
+        pushed = [e for e in events if "OWN_PACS" in e.xpath("ActiveParticipant/@UserID")
+                  and str(e.xpath("string(EventIdentification/@EventOutcomeIndicator)")) == "0"]
+        assert pushed, "the disclosure to the requester's PACS is recorded"
+        patient = pushed[-1].xpath(
+            "string(ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='1']/@ParticipantObjectID)")
+        assert str(patient).startswith(f"{ALL.bsn}^^^"), patient
+    # The XCA study's images came by RAD-75, recorded as an Import by DUO's initiating side.
+    rad75 = [e for e in about(xca_study["study_instance_uid"])
+             if e.xpath("string(EventIdentification/EventTypeCode/@csd-code)") == "RAD-75"]
+    assert rad75
