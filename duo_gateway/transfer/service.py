@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -174,8 +175,10 @@ class TransferService:
             if not cfg.allow_adhoc_destinations:
                 raise TransferRefused("destination-not-allowed", "ad-hoc destinations are not allowed here; "
                                       "name a configured destination")
-            return DestinationPacs(name=f"{wanted.ae_title}@{wanted.host}:{wanted.port}",
-                                   ae_title=wanted.ae_title, host=wanted.host, port=wanted.port)
+            # The name only labels the job (status, logs, audit); keep it within the names' alphabet.
+            label = f"adhoc_{wanted.ae_title.strip()}_{wanted.host}_{wanted.port}"
+            return DestinationPacs(name=re.sub(r"[^A-Za-z0-9_.-]", "_", label)[:64], ae_title=wanted.ae_title,
+                                   host=wanted.host, port=wanted.port)
         dest = next((d for d in cfg.destinations if d.name == wanted), None)
         if dest is None:
             raise TransferRefused("unknown-destination", f"no destination named {wanted!r} is configured")

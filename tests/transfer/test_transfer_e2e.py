@@ -273,3 +273,15 @@ async def test_transfers_are_audited_per_study_and_per_call(network: TransferNet
     rad75 = [e for e in about(xca_study["study_instance_uid"])
              if e.xpath("string(EventIdentification/EventTypeCode/@csd-code)") == "RAD-75"]
     assert rad75
+
+
+async def test_transfer_metrics_count_what_was_stored(network: TransferNetwork) -> None:
+    async with network.session.get(f"{network.gateway.http_url}/metrics") as r:
+        text = await r.text()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line.startswith("duo_transfer_") and " " in line}
+    # Earlier tests in this module transferred studies: bytes and instances were counted once each.
+    assert values["duo_transfer_bytes_total"] > 0
+    assert values['duo_transfer_instances_total{outcome="stored"}'] > 0
+    assert values['duo_transfer_jobs_total{state="completed"}'] >= 1
+    assert values["duo_transfer_jobs_running"] == 0

@@ -1,0 +1,99 @@
+"""TransferService without peers: what it refuses before a job exists, and what it queues."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from duo_gateway.config.transfer import DestinationPacs, TransferConfig
+from duo_gateway.consent import ConsentGate
+from duo_gateway.mitz.client import ConsentDecision
+from duo_gateway.mitz.wire import ClosedQuestion
+from duo_gateway.sources.dicom_pacs import DicomPacsSource
+from duo_gateway.timeline.ids import StudyIds
+from duo_gateway.timeline.model import StudyRef
+from duo_gateway.transfer.metrics import TransferMetrics
+from duo_gateway.transfer.service import AdhocDestination, TransferRefused, TransferRequest, TransferService
+from duo_gateway.transfer.store import TransferStore
+from duo_gateway.xua import Claims
+from tests.support.gateway import make_config
+
+BSN = "999911120"
+CLAIMS = Claims(uzi="000095254", role="01.015", ura="00000666", organisation_type="V6")
+HOSPITAL = {"ura": "00010001", "name": "H1", "ae_title": "H1_PACS", "host": "127.0.0.1", "port": 9,
+            "repository_unique_id": "1.2.3.4"}
+
+
+class _RefusingMitz:
+    async def closed_question(self, question: ClosedQuestion) -> ConsentDecision:
+        return ConsentDecision(False, (), "not in this test", "error")
+
+
+async def _service(tmp_path: Path, **transfers: object) -> AsyncIterator[tuple[TransferService, StudyIds]]:
+    config = make_config(tmp_path, mitz_port=9, hospitals=[HOSPITAL])
+    cfg = TransferConfig.model_validate({"destinations": [
+        DestinationPacs(name="own-pacs", ae_title="OWN", host="127.0.0.1", port=9, uras=["00000666"]),
+        DestinationPacs(name="theirs", ae_title="THEIRS", host="127.0.0.1", port=9, uras=["00000777"])],
+        "workers": 1, **transfers})
+    config = config.model_copy(update={"transfers": cfg})
+    ids = StudyIds(os.urandom(32))
+    service = TransferService(config, store=TransferStore.open(None, tmp_path), study_ids=ids,
+                              gate=ConsentGate(_RefusingMitz()), sources={h.ura: DicomPacsSource(
+                                  h, "DUO", tmp_path / "spool") for h in config.tlb_hospitals}, retrievers={},
+                              metrics=TransferMetrics(CollectorRegistry()), auditor=None)
+    await service.start()
+    try:
+        yield service, ids
+    finally:
+        await service.stop()
+
+
+def _request(ids: list[str], destination: str | AdhocDestination = "own-pacs") -> TransferRequest:
+    return TransferRequest(study_ids=tuple(ids), destination=destination, requester=CLAIMS)
+
+
+async def test_refusals_before_any_job(tmp_path: Path) -> None:
+    async for service, ids in _service(tmp_path):
+        ref = StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001")
+        foreign = StudyIds(os.urandom(32)).seal(ref, BSN)
+        unknown_source = ids.seal(StudyRef("xca", "1.2.3", "urn:oid:1.9.9", "1.2", "1.2.3.4"), BSN)
+        good = ids.seal(StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001"), BSN)
+        cases: list[tuple[TransferRequest, str]] = [
+            (_request([]), "unknown-study"),
+            (_request([foreign]), "unknown-study"),
+            (_request([good, unknown_source]), "unknown-study"),
+            (_request([good], "nowhere"), "unknown-destination"),
+            (_request([good], "theirs"), "destination-not-allowed"),
+            (_request([good], AdhocDestination("X", "127.0.0.1", 104)), "destination-not-allowed"),
+        ]
+        for request, kind in cases:
+            with pytest.raises(TransferRefused) as refused:
+                await service.submit(request)
+            assert refused.value.kind == kind, request
+        assert await service.store.claim("probe", 5) is None  # nothing was queued
+
+
+async def test_a_queued_job_runs_and_ends_with_a_reason(tmp_path: Path) -> None:
+    """Mitz cannot be reached here: the study fails with that reason, the job ends failed."""
+    async for service, ids in _service(tmp_path, retries=0):
+        good = ids.seal(StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001"), BSN)
+        job = await service.submit(_request([good, good]))
+        assert len(job.studies) == 1  # the same study twice is one study
+        seen = [j async for j in service.watch(job.id)]
+        assert seen[-1].state == "failed"
+        assert "consent could not be established" in (seen[-1].studies[0].detail or "")
+        assert [j.revision for j in seen] == sorted({j.revision for j in seen})
+
+
+async def test_adhoc_destinations_when_allowed(tmp_path: Path) -> None:
+    async for service, ids in _service(tmp_path, allow_adhoc_destinations=True):
+        good = ids.seal(StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001"), BSN)
+        job = await service.submit(_request([good], AdhocDestination("OTHER PACS", "127.0.0.1", 11112)))
+        assert job.destination["adhoc"] is True and job.destination["ae_title"] == "OTHER PACS"
+        assert service.runner.destination(job.destination).port == 11112
+        cancelled = await service.cancel(job.id)
+        assert cancelled is not None and cancelled.cancel_requested
