@@ -427,3 +427,50 @@ async def test_cancel_aborts_and_next_store_reconnects(tmp_path: Path) -> None:
                 await task
             assert (await store(client, insts[1])).outcome == "stored"
             assert client.associations == 2
+
+
+# -- TLS ---------------------------------------------------------------------------------------------
+
+
+async def test_tls_destination_with_client_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    from duo_gateway.config.tls import ClientTls
+    from tests.support.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    server_ctx.load_verify_locations(cafile=str(pki.ca_cert))
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    insts = copies("CT_small.dcm", 3, tmp_path / "ct", generate_uid())
+    big = write_large(tmp_path / "big.dcm", 4)
+    header = dcmread(big, stop_before_pixels=True)
+    received: list[str] = []
+
+    def on_store(event: Any) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0
+
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
+    server = ae.start_server((HOST, 0), block=False, ssl_context=server_ctx,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        tls = ClientTls(ca_file=pki.ca_cert, cert_file=pki.client.cert, key_file=pki.client.key)
+        dest = DestinationPacs(name="tls", ae_title="DEST", host=HOST, port=int(server.server_address[1]),
+                               tls=tls, timeout_s=5)
+        async with StoreClient(dest, DUO_AE) as client:
+            results = [await store(client, i) for i in insts]
+            results.append(await client.store(big, sop_class_uid=str(header.SOPClassUID),
+                                              sop_instance_uid=str(header.SOPInstanceUID),
+                                              transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID)))
+        assert {r.outcome for r in results} == {"stored"}, [r.detail for r in results]
+        assert received == [i.sop_instance_uid for i in insts] + [str(header.SOPInstanceUID)]
+        # without a client certificate the destination refuses us: unavailable, not a crash
+        no_cert = dest.model_copy(update={"tls": ClientTls(ca_file=pki.ca_cert)})
+        async with StoreClient(no_cert, DUO_AE) as client:
+            with pytest.raises(StoreUnavailable):
+                await store(client, insts[0])
+    finally:
+        server.shutdown()
