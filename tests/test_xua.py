@@ -199,6 +199,28 @@ def test_issued_assertion_has_the_twiin_shape(signer: Signer, now: dt.datetime) 
         f"{{{wire.XSI_NS}}}type": "II", "root": wire.URA_OID, "extension": "00000666"}
 
 
+def test_an_assertion_for_several_audiences_is_accepted_by_each_of_them_only(
+        signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    """One assertion per timeline (SAML core §2.5.1.4: one restriction, any of its audiences)."""
+    others = ["urn:oid:2.16.528.1.1007.99.20002", "urn:oid:2.16.528.1.1007.99.20003"]
+    a = issue_assertion(CLAIMS, issuer=ISSUER, audience=[AUDIENCE, *others, AUDIENCE], key=signer[0],
+                        cert=signer[1], now=now)
+    (restriction,) = a.findall("saml2:Conditions/saml2:AudienceRestriction", NS)
+    assert [x.text for x in restriction] == [AUDIENCE, *others]  # duplicates written once
+    env = envelope(a)
+    for audience in (AUDIENCE, *others):
+        requester = validate_xua(env, CFG, trusted=store, audiences=[audience], now=now)
+        assert requester is not None and requester.uzi == CLAIMS.uzi
+    with pytest.raises(SoapFault, match="is not accepted by this gateway") as refused_elsewhere:
+        validate_xua(env, CFG, trusted=store, audiences=["urn:oid:2.16.528.1.1007.99.20004"], now=now)
+    assert refused_elsewhere.value.subcode == (wire.WSSE_NS, "FailedAuthentication")
+    with pytest.raises(ValueError, match="audience"):
+        issue_assertion(CLAIMS, issuer=ISSUER, audience=[], key=signer[0], cert=signer[1], now=now)
+    with pytest.raises(ValueError, match="audience"):
+        issue_assertion(CLAIMS, issuer=ISSUER, audience=[AUDIENCE, " "], key=signer[0], cert=signer[1],
+                        now=now)
+
+
 def test_security_header_shape_and_the_callers_assertion_stays_put(signer: Signer, now: dt.datetime) -> None:
     a = issue_assertion(CLAIMS, issuer=ISSUER, audience=AUDIENCE, key=signer[0], cert=signer[1], now=now)
     holder = etree.Element("holder")

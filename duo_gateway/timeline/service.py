@@ -38,7 +38,7 @@ from duo_gateway.timeline.model import (
 from duo_gateway.timeline.result import MergedStudy, TimelineResult
 from duo_gateway.timeline.tlb_source import ask_tlb_hospital
 from duo_gateway.timeline.xca_source import institution_filter, outcome_from_response
-from duo_gateway.xca.initiating.client import CommunityClient
+from duo_gateway.xca.initiating.client import CommunityClient, XuaTicket, issue_tickets
 
 log = structlog.get_logger(__name__)
 
@@ -84,6 +84,7 @@ class TimelineService:
         skipped: list[SourceOutcome] = []
         jobs: dict[str, _Job] = {}
 
+        asked: list[tuple[CommunityClient, XcaCommunity, set[str] | None]] = []
         for community in self._cfg.xca_communities:
             sid, name = f"xca:{community.home_community_id}", community.name
             client = self._communities.get(community.home_community_id)
@@ -94,7 +95,11 @@ class TimelineService:
             holders = (
                 None if community.query_without_localization else self._located_holders(community, located)
             )
-            jobs[sid] = ("xca", name, self._community_job(client, community, request, remaining, holders))
+            asked.append((client, community, holders))
+        tickets = self._tickets(request, [client for client, _, _ in asked])
+        for client, community, holders in asked:
+            jobs[f"xca:{community.home_community_id}"] = ("xca", community.name, self._community_job(
+                client, community, request, remaining, holders, tickets.get(community.home_community_id)))
 
         if self._cfg.timeline.include_tlb_hospitals:
             for hospital in self._cfg.tlb_hospitals:
@@ -178,6 +183,22 @@ class TimelineService:
         return None
 
     # -- jobs ----------------------------------------------------------------------------------
+    def _tickets(self, request: TimelineRequest, asked: Sequence[CommunityClient]) -> dict[str, XuaTicket]:
+        """This timeline's XUA assertion(s): one signature for all asked communities, not one each.
+
+        Audiences are all configured communities (see :class:`XuaTicket` for why not only the asked
+        ones). Made here, per timeline, and dropped with it. If it cannot be issued, each client signs
+        its own assertion and reports the problem as that community's error.
+        """
+        if not asked:
+            return {}
+        try:
+            return issue_tickets(asked, audience_pool=self._communities.values(),
+                                 claims=request.requester, bsn=request.bsn)
+        except ValueError as exc:
+            log.warning("timeline XUA ticket not issued", error=str(exc))
+            return {}
+
     def _community_job(
         self,
         client: CommunityClient,
@@ -185,10 +206,12 @@ class TimelineService:
         request: TimelineRequest,
         deadline: float,
         holders: set[str] | None,
+        ticket: XuaTicket | None,
     ) -> Callable[[], Coroutine[Any, Any, SourceOutcome]]:
         async def job() -> SourceOutcome:
             response = await client.find_documents(
-                request.requester, request.bsn, request.date_from, request.date_to, deadline_s=deadline
+                request.requester, request.bsn, request.date_from, request.date_to, deadline_s=deadline,
+                ticket=ticket,
             )
             outcome = outcome_from_response(community, response)
             if holders is None:

@@ -32,6 +32,7 @@ from duo_gateway.bsn import bsn_cx
 from duo_gateway.config.audit import AuditConfig
 from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.config.xua import XuaConfig
+from duo_gateway.mitz.wire import SAML_NS
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import SimNetworkConfig, default_network
@@ -73,7 +74,13 @@ from duo_gateway.xca.codes import (
 from duo_gateway.xca.ebrim import Author, DocumentEntry
 from duo_gateway.xca.errors import RegistryError
 from duo_gateway.xca.hl7 import Code, Xon, reference_id
-from duo_gateway.xca.initiating.client import QUERY_FORMATS, CommunityClient, CommunityResponse
+from duo_gateway.xca.initiating.client import (
+    QUERY_FORMATS,
+    CommunityClient,
+    CommunityResponse,
+    SigningPair,
+    issue_tickets,
+)
 from duo_gateway.xca.metadata import KOS_FORMAT, PDF_FORMAT
 from duo_gateway.xca.query import AdhocQueryResponse, build_adhoc_query_response, parse_adhoc_query_request
 from duo_gateway.xmldsig import DS_NS, TrustStore, load_signing_pair
@@ -195,10 +202,14 @@ async def community(sim: XcaCommunitySimulator) -> AsyncIterator[Community]:
 class Clients:
     pki: Pki
     made: list[CommunityClient] = field(default_factory=list)
+    #: One signing pair for every client, as the daemon gives them: the clients can share a ticket.
+    pair: SigningPair | None = None
 
     def __call__(self, cfg: XcaCommunity, *, signed: bool = True, auditor: Auditor | None = None,
                  xua: XuaConfig | None = None) -> CommunityClient:
-        signing = load_signing_pair(self.pki.client.key, self.pki.client.cert) if signed else None
+        if self.pair is None:
+            self.pair = load_signing_pair(self.pki.client.key, self.pki.client.cert)
+        signing = self.pair if signed else None
         client = CommunityClient(cfg, home_community_id=DUO_HOME, xua=xua or XuaConfig(), signing=signing,
                                  metrics=Metrics(), auditor=auditor, identity=IDENTITY)
         self.made.append(client)
@@ -385,6 +396,75 @@ async def test_issuer_defaults_to_duos_home_and_each_attempt_gets_its_own_messag
     requester = validate_xua(second, XuaConfig(trusted_certs=[rsa_pki.ca_cert]), trusted=trust,
                              audiences=[community.home], now=datetime.now(UTC))
     assert requester is not None and requester.issuer == DUO_HOME
+
+
+def _audiences(env: Envelope) -> list[str]:
+    return [a.text or "" for a in env.headers[-1].iter(f"{{{SAML_NS}}}Audience")]
+
+
+def _assertion_id(env: Envelope) -> str:
+    (assertion,) = env.headers[-1].iter(f"{{{SAML_NS}}}Assertion")
+    return assertion.get("ID") or ""
+
+
+async def test_one_timeline_ticket_is_signed_once_for_every_configured_community(
+        community: Community, clients: Clients, rsa_pki: Pki) -> None:
+    asked = clients(community.config())
+    other = "urn:oid:2.16.528.1.1007.99.20009"
+    idle = clients(community.config(home_community_id=other, name="XDS Zuid"))
+    sha1 = clients(community.config(home_community_id="urn:oid:2.16.528.1.1007.99.20008",
+                                    signature_algorithm="sha1"))
+    tickets = issue_tickets([asked], audience_pool=[asked, idle, sha1], claims=CLAIMS, bsn=BSN)
+    ticket = tickets[community.home]
+    # Audiences: every configured community signed alike, asked or not (so the token does not tell a
+    # community where else Mitz located the patient); the sha1 one would need its own signature.
+    assert ticket.audiences == {community.home, other}
+    resp = await asked.find_documents(CLAIMS, BSN, *WIDE, deadline_s=10.0, ticket=ticket)
+    assert resp.status == "ok"
+    (env,) = community.recorder.envelopes()
+    assert sorted(_audiences(env)) == sorted([community.home, other])
+    assert _assertion_id(env) == ticket.assertion.get("ID")
+    trust = TrustStore.from_pem_files([rsa_pki.ca_cert])
+    cfg = XuaConfig(trusted_certs=[rsa_pki.ca_cert])
+    for audience in (community.home, other):
+        requester = validate_xua(env, cfg, trusted=trust, audiences=[audience], now=datetime.now(UTC))
+        assert requester is not None and requester.patient_bsn == BSN
+    with pytest.raises(SoapFault, match="is not accepted"):
+        validate_xua(env, cfg, trusted=trust, audiences=["urn:oid:2.16.528.1.1007.99.20008"],
+                     now=datetime.now(UTC))
+
+
+async def test_a_retry_signs_a_fresh_assertion_for_its_community_alone(
+        community: Community, clients: Clients) -> None:
+    client = clients(community.config())
+    idle = clients(community.config(home_community_id="urn:oid:2.16.528.1.1007.99.20009"))
+    ticket = issue_tickets([client], audience_pool=[client, idle], claims=CLAIMS, bsn=BSN)[community.home]
+    community.recorder.status_first = 1
+    resp = await client.find_documents(CLAIMS, BSN, *WIDE, deadline_s=10.0, ticket=ticket)
+    assert (resp.status, resp.attempts) == ("ok", 2)
+    first, second = community.recorder.envelopes()
+    assert _assertion_id(first) == ticket.assertion.get("ID") and len(_audiences(first)) == 2
+    assert _assertion_id(second) != ticket.assertion.get("ID")
+    assert _audiences(second) == [community.home]
+
+
+async def test_a_ticket_is_only_used_for_its_own_requester_patient_and_communities(
+        community: Community, clients: Clients) -> None:
+    client = clients(community.config())
+    ticket = issue_tickets([client], audience_pool=[client], claims=CLAIMS, bsn=BSN)[community.home]
+    other_requester = replace(CLAIMS, uzi="000095255")
+    stranger = clients(community.config(home_community_id="urn:oid:2.16.528.1.1007.99.20009"))
+    for call in (client.find_documents(CLAIMS, OTHER_BSN, *WIDE, deadline_s=5.0, ticket=ticket),
+                 client.find_documents(other_requester, BSN, *WIDE, deadline_s=5.0, ticket=ticket),
+                 stranger.find_documents(CLAIMS, BSN, *WIDE, deadline_s=5.0, ticket=ticket)):
+        with pytest.raises(ValueError, match="ticket"):
+            await call
+    assert community.recorder.bodies == []
+    # A client outside the pool still gets a ticket, one naming only itself; unsigned clients none.
+    unsigned = clients(community.config(home_community_id="urn:oid:2.16.528.1.1007.99.20007"), signed=False)
+    tickets = issue_tickets([client, stranger, unsigned], audience_pool=[client], claims=CLAIMS, bsn=BSN)
+    assert set(tickets) == {community.home, "urn:oid:2.16.528.1.1007.99.20009"}
+    assert tickets["urn:oid:2.16.528.1.1007.99.20009"].audiences == {"urn:oid:2.16.528.1.1007.99.20009"}
 
 
 async def test_sha1_signature_when_the_community_wants_it(

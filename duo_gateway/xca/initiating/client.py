@@ -20,6 +20,13 @@ dropped wholesale. The choices that matter, and why:
   documents on the timeline whose origin or patient DUO cannot vouch for.
 - **Every attempt is audited** (ITI-20, xca.md §12): each one sends the BSN to the community, even
   one that ends in a 503, so each is a disclosure with its own outcome.
+- **One signed assertion per timeline, not per community** (:class:`XuaTicket`). An RSA signature
+  is the costliest CPU step of a request, and all of a timeline's requests are built on one event loop
+  at once, so signing per community made the timeline slower with every community. The ticket's
+  AudienceRestriction lists every *configured* community that shares DUO's signing setup, not only
+  the ones asked: the asked set is what Mitz located for this patient, and naming it in a token each
+  community receives would tell every community where else the patient has consented data. It lives
+  for one timeline only and is never cached; a retry signs a fresh single-audience assertion.
 - **Logs never carry the BSN**, and text a peer wrote (fault reasons, codeContexts) has it masked in
   ``detail`` too, because a peer may echo the patient id there and ``detail`` is logged upstream.
 """
@@ -27,8 +34,9 @@ dropped wholesale. The choices that matter, and why:
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Final, Literal
@@ -37,6 +45,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 from cryptography import x509
+from lxml import etree
 
 from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.messages import ActiveParticipant, EventOutcome, Peer, iti38_query
@@ -76,7 +85,7 @@ from duo_gateway.xca.query import (
     find_documents,
     parse_adhoc_query_response,
 )
-from duo_gateway.xmldsig import PrivateKey
+from duo_gateway.xmldsig import DigestName, PrivateKey
 from duo_gateway.xua import Claims, issue_assertion, security_header
 
 log = structlog.get_logger(__name__)
@@ -101,6 +110,10 @@ MIN_ATTEMPT_S: Final = 0.1
 _CONTENT_TYPE: Final = f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{Action.ITI38}"'
 _TRANSIENT_HTTP: Final = frozenset({502, 503, 504})
 _MASK: Final = "[patient]"
+#: How long DUO's XUA assertions live (Twiin's 10 minutes, netherlands.md §3).
+ASSERTION_LIFETIME_S: Final = 600.0
+#: A shared assertion closer than this to its end is not used any more: a fresh one is signed instead.
+TICKET_MARGIN: Final = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -151,6 +164,60 @@ def find_documents_query(bsn: str, date_from: date, date_to: date, home: str) ->
                           service_start_from=start, service_start_to=end, home=home)
 
 
+@dataclass(frozen=True, eq=False)
+class XuaTicket:
+    """One signed XUA assertion for one timeline: one requester, one patient, several communities.
+
+    Made by :func:`issue_tickets` for each timeline and passed to
+    :meth:`CommunityClient.find_documents`; a client only uses a ticket that names its community among
+    the audiences and was issued for the same requester, patient, issuer, digest and signing pair.
+    """
+
+    claims: Claims
+    bsn: str
+    issuer: str
+    digest: DigestName
+    audiences: frozenset[str]
+    not_on_or_after: datetime
+    assertion: etree._Element
+    #: ``id()`` of the signing pair it was signed with (the clients keep that pair alive).
+    signing_id: int
+
+
+def issue_tickets(asked: Iterable[CommunityClient], *, audience_pool: Iterable[CommunityClient],
+                  claims: Claims, bsn: str, now: datetime | None = None) -> dict[str, XuaTicket]:
+    """The ticket each of ``asked`` should use, by homeCommunityId: one signature per signing setup.
+
+    Clients are grouped by what their assertions would differ in (signing pair, issuer, digest); each
+    group that has an asked client gets one assertion whose audiences are every client of
+    ``audience_pool`` (normally all configured communities) in that group. Unsigned clients get none.
+    Raises ValueError like :func:`~duo_gateway.xua.issue_assertion` (e.g. a malformed BSN).
+    """
+    now = now or datetime.now(UTC)
+    groups: dict[tuple[int, str, str], list[str]] = {}
+    for client in audience_pool:
+        key = client._ticket_key()
+        if key is not None:
+            groups.setdefault(key, []).append(client.community.home_community_id)
+    tickets: dict[str, XuaTicket] = {}
+    by_key: dict[tuple[int, str, str], XuaTicket] = {}
+    for client in asked:
+        key = client._ticket_key()
+        if key is None:
+            continue
+        ticket = by_key.get(key)
+        if ticket is None:
+            home = client.community.home_community_id
+            audiences = groups.get(key, [])
+            ticket = by_key[key] = client._issue_ticket(
+                claims, bsn, audiences if home in audiences else [*audiences, home], now)
+        if client.community.home_community_id not in ticket.audiences:
+            # Asked but not in the pool: a ticket of its own rather than a wider shared one.
+            ticket = client._issue_ticket(claims, bsn, [client.community.home_community_id], now)
+        tickets[client.community.home_community_id] = ticket
+    return tickets
+
+
 class CommunityClient:
     """ITI-38 towards one community; one instance lives as long as the daemon (it owns the semaphore).
 
@@ -188,20 +255,28 @@ class CommunityClient:
         await self._http.close()
 
     async def find_documents(self, claims: Claims, bsn: str, date_from: date, date_to: date, *,
-                             deadline_s: float) -> CommunityResponse:
-        """Never raises for what the community does; raises ValueError for a caller's bad input."""
+                             deadline_s: float, ticket: XuaTicket | None = None) -> CommunityResponse:
+        """Never raises for what the community does; raises ValueError for a caller's bad input.
+
+        ``ticket``: the timeline's shared assertion (:func:`issue_tickets`), used for the first
+        attempt; without one (or for a retry) a fresh assertion for this community alone is signed.
+        """
         if not is_valid_bsn(bsn):
             raise ValueError("bsn is not a valid BSN")
+        if ticket is not None and not self._accepts(ticket, claims, bsn):
+            raise ValueError("the XUA ticket was not issued for this community, requester and patient")
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + deadline_s
-        query = find_documents_query(bsn, date_from, date_to, self.community.home_community_id)
-        query_bytes = to_bytes(build_adhoc_query_request(query))
+        query = build_adhoc_query_request(
+            find_documents_query(bsn, date_from, date_to, self.community.home_community_id))
+        query_bytes = to_bytes(query)
 
         attempts = 0
         result: _Attempt
         while True:
-            result = await self._attempt(claims, bsn, query, query_bytes, deadline)
+            result = await self._attempt(claims, bsn, query, query_bytes, deadline,
+                                         ticket if attempts == 0 else None)
             if result.sent:
                 attempts += 1
                 self._audit(claims, bsn, query_bytes, result)
@@ -225,8 +300,8 @@ class CommunityClient:
 
     # -- one attempt ----------------------------------------------------------------------------
 
-    async def _attempt(self, claims: Claims, bsn: str, query: AdhocQueryRequest, query_bytes: bytes,
-                       deadline: float) -> _Attempt:
+    async def _attempt(self, claims: Claims, bsn: str, query: etree._Element, query_bytes: bytes,
+                       deadline: float, ticket: XuaTicket | None) -> _Attempt:
         if self._signing is None:
             return _Attempt("error", "DUO has no XUA signing key and certificate (xua.signing_key_file): "
                             "the community was not asked, since an unsigned request must not be sent",
@@ -248,9 +323,7 @@ class CommunityClient:
                                 sent=False)
             message_id = new_message_id()
             try:
-                # Signing and parsing are CPU work per community; off the loop, 50 communities'
-                # answers are not queued behind each other's (cryptography and lxml drop the GIL).
-                payload = await asyncio.to_thread(self._request, claims, bsn, query, message_id)
+                payload = self._request(claims, bsn, query, message_id, ticket)
             except ValueError as exc:
                 return _Attempt("error", f"could not issue the XUA assertion: {exc}", sent=False)
             try:
@@ -262,22 +335,49 @@ class CommunityClient:
                 # The caller gave up (its own deadline): the BSN went out all the same.
                 self._audit(claims, bsn, query_bytes, _Attempt("timeout", "cancelled by the caller"))
                 raise
-            return await asyncio.to_thread(self._interpret, answer, message_id, bsn)
+            return self._interpret(answer, message_id, bsn)
         finally:
             self._slots.release()
 
-    def _request(self, claims: Claims, bsn: str, query: AdhocQueryRequest, message_id: str) -> bytes:
-        """A fresh assertion per request, so no token outlives the request it was made for."""
-        assert self._signing is not None
-        key, cert = self._signing
+    def _request(self, claims: Claims, bsn: str, query: etree._Element, message_id: str,
+                 ticket: XuaTicket | None) -> bytes:
+        """The signed envelope: with the timeline's ticket while it has time left, else a fresh
+        assertion for this community alone."""
         now = datetime.now(UTC)
-        assertion = issue_assertion(claims, issuer=self._issuer, audience=self.community.home_community_id,
-                                    key=key, cert=cert, now=now, digest=self.community.signature_algorithm,
-                                    subject_bsn=bsn)
+        if ticket is not None and now + TICKET_MARGIN < ticket.not_on_or_after:
+            assertion = ticket.assertion
+        else:
+            assertion = self._issue_ticket(claims, bsn, [self.community.home_community_id], now).assertion
         envelope = build_envelope(
             Addressing(action=Action.ITI38, message_id=message_id, to=self._url, reply_to=WSA_ANONYMOUS),
-            build_adhoc_query_request(query), [security_header(assertion, now)])
+            copy.deepcopy(query), [security_header(assertion, now)])
         return serialize(envelope)
+
+    # -- XUA tickets ----------------------------------------------------------------------------
+
+    def _ticket_key(self) -> tuple[int, str, str] | None:
+        """What an assertion for this community is signed with: communities alike can share one."""
+        if self._signing is None:
+            return None
+        return id(self._signing), self._issuer, self.community.signature_algorithm
+
+    def _issue_ticket(self, claims: Claims, bsn: str, audiences: Sequence[str], now: datetime) -> XuaTicket:
+        if self._signing is None:
+            raise ValueError("DUO has no XUA signing key and certificate")
+        key, cert = self._signing
+        digest = self.community.signature_algorithm
+        assertion = issue_assertion(claims, issuer=self._issuer, audience=audiences, key=key, cert=cert,
+                                    now=now, lifetime_s=ASSERTION_LIFETIME_S, digest=digest,
+                                    subject_bsn=bsn)
+        return XuaTicket(claims=claims, bsn=bsn, issuer=self._issuer, digest=digest,
+                         audiences=frozenset(audiences),
+                         not_on_or_after=now + timedelta(seconds=ASSERTION_LIFETIME_S),
+                         assertion=assertion, signing_id=id(self._signing))
+
+    def _accepts(self, ticket: XuaTicket, claims: Claims, bsn: str) -> bool:
+        made_with = (ticket.signing_id, ticket.issuer, ticket.digest)
+        return (self.community.home_community_id in ticket.audiences and ticket.claims == claims
+                and ticket.bsn == bsn and made_with == self._ticket_key())
 
     def _call_failure(self, exc: PeerCallError, *, cut_by_deadline: bool) -> _Attempt:
         if exc.kind == "timeout":
@@ -380,6 +480,6 @@ def _is_patient(patient_id: str, bsn: str) -> bool:
 
 
 __all__ = [
-    "QUERY_FORMATS", "REPORT_FORMATS", "CommunityClient", "CommunityResponse", "CommunityStatus",
-    "SigningPair", "find_documents_query", "service_window",
+    "ASSERTION_LIFETIME_S", "QUERY_FORMATS", "REPORT_FORMATS", "CommunityClient", "CommunityResponse",
+    "CommunityStatus", "SigningPair", "XuaTicket", "find_documents_query", "issue_tickets", "service_window",
 ]
