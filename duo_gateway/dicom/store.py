@@ -434,7 +434,11 @@ class StoreClient:
 
 
 class _SendStalled(Exception):
-    """The peer stopped reading: no PDU left the queue within the timeout."""
+    """The peer stopped reading: the socket was not writable within the timeout."""
+
+
+class _PeerGone(Exception):
+    """Writing to the association's socket failed: the connection is gone."""
 
 
 def _check_pynetdicom() -> None:
@@ -512,9 +516,9 @@ def _send_file(assoc: Association, path: Path, offset: int | None, context_id: i
                         progress()
                     if left == 0:
                         break
-        except (ConnectionError, ssl.SSLError) as exc:
-            # The peer went away mid-send; the DUL notices on its side and ends the association.
-            log.warning("store_send_failed", error=type(exc).__name__)
+        except _PeerGone as exc:
+            # The peer went away mid-send (or we aborted); the DUL notices and ends the association.
+            log.warning("store_send_failed", error=str(exc))
             return Dataset()
         # The DUL polls its socket and sleeps 1 ms when idle: poll faster while the response is due
         # (it is in a few ms), then go back to idling cheaply between instances.
@@ -549,10 +553,14 @@ def _write_pdu(sock: socket.socket, context_id: int, control: int, data: bytes |
     """One P-DATA-TF PDU with one PDV item (PS3.8 9.3.5): type 0x04, length, then the item."""
     size = len(data)
     header = struct.pack(">BBIIBB", 0x04, 0x00, size + 6, size + 2, context_id, control)
-    _, writable, _ = select.select([], [sock], [], stall_s)
-    if not writable:
-        raise _SendStalled(f"peer read nothing for {stall_s:g} s")
-    sock.sendall(header + bytes(data))
+    try:
+        _, writable, _ = select.select([], [sock], [], stall_s)
+        if not writable:
+            raise _SendStalled(f"peer read nothing for {stall_s:g} s")
+        sock.sendall(header + bytes(data))
+    except (OSError, ValueError) as exc:
+        # reset, broken pipe, or the socket closed under us by an abort (EBADF / fileno -1)
+        raise _PeerGone(f"{type(exc).__name__}: {exc}") from None
 
 
 # -- streamed Explicit <-> Implicit VR Little Endian transcoding ------------------------------------
