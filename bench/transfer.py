@@ -1,0 +1,539 @@
+"""Transfers (issue 6): one large study relayed source PACS → DUO → destination PACS, against what
+a hospital would do without DUO, in the same run.
+
+Measured, all peers with TCP_NODELAY=1 (docs/dicom.md §1), per study size (default 1 GB and 250 MB):
+
+1. **DUO**: the study id from DUO's own timeline API, then ``POST /tlb/v1/transfers`` to a configured
+   destination; timed from the 202 to ``completed`` with ``instances_stored == instances_expected``.
+   DUO asks Mitz (the simulator, in a peers process), C-FINDs the study, pulls it from the source
+   Orthanc by C-GET or C-MOVE (``--method``) and C-STOREs each instance into the destination Orthanc.
+2. **The ceiling**: DCMTK ``storescu`` sending the same files straight into the same destination.
+3. **What a hospital would use instead**: the source Orthanc C-MOVEs the study straight into the
+   destination (``movescu`` to the source with the destination as move target).
+4. Ratios DUO ÷ Orthanc C-MOVE (goal ≥ 0.35) and DUO ÷ storescu.
+5. DUO's peak RSS (VmHWM of a fresh DUO process per transfer; goal < 300 MB) per size: it must stay
+   flat with the study size, since DUO streams instance by instance through a bounded spool.
+
+Every path is verified, never assumed: after each run the destination must hold exactly the study's
+SOP Instance UIDs (Orthanc ``/tools/find``), and it is emptied before the next. Where DUO's time goes
+comes from timers around the transfer runner's stages (``bench._transfer_duo``: manifest, waiting for
+the source, C-STORE, job-store writes, reconciliation) and from the CPU seconds of each process.
+
+Setup, not timed: the study is a generated CT series (512×512×16 bit, ~0.5 MB per instance, the
+consenting patient of the simulated network, at its first TLB hospital) written once with pydicom
+and loaded into the source Orthanc with storescu; ``--workdir DIR --keep`` keeps it for the next run.
+
+Usage: python -m bench.transfer [--size-mb 1024 250] [--method c-get c-move] [--keep] [--workdir DIR]
+       [--reconcile] [--profile PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from bench._harness import (
+    Child,
+    consenting_patient,
+    duo_config,
+    exit_on_sigterm,
+    free_port,
+    network,
+    proc_status_kib,
+)
+from duo_gateway.config.runtime import LoggingConfig
+from duo_gateway.observability.logging import configure_logging
+
+ENV: Final = {**os.environ, "TCP_NODELAY": "1"}
+MB: Final = 1e6
+HOST: Final = "127.0.0.1"
+DUO_AE: Final = "DUO_GATEWAY"
+SOURCE_AE: Final = "ORTHANC_SRC"
+DEST_AE: Final = "OWN_PACS"
+DESTINATION: Final = "own-pacs"
+REQUESTER: Final = {"ura": "00010001", "organization_type": "V6", "uzi": "000095254", "role": "01.039",
+                    "purpose": "TREAT"}
+PERIOD: Final = ("2015-01-01", "2026-12-31")
+GOAL_RATIO: Final = 0.35
+GOAL_RSS_MB: Final = 300
+#: docs/dicom.md §2 (200 × 514 KiB CT, 2-core VM, TCP_NODELAY everywhere): context for the table.
+REFERENCE: Final = (
+    ("DCMTK storescu → storescp", 633.0),
+    ("storescu → Orthanc C-STORE (ingest)", 151.4),
+    ("C-MOVE: movescu → Orthanc → storescp", 291.1),
+    ("C-GET: DCMTK getscu from Orthanc", 272.8),
+    ("C-GET: pynetdicom client from Orthanc", 118.4),
+    ("pynetdicom chunked SCU → storescp", 114.6),
+    ("asyncio relay prototype storescu → relay → storescp", 67.2),
+)
+
+
+class BrokenTransfer(AssertionError):
+    """A path delivered something other than the study: no number may be printed for it."""
+
+
+# -- the study -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Study:
+    uid: str
+    folder: Path
+    sops: frozenset[str]
+    total_bytes: int
+    series: int
+
+    @property
+    def count(self) -> int:
+        return len(self.sops)
+
+
+def study_on_disk(folder: Path, megabytes: float, size: int, series: int) -> tuple[Study, float]:
+    """Generate the study once (``bench.rad75.make_study``: a generated CT header, fresh UIDs, a pixel
+    ramp) and record it in ``study.json``; a kept folder is reused. Returns it and the seconds spent."""
+    from bench.rad75 import make_study
+
+    record = folder.parent / f"{folder.name}.json"  # beside it: storescu +sd sends every file inside
+    if record.exists():
+        saved = json.loads(record.read_text())
+        study = Study(saved["uid"], folder, frozenset(saved["sops"]), saved["total_bytes"], saved["series"])
+        return study, 0.0
+    shutil.rmtree(folder, ignore_errors=True)
+    started = time.perf_counter()
+    record.unlink(missing_ok=True)
+    made = make_study(folder, megabytes, size, series)
+    record.write_text(json.dumps({"uid": made.uid, "sops": sorted(made.sops), "total_bytes": made.total_bytes,
+                                  "series": len(made.series)}))
+    return (Study(made.uid, folder, made.sops, made.total_bytes, len(made.series)),
+            time.perf_counter() - started)
+
+
+# -- Orthanc helpers -----------------------------------------------------------------------------------
+
+
+def _http(orthanc: Any, method: str, path: str, body: object | None = None, timeout: float = 120) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://{orthanc.host}:{orthanc.http_port}{path}", data=data,
+                                     method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        raw = r.read()
+    return json.loads(raw) if raw else None
+
+
+def orthanc_pid(workdir: Path) -> int | None:
+    """The pid of the Orthanc started on ``workdir``'s config (tests.support.orthanc does not expose it)."""
+    wanted = str(workdir / "orthanc.json").encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if wanted in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def instances_at(orthanc: Any, study_uid: str) -> list[str]:
+    """SOP Instance UIDs of the study at an Orthanc (one per stored instance, duplicates kept)."""
+    found = _http(orthanc, "POST", "/tools/find", {"Level": "Instance", "Expand": True,
+                                                  "Query": {"StudyInstanceUID": study_uid}})
+    return [str(item["MainDicomTags"]["SOPInstanceUID"]) for item in found]
+
+
+def verify_destination(orthanc: Any, study: Study, path: str) -> None:
+    arrived = instances_at(orthanc, study.uid)
+    if len(arrived) != study.count or set(arrived) != study.sops:
+        missing = len(study.sops - set(arrived))
+        raise BrokenTransfer(f"{path}: destination holds {len(arrived)} instances of {study.count}, "
+                             f"{missing} missing, {len(set(arrived) - study.sops)} foreign")
+
+
+def empty_destination(orthanc: Any) -> None:
+    for study_id in _http(orthanc, "GET", "/studies"):
+        _http(orthanc, "DELETE", f"/studies/{study_id}")
+    if _http(orthanc, "GET", "/statistics")["CountInstances"] != 0:
+        raise RuntimeError("the destination Orthanc is not empty after deleting every study")
+
+
+def storescu(study: Study, ae_title: str, port: int, calling: str = "BENCH") -> float:
+    """DCMTK storescu of every file of the study over one association; returns seconds."""
+    started = time.perf_counter()
+    proc = subprocess.run(["storescu", "-aet", calling, "-aec", ae_title, "+sd", "+r", HOST, str(port),
+                           str(study.folder)], env=ENV, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise BrokenTransfer(f"storescu failed: {proc.stderr[-2000:]}")
+    return elapsed
+
+
+def load_source(study: Study, ae_title: str, port: int, jobs: int = 2) -> float:
+    """Load the source with storescu, one process per series folder, ``jobs`` at a time."""
+    started = time.perf_counter()
+    folders = sorted(p for p in study.folder.iterdir() if p.is_dir())
+    for first in range(0, len(folders), jobs):
+        procs = [subprocess.Popen(["storescu", "-aet", "LOADER", "-aec", ae_title, "+sd", HOST, str(port),
+                                   str(f)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for f in folders[first:first + jobs]]
+        for p in procs:
+            _out, err = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f"storescu (loading the source) failed: {err[-2000:]!r}")
+    return time.perf_counter() - started
+
+
+def orthanc_move(study: Study, source: Any, move_to: str) -> float:
+    """The hospital's own way: C-MOVE of the study at the source, straight into ``move_to``."""
+    started = time.perf_counter()
+    proc = subprocess.run(["movescu", "-S", "-aet", "BENCH", "-aec", source.ae_title, "-aem", move_to,
+                           "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.uid}",
+                           HOST, str(source.dicom_port)], env=ENV, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0 or "Failed" in proc.stderr:
+        raise BrokenTransfer(f"movescu failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return elapsed
+
+
+# -- DUO -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DuoRun:
+    method: str
+    seconds: float
+    first_stored_s: float
+    expected: int
+    stored: int
+    wire_bytes: int
+    idle_rss_kib: int
+    peak_rss_kib: int
+    cpu_s: float
+    source_cpu_s: float
+    dest_cpu_s: float
+    stages: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _api(http_url: str, method: str, path: str, body: object | None = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{http_url}/tlb/v1{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def duo_transfer(work: Path, study: Study, method: str, source: Any, dest: Any, duo_port: int, mitz_url: str,
+                 pki: Any, hospital: Any, reconcile: bool) -> DuoRun:
+    """A fresh DUO process (so its VmHWM is this transfer's and nothing earlier's), one transfer."""
+    run_dir = work / f"duo-{method}-{study.count}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    tlb = [{"ura": hospital.ura, "name": hospital.name, "ae_title": source.ae_title, "host": HOST,
+            "port": source.dicom_port, "repository_unique_id": hospital.repository_unique_id,
+            "timeout_s": 30.0}]
+    raw = duo_config(run_dir, tlb, mitz_url, pki.ca_cert,
+                     listeners={"dicom": {"ae_title": DUO_AE, "host": HOST, "port": duo_port}},
+                     xua={"trusted_certs": [str(pki.ca_cert)], "signing_key_file": str(pki.server.key),
+                          "signing_cert_file": str(pki.server.cert)},
+                     xca_responding={"retrieve_method": method},
+                     transfers={"destinations": [{
+                         "name": DESTINATION, "ae_title": dest.ae_title, "host": HOST,
+                         "port": dest.dicom_port, "uras": [REQUESTER["ura"]],
+                         "patient_id_issuer": "OWN_HOSPITAL", "timeout_s": 60.0}]})
+    cfg = run_dir / "duo-config.json"
+    cfg.write_text(json.dumps(raw, indent=1))
+    stages_file = run_dir / "stages.json"
+    child = Child("bench._transfer_duo", ["--config", str(cfg), "--stages", str(stages_file)], run_dir, "duo")
+    try:
+        ready = child.wait_ready()
+        url = ready["http_url"]
+        status, timeline = _api(url, "POST", "/timeline", {
+            "patient": {"bsn": consenting_patient(network()).bsn},
+            "period": {"from": PERIOD[0], "to": PERIOD[1]}, "requester": REQUESTER})
+        if status != 200:
+            raise BrokenTransfer(f"timeline: HTTP {status}: {timeline}")
+        ids = [s["id"] for s in timeline["studies"] if s.get("study_instance_uid") == study.uid]
+        if len(ids) != 1:
+            raise BrokenTransfer(f"timeline lists the study {len(ids)} times: {timeline}")
+        body: dict[str, Any] = {"studies": ids, "destination": DESTINATION, "requester": REQUESTER}
+        if reconcile:
+            body["local_patient_id"] = "LOCAL-42"
+        src_pid, dst_pid = orthanc_pid(Path(source.workdir)), orthanc_pid(Path(dest.workdir))
+        idle = proc_status_kib(child.pid)["VmRSS"]
+        cpu0 = (cpu_seconds(child.pid), cpu_seconds(src_pid), cpu_seconds(dst_pid))
+        started = time.perf_counter()
+        status, accepted = _api(url, "POST", "/transfers", body)
+        accepted_at = time.perf_counter()
+        if status != 202:
+            raise BrokenTransfer(f"transfer refused: HTTP {status}: {accepted}")
+        first_stored = 0.0
+        while True:
+            _status, job = _api(url, "GET", f"/transfers/{accepted['id']}")
+            now = time.perf_counter()
+            if not first_stored and job.get("instances_stored"):
+                first_stored = now - accepted_at
+            if job["state"] not in ("queued", "running"):
+                break
+            if now - started > 1800:
+                raise BrokenTransfer(f"DUO: no end after 30 minutes: {job}")
+            time.sleep(0.1)
+        elapsed = time.perf_counter() - accepted_at
+        cpu1 = (cpu_seconds(child.pid), cpu_seconds(src_pid), cpu_seconds(dst_pid))
+        peak = proc_status_kib(child.pid)["VmHWM"]
+        if job["state"] != "completed" or job["instances_stored"] != job["instances_expected"]:
+            raise BrokenTransfer(f"DUO ({method}): {job['state']}, {job['instances_stored']} of "
+                                 f"{job['instances_expected']} stored: {job.get('errors')} "
+                                 f"{job.get('studies')}")
+        if job["instances_expected"] != study.count:
+            raise BrokenTransfer(f"DUO expected {job['instances_expected']} instances, the study has "
+                                 f"{study.count}")
+        stages: dict[str, list[float]] = {}
+        for _ in range(100):
+            if stages_file.exists():
+                stages = json.loads(stages_file.read_text())
+                break
+            time.sleep(0.02)
+        return DuoRun(method, elapsed, first_stored, job["instances_expected"], job["instances_stored"],
+                      int(job["bytes"]), idle, peak, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1], cpu1[2] - cpu0[2],
+                      stages)
+    finally:
+        child.stop()
+
+
+# -- main ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SizeResult:
+    study: Study
+    generated_s: float
+    load_s: float
+    move_s: float
+    move_cpu: tuple[float, float]
+    storescu_s: float
+    duo: list[DuoRun]
+
+
+@dataclass(frozen=True)
+class RunningOrthanc:
+    """tests.support.orthanc.Orthanc plus its work directory (for its pid)."""
+
+    ae_title: str
+    host: str
+    dicom_port: int
+    http_port: int
+    workdir: str
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    from duo_gateway.sim.pki import make_pki
+    from tests.support.orthanc import run_orthanc  # the project's Orthanc runner (TCP_NODELAY=1)
+
+    net = network()
+    hospital = net.hospitals[0]
+    pki = make_pki(work / "pki", "rsa")
+    peers = Child("bench._peers", ["--workdir", str(work / "peers"), "--hospitals", "0"], work, "mitz")
+    results: list[SizeResult] = []
+    try:
+        mitz_url = peers.wait_ready()["mitz_url"]
+        for mb in args.size_mb:
+            study, generated_s = study_on_disk(work / f"study-{mb:g}MB", mb, args.image_size, args.series)
+            print(f"[{mb:g} MB] study: {study.count} instances, {study.total_bytes / MB:.0f} MB "
+                  f"({f'generated in {generated_s:.1f} s' if generated_s else 'reused'})", flush=True)
+            # DUO's DICOM port is fixed before the source starts: the source must know it as a C-MOVE target.
+            duo_port = free_port()
+            for name in (f"dest-{mb:g}", f"source-{mb:g}"):
+                shutil.rmtree(work / name, ignore_errors=True)
+            with run_orthanc(work / f"dest-{mb:g}", ae_title=DEST_AE) as d, \
+                    run_orthanc(work / f"source-{mb:g}", ae_title=SOURCE_AE,
+                                modalities={"dest": (DEST_AE, HOST, d.dicom_port),
+                                            "duo": (DUO_AE, HOST, duo_port)}) as s:
+                dest = RunningOrthanc(d.ae_title, d.host, d.dicom_port, d.http_port,
+                                      str(work / f"dest-{mb:g}"))
+                source = RunningOrthanc(s.ae_title, s.host, s.dicom_port, s.http_port,
+                                        str(work / f"source-{mb:g}"))
+                load_s = load_source(study, source.ae_title, source.dicom_port)
+                verify_destination(source, study, "loading the source")
+                print(f"[{mb:g} MB] source loaded in {load_s:.1f} s", flush=True)
+
+                src_pid, dst_pid = orthanc_pid(Path(source.workdir)), orthanc_pid(Path(dest.workdir))
+                c0 = (cpu_seconds(src_pid), cpu_seconds(dst_pid))
+                move_s = orthanc_move(study, source, DEST_AE)
+                c1 = (cpu_seconds(src_pid), cpu_seconds(dst_pid))
+                verify_destination(dest, study, "Orthanc C-MOVE")
+                empty_destination(dest)
+                print(f"[{mb:g} MB] Orthanc C-MOVE: {move_s:.2f} s", flush=True)
+
+                store_s = storescu(study, dest.ae_title, dest.dicom_port)
+                verify_destination(dest, study, "storescu")
+                empty_destination(dest)
+                print(f"[{mb:g} MB] storescu: {store_s:.2f} s", flush=True)
+
+                duo_runs = []
+                for method in args.method:
+                    if args.profile:
+                        os.environ["DUO_BENCH_PROFILE"] = f"{args.profile}-{method}-{mb:g}MB"
+                    r = duo_transfer(work, study, method, source, dest, duo_port, mitz_url, pki, hospital,
+                                     args.reconcile)
+                    os.environ.pop("DUO_BENCH_PROFILE", None)
+                    verify_destination(dest, study, f"DUO ({method})")
+                    empty_destination(dest)
+                    print(f"[{mb:g} MB] DUO {method}: {r.seconds:.2f} s", flush=True)
+                    duo_runs.append(r)
+                results.append(SizeResult(study, generated_s, load_s, move_s, (c1[0] - c0[0], c1[1] - c0[1]),
+                                          store_s, duo_runs))
+            for name in (f"dest-{mb:g}", f"source-{mb:g}"):  # 2× the study on disk: free it now
+                shutil.rmtree(work / name, ignore_errors=True)
+            if not args.keep:
+                shutil.rmtree(study.folder, ignore_errors=True)
+    finally:
+        peers.stop()
+    print()
+    print_report(args, results)
+    return 0
+
+
+def print_report(args: argparse.Namespace, results: list[SizeResult]) -> None:
+    print(f"Transfer of one CT study source Orthanc → DUO → destination Orthanc; Orthanc 1.10, DCMTK, "
+          f"TCP_NODELAY=1 on every peer and DUO; loopback, {os.cpu_count()} cores; "
+          f"{args.image_size}×{args.image_size}×16 bit slices; DUO defaults (transfer window 16, "
+          f"retrieve window 16, 1 association per destination)"
+          f"{'; with reconciliation (local patient id)' if args.reconcile else ''}"
+          f"{f'; DUO GIL switch interval {args.switch_interval} s' if args.switch_interval else ''}")
+    print(f"{'study':>9} {'path':<52} {'seconds':>8} {'MB/s':>7} {'inst/s':>7} {'÷ C-MOVE':>9} "
+          f"{'÷ storescu':>10}")
+    for res in results:
+        rows = [("DCMTK storescu → destination (ceiling)", res.storescu_s),
+                ("Orthanc C-MOVE source → destination (hospital)", res.move_s),
+                *((f"DUO transfer API, {r.method} from source", r.seconds) for r in res.duo)]
+        mb = res.study.total_bytes / MB
+        for name, secs in rows:
+            print(f"{f'{mb:.0f} MB':>9} {name:<52} {secs:8.2f} {mb / secs:7.1f} "
+                  f"{res.study.count / secs:7.0f} {res.move_s / secs:9.2f} {res.storescu_s / secs:10.2f}")
+    print()
+    print("ratios (throughput, DUO ÷ baseline; goal DUO ÷ Orthanc C-MOVE ≥ "
+          f"{GOAL_RATIO}):")
+    for res in results:
+        for r in res.duo:
+            ratio = res.move_s / r.seconds
+            print(f"  {res.study.total_bytes / MB:5.0f} MB {r.method}: DUO ÷ C-MOVE {ratio:.2f} "
+                  f"({'meets' if ratio >= GOAL_RATIO else 'BELOW'} goal), DUO ÷ storescu "
+                  f"{res.storescu_s / r.seconds:.2f}")
+    print()
+    print(f"DUO peak RSS (VmHWM of a fresh DUO process per transfer; goal < {GOAL_RSS_MB} MB):")
+    methods = sorted({r.method for res in results for r in res.duo})
+    for method in methods:
+        peaks = [(res.study.total_bytes / MB, r) for res in results for r in res.duo if r.method == method]
+        text = ", ".join(f"{mb:.0f} MB study: idle {r.idle_rss_kib / 1024:.0f} MiB, peak "
+                         f"{r.peak_rss_kib / 1024:.0f} MiB" for mb, r in peaks)
+        print(f"  {method}: {text}")
+        if len(peaks) >= 2:
+            (mb_a, a), (mb_b, b) = max(peaks, key=lambda p: p[0]), min(peaks, key=lambda p: p[0])
+            worst_mb = max(a.peak_rss_kib, b.peak_rss_kib) * 1024 / MB
+            print(f"  {method}: difference {mb_a:.0f} MB − {mb_b:.0f} MB study = "
+                  f"{(a.peak_rss_kib - b.peak_rss_kib) / 1024:+.1f} MiB; highest peak {worst_mb:.0f} MB "
+                  f"({'meets' if worst_mb < GOAL_RSS_MB else 'ABOVE'} goal)")
+    print()
+    print("where DUO's time goes (wall seconds on the relay's critical path; timers in bench._transfer_duo):")
+    for res in results:
+        for r in res.duo:
+            s = {k: v[1] for k, v in r.stages.items()}
+            n = {k: int(v[0]) for k, v in r.stages.items()}
+            source_wait = s.get("pass", 0.0) - s.get("relay", 0.0)
+            relay_other = s.get("relay", 0.0) - sum(s.get(k, 0.0) for k in
+                                                    ("read meta", "reconcile", "C-STORE", "mark_stored"))
+            parts = [("manifest (Mitz + C-FIND walk)", s.get("manifest", 0.0)),
+                     ("  of which Mitz consent", s.get("consent", 0.0)),
+                     ("waiting for the source (C-GET/C-MOVE)", source_wait),
+                     ("C-STORE to the destination", s.get("C-STORE", 0.0)),
+                     ("job store mark_stored", s.get("mark_stored", 0.0)),
+                     ("read Part 10 meta", s.get("read meta", 0.0)),
+                     ("reconcile (local patient id)", s.get("reconcile", 0.0)),
+                     ("rest of the relay (retries, unlink, loop)", relay_other),
+                     ("verify against the manifest", s.get("verify", 0.0))]
+            job = s.get("job", r.seconds)
+            print(f"  {res.study.total_bytes / MB:.0f} MB, {r.method}: job {job:.2f} s of {r.seconds:.2f} s "
+                  f"API time; first instance stored {r.first_stored_s:.2f} s after the 202; "
+                  f"{n.get('C-STORE', 0)} C-STOREs")
+            for name, secs in parts:
+                share = f"{secs / job:5.0%}" if job else ""
+                print(f"      {name:<44} {secs:7.2f} s {share}")
+            print(f"      CPU during the transfer: DUO {r.cpu_s:.1f} s ({r.cpu_s / r.seconds:.0%} of one "
+                  f"core), source Orthanc {r.source_cpu_s:.1f} s, destination Orthanc {r.dest_cpu_s:.1f} s")
+        print(f"  {res.study.total_bytes / MB:.0f} MB, Orthanc C-MOVE for comparison: source Orthanc "
+              f"{res.move_cpu[0]:.1f} s CPU, destination Orthanc {res.move_cpu[1]:.1f} s CPU in "
+              f"{res.move_s:.2f} s")
+    print()
+    print("setup (not timed): " + "; ".join(
+        f"{r.study.total_bytes / MB:.0f} MB ({r.study.count} instances × "
+        f"{r.study.total_bytes / r.study.count / 1e3:.0f} kB in {r.study.series} series) "
+        f"{'generated in ' + format(r.generated_s, '.1f') + ' s, ' if r.generated_s else 'reused, '}"
+        f"loaded into the source in {r.load_s:.1f} s" for r in results))
+    print("every path verified: the destination held exactly the study's SOP Instance UIDs after each run, "
+          "and was emptied before the next")
+    print("reference, docs/dicom.md §2 (200 × 514 KiB CT, 2-core VM, TCP_NODELAY): " + "; ".join(
+        f"{name} {mbs:.0f} MB/s" for name, mbs in REFERENCE))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=float, nargs="+", default=[1024, 250], help="study sizes in MB")
+    parser.add_argument("--method", nargs="+", choices=("c-get", "c-move"), default=["c-get", "c-move"],
+                        help="how DUO retrieves from the source PACS")
+    parser.add_argument("--image-size", type=int, default=512, help="rows = columns of each CT slice")
+    parser.add_argument("--series", type=int, default=4)
+    parser.add_argument("--reconcile", action="store_true",
+                        help="ask for a local patient id (DUO rewrites every instance's patient ids)")
+    parser.add_argument("--workdir", type=Path, help="work directory (a kept one's studies are reused)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory and generated studies")
+    parser.add_argument("--switch-interval", type=float,
+                        help="experiment: sys.setswitchinterval in DUO (GIL hand-off, default 0.005)")
+    parser.add_argument("--profile", help="also write a cProfile of DUO to PROFILE-<method>-<size>.<pid>")
+    args = parser.parse_args(argv)
+    configure_logging(LoggingConfig(level="WARNING"))
+    for tool in ("storescu", "movescu"):
+        if shutil.which(tool) is None:
+            print(f"DCMTK {tool} is not installed (apt-get install dcmtk)")
+            return 2
+    if shutil.which("Orthanc") is None and not Path("/usr/sbin/Orthanc").exists():
+        print("Orthanc is not installed (apt-get install orthanc)")
+        return 2
+    exit_on_sigterm()
+    if args.switch_interval:
+        os.environ["DUO_BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="duo-bench-transfer-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return run(args, work.resolve())
+    except KeyboardInterrupt:
+        print("interrupted; every process of this benchmark was stopped")
+        return 130
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
