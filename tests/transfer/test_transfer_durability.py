@@ -1,5 +1,5 @@
-"""Transfers survive what production does to them: a DUO killed mid-transfer, two DUOs sharing the work,
-a source that goes away mid-study.
+"""Transfers survive what production does to them: a DUO killed mid-transfer, two DUOs sharing the work
+(and one of them dying), a source that goes away mid-study; and a crash leaves no patient data behind.
 
 DUO runs here as a real OS process (``python -m duo_gateway serve``, :mod:`tests.support.duo_process`)
 so it can die by SIGKILL, with no shutdown code and its lease left in the job store. The XCA community
@@ -26,6 +26,7 @@ import asyncio
 import base64
 import os
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -366,3 +367,62 @@ async def test_a_community_going_down_mid_study_and_coming_back_still_completes_
         assert final["instances_failed"] == 0, "instances that failed in the outage were fetched again"
         received = await asyncio.to_thread(net.destination.received)
         assert received == Counter(dict.fromkeys(wanted, 1)), received
+
+
+# --- 4. what a crash leaves on disk ---------------------------------------------------------------
+
+
+@contextmanager
+def holding_pacs(hold_at: int) -> Iterator[tuple[int, threading.Event, threading.Event]]:
+    """A pynetdicom storage SCP that stores at once, except the ``hold_at``-th C-STORE: that one it
+    holds (no response) until ``release`` is set, after setting ``holding``. DUO is then mid-C-STORE
+    with the instance in its spool, deterministically."""
+    from pynetdicom import AE, evt
+
+    from duo_gateway.dicom.qr import receiving_contexts
+
+    holding, release = threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        seen.append(str(event.request.AffectedSOPInstanceUID))
+        if len(seen) == hold_at:
+            holding.set()
+            release.wait(60)
+        return 0x0000
+
+    ae = AE(ae_title="HOLDING_PACS")
+    ae.supported_contexts = receiving_contexts()
+    server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        yield int(server.server_address[1]), holding, release
+    finally:
+        release.set()
+        server.shutdown()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "DUO bug: nothing removes the spool files (RAD-75 MTOM parts, rad75/mtom-*.part) of a process that "
+    "died; the restarted DUO fetches the instance again into a new file, the old copy of patient data "
+    "stays under storage.path/spool forever. Fix: sweep spool/ (rad75/, transfers/) at Gateway.start."))
+async def test_a_kill_mid_transfer_leaves_no_patient_data_in_the_spool(tmp_path: Path) -> None:
+    async with network(tmp_path) as net:
+        raw = net.config("duo")
+        spool = Path(raw["storage"]["path"]) / "spool"
+        with holding_pacs(hold_at=2) as (port, holding, release):
+            raw["transfers"]["destinations"][0].update({"ae_title": "HOLDING_PACS", "port": port})
+            with duo_processes(DuoProcess(tmp_path / "duo", raw)) as (duo,):
+                await duo.wait_ready(net.session)
+                study_id, _ = (await net.xca_studies(duo))[0]
+                job_id = await net.submit(duo, [study_id])
+                assert await asyncio.to_thread(holding.wait, DEADLINE_S), duo.log_tail()
+                in_flight = [p for p in spool.rglob("*") if p.is_file()]
+                assert in_flight, "the instance being stored is in the spool"
+                duo.kill()
+                release.set()
+                duo.start()
+                await duo.wait_ready(net.session)
+                final = await net.final(duo, job_id)
+        assert final["state"] == "completed", final
+        left = sorted(str(p.relative_to(spool)) for p in spool.rglob("*") if p.is_file())
+        assert not left, f"patient data left behind in the spool: {left}"
