@@ -291,7 +291,7 @@ async def test_two_duos_sharing_one_postgresql_split_the_jobs_and_send_every_ins
             assert status["state"] == "completed", status
             assert status["instances_failed"] == 0
         with psycopg.connect(url) as conn:
-            owners = dict(conn.execute("SELECT id, owner FROM transfer_jobs").fetchall())
+            owners: dict[str, str] = dict(conn.execute("SELECT id, owner FROM transfer_jobs").fetchall())
         assert set(owners) == set(jobs)
         assert {pids.get(_pid(owner)) for owner in owners.values()} == {"a", "b"}, \
             f"both replicas must have worked: {owners}"
@@ -385,7 +385,7 @@ def holding_pacs(hold_at: int) -> Iterator[tuple[int, threading.Event, threading
     seen: list[str] = []
 
     def on_store(event: evt.Event) -> int:
-        seen.append(str(event.request.AffectedSOPInstanceUID))
+        seen.append(str(getattr(event.request, "AffectedSOPInstanceUID", "")))
         if len(seen) == hold_at:
             holding.set()
             release.wait(60)
@@ -394,6 +394,7 @@ def holding_pacs(hold_at: int) -> Iterator[tuple[int, threading.Event, threading
     ae = AE(ae_title="HOLDING_PACS")
     ae.supported_contexts = receiving_contexts()
     server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None
     try:
         yield int(server.server_address[1]), holding, release
     finally:
