@@ -352,6 +352,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     net = network()
     hospital = net.hospitals[0]
     pki = make_pki(work / "pki", "rsa")
+    (work / "mitz.ready.json").unlink(missing_ok=True)  # a kept work directory's would be stale
     peers = Child("bench._peers", ["--workdir", str(work / "peers"), "--hospitals", "0"], work, "mitz")
     results: list[SizeResult] = []
     try:
