@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 from collections.abc import Sequence
@@ -129,7 +130,7 @@ class Gateway:
         await self.auditor.start()
         self._audit_activity(started=True)
         await self.subscriptions.start()
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._clear_spool()
         self.index = await DocumentIndex.open(cfg.storage.path)
         if cfg.xca_responding.enabled:
             if self.xua_trust is None:
@@ -139,6 +140,8 @@ class Gateway:
                                         auditor=self.auditor, identity=self.identity,
                                         spool_dir=self.spool_dir, metrics=self.metrics)
             self._front_doors.append(XcaRespondingDoor(cfg, service, self.xua_trust))
+        if self.transfers is not None:
+            await self.transfers.open()
         self.app = build_app(
             self.metrics,
             lambda: build_probes(cfg, self._extra_probes),
@@ -196,6 +199,23 @@ class Gateway:
         self._audit_activity(started=False)
         await self.auditor.stop(timeout=min(5.0, self.config.daemon.shutdown_grace_s))
         log.info("gateway stopped")
+
+    def _clear_spool(self) -> None:
+        """Nothing is in flight before start, so whatever the spool holds was left by a process that
+        died mid-transfer: patient data with no owner. It goes before anything new is fetched. (The
+        spool is this instance's own: storage.path is never shared between replicas.)"""
+        removed = 0
+        if self.spool_dir.exists():
+            for entry in self.spool_dir.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    removed += sum(1 for p in entry.rglob("*") if p.is_file())
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                    removed += 1
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        if removed:
+            log.warning("spool_cleared_at_start", files=removed)
 
     # -- endpoints -----------------------------------------------------------------------------
     @property

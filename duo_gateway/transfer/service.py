@@ -86,6 +86,7 @@ class TransferService:
         self._changed = asyncio.Condition()
         self._wake = asyncio.Event()
         self._stopping = False
+        self._opened = False
         self._workers: list[asyncio.Task[None]] = []
         self._running: dict[str, asyncio.Task[Job]] = {}
         self._cancel_asked: set[str] = set()
@@ -95,8 +96,15 @@ class TransferService:
                                 identity=identity or Peer(user_id=cfg.listeners.dicom.ae_title))
 
     # -- lifecycle -----------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Open (and migrate) the job store: before the API listens, so no request meets a closed store."""
+        if not self._opened:
+            await self.store.start()
+            self._opened = True
+
     async def start(self) -> None:
-        await self.store.start()
+        """Start the workers: after DUO's own AE listens, since a resumed job may C-MOVE to it at once."""
+        await self.open()
         self._workers = [asyncio.create_task(self._worker(n), name=f"transfer-worker-{n}")
                          for n in range(self.cfg.transfers.workers)]
         self._workers.append(asyncio.create_task(self._purger(), name="transfer-purge"))

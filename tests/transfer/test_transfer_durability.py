@@ -402,10 +402,6 @@ def holding_pacs(hold_at: int) -> Iterator[tuple[int, threading.Event, threading
         server.shutdown()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DUO bug: nothing removes the spool files (RAD-75 MTOM parts, rad75/mtom-*.part) of a process that "
-    "died; the restarted DUO fetches the instance again into a new file, the old copy of patient data "
-    "stays under storage.path/spool forever. Fix: sweep spool/ (rad75/, transfers/) at Gateway.start."))
 async def test_a_kill_mid_transfer_leaves_no_patient_data_in_the_spool(tmp_path: Path) -> None:
     async with network(tmp_path) as net:
         raw = net.config("duo")
