@@ -21,8 +21,9 @@ class DestinationPacs(StrictModel):
     #: IssuerOfPatientID written with a request's ``local_patient_id`` (import reconciliation): the
     #: assigning authority of the patient ids in this PACS.
     patient_id_issuer: str | None = Field(default=None, min_length=1, max_length=64)
-    #: Parallel C-STORE associations towards this PACS per transfer.
-    max_associations: int = Field(default=1, ge=1, le=16)
+    #: Parallel C-STORE associations towards this PACS per transfer: while one waits for a response,
+    #: another sends. 1 for a PACS that allows one association per peer.
+    max_associations: int = Field(default=2, ge=1, le=16)
     #: Deadline for one DICOM operation (association, one C-STORE).
     timeout_s: float = Field(default=30.0, gt=0, le=600)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,13 +193,16 @@ class JobRunner:
                  resumed=any(s.state != "pending" for s in job.studies))
         outcomes: list[StudyOutcome | None] = []
         async with AsyncExitStack() as stack:
-            client = await stack.enter_async_context(
-                StoreClient(destination, self.cfg.listeners.dicom.ae_title))
+            # One client per association the destination allows: while one waits for its C-STORE
+            # response (or the job store), another sends, so per-instance round trips overlap.
+            ae = self.cfg.listeners.dicom.ae_title
+            clients = [await stack.enter_async_context(StoreClient(destination, ae))
+                       for _ in range(destination.max_associations)]
             for study in job.studies:
                 if study.state == "completed":
                     outcomes.append(None)
                     continue
-                outcome = await self._study(job, study, claims, client, destination)
+                outcome = await self._study(job, study, claims, clients, destination)
                 outcomes.append(outcome)
                 self._audit(study, outcome, destination)
         fresh = await self.store.get(job.id)
@@ -273,7 +276,7 @@ class JobRunner:
         return XcaStudyFetcher(community=community, retriever=retriever, claims=claims, bsn=sealed.bsn,
                                ref=sealed.ref)
 
-    async def _study(self, job: Job, study: StudyProgress, claims: Claims, client: StoreClient,
+    async def _study(self, job: Job, study: StudyProgress, claims: Claims, clients: list[StoreClient],
                      destination: DestinationPacs) -> StudyOutcome:
         index = study.index
         try:
@@ -289,16 +292,17 @@ class JobRunner:
         await self.store.add_expected(job.id, self.owner, index, expected)
         self.changed()
         # One association proposing every SOP class of the study, instead of re-associating mid-study.
-        client.expect((e.sop_class_uid, ts) for e in {e.sop_class_uid: e for e in expected}.values()
-                      for ts in UNCOMPRESSED)
-        relay = _Relay(self, job, index, client, destination.patient_id_issuer)
+        pairs = [(sop_class, ts) for sop_class in {e.sop_class_uid for e in expected} for ts in UNCOMPRESSED]
+        for client in clients:
+            client.expect(pairs)
+        relays = [_Relay(self, job, index, client, destination.patient_id_issuer) for client in clients]
         cfg = self.cfg.transfers
         for attempt in range(cfg.retries + 1):
             pending = [ExpectedInstance(r.sop_instance_uid, r.series_instance_uid, r.sop_class_uid)
                        for r in await self.store.instances(job.id, index) if r.state != "stored"]
             if not pending:
                 break
-            transient = await self._pass(job, index, fetcher, pending, relay)
+            transient = await self._pass(job, index, fetcher, pending, relays)
             if not transient or attempt == cfg.retries:
                 break
             log.info("transfer_study_retry", job=job.id, study=index, pending=len(pending),
@@ -320,12 +324,37 @@ class JobRunner:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _pass(self, job: Job, index: int, fetcher: StudyFetcher, pending: list[ExpectedInstance],
-                    relay: Callable[[Fetched], Awaitable[bool]]) -> bool:
-        """One fetch of everything pending; True when something failed in a way worth another pass."""
+                    relays: list[_Relay]) -> bool:
+        """One fetch of everything pending; True when something failed in a way worth another pass.
+
+        The source is read here while ``relays`` (one per destination association) store what
+        arrived; the queue between them is small, so the source waits for the destination rather
+        than filling the spool. A relay that fails (e.g. the claim was lost) drains and deletes
+        what is still queued, so the fetch never blocks on a dead consumer; the error is raised
+        once all have stopped.
+        """
+        queue: asyncio.Queue[Fetched | None] = asyncio.Queue(maxsize=len(relays) * 2)
         transient = False
+        failure: BaseException | None = None
+
+        async def consume(relay: _Relay) -> None:
+            nonlocal transient, failure
+            while (item := await queue.get()) is not None:
+                if failure is not None:
+                    item.path.unlink(missing_ok=True)
+                    continue
+                try:
+                    transient |= await relay(item)
+                except Exception as exc:
+                    failure = failure or exc
+
+        consumers = [asyncio.create_task(consume(r), name=f"relay-{job.id}-{n}")
+                     for n, r in enumerate(relays)]
         try:
             async with aclosing(fetcher.fetch(pending)) as stream:
                 async for item in stream:
+                    if failure is not None:
+                        break
                     if isinstance(item, Missed):
                         self.metrics.instances.labels("failed").inc()
                         await self.store.mark_failed(job.id, self.owner, index, item.sop_instance_uid,
@@ -333,12 +362,30 @@ class JobRunner:
                         self.changed()
                         transient |= item.retryable
                     else:
-                        transient |= await relay(item)
+                        await queue.put(item)
         except FetchFailed as exc:
+            # Instances already stored by a relay stay stored: a late failure does not undo a success.
             for w in pending:
                 await self.store.mark_failed(job.id, self.owner, index, w.sop_instance_uid, exc.detail)
             self.changed()
-            return exc.retryable
+            transient |= exc.retryable
+        except BaseException:
+            # Cancelled (or worse): stop storing now; spooled files still queued are deleted.
+            for task in consumers:
+                task.cancel()
+            await asyncio.gather(*consumers, return_exceptions=True)
+            while not queue.empty():
+                if (left := queue.get_nowait()) is not None:
+                    left.path.unlink(missing_ok=True)
+            raise
+        for _ in consumers:
+            await queue.put(None)
+        done = await asyncio.gather(*consumers, return_exceptions=True)
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if failure is not None:
+            raise failure
         return transient
 
     async def _verify(self, job: Job, index: int, expected: list[ExpectedInstance],
