@@ -14,11 +14,11 @@ functions with timers, so the benchmark can say where a transfer's time goes wit
 - ``source wait`` = pass - relay: the relay loop waiting for the source (C-GET/C-MOVE) to deliver,
 - ``verify``: stored UIDs against the manifest (:meth:`JobRunner._verify`).
 
-The relay is sequential within a study (fetch runs ahead in pynetdicom's thread, bounded by the
-window), so these are wall times on the critical path. They are written to ``--stages`` (JSON)
-each time a job's run ends. ``DUO_BENCH_SWITCH_INTERVAL`` sets ``sys.setswitchinterval`` (GIL
-hand-off; an experiment knob). With ``DUO_BENCH_PROFILE=path`` it also writes a cProfile like
-``bench._duo_process`` does (same caveats: worker threads run inline, CPU time).
+Within a study the fetch runs ahead (pynetdicom's thread, bounded by the window) and the relay runs
+as one task per destination association, so relay stages are summed over those parallel relays.
+They are written to ``--stages`` (JSON) each time a job's run ends. ``DUO_BENCH_SWITCH_INTERVAL``
+sets ``sys.setswitchinterval`` (GIL hand-off; an experiment knob). With ``DUO_BENCH_PROFILE=path``
+it also writes a cProfile like ``bench._duo_process`` (same caveats: threads run inline, CPU time).
 """
 
 from __future__ import annotations
