@@ -109,6 +109,29 @@ def serialize(envelope: etree._Element) -> bytes:
     return to_bytes(envelope)
 
 
+def element_bytes(element: etree._Element) -> bytes:
+    """One element as UTF-8 without an XML declaration, to go into :func:`serialize_with`."""
+    return etree.tostring(element, encoding="UTF-8", xml_declaration=False)
+
+
+_EMPTY_TAIL = b"</s:Header><s:Body/></s:Envelope>"
+
+
+def serialize_with(addressing: Addressing, body: bytes, headers: list[bytes] | None = None) -> bytes:
+    """``serialize(build_envelope(addressing, body, headers))`` for a body and header blocks that are
+    already serialized (:func:`element_bytes`), without parsing or copying them.
+
+    For a request sent to many peers: the signed assertion and the query are serialized once, only the
+    addressing differs. Each part is a complete element that declares every namespace it uses, so the
+    result is the same XML infoset (namespace declarations may repeat where lxml would hoist them).
+    """
+    raw = serialize(build_envelope(addressing, None))
+    if not raw.endswith(_EMPTY_TAIL):
+        raise AssertionError("unexpected envelope serialization")
+    return b"".join([raw[:-len(_EMPTY_TAIL)], *(headers or []), b"</s:Header><s:Body>", body,
+                     b"</s:Body></s:Envelope>"])
+
+
 def _text(header: etree._Element, local: str) -> str | None:
     el = header.find(f"{{{WSA_NS}}}{local}")
     if el is None or el.text is None:

@@ -32,7 +32,7 @@ from duo_gateway.bsn import bsn_cx
 from duo_gateway.config.audit import AuditConfig
 from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.config.xua import XuaConfig
-from duo_gateway.mitz.wire import SAML_NS
+from duo_gateway.mitz.wire import SAML_NS, WSSE_NS
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import SimNetworkConfig, default_network
@@ -47,9 +47,11 @@ from duo_gateway.soap.envelope import (
     SoapFault,
     build_envelope,
     build_fault,
+    element_bytes,
     new_message_id,
     parse_envelope,
     serialize,
+    serialize_with,
 )
 from duo_gateway.timeline.model import Report, StudyRef, TimelineStudy
 from duo_gateway.timeline.xca_source import (
@@ -79,10 +81,16 @@ from duo_gateway.xca.initiating.client import (
     CommunityClient,
     CommunityResponse,
     SigningPair,
+    find_documents_query,
     issue_tickets,
 )
 from duo_gateway.xca.metadata import KOS_FORMAT, PDF_FORMAT
-from duo_gateway.xca.query import AdhocQueryResponse, build_adhoc_query_response, parse_adhoc_query_request
+from duo_gateway.xca.query import (
+    AdhocQueryResponse,
+    build_adhoc_query_request,
+    build_adhoc_query_response,
+    parse_adhoc_query_request,
+)
 from duo_gateway.xmldsig import DS_NS, TrustStore, load_signing_pair
 from duo_gateway.xua import Claims, validate_xua
 from tests.xca.xsd import assert_valid
@@ -405,6 +413,26 @@ def _audiences(env: Envelope) -> list[str]:
 def _assertion_id(env: Envelope) -> str:
     (assertion,) = env.headers[-1].iter(f"{{{SAML_NS}}}Assertion")
     return assertion.get("ID") or ""
+
+
+def test_a_request_spliced_from_serialized_parts_is_the_envelope_lxml_would_build() -> None:
+    query = build_adhoc_query_request(find_documents_query(BSN, *WIDE, HOME))
+    security = etree.Element(f"{{{WSSE_NS}}}Security", nsmap={"wsse": WSSE_NS})
+    security.set(f"{{{SOAP12_NS}}}mustUnderstand", "1")  # the envelope's own namespace, declared again
+    etree.SubElement(security, f"{{{SAML_NS}}}Assertion").text = "x < y & 'z'"
+    addressing = Addressing(action=Action.ITI38, message_id=new_message_id(), to="https://c.test/iti38?a=1&b=2",
+                            reply_to=WSA_ANONYMOUS)
+    built = serialize(build_envelope(addressing, query, [security]))
+    spliced = serialize_with(addressing, element_bytes(query), [element_bytes(security)])
+    assert spliced.startswith(b"<?xml version='1.0' encoding='UTF-8'?>")
+
+    def c14n(raw: bytes) -> bytes:
+        return etree.tostring(etree.fromstring(raw), method="c14n", exclusive=True)
+
+    assert c14n(spliced) == c14n(built)
+    env = parse_envelope(spliced)
+    assert env.addressing == addressing
+    assert env.body is not None and parse_adhoc_query_request(env.body) == parse_adhoc_query_request(query)
 
 
 async def test_one_timeline_ticket_is_signed_once_for_every_configured_community(

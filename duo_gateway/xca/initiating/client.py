@@ -34,7 +34,6 @@ dropped wholesale. The choices that matter, and why:
 from __future__ import annotations
 
 import asyncio
-import copy
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -60,10 +59,10 @@ from duo_gateway.soap.envelope import (
     Addressing,
     EnvelopeError,
     SoapFault,
-    build_envelope,
+    element_bytes,
     new_message_id,
     parse_envelope,
-    serialize,
+    serialize_with,
 )
 from duo_gateway.soap.mtom import parse_mtom
 from duo_gateway.soap.xml import XmlError, to_bytes
@@ -86,7 +85,7 @@ from duo_gateway.xca.query import (
     parse_adhoc_query_response,
 )
 from duo_gateway.xmldsig import DigestName, PrivateKey
-from duo_gateway.xua import Claims, issue_assertion, security_header
+from duo_gateway.xua import TIMESTAMP_TTL_S, Claims, issue_assertion, security_header
 
 log = structlog.get_logger(__name__)
 
@@ -178,8 +177,11 @@ class XuaTicket:
     issuer: str
     digest: DigestName
     audiences: frozenset[str]
+    #: When the first of the assertion and the message Timestamp in ``security`` expires.
     not_on_or_after: datetime
     assertion: etree._Element
+    #: ``wsse:Security`` with a Timestamp and the assertion, serialized once for every request.
+    security: bytes
     #: ``id()`` of the signing pair it was signed with (the clients keep that pair alive).
     signing_id: int
 
@@ -268,9 +270,10 @@ class CommunityClient:
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + deadline_s
-        query = build_adhoc_query_request(
+        query_el = build_adhoc_query_request(
             find_documents_query(bsn, date_from, date_to, self.community.home_community_id))
-        query_bytes = to_bytes(query)
+        query_bytes = to_bytes(query_el)  # as audited
+        query = element_bytes(query_el)  # as sent, in every attempt's envelope
 
         attempts = 0
         result: _Attempt
@@ -300,7 +303,7 @@ class CommunityClient:
 
     # -- one attempt ----------------------------------------------------------------------------
 
-    async def _attempt(self, claims: Claims, bsn: str, query: etree._Element, query_bytes: bytes,
+    async def _attempt(self, claims: Claims, bsn: str, query: bytes, query_bytes: bytes,
                        deadline: float, ticket: XuaTicket | None) -> _Attempt:
         if self._signing is None:
             return _Attempt("error", "DUO has no XUA signing key and certificate (xua.signing_key_file): "
@@ -342,19 +345,16 @@ class CommunityClient:
         finally:
             self._slots.release()
 
-    def _request(self, claims: Claims, bsn: str, query: etree._Element, message_id: str,
+    def _request(self, claims: Claims, bsn: str, query: bytes, message_id: str,
                  ticket: XuaTicket | None) -> bytes:
         """The signed envelope: with the timeline's ticket while it has time left, else a fresh
-        assertion for this community alone."""
+        assertion for this community alone. Query and Security header go in as bytes, unparsed."""
         now = datetime.now(UTC)
-        if ticket is not None and now + TICKET_MARGIN < ticket.not_on_or_after:
-            assertion = ticket.assertion
-        else:
-            assertion = self._issue_ticket(claims, bsn, [self.community.home_community_id], now).assertion
-        envelope = build_envelope(
+        if ticket is None or now + TICKET_MARGIN >= ticket.not_on_or_after:
+            ticket = self._issue_ticket(claims, bsn, [self.community.home_community_id], now)
+        return serialize_with(
             Addressing(action=Action.ITI38, message_id=message_id, to=self._url, reply_to=WSA_ANONYMOUS),
-            copy.deepcopy(query), [security_header(assertion, now)])
-        return serialize(envelope)
+            query, [ticket.security])
 
     # -- XUA tickets ----------------------------------------------------------------------------
 
@@ -374,8 +374,9 @@ class CommunityClient:
                                     subject_bsn=bsn)
         return XuaTicket(claims=claims, bsn=bsn, issuer=self._issuer, digest=digest,
                          audiences=frozenset(audiences),
-                         not_on_or_after=now + timedelta(seconds=ASSERTION_LIFETIME_S),
-                         assertion=assertion, signing_id=id(self._signing))
+                         not_on_or_after=now + timedelta(seconds=min(ASSERTION_LIFETIME_S, TIMESTAMP_TTL_S)),
+                         assertion=assertion, security=element_bytes(security_header(assertion, now)),
+                         signing_id=id(self._signing))
 
     def _accepts(self, ticket: XuaTicket, claims: Claims, bsn: str) -> bool:
         made_with = (ticket.signing_id, ticket.issuer, ticket.digest)
