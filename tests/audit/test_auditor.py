@@ -7,7 +7,7 @@ import os
 import ssl
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -197,6 +197,39 @@ async def test_stop_flushes_everything_and_later_records_are_counted_as_dropped(
     auditor.record(message(300))
     health = auditor.health()
     assert (health["dropped"], health["ok"]) == (1, False)
+
+
+async def test_a_burst_is_written_as_one_batch_after_the_linger(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    auditor = Auditor(AuditConfig(), storage_dir=tmp_path, linger_s=1.0)
+    batches: list[int] = []
+    persist = auditor._persist
+
+    def counting(items: Sequence[tuple[AuditMessage, datetime]]) -> list[Path]:
+        batches.append(len(items))
+        return persist(items)
+
+    monkeypatch.setattr(auditor, "_persist", counting)
+    await auditor.start()
+    for i in range(50):
+        auditor.record(message(i))
+        await asyncio.sleep(0.001)  # a timeline's answers arrive one by one
+    assert auditor.health()["file_written"] == 0  # still lingering
+    await eventually(lambda: auditor.health()["file_written"] == 50, "the burst on disk", within=5.0)
+    assert batches == [50]
+    await auditor.stop(2.0)
+    assert [query_id(r) for r in file_records(tmp_path)] == ids(50)
+
+
+async def test_stop_does_not_wait_for_the_linger(tmp_path: Path) -> None:
+    auditor = Auditor(AuditConfig(), storage_dir=tmp_path, linger_s=30.0)
+    await auditor.start()
+    auditor.record(message(0))
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    await auditor.stop(5.0)
+    assert time.monotonic() - started < 2.0
+    assert [query_id(r) for r in file_records(tmp_path)] == ids(1)
 
 
 async def test_record_from_a_worker_thread(tmp_path: Path) -> None:
