@@ -229,8 +229,12 @@ class DicomPacsSource:
                             async with aclosing(self._retrieve_one(qa, query, spool, members)) as stream:
                                 async for item in stream:
                                     delivered += 1
-                                    yield RetrievedInstance(wanted[item.sop_instance_uid], item.path,
-                                                            item.transfer_syntax_uid, item.size)
+                                    record = wanted[item.sop_instance_uid]
+                                    if record.sop_class_uid != item.sop_class_uid:
+                                        # The object is the authority on its own class, not the C-FIND.
+                                        record = dataclasses.replace(record, sop_class_uid=item.sop_class_uid)
+                                    yield RetrievedInstance(record, item.path, item.transfer_syntax_uid,
+                                                            item.size)
                         except QrStatusError as exc:
                             # This series failed at the PACS; the others may still come. The caller
                             # compares what arrived with what it asked for.

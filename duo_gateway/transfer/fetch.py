@@ -37,6 +37,10 @@ class Fetched:
     sop_instance_uid: str
     path: Path
     size: int
+    #: Set by a source that already read and checked the file's header while receiving it (the
+    #: C-GET/C-MOVE spool does): the relay then does not read the header a second time.
+    sop_class_uid: str | None = None
+    transfer_syntax_uid: str | None = None
 
 
 @dataclass(frozen=True)

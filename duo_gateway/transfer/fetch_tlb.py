@@ -65,7 +65,9 @@ class TlbStudyFetcher:
             async with aclosing(self._pacs.retrieve(permit, self._bsn, self._study_uid, records)) as stream:
                 async for item in stream:
                     arrived.add(item.record.sop_instance_uid)
-                    yield Fetched(item.record.sop_instance_uid, item.path, item.size)
+                    # The spool checked the header (instance asked, this study, this patient).
+                    yield Fetched(item.record.sop_instance_uid, item.path, item.size,
+                                  item.record.sop_class_uid, item.transfer_syntax_uid)
         except SourceUnavailable as exc:
             if not arrived:
                 raise FetchFailed(f"{self.source}: {exc.detail}", retryable=exc.kind != "error") from exc

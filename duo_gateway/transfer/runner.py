@@ -94,10 +94,12 @@ class _Relay:
         job, cfg = self._job, self._r.cfg.transfers
         paths = [item.path]
         try:
-            meta = await asyncio.to_thread(read_file_meta_info, item.path)
-            sop_uid = str(meta.get("MediaStorageSOPInstanceUID", ""))
-            sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
-            syntax = str(meta.get("TransferSyntaxUID", ""))
+            sop_uid, sop_class, syntax = item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax_uid
+            if sop_class is None or syntax is None:
+                meta = await asyncio.to_thread(read_file_meta_info, item.path)
+                sop_uid = str(meta.get("MediaStorageSOPInstanceUID", ""))
+                sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+                syntax = str(meta.get("TransferSyntaxUID", ""))
             if sop_uid != item.sop_instance_uid or not sop_class or not syntax:
                 await self._failed(item, "the source sent an object that is not the instance asked for")
                 return True
