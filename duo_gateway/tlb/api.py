@@ -104,6 +104,8 @@ _REFUSALS: Final[dict[str, tuple[int, ProblemType]]] = {
 SSE_KEEPALIVE_S: Final = 15.0
 #: A transfer request names at most MAX_TRANSFER_STUDIES ids of a few hundred bytes each.
 TRANSFER_MAX_BODY_BYTES: Final = 512 * 1024
+#: Transfer ids are UUIDs (the store makes them); anything else is answered 404 without a lookup.
+_JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _SERVERS_LINE = re.compile(r"(?m)^(servers:\n  - url: )\S+$")
 
 
@@ -253,12 +255,14 @@ class TlbApiDoor:
 
     async def _status(self, request: web.Request) -> web.Response:
         assert self._transfers is not None
-        job = await self._transfers.get(request.match_info["id"])
+        job_id = request.match_info["id"]
+        job = await self._transfers.get(job_id) if _JOB_ID.fullmatch(job_id) else None
         return _not_found() if job is None else _status_response(job)
 
     async def _cancel(self, request: web.Request) -> web.Response:
         assert self._transfers is not None
-        job = await self._transfers.cancel(request.match_info["id"])
+        job_id = request.match_info["id"]
+        job = await self._transfers.cancel(job_id) if _JOB_ID.fullmatch(job_id) else None
         if job is None:
             return _not_found()
         log.info("tlb_transfer_cancel", job=job.id, state=job.state)
@@ -267,6 +271,8 @@ class TlbApiDoor:
     async def _events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: ``progress`` with the whole status on every change, ``end`` once final."""
         assert self._transfers is not None
+        if not _JOB_ID.fullmatch(request.match_info["id"]):
+            return _not_found()
         stream = self._transfers.watch(request.match_info["id"])
         first: asyncio.Task[Job] = asyncio.ensure_future(anext(stream))
         pending: asyncio.Task[Job] | None = first
