@@ -94,6 +94,29 @@ class PeerClient:
     async def post(self, url: str, body: bytes | dict[str, object], *, operation: str, timeout_s: float,
                    content_type: str | None = None) -> PeerResponse:
         """POST and read the whole (bounded) answer within ``timeout_s``, connect time included."""
+        async with self._exchange(url, body, operation, timeout_s, content_type) as (resp, started):
+            data = await self._read_bounded(resp)
+            return PeerResponse(resp.status, resp.headers, data, time.perf_counter() - started)
+
+    @asynccontextmanager
+    async def stream_post(self, url: str, body: bytes, *, operation: str, timeout_s: float,
+                          content_type: str | None = None) -> AsyncIterator[PeerStream]:
+        """POST and hand over the answer as soon as its headers are in; the body is read by the caller.
+
+        For answers too big to hold (RAD-75 image batches): the caller streams ``content`` to disk.
+        ``timeout_s`` is total, connect time and body reading included, like :meth:`post`. Transport
+        failures while the caller reads the body become :class:`PeerCallError` too; the caller's own
+        exceptions pass through unchanged. The metric is observed once, when the block is left, with
+        the HTTP status as outcome only if the caller got through the body without a transport error.
+        """
+        async with self._exchange(url, body, operation, timeout_s, content_type) as (resp, started):
+            yield PeerStream(resp.status, resp.headers, resp.content, started)
+
+    @asynccontextmanager
+    async def _exchange(self, url: str, body: bytes | dict[str, object], operation: str, timeout_s: float,
+                        content_type: str | None) -> AsyncIterator[tuple[aiohttp.ClientResponse, float]]:
+        """One POST: headers, the total deadline, transport errors as :class:`PeerCallError`, and the
+        peer metric observed once, whatever the caller does with the answer inside the block."""
         headers = {}
         if content_type is not None:
             headers["Content-Type"] = content_type
@@ -107,55 +130,7 @@ class PeerClient:
             async with self._get_session().post(
                     url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s),
                     allow_redirects=False, **kwargs) as resp:  # type: ignore[arg-type]
-                data = await self._read_bounded(resp)
-                outcome = str(resp.status)
-                return PeerResponse(resp.status, resp.headers, data, time.perf_counter() - started)
-        except PeerCallError as exc:
-            outcome = exc.kind
-            raise
-        except TimeoutError as exc:
-            outcome = "timeout"
-            raise PeerCallError("timeout", f"no complete answer within {timeout_s:g} s") from exc
-        except aiohttp.ClientConnectorCertificateError as exc:
-            outcome = "tls"
-            raise PeerCallError("tls", str(exc.certificate_error)) from exc
-        except aiohttp.ClientSSLError as exc:
-            outcome = "tls"
-            raise PeerCallError("tls", type(exc).__name__) from exc
-        except aiohttp.ClientConnectorError as exc:
-            outcome = "connect"
-            raise PeerCallError("connect", exc.strerror or type(exc).__name__) from exc
-        except aiohttp.ClientError as exc:
-            outcome = "protocol"
-            raise PeerCallError("protocol", type(exc).__name__) from exc
-        finally:
-            if self._metrics is not None:
-                self._metrics.observe_peer(self.peer, operation, outcome, time.perf_counter() - started)
-
-    @asynccontextmanager
-    async def stream_post(self, url: str, body: bytes, *, operation: str, timeout_s: float,
-                          content_type: str | None = None) -> AsyncIterator[PeerStream]:
-        """POST and hand over the answer as soon as its headers are in; the body is read by the caller.
-
-        For answers too big to hold (RAD-75 image batches): the caller streams ``content`` to disk.
-        ``timeout_s`` is total, connect time and body reading included, like :meth:`post`. Transport
-        failures while the caller reads the body become :class:`PeerCallError` too; the caller's own
-        exceptions pass through unchanged. The metric is observed once, when the block is left, with
-        the HTTP status as outcome only if the caller got through the body without a transport error.
-        """
-        headers = {}
-        if content_type is not None:
-            headers["Content-Type"] = content_type
-        request_id = structlog.contextvars.get_contextvars().get("request_id")
-        if isinstance(request_id, str):
-            headers[REQUEST_ID_HEADER] = request_id
-        started = time.perf_counter()
-        outcome = "error"
-        try:
-            async with self._get_session().post(
-                    url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s),
-                    allow_redirects=False) as resp:
-                yield PeerStream(resp.status, resp.headers, resp.content, started)
+                yield resp, started
                 outcome = str(resp.status)
         except PeerCallError as exc:
             outcome = exc.kind
