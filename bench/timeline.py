@@ -20,6 +20,13 @@ assertion per community; 1.64-1.79 and 89-107 ms/timeline with one per timeline,
 decoder and the coalescing auditor. Goal 1.2 not met: decoding the answers (Python over lxml, ~60 µs
 per entry) is now the largest part.
 
+Tried and dropped: decoding the answers in a pre-warmed process pool (spawn, 1 or 2 workers) instead
+of worker threads. With 2 workers DUO's own process fell from ~100 to ~66 ms CPU/timeline, but the
+ratio stayed 1.57-1.85 (0 workers, same runs: 1.62-1.80; 1 worker: 1.75-1.80) and the CPU of DUO plus
+its workers rose to 102-139 ms (pickling, hand-offs): the latency follows the CPU left on the event loop
+(HTTP client, request building, audit records, outcome conversion, merge), not the decoding, and on 2
+CPUs the workers compete with the peers and this client.
+
 Two kinds of community app (``--peers``, both by default, each setup with fresh processes):
 
 * ``sim``: the simulator itself. It parses every request and builds every answer in Python
