@@ -41,7 +41,6 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Final, Literal
 from urllib.parse import urlsplit
 
-import aiohttp
 import structlog
 from cryptography import x509
 from lxml import etree
@@ -51,7 +50,7 @@ from duo_gateway.audit.messages import ActiveParticipant, EventOutcome, Peer, it
 from duo_gateway.bsn import BSN_OID, bsn_cx, is_valid_bsn
 from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.config.xua import XuaConfig
-from duo_gateway.http.client import PeerCallError, PeerClient, PeerResponse
+from duo_gateway.http.client import PeerCallError, PeerClient, PeerResponse, classify_call_error
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,
@@ -388,15 +387,8 @@ class CommunityClient:
             if cut_by_deadline:
                 return _Attempt("timeout", "no answer before the timeline deadline")
             return _Attempt("timeout", f"no answer within {self.community.timeout_s:g} s", retryable=True)
-        if exc.kind == "connect":
-            return _Attempt("unavailable", f"connection failed: {exc.detail}", retryable=True)
-        if exc.kind == "protocol" and isinstance(exc.__cause__, aiohttp.ServerDisconnectedError
-                                                  | aiohttp.ClientOSError):
-            return _Attempt("unavailable", f"connection lost: {exc.detail}", retryable=True)
-        if exc.kind == "tls":
-            # Not transient: a certificate problem does not heal between two attempts.
-            return _Attempt("unavailable", f"TLS failed: {exc.detail}")
-        return _Attempt("error", f"unusable HTTP answer ({exc.kind}): {exc.detail}")
+        kind, detail, retryable = classify_call_error(exc)
+        return _Attempt(kind, detail, retryable=retryable)
 
     def _interpret(self, answer: PeerResponse, message_id: str, bsn: str) -> _Attempt:
         if answer.status in _TRANSIENT_HTTP:

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Final, Literal
 from urllib.parse import urlsplit
 
-import aiohttp
 import structlog
 from lxml import etree
 
@@ -55,7 +54,7 @@ from duo_gateway.audit.messages import (
 from duo_gateway.bsn import bsn_cx, is_valid_bsn
 from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.config.xua import XuaConfig
-from duo_gateway.http.client import PeerCallError, PeerClient
+from duo_gateway.http.client import PeerCallError, PeerClient, classify_call_error
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,
@@ -565,14 +564,8 @@ def _call_failure(exc: PeerCallError, limit_s: float, *, cut: bool) -> RetrieveF
     if exc.kind == "timeout":
         return RetrieveFailed("timeout", "no complete answer before the deadline" if cut
                               else f"no answer within {limit_s:g} s", retryable=True)
-    if exc.kind == "connect":
-        return RetrieveFailed("unavailable", f"connection failed: {exc.detail}", retryable=True)
-    if exc.kind == "protocol" and isinstance(exc.__cause__, aiohttp.ServerDisconnectedError
-                                              | aiohttp.ClientOSError):
-        return RetrieveFailed("unavailable", f"connection lost: {exc.detail}", retryable=True)
-    if exc.kind == "tls":
-        return RetrieveFailed("unavailable", f"TLS failed: {exc.detail}")
-    return RetrieveFailed("error", f"unusable HTTP answer ({exc.kind}): {exc.detail}")
+    kind, detail, retryable = classify_call_error(exc)
+    return RetrieveFailed(kind, detail, retryable=retryable)
 
 
 def _check_envelope(envelope: Envelope, status: int, action: str, message_id: str) -> etree._Element:
