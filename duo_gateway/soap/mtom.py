@@ -228,6 +228,11 @@ def _split_headers(raw: bytes) -> tuple[dict[str, str], bytes]:
         head, body = raw[:crlf], raw[crlf + 4 :]
     else:
         head, body = raw[:lf], raw[lf + 2 :]
+    return parse_part_headers(head), body
+
+
+def parse_part_headers(head: bytes) -> dict[str, str]:
+    """A MIME part's header block: names lower-cased, folded lines joined (RFC 5322 §2.2.3)."""
     headers: dict[str, str] = {}
     for line in head.decode("latin-1").replace("\r\n", "\n").split("\n"):
         if not line.strip():
@@ -237,10 +242,10 @@ def _split_headers(raw: bytes) -> tuple[dict[str, str], bytes]:
             headers[last] += " " + line.strip()
             continue
         name, sep, value = line.partition(":")
-        if not sep:
+        if not sep or not name.strip():
             raise MtomError("malformed MIME part header")
         headers[name.strip().lower()] = value.strip()
-    return headers, body
+    return headers
 
 
 def _split_parts(body: bytes, boundary: str, max_part_bytes: int, max_parts: int) -> list[_Part]:

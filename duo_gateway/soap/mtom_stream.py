@@ -49,6 +49,7 @@ from duo_gateway.soap.mtom import (
     MtomError,
     normalise_cid,
     parse_content_type,
+    parse_part_headers,
 )
 from duo_gateway.soap.xml import DEFAULT_MAX_XML_BYTES, XmlError, parse_xml
 
@@ -426,29 +427,15 @@ async def _read_headers(reader: _Buffer) -> dict[str, str]:
         crlf = data.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES + 4)
         lf = data.find(b"\n\n", 0, MAX_HEADER_BYTES + 2)
         if crlf != -1 and (lf == -1 or crlf <= lf):
-            return _parse_headers(reader.consume(crlf + 4)[:crlf])
+            return parse_part_headers(reader.consume(crlf + 4)[:crlf])
         if lf != -1:
-            return _parse_headers(reader.consume(lf + 2)[:lf])
+            return parse_part_headers(reader.consume(lf + 2)[:lf])
         if len(data) > MAX_HEADER_BYTES:
             raise MtomError(f"MIME part headers exceed {MAX_HEADER_BYTES} bytes")
         if not await reader.more():
             raise MtomError("multipart body truncated in a part's headers")
 
 
-def _parse_headers(head: bytes) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for line in head.decode("latin-1").replace("\r\n", "\n").split("\n"):
-        if not line.strip():
-            continue
-        if line[0] in " \t" and headers:
-            last = next(reversed(headers))
-            headers[last] += " " + line.strip()
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name.strip():
-            raise MtomError("malformed MIME part header")
-        headers[name.strip().lower()] = value.strip()
-    return headers
 
 
 async def _copy_content(reader: _Buffer, delim: bytes, sink: _PartSink) -> None:
