@@ -110,12 +110,21 @@ class TransferService:
         self._workers.append(asyncio.create_task(self._purger(), name="transfer-purge"))
 
     async def stop(self) -> None:
-        """Stop working; unfinished jobs keep their state and are resumed when the lease lapses."""
+        """Stop working and hand unfinished jobs back to the queue, keeping what they stored, so a
+        replica (or this one, restarted) resumes them at once rather than after the lease."""
         self._stopping = True
         self._wake.set()
+        held = list(self._running)
         for task in [*self._running.values(), *self._workers]:
             task.cancel()
         await asyncio.gather(*self._running.values(), *self._workers, return_exceptions=True)
+        for job_id in held:
+            try:
+                if await self.store.release(job_id, self.owner):
+                    log.info("transfer_released", job=job_id)
+            except Exception:
+                # The lease lapses on its own; releasing only makes the resume sooner.
+                log.exception("transfer_release_failed", job=job_id)
         await self.store.close()
 
     # -- API -----------------------------------------------------------------------------------

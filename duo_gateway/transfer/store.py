@@ -190,6 +190,10 @@ class TransferStore(ABC):
         """Extend the lease; the fresh Job tells the worker whether a cancel was asked for."""
 
     @abstractmethod
+    async def release(self, job_id: str, owner: str) -> bool:
+        """Give a running job back to the queue (graceful stop); False when ``owner`` did not hold it."""
+
+    @abstractmethod
     async def request_cancel(self, job_id: str) -> Job | None:
         """None if unknown. A job nobody works on (queued, or its lease lapsed) is cancelled at once;
         a running one gets ``cancel_requested`` and its worker ends it; finished jobs stay as they are."""
@@ -401,6 +405,22 @@ class SqlTransferStore(TransferStore):
             tx.run("UPDATE transfer_jobs SET lease_expires_at = ?, updated_at = ?, revision = revision + 1"
                    " WHERE id = ?", (tx.now + lease_s, tx.now, job_id))
             return self._must_load(tx, job_id)
+
+        return await self._write(run)
+
+    async def release(self, job_id: str, owner: str) -> bool:
+        """Hand a running job back to the queue (a graceful stop): another replica, or this one after
+        a restart, resumes it at once instead of waiting for the lease to lapse. False when ``owner``
+        no longer held it (nothing changed)."""
+
+        def run(tx: Tx) -> bool:
+            try:
+                self._fence(tx, job_id, owner)
+            except LeaseLost:
+                return False
+            tx.run("UPDATE transfer_jobs SET state = 'queued', owner = NULL, lease_expires_at = NULL,"
+                   " updated_at = ?, revision = revision + 1 WHERE id = ?", (tx.now, job_id))
+            return True
 
         return await self._write(run)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,7 +34,16 @@ class _RefusingMitz:
         return ConsentDecision(False, (), "not in this test", "error")
 
 
-async def _service(tmp_path: Path, **transfers: object) -> AsyncIterator[tuple[TransferService, StudyIds]]:
+class _SilentMitz:
+    """Never answers: a job asking it stays running until the service stops."""
+
+    async def closed_question(self, question: ClosedQuestion) -> ConsentDecision:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def _service(tmp_path: Path, mitz: _RefusingMitz | _SilentMitz | None = None,
+                   **transfers: object) -> AsyncIterator[tuple[TransferService, StudyIds]]:
     config = make_config(tmp_path, mitz_port=9, hospitals=[HOSPITAL])
     cfg = TransferConfig.model_validate({"destinations": [
         DestinationPacs(name="own-pacs", ae_title="OWN", host="127.0.0.1", port=9, uras=["00000666"]),
@@ -42,7 +52,7 @@ async def _service(tmp_path: Path, **transfers: object) -> AsyncIterator[tuple[T
     config = config.model_copy(update={"transfers": cfg})
     ids = StudyIds(os.urandom(32))
     service = TransferService(config, store=TransferStore.open(None, tmp_path), study_ids=ids,
-                              gate=ConsentGate(_RefusingMitz()), sources={h.ura: DicomPacsSource(
+                              gate=ConsentGate(mitz or _RefusingMitz()), sources={h.ura: DicomPacsSource(
                                   h, "DUO", tmp_path / "spool") for h in config.tlb_hospitals}, retrievers={},
                               metrics=TransferMetrics(CollectorRegistry()), auditor=None)
     await service.start()
@@ -97,3 +107,24 @@ async def test_adhoc_destinations_when_allowed(tmp_path: Path) -> None:
         assert service.runner.destination(job.destination).port == 11112
         cancelled = await service.cancel(job.id)
         assert cancelled is not None and cancelled.cancel_requested
+
+
+async def test_a_graceful_stop_hands_running_jobs_back_to_the_queue(tmp_path: Path) -> None:
+    async for service, ids in _service(tmp_path, _SilentMitz()):
+        good = ids.seal(StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001"), BSN)
+        job = await service.submit(_request([good]))
+        for _ in range(100):
+            current = await service.get(job.id)
+            if current is not None and current.state == "running":
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the job was never claimed")
+    # _service stopped it: the job is queued again, no owner, ready for the next worker.
+    store = TransferStore.open(None, tmp_path)
+    await store.start()
+    try:
+        after = await store.get(job.id)
+        assert after is not None and after.state == "queued" and after.lease_expires_at is None
+    finally:
+        await store.close()

@@ -462,3 +462,19 @@ async def test_postgres_replaces_connections_the_server_dropped(postgres_server:
         assert await store.get(job.id) == job
     finally:
         await store.close()
+
+
+async def test_release_hands_a_running_job_back_keeping_what_was_stored(store: TransferStore) -> None:
+    """A graceful stop: the job is queued again at once (no lease to wait for), stored rows stay."""
+    job = await store.create(new_job())
+    assert (await claimed(store, "duo-a", 60)).id == job.id
+    await store.add_expected(job.id, "duo-a", 0, [instance(1), instance(2)])
+    assert await store.mark_stored(job.id, "duo-a", 0, instance(1).sop_instance_uid, 10)
+    assert await store.release(job.id, "duo-b") is False  # not duo-b's to give back
+    assert await store.release(job.id, "duo-a") is True
+    with pytest.raises(LeaseLost):
+        await store.mark_stored(job.id, "duo-a", 0, instance(2).sop_instance_uid, 10)
+    again = await claimed(store, "duo-b", 60)
+    assert again.id == job.id and again.owner == "duo-b"
+    assert [r.sop_instance_uid for r in await store.instances(job.id, 0, "stored")] == [
+        instance(1).sop_instance_uid]
