@@ -24,6 +24,7 @@ from duo_gateway.audit.syslog import parse_message
 from duo_gateway.dicom.qr import receiving_contexts
 from duo_gateway.sim.behaviour import Misbehaviour, MitzMisbehaviour
 from duo_gateway.sim.http import BEHAVIOUR_KEY
+from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.studies import write_study
 from duo_gateway.soap.xml import parse_xml
 from tests.support.orthanc import Orthanc, load_with_storescu, run_orthanc
@@ -32,6 +33,7 @@ from tests.transfer.harness import (
     LOCAL_ISSUER,
     NONE,
     NOORD,
+    TLB,
     TransferNetwork,
     clear,
     destination_instances,
@@ -285,3 +287,29 @@ async def test_transfer_metrics_count_what_was_stored(network: TransferNetwork) 
     assert values['duo_transfer_instances_total{outcome="stored"}'] > 0
     assert values['duo_transfer_jobs_total{state="completed"}'] >= 1
     assert values["duo_transfer_jobs_running"] == 0
+
+
+async def test_a_tlb_pacs_down_for_a_while_is_retried_until_complete(tmp_path: Path,
+                                                                     destination: Orthanc) -> None:
+    """The hospital's PACS (a SimPacs here, since it can stop listening and come back on the same
+    port) is down when the transfer starts: the manifest C-FIND is retried with backoff until it is up."""
+    pacs = SimPacs(TLB, tmp_path / "pacs", host="127.0.0.1")
+    await asyncio.to_thread(pacs.preload, tlb_studies())
+    await asyncio.to_thread(pacs.start)
+    try:
+        as_peer = Orthanc(pacs.ae_title, "127.0.0.1", pacs.port, 0)
+        async with running(tmp_path / "net", as_peer, destination, retries=6, retry_backoff_s=0.2) as net:
+            [(study_id, study)] = await net.study_ids(ALL.bsn, "tlb:")
+            await asyncio.to_thread(pacs.set_behaviour, Misbehaviour(down=True))
+            status, accepted = await net.submit([study_id])
+            assert status == 202
+            await asyncio.sleep(0.5)
+            assert (await net.status(accepted["id"]))["state"] in ("queued", "running")
+            await asyncio.to_thread(pacs.set_behaviour, Misbehaviour())
+            final = await net.wait(accepted["id"])
+    finally:
+        await asyncio.to_thread(pacs.stop)
+    assert final["state"] == "completed", final
+    arrived = await asyncio.to_thread(destination_instances, destination, study["study_instance_uid"])
+    generated = next(s for s in tlb_studies() if s.study_instance_uid == study["study_instance_uid"])
+    assert set(arrived) == {str(ds.SOPInstanceUID) for ds in generated.instances}
