@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -28,7 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from duo_gateway.bsn import is_valid_bsn
 from duo_gateway.timeline.model import StudyRef
 
-_AAD: Final = b"duo-gateway study id v1"
+_AAD: Final = b"duo-gateway study id v2"
 _NONCE_BYTES: Final = 12
 KEY_BYTES: Final = 32
 #: Relative to the storage path.
@@ -37,8 +38,13 @@ KEY_FILE: Final = Path("keys") / "study-id.key"
 
 @dataclass(frozen=True)
 class SealedStudy:
-    ref: StudyRef
+    #: Every source the timeline saw the study at, primary first (the merge's order).
+    refs: tuple[StudyRef, ...]
     bsn: str
+
+    @property
+    def ref(self) -> StudyRef:
+        return self.refs[0]
 
 
 class StudyIds:
@@ -56,10 +62,12 @@ class StudyIds:
                 raise ValueError(f"timeline.study_id_key must be {KEY_BYTES} bytes in base64") from exc
         return cls(load_or_create_key(storage_path / KEY_FILE))
 
-    def seal(self, ref: StudyRef, bsn: str) -> str:
-        data = {"k": ref.kind, "s": ref.study_uid, "h": ref.home_community_id, "r": ref.repository_unique_id,
-                "d": ref.document_unique_id, "a": ref.hospital_ura, "p": bsn}
-        plain = json.dumps({k: v for k, v in data.items() if v is not None}, separators=(",", ":")).encode()
+    def seal(self, refs: StudyRef | Sequence[StudyRef], bsn: str) -> str:
+        """One id for the study at all the sources given, so a transfer can fall back to the next."""
+        listed = (refs,) if isinstance(refs, StudyRef) else tuple(refs)
+        if not listed or len({r.study_uid for r in listed}) != 1:
+            raise ValueError("a study id names one study at one or more sources")
+        plain = json.dumps({"p": bsn, "c": [_pack(r) for r in listed]}, separators=(",", ":")).encode()
         nonce = os.urandom(_NONCE_BYTES)
         sealed = nonce + self._aead.encrypt(nonce, plain, _AAD)
         return base64.urlsafe_b64encode(sealed).decode().rstrip("=")
@@ -72,15 +80,36 @@ class StudyIds:
                 raise ValueError("too short")
             plain = self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], _AAD)
             data = json.loads(plain)
-            kind, uid, home, bsn = data["k"], data["s"], data["h"], data["p"]
-            if kind not in ("xca", "tlb") or not all(isinstance(v, str) for v in (uid, home, bsn)):
-                raise ValueError("bad fields")
-            if not is_valid_bsn(bsn):
+            bsn = data["p"]
+            if not isinstance(bsn, str) or not is_valid_bsn(bsn):
                 raise ValueError("bad patient")
-            ref = StudyRef(kind, uid, home, data.get("r"), data.get("d"), data.get("a"))
+            refs = tuple(_unpack(c) for c in data["c"])
+            if not refs or len({r.study_uid for r in refs}) != 1:
+                raise ValueError("bad sources")
         except (InvalidTag, KeyError, TypeError, ValueError, binascii.Error, json.JSONDecodeError) as exc:
             raise ValueError("not a study id issued by this gateway") from exc
-        return SealedStudy(ref, bsn)
+        return SealedStudy(refs, bsn)
+
+
+def _pack(ref: StudyRef) -> dict[str, str]:
+    data = {"k": ref.kind, "s": ref.study_uid, "h": ref.home_community_id, "r": ref.repository_unique_id,
+            "d": ref.document_unique_id, "a": ref.hospital_ura}
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def _unpack(data: dict[str, object]) -> StudyRef:
+    kind, uid, home = data["k"], data["s"], data["h"]
+    if kind not in ("xca", "tlb") or not isinstance(uid, str) or not isinstance(home, str):
+        raise ValueError("bad fields")
+    return StudyRef("xca" if kind == "xca" else "tlb", uid, home, _optional(data, "r"), _optional(data, "d"),
+                    _optional(data, "a"))
+
+
+def _optional(data: dict[str, object], key: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError("bad fields")
+    return value
 
 
 def load_or_create_key(path: Path) -> bytes:

@@ -117,7 +117,7 @@ class TimelineService:
         outcomes.extend(skipped)
         if chosen:
             outcomes = [replace(o, studies=tuple(institution_filter(o.studies, chosen))) for o in outcomes]
-        merged = merge(outcomes, lambda ref: self._ids.seal(ref, request.bsn))
+        merged = merge(outcomes, lambda refs: self._ids.seal(refs, request.bsn))
         self._audit(request, merged, outcomes)
         log.info(
             "timeline answered",
@@ -302,7 +302,8 @@ class TimelineService:
         )
 
 
-def merge(outcomes: Sequence[SourceOutcome], make_id: Callable[[StudyRef], str]) -> list[MergedStudy]:
+def merge(outcomes: Sequence[SourceOutcome],
+          make_id: Callable[[Sequence[StudyRef]], str]) -> list[MergedStudy]:
     """Each study once (by Study Instance UID), listing every source; newest first.
 
     TLB copies come first as primary: fetching from a hospital DUO speaks DICOM to directly is one
@@ -322,7 +323,8 @@ def merge(outcomes: Sequence[SourceOutcome], make_id: Callable[[StudyRef], str])
         merged.append(
             MergedStudy(
                 study_uid=uid,
-                id=make_id(first.ref),
+                # Every copy, primary first: a transfer falls back to the next when one is unreachable.
+                id=make_id([c.ref for c in copies]),
                 started=_first(copies, lambda c: c.started),
                 accession_number=_first(copies, lambda c: c.accession_number),
                 modalities=tuple(dict.fromkeys(m for c in copies for m in c.modalities)),

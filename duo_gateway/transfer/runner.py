@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +76,8 @@ class StudyOutcome:
     expected: int
     bytes: int
     source: str
+    #: The copy the study was fetched from (None when no source could be used at all).
+    ref: StudyRef | None = None
 
 
 class _Relay:
@@ -239,19 +241,26 @@ class JobRunner:
             sealed = self._ids.open(study.study_id)
         except ValueError:
             return  # an id that never opened fetched nothing and disclosed nothing
-        hospital = next((h for h in self.cfg.tlb_hospitals if h.ura == sealed.ref.hospital_ura), None) \
-            if sealed.ref.kind == "tlb" else None
-        audit_study(self._auditor, gateway=self._identity, bsn=sealed.bsn, study_uid=sealed.ref.study_uid,
+        ref = outcome.ref or sealed.ref
+        hospital = next((h for h in self.cfg.tlb_hospitals if h.ura == ref.hospital_ura), None) \
+            if ref.kind == "tlb" else None
+        audit_study(self._auditor, gateway=self._identity, bsn=sealed.bsn, study_uid=ref.study_uid,
                     state=outcome.state, detail=outcome.detail, destination=destination, hospital=hospital,
                     stored=outcome.stored)
 
     def check_study(self, study_id: str) -> None:
-        """Raises ValueError for an id DUO did not issue, LookupError for a source it no longer knows."""
-        ref = self._ids.open(study_id).ref
-        if ref.kind == "tlb":
-            self._hospital(ref)
-        else:
-            self._community(ref)
+        """Raises ValueError for an id DUO did not issue, LookupError when DUO knows none of its sources."""
+        problems: list[str] = []
+        for ref in self._ids.open(study_id).refs:
+            try:
+                if ref.kind == "tlb":
+                    self._hospital(ref)
+                else:
+                    self._community(ref)
+                return
+            except LookupError as exc:
+                problems.append(str(exc))
+        raise LookupError("; ".join(problems))
 
     def _hospital(self, ref: StudyRef) -> tuple[TlbHospital, ImagingSource]:
         hospital = next((h for h in self.cfg.tlb_hospitals if h.ura == ref.hospital_ura), None)
@@ -268,29 +277,51 @@ class JobRunner:
             raise LookupError(f"community {ref.home_community_id} is not (or no longer) configured")
         return community, retriever
 
-    def _fetcher(self, study: StudyProgress, claims: Claims) -> StudyFetcher:
-        sealed = self._ids.open(study.study_id)
-        if sealed.ref.kind == "tlb":
-            hospital, source = self._hospital(sealed.ref)
-            return TlbStudyFetcher(hospital=hospital, source=source, gate=self._gate, claims=claims,
-                                   bsn=sealed.bsn, study_uid=sealed.ref.study_uid)
-        community, retriever = self._community(sealed.ref)
-        return XcaStudyFetcher(community=community, retriever=retriever, claims=claims, bsn=sealed.bsn,
-                               ref=sealed.ref)
+    def _fetchers(self, refs: Sequence[StudyRef], bsn: str,
+                  claims: Claims) -> tuple[list[tuple[StudyRef, StudyFetcher]], list[str]]:
+        """A fetcher for every copy DUO still knows the source of, in the timeline's order (TLB
+        first), and why the others cannot be used."""
+        fetchers: list[tuple[StudyRef, StudyFetcher]] = []
+        skipped: list[str] = []
+        for ref in refs:
+            try:
+                if ref.kind == "tlb":
+                    hospital, source = self._hospital(ref)
+                    fetchers.append((ref, TlbStudyFetcher(hospital=hospital, source=source, gate=self._gate,
+                                                          claims=claims, bsn=bsn, study_uid=ref.study_uid)))
+                else:
+                    community, retriever = self._community(ref)
+                    fetchers.append((ref, XcaStudyFetcher(community=community, retriever=retriever,
+                                                          claims=claims, bsn=bsn, ref=ref)))
+            except LookupError as exc:
+                skipped.append(str(exc))
+        return fetchers, skipped
 
     async def _study(self, job: Job, study: StudyProgress, claims: Claims, clients: list[StoreClient],
                      destination: DestinationPacs) -> StudyOutcome:
         index = study.index
         try:
-            fetcher = self._fetcher(study, claims)
-        except (LookupError, ValueError) as exc:
+            sealed = self._ids.open(study.study_id)
+        except ValueError as exc:
             return await self._set(job, index, "failed", str(exc), source="unknown")
+        candidates, reasons = self._fetchers(sealed.refs, sealed.bsn, claims)
         await self.store.set_study(job.id, self.owner, index, "running")
         self.changed()
 
-        expected = await self._manifest(job, index, fetcher)
-        if isinstance(expected, StudyOutcome):
-            return expected
+        # The first copy whose source gives a manifest is the one fetched; the others are fallbacks
+        # for a source that is down, refuses, or has no consent, never mixed within one study.
+        chosen: tuple[StudyRef, StudyFetcher, list[ExpectedInstance]] | None = None
+        for ref, candidate in candidates:
+            manifest = await self._manifest(job, index, candidate)
+            if isinstance(manifest, str):
+                reasons.append(manifest)
+                log.info("transfer_source_unusable", job=job.id, study=index, source=candidate.source)
+                continue
+            chosen = (ref, candidate, manifest)
+            break
+        if chosen is None:
+            return await self._set(job, index, "failed", "; ".join(reasons) or "no source", source="none")
+        ref, fetcher, expected = chosen
         await self.store.add_expected(job.id, self.owner, index, expected)
         self.changed()
         # One association proposing every SOP class of the study, instead of re-associating mid-study.
@@ -299,9 +330,12 @@ class JobRunner:
             client.expect(pairs)
         relays = [_Relay(self, job, index, client, destination.patient_id_issuer) for client in clients]
         cfg = self.cfg.transfers
+        listed = {e.sop_instance_uid for e in expected}
         for attempt in range(cfg.retries + 1):
+            # Only what this source's manifest lists can be asked of it (a resume may follow a fallback).
             pending = [ExpectedInstance(r.sop_instance_uid, r.series_instance_uid, r.sop_class_uid)
-                       for r in await self.store.instances(job.id, index) if r.state != "stored"]
+                       for r in await self.store.instances(job.id, index)
+                       if r.state != "stored" and r.sop_instance_uid in listed]
             if not pending:
                 break
             transient = await self._pass(job, index, fetcher, pending, relays)
@@ -310,17 +344,17 @@ class JobRunner:
             log.info("transfer_study_retry", job=job.id, study=index, pending=len(pending),
                      attempt=attempt + 1)
             await self.backoff(attempt)
-        return await self._verify(job, index, expected, fetcher.source)
+        return await self._verify(job, index, expected, fetcher.source, ref)
 
-    async def _manifest(self, job: Job, index: int,
-                        fetcher: StudyFetcher) -> list[ExpectedInstance] | StudyOutcome:
+    async def _manifest(self, job: Job, index: int, fetcher: StudyFetcher) -> list[ExpectedInstance] | str:
+        """The source's manifest, retried while its failures are transient; else why not."""
         cfg = self.cfg.transfers
         for attempt in range(cfg.retries + 1):
             try:
                 return await fetcher.manifest()
             except FetchFailed as exc:
                 if not exc.retryable or attempt == cfg.retries:
-                    return await self._set(job, index, "failed", exc.detail, source=fetcher.source)
+                    return exc.detail
                 log.info("transfer_manifest_retry", job=job.id, study=index, attempt=attempt + 1)
                 await self.backoff(attempt)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -390,8 +424,8 @@ class JobRunner:
             raise failure
         return transient
 
-    async def _verify(self, job: Job, index: int, expected: list[ExpectedInstance],
-                      source: str) -> StudyOutcome:
+    async def _verify(self, job: Job, index: int, expected: list[ExpectedInstance], source: str,
+                      ref: StudyRef) -> StudyOutcome:
         rows = await self.store.instances(job.id, index)
         stored = {r.sop_instance_uid for r in rows if r.state == "stored"}
         wanted = {e.sop_instance_uid for e in expected}
@@ -400,21 +434,22 @@ class JobRunner:
         if not missing and stored >= wanted:
             return await self._set(job, index, "completed", f"{len(stored)} instances stored and verified "
                                    "against the manifest", source=source, stored=len(stored),
-                                   expected=len(wanted), nbytes=nbytes)
+                                   expected=len(wanted), nbytes=nbytes, ref=ref)
         reasons = _reasons([r for r in rows if r.sop_instance_uid in set(missing)])
         shown = ", ".join(missing[:SHOWN_MISSING]) + (" ..." if len(missing) > SHOWN_MISSING else "")
         state: StudyState = "partial" if stored & wanted else "failed"
         return await self._set(job, index, state, f"{len(missing)} of {len(wanted)} instances missing "
                                f"({reasons}): {shown}", source=source, stored=len(stored & wanted),
-                               expected=len(wanted), nbytes=nbytes)
+                               expected=len(wanted), nbytes=nbytes, ref=ref)
 
     async def _set(self, job: Job, index: int, state: StudyState, detail: str, *, source: str,
-                   stored: int = 0, expected: int = 0, nbytes: int = 0) -> StudyOutcome:
+                   stored: int = 0, expected: int = 0, nbytes: int = 0,
+                   ref: StudyRef | None = None) -> StudyOutcome:
         await self.store.set_study(job.id, self.owner, index, state, detail)
         self.changed()
         log.info("transfer_study", job=job.id, study=index, state=state, source=source, stored=stored,
                  expected=expected)
-        return StudyOutcome(state, detail, stored, expected, nbytes, source)
+        return StudyOutcome(state, detail, stored, expected, nbytes, source, ref)
 
 
 def _reasons(rows: list[InstanceRow]) -> str:

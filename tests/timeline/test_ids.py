@@ -56,3 +56,15 @@ def test_configured_key_wins_and_is_checked(tmp_path: Path) -> None:
         StudyIds.from_settings(base64.b64encode(b"short").decode(), tmp_path)
     with pytest.raises(ValueError, match="32 bytes"):
         StudyIds.from_settings("not base64!", tmp_path)
+
+
+def test_every_copy_of_a_study_is_sealed_primary_first() -> None:
+    ids = StudyIds(os.urandom(32))
+    tlb = StudyRef("tlb", "1.2.3.4.5", "urn:oid:1.2.9", repository_unique_id="1.2.9.1",
+                   hospital_ura="00010001")
+    sealed = ids.open(ids.seal([tlb, REF], BSN))
+    assert sealed.refs == (tlb, REF) and sealed.ref == tlb and sealed.bsn == BSN
+    with pytest.raises(ValueError, match="one study"):
+        ids.seal([tlb, StudyRef("xca", "9.9.9", "urn:oid:1.2.3")], BSN)
+    with pytest.raises(ValueError, match="one study"):
+        ids.seal([], BSN)

@@ -27,6 +27,7 @@ from duo_gateway.sim.http import BEHAVIOUR_KEY
 from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.studies import write_study
 from duo_gateway.soap.xml import parse_xml
+from duo_gateway.timeline.model import StudyRef
 from tests.support.orthanc import Orthanc, load_with_storescu, run_orthanc
 from tests.transfer.harness import (
     ALL,
@@ -313,3 +314,20 @@ async def test_a_tlb_pacs_down_for_a_while_is_retried_until_complete(tmp_path: P
     arrived = await asyncio.to_thread(destination_instances, destination, study["study_instance_uid"])
     generated = next(s for s in tlb_studies() if s.study_instance_uid == study["study_instance_uid"])
     assert set(arrived) == {str(ds.SOPInstanceUID) for ds in generated.instances}
+
+
+async def test_a_copy_that_is_gone_falls_back_to_the_next_source(network: TransferNetwork,
+                                                                 destination: Orthanc) -> None:
+    """The timeline saw the study at a TLB hospital (primary) and in a community; by transfer time
+    the hospital's PACS no longer has it, so DUO fetches the community's copy instead."""
+    xca_id, study = (await network.study_ids(ALL.bsn, "xca:"))[0]
+    ids = network.gateway.study_ids
+    community_copy = ids.open(xca_id).ref
+    gone = StudyRef("tlb", community_copy.study_uid, network.gateway.config.gateway.home_community_id,
+                    repository_unique_id=TLB.repository_unique_id, hospital_ura=TLB.ura)
+    status, accepted = await network.submit([ids.seal([gone, community_copy], ALL.bsn)])
+    assert status == 202, accepted
+    final = await network.wait(accepted["id"])
+    assert final["state"] == "completed", final
+    arrived = await asyncio.to_thread(destination_instances, destination, study["study_instance_uid"])
+    assert set(arrived) == kos_instances(network.community_sim, study["study_instance_uid"])
