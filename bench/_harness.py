@@ -12,13 +12,15 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -290,3 +292,31 @@ def dir_usage(path: Path) -> tuple[int, int]:
             except OSError:
                 pass
     return total, files
+
+
+def missing_tools(dcmtk: Sequence[str] = (), *, orthanc: bool = False) -> str | None:
+    """What to install before a benchmark can run (printed, exit 2), or None when all is there."""
+    for tool in dcmtk:
+        if shutil.which(tool) is None:
+            return f"DCMTK {tool} is not installed (apt-get install dcmtk)"
+    if orthanc and shutil.which("Orthanc") is None and not Path("/usr/sbin/Orthanc").exists():
+        return "Orthanc is not installed (apt-get install orthanc)"
+    return None
+
+
+def run_in_workdir(prefix: str, body: Callable[[Path], int], *, workdir: Path | None = None,
+                   keep: bool = False) -> int:
+    """Run ``body`` in a work directory that is removed afterwards (unless kept), Ctrl-C included:
+    a benchmark leaves neither processes (they die with their parent) nor gigabytes of studies."""
+    work = (workdir or Path(tempfile.mkdtemp(prefix=prefix))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return body(work)
+    except KeyboardInterrupt:
+        print("interrupted; every process of this benchmark was stopped")
+        return 130
+    finally:
+        if keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)

@@ -27,7 +27,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from bench._harness import (
     network,
     parse_metrics,
     percentile,
+    run_in_workdir,
     start_duo,
 )
 from duo_gateway.bsn import BSN_OID
@@ -429,14 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(LoggingConfig(level="WARNING"))
     exit_on_sigterm()
-    work = Path(tempfile.mkdtemp(prefix="duo-bench-iti38-"))
-    try:
-        return asyncio.run(amain(args, work))
-    except KeyboardInterrupt:
-        print("interrupted; every process and temporary directory of this benchmark was removed")
-        return 130
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return run_in_workdir("duo-bench-iti38-", lambda work: asyncio.run(amain(args, work)))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import os
 import resource
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -49,10 +48,12 @@ from bench._harness import (
     exit_on_sigterm,
     histogram_deltas,
     median,
+    missing_tools,
     network,
     parse_metrics,
     proc_status_kib,
     reset_peak_rss,
+    run_in_workdir,
     start_duo,
 )
 from duo_gateway.config.runtime import LoggingConfig
@@ -521,22 +522,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="getscu + RAD-75 rounds (medians printed)")
     args = parser.parse_args(argv)
     configure_logging(LoggingConfig(level="WARNING"))
-    for tool in ("storescu", "getscu"):
-        if shutil.which(tool) is None:
-            print(f"DCMTK {tool} is not installed (apt-get install dcmtk)")
-            return 2
-    if shutil.which("Orthanc") is None and not Path("/usr/sbin/Orthanc").exists():
-        print("Orthanc is not installed (apt-get install orthanc)")
+    if (missing := missing_tools(("storescu", "getscu"), orthanc=True)) is not None:
+        print(missing)
         return 2
     exit_on_sigterm()
-    work = Path(tempfile.mkdtemp(prefix="duo-bench-rad75-"))
-    try:
-        return asyncio.run(amain(args, work))
-    except KeyboardInterrupt:
-        print("interrupted; every process and temporary directory of this benchmark was removed")
-        return 130
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return run_in_workdir("duo-bench-rad75-", lambda work: asyncio.run(amain(args, work)))
 
 
 if __name__ == "__main__":

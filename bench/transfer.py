@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -49,8 +48,10 @@ from bench._harness import (
     duo_config,
     exit_on_sigterm,
     free_port,
+    missing_tools,
     network,
     proc_status_kib,
+    run_in_workdir,
 )
 from duo_gateway.config.runtime import LoggingConfig
 from duo_gateway.config.transfer import DestinationPacs
@@ -517,28 +518,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", help="also write a cProfile of DUO to PROFILE-<method>-<size>.<pid>")
     args = parser.parse_args(argv)
     configure_logging(LoggingConfig(level="WARNING"))
-    for tool in ("storescu", "movescu"):
-        if shutil.which(tool) is None:
-            print(f"DCMTK {tool} is not installed (apt-get install dcmtk)")
-            return 2
-    if shutil.which("Orthanc") is None and not Path("/usr/sbin/Orthanc").exists():
-        print("Orthanc is not installed (apt-get install orthanc)")
+    if (missing := missing_tools(("storescu", "movescu"), orthanc=True)) is not None:
+        print(missing)
         return 2
     exit_on_sigterm()
     if args.switch_interval:
         os.environ["DUO_BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="duo-bench-transfer-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        return run(args, work.resolve())
-    except KeyboardInterrupt:
-        print("interrupted; every process of this benchmark was stopped")
-        return 130
-    finally:
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    return run_in_workdir("duo-bench-transfer-", lambda work: run(args, work), workdir=args.workdir,
+                          keep=args.keep)
 
 
 if __name__ == "__main__":
