@@ -518,59 +518,6 @@ def rad75_retrieve(
     return _message(event, participants, audit_source, objects, patient_id)
 
 
-def iti39_import(
-    *,
-    initiating: Peer,
-    responding: Peer,
-    audit_source: AuditSourceIdentification,
-    documents: Sequence[DocumentRef],
-    patient_id: str | None,
-    outcome: EventOutcome = EventOutcome.SUCCESS,
-    outcome_description: str | None = None,
-    when: datetime | None = None,
-    extra_participants: Sequence[ActiveParticipant] = (),
-) -> AuditMessage:
-    """ITI-39 as DUO's Initiating Gateway records it when it fetches a document for itself.
-
-    Import (110107, C): the documents now exist on DUO's side (a KOS read for a transfer). One record
-    per outcome (CP-ITI-493): call once with the delivered documents, once with the failed ones, so
-    an Audit Record Repository can tell which document reached DUO. ``patient_id`` is the CX form
-    sent in the XUA assertion (``bsn_cx``); ``extra_participants`` the human requestor.
-    """
-    return iti39_retrieve(side="initiating", initiating=initiating, responding=responding,
-                          audit_source=audit_source, documents=documents, patient_id=patient_id,
-                          outcome=outcome, outcome_description=outcome_description, when=when,
-                          extra_participants=extra_participants)
-
-
-def rad75_import(
-    *,
-    initiating: Peer,
-    responding: Peer,
-    audit_source: AuditSourceIdentification,
-    study_uid: str,
-    documents: Sequence[DocumentRef],
-    patient_id: str | None,
-    sop_classes: Sequence[SopClassCount] = (),
-    outcome: EventOutcome = EventOutcome.SUCCESS,
-    outcome_description: str | None = None,
-    when: datetime | None = None,
-    extra_participants: Sequence[ActiveParticipant] = (),
-) -> AuditMessage:
-    """RAD-75 as DUO's Initiating Imaging Gateway records one batch it pulled (110104, C).
-
-    A transfer asks per series, so one call concerns one study: the study is its own participant
-    object (with SOP class counts when known), each instance a document object naming its source
-    repository. One record per outcome (CP-ITI-493): the delivered instances with Success, the ones
-    the source could not deliver with a failure outcome and the reason.
-    """
-    return rad75_retrieve(side="initiating", initiating=initiating, responding=responding,
-                          audit_source=audit_source,
-                          studies=(StudyTransfer(study_uid, tuple(sop_classes)),), documents=documents,
-                          patient_id=patient_id, outcome=outcome, outcome_description=outcome_description,
-                          when=when, extra_participants=extra_participants)
-
-
 def mitz_consent_question(
     *,
     question: Literal["closed", "open"],

@@ -29,10 +29,8 @@ from duo_gateway.audit.messages import (
     dicom_instances_transferred,
     dicom_query,
     iti38_query,
-    iti39_import,
     iti39_retrieve,
     mitz_consent_question,
-    rad75_import,
     rad75_retrieve,
     to_xml,
 )
@@ -273,10 +271,11 @@ def test_invalid_models_are_refused() -> None:
 
 def test_iti39_import_is_a_110107_create_with_the_documents_and_patient() -> None:
     human = ActiveParticipant("000095254", True, alternative_user_id="00000666", user_name="01.039")
-    msg = iti39_import(initiating=LOCAL, responding=REMOTE, audit_source=SOURCE,
-                       documents=[DocumentRef("1.2.3.9", "1.9.9", "urn:oid:1.2.3.4")], patient_id=bsn_cx(BSN),
-                       outcome=EventOutcome.SERIOUS_FAILURE, outcome_description="XDSDocumentUniqueIdError",
-                       when=WHEN, extra_participants=[human])
+    msg = iti39_retrieve(side="initiating", initiating=LOCAL, responding=REMOTE, audit_source=SOURCE,
+                         documents=[DocumentRef("1.2.3.9", "1.9.9", "urn:oid:1.2.3.4")],
+                         patient_id=bsn_cx(BSN),
+                         outcome=EventOutcome.SERIOUS_FAILURE, outcome_description="XDSDocumentUniqueIdError",
+                         when=WHEN, extra_participants=[human])
     root = parse(msg)
     event = one(root, "EventIdentification")
     assert (event.get("EventActionCode"), event.get("EventOutcomeIndicator")) == ("C", "8")
@@ -294,9 +293,10 @@ def test_iti39_import_is_a_110107_create_with_the_documents_and_patient() -> Non
 
 def test_rad75_import_is_a_110104_create_with_one_study_and_its_instances() -> None:
     docs = [DocumentRef(f"1.2.840.1.1.{i}", "1.9.9", "urn:oid:1.2.3.4") for i in (1, 2)]
-    msg = rad75_import(initiating=LOCAL, responding=REMOTE, audit_source=SOURCE, study_uid="1.2.840.1",
-                       documents=docs, patient_id=bsn_cx(BSN),
-                       sop_classes=[SopClassCount("1.2.840.10008.5.1.4.1.1.2", 2)], when=WHEN)
+    msg = rad75_retrieve(side="initiating", initiating=LOCAL, responding=REMOTE, audit_source=SOURCE,
+                         studies=[StudyTransfer("1.2.840.1",
+                                                (SopClassCount("1.2.840.10008.5.1.4.1.1.2", 2),))],
+                         documents=docs, patient_id=bsn_cx(BSN), when=WHEN)
     root = parse(msg)
     event = one(root, "EventIdentification")
     assert (event.get("EventActionCode"), event.get("EventOutcomeIndicator")) == ("C", "0")

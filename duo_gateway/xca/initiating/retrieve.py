@@ -48,8 +48,9 @@ from duo_gateway.audit.messages import (
     DocumentRef,
     EventOutcome,
     Peer,
-    iti39_import,
-    rad75_import,
+    StudyTransfer,
+    iti39_retrieve,
+    rad75_retrieve,
 )
 from duo_gateway.bsn import bsn_cx, is_valid_bsn
 from duo_gateway.config.peers import XcaCommunity
@@ -481,8 +482,8 @@ class CommunityRetriever:
     def _audit_iti39(self, claims: Claims, bsn: str, doc: DocumentRef, failed: RetrieveFailed | None) -> None:
         if self._auditor is None:
             return
-        self._auditor.record(iti39_import(
-            initiating=self._identity, responding=self._peer(str(self.community.iti39)),
+        self._auditor.record(iti39_retrieve(
+            side="initiating", initiating=self._identity, responding=self._peer(str(self.community.iti39)),
             audit_source=self._auditor.audit_source, documents=(doc,), patient_id=bsn_cx(bsn),
             outcome=EventOutcome.SUCCESS if failed is None else EventOutcome.SERIOUS_FAILURE,
             outcome_description=None if failed is None else f"{failed.kind}: {failed.detail}"[:1024],
@@ -496,9 +497,10 @@ class CommunityRetriever:
 
         def record(uids: Sequence[str], outcome: EventOutcome, description: str | None) -> None:
             assert self._auditor is not None
-            self._auditor.record(rad75_import(
-                initiating=self._identity, responding=peer, audit_source=self._auditor.audit_source,
-                study_uid=study_uid, documents=[DocumentRef(u, repository_unique_id, home) for u in uids],
+            self._auditor.record(rad75_retrieve(
+                side="initiating", initiating=self._identity, responding=peer,
+                audit_source=self._auditor.audit_source, studies=(StudyTransfer(study_uid),),
+                documents=[DocumentRef(u, repository_unique_id, home) for u in uids],
                 patient_id=bsn_cx(bsn), outcome=outcome,
                 outcome_description=None if description is None else description[:1024],
                 when=datetime.now(UTC), extra_participants=(self._human(claims),)))
