@@ -2,8 +2,8 @@
 
 Measured: POST /tlb/v1/timeline for one patient who consents everywhere. DUO asks Mitz the open
 question (no delay, no consent cache, production's default), which locates the patient's institution
-in every community, then asks all N communities in parallel (ITI-38 with one signed XUA assertion per
-timeline whose audiences are every configured community, as DUO does). Each community is an
+in every community, then asks all N communities in parallel (ITI-38, each with its own signed XUA
+assertion, all signed at once in worker threads before the requests go out, as DUO does). Each community is an
 :class:`~duo_gateway.sim.xca.XcaCommunitySimulator` with ``behaviour.delay_ms`` (default 100 ms) added
 before every answer, holding ``--studies`` studies of the patient at one institution. Zero TLB
 hospitals: DUO is configured with none, and Mitz is not told DUO's community so it places none, so the
@@ -17,8 +17,11 @@ request, decoding each answer) shows up as latency, not hidden by the client's.
 Measured on a quiet 2-CPU machine (``--communities 1 50 --requests 10 --peers replay
 --load-requests 0``, 3 runs): p50(50) ÷ p50(1) 1.95-2.10 and DUO CPU 178-202 ms/timeline with a signed
 assertion per community; 1.64-1.79 and 89-107 ms/timeline with one per timeline, the one-pass ebRIM
-decoder and the coalescing auditor. Goal 1.2 not met: decoding the answers (Python over lxml, ~60 µs
-per entry) is now the largest part.
+decoder and the coalescing auditor. The one-per-timeline assertion (several audiences) was then
+dropped for security: a bearer token naming several communities can be replayed by any of them at
+the others. Back to one assertion per community, signed concurrently in threads: 1.93-2.28 (2 runs,
+machine not quiet). Goal 1.2 not met: decoding the answers (Python over lxml, ~60 µs per entry) and
+the signatures are the largest parts.
 
 Tried and dropped: decoding the answers in a pre-warmed process pool (spawn, 1 or 2 workers) instead
 of worker threads. With 2 workers DUO's own process fell from ~100 to ~66 ms CPU/timeline, but the
@@ -42,7 +45,7 @@ Baselines, measured in the same run:
 * **peers alone**: this client sends the same ITI-38s (pre-signed) straight to the N communities in
   parallel: the floor the peers set, so ``DUO ÷ peers`` is what DUO adds at that fan-out;
 * **DUO's CPU per timeline** (``/proc/<pid>/stat``), and the per-community cost of building one
-  request and parsing one answer (plus the one signature per timeline), timed here with DUO's own
+  request and parsing one answer (plus one signature per community, made in threads), timed here with DUO's own
   code. CPU spent in series on one event loop cannot overlap the network waits, so N × that cost is
   added latency no matter how parallel the I/O is.
 
@@ -366,7 +369,7 @@ async def run_timelines(url: str, body: bytes, count: int, clients: int, expecte
 
 
 def timeline_assertion(pair: SigningPair, bsn: str, communities: Sequence[dict[str, Any]]) -> etree._Element:
-    """The one assertion DUO signs per timeline, for every community (CommunityClient XuaTicket)."""
+    """One assertion for the 'peers alone' baseline (DUO itself signs one per community)."""
     key, cert = pair
     return issue_assertion(CLAIMS, issuer=HOME, audience=[c["home_community_id"] for c in communities],
                            key=key, cert=cert, now=datetime.now(UTC), digest="sha256", subject_bsn=bsn)
@@ -595,11 +598,12 @@ def report_sequential(args: argparse.Namespace, setups: list[Setup]) -> None:
         mitz_calls, mitz_ms = mean_peer_ms(s.seq, "mitz")
         xca_calls, xca_ms = mean_peer_ms(s.seq, "xca:")
         elapsed = sorted(src["elapsed_ms"] for src in s.seq.answer["sources"])
-        serial = s.cpu.sign_ms + s.communities * (s.cpu.build_ms + s.cpu.parse_ms)
+        serial = s.communities * (s.cpu.build_ms + s.cpu.parse_ms)
         print(f"  N={s.communities}: Mitz {mitz_calls:.0f}×{mitz_ms:.0f} ms; ITI-38 {xca_calls:.0f}×"
               f"{xca_ms:.0f} ms mean call; per-source elapsed (last answer) {elapsed[0]}..{elapsed[-1]} ms; "
-              f"sign {s.cpu.sign_ms:.1f} ms once + (build {s.cpu.build_ms:.1f} + parse {s.cpu.parse_ms:.1f}) "
-              f"ms per community ×N = {serial:.0f} ms serial")
+              f"sign {s.cpu.sign_ms:.1f} ms per community (in threads, concurrently) + (build "
+              f"{s.cpu.build_ms:.1f} + parse {s.cpu.parse_ms:.1f}) ms per community ×N = {serial:.0f} ms "
+              "serial")
 
 
 def report_load(args: argparse.Namespace, last: Setup) -> None:

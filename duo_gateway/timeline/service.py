@@ -96,7 +96,7 @@ class TimelineService:
                 None if community.query_without_localization else self._located_holders(community, located)
             )
             asked.append((client, community, holders))
-        tickets = self._tickets(request, [client for client, _, _ in asked])
+        tickets = await self._tickets(request, [client for client, _, _ in asked])
         for client, community, holders in asked:
             jobs[f"xca:{community.home_community_id}"] = ("xca", community.name, self._community_job(
                 client, community, request, remaining, holders, tickets.get(community.home_community_id)))
@@ -183,18 +183,16 @@ class TimelineService:
         return None
 
     # -- jobs ----------------------------------------------------------------------------------
-    def _tickets(self, request: TimelineRequest, asked: Sequence[CommunityClient]) -> dict[str, XuaTicket]:
-        """This timeline's XUA assertion(s): one signature for all asked communities, not one each.
-
-        Audiences are all configured communities (see :class:`XuaTicket` for why not only the asked
-        ones). Made here, per timeline, and dropped with it. If it cannot be issued, each client signs
-        its own assertion and reports the problem as that community's error.
+    async def _tickets(self, request: TimelineRequest,
+                       asked: Sequence[CommunityClient]) -> dict[str, XuaTicket]:
+        """This timeline's XUA assertions, one per asked community, all signed at once before any
+        request is built. Made here, per timeline, and dropped with it. If they cannot be issued, each
+        client signs its own assertion and reports the problem as that community's error.
         """
         if not asked:
             return {}
         try:
-            return issue_tickets(asked, audience_pool=self._communities.values(),
-                                 claims=request.requester, bsn=request.bsn)
+            return await issue_tickets(asked, claims=request.requester, bsn=request.bsn)
         except ValueError as exc:
             log.warning("timeline XUA ticket not issued", error=str(exc))
             return {}

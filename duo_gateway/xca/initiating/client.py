@@ -20,13 +20,12 @@ dropped wholesale. The choices that matter, and why:
   documents on the timeline whose origin or patient DUO cannot vouch for.
 - **Every attempt is audited** (ITI-20, xca.md §12): each one sends the BSN to the community, even
   one that ends in a 503, so each is a disclosure with its own outcome.
-- **One signed assertion per timeline, not per community** (:class:`XuaTicket`). An RSA signature
-  is the costliest CPU step of a request, and all of a timeline's requests are built on one event loop
-  at once, so signing per community made the timeline slower with every community. The ticket's
-  AudienceRestriction lists every *configured* community that shares DUO's signing setup, not only
-  the ones asked: the asked set is what Mitz located for this patient, and naming it in a token each
-  community receives would tell every community where else the patient has consented data. It lives
-  for one timeline only and is never cached; a retry signs a fresh single-audience assertion.
+- **One assertion per community, signed before the timeline's requests go out** (:class:`XuaTicket`).
+  The assertion is a bearer token: one naming several communities could be replayed by any of them
+  at the others for its lifetime, under DUO's requester, so each names only its own community. The
+  RSA signatures are the costliest CPU step of a request, so :func:`issue_tickets` makes them all at
+  once in worker threads (OpenSSL signs without the GIL) instead of one by one on the event loop.
+  A ticket lives for one timeline and is never cached; a retry signs a fresh assertion.
 - **Logs never carry the BSN**, and text a peer wrote (fault reasons, codeContexts) has it masked in
   ``detail`` too, because a peer may echo the patient id there and ``detail`` is logged upstream.
 """
@@ -164,7 +163,7 @@ def find_documents_query(bsn: str, date_from: date, date_to: date, home: str) ->
 
 @dataclass(frozen=True, eq=False)
 class XuaTicket:
-    """One signed XUA assertion for one timeline: one requester, one patient, several communities.
+    """One signed XUA assertion for one timeline: one requester, one patient, one community.
 
     Made by :func:`issue_tickets` for each timeline and passed to
     :meth:`CommunityClient.find_documents`; a client only uses a ticket that names its community among
@@ -185,38 +184,17 @@ class XuaTicket:
     signing_id: int
 
 
-def issue_tickets(asked: Iterable[CommunityClient], *, audience_pool: Iterable[CommunityClient],
-                  claims: Claims, bsn: str, now: datetime | None = None) -> dict[str, XuaTicket]:
-    """The ticket each of ``asked`` should use, by homeCommunityId: one signature per signing setup.
-
-    Clients are grouped by what their assertions would differ in (signing pair, issuer, digest); each
-    group that has an asked client gets one assertion whose audiences are every client of
-    ``audience_pool`` (normally all configured communities) in that group. Unsigned clients get none.
-    Raises ValueError like :func:`~duo_gateway.xua.issue_assertion` (e.g. a malformed BSN).
-    """
+async def issue_tickets(asked: Iterable[CommunityClient], *, claims: Claims, bsn: str,
+                        now: datetime | None = None) -> dict[str, XuaTicket]:
+    """The ticket of each of ``asked`` (by homeCommunityId), its community the only audience; signed
+    concurrently off the event loop. Unsigned clients get none. Raises ValueError like
+    :func:`~duo_gateway.xua.issue_assertion` (e.g. a malformed BSN)."""
     now = now or datetime.now(UTC)
-    groups: dict[tuple[int, str, str], list[str]] = {}
-    for client in audience_pool:
-        key = client._ticket_key()
-        if key is not None:
-            groups.setdefault(key, []).append(client.community.home_community_id)
-    tickets: dict[str, XuaTicket] = {}
-    by_key: dict[tuple[int, str, str], XuaTicket] = {}
-    for client in asked:
-        key = client._ticket_key()
-        if key is None:
-            continue
-        ticket = by_key.get(key)
-        if ticket is None:
-            home = client.community.home_community_id
-            audiences = groups.get(key, [])
-            ticket = by_key[key] = client._issue_ticket(
-                claims, bsn, audiences if home in audiences else [*audiences, home], now)
-        if client.community.home_community_id not in ticket.audiences:
-            # Asked but not in the pool: a ticket of its own rather than a wider shared one.
-            ticket = client._issue_ticket(claims, bsn, [client.community.home_community_id], now)
-        tickets[client.community.home_community_id] = ticket
-    return tickets
+    signed = [c for c in asked if c._ticket_key() is not None]
+    tickets = await asyncio.gather(*(
+        asyncio.to_thread(c._issue_ticket, claims, bsn, [c.community.home_community_id], now)
+        for c in signed))
+    return {c.community.home_community_id: t for c, t in zip(signed, tickets, strict=True)}
 
 
 class CommunityClient:
@@ -259,7 +237,7 @@ class CommunityClient:
                              deadline_s: float, ticket: XuaTicket | None = None) -> CommunityResponse:
         """Never raises for what the community does; raises ValueError for a caller's bad input.
 
-        ``ticket``: the timeline's shared assertion (:func:`issue_tickets`), used for the first
+        ``ticket``: this timeline's assertion for this community (:func:`issue_tickets`), used for the first
         attempt; without one (or for a retry) a fresh assertion for this community alone is signed.
         """
         if not is_valid_bsn(bsn):
