@@ -206,7 +206,8 @@ def reconcile_file(src: Path, dst: Path, *, local_patient_id: str, issuer: str |
     fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=".reconcile-", suffix=".dcm")
     tmp = Path(tmp_name)
     try:
-        with open(src, "rb") as fin, os.fdopen(fd, "wb") as out:
+        # The temp file's descriptor is wrapped first, so it is closed even if ``src`` cannot be opened.
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as fin:
             try:
                 header = read_part10_header(fin)
             except ValueError:

@@ -325,7 +325,12 @@ class StoreClient:
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            transcode_uncompressed(path, tmp, UID(target))
+            try:
+                transcode_uncompressed(path, tmp, UID(target))
+            except (ValueError, struct.error, OSError) as exc:
+                # This instance cannot be converted (truncated, malformed): its own verdict, not the job's.
+                return StoreResult(sop_uid, NOT_SUPPORTED, "refused",
+                                   f"could not convert to {UID(target).name}: {exc}")
             log.info("store_converted", sop_instance_uid=sop_uid, source=UID(ts).name,
                      target=UID(target).name)
             return self._send_sync(conn, tmp, None, conn.accepted[(sop, target)], sop, sop_uid)
@@ -384,10 +389,12 @@ class StoreClient:
         except _SendStalled as exc:
             self._abort_sync(conn)
             raise StoreUnavailable(f"C-STORE to {self._name} stalled: {exc}", kind="timeout") from None
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
             # A local file problem mid-send leaves a half-sent message: the association is unusable.
+            # Sending the same file again would fail the same way, so it is not worth a retry.
             self._abort_sync(conn)
-            raise
+            raise StoreUnavailable(f"could not send {path.name}: {exc}", kind="aborted",
+                                   retryable=False) from exc
         code = status_ds.get("Status")
         if code is None:
             self._abort_sync(conn)

@@ -46,18 +46,6 @@ class PeerStream:
     status: int
     headers: CIMultiDictProxy[str]
     content: aiohttp.StreamReader
-    started: float
-
-    async def read_bounded(self, max_bytes: int) -> bytes:
-        """The rest of the body, for answers that are small by nature (errors, faults)."""
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := await self.content.read(64 * 1024):
-            size += len(chunk)
-            if size > max_bytes:
-                raise PeerCallError("too-large", f"more than {max_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 class PeerCallError(Exception):
@@ -132,8 +120,8 @@ class PeerClient:
         exceptions pass through unchanged. The metric is observed once, when the block is left, with
         the HTTP status as outcome only if the caller got through the body without a transport error.
         """
-        async with self._exchange(url, body, operation, timeout_s, content_type) as (resp, started):
-            yield PeerStream(resp.status, resp.headers, resp.content, started)
+        async with self._exchange(url, body, operation, timeout_s, content_type) as (resp, _):
+            yield PeerStream(resp.status, resp.headers, resp.content)
 
     @asynccontextmanager
     async def _exchange(self, url: str, body: bytes | dict[str, object], operation: str, timeout_s: float,

@@ -9,6 +9,7 @@ per study would make one slow instance hold up the rest and one failure lose the
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Final
@@ -53,7 +54,7 @@ class XcaStudyFetcher:
             raise FetchFailed(f"{self.source} ITI-39 of the manifest: {exc.detail}",
                               retryable=exc.retryable) from exc
         try:
-            kos = parse_kos(data)
+            kos = await asyncio.to_thread(parse_kos, data)  # a manifest may be megabytes of DICOM
         except ValueError as exc:
             raise FetchFailed(f"{self.source} returned a manifest DUO cannot read: {exc}",
                               retryable=False) from exc

@@ -120,7 +120,7 @@ class _Relay:
                 except StoreUnavailable as exc:
                     if last or not exc.retryable:
                         await self._failed(item, f"destination unavailable: {exc.detail}")
-                        return True
+                        return exc.retryable
                     await self._r.backoff(attempt)
                     continue
                 if result.outcome in ("stored", "warning"):

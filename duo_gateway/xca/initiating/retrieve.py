@@ -32,7 +32,7 @@ import base64
 import binascii
 import re
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -306,7 +306,13 @@ class CommunityRetriever:
         deadline = asyncio.get_running_loop().time() + deadline_s
         queue: asyncio.Queue[RetrievedPart | _Done] = asyncio.Queue()
         state = _Attempt()
-        task = asyncio.create_task(self._rad75_exchange(claims, bsn, body_el, wanted, deadline, queue, state))
+        def audit_retried(failed: RetrieveFailed) -> None:
+            # That attempt sent the BSN too: it gets its own record before the next one goes out.
+            self._audit_rad75(claims, bsn, study_uid, repository_unique_id, home_community_id, [], wanted,
+                              _Attempt(), f"{failed.kind}: {failed.detail}; retried")
+
+        task = asyncio.create_task(self._rad75_exchange(claims, bsn, body_el, wanted, deadline, queue, state,
+                                                        audit_retried))
         delivered: list[str] = []
         ended = "stopped by the caller"
         try:
@@ -322,7 +328,9 @@ class CommunityRetriever:
                 raise state.failed
             ended = ""
             for failure in state.failures:
-                yield failure
+                # The detail may quote a peer's codeContext, which may quote the patient id.
+                yield PartFailure(failure.sop_instance_uid, failure.detail.replace(bsn, _MASK),
+                                  failure.retryable)
         finally:
             if not task.done():
                 task.cancel()
@@ -342,7 +350,7 @@ class CommunityRetriever:
 
     async def _rad75_exchange(self, claims: Claims, bsn: str, body_el: etree._Element, wanted: list[str],
                               deadline: float, queue: asyncio.Queue[RetrievedPart | _Done],
-                              state: _Attempt) -> None:
+                              state: _Attempt, audit_retried: Callable[[RetrieveFailed], None]) -> None:
         """The reading task: attempts with retries, parts into ``queue``, the verdict into ``state``."""
         loop = asyncio.get_running_loop()
         attempts = 0
@@ -360,6 +368,7 @@ class CommunityRetriever:
                         return
                     backoff = min(self.community.retry_backoff_s * 2 ** (attempts - 1),
                                   max(0.0, deadline - loop.time() - MIN_ATTEMPT_S))
+                    audit_retried(failed)
                     log.info("xca retrieve images retry", community=self.community.home_community_id,
                              attempt=attempts, after=failed.kind, backoff_ms=round(backoff * 1000))
                     await asyncio.sleep(backoff)
@@ -402,6 +411,9 @@ class CommunityRetriever:
                 raise RetrieveFailed("error", f"malformed answer: {exc}") from None
             except PeerCallError as exc:
                 raise _call_failure(exc, budget, cut=True) from exc
+            except OSError as exc:
+                # DUO's own spool (disk full, permissions): the instances still get their verdicts.
+                raise RetrieveFailed("error", f"could not spool the answer: {exc.strerror or exc}") from None
 
     async def _read_answer(self, stream: MtomStream, http_status: int, message_id: str, wanted: list[str],
                            queue: asyncio.Queue[RetrievedPart | _Done], state: _Attempt) -> None:
@@ -419,16 +431,21 @@ class CommunityRetriever:
         for uid, mime, data in inline:
             await self._push_inline(uid, mime, data, queue, state.pushed)
         async for part in stream.parts():
-            target = by_cid.pop(part.content_id, None)
-            if target is None or target[0] in state.pushed:
-                await remove_quietly(part.path)
-                continue
-            uid, mime = target
-            if mime == MIME_DICOM and not await asyncio.to_thread(_is_part10, part.path):
-                await remove_quietly(part.path)
-                state.failures.append(PartFailure(
-                    uid, "the source sent something that is not a DICOM Part 10 file", False))
-                continue
+            try:
+                target = by_cid.pop(part.content_id, None)
+                if target is None or target[0] in state.pushed:
+                    part.path.unlink(missing_ok=True)
+                    continue
+                uid, mime = target
+                if mime == MIME_DICOM and not _is_part10(part.path):  # 132 bytes: not worth a thread
+                    part.path.unlink(missing_ok=True)
+                    state.failures.append(PartFailure(
+                        uid, "the source sent something that is not a DICOM Part 10 file", False))
+                    continue
+            except BaseException:
+                # Handed over by the stream, not yet by us: ours to delete, cancelled or not.
+                part.path.unlink(missing_ok=True)
+                raise
             state.pushed.add(uid)
             queue.put_nowait(RetrievedPart(uid, part.path, part.size, mime))
         state.failures.extend(_absent(wanted, state.pushed, {f.sop_instance_uid for f in state.failures},
@@ -438,7 +455,11 @@ class CommunityRetriever:
                            queue: asyncio.Queue[RetrievedPart | _Done], pushed: set[str]) -> None:
         """A document sent as inline base64 (plain SOAP answers): spooled like an MTOM part."""
         path = self._spool / f"inline-{uuid.uuid4().hex}.part"
-        await asyncio.to_thread(path.write_bytes, data)
+        try:
+            await asyncio.to_thread(path.write_bytes, data)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         pushed.add(uid)
         queue.put_nowait(RetrievedPart(uid, path, len(data), mime))
 
