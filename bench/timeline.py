@@ -45,9 +45,9 @@ Baselines, measured in the same run:
 * **peers alone**: this client sends the same ITI-38s (pre-signed) straight to the N communities in
   parallel: the floor the peers set, so ``DUO ÷ peers`` is what DUO adds at that fan-out;
 * **DUO's CPU per timeline** (``/proc/<pid>/stat``), and the per-community cost of building one
-  request and parsing one answer (plus one signature per community, made in threads), timed here with DUO's own
-  code. CPU spent in series on one event loop cannot overlap the network waits, so N × that cost is
-  added latency no matter how parallel the I/O is.
+  request and parsing one answer (plus one signature per community, made in threads), timed here
+  with DUO's own code. CPU spent in series on one event loop cannot overlap the network waits, so
+  N × that cost is added latency no matter how parallel the I/O is.
 
 Then a load run (first ``--peers`` kind, largest N): ``--clients`` (50) concurrent clients,
 ``--load-requests`` (200) timelines in total. DUO's per-community ``max_concurrency`` (default 4) is a
