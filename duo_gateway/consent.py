@@ -51,6 +51,16 @@ class Refusal:
     reason: str
     decision: ConsentDecision | None
 
+    @property
+    def denied(self) -> bool:
+        """Mitz answered and did not permit (Deny, NotApplicable, Indeterminate): asking again will not
+        help. False when there was no usable answer (an outage, an incomplete question)."""
+        return self.decision is not None and self.decision.source != "error"
+
+    @property
+    def summary(self) -> str:
+        return self.decision.summary if self.decision is not None else "error"
+
 
 class ConsentGate:
     def __init__(self, mitz: ClosedQuestionAsker) -> None:

@@ -130,7 +130,7 @@ class Gateway:
         await self.auditor.start()
         self._audit_activity(started=True)
         await self.subscriptions.start()
-        self._clear_spool()
+        await asyncio.to_thread(self._clear_spool)
         self.index = await DocumentIndex.open(cfg.storage.path)
         if cfg.xca_responding.enabled:
             if self.xua_trust is None:
@@ -176,6 +176,8 @@ class Gateway:
         """Stop accepting, let in-flight requests finish up to the grace period, then close."""
         log.info("gateway stopping", grace_s=self.config.daemon.shutdown_grace_s)
         # All listeners stop accepting at once; aiohttp's cleanup then waits for in-flight handlers.
+        if self.transfers is not None:
+            self.transfers.end_watches()  # open event streams end now instead of holding the shutdown
         await self._stop_http()
         if self.transfers is not None:
             # Jobs stop where they are; their claim lapses and they resume here or on another replica.

@@ -61,7 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Final, Literal
 
 import pynetdicom
 import structlog
@@ -95,7 +95,8 @@ NOT_SUPPORTED = 0x0122
 _MAX_SEND_PDU = 1 << 20
 #: DUL poll interval while a C-STORE-RSP is awaited (pynetdicom's idle default is 1 ms).
 _RESPONSE_POLL_S = 0.0001
-_UNCOMPRESSED_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: What every PACS stores and DUO can convert between without touching pixel data.
+UNCOMPRESSED_LE: Final = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,7 @@ class StoreClient:
         """Pairs to propose: ``must`` first, then the most recently used classes, within 128."""
         pairs: list[tuple[str, str]] = [must]
         for sop in [must[0], *reversed(self._wanted)]:
-            for ts in [*self._wanted.get(sop, []), *_UNCOMPRESSED_LE]:
+            for ts in [*self._wanted.get(sop, []), *UNCOMPRESSED_LE]:
                 if (sop, ts) not in pairs and len(pairs) < MAX_CONTEXTS:
                     pairs.append((sop, ts))
         return pairs
@@ -315,8 +316,8 @@ class StoreClient:
         if not any(s == sop for s, _ in conn.accepted):
             return StoreResult(sop_uid, NOT_SUPPORTED, "refused",
                                f"{self._name} does not accept SOP class {sop}")
-        target = next((t for t in _UNCOMPRESSED_LE if t != ts and (sop, t) in conn.accepted), None)
-        if ts not in _UNCOMPRESSED_LE or target is None:
+        target = next((t for t in UNCOMPRESSED_LE if t != ts and (sop, t) in conn.accepted), None)
+        if ts not in UNCOMPRESSED_LE or target is None:
             accepted = ", ".join(UID(t).name for s, t in conn.accepted if s == sop)
             return StoreResult(sop_uid, NOT_SUPPORTED, "refused",
                                f"{self._name} does not accept {UID(ts).name} for SOP class {sop} "
@@ -598,11 +599,11 @@ def transcode_uncompressed(src: Path, dst: Path, target: UID) -> None:
     The header goes through pydicom (small); each pixel data element gets a new element header and
     its value is copied as bytes (both syntaxes are little endian, so the value bytes are identical).
     """
-    if target not in _UNCOMPRESSED_LE:
+    if target not in UNCOMPRESSED_LE:
         raise ValueError(f"cannot transcode to {target.name}")
     with open(src, "rb") as fin, open(dst, "wb") as out:
         header = read_part10_header(fin)
-        if header.transfer_syntax not in _UNCOMPRESSED_LE:
+        if header.transfer_syntax not in UNCOMPRESSED_LE:
             raise ValueError(f"cannot transcode from {header.transfer_syntax.name}")
         src_implicit = header.transfer_syntax.is_implicit_VR
         bits = header.dataset.get("BitsAllocated")

@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,19 +114,30 @@ def _optional(data: dict[str, object], key: str) -> str | None:
 
 
 def load_or_create_key(path: Path) -> bytes:
-    """The key file's bytes; a new random key (mode 0600) when there is none yet."""
+    """The key file's bytes; a new random key (mode 0600, fsynced) when there is none yet.
+
+    Created under a temporary name and linked into place, so a crash mid-write never leaves an empty
+    key file behind (every later start would fail, every issued id would be lost), and a second
+    process starting at the same moment either wins the link or reads the winner's complete key.
+    """
     try:
         key = path.read_bytes()
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
-        key = AESGCM.generate_key(bit_length=KEY_BYTES * 8)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".key-")
+        tmp = Path(tmp_name)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return load_or_create_key(path)  # another process made it first: use theirs
-        with os.fdopen(fd, "wb") as out:
-            out.write(key)
-        return key
+            with os.fdopen(fd, "wb") as out:
+                out.write(AESGCM.generate_key(bit_length=KEY_BYTES * 8))
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process made it first: use theirs
+        finally:
+            tmp.unlink(missing_ok=True)
+        key = path.read_bytes()
     if len(key) != KEY_BYTES:
         raise ValueError(f"{path} does not hold a {KEY_BYTES}-byte study id key")
     return key

@@ -70,8 +70,8 @@ async def ask_tlb_hospital(request: TimelineRequest, requester: Claims, hospital
     verdict = await gate.check(lambda: requester.closed_question(
         bsn=request.bsn, holder_ura=hospital.ura, holder_type=hospital.organisation_type))
     if isinstance(verdict, Refusal):
-        if verdict.decision is not None and verdict.decision.source != "error":
-            return outcome("no-consent", f"Mitz: {verdict.decision.summary}")
+        if verdict.denied:
+            return outcome("no-consent", f"Mitz: {verdict.summary}")
         return outcome("error", f"consent could not be established: {verdict.reason}")
     try:
         records = await source.find_studies(verdict, request.bsn, date_from=request.date_from,

@@ -17,6 +17,7 @@ professional identifiers only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import sys
@@ -303,7 +304,10 @@ class TlbApiDoor:
             return response
         finally:
             if pending is not None and not pending.done():
+                # The generator must be out of its anext() before it can be closed.
                 pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await pending
             await stream.aclose()  # type: ignore[attr-defined]
 
     # -- parsing -------------------------------------------------------------------------------

@@ -35,10 +35,9 @@ class TlbStudyFetcher:
             verdict = await self._gate.check(lambda: self._claims.closed_question(
                 bsn=self._bsn, holder_ura=self._hospital.ura, holder_type=self._hospital.organisation_type))
             if isinstance(verdict, Refusal):
-                # A Mitz outage may pass; a Deny (or an incomplete question) will not by retrying.
-                outage = verdict.decision is None or verdict.decision.source == "error"
-                if verdict.decision is not None and not outage:
-                    raise FetchFailed(f"no consent: Mitz {verdict.decision.summary}", retryable=False)
+                if verdict.denied:
+                    raise FetchFailed(f"no consent: Mitz {verdict.summary}", retryable=False)
+                # A Mitz outage may pass; an incomplete question (no decision at all) will not.
                 raise FetchFailed(f"consent could not be established: {verdict.reason}",
                                   retryable=verdict.decision is not None)
             self._permit = verdict
@@ -58,8 +57,8 @@ class TlbStudyFetcher:
 
     async def fetch(self, wanted: Sequence[ExpectedInstance]) -> AsyncGenerator[Fetched | Missed, None]:
         permit = await self._consent()
-        records = [self._records.get(w.sop_instance_uid) or InstanceRecord(
-            self._study_uid, w.series_instance_uid, w.sop_class_uid, w.sop_instance_uid) for w in wanted]
+        # ``wanted`` comes from this fetcher's own manifest, so every record is known.
+        records = [self._records[w.sop_instance_uid] for w in wanted]
         arrived: set[str] = set()
         try:
             async with aclosing(self._pacs.retrieve(permit, self._bsn, self._study_uid, records)) as stream:

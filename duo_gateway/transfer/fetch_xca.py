@@ -14,10 +14,9 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Final
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
 from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.dicom.kos import parse_kos
+from duo_gateway.dicom.store import UNCOMPRESSED_LE
 from duo_gateway.timeline.model import StudyRef
 from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed
 from duo_gateway.transfer.store import ExpectedInstance
@@ -25,7 +24,7 @@ from duo_gateway.xca.initiating.retrieve import CommunityRetriever, PartFailure,
 from duo_gateway.xua import Claims
 
 #: Uncompressed only: every destination PACS stores these, and DUO does not transcode compressed data.
-TRANSFER_SYNTAXES: Final = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+TRANSFER_SYNTAXES: Final = UNCOMPRESSED_LE
 
 
 class XcaStudyFetcher:
@@ -77,7 +76,7 @@ class XcaStudyFetcher:
             by_series.setdefault(w.series_instance_uid, []).append(w.sop_instance_uid)
         size = self._community.rad75_batch_size
         for series_uid, uids in by_series.items():
-            repository = self._repositories.get(series_uid) or self._ref.repository_unique_id or ""
+            repository = self._repositories[series_uid]  # every manifest series has one (see manifest)
             for start in range(0, len(uids), size):
                 batch = uids[start:start + size]
                 seen: set[str] = set()
@@ -97,13 +96,10 @@ class XcaStudyFetcher:
                                 yield Missed(item.sop_instance_uid, f"{self.source}: {item.detail}",
                                              item.retryable)
                 except RetrieveFailed as exc:
+                    # Nothing usable came (the retriever yields a PartFailure per instance otherwise).
                     for uid in batch:
                         if uid not in seen:
                             yield Missed(uid, f"{self.source} RAD-75: {exc.detail}", exc.retryable)
-                    continue
-                for uid in batch:
-                    if uid not in seen:
-                        yield Missed(uid, f"{self.source} did not deliver it", True)
 
 
 __all__ = ["TRANSFER_SYNTAXES", "XcaStudyFetcher"]

@@ -26,12 +26,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 import structlog
+from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.messages import Peer
@@ -40,7 +39,7 @@ from duo_gateway.config.peers import TlbHospital, XcaCommunity
 from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.consent import ConsentGate
 from duo_gateway.dicom.reconcile import reconcile_file
-from duo_gateway.dicom.store import StoreClient, StoreUnavailable
+from duo_gateway.dicom.store import UNCOMPRESSED_LE, StoreClient, StoreUnavailable
 from duo_gateway.sources.base import ImagingSource
 from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import StudyRef
@@ -63,7 +62,6 @@ from duo_gateway.xua import Claims
 
 log = structlog.get_logger(__name__)
 
-UNCOMPRESSED: Final = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 #: How many missing UIDs a study's detail names; the full list is in the instance rows.
 SHOWN_MISSING: Final = 10
 
@@ -97,21 +95,26 @@ class _Relay:
         paths = [item.path]
         try:
             sop_uid, sop_class, syntax = item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax_uid
-            if sop_class is None or syntax is None:
-                meta = await asyncio.to_thread(read_file_meta_info, item.path)
-                sop_uid = str(meta.get("MediaStorageSOPInstanceUID", ""))
-                sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
-                syntax = str(meta.get("TransferSyntaxUID", ""))
-            if sop_uid != item.sop_instance_uid or not sop_class or not syntax:
-                await self._failed(item, "the source sent an object that is not the instance asked for")
-                return True
             path = item.path
-            if job.local_patient_id:
-                path = item.path.with_name(item.path.name + ".reconciled")
-                paths.append(path)
-                await asyncio.to_thread(reconcile_file, item.path, path,
-                                        local_patient_id=job.local_patient_id,
-                                        issuer=self._issuer)
+            try:
+                if sop_class is None or syntax is None:
+                    meta = await asyncio.to_thread(read_file_meta_info, item.path)
+                    sop_uid = str(meta.get("MediaStorageSOPInstanceUID", ""))
+                    sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+                    syntax = str(meta.get("TransferSyntaxUID", ""))
+                if sop_uid != item.sop_instance_uid or not sop_class or not syntax:
+                    await self._failed(item, "the source sent an object that is not the instance asked for")
+                    return True
+                if job.local_patient_id:
+                    path = item.path.with_name(item.path.name + ".reconciled")
+                    paths.append(path)
+                    await asyncio.to_thread(reconcile_file, item.path, path,
+                                            local_patient_id=job.local_patient_id, issuer=self._issuer)
+            except (InvalidDicomError, ValueError, OSError) as exc:
+                # This object is unusable; the others of the study are not affected by it. A new
+                # fetch may bring an intact copy, so another pass may try it again.
+                await self._failed(item, f"the source's object could not be read: {exc}")
+                return True
             for attempt in range(cfg.retries + 1):
                 last = attempt == cfg.retries
                 try:
@@ -206,7 +209,11 @@ class JobRunner:
                 if study.state == "completed":
                     outcomes.append(None)
                     continue
-                outcome = await self._study(job, study, claims, clients, destination)
+                try:
+                    outcome = await self._study(job, study, claims, clients, destination)
+                except BaseException:
+                    await self._audit_interrupted(job, study, destination)
+                    raise
                 outcomes.append(outcome)
                 self._audit(study, outcome, destination)
         fresh = await self.store.get(job.id)
@@ -248,8 +255,22 @@ class JobRunner:
                     state=outcome.state, detail=outcome.detail, destination=destination, hospital=hospital,
                     stored=outcome.stored)
 
-    def check_study(self, study_id: str) -> None:
-        """Raises ValueError for an id DUO did not issue, LookupError when DUO knows none of its sources."""
+    async def _audit_interrupted(self, job: Job, study: StudyProgress, destination: DestinationPacs) -> None:
+        """A study left mid-way (cancelled, claim lost, crashed) may already have disclosed instances
+        to the destination, and a cancelled job never resumes: record what got there now."""
+        try:
+            fresh = await self.store.get(job.id)
+        except Exception:
+            log.exception("transfer_audit_read_failed", job=job.id)
+            return
+        progress = fresh.studies[study.index] if fresh is not None else study
+        self._audit(study, StudyOutcome("cancelled", "interrupted before the study finished",
+                                        progress.instances_stored, progress.instances_expected or 0,
+                                        progress.bytes, "interrupted"), destination)
+
+    def check_study(self, study_id: str) -> str:
+        """The study's instance UID; raises ValueError for an id DUO did not issue, LookupError when
+        DUO knows none of its sources."""
         problems: list[str] = []
         for ref in self._ids.open(study_id).refs:
             try:
@@ -257,7 +278,7 @@ class JobRunner:
                     self._hospital(ref)
                 else:
                     self._community(ref)
-                return
+                return ref.study_uid
             except LookupError as exc:
                 problems.append(str(exc))
         raise LookupError("; ".join(problems))
@@ -325,7 +346,8 @@ class JobRunner:
         await self.store.add_expected(job.id, self.owner, index, expected)
         self.changed()
         # One association proposing every SOP class of the study, instead of re-associating mid-study.
-        pairs = [(sop_class, ts) for sop_class in {e.sop_class_uid for e in expected} for ts in UNCOMPRESSED]
+        pairs = [(sop_class, ts) for sop_class in {e.sop_class_uid for e in expected}
+                 for ts in UNCOMPRESSED_LE]
         for client in clients:
             client.expect(pairs)
         relays = [_Relay(self, job, index, client, destination.patient_id_issuer) for client in clients]
@@ -369,7 +391,7 @@ class JobRunner:
         what is still queued, so the fetch never blocks on a dead consumer; the error is raised
         once all have stopped.
         """
-        queue: asyncio.Queue[Fetched | None] = asyncio.Queue(maxsize=len(relays) * 2)
+        queue: asyncio.Queue[Fetched | None] = asyncio.Queue(maxsize=self.cfg.transfers.window)
         transient = False
         failure: BaseException | None = None
 
@@ -431,11 +453,12 @@ class JobRunner:
         wanted = {e.sop_instance_uid for e in expected}
         nbytes = sum(r.bytes for r in rows if r.state == "stored")
         missing = sorted(wanted - stored)
-        if not missing and stored >= wanted:
+        if not missing:
             return await self._set(job, index, "completed", f"{len(stored)} instances stored and verified "
                                    "against the manifest", source=source, stored=len(stored),
                                    expected=len(wanted), nbytes=nbytes, ref=ref)
-        reasons = _reasons([r for r in rows if r.sop_instance_uid in set(missing)])
+        missing_set = set(missing)
+        reasons = _reasons([r for r in rows if r.sop_instance_uid in missing_set])
         shown = ", ".join(missing[:SHOWN_MISSING]) + (" ..." if len(missing) > SHOWN_MISSING else "")
         state: StudyState = "partial" if stored & wanted else "failed"
         return await self._set(job, index, state, f"{len(missing)} of {len(wanted)} instances missing "
@@ -461,8 +484,4 @@ def _reasons(rows: list[InstanceRow]) -> str:
     return "; ".join(f"{n}× {text}" for text, n in ranked[:3])
 
 
-def spool_for(storage: Path) -> Path:
-    return storage / "spool" / "transfers"
-
-
-__all__ = ["JobRunner", "StudyOutcome", "spool_for"]
+__all__ = ["JobRunner", "StudyOutcome"]

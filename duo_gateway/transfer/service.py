@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import socket
@@ -41,8 +42,6 @@ log = structlog.get_logger(__name__)
 CLAIM_POLL_S: Final = 1.0
 #: How often a watcher re-reads a job it has not been poked about (another replica runs it).
 WATCH_POLL_S: Final = 0.5
-#: Studies in one transfer request at most.
-MAX_STUDIES: Final = 100
 
 RefusalKind = Literal["unknown-study", "unknown-destination", "destination-not-allowed"]
 
@@ -78,9 +77,7 @@ class TransferService:
                  owner: str | None = None) -> None:
         self.cfg = cfg
         self.store = store
-        self._ids = study_ids
         self._metrics = metrics
-        self._auditor = auditor
         #: Unique per process, readable in the store: which replica holds a job.
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._changed = asyncio.Condition()
@@ -109,6 +106,11 @@ class TransferService:
                          for n in range(self.cfg.transfers.workers)]
         self._workers.append(asyncio.create_task(self._purger(), name="transfer-purge"))
 
+    def end_watches(self) -> None:
+        """Ends every event stream at its next wake-up, so an HTTP shutdown does not wait for jobs."""
+        self._stopping = True
+        self._poke()
+
     async def stop(self) -> None:
         """Stop working and hand unfinished jobs back to the queue, keeping what they stored, so a
         replica (or this one, restarted) resumes them at once rather than after the lease."""
@@ -131,11 +133,14 @@ class TransferService:
     async def submit(self, request: TransferRequest) -> Job:
         if not request.study_ids:
             raise TransferRefused("unknown-study", "name at least one study")
+        by_uid: dict[str, str] = {}
         for n, study_id in enumerate(request.study_ids):
             try:
-                self.runner.check_study(study_id)
+                study_uid = self.runner.check_study(study_id)
             except (LookupError, ValueError) as exc:
                 raise TransferRefused("unknown-study", f"studies[{n}]: {exc}") from None
+            # Ids carry a fresh nonce each time: the same study from two timelines is one study.
+            by_uid.setdefault(study_uid, study_id)
         destination = self._destination(request.destination, request.requester)
         spec = {"name": destination.name, "ae_title": destination.ae_title, "host": destination.host,
                 "port": destination.port}
@@ -143,9 +148,7 @@ class TransferService:
             spec["adhoc"] = True
         claims = request.requester
         job = await self.store.create(NewJob(
-            requester={"uzi": claims.uzi, "role": claims.role, "ura": claims.ura, "purpose": claims.purpose,
-                       "organisation_type": claims.organisation_type, "mandated_uzi": claims.mandated_uzi},
-            destination=spec, studies=tuple(dict.fromkeys(request.study_ids)),
+            requester=dataclasses.asdict(claims), destination=spec, studies=tuple(by_uid.values()),
             local_patient_id=request.local_patient_id))
         self._metrics.submitted.inc()
         log.info("transfer_submitted", job=job.id, studies=len(job.studies), destination=destination.name,
@@ -181,6 +184,8 @@ class TransferService:
                 yield job
                 if job.state in TERMINAL_STATES:
                     return
+            if self._stopping:
+                return  # the job goes on elsewhere; a client reconnects to whichever replica serves it
             async with self._changed:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), WATCH_POLL_S)
@@ -224,7 +229,18 @@ class TransferService:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), CLAIM_POLL_S)
                 continue
-            await self._work(job)
+            if job.id in self._running:
+                # Our own claim lapsed (renewals failed for a while) and this worker took it again:
+                # the runner already on it keeps it, and the claim just made is the renewal it missed.
+                log.warning("transfer_reclaimed_own_job", job=job.id)
+                continue
+            try:
+                await self._work(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A worker must outlive any one job (e.g. the store failing while it ends a job).
+                log.exception("transfer_worker_error", worker=n, job=job.id)
 
     async def _work(self, job: Job) -> None:
         task = asyncio.create_task(self.runner.run(job), name=f"transfer-{job.id}")
@@ -241,6 +257,8 @@ class TransferService:
                     log.info("transfer_cancelled", job=job.id)
             elif self._stopping:
                 raise
+            else:
+                log.warning("transfer_stopped_claim_lost", job=job.id)
         except LeaseLost:
             log.warning("transfer_lease_lost", job=job.id)
         except Exception:
@@ -283,4 +301,4 @@ class TransferService:
             await asyncio.sleep(3600)
 
 
-__all__ = ["MAX_STUDIES", "AdhocDestination", "TransferRefused", "TransferRequest", "TransferService"]
+__all__ = ["AdhocDestination", "TransferRefused", "TransferRequest", "TransferService"]

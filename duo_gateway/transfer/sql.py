@@ -225,7 +225,14 @@ class SqliteBackend(Backend):
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT (disk full, I/O error) leaves the shared connection inside the
+                # transaction: end it, or every later BEGIN fails and the store stays broken.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     def _schema_lock(self, tx: Tx) -> None:
         """BEGIN IMMEDIATE is the lock."""

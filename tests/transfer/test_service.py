@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ class _SilentMitz:
         raise AssertionError("unreachable")
 
 
+@asynccontextmanager
 async def _service(tmp_path: Path, mitz: _RefusingMitz | _SilentMitz | None = None,
                    **transfers: object) -> AsyncIterator[tuple[TransferService, StudyIds]]:
     config = make_config(tmp_path, mitz_port=9, hospitals=[HOSPITAL])
@@ -67,7 +69,7 @@ def _request(ids: list[str], destination: str | AdhocDestination = "own-pacs") -
 
 
 async def test_refusals_before_any_job(tmp_path: Path) -> None:
-    async for service, ids in _service(tmp_path):
+    async with _service(tmp_path) as (service, ids):
         ref = StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001")
         foreign = StudyIds(os.urandom(32)).seal(ref, BSN)
         unknown_source = ids.seal(StudyRef("xca", "1.2.3", "urn:oid:1.9.9", "1.2", "1.2.3.4"), BSN)
@@ -89,10 +91,12 @@ async def test_refusals_before_any_job(tmp_path: Path) -> None:
 
 async def test_a_queued_job_runs_and_ends_with_a_reason(tmp_path: Path) -> None:
     """Mitz cannot be reached here: the study fails with that reason, the job ends failed."""
-    async for service, ids in _service(tmp_path, retries=0):
-        good = ids.seal(StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001"), BSN)
-        job = await service.submit(_request([good, good]))
-        assert len(job.studies) == 1  # the same study twice is one study
+    async with _service(tmp_path, retries=0) as (service, ids):
+        ref = StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001")
+        good, again = ids.seal(ref, BSN), ids.seal(ref, BSN)
+        assert good != again  # a fresh nonce per id
+        job = await service.submit(_request([good, again, good]))
+        assert len(job.studies) == 1  # the same study twice is one study, whichever timeline it came from
         seen = [j async for j in service.watch(job.id)]
         assert seen[-1].state == "failed"
         assert "consent could not be established" in (seen[-1].studies[0].detail or "")
@@ -100,7 +104,7 @@ async def test_a_queued_job_runs_and_ends_with_a_reason(tmp_path: Path) -> None:
 
 
 async def test_adhoc_destinations_when_allowed(tmp_path: Path) -> None:
-    async for service, ids in _service(tmp_path, allow_adhoc_destinations=True):
+    async with _service(tmp_path, allow_adhoc_destinations=True) as (service, ids):
         good = ids.seal(StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001"), BSN)
         job = await service.submit(_request([good], AdhocDestination("OTHER PACS", "127.0.0.1", 11112)))
         assert job.destination["adhoc"] is True and job.destination["ae_title"] == "OTHER PACS"
@@ -110,7 +114,7 @@ async def test_adhoc_destinations_when_allowed(tmp_path: Path) -> None:
 
 
 async def test_a_graceful_stop_hands_running_jobs_back_to_the_queue(tmp_path: Path) -> None:
-    async for service, ids in _service(tmp_path, _SilentMitz()):
+    async with _service(tmp_path, _SilentMitz()) as (service, ids):
         good = ids.seal(StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001"), BSN)
         job = await service.submit(_request([good]))
         for _ in range(100):
