@@ -64,6 +64,8 @@ class Auditor:
         self._linger_s = linger_s
         #: Set by stop(): whatever is queued is written now, not after the linger.
         self._flush_now = asyncio.Event()
+        #: Set when a full batch is waiting: the worker's current linger ends at once.
+        self._batch_full = asyncio.Event()
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = True
@@ -110,6 +112,9 @@ class Auditor:
             self._count_drop("memory queue full")
         else:
             self._queue.put_nowait(item)
+            if self._queue.qsize() >= _WRITE_BATCH - 1:
+                # With the one the worker holds, a full batch: it stops lingering and writes now.
+                self._batch_full.set()
 
     def _count_drop(self, reason: str) -> None:
         with self._counts_lock:
@@ -144,6 +149,7 @@ class Auditor:
         deadline = loop.time() + timeout
         self._accepting = False
         self._flush_now.set()
+        self._batch_full.set()
         if self._intake_task is not None:
             self._queue.put_nowait(None)
             await self._finish(self._intake_task, deadline)
@@ -202,9 +208,12 @@ class Auditor:
     async def _intake(self) -> None:
         while True:
             first = await self._queue.get()
-            if first is not None and self._linger_s > 0 and self._queue.qsize() < _WRITE_BATCH:
+            if first is not None and self._linger_s > 0 and self._queue.qsize() < _WRITE_BATCH - 1:
+                if not self._flush_now.is_set():
+                    self._batch_full.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._flush_now.wait(), self._linger_s)
+                    # stop() sets this too (and _flush_now), so a stop never waits for a linger.
+                    await asyncio.wait_for(self._batch_full.wait(), self._linger_s)
             items: list[_Item] = []
             stop = first is None
             if first is not None:

@@ -383,6 +383,9 @@ class StoreClient:
             if isinstance(sock, ssl.SSLSocket):
                 # OpenSSL forbids driving one SSL connection from two threads at once, and the DUL
                 # thread keeps reading it: over TLS, pynetdicom sends (its own thread does the writes).
+                # No per-PDU progress from pynetdicom here: its own DIMSE/network timeouts guard the
+                # send, and the backstop counts from its start rather than from the last store.
+                self._touch()
                 status_ds = conn.assoc.send_c_store(path, msg_id=self._msg_id)
             else:
                 status_ds = _send_file(conn.assoc, path, offset, context_id, sop, sop_uid, self._msg_id,

@@ -155,11 +155,7 @@ class TimelineService:
             return None  # asked anyway: this community does not use Mitz localization (yet)
         if not located.ok:
             return f"Mitz localization failed, nothing asked: {located.reason}"
-        holders = {
-            _pad(loc.holder_ura)
-            for loc in located.locations
-            if loc.home_community_id == community.home_community_id
-        }
+        holders = self._located_holders(community, located)
         if not holders:
             return "Mitz located no consented data here"
         if chosen and not holders & chosen:

@@ -317,8 +317,13 @@ class CommunityClient:
                 raise
             # Parsing off the loop: lxml parses without the GIL, so a second core takes that part while
             # the loop reads the other communities' answers. Building the request stays on the loop:
-            # with one signature per timeline it is cheaper than the thread hand-off (bench.timeline).
-            return await asyncio.to_thread(self._interpret, answer, message_id, bsn)
+            # its assertion was signed beforehand (issue_tickets), so it is cheaper than a hand-off.
+            try:
+                return await asyncio.to_thread(self._interpret, answer, message_id, bsn)
+            except asyncio.CancelledError:
+                # The answer came, but the caller's deadline fell while it was read: still a disclosure.
+                self._audit(claims, bsn, query_bytes, _Attempt("timeout", "cancelled by the caller"))
+                raise
         finally:
             self._slots.release()
 

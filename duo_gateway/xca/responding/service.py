@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
@@ -496,9 +496,9 @@ class RespondingGateway:
         record = next((i for i in instances if i.sop_instance_uid == indexed.sop_instance_uid), None)
         if record is None:
             return None, indexed.mime_type
-        # _closing: returning from inside the loop must end the C-GET and free the association now,
+        # aclosing: returning from inside the loop must end the C-GET and free the association now,
         # not whenever the abandoned generator is garbage-collected.
-        async with _closing(source.retrieve(permit, bsn, indexed.study_uid, [record])) as stream:
+        async with contextlib.aclosing(source.retrieve(permit, bsn, indexed.study_uid, [record])) as stream:
             async for got in stream:
                 data = await asyncio.to_thread(got.path.read_bytes)
                 got.path.unlink(missing_ok=True)
@@ -641,8 +641,8 @@ class RespondingGateway:
             records = [existing[doc.document_unique_id] for _st, _se, doc in present]
             arrived: dict[str, RetrievedDocument] = {}
             refs: list[DocumentRef] = []
-            # _closing: an error below must end the C-GET at once, not at garbage collection.
-            async with _closing(source.retrieve(verdict, bsn, study_uid, records)) as stream:
+            # aclosing: an error below must end the C-GET at once, not at garbage collection.
+            async with contextlib.aclosing(source.retrieve(verdict, bsn, study_uid, records)) as stream:
                 async for got in stream:
                     target = spool / f"{got.record.sop_instance_uid}.dcm"
                     await asyncio.to_thread(shutil.move, got.path, target)
@@ -763,18 +763,6 @@ def _matches(
             if not any(v.matches(c) for v in values for c in group):
                 return False
     return True
-
-
-@contextlib.asynccontextmanager
-async def _closing(stream: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
-    """``contextlib.aclosing`` for the ImagingSource protocol, whose retrieve() promises only an
-    AsyncIterator: a source's async generator holds a PACS association until it is closed."""
-    try:
-        yield stream
-    finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 def _group(docs: Iterable[IndexedDocument]) -> dict[tuple[str, str], list[IndexedDocument]]:
