@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from duo_gateway.bsn import bsn_cx
 from duo_gateway.config.audit import AuditConfig
 from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.config.xua import XuaConfig
-from duo_gateway.mitz.wire import SAML_NS, WSSE_NS
+from duo_gateway.mitz.wire import SAML_NS, WSSE_NS, WSU_NS
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import SimNetworkConfig, default_network
@@ -77,7 +77,9 @@ from duo_gateway.xca.ebrim import Author, DocumentEntry
 from duo_gateway.xca.errors import RegistryError
 from duo_gateway.xca.hl7 import Code, Xon, reference_id
 from duo_gateway.xca.initiating.client import (
+    ASSERTION_LIFETIME_S,
     QUERY_FORMATS,
+    TICKET_MARGIN,
     CommunityClient,
     CommunityResponse,
     SigningPair,
@@ -464,16 +466,75 @@ async def test_each_community_s_ticket_names_it_alone(
         validate_xua(env, cfg, trusted=trust, audiences=[other], now=datetime.now(UTC))
 
 
-async def test_a_retry_signs_a_fresh_assertion(community: Community, clients: Clients) -> None:
+def _created(env: Envelope) -> str:
+    (created,) = env.headers[-1].iter(f"{{{WSU_NS}}}Created")
+    return created.text or ""
+
+
+async def test_a_retry_reuses_the_assertion_under_a_fresh_timestamp(
+        community: Community, clients: Clients) -> None:
     client = clients(community.config())
     ticket = (await issue_tickets([client], claims=CLAIMS, bsn=BSN))[community.home]
+    community.recorder.status_first = 1
+    await asyncio.sleep(0.002)  # a Timestamp has millisecond digits: the retry's must differ
+    resp = await client.find_documents(CLAIMS, BSN, *WIDE, deadline_s=10.0, ticket=ticket)
+    assert (resp.status, resp.attempts) == ("ok", 2)
+    first, second = community.recorder.envelopes()
+    assert _assertion_id(first) == _assertion_id(second) == ticket.assertion.get("ID")
+    assert _created(first) != _created(second)
+    assert _audiences(first) == _audiences(second) == [community.home]
+
+
+async def test_assertions_are_reused_per_requester_and_patient_until_near_their_end(
+        community: Community, clients: Clients, rsa_pki: Pki) -> None:
+    """Reuse spares the signatures of a clinician's next timeline of the same patient; it never mixes
+    requesters or patients, never reaches into the last minute of an assertion, and stays bounded."""
+    client = clients(community.config(), xua=XuaConfig(reuse_assertions=2))
+    now = datetime.now(UTC)
+
+    async def assertion_id(claims: Claims, bsn: str, at: datetime) -> str:
+        ticket = (await issue_tickets([client], claims=claims, bsn=bsn, now=at))[community.home]
+        return ticket.assertion.get("ID") or ""
+
+    first = await assertion_id(CLAIMS, BSN, now)
+    assert await assertion_id(CLAIMS, BSN, now + timedelta(seconds=30)) == first
+    other_requester = replace(CLAIMS, uzi="000095255")
+    assert await assertion_id(other_requester, BSN, now) != first
+    assert await assertion_id(CLAIMS, BSN, now) == first  # used last now
+    assert await assertion_id(CLAIMS, OTHER_BSN, now) != first
+    # Three for a bound of two: the least recently used (the other requester's) was let go.
+    assert list(client._assertions) == [(CLAIMS, BSN), (CLAIMS, OTHER_BSN)]
+    assert await assertion_id(CLAIMS, BSN, now) == first
+    # Within TICKET_MARGIN of its NotOnOrAfter an assertion is signed afresh, not reused.
+    late = now + timedelta(seconds=ASSERTION_LIFETIME_S) - TICKET_MARGIN
+    assert await assertion_id(CLAIMS, BSN, late) != first
+
+    # What a reused assertion carries still passes a receiver's full XUA check, Timestamp and all.
+    fresh = clients(community.config())
+    ticket = (await issue_tickets([fresh], claims=CLAIMS, bsn=BSN))[community.home]
+    again = (await issue_tickets([fresh], claims=CLAIMS, bsn=BSN))[community.home]
+    assert again.assertion.get("ID") == ticket.assertion.get("ID")
+    resp = await fresh.find_documents(CLAIMS, BSN, *WIDE, deadline_s=10.0, ticket=again)
+    assert resp.status == "ok"
+    (env,) = community.recorder.envelopes()
+    cfg = XuaConfig(trusted_certs=[rsa_pki.ca_cert])
+    requester = validate_xua(env, cfg, trusted=TrustStore.from_pem_files([rsa_pki.ca_cert]),
+                             audiences=[community.home], now=datetime.now(UTC))
+    assert requester is not None and requester.patient_bsn == BSN
+
+
+async def test_without_reuse_every_ticket_and_retry_signs_anew(
+        community: Community, clients: Clients) -> None:
+    client = clients(community.config(), xua=XuaConfig(reuse_assertions=0))
+    ticket = (await issue_tickets([client], claims=CLAIMS, bsn=BSN))[community.home]
+    again = (await issue_tickets([client], claims=CLAIMS, bsn=BSN))[community.home]
+    assert again.assertion.get("ID") != ticket.assertion.get("ID")
     community.recorder.status_first = 1
     resp = await client.find_documents(CLAIMS, BSN, *WIDE, deadline_s=10.0, ticket=ticket)
     assert (resp.status, resp.attempts) == ("ok", 2)
     first, second = community.recorder.envelopes()
-    assert _assertion_id(first) == ticket.assertion.get("ID")
-    assert _assertion_id(second) != ticket.assertion.get("ID")
-    assert _audiences(first) == _audiences(second) == [community.home]
+    assert _assertion_id(first) == ticket.assertion.get("ID") != _assertion_id(second)
+    assert client._assertions == {}
 
 
 async def test_a_ticket_is_only_used_for_its_own_requester_patient_and_community(

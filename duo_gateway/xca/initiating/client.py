@@ -25,7 +25,13 @@ dropped wholesale. The choices that matter, and why:
   at the others for its lifetime, under DUO's requester, so each names only its own community. The
   RSA signatures are the costliest CPU step of a request, so :func:`issue_tickets` makes them all at
   once in worker threads (OpenSSL signs without the GIL) instead of one by one on the event loop.
-  A ticket lives for one timeline and is never cached; a retry signs a fresh assertion.
+- **Signed assertions are reused, Timestamps never** (``xua.reuse_assertions``): a clinician who
+  opens a patient's timeline usually asks again within minutes (another period, a refresh), and at
+  50 communities the signatures were a third of a timeline's CPU. Each client keeps the assertions
+  it signed, by requester and patient, until :data:`TICKET_MARGIN` before they expire. That gives
+  nothing away: the assertion names only this community, which already received it and could
+  replay it for its lifetime anyway. Every message still gets a fresh ``wsu:Timestamp``, since
+  WS-Security receivers may refuse a message Timestamp they have seen before.
 - **Logs never carry the BSN**, and text a peer wrote (fault reasons, codeContexts) has it masked in
   ``detail`` too, because a peer may echo the patient id there and ``detail`` is logged upstream.
 """
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -109,7 +116,7 @@ _TRANSIENT_HTTP: Final = frozenset({502, 503, 504})
 _MASK: Final = "[patient]"
 #: How long DUO's XUA assertions live (Twiin's 10 minutes, netherlands.md §3).
 ASSERTION_LIFETIME_S: Final = 600.0
-#: A shared assertion closer than this to its end is not used any more: a fresh one is signed instead.
+#: An assertion closer than this to its end is not used any more: a fresh one is signed instead.
 TICKET_MARGIN: Final = timedelta(seconds=60)
 
 
@@ -163,11 +170,13 @@ def find_documents_query(bsn: str, date_from: date, date_to: date, home: str) ->
 
 @dataclass(frozen=True, eq=False)
 class XuaTicket:
-    """One signed XUA assertion for one timeline: one requester, one patient, one community.
+    """One signed XUA assertion for one requester, patient and community, in a Security header
+    with a Timestamp of its own: for one timeline.
 
     Made by :func:`issue_tickets` for each timeline and passed to
     :meth:`CommunityClient.find_documents`; a client only uses a ticket that names its community among
     the audiences and was issued for the same requester, patient, issuer, digest and signing pair.
+    The assertion may be one the client signed for an earlier timeline (``xua.reuse_assertions``).
     """
 
     claims: Claims
@@ -186,15 +195,19 @@ class XuaTicket:
 
 async def issue_tickets(asked: Iterable[CommunityClient], *, claims: Claims, bsn: str,
                         now: datetime | None = None) -> dict[str, XuaTicket]:
-    """The ticket of each of ``asked`` (by homeCommunityId), its community the only audience; signed
+    """The ticket of each of ``asked`` (by homeCommunityId), its community the only audience. An
+    assertion a client still holds for this requester and patient is reused; the others are signed
     concurrently off the event loop. Unsigned clients get none. Raises ValueError like
     :func:`~duo_gateway.xua.issue_assertion` (e.g. a malformed BSN)."""
     now = now or datetime.now(UTC)
-    signed = [c for c in asked if c._ticket_key() is not None]
-    tickets = await asyncio.gather(*(
-        asyncio.to_thread(c._issue_ticket, claims, bsn, [c.community.home_community_id], now)
-        for c in signed))
-    return {c.community.home_community_id: t for c, t in zip(signed, tickets, strict=True)}
+    held = {c: c._reusable(claims, bsn, now) for c in asked if c._ticket_key() is not None}
+    missing = [c for c, kept in held.items() if kept is None]
+    fresh = await asyncio.gather(*(asyncio.to_thread(c._sign, claims, bsn, now) for c in missing))
+    for client, made in zip(missing, fresh, strict=True):
+        client._keep(claims, bsn, made)
+        held[client] = made
+    return {c.community.home_community_id: c._ticket(claims, bsn, kept, now)
+            for c, kept in held.items() if kept is not None}
 
 
 class CommunityClient:
@@ -229,6 +242,10 @@ class CommunityClient:
                                 max_body_bytes=MAX_ANSWER_BYTES, pool_size=community.max_concurrency)
         self._slots = asyncio.Semaphore(community.max_concurrency)
         self._rng = rng or random.SystemRandom()
+        #: Signed assertions by (requester, BSN): (assertion, NotOnOrAfter), least recently used first.
+        #: Touched on the event loop only; worker threads just sign.
+        self._assertions: OrderedDict[tuple[Claims, str], tuple[etree._Element, datetime]] = OrderedDict()
+        self._keep_max = xua.reuse_assertions
 
     async def close(self) -> None:
         await self._http.close()
@@ -329,11 +346,16 @@ class CommunityClient:
 
     def _request(self, claims: Claims, bsn: str, query: bytes, message_id: str,
                  ticket: XuaTicket | None) -> bytes:
-        """The signed envelope: with the timeline's ticket while it has time left, else a fresh
-        assertion for this community alone. Query and Security header go in as bytes, unparsed."""
+        """The signed envelope: with the timeline's ticket while it has time left, else a new ticket
+        (a fresh Timestamp, the assertion reused or signed here). Query and Security header go in as
+        bytes, unparsed."""
         now = datetime.now(UTC)
         if ticket is None or now + TICKET_MARGIN >= ticket.not_on_or_after:
-            ticket = self._issue_ticket(claims, bsn, [self.community.home_community_id], now)
+            kept = self._reusable(claims, bsn, now)
+            if kept is None:
+                kept = self._sign(claims, bsn, now)
+                self._keep(claims, bsn, kept)
+            ticket = self._ticket(claims, bsn, kept, now)
         return serialize_with(
             Addressing(action=Action.ITI38, message_id=message_id, to=self._url, reply_to=WSA_ANONYMOUS),
             query, [ticket.security])
@@ -346,17 +368,44 @@ class CommunityClient:
             return None
         return id(self._signing), self._issuer, self.community.signature_algorithm
 
-    def _issue_ticket(self, claims: Claims, bsn: str, audiences: Sequence[str], now: datetime) -> XuaTicket:
+    def _sign(self, claims: Claims, bsn: str, now: datetime) -> tuple[etree._Element, datetime]:
+        """A new assertion for this community alone and when it expires. Pure: safe in a worker thread."""
         if self._signing is None:
             raise ValueError("DUO has no XUA signing key and certificate")
         key, cert = self._signing
-        digest = self.community.signature_algorithm
-        assertion = issue_assertion(claims, issuer=self._issuer, audience=audiences, key=key, cert=cert,
-                                    now=now, lifetime_s=ASSERTION_LIFETIME_S, digest=digest,
-                                    subject_bsn=bsn)
-        return XuaTicket(claims=claims, bsn=bsn, issuer=self._issuer, digest=digest,
-                         audiences=frozenset(audiences),
-                         not_on_or_after=now + timedelta(seconds=min(ASSERTION_LIFETIME_S, TIMESTAMP_TTL_S)),
+        assertion = issue_assertion(claims, issuer=self._issuer, audience=self.community.home_community_id,
+                                    key=key, cert=cert, now=now, lifetime_s=ASSERTION_LIFETIME_S,
+                                    digest=self.community.signature_algorithm, subject_bsn=bsn)
+        return assertion, now + timedelta(seconds=ASSERTION_LIFETIME_S)
+
+    def _keep(self, claims: Claims, bsn: str, signed: tuple[etree._Element, datetime]) -> None:
+        """Remember a signed assertion for reuse (none with ``xua.reuse_assertions`` 0)."""
+        if self._keep_max == 0:
+            return
+        self._assertions[(claims, bsn)] = signed
+        self._assertions.move_to_end((claims, bsn))
+        while len(self._assertions) > self._keep_max:
+            self._assertions.popitem(last=False)
+
+    def _reusable(self, claims: Claims, bsn: str, now: datetime) -> tuple[etree._Element, datetime] | None:
+        """The assertion kept for this requester and patient while it has more than the margin left."""
+        kept = self._assertions.get((claims, bsn))
+        if kept is None:
+            return None
+        if now + TICKET_MARGIN >= kept[1]:
+            del self._assertions[(claims, bsn)]
+            return None
+        self._assertions.move_to_end((claims, bsn))
+        return kept
+
+    def _ticket(self, claims: Claims, bsn: str, signed: tuple[etree._Element, datetime],
+                now: datetime) -> XuaTicket:
+        """A ticket around a signed assertion (new or reused) with a Timestamp of its own."""
+        assertion, expires = signed
+        return XuaTicket(claims=claims, bsn=bsn, issuer=self._issuer,
+                         digest=self.community.signature_algorithm,
+                         audiences=frozenset({self.community.home_community_id}),
+                         not_on_or_after=min(expires, now + timedelta(seconds=TIMESTAMP_TTL_S)),
                          assertion=assertion, security=element_bytes(security_header(assertion, now)),
                          signing_id=id(self._signing))
 
@@ -459,6 +508,7 @@ def _is_patient(patient_id: str, bsn: str) -> bool:
 
 
 __all__ = [
-    "ASSERTION_LIFETIME_S", "QUERY_FORMATS", "REPORT_FORMATS", "CommunityClient", "CommunityResponse",
-    "CommunityStatus", "SigningPair", "XuaTicket", "find_documents_query", "issue_tickets", "service_window",
+    "ASSERTION_LIFETIME_S", "QUERY_FORMATS", "REPORT_FORMATS", "TICKET_MARGIN", "CommunityClient",
+    "CommunityResponse", "CommunityStatus", "SigningPair", "XuaTicket", "find_documents_query",
+    "issue_tickets", "service_window",
 ]
