@@ -17,7 +17,7 @@ from typing import Any
 
 from bench._harness import die_with_parent, write_ready
 from duo_gateway.config.loader import parse_config
-from duo_gateway.daemon import Gateway, stop_on_signals
+from duo_gateway.daemon import Gateway, settle_heap, stop_on_signals
 from duo_gateway.observability.logging import configure_logging
 
 
@@ -28,6 +28,7 @@ async def run(config_path: Path, raw: dict[str, Any], ready: Path) -> int:
     stop = stop_on_signals()
     try:
         await gateway.start()
+        settle_heap()  # as ``duo-gateway serve`` does
         write_ready(ready, {"pid": os.getpid(), "http_url": gateway.http_url,
                             "dicom_port": gateway.dicom_port, "spool_dir": str(gateway.spool_dir)})
         await stop.wait()

@@ -260,3 +260,28 @@ async def test_dicom_listener_requires_a_client_certificate_under_mtls(tmp_path:
             assert not (await asyncio.to_thread(c_echo, "PROBE", "127.0.0.1", port, ae, 5, ctx)).ok
     finally:
         await gw.stop()
+
+
+def test_settle_heap_collects_start_up_garbage_then_freezes_the_rest() -> None:
+    """In a fresh interpreter, since a frozen heap would stay frozen for the rest of this test run."""
+    script = """
+import gc, weakref
+from duo_gateway.daemon import settle_heap
+
+class Node:
+    pass
+
+garbage = Node(); garbage.me = garbage  # a cycle: only the collector frees it
+dead = weakref.ref(garbage)
+del garbage
+kept = [Node() for _ in range(100)]
+assert gc.get_freeze_count() == 0
+settle_heap()
+assert dead() is None, "start-up garbage must be collected, not frozen"
+assert gc.get_freeze_count() >= len(kept), gc.get_freeze_count()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
