@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -76,7 +77,7 @@ import signal
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -268,13 +269,21 @@ def own_busy_s() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def timeline_body(bsn: str) -> bytes:
+def timeline_body(bsn: str, uzi: str = CLAIMS.uzi) -> bytes:
     return json.dumps({
         "patient": {"bsn": bsn},
         "period": {"from": PERIOD[0].isoformat(), "to": PERIOD[1].isoformat()},
-        "requester": {"ura": CLAIMS.ura, "organization_type": CLAIMS.organisation_type, "uzi": CLAIMS.uzi,
+        "requester": {"ura": CLAIMS.ura, "organization_type": CLAIMS.organisation_type, "uzi": uzi,
                       "role": CLAIMS.role, "purpose": CLAIMS.purpose},
     }).encode()
+
+
+_NEW_UZI = itertools.count(900_000_001)
+
+
+def cold_bodies(bsn: str) -> Callable[[], bytes]:
+    """Each timeline by a requester DUO has not seen yet, so no signed assertion can be reused."""
+    return lambda: timeline_body(bsn, f"{next(_NEW_UZI):09d}")
 
 
 @dataclass
@@ -336,10 +345,11 @@ class Timed:
     wall_s: float = 0.0
 
 
-async def run_timelines(url: str, body: bytes, count: int, clients: int, expected: dict[str, set[str]],
-                        *, strict: bool = True) -> Timed:
-    """``clients`` workers posting timelines back to back. ``strict``: any incomplete answer raises
-    (one client, nothing to overload: an incomplete answer there is a bug, not a measurement)."""
+async def run_timelines(url: str, body: Callable[[], bytes], count: int, clients: int,
+                        expected: dict[str, set[str]], *, strict: bool = True) -> Timed:
+    """``clients`` workers posting timelines (``body()`` each) back to back. ``strict``: any incomplete
+    answer raises (one client, nothing to overload: an incomplete answer there is a bug, not a
+    measurement)."""
     out = Timed()
     remaining = count
     connector = aiohttp.TCPConnector(limit=clients)
@@ -350,8 +360,9 @@ async def run_timelines(url: str, body: bytes, count: int, clients: int, expecte
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
+                data = body()
                 started = time.perf_counter()
-                async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+                async with session.post(url, data=data, headers={"Content-Type": "application/json"}) as r:
                     raw = await r.read()
                 out.latencies.append(time.perf_counter() - started)
                 checked = check_answer(r.status, raw, expected)
@@ -480,7 +491,7 @@ class Phase:
         return percentile(self.latencies, 99)
 
 
-async def measured(base: str, url: str, body: bytes, count: int, clients: int,
+async def measured(base: str, url: str, body: Callable[[], bytes], count: int, clients: int,
                    expected: dict[str, set[str]], duo_pid: int, peers_pid: int) -> Phase:
     before = parse_metrics(await scrape(base))
     duo0, peers0 = cpu_s(duo_pid), cpu_s(peers_pid)
@@ -496,6 +507,8 @@ class Setup:
     peers: str
     communities: int
     seq: Phase
+    #: The same, but each timeline by a new requester: every assertion signed (``seq`` reuses them).
+    cold: Phase
     direct: list[float]
     cpu: CpuModel
     load: Phase | None = None
@@ -531,18 +544,23 @@ async def one_setup(args: argparse.Namespace, work: Path, pki: Pki, peers_mode: 
         duo, ready = await asyncio.to_thread(start_duo, sub, raw)
         base = ready["http_url"]
         url = f"{base}/tlb/v1/timeline"
-        body = timeline_body(bsn)
+        fixed = timeline_body(bsn)
+
+        def body() -> bytes:
+            return fixed
+
         duo_pid, peers_pid = int(ready["pid"]), int(info["pid"])
 
         await run_timelines(url, body, WARMUP, 1, expected)
         seq = await measured(base, url, body, args.requests, 1, expected, duo_pid, peers_pid)
+        cold = await measured(base, url, cold_bodies(bsn), args.requests, 1, expected, duo_pid, peers_pid)
         pair = load_signing_pair(pki.server.key, pki.server.cert)
         assertion = timeline_assertion(pair, bsn, communities)
         signed = [signed_iti38(assertion, bsn, c) for c in communities]
         await peers_alone(communities, signed, WARMUP)
         direct, answer = await peers_alone(communities, signed, args.requests)
         default_concurrency = XcaCommunity.model_fields["max_concurrency"].default
-        setup = Setup(peers_mode, n, seq, direct, cpu_model(pair, bsn, communities, answer),
+        setup = Setup(peers_mode, n, seq, cold, direct, cpu_model(pair, bsn, communities, answer),
                       max_concurrency=args.community_concurrency or default_concurrency)
         if load:
             setup.load = await measured(base, url, body, args.load_requests, args.clients, expected,
@@ -580,20 +598,28 @@ PEERS_TITLE = {
 
 def report_sequential(args: argparse.Namespace, setups: list[Setup]) -> None:
     print(f"-- {PEERS_TITLE[setups[0].peers]}")
-    base = setups[0].seq.p50
+    base, cold_base = setups[0].seq.p50, setups[0].cold.p50
     base_n = setups[0].communities
-    print(f"{'N':>3} {'p50 ms':>7} {'p99 ms':>7} {f'p50÷p50(N={base_n})':>13} {'peers alone p50':>16} "
-          f"{'DUO÷peers':>10} {'DUO CPU ms/timeline':>20} {'peers CPU ms/timeline':>22}")
+    print(f"{'':>3} {'same requester again (assertions reused)':^44} "
+          f"{'new requester each time (all signed)':^44}")
+    print(f"{'N':>3} {'p50 ms':>7} {'p99 ms':>7} {f'÷p50(N={base_n})':>10} {'CPU ms/tl':>10} "
+          f"{'DUO÷peers':>9} {'p50 ms':>7} {'p99 ms':>7} {f'÷p50(N={base_n})':>10} {'CPU ms/tl':>10} {'':>9} "
+          f"{'peers alone p50':>16} {'peers CPU ms/tl':>16}")
     for s in setups:
-        n = len(s.seq.latencies)
+        n, nc = len(s.seq.latencies), len(s.cold.latencies)
         direct = percentile(s.direct, 50)
-        print(f"{s.communities:>3} {ms(s.seq.p50):>7} {ms(s.seq.p99):>7} {s.seq.p50 / base:>13.2f} "
-              f"{ms(direct):>16} {s.seq.p50 / direct:>10.2f} {s.seq.duo_cpu_s / n * 1e3:>20.0f} "
-              f"{s.seq.peers_cpu_s / n * 1e3:>22.0f}")
-    goal = setups[-1].seq.p50 / base
-    print(f"goal p50({setups[-1].communities}) ÷ p50({setups[0].communities}) < 1.2: {goal:.2f} "
-          f"{'MET' if goal < 1.2 else 'NOT MET'}")
-    print("where the time goes (DUO's /metrics; DUO's per-community code timed in this process):")
+        print(f"{s.communities:>3} {ms(s.seq.p50):>7} {ms(s.seq.p99):>7} {s.seq.p50 / base:>10.2f} "
+              f"{s.seq.duo_cpu_s / n * 1e3:>10.0f} {s.seq.p50 / direct:>9.2f} "
+              f"{ms(s.cold.p50):>7} {ms(s.cold.p99):>7} {s.cold.p50 / cold_base:>10.2f} "
+              f"{s.cold.duo_cpu_s / nc * 1e3:>10.0f} {'':>9} {ms(direct):>16} "
+              f"{s.seq.peers_cpu_s / n * 1e3:>16.0f}")
+    last = setups[-1]
+    for label, ratio in (("same requester again", last.seq.p50 / base),
+                         ("new requester each time", last.cold.p50 / cold_base)):
+        print(f"goal p50({last.communities}) ÷ p50({base_n}) < 1.2, {label}: {ratio:.2f} "
+              f"{'MET' if ratio < 1.2 else 'NOT MET'}")
+    print("where the time goes (DUO's /metrics, same requester again; DUO's per-community code timed in this "
+          "process):")
     for s in setups:
         mitz_calls, mitz_ms = mean_peer_ms(s.seq, "mitz")
         xca_calls, xca_ms = mean_peer_ms(s.seq, "xca:")
@@ -601,9 +627,9 @@ def report_sequential(args: argparse.Namespace, setups: list[Setup]) -> None:
         serial = s.communities * (s.cpu.build_ms + s.cpu.parse_ms)
         print(f"  N={s.communities}: Mitz {mitz_calls:.0f}×{mitz_ms:.0f} ms; ITI-38 {xca_calls:.0f}×"
               f"{xca_ms:.0f} ms mean call; per-source elapsed (last answer) {elapsed[0]}..{elapsed[-1]} ms; "
-              f"sign {s.cpu.sign_ms:.1f} ms per community (in threads, concurrently) + (build "
-              f"{s.cpu.build_ms:.1f} + parse {s.cpu.parse_ms:.1f}) ms per community ×N = {serial:.0f} ms "
-              "serial")
+              f"(build {s.cpu.build_ms:.1f} + parse {s.cpu.parse_ms:.1f}) ms per community ×N = {serial:.0f} "
+              f"ms serial, + sign {s.cpu.sign_ms:.1f} ms per community for a new requester (in threads, "
+              "concurrently)")
 
 
 def report_load(args: argparse.Namespace, last: Setup) -> None:
