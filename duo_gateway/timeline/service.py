@@ -38,7 +38,7 @@ from duo_gateway.timeline.model import (
 from duo_gateway.timeline.result import MergedStudy, TimelineResult
 from duo_gateway.timeline.tlb_source import ask_tlb_hospital
 from duo_gateway.timeline.xca_source import institution_filter, outcome_from_response
-from duo_gateway.xca.initiating.client import CommunityClient, XuaTicket, issue_tickets
+from duo_gateway.xca.initiating.client import CommunityClient
 
 log = structlog.get_logger(__name__)
 
@@ -80,7 +80,8 @@ class TimelineService:
         deadline = self._cfg.timeline.deadline_s
         chosen = {_pad(u) for u in request.institutions}
         located = await self._localize(request, deadline)
-        remaining = max(0.1, deadline - (time.perf_counter() - started))
+        # Absolute (perf_counter), since the jobs start one after another (see _run).
+        ends_at = time.perf_counter() + max(0.1, deadline - (time.perf_counter() - started))
         skipped: list[SourceOutcome] = []
         jobs: dict[str, _Job] = {}
 
@@ -96,10 +97,9 @@ class TimelineService:
                 None if community.query_without_localization else self._located_holders(community, located)
             )
             asked.append((client, community, holders))
-        tickets = await self._tickets(request, [client for client, _, _ in asked])
         for client, community, holders in asked:
             jobs[f"xca:{community.home_community_id}"] = ("xca", community.name, self._community_job(
-                client, community, request, remaining, holders, tickets.get(community.home_community_id)))
+                client, community, request, ends_at, holders))
 
         if self._cfg.timeline.include_tlb_hospitals:
             for hospital in self._cfg.tlb_hospitals:
@@ -113,7 +113,7 @@ class TimelineService:
                     continue
                 jobs[sid] = ("tlb", hospital.name, self._hospital_job(request, hospital, source))
 
-        outcomes = await self._run(jobs, remaining)
+        outcomes = await self._run(jobs, ends_at)
         outcomes.extend(skipped)
         if chosen:
             outcomes = [replace(o, studies=tuple(institution_filter(o.studies, chosen))) for o in outcomes]
@@ -179,33 +179,18 @@ class TimelineService:
         return None
 
     # -- jobs ----------------------------------------------------------------------------------
-    async def _tickets(self, request: TimelineRequest,
-                       asked: Sequence[CommunityClient]) -> dict[str, XuaTicket]:
-        """This timeline's XUA assertions, one per asked community, all signed at once before any
-        request is built. Made here, per timeline, and dropped with it. If they cannot be issued, each
-        client signs its own assertion and reports the problem as that community's error.
-        """
-        if not asked:
-            return {}
-        try:
-            return await issue_tickets(asked, claims=request.requester, bsn=request.bsn)
-        except ValueError as exc:
-            log.warning("timeline XUA ticket not issued", error=str(exc))
-            return {}
-
     def _community_job(
         self,
         client: CommunityClient,
         community: XcaCommunity,
         request: TimelineRequest,
-        deadline: float,
+        ends_at: float,
         holders: set[str] | None,
-        ticket: XuaTicket | None,
     ) -> Callable[[], Coroutine[Any, Any, SourceOutcome]]:
         async def job() -> SourceOutcome:
             response = await client.find_documents(
-                request.requester, request.bsn, request.date_from, request.date_to, deadline_s=deadline,
-                ticket=ticket,
+                request.requester, request.bsn, request.date_from, request.date_to,
+                deadline_s=max(0.0, ends_at - time.perf_counter()),
             )
             outcome = outcome_from_response(community, response)
             if holders is None:
@@ -237,15 +222,30 @@ class TimelineService:
 
         return job
 
-    async def _run(self, jobs: Mapping[str, _Job], deadline: float) -> list[SourceOutcome]:
+    async def _run(self, jobs: Mapping[str, _Job], ends_at: float) -> list[SourceOutcome]:
         started = time.perf_counter()
-        tasks: dict[asyncio.Task[SourceOutcome], tuple[str, SourceKind, str]] = {
-            asyncio.create_task(factory(), name=sid): (sid, kind, name)
-            for sid, (kind, name, factory) in jobs.items()
-        }
-        if not tasks:
-            return []
-        _done, pending = await asyncio.wait(tasks, timeout=deadline)
+        deadline = ends_at - started
+        # One job started per two turns of the loop, not all at once: each community's request (its
+        # assertion signed, its envelope built) then goes on the wire before the next one is prepared,
+        # so the answers come back spread out as well and decoding the first overlaps the wait for the
+        # last. Started together, every request left only after all were prepared and every answer
+        # arrived at once, queueing for the loop (bench.timeline: p50 at 50 communities 185 -> 165 ms).
+        # Two turns let aiohttp write a request on a pooled connection; a request that needs more just
+        # leaves a little later, as before.
+        tasks: dict[asyncio.Task[SourceOutcome], tuple[str, SourceKind, str]] = {}
+        try:
+            for sid, (kind, name, factory) in jobs.items():
+                tasks[asyncio.create_task(factory(), name=sid)] = (sid, kind, name)
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+            if not tasks:
+                return []
+            _done, pending = await asyncio.wait(tasks, timeout=max(0.0, ends_at - time.perf_counter()))
+        except asyncio.CancelledError:
+            # The caller gave up (the API's own budget): no source may go on working for nobody.
+            for task in tasks:
+                task.cancel()
+            raise
         for task in pending:
             task.cancel()
         if pending:

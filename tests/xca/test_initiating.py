@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +77,12 @@ from duo_gateway.xca.ebrim import Author, DocumentEntry
 from duo_gateway.xca.errors import RegistryError
 from duo_gateway.xca.hl7 import Code, Xon, reference_id
 from duo_gateway.xca.initiating.client import (
-    ASSERTION_LIFETIME_S,
     QUERY_FORMATS,
-    TICKET_MARGIN,
+    REUSE_MARGIN,
     CommunityClient,
     CommunityResponse,
     SigningPair,
     find_documents_query,
-    issue_tickets,
 )
 from duo_gateway.xca.metadata import KOS_FORMAT, PDF_FORMAT
 from duo_gateway.xca.query import (
@@ -212,7 +210,7 @@ async def community(sim: XcaCommunitySimulator) -> AsyncIterator[Community]:
 class Clients:
     pki: Pki
     made: list[CommunityClient] = field(default_factory=list)
-    #: One signing pair for every client, as the daemon gives them: the clients can share a ticket.
+    #: One signing pair for every client, as the daemon gives them.
     pair: SigningPair | None = None
 
     def __call__(self, cfg: XcaCommunity, *, signed: bool = True, auditor: Auditor | None = None,
@@ -437,26 +435,32 @@ def test_a_request_spliced_from_serialized_parts_is_the_envelope_lxml_would_buil
     assert env.body is not None and parse_adhoc_query_request(env.body) == parse_adhoc_query_request(query)
 
 
-async def test_each_community_s_ticket_names_it_alone(
+async def _sent_assertion_id(client: CommunityClient, community: Community, claims: Claims = CLAIMS,
+                             bsn: str = BSN) -> str:
+    """Ask once; the ID of the assertion that request carried."""
+    await client.find_documents(claims, bsn, *WIDE, deadline_s=10.0)
+    return _assertion_id(community.recorder.envelopes()[-1])
+
+
+async def test_each_community_s_assertion_names_it_alone(
         community: Community, clients: Clients, rsa_pki: Pki) -> None:
-    """A ticket is a bearer token: one naming several communities could be replayed by any of them at
-    the others, so each asked community gets an assertion whose only audience is itself."""
+    """An assertion is a bearer token: one naming several communities could be replayed by any of them
+    at the others, so each asked community gets an assertion whose only audience is itself."""
     asked = clients(community.config())
     other = "urn:oid:2.16.528.1.1007.99.20009"
     sibling = clients(community.config(home_community_id=other, name="XDS Zuid"))
-    sha1 = clients(community.config(home_community_id="urn:oid:2.16.528.1.1007.99.20008",
-                                    signature_algorithm="sha1"))
-    tickets = await issue_tickets([asked, sibling, sha1], claims=CLAIMS, bsn=BSN)
-    assert {home: t.audiences for home, t in tickets.items()} == {
-        community.home: {community.home}, other: {other},
-        "urn:oid:2.16.528.1.1007.99.20008": {"urn:oid:2.16.528.1.1007.99.20008"}}
-    assert tickets["urn:oid:2.16.528.1.1007.99.20008"].digest == "sha1"
-    ticket = tickets[community.home]
-    resp = await asked.find_documents(CLAIMS, BSN, *WIDE, deadline_s=10.0, ticket=ticket)
+    sha1_home = "urn:oid:2.16.528.1.1007.99.20008"
+    sha1 = clients(community.config(home_community_id=sha1_home, signature_algorithm="sha1"))
+    resp = await asked.find_documents(CLAIMS, BSN, *WIDE, deadline_s=10.0)
     assert resp.status == "ok"
-    (env,) = community.recorder.envelopes()
-    assert _audiences(env) == [community.home]
-    assert _assertion_id(env) == ticket.assertion.get("ID")
+    for client in (sibling, sha1):  # the sim answers these with an error: only the requests matter here
+        await client.find_documents(CLAIMS, BSN, *WIDE, deadline_s=10.0)
+    env, sibling_env, sha1_env = community.recorder.envelopes()
+    assert (_audiences(env), _audiences(sibling_env), _audiences(sha1_env)) == (
+        [community.home], [other], [sha1_home])
+    assert len({_assertion_id(e) for e in (env, sibling_env, sha1_env)}) == 3
+    assert {el.get("Algorithm") for el in sha1_env.headers[-1].iter(f"{{{DS_NS}}}DigestMethod")} == {
+        "http://www.w3.org/2000/09/xmldsig#sha1"}
     trust = TrustStore.from_pem_files([rsa_pki.ca_cert])
     cfg = XuaConfig(trusted_certs=[rsa_pki.ca_cert])
     requester = validate_xua(env, cfg, trusted=trust, audiences=[community.home], now=datetime.now(UTC))
@@ -474,13 +478,13 @@ def _created(env: Envelope) -> str:
 async def test_a_retry_reuses_the_assertion_under_a_fresh_timestamp(
         community: Community, clients: Clients) -> None:
     client = clients(community.config())
-    ticket = (await issue_tickets([client], claims=CLAIMS, bsn=BSN))[community.home]
     community.recorder.status_first = 1
-    await asyncio.sleep(0.002)  # a Timestamp has millisecond digits: the retry's must differ
-    resp = await client.find_documents(CLAIMS, BSN, *WIDE, deadline_s=10.0, ticket=ticket)
+    # A Timestamp has millisecond digits: hold the (in-process) community so the retry's must differ.
+    community.recorder.after = lambda: time.sleep(0.002)
+    resp = await client.find_documents(CLAIMS, BSN, *WIDE, deadline_s=10.0)
     assert (resp.status, resp.attempts) == ("ok", 2)
     first, second = community.recorder.envelopes()
-    assert _assertion_id(first) == _assertion_id(second) == ticket.assertion.get("ID")
+    assert _assertion_id(first) == _assertion_id(second)
     assert _created(first) != _created(second)
     assert _audiences(first) == _audiences(second) == [community.home]
 
@@ -488,71 +492,43 @@ async def test_a_retry_reuses_the_assertion_under_a_fresh_timestamp(
 async def test_assertions_are_reused_per_requester_and_patient_until_near_their_end(
         community: Community, clients: Clients, rsa_pki: Pki) -> None:
     """Reuse spares the signatures of a clinician's next timeline of the same patient; it never mixes
-    requesters or patients, never reaches into the last minute of an assertion, and stays bounded."""
+    requesters, patients or communities, never reaches into an assertion's last minute, and stays
+    bounded. What a reused assertion carries still passes a receiver's full XUA check."""
     client = clients(community.config(), xua=XuaConfig(reuse_assertions=2))
-    now = datetime.now(UTC)
-
-    async def assertion_id(claims: Claims, bsn: str, at: datetime) -> str:
-        ticket = (await issue_tickets([client], claims=claims, bsn=bsn, now=at))[community.home]
-        return ticket.assertion.get("ID") or ""
-
-    first = await assertion_id(CLAIMS, BSN, now)
-    assert await assertion_id(CLAIMS, BSN, now + timedelta(seconds=30)) == first
+    first = await _sent_assertion_id(client, community)
+    assert await _sent_assertion_id(client, community) == first
     other_requester = replace(CLAIMS, uzi="000095255")
-    assert await assertion_id(other_requester, BSN, now) != first
-    assert await assertion_id(CLAIMS, BSN, now) == first  # used last now
-    assert await assertion_id(CLAIMS, OTHER_BSN, now) != first
+    assert await _sent_assertion_id(client, community, claims=other_requester) != first
+    assert await _sent_assertion_id(client, community) == first  # used last now
+    assert await _sent_assertion_id(client, community, bsn=OTHER_BSN) != first
     # Three for a bound of two: the least recently used (the other requester's) was let go.
     assert list(client._assertions) == [(CLAIMS, BSN), (CLAIMS, OTHER_BSN)]
-    assert await assertion_id(CLAIMS, BSN, now) == first
-    # Within TICKET_MARGIN of its NotOnOrAfter an assertion is signed afresh, not reused.
-    late = now + timedelta(seconds=ASSERTION_LIFETIME_S) - TICKET_MARGIN
-    assert await assertion_id(CLAIMS, BSN, late) != first
+    sibling = clients(community.config(home_community_id="urn:oid:2.16.528.1.1007.99.20009"))
+    assert await _sent_assertion_id(sibling, community) != first
 
-    # What a reused assertion carries still passes a receiver's full XUA check, Timestamp and all.
-    fresh = clients(community.config())
-    ticket = (await issue_tickets([fresh], claims=CLAIMS, bsn=BSN))[community.home]
-    again = (await issue_tickets([fresh], claims=CLAIMS, bsn=BSN))[community.home]
-    assert again.assertion.get("ID") == ticket.assertion.get("ID")
-    resp = await fresh.find_documents(CLAIMS, BSN, *WIDE, deadline_s=10.0, ticket=again)
-    assert resp.status == "ok"
-    (env,) = community.recorder.envelopes()
+    reused = community.recorder.envelopes()[1]
     cfg = XuaConfig(trusted_certs=[rsa_pki.ca_cert])
-    requester = validate_xua(env, cfg, trusted=TrustStore.from_pem_files([rsa_pki.ca_cert]),
+    requester = validate_xua(reused, cfg, trusted=TrustStore.from_pem_files([rsa_pki.ca_cert]),
                              audiences=[community.home], now=datetime.now(UTC))
     assert requester is not None and requester.patient_bsn == BSN
 
+    # Within REUSE_MARGIN of its NotOnOrAfter an assertion is signed afresh, not reused.
+    assertion, _expires = client._assertions[(CLAIMS, BSN)]
+    client._assertions[(CLAIMS, BSN)] = (assertion, datetime.now(UTC) + REUSE_MARGIN)
+    assert await _sent_assertion_id(client, community) != first
 
-async def test_without_reuse_every_ticket_and_retry_signs_anew(
+
+async def test_without_reuse_every_request_and_retry_signs_anew(
         community: Community, clients: Clients) -> None:
     client = clients(community.config(), xua=XuaConfig(reuse_assertions=0))
-    ticket = (await issue_tickets([client], claims=CLAIMS, bsn=BSN))[community.home]
-    again = (await issue_tickets([client], claims=CLAIMS, bsn=BSN))[community.home]
-    assert again.assertion.get("ID") != ticket.assertion.get("ID")
+    first = await _sent_assertion_id(client, community)
+    assert await _sent_assertion_id(client, community) != first
     community.recorder.status_first = 1
-    resp = await client.find_documents(CLAIMS, BSN, *WIDE, deadline_s=10.0, ticket=ticket)
+    resp = await client.find_documents(CLAIMS, BSN, *WIDE, deadline_s=10.0)
     assert (resp.status, resp.attempts) == ("ok", 2)
-    first, second = community.recorder.envelopes()
-    assert _assertion_id(first) == ticket.assertion.get("ID") != _assertion_id(second)
+    *_, attempt, retry = community.recorder.envelopes()
+    assert _assertion_id(attempt) != _assertion_id(retry)
     assert client._assertions == {}
-
-
-async def test_a_ticket_is_only_used_for_its_own_requester_patient_and_community(
-        community: Community, clients: Clients) -> None:
-    client = clients(community.config())
-    ticket = (await issue_tickets([client], claims=CLAIMS, bsn=BSN))[community.home]
-    other_requester = replace(CLAIMS, uzi="000095255")
-    stranger = clients(community.config(home_community_id="urn:oid:2.16.528.1.1007.99.20009"))
-    for call in (client.find_documents(CLAIMS, OTHER_BSN, *WIDE, deadline_s=5.0, ticket=ticket),
-                 client.find_documents(other_requester, BSN, *WIDE, deadline_s=5.0, ticket=ticket),
-                 stranger.find_documents(CLAIMS, BSN, *WIDE, deadline_s=5.0, ticket=ticket)):
-        with pytest.raises(ValueError, match="ticket"):
-            await call
-    assert community.recorder.bodies == []
-    # Unsigned clients get no ticket (they are never asked at all).
-    unsigned = clients(community.config(home_community_id="urn:oid:2.16.528.1.1007.99.20007"), signed=False)
-    tickets = await issue_tickets([client, stranger, unsigned], claims=CLAIMS, bsn=BSN)
-    assert set(tickets) == {community.home, "urn:oid:2.16.528.1.1007.99.20009"}
 
 
 async def test_sha1_signature_when_the_community_wants_it(

@@ -20,18 +20,22 @@ dropped wholesale. The choices that matter, and why:
   documents on the timeline whose origin or patient DUO cannot vouch for.
 - **Every attempt is audited** (ITI-20, xca.md §12): each one sends the BSN to the community, even
   one that ends in a 503, so each is a disclosure with its own outcome.
-- **One assertion per community, signed before the timeline's requests go out** (:class:`XuaTicket`).
-  The assertion is a bearer token: one naming several communities could be replayed by any of them
-  at the others for its lifetime, under DUO's requester, so each names only its own community. The
-  RSA signatures are the costliest CPU step of a request, so :func:`issue_tickets` makes them all at
-  once in worker threads (OpenSSL signs without the GIL) instead of one by one on the event loop.
+- **One assertion per community.** The assertion is a bearer token: one naming several communities
+  could be replayed by any of them at the others for its lifetime, under DUO's requester, so each
+  names only its own community.
 - **Signed assertions are reused, Timestamps never** (``xua.reuse_assertions``): a clinician who
   opens a patient's timeline usually asks again within minutes (another period, a refresh), and at
   50 communities the signatures were a third of a timeline's CPU. Each client keeps the assertions
-  it signed, by requester and patient, until :data:`TICKET_MARGIN` before they expire. That gives
+  it signed, by requester and patient, until :data:`REUSE_MARGIN` before they expire. That gives
   nothing away: the assertion names only this community, which already received it and could
   replay it for its lifetime anyway. Every message still gets a fresh ``wsu:Timestamp``, since
   WS-Security receivers may refuse a message Timestamp they have seen before.
+- **CPU work stays on the event loop unless it is big** (:data:`INLINE_ANSWER_BYTES`). Signing
+  (~0.6 ms), building a request and decoding a typical answer (~1 ms for 35 kB) are Python holding
+  the GIL: handing them to worker threads bought no parallelism, only hand-offs and GIL contention
+  (measured with ``bench.timeline``: at 50 communities p50 fell from 1.9-2.2 to 1.5-1.6 times one
+  community's when they stayed on the loop, and DUO's CPU per timeline by a fifth). Only an answer big
+  enough to stall the loop for long is parsed and decoded in a worker thread.
 - **Logs never carry the BSN**, and text a peer wrote (fault reasons, codeContexts) has it masked in
   ``detail`` too, because a peer may echo the patient id there and ``detail`` is logged upstream.
 """
@@ -41,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Final, Literal
@@ -89,8 +93,8 @@ from duo_gateway.xca.query import (
     find_documents,
     parse_adhoc_query_response,
 )
-from duo_gateway.xmldsig import DigestName, PrivateKey
-from duo_gateway.xua import TIMESTAMP_TTL_S, Claims, issue_assertion, security_header
+from duo_gateway.xmldsig import PrivateKey
+from duo_gateway.xua import Claims, issue_assertion, security_header
 
 log = structlog.get_logger(__name__)
 
@@ -117,7 +121,10 @@ _MASK: Final = "[patient]"
 #: How long DUO's XUA assertions live (Twiin's 10 minutes, netherlands.md §3).
 ASSERTION_LIFETIME_S: Final = 600.0
 #: An assertion closer than this to its end is not used any more: a fresh one is signed instead.
-TICKET_MARGIN: Final = timedelta(seconds=60)
+REUSE_MARGIN: Final = timedelta(seconds=60)
+#: Answers up to this size are decoded on the event loop (~1 ms per 35 kB); bigger ones in a worker
+#: thread, so one community's huge answer cannot hold up every other request DUO is serving.
+INLINE_ANSWER_BYTES: Final = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -168,48 +175,6 @@ def find_documents_query(bsn: str, date_from: date, date_to: date, home: str) ->
                           service_start_from=start, service_start_to=end, home=home)
 
 
-@dataclass(frozen=True, eq=False)
-class XuaTicket:
-    """One signed XUA assertion for one requester, patient and community, in a Security header
-    with a Timestamp of its own: for one timeline.
-
-    Made by :func:`issue_tickets` for each timeline and passed to
-    :meth:`CommunityClient.find_documents`; a client only uses a ticket that names its community among
-    the audiences and was issued for the same requester, patient, issuer, digest and signing pair.
-    The assertion may be one the client signed for an earlier timeline (``xua.reuse_assertions``).
-    """
-
-    claims: Claims
-    bsn: str
-    issuer: str
-    digest: DigestName
-    audiences: frozenset[str]
-    #: When the first of the assertion and the message Timestamp in ``security`` expires.
-    not_on_or_after: datetime
-    assertion: etree._Element
-    #: ``wsse:Security`` with a Timestamp and the assertion, serialized once for every request.
-    security: bytes
-    #: ``id()`` of the signing pair it was signed with (the clients keep that pair alive).
-    signing_id: int
-
-
-async def issue_tickets(asked: Iterable[CommunityClient], *, claims: Claims, bsn: str,
-                        now: datetime | None = None) -> dict[str, XuaTicket]:
-    """The ticket of each of ``asked`` (by homeCommunityId), its community the only audience. An
-    assertion a client still holds for this requester and patient is reused; the others are signed
-    concurrently off the event loop. Unsigned clients get none. Raises ValueError like
-    :func:`~duo_gateway.xua.issue_assertion` (e.g. a malformed BSN)."""
-    now = now or datetime.now(UTC)
-    held = {c: c._reusable(claims, bsn, now) for c in asked if c._ticket_key() is not None}
-    missing = [c for c, kept in held.items() if kept is None]
-    fresh = await asyncio.gather(*(asyncio.to_thread(c._sign, claims, bsn, now) for c in missing))
-    for client, made in zip(missing, fresh, strict=True):
-        client._keep(claims, bsn, made)
-        held[client] = made
-    return {c.community.home_community_id: c._ticket(claims, bsn, kept, now)
-            for c, kept in held.items() if kept is not None}
-
-
 class CommunityClient:
     """ITI-38 towards one community; one instance lives as long as the daemon (it owns the semaphore).
 
@@ -251,16 +216,10 @@ class CommunityClient:
         await self._http.close()
 
     async def find_documents(self, claims: Claims, bsn: str, date_from: date, date_to: date, *,
-                             deadline_s: float, ticket: XuaTicket | None = None) -> CommunityResponse:
-        """Never raises for what the community does; raises ValueError for a caller's bad input.
-
-        ``ticket``: this timeline's assertion for this community (:func:`issue_tickets`), used for the first
-        attempt; without one (or for a retry) a fresh assertion for this community alone is signed.
-        """
+                             deadline_s: float) -> CommunityResponse:
+        """Never raises for what the community does; raises ValueError for a caller's bad input."""
         if not is_valid_bsn(bsn):
             raise ValueError("bsn is not a valid BSN")
-        if ticket is not None and not self._accepts(ticket, claims, bsn):
-            raise ValueError("the XUA ticket was not issued for this community, requester and patient")
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + deadline_s
@@ -272,8 +231,7 @@ class CommunityClient:
         attempts = 0
         result: _Attempt
         while True:
-            result = await self._attempt(claims, bsn, query, query_bytes, deadline,
-                                         ticket if attempts == 0 else None)
+            result = await self._attempt(claims, bsn, query, query_bytes, deadline)
             if result.sent:
                 attempts += 1
                 self._audit(claims, bsn, query_bytes, result)
@@ -298,7 +256,7 @@ class CommunityClient:
     # -- one attempt ----------------------------------------------------------------------------
 
     async def _attempt(self, claims: Claims, bsn: str, query: bytes, query_bytes: bytes,
-                       deadline: float, ticket: XuaTicket | None) -> _Attempt:
+                       deadline: float) -> _Attempt:
         if self._signing is None:
             return _Attempt("error", "DUO has no XUA signing key and certificate (xua.signing_key_file): "
                             "the community was not asked, since an unsigned request must not be sent",
@@ -320,7 +278,7 @@ class CommunityClient:
                                 sent=False)
             message_id = new_message_id()
             try:
-                payload = self._request(claims, bsn, query, message_id, ticket)
+                payload = self._request(claims, bsn, query, message_id)
             except ValueError as exc:
                 return _Attempt("error", f"could not issue the XUA assertion: {exc}", sent=False)
             try:
@@ -332,9 +290,8 @@ class CommunityClient:
                 # The caller gave up (its own deadline): the BSN went out all the same.
                 self._audit(claims, bsn, query_bytes, _Attempt("timeout", "cancelled by the caller"))
                 raise
-            # Parsing off the loop: lxml parses without the GIL, so a second core takes that part while
-            # the loop reads the other communities' answers. Building the request stays on the loop:
-            # its assertion was signed beforehand (issue_tickets), so it is cheaper than a hand-off.
+            if len(answer.body) <= INLINE_ANSWER_BYTES:
+                return self._interpret(answer, message_id, bsn)
             try:
                 return await asyncio.to_thread(self._interpret, answer, message_id, bsn)
             except asyncio.CancelledError:
@@ -344,32 +301,22 @@ class CommunityClient:
         finally:
             self._slots.release()
 
-    def _request(self, claims: Claims, bsn: str, query: bytes, message_id: str,
-                 ticket: XuaTicket | None) -> bytes:
-        """The signed envelope: with the timeline's ticket while it has time left, else a new ticket
-        (a fresh Timestamp, the assertion reused or signed here). Query and Security header go in as
-        bytes, unparsed."""
+    def _request(self, claims: Claims, bsn: str, query: bytes, message_id: str) -> bytes:
+        """The signed envelope: the assertion reused or signed here, in a Security header with a new
+        Timestamp. Query and Security header go in as bytes, unparsed."""
         now = datetime.now(UTC)
-        if ticket is None or now + TICKET_MARGIN >= ticket.not_on_or_after:
-            kept = self._reusable(claims, bsn, now)
-            if kept is None:
-                kept = self._sign(claims, bsn, now)
-                self._keep(claims, bsn, kept)
-            ticket = self._ticket(claims, bsn, kept, now)
+        assertion = self._reusable(claims, bsn, now)
+        if assertion is None:
+            assertion, expires = self._sign(claims, bsn, now)
+            self._keep(claims, bsn, assertion, expires)
         return serialize_with(
             Addressing(action=Action.ITI38, message_id=message_id, to=self._url, reply_to=WSA_ANONYMOUS),
-            query, [ticket.security])
+            query, [element_bytes(security_header(assertion, now))])
 
-    # -- XUA tickets ----------------------------------------------------------------------------
-
-    def _ticket_key(self) -> tuple[int, str, str] | None:
-        """What an assertion for this community is signed with: communities alike can share one."""
-        if self._signing is None:
-            return None
-        return id(self._signing), self._issuer, self.community.signature_algorithm
+    # -- XUA assertions -------------------------------------------------------------------------
 
     def _sign(self, claims: Claims, bsn: str, now: datetime) -> tuple[etree._Element, datetime]:
-        """A new assertion for this community alone and when it expires. Pure: safe in a worker thread."""
+        """A new assertion for this community alone, and when it expires."""
         if self._signing is None:
             raise ValueError("DUO has no XUA signing key and certificate")
         key, cert = self._signing
@@ -378,41 +325,25 @@ class CommunityClient:
                                     digest=self.community.signature_algorithm, subject_bsn=bsn)
         return assertion, now + timedelta(seconds=ASSERTION_LIFETIME_S)
 
-    def _keep(self, claims: Claims, bsn: str, signed: tuple[etree._Element, datetime]) -> None:
+    def _keep(self, claims: Claims, bsn: str, assertion: etree._Element, expires: datetime) -> None:
         """Remember a signed assertion for reuse (none with ``xua.reuse_assertions`` 0)."""
         if self._keep_max == 0:
             return
-        self._assertions[(claims, bsn)] = signed
+        self._assertions[(claims, bsn)] = (assertion, expires)
         self._assertions.move_to_end((claims, bsn))
         while len(self._assertions) > self._keep_max:
             self._assertions.popitem(last=False)
 
-    def _reusable(self, claims: Claims, bsn: str, now: datetime) -> tuple[etree._Element, datetime] | None:
+    def _reusable(self, claims: Claims, bsn: str, now: datetime) -> etree._Element | None:
         """The assertion kept for this requester and patient while it has more than the margin left."""
         kept = self._assertions.get((claims, bsn))
         if kept is None:
             return None
-        if now + TICKET_MARGIN >= kept[1]:
+        if now + REUSE_MARGIN >= kept[1]:
             del self._assertions[(claims, bsn)]
             return None
         self._assertions.move_to_end((claims, bsn))
-        return kept
-
-    def _ticket(self, claims: Claims, bsn: str, signed: tuple[etree._Element, datetime],
-                now: datetime) -> XuaTicket:
-        """A ticket around a signed assertion (new or reused) with a Timestamp of its own."""
-        assertion, expires = signed
-        return XuaTicket(claims=claims, bsn=bsn, issuer=self._issuer,
-                         digest=self.community.signature_algorithm,
-                         audiences=frozenset({self.community.home_community_id}),
-                         not_on_or_after=min(expires, now + timedelta(seconds=TIMESTAMP_TTL_S)),
-                         assertion=assertion, security=element_bytes(security_header(assertion, now)),
-                         signing_id=id(self._signing))
-
-    def _accepts(self, ticket: XuaTicket, claims: Claims, bsn: str) -> bool:
-        made_with = (ticket.signing_id, ticket.issuer, ticket.digest)
-        return (self.community.home_community_id in ticket.audiences and ticket.claims == claims
-                and ticket.bsn == bsn and made_with == self._ticket_key())
+        return kept[0]
 
     def _call_failure(self, exc: PeerCallError, *, cut_by_deadline: bool) -> _Attempt:
         if exc.kind == "timeout":
@@ -508,7 +439,7 @@ def _is_patient(patient_id: str, bsn: str) -> bool:
 
 
 __all__ = [
-    "ASSERTION_LIFETIME_S", "QUERY_FORMATS", "REPORT_FORMATS", "TICKET_MARGIN", "CommunityClient",
-    "CommunityResponse", "CommunityStatus", "SigningPair", "XuaTicket", "find_documents_query",
-    "issue_tickets", "service_window",
+    "ASSERTION_LIFETIME_S", "INLINE_ANSWER_BYTES", "QUERY_FORMATS", "REPORT_FORMATS", "REUSE_MARGIN",
+    "CommunityClient", "CommunityResponse", "CommunityStatus", "SigningPair", "find_documents_query",
+    "service_window",
 ]
