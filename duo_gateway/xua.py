@@ -524,7 +524,7 @@ def issue_assertion(
     claims: Claims,
     *,
     issuer: str,
-    audience: str | Sequence[str],
+    audience: str,
     key: PrivateKey,
     cert: x509.Certificate | Sequence[x509.Certificate],
     now: datetime,
@@ -539,24 +539,17 @@ def issue_assertion(
     Issuer, where the SAML schema puts it (strict peers validate the schema). ``subject_bsn``, when
     given, travels as ``resource-id`` (see :func:`~duo_gateway.mitz.wire.build_xua_assertion`).
 
-    Several ``audience`` values become several ``Audience`` elements of the one AudienceRestriction:
-    the assertion is then meant for any one of them (SAML core §2.5.1.4), which is how one assertion
-    serves every community of one timeline (:class:`duo_gateway.xca.initiating.client.XuaTicket`).
+    One ``audience`` only, on purpose: the assertion is a bearer token, and one naming several
+    gateways could be replayed by any of them at the others for its lifetime, under DUO's requester.
     """
-    audiences = [audience] if isinstance(audience, str) else list(dict.fromkeys(audience))
-    if not issuer.strip() or not audiences or any(not a.strip() for a in audiences):
+    if not issuer.strip() or not audience.strip():
         raise ValueError("issuer and audience are required")
     if subject_bsn is not None and not is_valid_bsn(subject_bsn):
         raise ValueError("subject_bsn is not nine digits passing the 11-proef")
     assertion = build_xua_assertion(
         issuer=issuer, uzi=claims.uzi, role=claims.role, ura=claims.ura, org_type=claims.organisation_type,
-        purpose=claims.purpose, now=now, audience=audiences[0], validity=timedelta(seconds=lifetime_s),
+        purpose=claims.purpose, now=now, audience=audience, validity=timedelta(seconds=lifetime_s),
         mandated_uzi=claims.mandated_uzi, patient_bsn=subject_bsn, assertion_id=assertion_id)
-    if len(audiences) > 1:
-        restriction = assertion.find(f"{_q(SAML_NS, 'Conditions')}/{_q(SAML_NS, 'AudienceRestriction')}")
-        assert restriction is not None, "build_xua_assertion always writes one AudienceRestriction"
-        for extra in audiences[1:]:
-            etree.SubElement(restriction, _q(SAML_NS, "Audience")).text = extra
     xmldsig.sign(assertion, assertion, key, cert, digest=digest, id_attribute=SAML_ID, position=1)
     return assertion
 

@@ -229,7 +229,7 @@ class TimelineService:
         # assertion signed, its envelope built) then goes on the wire before the next one is prepared,
         # so the answers come back spread out as well and decoding the first overlaps the wait for the
         # last. Started together, every request left only after all were prepared and every answer
-        # arrived at once, queueing for the loop (bench.timeline: p50 at 50 communities 185 -> 165 ms).
+        # arrived at once, queueing for the loop (bench.timeline: p50 at 50 communities ~185 -> ~170 ms).
         # Two turns let aiohttp write a request on a pooled connection; a request that needs more just
         # leaves a little later, as before.
         tasks: dict[asyncio.Task[SourceOutcome], tuple[str, SourceKind, str]] = {}

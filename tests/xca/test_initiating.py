@@ -76,6 +76,7 @@ from duo_gateway.xca.codes import (
 from duo_gateway.xca.ebrim import Author, DocumentEntry
 from duo_gateway.xca.errors import RegistryError
 from duo_gateway.xca.hl7 import Code, Xon, reference_id
+from duo_gateway.xca.initiating import client as initiating_client
 from duo_gateway.xca.initiating.client import (
     QUERY_FORMATS,
     REUSE_MARGIN,
@@ -889,3 +890,24 @@ def test_status_mapping(sim: XcaCommunitySimulator) -> None:
     assert mapped == {"ok": "ok", "partial": "ok", "timeout": "timeout", "unavailable": "unavailable",
                       "error": "error"}
     assert outcome_from_response(cfg, base).elapsed_ms == 250.0
+
+
+async def test_a_big_answer_is_decoded_off_the_event_loop(
+        community: Community, clients: Clients, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small answers are decoded on the loop (cheaper than a hand-off); one over INLINE_ANSWER_BYTES
+    goes to a worker thread, so it cannot stall every other request DUO serves."""
+    handed_off: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def spy(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        handed_off.append(getattr(func, "__name__", ""))
+        return await to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", spy)
+    client = clients(community.config())
+    assert (await ask(client)).status == "ok"
+    assert handed_off == []
+    monkeypatch.setattr(initiating_client, "INLINE_ANSWER_BYTES", 100)
+    resp = await ask(client)
+    assert resp.status == "ok" and resp.entries
+    assert handed_off == ["_interpret"]

@@ -122,8 +122,8 @@ _MASK: Final = "[patient]"
 ASSERTION_LIFETIME_S: Final = 600.0
 #: An assertion closer than this to its end is not used any more: a fresh one is signed instead.
 REUSE_MARGIN: Final = timedelta(seconds=60)
-#: Answers up to this size are decoded on the event loop (~1 ms per 35 kB); bigger ones in a worker
-#: thread, so one community's huge answer cannot hold up every other request DUO is serving.
+#: Answers up to this size are decoded on the event loop (~1 ms per 35 kB, so ~15 ms at most); bigger
+#: ones in a worker thread, so one community's huge answer cannot hold up every other request DUO serves.
 INLINE_ANSWER_BYTES: Final = 512 * 1024
 
 
@@ -208,7 +208,7 @@ class CommunityClient:
         self._slots = asyncio.Semaphore(community.max_concurrency)
         self._rng = rng or random.SystemRandom()
         #: Signed assertions by (requester, BSN): (assertion, NotOnOrAfter), least recently used first.
-        #: Touched on the event loop only; worker threads just sign.
+        #: Touched on the event loop only.
         self._assertions: OrderedDict[tuple[Claims, str], tuple[etree._Element, datetime]] = OrderedDict()
         self._keep_max = xua.reuse_assertions
 
