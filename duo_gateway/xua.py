@@ -561,6 +561,26 @@ def security_header(assertion: etree._Element, now: datetime, *,
     A copy, so the caller's element is not moved out of its document; exclusive canonicalisation keeps
     the signature valid in its new place (xca.md §11).
     """
+    security = _timestamped_security(now, ttl_s)
+    security.append(copy.deepcopy(assertion))
+    return security
+
+
+def security_header_bytes(assertion: bytes, now: datetime, *, ttl_s: float = TIMESTAMP_TTL_S) -> bytes:
+    """:func:`security_header` serialized, for an assertion kept as bytes (``element_bytes``).
+
+    Why bytes: a reused assertion then costs each message a Timestamp, not a copy of its tree, and a
+    kept assertion is ~5 kB of bytes instead of a ~20 kB tree. Splicing is sound because the
+    assertion's bytes declare every namespace they use and its signature covers its exclusive
+    canonical form, which the surrounding element does not change.
+    """
+    head = etree.tostring(_timestamped_security(now, ttl_s), encoding="UTF-8")
+    close = b"</wsse:Security>"
+    assert head.endswith(close), "the Timestamp child keeps the Security element open"
+    return head[:-len(close)] + assertion + close
+
+
+def _timestamped_security(now: datetime, ttl_s: float) -> etree._Element:
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     if ttl_s <= 0:
@@ -570,7 +590,6 @@ def security_header(assertion: etree._Element, now: datetime, *,
     stamp = etree.SubElement(security, _q(WSU_NS, "Timestamp"))
     etree.SubElement(stamp, _q(WSU_NS, "Created")).text = _wsu_time(now)
     etree.SubElement(stamp, _q(WSU_NS, "Expires")).text = _wsu_time(now + timedelta(seconds=ttl_s))
-    security.append(copy.deepcopy(assertion))
     return security
 
 
@@ -581,5 +600,5 @@ def _wsu_time(t: datetime) -> str:
 
 __all__ = [
     "ACCEPTED_AUTHN_CONTEXTS", "SUBJECT_CONFIRMATIONS", "Claims", "Requester", "Subcode", "issue_assertion",
-    "load_trust_store", "security_header", "validate_xua",
+    "load_trust_store", "security_header", "security_header_bytes", "validate_xua",
 ]

@@ -36,6 +36,7 @@ from duo_gateway.soap.envelope import (
     SoapFault,
     build_envelope,
     build_fault,
+    element_bytes,
     parse_envelope,
 )
 from duo_gateway.soap.xml import XmlError, parse_xml, to_bytes
@@ -46,6 +47,7 @@ from duo_gateway.xua import (
     issue_assertion,
     load_trust_store,
     security_header,
+    security_header_bytes,
     validate_xua,
 )
 from tests.support.pki import Pki, make_pki
@@ -235,6 +237,23 @@ def test_security_header_shape_and_the_callers_assertion_stays_put(signer: Signe
     assert sec.findtext("wsu:Timestamp/wsu:Expires", namespaces=NS) == (
         now + dt.timedelta(minutes=2)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
     assert [etree.QName(c).localname for c in sec] == ["Timestamp", "Assertion"]
+
+
+def test_security_header_bytes_splice_a_kept_assertion_into_what_lxml_would_build(
+        signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    """A reused assertion is kept as bytes; spliced into a new Security header it must be the header
+    lxml builds, canonically, and still verify at a receiver."""
+    a = issue_assertion(CLAIMS, issuer=ISSUER, audience=AUDIENCE, key=signer[0], cert=signer[1], now=now)
+    spliced = security_header_bytes(element_bytes(a), now, ttl_s=120)
+
+    def c14n(el: etree._Element) -> bytes:
+        return etree.tostring(el, method="c14n", exclusive=True)
+
+    assert c14n(etree.fromstring(spliced)) == c14n(security_header(a, now, ttl_s=120))
+    requester = validate(wrapped(etree.fromstring(spliced)), store, now)
+    assert requester is not None and requester.uzi == CLAIMS.uzi
+    with pytest.raises(ValueError, match="timezone"):
+        security_header_bytes(element_bytes(a), now.replace(tzinfo=None))
 
 
 def test_claims_are_checked_before_anything_is_issued(signer: Signer, now: dt.datetime) -> None:

@@ -26,10 +26,11 @@ class XuaConfig(StrictModel):
     signing_key_file: ConfigPath | None = None
     signing_cert_file: ConfigPath | None = None
     #: Signed assertions DUO keeps per community to reuse for later requests of the same requester
-    #: about the same patient, until a minute before they expire (least recently used dropped first).
-    #: Reuse exposes nothing new: each names that one community as its only audience, and the
-    #: community already holds it. 0: sign one per request.
-    reuse_assertions: int = Field(default=256, ge=0, le=100_000)
+    #: about the same patient, until a minute before they expire (least recently used dropped first;
+    #: ~5 kB each, so 128 for 50 communities is ~32 MB at most). Reuse exposes nothing new: each names
+    #: that one community as its only audience, and the community already holds it. 0: sign one per
+    #: request.
+    reuse_assertions: int = Field(default=128, ge=0, le=100_000)
 
     @model_validator(mode="after")
     def _pair(self) -> XuaConfig:

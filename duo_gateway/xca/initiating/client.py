@@ -53,7 +53,6 @@ from urllib.parse import urlsplit
 
 import structlog
 from cryptography import x509
-from lxml import etree
 
 from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.messages import ActiveParticipant, EventOutcome, Peer, iti38_query
@@ -94,7 +93,7 @@ from duo_gateway.xca.query import (
     parse_adhoc_query_response,
 )
 from duo_gateway.xmldsig import PrivateKey
-from duo_gateway.xua import Claims, issue_assertion, security_header
+from duo_gateway.xua import Claims, issue_assertion, security_header_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -207,9 +206,9 @@ class CommunityClient:
                                 max_body_bytes=MAX_ANSWER_BYTES, pool_size=community.max_concurrency)
         self._slots = asyncio.Semaphore(community.max_concurrency)
         self._rng = rng or random.SystemRandom()
-        #: Signed assertions by (requester, BSN): (assertion, NotOnOrAfter), least recently used first.
-        #: Touched on the event loop only.
-        self._assertions: OrderedDict[tuple[Claims, str], tuple[etree._Element, datetime]] = OrderedDict()
+        #: Signed assertions (serialized) by (requester, BSN): (assertion, NotOnOrAfter), least recently
+        #: used first. Touched on the event loop only.
+        self._assertions: OrderedDict[tuple[Claims, str], tuple[bytes, datetime]] = OrderedDict()
         self._keep_max = xua.reuse_assertions
 
     async def close(self) -> None:
@@ -311,21 +310,21 @@ class CommunityClient:
             self._keep(claims, bsn, assertion, expires)
         return serialize_with(
             Addressing(action=Action.ITI38, message_id=message_id, to=self._url, reply_to=WSA_ANONYMOUS),
-            query, [element_bytes(security_header(assertion, now))])
+            query, [security_header_bytes(assertion, now)])
 
     # -- XUA assertions -------------------------------------------------------------------------
 
-    def _sign(self, claims: Claims, bsn: str, now: datetime) -> tuple[etree._Element, datetime]:
-        """A new assertion for this community alone, and when it expires."""
+    def _sign(self, claims: Claims, bsn: str, now: datetime) -> tuple[bytes, datetime]:
+        """A new assertion for this community alone, serialized, and when it expires."""
         if self._signing is None:
             raise ValueError("DUO has no XUA signing key and certificate")
         key, cert = self._signing
         assertion = issue_assertion(claims, issuer=self._issuer, audience=self.community.home_community_id,
                                     key=key, cert=cert, now=now, lifetime_s=ASSERTION_LIFETIME_S,
                                     digest=self.community.signature_algorithm, subject_bsn=bsn)
-        return assertion, now + timedelta(seconds=ASSERTION_LIFETIME_S)
+        return element_bytes(assertion), now + timedelta(seconds=ASSERTION_LIFETIME_S)
 
-    def _keep(self, claims: Claims, bsn: str, assertion: etree._Element, expires: datetime) -> None:
+    def _keep(self, claims: Claims, bsn: str, assertion: bytes, expires: datetime) -> None:
         """Remember a signed assertion for reuse (none with ``xua.reuse_assertions`` 0)."""
         if self._keep_max == 0:
             return
@@ -334,7 +333,7 @@ class CommunityClient:
         while len(self._assertions) > self._keep_max:
             self._assertions.popitem(last=False)
 
-    def _reusable(self, claims: Claims, bsn: str, now: datetime) -> etree._Element | None:
+    def _reusable(self, claims: Claims, bsn: str, now: datetime) -> bytes | None:
         """The assertion kept for this requester and patient while it has more than the margin left."""
         kept = self._assertions.get((claims, bsn))
         if kept is None:
