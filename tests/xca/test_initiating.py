@@ -25,7 +25,6 @@ from aiohttp.test_utils import TestServer
 from lxml import etree
 
 from duo_gateway.audit.auditor import Auditor
-from duo_gateway.audit.messages import Peer
 from duo_gateway.audit.sink import parse_file_records
 from duo_gateway.audit.syslog import parse_message
 from duo_gateway.bsn import bsn_cx
@@ -34,10 +33,8 @@ from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.config.xua import XuaConfig
 from duo_gateway.mitz.wire import SAML_NS, WSSE_NS, WSU_NS
 from duo_gateway.observability.metrics import Metrics
-from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import SimNetworkConfig, default_network
-from duo_gateway.sim.http import BEHAVIOUR_KEY
-from duo_gateway.sim.pki import Pki, make_pki
+from duo_gateway.sim.pki import Pki
 from duo_gateway.sim.xca import XcaCommunitySimulator
 from duo_gateway.soap.envelope import (
     SOAP12_NS,
@@ -94,16 +91,12 @@ from duo_gateway.xca.query import (
 )
 from duo_gateway.xmldsig import DS_NS, TrustStore, load_signing_pair
 from duo_gateway.xua import Claims, validate_xua
+from tests.xca.recording import BSN, CLAIMS, DUO_HOME, IDENTITY, Community, Recorder, serve
 from tests.xca.xsd import assert_valid
 
-BSN = "999911120"
 OTHER_BSN = "900186021"
-DUO_HOME = "urn:oid:2.16.528.1.1007.99.1"
-CLAIMS = Claims(uzi="000095254", role="01.039", ura="00000666", organisation_type="V6")
-IDENTITY = Peer(user_id="DUO_GATEWAY", host="127.0.0.1")
 WIDE = (date(2000, 1, 1), date(2035, 12, 31))
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HOME = "urn:oid:2.16.528.1.1007.99.20001"
 REPO = "2.16.528.1.1007.99.20001.1"
 
@@ -117,94 +110,6 @@ def net() -> SimNetworkConfig:
     # Two studies per patient and institution: index 0 carries a report, index 1 does not.
     noord = base.communities[0].model_copy(update={"studies_per_patient": 2})
     return base.model_copy(update={"communities": [noord, base.communities[1]]})
-
-
-@pytest.fixture(scope="module")
-def sim(net: SimNetworkConfig) -> XcaCommunitySimulator:
-    return XcaCommunitySimulator(net.communities[0], net)
-
-
-@pytest.fixture(scope="module")
-def rsa_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    # PKIoverheid, and so every XML-DSig peer, is RSA-only.
-    return make_pki(tmp_path_factory.mktemp("xua-pki"), key_type="rsa")
-
-
-@dataclass
-class Recorder:
-    """What reached the community: bodies and headers, concurrency, and scripted first failures."""
-
-    bodies: list[bytes] = field(default_factory=list)
-    content_types: list[str] = field(default_factory=list)
-    in_flight: int = 0
-    max_in_flight: int = 0
-    drop_first: int = 0
-    #: Called after each request has been handled (or dropped).
-    after: Callable[[], None] | None = None
-    status_first: int = 0
-    status: int = 503
-
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/admin/"):
-            return await handler(request)
-        self.bodies.append(await request.read())
-        self.content_types.append(request.headers.get("Content-Type", ""))
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            if self.drop_first > 0:
-                self.drop_first -= 1
-                assert request.transport is not None
-                request.transport.close()  # a reset connection, the way the sim's "down" looks
-                raise web.HTTPServiceUnavailable()
-            if self.status_first > 0:
-                self.status_first -= 1
-                return web.Response(status=self.status, text="busy")
-            return await handler(request)
-        finally:
-            self.in_flight -= 1
-            if self.after is not None:
-                self.after()
-
-    def envelopes(self) -> list[Envelope]:
-        return [parse_envelope(b) for b in self.bodies]
-
-
-@dataclass
-class Community:
-    url: str
-    app: web.Application
-    recorder: Recorder
-    home: str
-
-    def config(self, **kw: Any) -> XcaCommunity:
-        base: dict[str, Any] = {
-            "home_community_id": self.home, "name": "XDS Noord", "iti38": f"{self.url}/iti38",
-            "iti39": f"{self.url}/iti39", "timeout_s": 5.0, "retries": 2, "retry_backoff_s": 0.01,
-        }
-        return XcaCommunity.model_validate({**base, **kw})
-
-    def behave(self, **kw: Any) -> None:
-        self.app[BEHAVIOUR_KEY].value = Misbehaviour(**kw)
-
-
-async def _serve(app: web.Application) -> TestServer:
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    return server
-
-
-@pytest.fixture
-async def community(sim: XcaCommunitySimulator) -> AsyncIterator[Community]:
-    recorder = Recorder()
-    app = sim.app()
-    app.middlewares.insert(0, recorder.middleware)
-    server = await _serve(app)
-    try:
-        yield Community(str(server.make_url("")).rstrip("/"), app, recorder, sim.home)
-    finally:
-        await server.close()
 
 
 @dataclass
@@ -271,7 +176,7 @@ async def custom() -> AsyncIterator[Start]:
         recorder = Recorder()
         app = responder(answer)
         app.middlewares.append(recorder.middleware)
-        server = await _serve(app)
+        server = await serve(app)
         servers.append(server)
         return Community(str(server.make_url("")).rstrip("/"), app, recorder, HOME)
 

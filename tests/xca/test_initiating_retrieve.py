@@ -1,7 +1,7 @@
 """DUO pulling a study from an XCA community for a transfer: ITI-39 KOS, parse_kos, RAD-75 batches.
 
 The community is the real simulator on a loopback port, behind the recording middleware of
-test_initiating (every request DUO sends is kept, XSD-validated and its XUA assertion checked).
+``tests.xca.recording`` (every request DUO sends is kept, XSD-validated and its XUA assertion checked).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from duo_gateway.config.xua import XuaConfig
 from duo_gateway.dicom.kos import parse_kos
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sim.config import SimNetworkConfig, default_network
-from duo_gateway.sim.pki import Pki, make_pki
+from duo_gateway.sim.pki import Pki
 from duo_gateway.sim.xca import XcaCommunitySimulator
 from duo_gateway.soap.envelope import parse_envelope
 from duo_gateway.xca.codes import EXPLICIT_VR_LITTLE_ENDIAN, Action, ErrorCode
@@ -43,7 +43,7 @@ from duo_gateway.xca.metadata import KOS_FORMAT
 from duo_gateway.xca.retrieve import parse_imaging_retrieve_request, parse_retrieve_request
 from duo_gateway.xmldsig import TrustStore, load_signing_pair
 from duo_gateway.xua import validate_xua
-from tests.xca.test_initiating import BSN, CLAIMS, DUO_HOME, IDENTITY, Community, Recorder, _serve
+from tests.xca.recording import BSN, CLAIMS, DUO_HOME, IDENTITY, Community
 from tests.xca.xsd import assert_valid
 
 TS = (EXPLICIT_VR_LITTLE_ENDIAN,)
@@ -54,35 +54,8 @@ def net() -> SimNetworkConfig:
     return default_network()
 
 
-@pytest.fixture(scope="module")
-def sim(net: SimNetworkConfig) -> XcaCommunitySimulator:
-    return XcaCommunitySimulator(net.communities[0], net)
-
-
-@pytest.fixture(scope="module")
-def rsa_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("xua-pki"), key_type="rsa")
-
-
-@pytest.fixture
-async def community(sim: XcaCommunitySimulator) -> AsyncIterator[Community]:
-    recorder = Recorder()
-    app = sim.app()
-    app.middlewares.insert(0, recorder.middleware)
-    server = await _serve(app)
-    try:
-        yield Community(str(server.make_url("")).rstrip("/"), app, recorder, sim.home)
-    finally:
-        await server.close()
-
-
 def _config(c: Community, **kw: Any) -> XcaCommunity:
-    base: dict[str, Any] = {
-        "home_community_id": c.home, "name": "XDS Noord", "iti38": f"{c.url}/iti38",
-        "iti39": f"{c.url}/iti39", "rad75": f"{c.url}/rad75", "timeout_s": 5.0, "retries": 1,
-        "retry_backoff_s": 0.01, "rad75_batch_size": 3,
-    }
-    return XcaCommunity.model_validate({**base, **kw})
+    return c.config(**{"rad75": f"{c.url}/rad75", "retries": 1, "rad75_batch_size": 3, **kw})
 
 
 @dataclass
