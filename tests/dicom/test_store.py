@@ -29,6 +29,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 
 from duo_gateway.config.transfer import DestinationPacs
+from duo_gateway.daemon import free_port
 from duo_gateway.dicom.reconcile import read_part10_header
 from duo_gateway.dicom.store import (
     StoreClient,
@@ -79,12 +80,6 @@ async def store(client: StoreClient, inst: Instance) -> StoreResult:
     return await client.store(inst.path, sop_class_uid=inst.sop_class_uid,
                               sop_instance_uid=inst.sop_instance_uid,
                               transfer_syntax_uid=inst.transfer_syntax_uid)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def digest_after_header(path: Path) -> str:

@@ -19,7 +19,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,12 +32,6 @@ import aiohttp
 HOST: Final = "127.0.0.1"
 #: A job id no DUO ever issued: the transfer API answers 404 for it once the job store is open.
 NIL_JOB: Final = "00000000-0000-4000-8000-000000000000"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 # --- a TOML writer for the subset a DUO config uses ---------------------------------------------
@@ -188,4 +181,4 @@ def duo_processes(*duos: DuoProcess) -> Iterator[tuple[DuoProcess, ...]]:
             duo.stop()
 
 
-__all__ = ["HOST", "DuoProcess", "duo_processes", "free_port", "to_toml"]
+__all__ = ["HOST", "DuoProcess", "duo_processes", "to_toml"]

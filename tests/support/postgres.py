@@ -14,7 +14,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from duo_gateway.daemon import free_port
 
 _SUPERUSER = "duo"
 _counter = itertools.count(1)
@@ -62,12 +63,6 @@ class Postgres:
         return self.url(name)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _as_postgres_user() -> list[str]:
     if os.geteuid() != 0:
         return []
@@ -93,7 +88,7 @@ def run_postgres() -> Iterator[Postgres]:
         subprocess.run([*_as_postgres_user(), str(bindir / "initdb"), "-D", str(data), "-U", _SUPERUSER,
                         "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"],
                        check=True, capture_output=True, timeout=120)
-        port = _free_port()
+        port = free_port()
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 [*_as_postgres_user(), str(bindir / "postgres"), "-D", str(data), "-p", str(port),

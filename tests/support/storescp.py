@@ -21,8 +21,9 @@ from pathlib import Path
 
 from pydicom import dcmread
 
+from duo_gateway.daemon import free_port
 from tests.support.dcmtk import require_tool
-from tests.support.duo_process import HOST, free_port
+from tests.support.duo_process import HOST
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ from duo_gateway.xca.errors import RegistryError
 from duo_gateway.xca.hl7 import Cx
 from duo_gateway.xca.metadata import is_report, report_entry, study_entry
 from duo_gateway.xca.query import AdhocQueryResponse, build_adhoc_query_response, parse_adhoc_query_request
+from tests.support.peers import Peer, serve_peer
 
 HOST: Final = "127.0.0.1"
 HOME: Final = "urn:oid:2.16.528.1.1007.99.1"
@@ -174,13 +175,6 @@ def partial_success_app() -> web.Application:
 
 
 @dataclass
-class Peer:
-    app: web.Application
-    runner: web.AppRunner
-    url: str
-
-
-@dataclass
 class TimelineNetwork:
     gateway: Gateway
     mitz: Peer
@@ -240,14 +234,6 @@ def _counting(requests: Counter[str], home: str) -> Middleware:
     return count
 
 
-async def _serve(app: web.Application) -> Peer:
-    # A short shutdown timeout: a simulator still sleeping on a "hanging" request must not hold teardown.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    await web.TCPSite(runner, HOST, 0).start()
-    return Peer(app, runner, f"http://{HOST}:{runner.addresses[0][1]}")
-
-
 def _raw_config(storage: Path, mitz_url: str, communities: dict[str, Peer], pacs: dict[str, SimPacs],
                 orthanc: tuple[str, int], pki: Pki) -> dict[str, Any]:
     def hospital(h: SimHospital, ae_title: str, port: int) -> dict[str, Any]:
@@ -293,7 +279,7 @@ async def running(tmp: Path, orthanc: tuple[str, int]) -> AsyncIterator[Timeline
     gateway: Gateway | None = None
     try:
         mitz_sim = MitzSimulator(NET, tlb_home_community_id=HOME)
-        mitz = await _serve(mitz_sim.app())
+        mitz = await serve_peer(mitz_sim.app())
         peers.append(mitz)
         for h in (H1, H2):
             p = SimPacs(h, tmp / "pacs" / h.ae_title, host=HOST)
@@ -304,7 +290,7 @@ async def running(tmp: Path, orthanc: tuple[str, int]) -> AsyncIterator[Timeline
         for c in (NOORD, ZUID, PARTIEEL, BUITEN):
             app = partial_success_app() if c is PARTIEEL else XcaCommunitySimulator(c, NET).app()
             app.middlewares.insert(0, _counting(requests, c.home_community_id))
-            communities[c.home_community_id] = peer = await _serve(app)
+            communities[c.home_community_id] = peer = await serve_peer(app)
             peers.append(peer)
         raw = _raw_config(tmp / "duo", mitz.url, communities, pacs, orthanc, pki)
         gateway = Gateway(parse_config(raw, base_dir=tmp, source="timeline e2e", env={}))

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
-from aiohttp import web
 
 from duo_gateway.config.loader import parse_config
 from duo_gateway.daemon import Gateway
@@ -36,6 +35,7 @@ from duo_gateway.sim.studies import GeneratedStudy, generate_studies
 from duo_gateway.sim.xca import XcaCommunitySimulator
 from duo_gateway.xca.metadata import KOS_FORMAT
 from tests.support.orthanc import Orthanc
+from tests.support.peers import Peer, serve_peer
 
 HOST: Final = "127.0.0.1"
 HOME: Final = "urn:oid:2.16.528.1.1007.99.1"
@@ -56,13 +56,6 @@ LOCAL_ISSUER: Final = "OWN_HOSPITAL"
 def tlb_studies() -> list[GeneratedStudy]:
     return [s for p in NET.patients for s in generate_studies(p, TLB, TLB.studies_per_patient, NET.seed,
                                                               image_size=NET.image_size)]
-
-
-@dataclass
-class Peer:
-    app: web.Application
-    runner: web.AppRunner
-    url: str
 
 
 @dataclass
@@ -187,13 +180,6 @@ def raw_config(tmp: Path, mitz_url: str, community_url: str, source: Orthanc, de
     }
 
 
-async def _serve(app: web.Application) -> Peer:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    await web.TCPSite(runner, HOST, 0).start()
-    return Peer(app, runner, f"http://{HOST}:{runner.addresses[0][1]}")
-
-
 @asynccontextmanager
 async def running(tmp: Path, source: Orthanc, destination: Orthanc, **transfers: Any
                   ) -> AsyncIterator[TransferNetwork]:
@@ -201,10 +187,10 @@ async def running(tmp: Path, source: Orthanc, destination: Orthanc, **transfers:
     peers: list[Peer] = []
     gateway: Gateway | None = None
     try:
-        mitz = await _serve(MitzSimulator(NET, tlb_home_community_id=HOME).app())
+        mitz = await serve_peer(MitzSimulator(NET, tlb_home_community_id=HOME).app())
         peers.append(mitz)
         community_sim = XcaCommunitySimulator(NOORD, NET)
-        community = await _serve(community_sim.app())
+        community = await serve_peer(community_sim.app())
         peers.append(community)
         raw = raw_config(tmp, mitz.url, community.url, source, destination, pki, **transfers)
         gateway = Gateway(parse_config(raw, base_dir=tmp, source="transfer e2e", env={}))

@@ -39,13 +39,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from duo_gateway.daemon import free_port
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.http import BEHAVIOUR_KEY
 from duo_gateway.sim.mitz import MitzSimulator
 from duo_gateway.sim.pki import Pki, make_pki
 from duo_gateway.sim.xca import XcaCommunitySimulator
-from tests.support.duo_process import HOST, DuoProcess, duo_processes, free_port
+from tests.support.duo_process import HOST, DuoProcess, duo_processes
 from tests.support.orthanc import Orthanc
+from tests.support.peers import serve_peer
 from tests.support.postgres import Postgres, run_postgres
 from tests.support.storescp import StoreScp, run_storescp
 from tests.transfer.harness import (
@@ -142,27 +144,19 @@ class Network:
         return {uid for study in study_uids for uid in kos_instances(self.community_sim, study)}
 
 
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    await web.TCPSite(runner, HOST, 0).start()
-    return runner, f"http://{HOST}:{runner.addresses[0][1]}"
-
-
 @asynccontextmanager
 async def network(tmp: Path) -> AsyncIterator[Network]:
     pki = await asyncio.to_thread(make_pki, tmp / "pki", "rsa")
     runners: list[web.AppRunner] = []
     try:
-        mitz_runner, mitz_url = await _serve(MitzSimulator(NETWORK, tlb_home_community_id=HOME).app())
-        runners.append(mitz_runner)
+        mitz = await serve_peer(MitzSimulator(NETWORK, tlb_home_community_id=HOME).app())
+        runners.append(mitz.runner)
         sim = XcaCommunitySimulator(COMMUNITY, NETWORK)
-        app = sim.app()
-        community_runner, community_url = await _serve(app)
-        runners.append(community_runner)
+        community = await serve_peer(sim.app())
+        runners.append(community.runner)
         with run_storescp(tmp / "destination") as destination:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-                yield Network(sim, app, mitz_url, community_url, pki, destination, session, tmp)
+                yield Network(sim, community.app, mitz.url, community.url, pki, destination, session, tmp)
     finally:
         for runner in runners:
             await runner.cleanup()
