@@ -217,41 +217,6 @@ async def test_expect_avoids_reassociation(tmp_path: Path) -> None:
     assert {r.outcome for r in results} == {"stored"}
 
 
-async def test_throughput_against_storescu(tmp_path: Path) -> None:
-    """Sanity print only (no timed assertion): DUO's SCU next to DCMTK storescu, same Orthanc."""
-    ds = dcmread(write_large(tmp_path / "ct512.dcm", 0))  # one 512x512x16 frame, like the docs' ct512
-    ours_dir, theirs_dir = tmp_path / "ours", tmp_path / "theirs"
-    n = 100
-    sets: dict[str, list[Instance]] = {}
-    for name, out in (("ours", ours_dir), ("theirs", theirs_dir)):
-        out.mkdir()
-        sets[name] = []
-        for _ in range(n):
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            path = out / f"{ds.SOPInstanceUID}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            sets[name].append(Instance(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                                       str(ds.file_meta.TransferSyntaxUID)))
-    mb = sum(i.path.stat().st_size for i in sets["ours"]) / 1e6
-    with run_orthanc(tmp_path / "orthanc") as orthanc:
-        dest = DestinationPacs(name="orthanc", ae_title=orthanc.ae_title, host=orthanc.host,
-                               port=orthanc.dicom_port, timeout_s=10)
-        started = time.perf_counter()
-        async with StoreClient(dest, DUO_AE) as client:
-            results = [await store(client, i) for i in sets["ours"]]
-        ours_s = time.perf_counter() - started
-        assert {r.outcome for r in results} == {"stored"}
-        started = time.perf_counter()
-        proc = await asyncio.to_thread(
-            subprocess.run, [require_tool("storescu"), "-aet", "LOADER", "-aec", orthanc.ae_title,
-                             orthanc.host, str(orthanc.dicom_port), "+sd", str(theirs_dir)],
-            capture_output=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=120)
-        theirs_s = time.perf_counter() - started
-        assert proc.returncode == 0, proc.stderr
-    print(f"\nC-STORE {n} x {mb / n:.2f} MB into Orthanc: DUO {ours_s:.2f} s ({mb / ours_s:.1f} MB/s), "
-          f"storescu {theirs_s:.2f} s ({mb / theirs_s:.1f} MB/s, incl. process start)")
-
-
 # -- DCMTK storescp ----------------------------------------------------------------------------------
 
 

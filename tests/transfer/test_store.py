@@ -124,9 +124,11 @@ async def test_concurrent_replicas_never_claim_the_same_job(open_store: OpenStor
 async def test_lapsed_lease_lets_another_owner_resume_and_fences_the_old_one(open_store: OpenStore) -> None:
     a, b = await open_store(), await open_store()
     job = await a.create(new_job("s1"))
-    await claimed(a, "duo-a", SHORT_LEASE)
+    await claimed(a, "duo-a", 30)
     await a.add_expected(job.id, "duo-a", 0, [instance(1), instance(2)])
     assert await b.claim("duo-b", 30) is None  # the lease still holds
+    # Shortened only now, so the check above cannot race a 0.3 s lease on a slow machine.
+    await a.renew(job.id, "duo-a", SHORT_LEASE)
     await asyncio.sleep(SHORT_LEASE + 0.15)
     taken = await claimed(b, "duo-b", 30)
     assert taken.id == job.id and taken.owner == "duo-b" and taken.state == "running"
