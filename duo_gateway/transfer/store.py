@@ -229,7 +229,8 @@ class TransferStore(ABC):
     @abstractmethod
     async def finish(self, job_id: str, owner: str, state: JobState, errors: Sequence[str] = ()) -> Job:
         """End the job in a terminal state, appending ``errors``; ends the lease but keeps ``owner``
-        for the record. Finishing as cancelled also closes studies still pending or running."""
+        for the record. Studies still pending or running end cancelled with a cancelled job, else
+        failed."""
 
     @abstractmethod
     async def purge(self, older_than_s: float) -> int:
@@ -326,9 +327,10 @@ class SqlTransferStore(TransferStore):
             tx.run("UPDATE transfer_jobs SET state = ?, errors = ?, finished_at = ?, lease_expires_at = NULL,"
                    " updated_at = ?, revision = revision + 1 WHERE id = ?",
                    (state, json.dumps(list(errors)), tx.now, tx.now, job_id))
-        if state == "cancelled":
-            tx.run("UPDATE transfer_studies SET state = 'cancelled' WHERE job_id = ? AND state IN (?, ?)",
-                   (job_id, *_OPEN_STUDY_STATES))
+        # A finished job has no open study: a job that failed as a whole (destination gone, a crash)
+        # fails its unfinished studies too, else they would read as pending forever.
+        tx.run("UPDATE transfer_studies SET state = ? WHERE job_id = ? AND state IN (?, ?)",
+               ("cancelled" if state == "cancelled" else "failed", job_id, *_OPEN_STUDY_STATES))
 
     # --- lifecycle ------------------------------------------------------------------------------
 

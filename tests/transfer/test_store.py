@@ -148,10 +148,11 @@ async def test_lapsed_lease_lets_another_owner_resume_and_fences_the_old_one(ope
 
     # None of the stale writes landed; the new owner carries on.
     assert await b.mark_stored(job.id, "duo-b", 0, instance(1).sop_instance_uid, 10)
+    current = await b.get(job.id)
+    assert current is not None and [s.state for s in current.studies] == ["pending"]  # not "failed"
     done = await b.finish(job.id, "duo-b", "partial", ["one instance missing"])
     assert done.state == "partial" and done.errors == ("one instance missing",)
     assert done.instances_stored == 1 and done.instances_expected == 2
-    assert [s.state for s in done.studies] == ["pending"]
 
 
 async def test_an_owner_keeps_a_lapsed_lease_until_someone_takes_it(store: TransferStore) -> None:
@@ -324,6 +325,8 @@ async def test_finish_validates_and_appends_errors(store: TransferStore) -> None
     done = await store.finish(job.id, "duo-a", "failed", ["PACS refused the association"])
     assert done.state == "failed" and done.state in TERMINAL_STATES and done.finished_at is not None
     assert done.errors == ("PACS refused the association",)
+    # Its study never started: it fails with the job instead of reading as pending forever.
+    assert [s.state for s in done.studies] == ["failed"] and done.instances_expected == 0
     with pytest.raises(LeaseLost):  # finished is finished, even for its own worker
         await store.finish(job.id, "duo-a", "completed")
     assert await store.claim("duo-b", 30) is None
