@@ -42,6 +42,9 @@ log = structlog.get_logger(__name__)
 CLAIM_POLL_S: Final = 1.0
 #: How often a watcher re-reads a job it has not been poked about (another replica runs it).
 WATCH_POLL_S: Final = 0.5
+#: At most one re-read per watcher this often: a relay changes the job once per instance, and a
+#: watcher reading the whole job on each of 10k changes would cost the store 10k full loads.
+WATCH_MIN_INTERVAL_S: Final = 0.2
 
 RefusalKind = Literal["unknown-study", "unknown-destination", "destination-not-allowed"]
 
@@ -80,7 +83,8 @@ class TransferService:
         self._metrics = metrics
         #: Unique per process, readable in the store: which replica holds a job.
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
-        self._changed = asyncio.Condition()
+        #: Set (and replaced) on every change of any job here: watchers wait on the one they saw.
+        self._changed = asyncio.Event()
         self._wake = asyncio.Event()
         self._stopping = False
         self._opened = False
@@ -173,6 +177,7 @@ class TransferService:
         """Every change of the job (by revision), ending with its final state."""
         seen = -1
         while True:
+            changed = self._changed  # taken before reading: a change while reading still wakes us
             revision = await self.store.revision(job_id)
             if revision is None:
                 return
@@ -186,9 +191,10 @@ class TransferService:
                     return
             if self._stopping:
                 return  # the job goes on elsewhere; a client reconnects to whichever replica serves it
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), WATCH_POLL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), WATCH_POLL_S)
+            if not self._stopping:
+                await asyncio.sleep(WATCH_MIN_INTERVAL_S)  # let a burst of changes become one read
 
     # -- internals -----------------------------------------------------------------------------
     def _destination(self, wanted: str | AdhocDestination, claims: Claims) -> DestinationPacs:
@@ -210,22 +216,19 @@ class TransferService:
         return dest
 
     def _poke(self) -> None:
-        async def notify() -> None:
-            async with self._changed:
-                self._changed.notify_all()
-
-        task = asyncio.get_running_loop().create_task(notify())
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def _worker(self, n: int) -> None:
         while not self._stopping:
+            # Cleared before claiming, not after: a submit that lands in between still wakes a worker.
+            self._wake.clear()
             try:
                 job = await self.store.claim(self.owner, self.cfg.transfers.lease_s)
             except Exception:
                 log.exception("transfer_claim_failed", worker=n)
                 job = None
             if job is None:
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), CLAIM_POLL_S)
                 continue

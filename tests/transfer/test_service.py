@@ -103,6 +103,41 @@ async def test_a_queued_job_runs_and_ends_with_a_reason(tmp_path: Path) -> None:
         assert [j.revision for j in seen] == sorted({j.revision for j in seen})
 
 
+async def test_a_watcher_reads_a_burst_of_changes_as_a_few_snapshots(tmp_path: Path) -> None:
+    """A relay changes its job once per instance; a watcher must not reload the whole job per change."""
+    async with _service(tmp_path, _SilentMitz()) as (service, ids):
+        good = ids.seal(StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001"), BSN)
+        job = await service.submit(_request([good]))
+        for _ in range(100):
+            current = await service.get(job.id)
+            if current is not None and current.state == "running":
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the job was never claimed")
+        seen: list[int] = []
+
+        async def watch() -> None:
+            async for snapshot in service.watch(job.id):
+                seen.append(snapshot.revision)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.05)
+        started = asyncio.get_running_loop().time()
+        for _ in range(200):  # 200 changes, each announced, as a relay storing 200 instances does
+            last = await service.store.renew(job.id, service.owner, 30)
+            service._poke()
+        burst_s = asyncio.get_running_loop().time() - started
+        for _ in range(100):
+            if seen and seen[-1] == last.revision:
+                break
+            await asyncio.sleep(0.02)
+        watcher.cancel()
+        assert seen[-1] == last.revision  # the latest state is always delivered
+        # At most one read per WATCH_MIN_INTERVAL_S (0.2 s) during the burst, plus the first and last.
+        assert len(seen) <= burst_s / 0.2 + 3, (len(seen), burst_s)
+
+
 async def test_adhoc_destinations_when_allowed(tmp_path: Path) -> None:
     async with _service(tmp_path, allow_adhoc_destinations=True) as (service, ids):
         good = ids.seal(StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001"), BSN)
