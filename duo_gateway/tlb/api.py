@@ -244,9 +244,8 @@ class TlbApiDoor:
             log.info("tlb_transfer_refused", status=status, problem=type_.value)
             return _problem(status, type_, refused.detail)
         except Exception:
-            log.exception("tlb_transfer_failed")
-            return _problem(500, ProblemType.INTERNAL,
-                            "the transfer could not be queued; quote the request id")
+            return _internal_error("the transfer service raised", event="tlb_transfer_failed",
+                                   failed="the transfer could not be queued")
         href = f"{self._config.path_prefix}/transfers/{job.id}"
         body = TransferAccepted(id=job.id, state=job.state, href=href)
         response = web.json_response(body.model_dump(mode="json"), status=202)
@@ -279,8 +278,15 @@ class TlbApiDoor:
         pending: asyncio.Task[Job] | None = first
         try:
             done, _ = await asyncio.wait({first}, timeout=SSE_KEEPALIVE_S)
-            if first in done and isinstance(first.exception(), StopAsyncIteration):
-                return _not_found()
+            if first in done and (failure := first.exception()) is not None:
+                if isinstance(failure, StopAsyncIteration):
+                    return _not_found()
+                # Before the 200 and the stream's headers go out, so the client gets a problem answer.
+                try:
+                    raise failure
+                except Exception:
+                    return _internal_error("reading the job failed", event="tlb_transfer_events_failed",
+                                           failed="the transfer's events could not be read")
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                    "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
             await response.prepare(request)
@@ -398,11 +404,12 @@ def _not_found() -> web.Response:
                     "no transfer with this id (finished ones are kept for a while)")
 
 
-def _internal_error(reason: str) -> web.Response:
+def _internal_error(reason: str, *, event: str = "tlb_timeline_failed",
+                    failed: str = "the timeline could not be built") -> web.Response:
     """Called inside ``except``: the traceback goes to the log (through the PHI scrubber, since exception
     text is not DUO's to vouch for); the caller gets the request id and nothing else."""
-    log.exception("tlb_timeline_failed", reason=reason)
-    return _problem(500, ProblemType.INTERNAL, "the timeline could not be built; quote the request id")
+    log.exception(event, reason=reason)
+    return _problem(500, ProblemType.INTERNAL, f"{failed}; quote the request id")
 
 
 def _check_json(raw: bytes) -> None:

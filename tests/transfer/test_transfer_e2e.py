@@ -136,6 +136,23 @@ async def test_both_worlds_in_one_transfer_and_progress_as_server_sent_events(
     assert stored == sorted(stored), "progress never goes backwards"
 
 
+async def test_an_event_stream_whose_job_cannot_be_read_is_a_problem_not_a_200(
+        network: TransferNetwork, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store failure before the first event still gets an RFC 9457 answer: no 200 stream that dies."""
+    [(study_id, _)] = await network.study_ids(ALL.bsn, "tlb:")
+    _, accepted = await network.submit([study_id])
+    await network.wait(accepted["id"])
+    assert network.gateway.transfers is not None
+
+    async def broken(job_id: str) -> int:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(network.gateway.transfers.store, "revision", broken)
+    async with network.session.get(f"{network.api}/transfers/{accepted['id']}/events") as r:
+        assert r.status == 500 and r.content_type == "application/problem+json"
+        assert "could not be read" in (await r.json())["detail"]
+
+
 async def test_refusals_are_problems_not_jobs(network: TransferNetwork) -> None:
     [(study_id, _)] = await network.study_ids(ALL.bsn, "tlb:")
     tampered = study_id[:-4] + ("AAAA" if not study_id.endswith("AAAA") else "BBBB")
