@@ -43,6 +43,7 @@ from duo_gateway.dicom.store import UNCOMPRESSED_LE, StoreClient, StoreUnavailab
 from duo_gateway.sources.base import ImagingSource
 from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import StudyRef
+from duo_gateway.tls import client_context
 from duo_gateway.transfer.audit import audit_study
 from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed, StudyFetcher
 from duo_gateway.transfer.fetch_tlb import TlbStudyFetcher
@@ -71,9 +72,6 @@ class StudyOutcome:
     state: StudyState
     detail: str
     stored: int
-    expected: int
-    bytes: int
-    source: str
     #: The copy the study was fetched from (None when no source could be used at all).
     ref: StudyRef | None = None
 
@@ -146,7 +144,7 @@ class _Relay:
 
     async def _failed(self, item: Fetched, detail: str) -> None:
         self._r.metrics.instances.labels("failed").inc()
-        await self._r.store.mark_failed(self._job.id, self._r.owner, self._index, item.sop_instance_uid,
+        await self._r.store.mark_failed(self._job.id, self._r.owner, self._index, [item.sop_instance_uid],
                                         detail)
         self._r.changed()
 
@@ -203,7 +201,10 @@ class JobRunner:
             # One client per association the destination allows: while one waits for its C-STORE
             # response (or the job store), another sends, so per-instance round trips overlap.
             ae = self.cfg.listeners.dicom.ae_title
-            clients = [await stack.enter_async_context(StoreClient(destination, ae))
+            # One TLS context for all of them, built off the loop (it reads the CA bundle and keys).
+            tls = (await asyncio.to_thread(client_context, destination.tls)
+                   if destination.tls is not None else None)
+            clients = [await stack.enter_async_context(StoreClient(destination, ae, tls=tls))
                        for _ in range(destination.max_associations)]
             for study in job.studies:
                 if study.state == "completed":
@@ -228,7 +229,8 @@ class JobRunner:
         else:
             final = "failed"
         seconds = time.perf_counter() - started
-        moved = sum(o.bytes for o in outcomes if o is not None)
+        # This run's bytes only: a resumed job already had some stored (by an earlier run or replica).
+        moved = fresh.bytes - job.bytes
         if seconds > 0 and moved:
             self.metrics.throughput.observe(moved / seconds)
         log.info("transfer_finished", job=job.id, state=final, stored=fresh.instances_stored,
@@ -265,8 +267,7 @@ class JobRunner:
             return
         progress = fresh.studies[study.index] if fresh is not None else study
         self._audit(study, StudyOutcome("cancelled", "interrupted before the study finished",
-                                        progress.instances_stored, progress.instances_expected or 0,
-                                        progress.bytes, "interrupted"), destination)
+                                        progress.instances_stored), destination)
 
     def check_study(self, study_id: str) -> str:
         """The study's instance UID; raises ValueError for an id DUO did not issue, LookupError when
@@ -415,7 +416,7 @@ class JobRunner:
                         break
                     if isinstance(item, Missed):
                         self.metrics.instances.labels("failed").inc()
-                        await self.store.mark_failed(job.id, self.owner, index, item.sop_instance_uid,
+                        await self.store.mark_failed(job.id, self.owner, index, [item.sop_instance_uid],
                                                      item.detail)
                         self.changed()
                         transient |= item.retryable
@@ -423,8 +424,8 @@ class JobRunner:
                         await queue.put(item)
         except FetchFailed as exc:
             # Instances already stored by a relay stay stored: a late failure does not undo a success.
-            for w in pending:
-                await self.store.mark_failed(job.id, self.owner, index, w.sop_instance_uid, exc.detail)
+            await self.store.mark_failed(job.id, self.owner, index, [w.sop_instance_uid for w in pending],
+                                         exc.detail)
             self.changed()
             transient |= exc.retryable
         except BaseException:
@@ -451,28 +452,27 @@ class JobRunner:
         rows = await self.store.instances(job.id, index)
         stored = {r.sop_instance_uid for r in rows if r.state == "stored"}
         wanted = {e.sop_instance_uid for e in expected}
-        nbytes = sum(r.bytes for r in rows if r.state == "stored")
         missing = sorted(wanted - stored)
         if not missing:
             return await self._set(job, index, "completed", f"{len(stored)} instances stored and verified "
                                    "against the manifest", source=source, stored=len(stored),
-                                   expected=len(wanted), nbytes=nbytes, ref=ref)
+                                   expected=len(wanted), ref=ref)
         missing_set = set(missing)
         reasons = _reasons([r for r in rows if r.sop_instance_uid in missing_set])
         shown = ", ".join(missing[:SHOWN_MISSING]) + (" ..." if len(missing) > SHOWN_MISSING else "")
         state: StudyState = "partial" if stored & wanted else "failed"
         return await self._set(job, index, state, f"{len(missing)} of {len(wanted)} instances missing "
                                f"({reasons}): {shown}", source=source, stored=len(stored & wanted),
-                               expected=len(wanted), nbytes=nbytes, ref=ref)
+                               expected=len(wanted), ref=ref)
 
     async def _set(self, job: Job, index: int, state: StudyState, detail: str, *, source: str,
-                   stored: int = 0, expected: int = 0, nbytes: int = 0,
+                   stored: int = 0, expected: int = 0,
                    ref: StudyRef | None = None) -> StudyOutcome:
         await self.store.set_study(job.id, self.owner, index, state, detail)
         self.changed()
         log.info("transfer_study", job=job.id, study=index, state=state, source=source, stored=stored,
                  expected=expected)
-        return StudyOutcome(state, detail, stored, expected, nbytes, source, ref)
+        return StudyOutcome(state, detail, stored, ref)
 
 
 def _reasons(rows: list[InstanceRow]) -> str:

@@ -221,10 +221,11 @@ class TransferStore(ABC):
         KeyError if the instance was never listed by add_expected."""
 
     @abstractmethod
-    async def mark_failed(self, job_id: str, owner: str, index: int, sop_instance_uid: str,
+    async def mark_failed(self, job_id: str, owner: str, index: int, sop_instance_uids: Sequence[str],
                           error: str) -> None:
-        """Counts an attempt; a failed instance may still become stored later. A late failure
-        report for an instance already stored changes nothing. KeyError if never listed."""
+        """Counts an attempt for each; a failed instance may still become stored later. A late failure
+        report for an instance already stored changes nothing. KeyError if one was never listed.
+        Several at once are one transaction (a source that fails mid-study fails all it still owes)."""
 
     @abstractmethod
     async def finish(self, job_id: str, owner: str, state: JobState, errors: Sequence[str] = ()) -> Job:
@@ -549,16 +550,23 @@ class SqlTransferStore(TransferStore):
 
         return await self._write(run)
 
-    async def mark_failed(self, job_id: str, owner: str, index: int, sop_instance_uid: str,
+    async def mark_failed(self, job_id: str, owner: str, index: int, sop_instance_uids: Sequence[str],
                           error: str) -> None:
+        if isinstance(sop_instance_uids, str):  # a str is a Sequence[str] too: one uid per character
+            raise TypeError("sop_instance_uids is a sequence of UIDs, not one UID")
+
         def run(tx: Tx) -> None:
             self._fence(tx, job_id, owner)
-            if tx.run("UPDATE transfer_instances SET state = 'failed', error = ?, attempts = attempts + 1"
-                      " WHERE job_id = ? AND study_idx = ? AND sop_instance_uid = ? AND state <> 'stored'",
-                      (error, job_id, index, sop_instance_uid)):
+            changed = False
+            for uid in sop_instance_uids:
+                if tx.run("UPDATE transfer_instances SET state = 'failed', error = ?,"
+                          " attempts = attempts + 1 WHERE job_id = ? AND study_idx = ?"
+                          " AND sop_instance_uid = ? AND state <> 'stored'", (error, job_id, index, uid)):
+                    changed = True
+                else:
+                    self._instance_exists(tx, job_id, index, uid)
+            if changed:
                 self._bump(tx, job_id)
-                return
-            self._instance_exists(tx, job_id, index, sop_instance_uid)
 
         await self._write(run)
 

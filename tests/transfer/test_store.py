@@ -138,7 +138,7 @@ async def test_lapsed_lease_lets_another_owner_resume_and_fences_the_old_one(ope
     with pytest.raises(LeaseLost):
         await a.mark_stored(job.id, "duo-a", 0, instance(1).sop_instance_uid, 10)
     with pytest.raises(LeaseLost):
-        await a.mark_failed(job.id, "duo-a", 0, instance(1).sop_instance_uid, "boom")
+        await a.mark_failed(job.id, "duo-a", 0, [instance(1).sop_instance_uid], "boom")
     with pytest.raises(LeaseLost):
         await a.set_study(job.id, "duo-a", 0, "failed", "late")
     with pytest.raises(LeaseLost):
@@ -231,7 +231,7 @@ async def test_add_expected_is_idempotent_on_resume(open_store: OpenStore) -> No
     await a.add_expected(job.id, "duo-a", 0, manifest)
     await a.add_expected(job.id, "duo-a", 0, manifest)  # the same worker listing twice
     assert await a.mark_stored(job.id, "duo-a", 0, instance(1).sop_instance_uid, 1000)
-    await a.mark_failed(job.id, "duo-a", 0, instance(2).sop_instance_uid, "C-STORE 0xA700")
+    await a.mark_failed(job.id, "duo-a", 0, [instance(2).sop_instance_uid], "C-STORE 0xA700")
     await asyncio.sleep(SHORT_LEASE + 0.15)  # duo-a crashes
 
     await claimed(b, "duo-b", 30)
@@ -263,9 +263,9 @@ async def test_mark_stored_counts_once_and_failures_can_recover(store: TransferS
     uid1, uid2 = instance(1).sop_instance_uid, instance(2).sop_instance_uid
     assert await store.mark_stored(job.id, "duo-a", 0, uid1, 500) is True
     assert await store.mark_stored(job.id, "duo-a", 0, uid1, 500) is False
-    await store.mark_failed(job.id, "duo-a", 0, uid1, "late duplicate failure")  # stored stays stored
-    await store.mark_failed(job.id, "duo-a", 0, uid2, "timeout")
-    await store.mark_failed(job.id, "duo-a", 0, uid2, "timeout again")
+    await store.mark_failed(job.id, "duo-a", 0, [uid1], "late duplicate failure")  # stored stays stored
+    await store.mark_failed(job.id, "duo-a", 0, [uid2], "timeout")
+    await store.mark_failed(job.id, "duo-a", 0, [uid2], "timeout again")
     assert await store.mark_stored(job.id, "duo-a", 0, uid2, 700) is True
 
     rows = {r.sop_instance_uid: (r.state, r.attempts, r.bytes, r.error)
@@ -278,7 +278,25 @@ async def test_mark_stored_counts_once_and_failures_can_recover(store: TransferS
     with pytest.raises(KeyError):
         await store.mark_stored(job.id, "duo-a", 0, "9.9.9", 1)
     with pytest.raises(KeyError):
-        await store.mark_failed(job.id, "duo-a", 0, "9.9.9", "never listed")
+        await store.mark_failed(job.id, "duo-a", 0, ["9.9.9"], "never listed")
+
+
+async def test_a_source_failing_mid_study_fails_what_it_still_owes_in_one_write(store: TransferStore) -> None:
+    job = await store.create(new_job())
+    await claimed(store)
+    await store.add_expected(job.id, "duo-a", 0, [instance(n) for n in range(1, 5)])
+    assert await store.mark_stored(job.id, "duo-a", 0, instance(1).sop_instance_uid, 10)
+    before = await store.revision(job.id)
+    owed = [instance(n).sop_instance_uid for n in range(1, 5)]  # the stored one included: it stays stored
+    await store.mark_failed(job.id, "duo-a", 0, owed, "community down")
+    assert await store.revision(job.id) == (before or 0) + 1  # one transaction, one change
+    states = {r.sop_instance_uid: r.state for r in await store.instances(job.id)}
+    assert states == {owed[0]: "stored", owed[1]: "failed", owed[2]: "failed", owed[3]: "failed"}
+    with pytest.raises(KeyError):  # one unknown UID and nothing of the batch is written
+        await store.mark_failed(job.id, "duo-a", 0, [owed[1], "9.9.9"], "again")
+    assert [r.attempts for r in await store.instances(job.id) if r.sop_instance_uid == owed[1]] == [1]
+    with pytest.raises(TypeError):
+        await store.mark_failed(job.id, "duo-a", 0, owed[1], "one UID, not a list")
 
 
 async def test_revision_moves_with_every_change(store: TransferStore) -> None:
@@ -300,7 +318,7 @@ async def test_revision_moves_with_every_change(store: TransferStore) -> None:
     await changed()
     await store.mark_stored(job.id, "duo-a", 0, instance(1).sop_instance_uid, 1)  # no change
     assert await store.revision(job.id) == seen[-1]
-    await store.mark_failed(job.id, "duo-a", 0, instance(2).sop_instance_uid, "x")
+    await store.mark_failed(job.id, "duo-a", 0, [instance(2).sop_instance_uid], "x")
     await changed()
     await store.renew(job.id, "duo-a", 30)
     await changed()
@@ -414,7 +432,7 @@ async def test_parallel_writes_to_one_job_are_all_counted(store: TransferStore) 
     start = await store.revision(job.id)
     outcomes = await asyncio.gather(
         *(store.mark_stored(job.id, "duo-a", 0, instance(n % 16).sop_instance_uid, 10) for n in range(32)),
-        *(store.mark_failed(job.id, "duo-a", 0, instance(n).sop_instance_uid, "refused")
+        *(store.mark_failed(job.id, "duo-a", 0, [instance(n).sop_instance_uid], "refused")
           for n in range(16, 24)))
     assert outcomes[:32].count(True) == 16
     fresh = await store.get(job.id)
