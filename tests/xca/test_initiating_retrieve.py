@@ -6,6 +6,7 @@ The community is the real simulator on a loopback port, behind the recording mid
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -195,6 +196,36 @@ async def test_partial_success_gives_parts_and_a_failure_per_unknown_uid(
         assert patient is not None and patient.get("ParticipantObjectID") == bsn_cx(BSN)
         ids = {o.get("ParticipantObjectID") for o in root.iter("ParticipantObjectIdentification")}
         assert study.study_instance_uid in ids
+
+
+async def test_a_retried_rad75_stopped_during_its_backoff_is_audited_once(
+        community: Community, sim: XcaCommunitySimulator, retrievers: Retrievers, tmp_path: Path) -> None:
+    """The first attempt (a 503) is recorded before the retry; stopping the download while the retry
+    waits sends nothing more, so no second record may claim a disclosure that never happened."""
+    study = next(g for p, _, g in sim.studies if p.bsn == BSN)
+    ds = study.instances[0]
+    auditor = Auditor(AuditConfig(), storage_dir=tmp_path / "audit-store")
+    await auditor.start()
+    r = retrievers(_config(community, retry_backoff_s=30.0), auditor=auditor)
+    community.recorder.status_first = 1
+    consumer = asyncio.create_task(_collect(_images(
+        r, sim, study.study_instance_uid, str(ds.SeriesInstanceUID), sim.repository_unique_id,
+        [str(ds.SOPInstanceUID)])))
+    for _ in range(200):
+        if community.recorder.bodies and community.recorder.in_flight == 0:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # the 503 is in; the retry now sleeps its backoff
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    await auditor.stop()
+    assert len(community.recorder.bodies) == 1
+    records = parse_file_records((tmp_path / "audit-store" / "audit" / "audit.log").read_bytes()).records
+    roots = [etree.fromstring(parse_message(rec).msg) for rec in records]
+    assert [str(root.xpath("string(EventIdentification/EventTypeCode/@csd-code)")) for root in roots] == [
+        "RAD-75"]
+    assert "retried" in str(roots[0].xpath("string(EventIdentification/EventOutcomeDescription)"))
 
 
 async def test_unknown_kos_is_a_failed_retrieve_with_the_registry_error(

@@ -230,9 +230,15 @@ class CommunityRetriever:
                         raise
                     if answer.status in _TRANSIENT_HTTP:
                         raise RetrieveFailed("unavailable", f"HTTP {answer.status}", retryable=True)
-                    data = await asyncio.to_thread(self._interpret_iti39, answer.status,
-                                                   answer.headers.get("Content-Type", ""), answer.body,
-                                                   message_id, document_unique_id)
+                    try:
+                        data = await asyncio.to_thread(self._interpret_iti39, answer.status,
+                                                       answer.headers.get("Content-Type", ""), answer.body,
+                                                       message_id, document_unique_id)
+                    except asyncio.CancelledError:
+                        # The answer came, but the caller gave up while it was read: still a disclosure.
+                        self._audit_iti39(claims, bsn, doc,
+                                          RetrieveFailed("timeout", "cancelled by the caller"))
+                        raise
             except RetrieveFailed as failed:
                 failed = _masked(failed, bsn)
                 if sent:
@@ -369,6 +375,7 @@ class CommunityRetriever:
                     backoff = min(self.community.retry_backoff_s * 2 ** (attempts - 1),
                                   max(0.0, deadline - loop.time() - MIN_ATTEMPT_S))
                     audit_retried(failed)
+                    state.sent = False  # that attempt has its record; only a new send needs another
                     log.info("xca retrieve images retry", community=self.community.home_community_id,
                              attempt=attempts, after=failed.kind, backoff_ms=round(backoff * 1000))
                     await asyncio.sleep(backoff)
