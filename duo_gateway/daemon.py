@@ -100,9 +100,9 @@ class Gateway:
                                         study_ids=self.study_ids)
         #: DUO as XCA Initiating Gateway for retrieval (ITI-39, RAD-75): transfers from communities.
         self.retrievers = {
-            c.home_community_id: CommunityRetriever(c, home_community_id=config.gateway.home_community_id,
-                                                    xua=config.xua, signing=signing, metrics=self.metrics,
-                                                    auditor=self.auditor, identity=self.identity,
+            c.home_community_id: CommunityRetriever(c, signer=self.communities[c.home_community_id].signer,
+                                                    metrics=self.metrics, auditor=self.auditor,
+                                                    identity=self.identity,
                                                     spool_dir=self.spool_dir / "rad75")
             for c in config.xca_communities}
         self.transfers: TransferService | None = None

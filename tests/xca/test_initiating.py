@@ -408,7 +408,7 @@ async def test_assertions_are_reused_per_requester_and_patient_until_near_their_
     assert await _sent_assertion_id(client, community) == first  # used last now
     assert await _sent_assertion_id(client, community, bsn=OTHER_BSN) != first
     # Three for a bound of two: the least recently used (the other requester's) was let go.
-    assert list(client._assertions) == [(CLAIMS, BSN), (CLAIMS, OTHER_BSN)]
+    assert list(client.signer._assertions) == [(CLAIMS, BSN), (CLAIMS, OTHER_BSN)]
     sibling = clients(community.config(home_community_id="urn:oid:2.16.528.1.1007.99.20009"))
     assert await _sent_assertion_id(sibling, community) != first
 
@@ -419,8 +419,8 @@ async def test_assertions_are_reused_per_requester_and_patient_until_near_their_
     assert requester is not None and requester.patient_bsn == BSN
 
     # Within REUSE_MARGIN of its NotOnOrAfter an assertion is signed afresh, not reused.
-    assertion, _expires = client._assertions[(CLAIMS, BSN)]
-    client._assertions[(CLAIMS, BSN)] = (assertion, datetime.now(UTC) + REUSE_MARGIN)
+    assertion, _expires = client.signer._assertions[(CLAIMS, BSN)]
+    client.signer._assertions[(CLAIMS, BSN)] = (assertion, datetime.now(UTC) + REUSE_MARGIN)
     assert await _sent_assertion_id(client, community) != first
 
 
@@ -434,7 +434,7 @@ async def test_without_reuse_every_request_and_retry_signs_anew(
     assert (resp.status, resp.attempts) == ("ok", 2)
     *_, attempt, retry = community.recorder.envelopes()
     assert _assertion_id(attempt) != _assertion_id(retry)
-    assert client._assertions == {}
+    assert client.signer._assertions == {}
 
 
 async def test_sha1_signature_when_the_community_wants_it(

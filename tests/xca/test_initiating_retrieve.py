@@ -34,6 +34,7 @@ from duo_gateway.sim.pki import Pki
 from duo_gateway.sim.xca import XcaCommunitySimulator
 from duo_gateway.soap.envelope import parse_envelope
 from duo_gateway.xca.codes import EXPLICIT_VR_LITTLE_ENDIAN, Action, ErrorCode
+from duo_gateway.xca.initiating.client import CommunitySigner
 from duo_gateway.xca.initiating.retrieve import (
     CommunityRetriever,
     PartFailure,
@@ -68,8 +69,9 @@ class Retrievers:
     def __call__(self, cfg: XcaCommunity, *, signed: bool = True,
                  auditor: Auditor | None = None) -> CommunityRetriever:
         signing = load_signing_pair(self.pki.client.key, self.pki.client.cert) if signed else None
-        r = CommunityRetriever(cfg, home_community_id=DUO_HOME, xua=XuaConfig(), signing=signing,
-                               metrics=Metrics(), auditor=auditor, identity=IDENTITY, spool_dir=self.spool)
+        signer = CommunitySigner(cfg, issuer=DUO_HOME, signing=signing, keep=XuaConfig().reuse_assertions)
+        r = CommunityRetriever(cfg, signer=signer, metrics=Metrics(), auditor=auditor, identity=IDENTITY,
+                               spool_dir=self.spool)
         self.made.append(r)
         return r
 
@@ -157,6 +159,9 @@ async def test_kos_then_every_series_in_batches(community: Community, sim: XcaCo
     assert requested >= 2 and _files(retrievers.spool) == []
     envs = community.recorder.envelopes()
     assert [e.addressing.action for e in envs] == [Action.ITI39] + [Action.RAD75] * requested
+    # One requester, one patient, one community: every request carries the same (reused) assertion.
+    saml = "{urn:oasis:names:tc:SAML:2.0:assertion}Assertion"
+    assert len({a.get("ID") for e in envs for a in e.headers[-1].iter(saml)}) == 1
     assert envs[0].body is not None
     assert parse_retrieve_request(envs[0].body).documents[0].home == sim.home
     for env in envs[1:]:

@@ -23,7 +23,8 @@ dropped wholesale. The choices that matter, and why:
 - **One assertion per community.** The assertion is a bearer token: one naming several communities
   could be replayed by any of them at the others for its lifetime, under DUO's requester, so each
   names only its own community.
-- **Signed assertions are reused, Timestamps never** (``xua.reuse_assertions``): a clinician who
+- **Signed assertions are reused, Timestamps never** (``xua.reuse_assertions``, :class:`CommunitySigner`,
+  shared with the community's ITI-39/RAD-75 retriever): a clinician who
   opens a patient's timeline usually asks again within minutes (another period, a refresh), and at
   50 communities the signatures were a third of a timeline's CPU. Each client keeps the assertions
   it signed, by requester and patient, until :data:`REUSE_MARGIN` before they expire. That gives
@@ -174,6 +175,67 @@ def find_documents_query(bsn: str, date_from: date, date_to: date, home: str) ->
                           service_start_from=start, service_start_to=end, home=home)
 
 
+class CommunitySigner:
+    """DUO's XUA assertions for one community: signed for it alone, kept for reuse (module docstring).
+
+    Shared by everything DUO sends that community (ITI-38 here, ITI-39 and RAD-75 in
+    :mod:`~duo_gateway.xca.initiating.retrieve`). Use it on the event loop only.
+    """
+
+    def __init__(self, community: XcaCommunity, *, issuer: str, signing: SigningPair | None,
+                 keep: int) -> None:
+        self._community = community
+        self._issuer = issuer
+        self._signing = signing
+        self._keep_max = keep
+        #: Signed assertions (serialized) by (requester, BSN): (assertion, NotOnOrAfter), least recently
+        #: used first.
+        self._assertions: OrderedDict[tuple[Claims, str], tuple[bytes, datetime]] = OrderedDict()
+
+    @property
+    def can_sign(self) -> bool:
+        """False without DUO's signing pair: nothing may then be sent, since unsigned is refused anyway."""
+        return self._signing is not None
+
+    def security(self, claims: Claims, bsn: str) -> bytes:
+        """A ``wsse:Security`` header with a new Timestamp and this requester's assertion about this
+        patient: the kept one while it has more than :data:`REUSE_MARGIN` left, else a fresh one.
+        Raises ValueError when none can be issued (no signing pair, claims or BSN refused)."""
+        now = datetime.now(UTC)
+        assertion = self._reusable(claims, bsn, now)
+        if assertion is None:
+            assertion, expires = self._sign(claims, bsn, now)
+            self._keep(claims, bsn, assertion, expires)
+        return security_header_bytes(assertion, now)
+
+    def _sign(self, claims: Claims, bsn: str, now: datetime) -> tuple[bytes, datetime]:
+        if self._signing is None:
+            raise ValueError("DUO has no XUA signing key and certificate")
+        key, cert = self._signing
+        assertion = issue_assertion(claims, issuer=self._issuer, audience=self._community.home_community_id,
+                                    key=key, cert=cert, now=now, lifetime_s=ASSERTION_LIFETIME_S,
+                                    digest=self._community.signature_algorithm, subject_bsn=bsn)
+        return element_bytes(assertion), now + timedelta(seconds=ASSERTION_LIFETIME_S)
+
+    def _keep(self, claims: Claims, bsn: str, assertion: bytes, expires: datetime) -> None:
+        if self._keep_max == 0:
+            return
+        self._assertions[(claims, bsn)] = (assertion, expires)
+        self._assertions.move_to_end((claims, bsn))
+        while len(self._assertions) > self._keep_max:
+            self._assertions.popitem(last=False)
+
+    def _reusable(self, claims: Claims, bsn: str, now: datetime) -> bytes | None:
+        kept = self._assertions.get((claims, bsn))
+        if kept is None:
+            return None
+        if now + REUSE_MARGIN >= kept[1]:
+            del self._assertions[(claims, bsn)]
+            return None
+        self._assertions.move_to_end((claims, bsn))
+        return kept[0]
+
+
 class CommunityClient:
     """ITI-38 towards one community; one instance lives as long as the daemon (it owns the semaphore).
 
@@ -195,9 +257,6 @@ class CommunityClient:
         rng: random.Random | None = None,
     ) -> None:
         self.community = community
-        self._home = home_community_id
-        self._issuer = xua.issuer or home_community_id
-        self._signing = signing
         self._auditor = auditor
         self._identity = identity
         self._url = str(community.iti38)
@@ -206,10 +265,9 @@ class CommunityClient:
                                 max_body_bytes=MAX_ANSWER_BYTES, pool_size=community.max_concurrency)
         self._slots = asyncio.Semaphore(community.max_concurrency)
         self._rng = rng or random.SystemRandom()
-        #: Signed assertions (serialized) by (requester, BSN): (assertion, NotOnOrAfter), least recently
-        #: used first. Touched on the event loop only.
-        self._assertions: OrderedDict[tuple[Claims, str], tuple[bytes, datetime]] = OrderedDict()
-        self._keep_max = xua.reuse_assertions
+        #: Shared with the community's retriever (the daemon hands it over).
+        self.signer = CommunitySigner(community, issuer=xua.issuer or home_community_id, signing=signing,
+                                      keep=xua.reuse_assertions)
 
     async def close(self) -> None:
         await self._http.close()
@@ -256,7 +314,7 @@ class CommunityClient:
 
     async def _attempt(self, claims: Claims, bsn: str, query: bytes, query_bytes: bytes,
                        deadline: float) -> _Attempt:
-        if self._signing is None:
+        if not self.signer.can_sign:
             return _Attempt("error", "DUO has no XUA signing key and certificate (xua.signing_key_file): "
                             "the community was not asked, since an unsigned request must not be sent",
                             sent=False)
@@ -303,46 +361,9 @@ class CommunityClient:
     def _request(self, claims: Claims, bsn: str, query: bytes, message_id: str) -> bytes:
         """The signed envelope: the assertion reused or signed here, in a Security header with a new
         Timestamp. Query and Security header go in as bytes, unparsed."""
-        now = datetime.now(UTC)
-        assertion = self._reusable(claims, bsn, now)
-        if assertion is None:
-            assertion, expires = self._sign(claims, bsn, now)
-            self._keep(claims, bsn, assertion, expires)
         return serialize_with(
             Addressing(action=Action.ITI38, message_id=message_id, to=self._url, reply_to=WSA_ANONYMOUS),
-            query, [security_header_bytes(assertion, now)])
-
-    # -- XUA assertions -------------------------------------------------------------------------
-
-    def _sign(self, claims: Claims, bsn: str, now: datetime) -> tuple[bytes, datetime]:
-        """A new assertion for this community alone, serialized, and when it expires."""
-        if self._signing is None:
-            raise ValueError("DUO has no XUA signing key and certificate")
-        key, cert = self._signing
-        assertion = issue_assertion(claims, issuer=self._issuer, audience=self.community.home_community_id,
-                                    key=key, cert=cert, now=now, lifetime_s=ASSERTION_LIFETIME_S,
-                                    digest=self.community.signature_algorithm, subject_bsn=bsn)
-        return element_bytes(assertion), now + timedelta(seconds=ASSERTION_LIFETIME_S)
-
-    def _keep(self, claims: Claims, bsn: str, assertion: bytes, expires: datetime) -> None:
-        """Remember a signed assertion for reuse (none with ``xua.reuse_assertions`` 0)."""
-        if self._keep_max == 0:
-            return
-        self._assertions[(claims, bsn)] = (assertion, expires)
-        self._assertions.move_to_end((claims, bsn))
-        while len(self._assertions) > self._keep_max:
-            self._assertions.popitem(last=False)
-
-    def _reusable(self, claims: Claims, bsn: str, now: datetime) -> bytes | None:
-        """The assertion kept for this requester and patient while it has more than the margin left."""
-        kept = self._assertions.get((claims, bsn))
-        if kept is None:
-            return None
-        if now + REUSE_MARGIN >= kept[1]:
-            del self._assertions[(claims, bsn)]
-            return None
-        self._assertions.move_to_end((claims, bsn))
-        return kept[0]
+            query, [self.signer.security(claims, bsn)])
 
     def _call_failure(self, exc: PeerCallError, *, cut_by_deadline: bool) -> _Attempt:
         if exc.kind == "timeout":
@@ -439,6 +460,6 @@ def _is_patient(patient_id: str, bsn: str) -> bool:
 
 __all__ = [
     "ASSERTION_LIFETIME_S", "INLINE_ANSWER_BYTES", "QUERY_FORMATS", "REPORT_FORMATS", "REUSE_MARGIN",
-    "CommunityClient", "CommunityResponse", "CommunityStatus", "SigningPair", "find_documents_query",
-    "service_window",
+    "CommunityClient", "CommunityResponse", "CommunitySigner", "CommunityStatus", "SigningPair",
+    "find_documents_query", "service_window",
 ]

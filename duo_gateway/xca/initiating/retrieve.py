@@ -54,7 +54,6 @@ from duo_gateway.audit.messages import (
 )
 from duo_gateway.bsn import bsn_cx, is_valid_bsn
 from duo_gateway.config.peers import XcaCommunity
-from duo_gateway.config.xua import XuaConfig
 from duo_gateway.http.client import PeerCallError, PeerClient, classify_call_error
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.soap.envelope import (
@@ -64,17 +63,17 @@ from duo_gateway.soap.envelope import (
     Envelope,
     EnvelopeError,
     SoapFault,
-    build_envelope,
+    element_bytes,
     new_message_id,
     parse_envelope,
-    serialize,
+    serialize_with,
 )
 from duo_gateway.soap.mtom import XOP_NS, MtomError, normalise_cid, parse_mtom
 from duo_gateway.soap.mtom_stream import MtomStream, remove_quietly
 from duo_gateway.soap.xml import XmlError
 from duo_gateway.xca.codes import MIME_DICOM, RS_NS, Action, ErrorCode, ResponseStatus
 from duo_gateway.xca.errors import RegistryError, parse_error_list, parse_status
-from duo_gateway.xca.initiating.client import SigningPair
+from duo_gateway.xca.initiating.client import CommunitySigner
 from duo_gateway.xca.retrieve import (
     DocumentRequest,
     RetrieveDocumentSetRequest,
@@ -86,7 +85,7 @@ from duo_gateway.xca.retrieve import (
     parse_retrieve_response,
     xdsb,
 )
-from duo_gateway.xua import Claims, issue_assertion, security_header
+from duo_gateway.xua import Claims
 
 log = structlog.get_logger(__name__)
 
@@ -169,13 +168,12 @@ class CommunityRetriever:
     cannot starve timelines of connections or the other way round.
     """
 
-    def __init__(self, community: XcaCommunity, *, home_community_id: str, xua: XuaConfig,
-                 signing: SigningPair | None, metrics: Metrics | None, auditor: Auditor | None,
-                 identity: Peer, spool_dir: Path) -> None:
+    def __init__(self, community: XcaCommunity, *, signer: CommunitySigner, metrics: Metrics | None,
+                 auditor: Auditor | None, identity: Peer, spool_dir: Path) -> None:
         self.community = community
-        self._home = home_community_id
-        self._issuer = xua.issuer or home_community_id
-        self._signing = signing
+        #: The community's one signer, shared with its query client: a transfer right after the
+        #: timeline reuses the timeline's assertion.
+        self._signer = signer
         self._auditor = auditor
         self._identity = identity
         self._spool = spool_dir
@@ -213,9 +211,8 @@ class CommunityRetriever:
                         raise RetrieveFailed("timeout", "the deadline passed before the community was asked",
                                              retryable=True)
                     message_id = new_message_id()
-                    payload = await asyncio.to_thread(self._envelope, claims, bsn, Action.ITI39,
-                                                      str(self.community.iti39),
-                                                      build_retrieve_request(request), message_id)
+                    payload = self._envelope(claims, bsn, Action.ITI39, str(self.community.iti39),
+                                             build_retrieve_request(request), message_id)
                     sent = True
                     attempts += 1
                     try:
@@ -402,8 +399,7 @@ class CommunityRetriever:
                 raise RetrieveFailed("timeout", "the deadline passed before the community was asked",
                                      retryable=True)
             message_id = new_message_id()
-            payload = await asyncio.to_thread(self._envelope, claims, bsn, Action.RAD75, url, body_el,
-                                              message_id)
+            payload = self._envelope(claims, bsn, Action.RAD75, url, body_el, message_id)
             state.sent = True
             try:
                 async with self._http.stream_post(url, payload, operation="rad75", timeout_s=budget,
@@ -473,7 +469,7 @@ class CommunityRetriever:
     # -- shared ---------------------------------------------------------------------------------
 
     def _require_signing(self) -> None:
-        if self._signing is None:
+        if not self._signer.can_sign:
             raise RetrieveFailed("error", "DUO has no XUA signing key and certificate "
                                  "(xua.signing_key_file): the community was not asked, since an unsigned "
                                  "request must not be sent")
@@ -483,20 +479,13 @@ class CommunityRetriever:
 
     def _envelope(self, claims: Claims, bsn: str, action: str, url: str, body: etree._Element,
                   message_id: str) -> bytes:
-        """A fresh assertion per request, so no token outlives the request it was made for."""
-        assert self._signing is not None
-        key, cert = self._signing
-        now = datetime.now(UTC)
+        """Signed as the query client signs (one community's assertion, reused, a new Timestamp)."""
         try:
-            assertion = issue_assertion(claims, issuer=self._issuer,
-                                        audience=self.community.home_community_id, key=key, cert=cert,
-                                        now=now, digest=self.community.signature_algorithm, subject_bsn=bsn)
+            security = self._signer.security(claims, bsn)
         except ValueError as exc:
             raise RetrieveFailed("error", f"could not issue the XUA assertion: {exc}") from None
-        envelope = build_envelope(
-            Addressing(action=action, message_id=message_id, to=url, reply_to=WSA_ANONYMOUS), body,
-            [security_header(assertion, now)])
-        return serialize(envelope)
+        addressing = Addressing(action=action, message_id=message_id, to=url, reply_to=WSA_ANONYMOUS)
+        return serialize_with(addressing, element_bytes(body), [security])
 
     # -- audit ----------------------------------------------------------------------------------
 
