@@ -116,8 +116,10 @@ MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024
 #: A retry with less time than this left cannot get an answer through and only adds load.
 MIN_ATTEMPT_S: Final = 0.1
 _CONTENT_TYPE: Final = f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{Action.ITI38}"'
-_TRANSIENT_HTTP: Final = frozenset({502, 503, 504})
-_MASK: Final = "[patient]"
+#: HTTP answers that mean "not now": worth a retry.
+TRANSIENT_HTTP: Final = frozenset({502, 503, 504})
+#: What stands for the BSN in text a peer wrote, before it is shown or logged.
+PATIENT_MASK: Final = "[patient]"
 #: How long DUO's XUA assertions live (Twiin's 10 minutes, netherlands.md §3).
 ASSERTION_LIFETIME_S: Final = 600.0
 #: An assertion closer than this to its end is not used any more: a fresh one is signed instead.
@@ -304,7 +306,8 @@ class CommunityClient:
         response = CommunityResponse(
             home_community_id=self.community.home_community_id, name=self.community.name,
             status=result.status, entries=result.entries, errors=result.errors,
-            detail=result.detail.replace(bsn, _MASK), elapsed_s=loop.time() - started, attempts=attempts)
+            detail=result.detail.replace(bsn, PATIENT_MASK), elapsed_s=loop.time() - started,
+            attempts=attempts)
         log.info("xca query", community=response.home_community_id, status=response.status,
                  entries=len(response.entries), errors=[e.error_code for e in response.errors],
                  attempts=attempts, elapsed_ms=round(response.elapsed_s * 1000))
@@ -374,7 +377,7 @@ class CommunityClient:
         return _Attempt(kind, detail, retryable=retryable)
 
     def _interpret(self, answer: PeerResponse, message_id: str, bsn: str) -> _Attempt:
-        if answer.status in _TRANSIENT_HTTP:
+        if answer.status in TRANSIENT_HTTP:
             return _Attempt("unavailable", f"HTTP {answer.status}", retryable=True)
         try:
             root, _ = parse_mtom(answer.headers.get("Content-Type", ""), answer.body, MAX_ANSWER_BYTES)
@@ -446,7 +449,7 @@ class CommunityClient:
             query_id=StoredQuery.FIND_DOCUMENTS, query_request=query_bytes, patient_id=bsn_cx(bsn),
             home_community_id=self.community.home_community_id, outcome=outcome,
             outcome_description=None if result.status == "ok" else
-            f"{result.status}: {result.detail.replace(bsn, _MASK)}"[:1024],
+            f"{result.status}: {result.detail.replace(bsn, PATIENT_MASK)}"[:1024],
             when=datetime.now(UTC), extra_participants=(human,)))
 
 
@@ -459,7 +462,8 @@ def _is_patient(patient_id: str, bsn: str) -> bool:
 
 
 __all__ = [
-    "ASSERTION_LIFETIME_S", "INLINE_ANSWER_BYTES", "QUERY_FORMATS", "REPORT_FORMATS", "REUSE_MARGIN",
+    "ASSERTION_LIFETIME_S", "INLINE_ANSWER_BYTES", "MIN_ATTEMPT_S", "PATIENT_MASK", "QUERY_FORMATS",
+    "REPORT_FORMATS", "REUSE_MARGIN", "TRANSIENT_HTTP",
     "CommunityClient", "CommunityResponse", "CommunitySigner", "CommunityStatus", "SigningPair",
     "find_documents_query", "service_window",
 ]

@@ -73,7 +73,7 @@ from duo_gateway.soap.mtom_stream import MtomStream, remove_quietly
 from duo_gateway.soap.xml import XmlError
 from duo_gateway.xca.codes import MIME_DICOM, RS_NS, Action, ErrorCode, ResponseStatus
 from duo_gateway.xca.errors import RegistryError, parse_error_list, parse_status
-from duo_gateway.xca.initiating.client import CommunitySigner
+from duo_gateway.xca.initiating.client import MIN_ATTEMPT_S, PATIENT_MASK, TRANSIENT_HTTP, CommunitySigner
 from duo_gateway.xca.retrieve import (
     DocumentRequest,
     RetrieveDocumentSetRequest,
@@ -97,14 +97,11 @@ MAX_DOCUMENT_BYTES: Final = 64 * 1024 * 1024
 MAX_IMAGE_BYTES: Final = 1024 * 1024 * 1024
 #: The SOAP envelope of a RAD-75 answer without its parts (inline base64 answers included).
 MAX_ENVELOPE_BYTES: Final = 64 * 1024 * 1024
-MIN_ATTEMPT_S: Final = 0.1
-_TRANSIENT_HTTP: Final = frozenset({502, 503, 504})
 #: Registry errors that say "not now" rather than "no": worth another try later.
 _TRANSIENT_CODES: Final = frozenset({
     ErrorCode.REGISTRY_BUSY, ErrorCode.REPOSITORY_BUSY, ErrorCode.REGISTRY_OUT_OF_RESOURCES,
     ErrorCode.REGISTRY_NOT_AVAILABLE, ErrorCode.UNAVAILABLE_COMMUNITY,
 })
-_MASK: Final = "[patient]"
 _UID_TOKEN: Final = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 
@@ -225,7 +222,7 @@ class CommunityRetriever:
                         self._audit_iti39(claims, bsn, doc,
                                           RetrieveFailed("timeout", "cancelled by the caller"))
                         raise
-                    if answer.status in _TRANSIENT_HTTP:
+                    if answer.status in TRANSIENT_HTTP:
                         raise RetrieveFailed("unavailable", f"HTTP {answer.status}", retryable=True)
                     try:
                         data = await asyncio.to_thread(self._interpret_iti39, answer.status,
@@ -332,7 +329,7 @@ class CommunityRetriever:
             ended = ""
             for failure in state.failures:
                 # The detail may quote a peer's codeContext, which may quote the patient id.
-                yield PartFailure(failure.sop_instance_uid, failure.detail.replace(bsn, _MASK),
+                yield PartFailure(failure.sop_instance_uid, failure.detail.replace(bsn, PATIENT_MASK),
                                   failure.retryable)
         finally:
             if not task.done():
@@ -404,7 +401,7 @@ class CommunityRetriever:
             try:
                 async with self._http.stream_post(url, payload, operation="rad75", timeout_s=budget,
                                                   content_type=_ctype(Action.RAD75)) as resp:
-                    if resp.status in _TRANSIENT_HTTP:
+                    if resp.status in TRANSIENT_HTTP:
                         raise RetrieveFailed("unavailable", f"HTTP {resp.status}", retryable=True)
                     stream = MtomStream(resp.headers.get("Content-Type", ""), resp.content, self._spool,
                                         max_part_bytes=MAX_IMAGE_BYTES, max_xml_bytes=MAX_ENVELOPE_BYTES)
@@ -570,7 +567,7 @@ def _transient(errors: Sequence[RegistryError]) -> bool:
 def _masked(failed: RetrieveFailed, bsn: str) -> RetrieveFailed:
     if bsn not in failed.detail:
         return failed
-    return RetrieveFailed(failed.kind, failed.detail.replace(bsn, _MASK), retryable=failed.retryable,
+    return RetrieveFailed(failed.kind, failed.detail.replace(bsn, PATIENT_MASK), retryable=failed.retryable,
                           errors=failed.errors)
 
 
