@@ -81,25 +81,22 @@ class TimelineService:
         chosen = {_pad(u) for u in request.institutions}
         located = await self._localize(request, deadline)
         # Absolute (perf_counter), since the jobs start one after another (see _run).
-        ends_at = time.perf_counter() + max(0.1, deadline - (time.perf_counter() - started))
+        ends_at = max(started + deadline, time.perf_counter() + 0.1)
         skipped: list[SourceOutcome] = []
         jobs: dict[str, _Job] = {}
 
-        asked: list[tuple[CommunityClient, XcaCommunity, set[str] | None]] = []
         for community in self._cfg.xca_communities:
             sid, name = f"xca:{community.home_community_id}", community.name
             client = self._communities.get(community.home_community_id)
-            reason = self._community_skip(community, located, chosen)
-            if reason is not None or client is None:
-                skipped.append(SourceOutcome(sid, "xca", name, "not-localized", reason or "no client"))
-                continue
+            # None: asked on configuration alone, without Mitz localization.
             holders = (
                 None if community.query_without_localization else self._located_holders(community, located)
             )
-            asked.append((client, community, holders))
-        for client, community, holders in asked:
-            jobs[f"xca:{community.home_community_id}"] = ("xca", community.name, self._community_job(
-                client, community, request, ends_at, holders))
+            reason = self._community_skip(community, holders, located, chosen)
+            if reason is not None or client is None:
+                skipped.append(SourceOutcome(sid, "xca", name, "not-localized", reason or "no client"))
+                continue
+            jobs[sid] = ("xca", name, self._community_job(client, community, request, ends_at, holders))
 
         if self._cfg.timeline.include_tlb_hospitals:
             for hospital in self._cfg.tlb_hospitals:
@@ -148,14 +145,15 @@ class TimelineService:
         except TimeoutError:
             return Localization(False, (), "Mitz open question timed out")
 
-    def _community_skip(self, community: XcaCommunity, located: Localization, chosen: set[str]) -> str | None:
-        if community.query_without_localization:
+    @staticmethod
+    def _community_skip(community: XcaCommunity, holders: set[str] | None, located: Localization,
+                        chosen: set[str]) -> str | None:
+        if holders is None:
             if chosen and community.uras and not ({_pad(u) for u in community.uras} & chosen):
                 return "none of the chosen institutions is served by this community"
             return None  # asked anyway: this community does not use Mitz localization (yet)
         if not located.ok:
             return f"Mitz localization failed, nothing asked: {located.reason}"
-        holders = self._located_holders(community, located)
         if not holders:
             return "Mitz located no consented data here"
         if chosen and not holders & chosen:
