@@ -48,7 +48,7 @@ from duo_gateway.tlb.models import (
     TransferStatus,
 )
 from duo_gateway.transfer.service import AdhocDestination, TransferRefused, TransferRequest
-from duo_gateway.transfer.store import TERMINAL_STATES, Job
+from duo_gateway.transfer.store import Job
 
 log = structlog.get_logger(__name__)
 Q = TypeVar("Q", bound=BaseModel)
@@ -302,7 +302,7 @@ class TlbApiDoor:
                     break
                 status = TransferStatus.model_validate(_status_fields(job))
                 data = json.dumps(status.model_dump(mode="json"), separators=(",", ":"))
-                final = job.state in TERMINAL_STATES
+                final = job.terminal
                 await response.write(f"event: {'end' if final else 'progress'}\nid: {job.revision}\n"
                                      f"data: {data}\n\n".encode())
                 pending = None if final else asyncio.ensure_future(anext(stream))

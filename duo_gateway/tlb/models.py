@@ -21,8 +21,10 @@ from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
 
 from duo_gateway.bsn import is_valid_bsn
+from duo_gateway.config.base import AeTitle
 from duo_gateway.timeline.model import SourceKind, SourceOutcome, SourceStatus, TimelineRequest
 from duo_gateway.timeline.result import MergedStudy, TimelineResult
+from duo_gateway.transfer.store import JobState, StudyState
 from duo_gateway.xua import Claims
 
 #: Where generated component schemas point their ``$ref``s, so they can be pasted into the document.
@@ -238,8 +240,6 @@ class TimelineAnswer(_Response):
 # Transfers
 # --------------------------------------------------------------------------------------------------
 
-#: DICOM AE title (PS3.5 AE VR): 1-16 characters, no backslash or control characters.
-AE_TITLE_PATTERN: Final = r"^[ -\[\]-~]{1,16}$"
 #: A DICOM LO value without backslash: what PatientID may hold.
 PATIENT_ID_PATTERN: Final = r"^[ -\[\]-~]{1,64}$"
 MAX_TRANSFER_STUDIES: Final = 100
@@ -248,7 +248,7 @@ MAX_TRANSFER_STUDIES: Final = 100
 class DestinationAddress(_Request):
     """An ad-hoc destination, accepted only where the gateway's configuration allows it."""
 
-    ae_title: str = Field(pattern=AE_TITLE_PATTERN)
+    ae_title: AeTitle
     host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_-]+$")
     port: int = Field(ge=1, le=65535)
 
@@ -268,8 +268,9 @@ class TransferQuery(_Request):
         "original in OtherPatientIDsSequence) so the study lands on the right patient.")
 
 
-TransferState = Literal["queued", "running", "completed", "partial", "failed", "cancelled"]
-StudyTransferState = Literal["pending", "running", "completed", "partial", "failed", "cancelled"]
+#: The store's own states, so the API cannot drift from what jobs can be in.
+TransferState = JobState
+StudyTransferState = StudyState
 
 
 class TransferAccepted(_Response):

@@ -32,7 +32,7 @@ from duo_gateway.sources.base import ImagingSource
 from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.transfer.metrics import TransferMetrics
 from duo_gateway.transfer.runner import JobRunner
-from duo_gateway.transfer.store import TERMINAL_STATES, Job, LeaseLost, NewJob, TransferStore
+from duo_gateway.transfer.store import Job, LeaseLost, NewJob, TransferStore
 from duo_gateway.xca.initiating.retrieve import CommunityRetriever
 from duo_gateway.xua import Claims
 
@@ -187,7 +187,7 @@ class TransferService:
                     return
                 seen = job.revision
                 yield job
-                if job.state in TERMINAL_STATES:
+                if job.terminal:
                     return
             if self._stopping:
                 return  # the job goes on elsewhere; a client reconnects to whichever replica serves it
