@@ -176,13 +176,13 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish up to the grace period, then close."""
         log.info("gateway stopping", grace_s=self.config.daemon.shutdown_grace_s)
-        # All listeners stop accepting at once; aiohttp's cleanup then waits for in-flight handlers.
+        # HTTP stops first (aiohttp's cleanup waits for in-flight handlers), then transfers, then DICOM.
         if self.transfers is not None:
             self.transfers.end_watches()  # open event streams end now instead of holding the shutdown
         await self._stop_http()
         if self.transfers is not None:
-            # Jobs stop where they are; their claim lapses and they resume here or on another replica.
-            await self.transfers.stop()
+            # Jobs stop where they are and go back to the queue, to resume here or on another replica.
+            await self.transfers.stop(timeout_s=self.config.daemon.shutdown_grace_s)
         await self._stop_dicom()
         self._sync_stop.set()
         if self._sync_task is not None:

@@ -115,15 +115,23 @@ class TransferService:
         self._stopping = True
         self._poke()
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float | None = None) -> None:
         """Stop working and hand unfinished jobs back to the queue, keeping what they stored, so a
-        replica (or this one, restarted) resumes them at once rather than after the lease."""
+        replica (or this one, restarted) resumes them at once rather than after the lease.
+
+        ``timeout_s`` bounds the wait for cancelled jobs (a C-STORE being aborted can take the
+        destination's timeout): one still unwinding after it is released all the same, and its
+        late writes are refused by the store's fencing."""
         self._stopping = True
         self._wake.set()
         held = list(self._running)
-        for task in [*self._running.values(), *self._workers]:
+        tasks = [*self._running.values(), *self._workers]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._running.values(), *self._workers, return_exceptions=True)
+        if tasks:
+            _, slow = await asyncio.wait(tasks, timeout=timeout_s)
+            if slow:
+                log.warning("transfer_stop_timeout", still_unwinding=len(slow), timeout_s=timeout_s)
         for job_id in held:
             try:
                 if await self.store.release(job_id, self.owner):

@@ -43,8 +43,20 @@ class _SilentMitz:
         raise AssertionError("unreachable")
 
 
+class _SlowToStopMitz:
+    """Never answers, and takes 3 s to give up once cancelled (like a C-STORE being aborted)."""
+
+    async def closed_question(self, question: ClosedQuestion) -> ConsentDecision:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(3)
+            raise
+        raise AssertionError("unreachable")
+
+
 @asynccontextmanager
-async def _service(tmp_path: Path, mitz: _RefusingMitz | _SilentMitz | None = None,
+async def _service(tmp_path: Path, mitz: _RefusingMitz | _SilentMitz | _SlowToStopMitz | None = None,
                    **transfers: object) -> AsyncIterator[tuple[TransferService, StudyIds]]:
     config = make_config(tmp_path, mitz_port=9, hospitals=[HOSPITAL])
     cfg = TransferConfig.model_validate({"destinations": [
@@ -165,5 +177,28 @@ async def test_a_graceful_stop_hands_running_jobs_back_to_the_queue(tmp_path: Pa
     try:
         after = await store.get(job.id)
         assert after is not None and after.state == "queued" and after.lease_expires_at is None
+    finally:
+        await store.close()
+
+
+async def test_a_stop_waits_for_slow_jobs_only_as_long_as_it_is_given(tmp_path: Path) -> None:
+    async with _service(tmp_path, _SlowToStopMitz()) as (service, ids):
+        good = ids.seal(StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001"), BSN)
+        job = await service.submit(_request([good]))
+        for _ in range(100):
+            current = await service.get(job.id)
+            if current is not None and current.state == "running":
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the job was never claimed")
+        started = asyncio.get_running_loop().time()
+        await service.stop(timeout_s=0.3)
+        assert asyncio.get_running_loop().time() - started < 2.0  # not the job's 3 s
+    store = TransferStore.open(None, tmp_path)
+    await store.start()
+    try:
+        after = await store.get(job.id)
+        assert after is not None and after.state == "queued"  # handed back all the same
     finally:
         await store.close()
