@@ -51,7 +51,7 @@ from duo_gateway.soap.mtom import (
     parse_content_type,
     parse_part_headers,
 )
-from duo_gateway.soap.xml import DEFAULT_MAX_XML_BYTES, XmlError, parse_xml
+from duo_gateway.soap.xml import DEFAULT_MAX_XML_BYTES, INLINE_PARSE_BYTES, XmlError, parse_xml
 
 #: Bytes asked of the source per read; together with the boundary lookahead, the memory ceiling.
 DEFAULT_READ_BYTES: Final = 256 * 1024
@@ -225,6 +225,9 @@ class MtomStream:
         self._pending: deque[SpooledPart] = deque()
         self._envelope: etree._Element | None = None
         self._closed = False
+        #: Size of the SOAP envelope (the root part, or the whole plain answer) once it was read: a
+        #: caller decoding it further knows whether that belongs off the event loop too.
+        self.envelope_bytes = 0
 
     async def __aenter__(self) -> MtomStream:
         return self
@@ -242,7 +245,7 @@ class MtomStream:
         if self._closed:
             raise MtomError("the stream is closed")
         if not self._multipart:
-            self._envelope = parse_xml(await self._read_plain(), max_bytes=self._max_xml)
+            self._envelope = await self._parse_root(await self._read_plain())
             return self._envelope
         events = self._event_iter()
         async for event in events:
@@ -287,6 +290,12 @@ class MtomStream:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def _parse_root(self, data: bytes) -> etree._Element:
+        self.envelope_bytes = len(data)
+        if len(data) <= INLINE_PARSE_BYTES:
+            return parse_xml(data, max_bytes=self._max_xml)
+        return await asyncio.to_thread(parse_xml, data, max_bytes=self._max_xml)
+
     def _event_iter(self) -> AsyncGenerator[_Root | SpooledPart, None]:
         if self._events is None:
             self._events = self._scan()
@@ -327,7 +336,7 @@ class MtomStream:
             if is_root:
                 root_found = True
                 try:
-                    element = parse_xml(b"".join(sink.memory), max_bytes=self._max_xml)
+                    element = await self._parse_root(b"".join(sink.memory))
                 except MtomError:
                     raise
                 except XmlError as exc:

@@ -6,16 +6,19 @@ separator and base64 group ends up split across reads somewhere.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import tracemalloc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lxml import etree
 
+from duo_gateway.soap import mtom_stream
 from duo_gateway.soap.envelope import Addressing, build_envelope
 from duo_gateway.soap.mtom import Attachment, MtomError, build_mtom, normalise_cid, xop_include
 from duo_gateway.soap.mtom_stream import MtomStream, SpooledPart
@@ -239,6 +242,34 @@ async def test_plain_soap_answer_has_an_envelope_and_no_parts(tmp_path: Path) ->
     with pytest.raises(MtomError, match="exceeds"):
         async with MtomStream(plain, ChunkedSource(ENVELOPE), tmp_path, max_xml_bytes=10) as s:
             await s.envelope()
+
+
+async def test_a_big_envelope_is_parsed_off_the_event_loop(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above INLINE_PARSE_BYTES the root is parsed in a worker thread (and its size is reported, so
+    the caller can decode it further off the loop too); below, inline. Same result either way."""
+    handed_off: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def spy(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        handed_off.append(getattr(func, "__name__", ""))
+        return await to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", spy)
+    content_type, body = _golden(PAYLOADS)
+    for limit, expected in ((1 << 20, []), (10, ["parse_xml"])):
+        monkeypatch.setattr(mtom_stream, "INLINE_PARSE_BYTES", limit)
+        handed_off.clear()
+        async with MtomStream(content_type, ChunkedSource(body), tmp_path) as stream:
+            root = await stream.envelope()
+            assert [h for h in handed_off if h == "parse_xml"] == expected
+            assert stream.envelope_bytes > 10
+            assert etree.QName(root).localname == "Envelope"
+        plain = "application/soap+xml; charset=UTF-8"
+        handed_off.clear()
+        async with MtomStream(plain, ChunkedSource(ENVELOPE), tmp_path) as stream:
+            await stream.envelope()
+            assert stream.envelope_bytes == len(ENVELOPE) and handed_off == expected
 
 
 async def test_a_part_without_content_id_is_read_past(tmp_path: Path) -> None:

@@ -74,7 +74,7 @@ from duo_gateway.soap.envelope import (
     serialize_with,
 )
 from duo_gateway.soap.mtom import parse_mtom
-from duo_gateway.soap.xml import XmlError, to_bytes
+from duo_gateway.soap.xml import INLINE_PARSE_BYTES, XmlError, to_bytes
 from duo_gateway.xca.codes import (
     DICOM_UID_REGISTRY,
     Action,
@@ -124,9 +124,8 @@ PATIENT_MASK: Final = "[patient]"
 ASSERTION_LIFETIME_S: Final = 600.0
 #: An assertion closer than this to its end is not used any more: a fresh one is signed instead.
 REUSE_MARGIN: Final = timedelta(seconds=60)
-#: Answers up to this size are decoded on the event loop (~1 ms per 35 kB, so ~15 ms at most); bigger
-#: ones in a worker thread, so one community's huge answer cannot hold up every other request DUO serves.
-INLINE_ANSWER_BYTES: Final = 512 * 1024
+#: Answers up to this size are decoded on the event loop, bigger ones in a worker thread (see there).
+INLINE_ANSWER_BYTES: Final = INLINE_PARSE_BYTES
 
 
 @dataclass(frozen=True)

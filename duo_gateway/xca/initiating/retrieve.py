@@ -70,7 +70,7 @@ from duo_gateway.soap.envelope import (
 )
 from duo_gateway.soap.mtom import XOP_NS, MtomError, normalise_cid, parse_mtom
 from duo_gateway.soap.mtom_stream import MtomStream, remove_quietly
-from duo_gateway.soap.xml import XmlError
+from duo_gateway.soap.xml import INLINE_PARSE_BYTES, XmlError
 from duo_gateway.xca.codes import MIME_DICOM, RS_NS, Action, ErrorCode, ResponseStatus
 from duo_gateway.xca.errors import RegistryError, parse_error_list, parse_status
 from duo_gateway.xca.initiating.client import MIN_ATTEMPT_S, PATIENT_MASK, TRANSIENT_HTTP, CommunitySigner
@@ -426,7 +426,11 @@ class CommunityRetriever:
             raise RetrieveFailed("error", f"HTTP {http_status} without a SOAP answer" if http_status != 200
                                  else f"malformed answer: {exc}") from None
         response_el = _check_envelope(envelope, http_status, Action.RAD75_RESPONSE, message_id)
-        status, errors, by_cid, inline = _index_response(response_el, set(wanted))
+        wanted_set = set(wanted)
+        if stream.envelope_bytes <= INLINE_PARSE_BYTES:
+            status, errors, by_cid, inline = _index_response(response_el, wanted_set)
+        else:  # a plain SOAP answer with images inline: base64 off the loop
+            status, errors, by_cid, inline = await asyncio.to_thread(_index_response, response_el, wanted_set)
         state.errors = errors
         for uid, mime, data in inline:
             await self._push_inline(uid, mime, data, queue, state.pushed)
