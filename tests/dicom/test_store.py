@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import os
-import socket
-import subprocess
 import threading
 import time
 import tracemalloc
@@ -30,7 +26,6 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[
 
 from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.daemon import free_port
-from duo_gateway.dicom.reconcile import read_part10_header
 from duo_gateway.dicom.store import (
     StoreClient,
     StoreResult,
@@ -38,9 +33,9 @@ from duo_gateway.dicom.store import (
     classify,
     transcode_uncompressed,
 )
-from tests.dicom.test_reconcile import sample, write_large
-from tests.support.dcmtk import require_tool
+from tests.support.dicom_files import pixel_bytes, sample, write_large
 from tests.support.orthanc import run_orthanc
+from tests.support.storescp import run_storescp
 
 HOST = "127.0.0.1"
 DUO_AE = "DUO_TEST"
@@ -80,15 +75,6 @@ async def store(client: StoreClient, inst: Instance) -> StoreResult:
     return await client.store(inst.path, sop_class_uid=inst.sop_class_uid,
                               sop_instance_uid=inst.sop_instance_uid,
                               transfer_syntax_uid=inst.transfer_syntax_uid)
-
-
-def digest_after_header(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        read_part10_header(fh)
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def leftovers(directory: Path, pattern: str) -> list[Path]:
@@ -220,35 +206,11 @@ async def test_expect_avoids_reassociation(tmp_path: Path) -> None:
 # -- DCMTK storescp ----------------------------------------------------------------------------------
 
 
-@contextmanager
-def storescp(out: Path) -> Iterator[int]:
-    port = free_port()
-    out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([require_tool("storescp"), "-aet", "DEST", "-od", str(out), "+uf",
-                             "--accept-all", str(port)],
-                            env={**os.environ, "TCP_NODELAY": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection((HOST, port), timeout=0.5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("storescp did not start") from None
-                time.sleep(0.05)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 async def test_large_instance_to_storescp_streams_with_flat_memory(tmp_path: Path) -> None:
     big = write_large(tmp_path / "big.dcm", 64)
     header = dcmread(big, stop_before_pixels=True)
-    with storescp(tmp_path / "recv") as port:
-        async with StoreClient(destination(port, timeout_s=30), DUO_AE) as client:
+    with run_storescp(tmp_path / "scp", ae_title="DEST") as scp:
+        async with StoreClient(destination(scp.port, timeout_s=30), DUO_AE) as client:
             tracemalloc.start()
             try:
                 started = time.perf_counter()
@@ -262,9 +224,9 @@ async def test_large_instance_to_storescp_streams_with_flat_memory(tmp_path: Pat
     print(f"\n64 MiB instance to storescp: {elapsed:.2f} s, tracemalloc peak {peak / 1e6:.1f} MB")
     assert result.outcome == "stored", result.detail
     assert peak < 8 * (1 << 20)  # the bounded PDU queue: ~1 MiB in flight, not the whole instance
-    received = list((tmp_path / "recv").iterdir())
+    received = [p for p in scp.directory.iterdir() if p.is_file() and not p.name.startswith(".")]
     assert len(received) == 1
-    assert digest_after_header(received[0]) == digest_after_header(big)
+    assert pixel_bytes(received[0]) == pixel_bytes(big)
 
 
 # -- conversion and unsupported contexts -------------------------------------------------------------
