@@ -37,17 +37,12 @@ async def run(config_path: Path, raw: dict[str, Any], ready: Path) -> int:
     return 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--ready", type=Path, required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    args = parser.parse_args()
-    die_with_parent(args.parent)
+def serve(config_path: Path, raw: dict[str, Any], ready: Path) -> int:
+    """:func:`run`, under cProfile when ``DUO_BENCH_PROFILE=path`` is set (written on a clean stop as
+    ``path.<pid>``): where DUO's CPU goes under a benchmark."""
     profile_to = os.environ.get("DUO_BENCH_PROFILE")
     if not profile_to:
-        return asyncio.run(run(args.config, json.loads(args.config.read_text()), args.ready))
-    # Where DUO's CPU goes under a benchmark: cProfile of this process, written on a clean stop.
+        return asyncio.run(run(config_path, raw, ready))
     import cProfile
     import time
 
@@ -55,14 +50,24 @@ def main() -> int:
         return func(*args, **kwargs)
 
     # Worker threads are invisible to cProfile: run their work inline and count CPU, not wall time.
-    asyncio.to_thread = inline  # type: ignore[assignment]
+    setattr(asyncio, "to_thread", inline)  # noqa: B010
     profiler = cProfile.Profile(time.process_time)
     profiler.enable()
     try:
-        return asyncio.run(run(args.config, json.loads(args.config.read_text()), args.ready))
+        return asyncio.run(run(config_path, raw, ready))
     finally:
         profiler.disable()
         profiler.dump_stats(f"{profile_to}.{os.getpid()}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--ready", type=Path, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    args = parser.parse_args()
+    die_with_parent(args.parent)
+    return serve(args.config, json.loads(args.config.read_text()), args.ready)
 
 
 if __name__ == "__main__":

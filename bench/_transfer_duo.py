@@ -24,7 +24,6 @@ it also writes a cProfile like ``bench._duo_process`` (same caveats: threads run
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import json
 import os
@@ -34,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench._duo_process import run
+from bench._duo_process import serve
 from bench._harness import die_with_parent
 
 Stages = dict[str, list[float]]  # name -> [calls, seconds]
@@ -116,23 +115,7 @@ def main() -> int:
     # An experiment knob (bench.transfer --switch-interval): the GIL hand-off interval, 5 ms by default.
     if os.environ.get("DUO_BENCH_SWITCH_INTERVAL"):
         sys.setswitchinterval(float(os.environ["DUO_BENCH_SWITCH_INTERVAL"]))
-    raw = json.loads(args.config.read_text())
-    profile_to = os.environ.get("DUO_BENCH_PROFILE")
-    if not profile_to:
-        return asyncio.run(run(args.config, raw, args.ready))
-    import cProfile
-
-    async def inline(func: Any, /, *a: Any, **kw: Any) -> Any:
-        return func(*a, **kw)
-
-    setattr(asyncio, "to_thread", inline)  # noqa: B010 - worker threads are invisible to cProfile
-    profiler = cProfile.Profile(time.process_time)
-    profiler.enable()
-    try:
-        return asyncio.run(run(args.config, raw, args.ready))
-    finally:
-        profiler.disable()
-        profiler.dump_stats(f"{profile_to}.{os.getpid()}")
+    return serve(args.config, json.loads(args.config.read_text()), args.ready)
 
 
 __all__ = ["install_timers", "main"]

@@ -224,9 +224,6 @@ class DuoRun:
     method: str
     seconds: float
     first_stored_s: float
-    expected: int
-    stored: int
-    wire_bytes: int
     idle_rss_kib: int
     peak_rss_kib: int
     cpu_s: float
@@ -317,9 +314,8 @@ def duo_transfer(work: Path, study: Study, method: str, source: Any, dest: Any, 
                 stages = json.loads(stages_file.read_text())
                 break
             time.sleep(0.02)
-        return DuoRun(method, elapsed, first_stored, job["instances_expected"], job["instances_stored"],
-                      int(job["bytes"]), idle, peak, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1], cpu1[2] - cpu0[2],
-                      stages)
+        return DuoRun(method, elapsed, first_stored, idle, peak, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1],
+                      cpu1[2] - cpu0[2], stages)
     finally:
         child.stop()
 

@@ -43,7 +43,7 @@ PERIOD: Final = (date(2015, 1, 1), date(2026, 12, 31))
 REQUESTER: Final = {"ura": "00010001", "organization_type": "V6", "uzi": "000095254", "role": "01.039",
                     "purpose": "TREAT"}
 BASE = default_network()
-ALL, PARTIAL, NONE = (next(p for p in BASE.patients if p.consent == c) for c in ("all", "partial", "none"))
+ALL, NONE = (next(p for p in BASE.patients if p.consent == c) for c in ("all", "none"))
 NOORD = BASE.communities[0]
 #: The Orthanc-backed TLB hospital.
 TLB: Final = SimHospital(ura="00010003", name="Orthanc Ziekenhuis", ae_title="ORTHANC_SRC",
