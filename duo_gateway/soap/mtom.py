@@ -297,7 +297,12 @@ def parse_mtom(
     for part in parts:
         cid = part.headers.get("content-id")
         if cid:
-            by_cid[normalise_cid(cid)] = part
+            key = normalise_cid(cid)
+            if key in by_cid:
+                # Ambiguous: which part an xop:Include means would depend on the reader. Refused, as
+                # the streaming reader (mtom_stream) refuses it, so ITI-39 and RAD-75 agree.
+                raise MtomError(f"duplicate Content-ID <{key}>")
+            by_cid[key] = part
     start = params.get("start")
     if start:
         root = by_cid.get(normalise_cid(start))

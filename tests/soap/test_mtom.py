@@ -142,6 +142,16 @@ def test_missing_start_part_and_missing_closing_delimiter_are_refused() -> None:
         parse_mtom("multipart/related", body)
 
 
+def test_duplicate_content_ids_are_refused_as_the_streaming_reader_does() -> None:
+    body = _multipart([
+        ({"Content-Type": "application/xop+xml", "Content-ID": "<r>"}, _env_bytes("cid:a")),
+        ({"Content-Type": "application/dicom", "Content-ID": "<a>"}, b"one"),
+        ({"Content-Type": "application/dicom", "Content-ID": "<a>"}, b"two"),
+    ])
+    with pytest.raises(MtomError, match="duplicate Content-ID"):
+        parse_mtom('multipart/related; boundary="b1"', body)
+
+
 def test_per_part_size_limit() -> None:
     body = _multipart([
         ({"Content-ID": "<r>"}, _env_bytes("cid:a")),
