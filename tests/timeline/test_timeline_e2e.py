@@ -16,6 +16,7 @@ import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import structlog
 from lxml import etree
 from pydicom.uid import BasicTextSRStorage
 
+from duo_gateway.audit.messages import format_event_datetime
 from duo_gateway.audit.sink import parse_file_records
 from duo_gateway.audit.syslog import parse_message
 from duo_gateway.daemon import Gateway
@@ -456,19 +458,24 @@ async def test_closed_question_deny_is_no_consent(network: TimelineNetwork) -> N
 # -------------------------------------------------------------------------------------------------
 
 
-def _audit_events(path: Path, start: int = 0) -> list[etree._Element]:
-    """Records in the audit file from byte ``start`` on (a record boundary: the size at some moment)."""
+def _audit_events(path: Path, since: datetime | None = None) -> list[etree._Element]:
+    """Records in the audit file, those of events at or after ``since`` when given."""
     if not path.exists():
         return []
-    return [parse_xml(parse_message(r).msg) for r in parse_file_records(path.read_bytes()[start:]).records]
+    events = [parse_xml(parse_message(r).msg) for r in parse_file_records(path.read_bytes()).records]
+    if since is None:
+        return events
+    # EventDateTime is UTC with milliseconds and a Z: sortable as text (format_event_datetime).
+    floor = format_event_datetime(since)
+    return [e for e in events if _value(e, "EventIdentification/@EventDateTime") >= floor]
 
 
 async def test_timeline_disclosure_and_outbound_queries_are_audited(network: TimelineNetwork) -> None:
     """Each timeline is an Export (110106, TLB-TIMELINE) naming the requester, the patient, every study
     disclosed and each source's status; each ITI-38 DUO sent is a Query (110112) naming the community."""
     audit_file = network.gateway.config.storage.path / "audit" / "audit.log"
-    await asyncio.sleep(0.3)  # records of earlier tests still behind the auditor's queue land first
-    before = audit_file.stat().st_size if audit_file.exists() else 0
+    # Milliseconds are all a record's time has: it may read as up to 1 ms before this reading.
+    started = datetime.now(UTC) - timedelta(milliseconds=1)
     status, answer, _ = await network.timeline(PARTIAL.bsn)
     assert status == 200, answer
     disclosed = set(_by_uid(answer))
@@ -498,8 +505,8 @@ async def test_timeline_disclosure_and_outbound_queries_are_audited(network: Tim
     assert set(base64.b64decode(detail).decode().split(",")) == expected_sources
 
     urls = {f"{network.communities[c.home_community_id].url}/iti38" for c in COMMUNITIES}
-    # Only this timeline's records: the ones written after it began.
-    queries = [e for e in _audit_events(audit_file, before) if _type(e) == "ITI-38"]
+    # Only this timeline's records: events from when it began (no other timeline runs meanwhile).
+    queries = [e for e in _audit_events(audit_file, started) if _type(e) == "ITI-38"]
     assert {_value(e, "EventIdentification/EventID/@csd-code") for e in queries} == {"110112"}
     asked = {u for e in queries for u in _values(e, "ActiveParticipant/@UserID") if u in urls}
     assert asked == urls  # every community this timeline asked left a record
