@@ -76,6 +76,15 @@ async def _service(tmp_path: Path, mitz: _RefusingMitz | _SilentMitz | _SlowToSt
         await service.stop()
 
 
+async def _until_running(service: TransferService, job_id: str) -> None:
+    for _ in range(100):
+        current = await service.get(job_id)
+        if current is not None and current.state == "running":
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the job was never claimed")
+
+
 def _request(ids: list[str], destination: str | AdhocDestination = "own-pacs") -> TransferRequest:
     return TransferRequest(study_ids=tuple(ids), destination=destination, requester=CLAIMS)
 
@@ -120,13 +129,7 @@ async def test_a_watcher_reads_a_burst_of_changes_as_a_few_snapshots(tmp_path: P
     async with _service(tmp_path, _SilentMitz()) as (service, ids):
         good = ids.seal(StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001"), BSN)
         job = await service.submit(_request([good]))
-        for _ in range(100):
-            current = await service.get(job.id)
-            if current is not None and current.state == "running":
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the job was never claimed")
+        await _until_running(service, job.id)
         seen: list[int] = []
 
         async def watch() -> None:
@@ -164,13 +167,7 @@ async def test_a_graceful_stop_hands_running_jobs_back_to_the_queue(tmp_path: Pa
     async with _service(tmp_path, _SilentMitz()) as (service, ids):
         good = ids.seal(StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001"), BSN)
         job = await service.submit(_request([good]))
-        for _ in range(100):
-            current = await service.get(job.id)
-            if current is not None and current.state == "running":
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the job was never claimed")
+        await _until_running(service, job.id)
     # _service stopped it: the job is queued again, no owner, ready for the next worker.
     store = TransferStore.open(None, tmp_path)
     await store.start()
@@ -185,13 +182,7 @@ async def test_a_stop_waits_for_slow_jobs_only_as_long_as_it_is_given(tmp_path: 
     async with _service(tmp_path, _SlowToStopMitz()) as (service, ids):
         good = ids.seal(StudyRef("tlb", "1.2.3", "urn:oid:1.2", hospital_ura="00010001"), BSN)
         job = await service.submit(_request([good]))
-        for _ in range(100):
-            current = await service.get(job.id)
-            if current is not None and current.state == "running":
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the job was never claimed")
+        await _until_running(service, job.id)
         started = asyncio.get_running_loop().time()
         await service.stop(timeout_s=0.3)
         assert asyncio.get_running_loop().time() - started < 2.0  # not the job's 3 s
