@@ -16,6 +16,13 @@ class HttpListener(StrictModel):
     tls: ServerTls | None = None
     #: Largest request body accepted (ITI-38/ITI-39/RAD-75 requests are small; answers stream).
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    #: Serve the TLB and XCA routes on a non-loopback address without mTLS (``tls.client_auth =
+    #: "required"``). Only behind a proxy that authenticates callers itself; DUO refuses to start
+    #: such a listener otherwise, because it could not tell who is calling.
+    allow_insecure: bool = False
+    #: A connection that has not sent its complete request headers this long after connecting (or
+    #: after its previous request) is closed, so slow clients cannot hold sockets forever.
+    header_timeout_s: float = Field(default=5.0, gt=0, le=300)
 
 
 class DicomListener(StrictModel):

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
+from duo_gateway.config.access import ClientsConfig
 from duo_gateway.config.audit import AuditConfig
 from duo_gateway.config.base import StrictModel
 from duo_gateway.config.identity import GatewayIdentity
@@ -36,6 +37,8 @@ ENV_PREFIX = "DUO__"
 class DuoConfig(StrictModel):
     gateway: GatewayIdentity
     listeners: Listeners = Listeners()
+    #: The systems that may call DUO, and what each may do (duo_gateway.access).
+    clients: ClientsConfig = ClientsConfig()
     tlb_hospitals: list[TlbHospital] = Field(default_factory=list)
     xca_communities: list[XcaCommunity] = Field(default_factory=list)
     mitz: MitzConfig
