@@ -60,4 +60,21 @@ def configure_logging(cfg: LoggingConfig, stream: TextIO | None = None) -> PhiSc
     pnd = logging.getLogger("pynetdicom")
     pnd.handlers.clear()
     pnd.propagate = True
+    _capture_warnings()
     return scrubber
+
+
+def _capture_warnings() -> None:
+    """Route ``warnings.warn`` (pydicom's validation warnings quote element values: BSNs, names)
+    through the logger ``py.warnings``, hence the root handler and its scrubber, instead of the
+    default ``showwarning`` that writes to stderr in clear.
+
+    Turned off and on again because :func:`logging.captureWarnings` remembers the ``showwarning`` it
+    replaced and does nothing when already on: if something restored that function since (a
+    ``warnings.catch_warnings`` block, as pytest uses), warnings would silently reach stderr again.
+    """
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    warnings_logger.handlers.clear()
+    warnings_logger.propagate = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -103,3 +104,23 @@ def test_scrubber_leaves_non_bsn_numbers_alone() -> None:
     assert "999911120" not in scrubber.scrub_text("bsn 999911120")
     assert scrubber.pseudonym("999911120") == PhiScrubber(b"k").pseudonym("999911120")
     assert scrubber.pseudonym("999911120") != PhiScrubber(b"other").pseudonym("999911120")
+
+
+def test_python_warnings_are_logged_scrubbed_not_printed(
+    captured: io.StringIO, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pydicom's validation warnings quote the offending value: through warnings.warn they would reach
+    stderr in clear, so they must come out as scrubbed log records instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        ds = Dataset()
+        # A CS longer than 16 characters: pydicom warns with the value in the message.
+        ds.Modality = f"{BSNS[0]} Jansen^Anna"
+    records = [json.loads(line) for line in captured.getvalue().splitlines()]
+    warned = [r for r in records if r.get("logger") == "py.warnings"]
+    assert warned, "the warning must be a log record of py.warnings"
+    assert "Invalid value for VR CS" in warned[0]["event"]
+    assert "bsn#" in warned[0]["event"]  # pseudonymised, not dropped
+    assert_no_phi(captured.getvalue())
+    out = capsys.readouterr()
+    assert_no_phi(out.err + out.out)
