@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import itertools
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -248,28 +247,71 @@ def parse_part_headers(head: bytes) -> dict[str, str]:
     return headers
 
 
-def _split_parts(body: bytes, boundary: str, max_part_bytes: int, max_parts: int) -> list[_Part]:
+#: What may follow ``--boundary`` on a delimiter line: ``--`` for the close delimiter, transport
+#: padding, then the line end (or the end of the body) (RFC 2046 §5.1.1).
+_DELIM_TAIL = re.compile(rb"(--)?[ \t]*(?:\r?\n|$)")
+
+
+def _delimiters(body: bytes, boundary: str) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, is_close) of each delimiter line, found lazily with ``bytes.find``.
+
+    Lazy so that a caller stopping at its part limit never scans (nor holds a list of) the rest of a
+    hostile body made of millions of delimiters. A delimiter is only recognised at the start of the
+    body or of a line; ``start`` includes the [CR]LF before it, which belongs to the delimiter, and
+    the search resumes after ``end``, so a line end is never shared by two delimiters.
+    """
     delim = b"--" + boundary.encode("latin-1")
-    # A delimiter is only recognised at the start of the body or of a line (RFC 2046 §5.1.1).
-    pattern = re.compile(rb"(?:^|\r?\n)" + re.escape(delim) + rb"(--)?[ \t]*(?:\r?\n|$)")
-    matches = list(pattern.finditer(body))
-    if not matches:
+    pos = 0
+    while True:
+        if pos == 0 and body.startswith(delim):
+            start = at = 0
+        else:
+            nl = body.find(b"\n" + delim, pos)
+            if nl == -1:
+                return
+            at = nl + 1
+            start = nl - 1 if nl - 1 >= pos and body[nl - 1 : nl] == b"\r" else nl
+        after = at + len(delim)
+        if body.startswith(_CRLF, after):  # the common case, without the regex
+            yield start, after + 2, False
+            pos = after + 2
+            continue
+        tail = _DELIM_TAIL.match(body, after)
+        if tail is None:
+            # "--boundaryX" is content, not a delimiter: look further.
+            pos = at + 1
+            continue
+        yield start, tail.end(), tail.group(1) is not None
+        pos = tail.end()
+
+
+def _split_parts(body: bytes, boundary: str, max_part_bytes: int, max_parts: int) -> list[_Part]:
+    # Where the parts are first, stopping one past the limit: a body over it is refused before any
+    # part is looked at and before the rest of it is scanned.
+    spans: list[tuple[int, int]] = []
+    previous_end: int | None = None
+    closed = False
+    for start, end, is_close in _delimiters(body, boundary):
+        if previous_end is not None:
+            if len(spans) >= max_parts:
+                raise MtomError(f"more than {max_parts} MIME parts")
+            spans.append((previous_end, start))
+        if is_close:
+            closed = True
+            break  # the epilogue is ignored, as the streaming reader ignores it
+        previous_end = end
+    if previous_end is None and not closed:
         raise MtomError("multipart body without its boundary")
+    if not closed:
+        raise MtomError("multipart body without its closing delimiter")
+    if not spans:
+        raise MtomError("multipart body without parts")
     parts: list[_Part] = []
-    for m, nxt in itertools.pairwise(matches):
-        if m.group(1):
-            break
-        raw = body[m.end() : nxt.start()]
-        headers, content = _split_headers(raw)
+    for first, last in spans:
+        headers, content = _split_headers(body[first:last])
         if len(content) > max_part_bytes:
             raise MtomError(f"MIME part of {len(content)} bytes exceeds the limit of {max_part_bytes}")
         parts.append(_Part(headers, content))
-        if len(parts) > max_parts:
-            raise MtomError(f"more than {max_parts} MIME parts")
-    if not matches[-1].group(1):
-        raise MtomError("multipart body without its closing delimiter")
-    if not parts:
-        raise MtomError("multipart body without parts")
     return parts
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,29 @@ def test_normalise_cid() -> None:
     assert normalise_cid("cid:a%20b@c") == "a b@c"
     assert normalise_cid(" <a b@c> ") == "a b@c"
     assert xop_include("a b@c").get("href") == "cid:a%20b@c"
+
+
+#: 4 MiB of bare delimiters with empty header blocks: every one of them a well-formed (empty) part.
+FLOOD = b"--b1\r\n\r\n\r\n\r\n" * (4 * 1024 * 1024 // 12)
+
+
+def test_a_delimiter_flood_is_refused_at_the_part_limit_without_listing_the_rest() -> None:
+    """The parts past the limit are never looked for: listing every delimiter of a 4 MiB flood first
+    took ~1 s of event loop and tens of MB (one match object per delimiter)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(MtomError, match="more than 8 MIME parts"):
+            parse_mtom("multipart/related; boundary=b1", FLOOD, max_parts=8)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024
+
+
+def test_delimiter_recognition_is_unchanged() -> None:
+    """Only ``--boundary`` opening the body or a line, followed by padding and a line end, delimits;
+    ``--boundaryX`` is content, and the epilogue after the close delimiter is ignored."""
+    body = (b"--b1\r\nContent-ID: <r>\r\n\r\n" + _env_bytes("cid:a")
+            + b"\r\n--b1 \t\r\nContent-ID: <a>\r\n\r\nx--b1\r\n--b1x\r\ny\n--b1--\r\n--b1\r\nepilogue")
+    root, parts = parse_mtom("multipart/related; boundary=b1", body)
+    assert resolve_document(_documents(root)[0], parts) == b"x--b1\r\n--b1x\r\ny"

@@ -325,3 +325,31 @@ async def test_memory_does_not_grow_with_the_body(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert sizes == [part_bytes] * parts
     assert peak < 2 * 1024 * 1024, f"peak {peak} bytes for a {parts * part_bytes} byte body"
+
+
+async def test_a_buffered_delimiter_flood_does_not_hold_the_event_loop(tmp_path: Path) -> None:
+    """A body already in memory never suspends the reader, so the parser hands the loop back itself;
+    and consuming a part no longer copies the rest of the read buffer (that was quadratic)."""
+    flood = f"--{BOUNDARY}\r\nX-A: b\r\n\r\n\r\n".encode() * 20_000
+    loop = asyncio.get_running_loop()
+    longest = 0.0
+    last = loop.time()
+
+    async def ticker() -> None:
+        nonlocal longest, last
+        while True:
+            await asyncio.sleep(0)
+            now = loop.time()
+            longest, last = max(longest, now - last), now
+
+    ticks = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    try:
+        with pytest.raises(MtomError, match="more than 10000 MIME parts"):
+            async with MtomStream(_ct("root@x"), ChunkedSource(flood, (1 << 20,)), tmp_path) as s:
+                await s.envelope()
+        longest = max(longest, loop.time() - last)  # a parse that never yielded is one long gap
+    finally:
+        ticks.cancel()
+    assert longest < 0.05, f"the event loop was held {longest * 1000:.0f} ms"
+    assert _files(tmp_path) == []
