@@ -194,6 +194,12 @@ def duo_config(workdir: Path, hospitals: Sequence[dict[str, Any]], mitz_url: str
             "subscriptions_url": f"{mitz_url}/abonnementen/fhir/Subscription",
         },
         "xua": {"trusted_certs": [str(trusted_ca)]},
+        # The benchmark's callers are on plain loopback HTTP: one TLB client, one XCA peer, no certificate.
+        "clients": {"tlb": [{"name": "bench-tlb", "certificate": {"absent": True},
+                             "uras": [CLAIMS.ura, "00010001"]}],
+                    "xca": [{"name": "bench-xds", "certificate": {"absent": True},
+                             "home_community_id": "urn:oid:2.16.528.1.1007.99.700", "issuer": XUA_ISSUER,
+                             "signing_certs": [str(trusted_ca.parent / "client.crt")]}]},
         "storage": {"path": str(workdir / "duo")},
         "logging": {"level": "WARNING"},
     }

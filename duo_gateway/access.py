@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from duo_gateway.config.access import CertificateMatch, ClientsConfig, MitzCaller, TlbClient, XcaPeer
+from duo_gateway.config.loader import DuoConfig
 
 #: otherName type of the UZI-register's compound identifier in a server certificate's subjectAltName.
 UZI_OTHERNAME_OID: Final = x509.ObjectIdentifier("2.5.5.5")
@@ -70,7 +71,7 @@ def _der_ia5(value: bytes) -> str | None:
 
 
 def _permanent_identifier(value: bytes) -> str | None:
-    """RFC 4043 ``PermanentIdentifier ::= SEQUENCE { identifierValue UTF8String OPTIONAL, assigner OID OPTIONAL }``."""
+    """RFC 4043 ``PermanentIdentifier ::= SEQUENCE { identifierValue UTF8String OPTIONAL, ... }``."""
     if len(value) < 2 or value[0] != 0x30 or value[1] & 0x80:
         return None
     return _der_ia5(value[2:2 + value[1]])
@@ -162,22 +163,26 @@ class ClientDirectory:
         problems = directory_problems(config)
         if problems:
             raise AccessConfigError("; ".join(problems))
-        entries: list[tuple[Kind, Client, _Matcher]] = []
-        kinds: Sequence[tuple[Kind, Iterable[Client]]] = (("tlb", config.tlb), ("xca", config.xca),
-                                                          ("mitz", config.mitz))
-        for kind, clients in kinds:
-            for client in clients:
-                entries.append((kind, client, _matcher(client.certificate)))
-        return cls(entries)
+        return cls([(kind, client, _matcher(client.certificate)) for kind, _i, client in _every(config)])
 
-    def identify(self, certificate: PeerCertificate | None) -> Caller:
-        for kind, client, matcher in self.entries:
-            if matcher.matches(certificate):
-                return Caller(certificate, kind, client)
+    def identify(self, certificate: PeerCertificate | None, kind: str | None = None) -> Caller:
+        """The client of ``kind`` (a route's owner) this certificate is; any kind when None.
+
+        Per kind, because one system may legitimately be two clients (a hospital gateway that is both
+        a TLB client and an XCA peer), and a plain-HTTP setup may name one ``absent`` client per kind.
+        """
+        for entry_kind, client, matcher in self.entries:
+            if (kind is None or entry_kind == kind) and matcher.matches(certificate):
+                return Caller(certificate, entry_kind, client)
         return Caller(certificate)
 
-    def has_absent(self) -> bool:
-        return any(m.match.absent for _k, _c, m in self.entries)
+def _every(config: ClientsConfig) -> Iterator[tuple[Kind, int, Client]]:
+    """Every configured client with its kind and index (``clients.<kind>[<index>]`` in messages)."""
+    groups: Sequence[tuple[Kind, Sequence[Client]]] = (("tlb", config.tlb), ("xca", config.xca),
+                                                       ("mitz", config.mitz))
+    for kind, clients in groups:
+        for i, client in enumerate(clients):
+            yield kind, i, client
 
 
 def _matcher(match: CertificateMatch) -> _Matcher:
@@ -190,41 +195,39 @@ def directory_problems(config: ClientsConfig) -> list[str]:
     """Entries that cannot be matched to anything: ``check-config`` prints them, ``serve`` refuses them."""
     problems: list[str] = []
     seen: dict[tuple[object, ...], str] = {}
-    groups: Sequence[tuple[str, Sequence[Client]]] = (("tlb", config.tlb), ("xca", config.xca),
-                                                      ("mitz", config.mitz))
-    for kind, clients in groups:
-        for i, client in enumerate(clients):
-            where = f"clients.{kind}[{i}] ({client.name})"
-            m = client.certificate
-            key: tuple[object, ...]
-            if m.cert_file is not None:
+    for kind, i, client in _every(config):
+        # One certificate may be a client of two kinds, never twice of one (the first would always win).
+        where = f"clients.{kind}[{i}] ({client.name})"
+        m = client.certificate
+        key: tuple[object, ...]
+        if m.cert_file is not None:
+            try:
+                key = (kind, "sha256", fingerprint_of_pem(m.cert_file.read_bytes()))
+            except OSError as exc:
+                problems.append(f"{where}: certificate.cert_file {m.cert_file}: {exc.strerror or exc}")
+                continue
+            except ValueError:
+                problems.append(f"{where}: certificate.cert_file {m.cert_file} is not a PEM certificate")
+                continue
+        elif m.sha256 is not None:
+            key = (kind, "sha256", m.sha256)
+        elif m.absent:
+            key = (kind, "absent")
+        else:
+            key = (kind, "name", m.issuer, m.subject, m.ura)
+        if key in seen:
+            problems.append(f"{where}: matches the same certificate as {seen[key]}; "
+                            f"the first entry would always win")
+        else:
+            seen[key] = where
+        if isinstance(client, XcaPeer):
+            for path in client.signing_certs:
                 try:
-                    key = ("sha256", fingerprint_of_pem(m.cert_file.read_bytes()))
+                    x509.load_pem_x509_certificates(path.read_bytes())
                 except OSError as exc:
-                    problems.append(f"{where}: certificate.cert_file {m.cert_file}: {exc.strerror or exc}")
-                    continue
+                    problems.append(f"{where}: signing_certs {path}: {exc.strerror or exc}")
                 except ValueError:
-                    problems.append(f"{where}: certificate.cert_file {m.cert_file} is not a PEM certificate")
-                    continue
-            elif m.sha256 is not None:
-                key = ("sha256", m.sha256)
-            elif m.absent:
-                key = ("absent",)
-            else:
-                key = ("name", m.issuer, m.subject, m.ura)
-            if key in seen:
-                problems.append(f"{where}: matches the same certificate as {seen[key]}; "
-                                f"the first entry would always win")
-            else:
-                seen[key] = where
-            if isinstance(client, XcaPeer):
-                for path in client.signing_certs:
-                    try:
-                        x509.load_pem_x509_certificates(path.read_bytes())
-                    except OSError as exc:
-                        problems.append(f"{where}: signing_certs {path}: {exc.strerror or exc}")
-                    except ValueError:
-                        problems.append(f"{where}: signing_certs {path} holds no PEM certificate")
+                    problems.append(f"{where}: signing_certs {path} holds no PEM certificate")
     return problems
 
 
@@ -235,3 +238,43 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def listener_problem(config: DuoConfig) -> str | None:
+    """A non-loopback listener without mTLS serves patient data to callers it cannot tell apart.
+
+    Without a client certificate every caller looks alike: the only client it could be matched to is
+    one configured with ``certificate.absent``, i.e. anyone who can reach the port. Allowed only with
+    ``allow_insecure`` (a proxy in front authenticates every caller).
+    """
+    http = config.listeners.http
+    mtls = http.tls is not None and http.tls.client_auth == "required"
+    if mtls or http.allow_insecure or is_loopback(http.host):
+        return None
+    return (f"listeners.http on {http.host} serves the TLB and XCA routes without mTLS: set "
+            f"listeners.http.tls with client_auth = \"required\", bind it to loopback, or set "
+            f"listeners.http.allow_insecure = true if a proxy in front authenticates every caller")
+
+
+def access_problems(config: DuoConfig) -> list[str]:
+    """Everything about who may call DUO that cannot work: ``check-config`` lists, ``serve`` refuses."""
+    problems = directory_problems(config.clients)
+    listener = listener_problem(config)
+    if listener is not None:
+        problems.append(listener)
+    http_tls = config.listeners.http.tls
+    requires_cert = http_tls is not None and http_tls.client_auth == "required"
+    destinations = {d.name for d in config.transfers.destinations}
+    for kind, i, client in _every(config.clients):
+        where = f"clients.{kind}[{i}] ({client.name})"
+        if client.certificate.absent and requires_cert:
+            problems.append(f"{where}: certificate.absent never matches: listeners.http requires a "
+                            f"client certificate")
+        if isinstance(client, TlbClient):
+            unknown = sorted(set(client.destinations or ()) - destinations)
+            if unknown:
+                problems.append(f"{where}: destinations not in transfers.destinations: "
+                                f"{', '.join(unknown)}")
+        if isinstance(client, XcaPeer) and client.home_community_id == config.gateway.home_community_id:
+            problems.append(f"{where}: home_community_id is DUO's own")
+    return problems

@@ -101,8 +101,16 @@ def _load(path: Path) -> DuoConfig | None:
 
 
 def _check_config(path: Path) -> int:
+    from duo_gateway.access import access_problems
+
     config = _load(path)
     if config is None:
+        return EXIT_INVALID_CONFIG
+    problems = access_problems(config)
+    if problems:
+        print(f"{path}: invalid configuration ({len(problems)} problem(s))", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
         return EXIT_INVALID_CONFIG
     print(f"{path}: valid ({len(config.tlb_hospitals)} TLB hospital(s), "
           f"{len(config.xca_communities)} XCA communit(y/ies))")

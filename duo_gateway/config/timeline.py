@@ -21,3 +21,6 @@ class TimelineConfig(StrictModel):
     #: Unset: a key file under storage.path (keys/study-id.key), made on first start. Set it through
     #: the environment (DUO__TIMELINE__STUDY_ID_KEY), never in the file.
     study_id_key: SecretStr | None = None
+    #: How long a study id from a timeline may be used for a transfer (or a view). It is bound to the
+    #: requester's URA as well: another organisation presenting it is refused.
+    study_id_ttl_s: float = Field(default=24 * 3600.0, ge=60, le=30 * 86400)

@@ -30,7 +30,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: (status, detail, caller) -> the response in the owner's language.
 Denial = Callable[[int, str, Caller], web.Response]
 
-CALLER_KEY: Final = "duo.caller"
+CALLER_KEY: Final = web.RequestKey("duo.caller", Caller)
 DENIALS: Final = web.AppKey("duo.denials", dict[str, Denial])
 #: Owner of the operational routes: anyone who can reach the listener (they serve no patient data).
 OPS: Final = "ops"
@@ -51,8 +51,7 @@ def route_owner(request: web.Request) -> tuple[str | None, str]:
 
 def caller_of(request: web.Request) -> Caller:
     """The caller :func:`access_middleware` identified; a request that bypassed it is nobody."""
-    caller = request.get(CALLER_KEY)
-    return caller if isinstance(caller, Caller) else Caller(None)
+    return request.get(CALLER_KEY) or Caller(None)
 
 
 def peer_certificate(request: web.Request) -> PeerCertificate | None:
@@ -105,10 +104,10 @@ def access_middleware(directory: ClientDirectory) -> Middleware:
     @web.middleware
     async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
         certificate = peer_certificate(request)
-        caller = directory.identify(certificate)
+        owner, route = route_owner(request)
+        caller = directory.identify(certificate, owner if owner != OPS else None)
         request[CALLER_KEY] = caller
         structlog.contextvars.bind_contextvars(caller=caller.name)
-        owner, route = route_owner(request)
         if request.match_info.http_exception is not None:
             return await handler(request)  # 404/405: nothing is served, nothing to own
         denials = request.app.get(DENIALS, {})

@@ -18,6 +18,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 log = structlog.get_logger(__name__)
+access_log = structlog.get_logger("duo_gateway.access_log")
 
 
 def _route_label(request: web.Request) -> str:
@@ -58,7 +59,10 @@ def make_middlewares(metrics: Metrics) -> list[Middleware]:
             metrics.http_in_flight.dec()
             metrics.http_requests.labels(route, request.method, str(status)).inc()
             metrics.http_latency.labels(route, request.method).observe(elapsed)
-            structlog.contextvars.unbind_contextvars("request_id", "peer")
+            # The access log line: request id, peer and (bound by the access middleware) the caller.
+            access_log.info("http_request", method=request.method, route=route, status=status,
+                            elapsed_ms=round(elapsed * 1000, 1))
+            structlog.contextvars.unbind_contextvars("request_id", "peer", "caller")
         response.headers[REQUEST_ID_HEADER] = request_id
         return response
 

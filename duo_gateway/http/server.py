@@ -11,7 +11,9 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from duo_gateway.access import ClientDirectory
 from duo_gateway.health import Probe, run_probes
+from duo_gateway.http.access import OPS, access_middleware, route_name
 from duo_gateway.http.middleware import make_middlewares
 from duo_gateway.observability.metrics import Metrics
 
@@ -36,11 +38,18 @@ def build_app(
     readiness_timeout_s: float,
     front_doors: Sequence[FrontDoor] = (),
     *,
+    clients: ClientDirectory,
     max_request_bytes: int = 16 * 1024 * 1024,
     local_checks: Callable[[], list[dict[str, Any]]] | None = None,
+    ops_routes: bool = True,
 ) -> web.Application:
-    app = web.Application(middlewares=make_middlewares(metrics), client_max_size=max_request_bytes)
-    add_ops_routes(app, metrics, probes, readiness_timeout_s, local_checks)
+    """The main listener's application. Every route a front door mounts must be named
+    ``<owner>:<route>`` (:mod:`duo_gateway.http.access`); ``ops_routes`` is off when a separate ops
+    listener serves health and metrics, so they stay there."""
+    app = web.Application(middlewares=[*make_middlewares(metrics), access_middleware(clients)],
+                          client_max_size=max_request_bytes)
+    if ops_routes:
+        add_ops_routes(app, metrics, probes, readiness_timeout_s, local_checks)
     for door in front_doors:
         door.mount(app)
     return app
@@ -76,6 +85,6 @@ def add_ops_routes(app: web.Application, metrics: Metrics, probes: ProbeSource, 
     async def metrics_endpoint(_request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/healthz", healthz, name=route_name(OPS, "healthz"))
+    app.router.add_get("/readyz", readyz, name=route_name(OPS, "readyz"))
+    app.router.add_get("/metrics", metrics_endpoint, name=route_name(OPS, "metrics"))

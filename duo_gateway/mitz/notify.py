@@ -29,9 +29,11 @@ from typing import Any, Final
 import structlog
 from aiohttp import web
 
+from duo_gateway.access import Caller
 from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.messages import EventOutcome, Peer, mitz_consent_notification
 from duo_gateway.config.loader import DuoConfig
+from duo_gateway.http.access import RETRY_AFTER_S, register_denial, route_name
 from duo_gateway.mitz.wire import FHIR_JSON, MitzAnswerError, Notification, parse_notification
 
 log = structlog.get_logger(__name__)
@@ -53,6 +55,14 @@ def operation_outcome(severity: str, code: str, diagnostics: str) -> dict[str, A
 def _answer(status: int, severity: str, code: str, diagnostics: str) -> web.Response:
     body = json.dumps(operation_outcome(severity, code, diagnostics)).encode()
     return web.Response(status=status, body=body, content_type=FHIR_JSON, charset="utf-8")
+
+
+def _denial(status: int, detail: str, _caller: Caller) -> web.Response:
+    """The access middleware's refusals (not Mitz, or too many at once) as a FHIR OperationOutcome."""
+    response = _answer(status, "error", "forbidden" if status == 403 else "throttled", detail)
+    if status == 429:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 class _Rejected(Exception):
@@ -83,7 +93,8 @@ class MitzNotifyDoor:
                              alternative_user_id=str(os.getpid()), user_name=config.gateway.name)
 
     def mount(self, app: web.Application) -> None:
-        app.router.add_post(self._config.mitz.notify_path, self._handle)
+        register_denial(app, "mitz", _denial)
+        app.router.add_post(self._config.mitz.notify_path, self._handle, name=route_name("mitz", "notify"))
 
     # -- request ---------------------------------------------------------------------------------
 

@@ -36,6 +36,8 @@ DUO_URA = "00099001"
 DUO_AE_TITLE = "DUO_GATEWAY"
 #: The demo XDS community's XUA issuer: DUO trusts assertions it signs (its CA is in xua.trusted_certs).
 DEMO_XUA_ISSUER = "urn:oid:2.16.528.1.1007.99.777"
+#: The home community of the demo XDS side that asks DUO (its XCA initiating gateway).
+DEMO_XDS_HOME = "urn:oid:2.16.528.1.1007.99.700"
 #: The TLB requester's own PACS: where the demo's transfers land (an empty SimPacs storage SCP).
 REQUESTER_PACS = SimHospital(ura="00010001", name="Eigen PACS (aanvrager)", ae_title="REQUESTER_PACS",
                              repository_unique_id="2.16.528.1.1007.99.10001.9", studies_per_patient=0)
@@ -154,11 +156,21 @@ class SimulatedNetwork:
                 "name": REQUESTER_PACS_NAME, "ae_title": REQUESTER_PACS.ae_title, "host": HOST,
                 "port": self.requester_pacs.port, "patient_id_issuer": "EIGEN_ZIEKENHUIS"}],
                 "retry_backoff_s": 0.2},
+            "clients": self._clients(),
             "storage": {"path": str(self.workdir / "duo")},
             "logging": {"level": "WARNING"},
             "daemon": {"shutdown_grace_s": 5.0},
         }
         return parse_config(raw, base_dir=self.workdir, source="simulated network", env={})
+
+    def _clients(self) -> dict[str, Any]:
+        assert self.pki is not None
+        return {"tlb": [{"name": "demo-timeline", "certificate": {"absent": True},
+                         "uras": [REQUESTER_PACS.ura]}],
+                "xca": [{"name": "demo-xds", "certificate": {"absent": True},
+                         "home_community_id": DEMO_XDS_HOME, "issuer": DEMO_XUA_ISSUER,
+                         "signing_certs": [str(self.pki.client.cert)]}],
+                "mitz": [{"name": "mitz", "certificate": {"absent": True}}]}
 
     def endpoints(self) -> dict[str, Any]:
         """The ``--ports-file`` contract (see the README); keys are stable, more may be added."""

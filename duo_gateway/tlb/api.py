@@ -31,7 +31,10 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from duo_gateway.access import Caller
+from duo_gateway.config.access import TlbClient
 from duo_gateway.config.timeline import TimelineConfig
+from duo_gateway.http.access import caller_of, register_denial, route_name
 from duo_gateway.http.problem import PROBLEM_CONTENT_TYPE
 from duo_gateway.timeline.model import TimelineRequest
 from duo_gateway.timeline.result import TimelineResult
@@ -44,6 +47,7 @@ from duo_gateway.tlb.models import (
     TimelineAnswer,
     TimelineQuery,
     TransferAccepted,
+    TransferList,
     TransferQuery,
     TransferStatus,
 )
@@ -85,6 +89,8 @@ _TITLES: Final[dict[ProblemType, str]] = {
     ProblemType.INVALID_PATIENT_ID: "Invalid local patient id",
     ProblemType.DESTINATION_NOT_ALLOWED: "Destination not allowed",
     ProblemType.NOT_FOUND: "No such transfer",
+    ProblemType.FORBIDDEN: "Forbidden",
+    ProblemType.TOO_MANY_REQUESTS: "Too many requests",
 }
 #: Which problem a refused member belongs to, by the top-level member it sits in.
 _BY_MEMBER: Final[dict[str, ProblemType]] = {
@@ -107,6 +113,8 @@ SSE_KEEPALIVE_S: Final = 15.0
 TRANSFER_MAX_BODY_BYTES: Final = 512 * 1024
 #: Transfer ids are UUIDs (the store makes them); anything else is answered 404 without a lookup.
 _JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+#: Most transfers one list page holds.
+MAX_LIST_LIMIT: Final = 100
 _SERVERS_LINE = re.compile(r"(?m)^(servers:\n  - url: )\S+$")
 
 
@@ -118,15 +126,19 @@ class TimelineProvider(Protocol):
 
 
 class TransferProvider(Protocol):
-    """Queues and reports transfers (duo_gateway.transfer.service); refusals are TransferRefused."""
+    """Queues and reports transfers (duo_gateway.transfer.service); refusals are TransferRefused.
+
+    Every read takes the calling client's name: a job another client submitted does not exist for it."""
 
     async def submit(self, request: TransferRequest) -> Job: ...
 
-    async def get(self, job_id: str) -> Job | None: ...
+    async def get(self, job_id: str, client: str) -> Job | None: ...
 
-    async def cancel(self, job_id: str) -> Job | None: ...
+    async def list_jobs(self, client: str, *, limit: int, offset: int = 0) -> list[Job]: ...
 
-    def watch(self, job_id: str) -> AsyncIterator[Job]: ...
+    async def cancel(self, job_id: str, client: str) -> Job | None: ...
+
+    def watch(self, job_id: str, client: str) -> AsyncIterator[Job]: ...
 
 
 class _Refusal(Exception):
@@ -142,10 +154,11 @@ class _Refusal(Exception):
 
 
 class TlbApiDoor:
-    """POST {prefix}/timeline and GET {prefix}/openapi.yaml on DUO's HTTP listener.
+    """POST {prefix}/timeline, the transfers and GET {prefix}/openapi.yaml on DUO's HTTP listener.
 
-    Authentication of the calling system is the listener's (mTLS); who the *professional* is comes from
-    the request's ``requester`` and goes to the consent gate with the rest of the request.
+    The calling system is the TLB client its certificate matched (:mod:`duo_gateway.http.access` lets
+    only those through); the professional is the request's ``requester``, believed only for an
+    organisation (URA) that client may speak for. Transfers are the submitting client's own.
     """
 
     name = "tlb-api"
@@ -169,24 +182,33 @@ class TlbApiDoor:
             log.info("tlb api disabled; not mounted")
             return
         prefix = self._config.path_prefix
-        app.router.add_post(f"{prefix}/timeline", self._timeline)
+        register_denial(app, "tlb", _denial)
+        app.router.add_post(f"{prefix}/timeline", self._timeline, name=route_name("tlb", "timeline"))
         if self._transfers is not None:
-            app.router.add_post(f"{prefix}/transfers", self._submit)
-            app.router.add_get(f"{prefix}/transfers/{{id}}", self._status)
-            app.router.add_delete(f"{prefix}/transfers/{{id}}", self._cancel)
-            app.router.add_get(f"{prefix}/transfers/{{id}}/events", self._events)
+            app.router.add_post(f"{prefix}/transfers", self._submit,
+                                name=route_name("tlb", "transfers.submit"))
+            app.router.add_get(f"{prefix}/transfers", self._list, name=route_name("tlb", "transfers.list"))
+            app.router.add_get(f"{prefix}/transfers/{{id}}", self._status,
+                               name=route_name("tlb", "transfers.status"))
+            app.router.add_delete(f"{prefix}/transfers/{{id}}", self._cancel,
+                                  name=route_name("tlb", "transfers.cancel"))
+            app.router.add_get(f"{prefix}/transfers/{{id}}/events", self._events,
+                               name=route_name("tlb", "transfers.events"))
         document = self._document
         if document is not None:
             async def openapi(_request: web.Request) -> web.Response:
                 return web.Response(body=document, content_type=YAML_CONTENT_TYPE, charset="utf-8")
 
-            app.router.add_get(f"{prefix}/openapi.yaml", openapi)
+            # The contract is public: any system that reached the listener may read it.
+            app.router.add_get(f"{prefix}/openapi.yaml", openapi, name=route_name("ops", "tlb-openapi"))
 
     # -- handlers ------------------------------------------------------------------------------
     async def _timeline(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         try:
+            client = _client(request)
             query = await self._parse(request, TimelineQuery, self._max_body_bytes)
+            _speaks_for(client, query.requester.ura)
         except _Refusal as refusal:
             log.info("tlb_timeline_refused", status=refusal.status, problem=refusal.type.value,
                      codes=sorted({e.code for e in refusal.errors or ()}))
@@ -224,7 +246,13 @@ class TlbApiDoor:
     async def _submit(self, request: web.Request) -> web.Response:
         assert self._transfers is not None
         try:
+            client = _client(request)
             query = await self._parse(request, TransferQuery, TRANSFER_MAX_BODY_BYTES)
+            _speaks_for(client, query.requester.ura)
+            if isinstance(query.destination, str) and client.destinations is not None \
+                    and query.destination not in client.destinations:
+                raise _Refusal(403, ProblemType.DESTINATION_NOT_ALLOWED,
+                               f"client {client.name} may not send to {query.destination!r}")
         except _Refusal as refusal:
             log.info("tlb_transfer_refused", status=refusal.status, problem=refusal.type.value,
                      codes=sorted({e.code for e in refusal.errors or ()}))
@@ -238,7 +266,7 @@ class TlbApiDoor:
         try:
             job = await self._transfers.submit(TransferRequest(
                 study_ids=tuple(query.studies), destination=destination, requester=query.requester.claims(),
-                local_patient_id=query.local_patient_id))
+                local_patient_id=query.local_patient_id, client=client.name))
         except TransferRefused as refused:
             status, type_ = _REFUSALS[refused.kind]
             log.info("tlb_transfer_refused", status=status, problem=type_.value)
@@ -256,13 +284,33 @@ class TlbApiDoor:
     async def _status(self, request: web.Request) -> web.Response:
         assert self._transfers is not None
         job_id = request.match_info["id"]
-        job = await self._transfers.get(job_id) if _JOB_ID.fullmatch(job_id) else None
+        client = caller_of(request).tlb
+        found = client is not None and _JOB_ID.fullmatch(job_id)
+        job = await self._transfers.get(job_id, client.name) if client is not None and found else None
         return _not_found() if job is None else _status_response(job)
+
+    async def _list(self, request: web.Request) -> web.Response:
+        """The caller's own transfers, newest first, ``limit`` (1-100, default 20) from ``offset``."""
+        assert self._transfers is not None
+        try:
+            client = _client(request)
+            limit = _int_param(request, "limit", 20, 1, MAX_LIST_LIMIT)
+            offset = _int_param(request, "offset", 0, 0, 1_000_000)
+        except _Refusal as refusal:
+            return _problem(refusal.status, refusal.type, refusal.detail)
+        jobs = await self._transfers.list_jobs(client.name, limit=limit, offset=offset)
+        body = TransferList(transfers=[TransferStatus.model_validate(_status_fields(j)) for j in jobs],
+                            limit=limit, offset=offset)
+        response = web.json_response(body.model_dump(mode="json"))
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     async def _cancel(self, request: web.Request) -> web.Response:
         assert self._transfers is not None
         job_id = request.match_info["id"]
-        job = await self._transfers.cancel(job_id) if _JOB_ID.fullmatch(job_id) else None
+        client = caller_of(request).tlb
+        found = client is not None and _JOB_ID.fullmatch(job_id)
+        job = await self._transfers.cancel(job_id, client.name) if client is not None and found else None
         if job is None:
             return _not_found()
         log.info("tlb_transfer_cancel", job=job.id, state=job.state)
@@ -271,9 +319,10 @@ class TlbApiDoor:
     async def _events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: ``progress`` with the whole status on every change, ``end`` once final."""
         assert self._transfers is not None
-        if not _JOB_ID.fullmatch(request.match_info["id"]):
+        client = caller_of(request).tlb
+        if client is None or not _JOB_ID.fullmatch(request.match_info["id"]):
             return _not_found()
-        stream = self._transfers.watch(request.match_info["id"])
+        stream = self._transfers.watch(request.match_info["id"], client.name)
         first: asyncio.Task[Job] = asyncio.ensure_future(anext(stream))
         pending: asyncio.Task[Job] | None = first
         try:
@@ -376,6 +425,38 @@ class TlbApiDoor:
             log.warning("tlb api document has no servers line to set the prefix in; served as is")
             return document
         return replaced.encode("utf-8")
+
+
+def _client(request: web.Request) -> TlbClient:
+    """The calling TLB client; the access middleware already refused anyone else, this is the backstop."""
+    client = caller_of(request).tlb
+    if client is None:
+        raise _Refusal(403, ProblemType.FORBIDDEN, "this caller is not a configured TLB client")
+    return client
+
+
+def _speaks_for(client: TlbClient, ura: str) -> None:
+    """The requester's organisation must be one the calling system's certificate binds."""
+    if ura not in client.uras:
+        log.warning("tlb_requester_not_bound", client=client.name, requester_ura=ura)
+        raise _Refusal(403, ProblemType.FORBIDDEN,
+                       f"client {client.name} may not speak for organisation {ura}")
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise _Refusal(400, ProblemType.INVALID_REQUEST,
+                       f"{name} must be a whole number from {low} to {high}")
+    return int(raw)
+
+
+def _denial(status: int, detail: str, _caller: Caller) -> web.Response:
+    """The access middleware's refusals, in this API's problem vocabulary."""
+    type_ = ProblemType.TOO_MANY_REQUESTS if status == 429 else ProblemType.FORBIDDEN
+    return _problem(status, type_, detail)
 
 
 def _status_fields(job: Job) -> dict[str, Any]:

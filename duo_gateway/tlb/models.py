@@ -61,6 +61,8 @@ class ProblemType(StrEnum):
     INVALID_PATIENT_ID = "urn:duo-gateway:problem:invalid-patient-id"
     DESTINATION_NOT_ALLOWED = "urn:duo-gateway:problem:destination-not-allowed"
     NOT_FOUND = "urn:duo-gateway:problem:not-found"
+    FORBIDDEN = "urn:duo-gateway:problem:forbidden"
+    TOO_MANY_REQUESTS = "urn:duo-gateway:problem:too-many-requests"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,6 +306,14 @@ class TransferStatus(_Response):
     errors: list[str]
 
 
+class TransferList(_Response):
+    """One page of the calling client's own transfers, newest first."""
+
+    transfers: list[TransferStatus]
+    limit: int = Field(ge=1)
+    offset: int = Field(ge=0)
+
+
 class FieldError(_Response):
     pointer: str = Field(description="RFC 6901 JSON Pointer into the request body; empty: the body itself.")
     detail: str
@@ -334,7 +344,7 @@ def openapi_component_schemas() -> dict[str, Any]:
     _, top = models_json_schema(
         [(TimelineQuery, "validation"), (TimelineAnswer, "serialization"), (Problem, "serialization"),
          (TransferQuery, "validation"), (TransferAccepted, "serialization"),
-         (TransferStatus, "serialization")],
+         (TransferStatus, "serialization"), (TransferList, "serialization")],
         ref_template=REF_TEMPLATE)
     defs: dict[str, Any] = top["$defs"]
     return defs
@@ -358,6 +368,7 @@ __all__ = [
     "TimelineAnswer",
     "TimelineQuery",
     "TransferAccepted",
+    "TransferList",
     "TransferQuery",
     "TransferStatus",
     "openapi_component_schemas",

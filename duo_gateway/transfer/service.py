@@ -71,6 +71,8 @@ class TransferRequest:
     destination: str | AdhocDestination
     requester: Claims
     local_patient_id: str | None = None
+    #: The configured client (TLB system) submitting it: the job's owner.
+    client: str | None = None
 
 
 class TransferService:
@@ -148,7 +150,7 @@ class TransferService:
         by_uid: dict[str, str] = {}
         for n, study_id in enumerate(request.study_ids):
             try:
-                study_uid = self.runner.check_study(study_id)
+                study_uid = self.runner.check_study(study_id, request.requester.ura)
             except (LookupError, ValueError) as exc:
                 raise TransferRefused("unknown-study", f"studies[{n}]: {exc}") from None
             # Ids carry a fresh nonce each time: the same study from two timelines is one study.
@@ -161,17 +163,24 @@ class TransferService:
         claims = request.requester
         job = await self.store.create(NewJob(
             requester=dataclasses.asdict(claims), destination=spec, studies=tuple(by_uid.values()),
-            local_patient_id=request.local_patient_id))
+            local_patient_id=request.local_patient_id, client=request.client, client_ura=claims.ura))
         self._metrics.submitted.inc()
         log.info("transfer_submitted", job=job.id, studies=len(job.studies), destination=destination.name,
                  requester_ura=claims.ura)
         self._wake.set()
         return job
 
-    async def get(self, job_id: str) -> Job | None:
-        return await self.store.get(job_id)
+    async def get(self, job_id: str, client: str) -> Job | None:
+        """The job, if ``client`` submitted it: to anyone else it does not exist."""
+        job = await self.store.get(job_id)
+        return job if job is not None and job.belongs_to(client) else None
 
-    async def cancel(self, job_id: str) -> Job | None:
+    async def list_jobs(self, client: str, *, limit: int, offset: int = 0) -> list[Job]:
+        return await self.store.list_for(client, limit=limit, offset=offset)
+
+    async def cancel(self, job_id: str, client: str) -> Job | None:
+        if await self.get(job_id, client) is None:
+            return None
         job = await self.store.request_cancel(job_id)
         if job is not None:
             task = self._running.get(job_id)
@@ -181,8 +190,11 @@ class TransferService:
             self._poke()
         return job
 
-    async def watch(self, job_id: str) -> AsyncIterator[Job]:
-        """Every change of the job (by revision), ending with its final state."""
+    async def watch(self, job_id: str, client: str) -> AsyncIterator[Job]:
+        """Every change of the job (by revision), ending with its final state; nothing for a job
+        ``client`` did not submit."""
+        if await self.get(job_id, client) is None:
+            return
         seen = -1
         while True:
             changed = self._changed  # taken before reading: a change while reading still wakes us

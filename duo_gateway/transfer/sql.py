@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Final
 
 #: Bumped by appending to ``_MIGRATIONS``; never edit an applied step.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,13 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (job_id, study_idx, sop_instance_uid),
             FOREIGN KEY (job_id, study_idx) REFERENCES transfer_studies (job_id, idx) ON DELETE CASCADE
         )""",
+    ),
+    # 2: a job belongs to the calling system (its configured client name) and the URA it spoke for;
+    # only that client sees, watches or cancels it. Jobs from before have no owner: nobody's.
+    (
+        "ALTER TABLE transfer_jobs ADD COLUMN client TEXT",
+        "ALTER TABLE transfer_jobs ADD COLUMN client_ura TEXT",
+        "CREATE INDEX transfer_jobs_client_seq ON transfer_jobs (client, seq)",
     ),
 )
 

@@ -57,6 +57,9 @@ class NewJob:
     destination: dict[str, Any]
     studies: tuple[str, ...]
     local_patient_id: str | None = None
+    #: The configured client that submitted the job and the URA it spoke for: the job's owners.
+    client: str | None = None
+    client_ura: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,12 @@ class Job:
     #: revision always names one snapshot: pollers compare it instead of the whole job.
     revision: int
     finished_at: datetime | None = None
+    client: str | None = None
+    client_ura: str | None = None
+
+    def belongs_to(self, client: str) -> bool:
+        """Whether ``client`` submitted this job; a job without a recorded client is nobody's."""
+        return self.client is not None and self.client == client
 
     @property
     def terminal(self) -> bool:
@@ -174,6 +183,10 @@ class TransferStore(ABC):
 
     @abstractmethod
     async def get(self, job_id: str) -> Job | None: ...
+
+    @abstractmethod
+    async def list_for(self, client: str, *, limit: int, offset: int = 0) -> list[Job]:
+        """The jobs ``client`` submitted, newest first."""
 
     @abstractmethod
     async def revision(self, job_id: str) -> int | None:
@@ -284,7 +297,7 @@ class SqlTransferStore(TransferStore):
     def _load(tx: Tx, job_id: str) -> Job | None:
         row = tx.one(
             "SELECT id, state, created_at, updated_at, requester, destination, local_patient_id, errors,"
-            " cancel_requested, owner, lease_expires_at, revision, finished_at"
+            " cancel_requested, owner, lease_expires_at, revision, finished_at, client, client_ura"
             " FROM transfer_jobs WHERE id = ?", (job_id,))
         if row is None:
             return None
@@ -310,7 +323,7 @@ class SqlTransferStore(TransferStore):
                 for s in studies),
             errors=tuple(json.loads(row[7])), cancel_requested=bool(row[8]), owner=row[9],
             lease_expires_at=None if row[10] is None else _dt(row[10]), revision=int(row[11]),
-            finished_at=None if row[12] is None else _dt(row[12]),
+            finished_at=None if row[12] is None else _dt(row[12]), client=row[13], client_ura=row[14],
         )
 
     def _must_load(self, tx: Tx, job_id: str) -> Job:
@@ -359,9 +372,10 @@ class SqlTransferStore(TransferStore):
 
         def run(tx: Tx) -> Job:
             tx.run("INSERT INTO transfer_jobs (id, state, created_at, updated_at, requester, destination,"
-                   " local_patient_id, errors, cancel_requested, revision)"
-                   " VALUES (?, 'queued', ?, ?, ?, ?, ?, '[]', 0, 1)",
-                   (job_id, tx.now, tx.now, requester, destination, job.local_patient_id))
+                   " local_patient_id, errors, cancel_requested, revision, client, client_ura)"
+                   " VALUES (?, 'queued', ?, ?, ?, ?, ?, '[]', 0, 1, ?, ?)",
+                   (job_id, tx.now, tx.now, requester, destination, job.local_patient_id, job.client,
+                    job.client_ura))
             tx.many("INSERT INTO transfer_studies (job_id, idx, study_id, state) VALUES (?, ?, ?, 'pending')",
                     [(job_id, i, study) for i, study in enumerate(job.studies)])
             return self._must_load(tx, job_id)
@@ -370,6 +384,17 @@ class SqlTransferStore(TransferStore):
 
     async def get(self, job_id: str) -> Job | None:
         return await self._read(lambda tx: self._load(tx, job_id))
+
+    async def list_for(self, client: str, *, limit: int, offset: int = 0) -> list[Job]:
+        if limit < 1 or offset < 0:
+            raise ValueError("limit must be positive and offset not negative")
+
+        def run(tx: Tx) -> list[Job]:
+            ids = tx.rows("SELECT id FROM transfer_jobs WHERE client = ? ORDER BY seq DESC LIMIT ? OFFSET ?",
+                          (client, limit, offset))
+            return [job for (job_id,) in ids if (job := self._load(tx, job_id)) is not None]
+
+        return await self._read(run)
 
     async def revision(self, job_id: str) -> int | None:
         def run(tx: Tx) -> int | None:

@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from duo_gateway.config.loader import DuoConfig, parse_config
+from tests.support.clients import plain_clients
 
 
 def make_config(tmp_path: Path, *, mitz_port: int, tls: dict[str, Any] | None = None,
-                hospitals: list[dict[str, Any]] | None = None, ops: bool = False) -> DuoConfig:
+                hospitals: list[dict[str, Any]] | None = None, ops: bool = False,
+                clients: dict[str, Any] | None = None) -> DuoConfig:
     http: dict[str, Any] = {"host": "127.0.0.1", "port": 0}
     if tls:
         http["tls"] = tls
@@ -23,6 +25,7 @@ def make_config(tmp_path: Path, *, mitz_port: int, tls: dict[str, Any] | None = 
         "tlb_hospitals": hospitals or [],
         "mitz": {"closed_url": f"{mitz}/geslotenautorisatievraag/xacml3", "open_url": f"{mitz}/open",
                  "subscriptions_url": f"{mitz}/sub"},
+        "clients": plain_clients() if clients is None else clients,
         "storage": {"path": str(tmp_path / "storage")},
         "daemon": {"shutdown_grace_s": 5.0, "readiness_timeout_s": 1.0},
     }

@@ -63,6 +63,7 @@ from duo_gateway.xca.errors import RegistryError
 from duo_gateway.xca.hl7 import Cx
 from duo_gateway.xca.metadata import is_report, report_entry, study_entry
 from duo_gateway.xca.query import AdhocQueryResponse, build_adhoc_query_response, parse_adhoc_query_request
+from tests.support.clients import plain_clients
 from tests.support.peers import Peer, serve_peer
 
 HOST: Final = "127.0.0.1"
@@ -263,6 +264,7 @@ def _raw_config(storage: Path, mitz_url: str, communities: dict[str, Peer], pacs
         "xua": {"trusted_certs": [str(pki.ca_cert)], "signing_key_file": str(pki.server.key),
                 "signing_cert_file": str(pki.server.cert)},
         "timeline": {"deadline_s": 8.0},
+        "clients": plain_clients(),
         "storage": {"path": str(storage)},
         "logging": {"level": "WARNING"},
         "daemon": {"shutdown_grace_s": 2.0},

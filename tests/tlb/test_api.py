@@ -30,6 +30,7 @@ from duo_gateway.timeline.model import Report, SourceOutcome, TimelineRequest
 from duo_gateway.timeline.result import MergedStudy, TimelineResult
 from duo_gateway.tlb.api import DEFAULT_SCHEMA_PATH, TlbApiDoor
 from duo_gateway.xua import Claims
+from tests.support.clients import plain_clients, plain_directory
 from tests.support.gateway import make_config
 
 BSN = "999911120"
@@ -126,7 +127,7 @@ async def make_api() -> AsyncIterator[Callable[..., Any]]:
                     **door_kwargs: Any) -> Api:
         provider = provider or FakeProvider()
         door = TlbApiDoor(provider, config or TimelineConfig(), **door_kwargs)
-        app = build_app(Metrics(), lambda: [], 1.0, [door])
+        app = build_app(Metrics(), lambda: [], 1.0, [door], clients=plain_directory(tlb_uras=("00000666",)))
         server = TestServer(app, host="127.0.0.1", port=0)
         client: TestClient[web.Request, web.Application] = TestClient(server)
         await client.start_server()
@@ -540,8 +541,10 @@ async def any_http_server() -> AsyncIterator[int]:
 
 async def test_mounted_in_the_gateway(tmp_path: Path, any_http_server: int) -> None:
     provider = FakeProvider()
-    gateway = Gateway(make_config(tmp_path, mitz_port=any_http_server),
-                      front_doors=[TlbApiDoor(provider, TimelineConfig())])
+    # The gateway's own TLB door is off, so the one under test serves the prefix.
+    config = make_config(tmp_path, mitz_port=any_http_server, clients=plain_clients(tlb_uras=("00000666",)))
+    config = config.model_copy(update={"timeline": TimelineConfig(enabled=False)})
+    gateway = Gateway(config, front_doors=[TlbApiDoor(provider, TimelineConfig())])
     await gateway.start()
     try:
         async with aiohttp.ClientSession() as session:

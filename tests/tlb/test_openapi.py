@@ -47,6 +47,7 @@ from duo_gateway.tlb.models import (
 from duo_gateway.transfer.metrics import TransferMetrics
 from duo_gateway.transfer.service import TransferService
 from duo_gateway.transfer.store import TransferStore
+from tests.support.clients import plain_directory
 from tests.support.gateway import make_config
 from tests.tlb.test_api import CANNED, FakeProvider
 
@@ -108,7 +109,7 @@ def test_the_contracts_enumerations_are_the_code_s() -> None:
 
 def test_every_status_the_api_sends_is_documented_as_a_problem() -> None:
     responses = TIMELINE["responses"]
-    assert set(responses) == {"200", "400", "413", "415", "422", "500", "504"}
+    assert set(responses) == {"200", "400", "403", "413", "415", "422", "429", "500", "504"}
     components = DOC["components"]["responses"]
     for status, response in responses.items():
         if status == "200":
@@ -173,7 +174,8 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                                     metrics=TransferMetrics(CollectorRegistry()), auditor=None)
         await transfers.start()
         door = TlbApiDoor(FakeProvider(result=CANNED), TimelineConfig(), transfers=transfers)
-        runner = web.AppRunner(build_app(Metrics(), lambda: [], 1.0, [door]))
+        clients = plain_directory(tlb_uras=("00000666", "00000659"))
+        runner = web.AppRunner(build_app(Metrics(), lambda: [], 1.0, [door], clients=clients))
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         return runner, transfers

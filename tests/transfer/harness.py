@@ -34,6 +34,7 @@ from duo_gateway.sim.pki import Pki, make_pki
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies
 from duo_gateway.sim.xca import XcaCommunitySimulator
 from duo_gateway.xca.metadata import KOS_FORMAT
+from tests.support.clients import plain_clients
 from tests.support.orthanc import Orthanc
 from tests.support.peers import Peer, serve_peer
 
@@ -174,6 +175,7 @@ def raw_config(tmp: Path, mitz_url: str, community_url: str, source: Orthanc, de
                                         "port": destination.dicom_port, "uras": [REQUESTER["ura"]],
                                         "patient_id_issuer": LOCAL_ISSUER, "timeout_s": 10.0}],
                       "retries": 3, "retry_backoff_s": 0.1, "lease_s": 6.0, **transfers},
+        "clients": plain_clients(tlb_uras=[REQUESTER["ura"]]),
         "storage": {"path": str(tmp / "duo")},
         "logging": {"level": "WARNING"},
         "daemon": {"shutdown_grace_s": 2.0},

@@ -388,7 +388,7 @@ async def test_a_schema_from_a_newer_duo_is_refused(open_store: OpenStore) -> No
     store = await open_store()
     assert isinstance(store, SqlTransferStore)
     with store.backend.transaction(write=True) as tx:
-        assert tx.rows("SELECT version FROM transfer_schema_version") == [(1,)]
+        assert tx.rows("SELECT version FROM transfer_schema_version ORDER BY version") == [(1,), (2,)]
         tx.run("INSERT INTO transfer_schema_version (version) VALUES (99)")
     with pytest.raises(SchemaTooNew):
         await open_store()
