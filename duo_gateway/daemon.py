@@ -28,6 +28,7 @@ from duo_gateway.dicom.nodelay import install_tcp_nodelay
 from duo_gateway.dicom.qr import MoveRouter, receiving_contexts
 from duo_gateway.health import Probe, build_probes
 from duo_gateway.http.server import FrontDoor, build_app, build_ops_app
+from duo_gateway.http.slow import HeaderTimeoutSite
 from duo_gateway.mitz.client import MitzClient
 from duo_gateway.mitz.notify import MitzNotifyDoor
 from duo_gateway.mitz.signing import request_signer
@@ -155,14 +156,17 @@ class Gateway:
         await self._runner.setup()
         http = cfg.listeners.http
         ssl_ctx = server_context(http.tls) if http.tls else None
-        self._site = web.TCPSite(self._runner, http.host, http.port, ssl_context=ssl_ctx)
+        # HeaderTimeoutSite: connections that never finish their request headers (or TLS handshake) close.
+        self._site = HeaderTimeoutSite(self._runner, http.host, http.port, ssl_context=ssl_ctx,
+                                       header_timeout_s=http.header_timeout_s)
         await self._site.start()
         if cfg.listeners.ops is not None:
             ops_app = build_ops_app(self.metrics, lambda: build_probes(cfg, self._extra_probes),
                                     cfg.daemon.readiness_timeout_s, self._local_checks)
             self._ops_runner = web.AppRunner(ops_app, shutdown_timeout=1.0)
             await self._ops_runner.setup()
-            await web.TCPSite(self._ops_runner, cfg.listeners.ops.host, cfg.listeners.ops.port).start()
+            await HeaderTimeoutSite(self._ops_runner, cfg.listeners.ops.host, cfg.listeners.ops.port,
+                                    header_timeout_s=http.header_timeout_s).start()
         await asyncio.to_thread(self._start_dicom)
         if self.transfers is not None:
             # After DUO's AE is up: a resumed job may C-MOVE to it at once.
