@@ -25,7 +25,8 @@ def make_config(tmp_path: Path, *, mitz_port: int, tls: dict[str, Any] | None = 
         "tlb_hospitals": hospitals or [],
         "mitz": {"closed_url": f"{mitz}/geslotenautorisatievraag/xacml3", "open_url": f"{mitz}/open",
                  "subscriptions_url": f"{mitz}/sub"},
-        "clients": plain_clients() if clients is None else clients,
+        # Plain-HTTP tests call as the certificate-less client; under mTLS a test names its own clients.
+        "clients": clients if clients is not None else ({} if tls else plain_clients()),
         "storage": {"path": str(tmp_path / "storage")},
         "daemon": {"shutdown_grace_s": 5.0, "readiness_timeout_s": 1.0},
     }
