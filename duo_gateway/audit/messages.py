@@ -6,15 +6,20 @@ schema: codes are ``csd-code``/``codeSystemName``/``originalText`` attributes.
 
 Patient identifiers, BSNs included, belong in these records: the audit trail is where the disclosure
 of a patient's data is recorded. They must never reach operational logs instead.
+
+Every text copied into a record is bounded when it is serialized (:func:`capped`): most of what a
+record holds came from a caller (a ReplyTo, a query id, a document id), and a caller must not be able
+to make one record as large as its request, nor the audit trail grow by its choosing.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from typing import Literal
@@ -22,6 +27,8 @@ from typing import Literal
 from lxml import etree
 
 from duo_gateway.bsn import bsn_cx
+from duo_gateway.mitz.wire import ORG_TYPE_OID, PURPOSE_OID, ROLE_OID, URA_OID, UZI_OID
+from duo_gateway.xua import Claims, Requester
 
 _XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>'
 
@@ -74,6 +81,7 @@ class ObjectRole(IntEnum):
     RESOURCE = 4
     MASTER_FILE = 5
     USER = 6
+    SECURITY_RESOURCE = 13
     DATA_DESTINATION = 16
     DATA_REPOSITORY = 17
     QUERY = 24
@@ -108,6 +116,42 @@ ID_STUDY_INSTANCE_UID = Code("110180", "DCM", "Study Instance UID")
 ID_SOP_CLASS_UID = Code("110181", "DCM", "SOP Class UID")
 
 SOURCE_TYPE_APPLICATION_SERVER = Code("4", "DCM", "Application Server Process Tier in Multi-tier System")
+#: The XUA assertion a disclosure was made on (see :class:`Requestor`). No DICOM or IHE code names a
+#: SAML assertion as an object, so it lives in the project's code system like the Mitz questions.
+ID_XUA_ASSERTION = Code("XUA-ASSERTION", MITZ_CODE_SYSTEM, "XUA Assertion ID")
+
+# --- bounds on what a caller can put into a record ------------------------------------------------
+
+#: Longest attribute value or short text (UserID, ParticipantObjectID, a code...). Every legitimate
+#: value is far shorter (UIDs 64, OIDs and URLs well under 200); the bound exists for hostile ones.
+MAX_FIELD_CHARS = 256
+#: EventOutcomeDescription and ParticipantObjectDetail values: explanations may run longer.
+MAX_TEXT_CHARS = 1024
+#: ParticipantObjectQuery: IHE wants the query as sent; real ITI-38 queries are a few KiB.
+MAX_QUERY_BYTES = 16 * 1024
+
+
+def capped(value: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """``value``, or its head with a marker saying it was cut and how long it was, never over ``limit``.
+
+    The one bound for text copied into a record. The marker keeps a cut value recognisable as cut,
+    so nobody mistakes the head for the whole (a cut document id is not another document id).
+    """
+    if len(value) <= limit:
+        return value
+    marker = f"...[cut, {len(value)} chars]"
+    if len(marker) >= limit:
+        return value[:limit]  # a limit too small for the marker still is a limit
+    return value[:limit - len(marker)] + marker
+
+
+def _capped_bytes(value: bytes, limit: int) -> bytes:
+    if len(value) <= limit:
+        return value
+    marker = f"...[cut, {len(value)} bytes]".encode("ascii")
+    if len(marker) >= limit:
+        return value[:limit]
+    return value[:limit - len(marker)] + marker
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +163,8 @@ class EventIdentification:
     outcome: EventOutcome
     type_codes: tuple[Code, ...] = ()
     outcome_description: str | None = None
+    #: Why the data was asked for (DICOM PS3.15 A.5.1 PurposeOfUse; the XUA purposeofuse attribute).
+    purposes_of_use: tuple[Code, ...] = ()
 
     def __post_init__(self) -> None:
         if self.date_time.tzinfo is None or self.date_time.utcoffset() is None:
@@ -211,8 +257,8 @@ class AuditMessage:
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
-def _text(value: str) -> str:
-    return _NOT_XML.sub("\ufffd", value)
+def _text(value: str, limit: int = MAX_FIELD_CHARS) -> str:
+    return _NOT_XML.sub("\ufffd", capped(value, limit))
 
 
 def _set(element: etree._Element, name: str, value: str | int | None) -> None:
@@ -240,7 +286,10 @@ def _event(root: etree._Element, event: EventIdentification) -> None:
     for type_code in event.type_codes:
         _code(element, "EventTypeCode", type_code)
     if event.outcome_description is not None:
-        etree.SubElement(element, "EventOutcomeDescription").text = _text(event.outcome_description)
+        etree.SubElement(element, "EventOutcomeDescription").text = _text(event.outcome_description,
+                                                                           MAX_TEXT_CHARS)
+    for purpose in event.purposes_of_use:  # after the description: the schema's element order
+        _code(element, "PurposeOfUse", purpose)
 
 
 def _participant(root: etree._Element, participant: ActiveParticipant) -> None:
@@ -272,12 +321,18 @@ def _object(root: etree._Element, obj: ParticipantObjectIdentification) -> None:
     _code(element, "ParticipantObjectIDTypeCode", obj.id_type_code)
     if obj.name is not None:
         etree.SubElement(element, "ParticipantObjectName").text = _text(obj.name)
+    details = list(obj.details)
     if obj.query is not None:
-        etree.SubElement(element, "ParticipantObjectQuery").text = _b64(obj.query)
-    for detail in obj.details:
+        query = _capped_bytes(obj.query, MAX_QUERY_BYTES)
+        etree.SubElement(element, "ParticipantObjectQuery").text = _b64(query)
+        if len(obj.query) > MAX_QUERY_BYTES:
+            # The head alone cannot prove what was asked; its length and digest can be matched to a copy.
+            details.append(ParticipantObjectDetail.text(
+                "QueryCut", f"{len(obj.query)} bytes, sha256 {hashlib.sha256(obj.query).hexdigest()}"))
+    for detail in details:
         child = etree.SubElement(element, "ParticipantObjectDetail")
         child.set("type", _text(detail.type))
-        child.set("value", _b64(detail.value))
+        child.set("value", _b64(_capped_bytes(detail.value, MAX_TEXT_CHARS)))
     if obj.description is not None:
         _description(element, obj.description)
 
@@ -346,6 +401,98 @@ class StudyTransfer:
     sop_classes: tuple[SopClassCount, ...] = ()
 
 
+#: Code meanings for the RoleIDCode/PurposeOfUse ``originalText`` the schema requires; a code not
+#: listed keeps its code as meaning rather than be refused: the record must still be written.
+_ROLE_NAMES: dict[str, str] = {
+    "01.000": "Arts", "01.010": "Cardioloog", "01.015": "Huisarts", "01.039": "Radioloog",
+    "97.000": "Radiodiagnostisch laborant",
+}
+_ORGANISATION_TYPES: dict[str, str] = {
+    "V4": "Ziekenhuis", "V5": "Universitair Medisch Centrum", "V6": "Algemeen ziekenhuis",
+    "Z4": "Zelfstandig behandelcentrum", "Z5": "Diagnostisch centrum", "B1": "Beeldvormende diagnostiek",
+    "B2": "Echocentrum", "L1": "Laboratorium", "P4": "Polikliniek", "Z3": "Huisartspraktijk",
+}
+_PURPOSES: dict[str, str] = {"TREAT": "Treatment", "COC": "Coordination of care"}
+
+
+@dataclass(frozen=True, slots=True)
+class Requestor:
+    """Who asked for a disclosure: the professional, their organisation, why, and on whose word.
+
+    How the record names them (IHE ITI TF-2 3.40.4.2 XUA audit, DICOM PS3.15 A.5, IPF's XUA processor):
+
+    - **the professional**, an ActiveParticipant with UserIsRequestor ``true``: UserID the UZI number as
+      an HL7 CX with the UZI-register's OID (``000095254^^^&2.16.528.1.1007.3.1&ISO``), the same form the
+      record gives the patient's BSN, so the identifier says which register it is from (a bare number
+      could be a BIG, an AGB or a local login); RoleIDCode the RoleCodeNL role
+      (2.16.840.1.113883.2.4.15.111); UserName the IHE XUA form ``alias<user@issuer>``, with ``user``
+      the assertion's Subject NameID or, as in Twiin/Mitz tokens that carry none, the UZI, and
+      ``issuer`` who vouched for the person (the assertion Issuer; for the TLB API the client system);
+    - **a mandated person** acting for the professional (``urn:nl:otv:names:tc:1.0:subject:mandated``),
+      when there is one, as a second requesting person;
+    - **the organisation**, an ActiveParticipant with UserIsRequestor ``false`` (it is accountable,
+      but the person initiated the event): UserID the URA as a CX with the URA OID, RoleIDCode the
+      organisation type when known;
+    - **the purpose of use** as EventIdentification/PurposeOfUse;
+    - **the assertion id** as a ParticipantObject (type 2, role 13 Security Resource, ID type
+      ``XUA-ASSERTION``, with its issuer as a detail). Not in UserName's ``alias``: IHE and IPF give that
+      to the NameID's SPProvidedID, and an object id is what an Audit Record Repository indexes, so
+      "every disclosure made on assertion X" is one search. Records without an assertion (the TLB
+      API without ``identity = "assertion"``) simply have no such object.
+    """
+
+    uzi: str
+    role: str
+    ura: str
+    purpose: str
+    organisation_type: str | None = None
+    mandated_uzi: str | None = None
+    assertion_id: str | None = None
+    issuer: str | None = None
+    #: The assertion's Subject NameID, when it has one.
+    subject: str | None = None
+
+    @classmethod
+    def of(cls, claims: Claims, *, assertion_id: str | None = None, issuer: str | None = None) -> Requestor:
+        """The requestor of validated claims; a :class:`~duo_gateway.xua.Requester` brings its own
+        assertion id, issuer and subject, which win over the arguments (they are what was verified)."""
+        subject: str | None = None
+        if isinstance(claims, Requester):
+            assertion_id, issuer, subject = claims.assertion_id, claims.issuer, claims.subject
+        return cls(uzi=claims.uzi, role=claims.role, ura=claims.ura, purpose=claims.purpose,
+                   organisation_type=claims.organisation_type, mandated_uzi=claims.mandated_uzi,
+                   assertion_id=assertion_id, issuer=issuer, subject=subject)
+
+    def purpose_code(self) -> Code:
+        return Code(self.purpose, PURPOSE_OID, _PURPOSES.get(self.purpose, self.purpose))
+
+    def participants(self) -> tuple[ActiveParticipant, ...]:
+        user_name = None if self.issuer is None else f"<{self.subject or self.uzi}@{self.issuer}>"
+        people = [ActiveParticipant(
+            user_id=_cx(self.uzi, UZI_OID), user_is_requestor=True, user_name=user_name,
+            role_id_codes=(Code(self.role, ROLE_OID, _ROLE_NAMES.get(self.role, self.role)),))]
+        if self.mandated_uzi is not None:
+            people.append(ActiveParticipant(user_id=_cx(self.mandated_uzi, UZI_OID), user_is_requestor=True))
+        organisation_roles = () if self.organisation_type is None else (Code(
+            self.organisation_type, ORG_TYPE_OID,
+            _ORGANISATION_TYPES.get(self.organisation_type, self.organisation_type)),)
+        people.append(ActiveParticipant(user_id=_cx(self.ura, URA_OID), user_is_requestor=False,
+                                        role_id_codes=organisation_roles))
+        return tuple(people)
+
+    def assertion_object(self) -> ParticipantObjectIdentification | None:
+        if self.assertion_id is None:
+            return None
+        details = () if self.issuer is None else (ParticipantObjectDetail.text("Issuer", self.issuer),)
+        return ParticipantObjectIdentification(
+            object_id=self.assertion_id, type_code=ObjectType.SYSTEM_OBJECT,
+            type_code_role=ObjectRole.SECURITY_RESOURCE, id_type_code=ID_XUA_ASSERTION, details=details)
+
+
+def _cx(number: str, oid: str) -> str:
+    return f"{number}^^^&{oid}&ISO"
+
+
 def active_participant(peer: Peer, *, requestor: bool, role: Code) -> ActiveParticipant:
     """One side of an exchange as an ActiveParticipant; the access point type follows from the host."""
     nap_type: NetworkAccessPointType | None = None
@@ -406,11 +553,21 @@ def _now(when: datetime | None) -> datetime:
 
 def _message(event: EventIdentification, participants: Sequence[ActiveParticipant],
              source: AuditSourceIdentification, objects: Sequence[ParticipantObjectIdentification],
-             patient_id: str | None) -> AuditMessage:
+             patient_id: str | None, requestor: Requestor | None = None) -> AuditMessage:
+    """Assemble a record; ``requestor``'s people follow the requesting system's participant (the
+    first one that has UserIsRequestor), their purpose goes into the event, their assertion is an object."""
+    all_participants = list(participants)
     all_objects = list(objects)
+    if requestor is not None:
+        event = replace(event, purposes_of_use=(*event.purposes_of_use, requestor.purpose_code()))
+        at = next((i + 1 for i, p in enumerate(all_participants) if p.user_is_requestor), 0)
+        all_participants[at:at] = requestor.participants()
+        assertion = requestor.assertion_object()
+        if assertion is not None:
+            all_objects.append(assertion)
     if patient_id is not None:
         all_objects.append(patient_object(patient_id))
-    return AuditMessage(event=event, participants=tuple(participants), source=source,
+    return AuditMessage(event=event, participants=tuple(all_participants), source=source,
                         objects=tuple(all_objects))
 
 
@@ -427,13 +584,14 @@ def iti38_query(
     outcome_description: str | None = None,
     when: datetime | None = None,
     extra_participants: Sequence[ActiveParticipant] = (),
+    requestor: Requestor | None = None,
 ) -> AuditMessage:
     """Cross Gateway Query, recorded the same way by both gateways (only the local ``Peer`` differs).
 
     The initiating gateway is the requesting Source, the responding one the Destination. ``query_id``
     is the stored-query UUID, ``query_request`` the AdhocQueryRequest as sent; ``patient_id`` is the
-    CX form from the query (see ``duo_gateway.bsn.bsn_cx``). ``extra_participants`` carries the human
-    requestor from the XUA assertion.
+    CX form from the query (see ``duo_gateway.bsn.bsn_cx``). ``requestor`` is who asked, from the XUA
+    assertion (see :class:`Requestor`); ``extra_participants`` any further participant.
     """
     details = [ParticipantObjectDetail.text("QueryEncoding", "UTF-8")]
     if home_community_id is not None:
@@ -454,7 +612,7 @@ def iti38_query(
         *extra_participants,
         active_participant(responding, requestor=False, role=ROLE_DESTINATION),
     ]
-    return _message(event, participants, audit_source, [query], patient_id)
+    return _message(event, participants, audit_source, [query], patient_id, requestor)
 
 
 def iti39_retrieve(
@@ -469,6 +627,7 @@ def iti39_retrieve(
     outcome_description: str | None = None,
     when: datetime | None = None,
     extra_participants: Sequence[ActiveParticipant] = (),
+    requestor: Requestor | None = None,
 ) -> AuditMessage:
     """Cross Gateway Retrieve: Export (R) on the responding side, Import (C) on the initiating side.
 
@@ -483,7 +642,8 @@ def iti39_retrieve(
         *extra_participants,
         active_participant(initiating, requestor=True, role=ROLE_DESTINATION),
     ]
-    return _message(event, participants, audit_source, [_document_object(d) for d in documents], patient_id)
+    return _message(event, participants, audit_source, [_document_object(d) for d in documents], patient_id,
+                    requestor)
 
 
 def rad75_retrieve(
@@ -499,6 +659,7 @@ def rad75_retrieve(
     outcome_description: str | None = None,
     when: datetime | None = None,
     extra_participants: Sequence[ActiveParticipant] = (),
+    requestor: Requestor | None = None,
 ) -> AuditMessage:
     """Cross Gateway Retrieve Imaging Document Set as DICOM Instances Transferred (110104).
 
@@ -515,7 +676,7 @@ def rad75_retrieve(
         active_participant(initiating, requestor=True, role=ROLE_DESTINATION),
     ]
     objects = [_study_object(s) for s in studies] + [_document_object(d) for d in documents]
-    return _message(event, participants, audit_source, objects, patient_id)
+    return _message(event, participants, audit_source, objects, patient_id, requestor)
 
 
 def mitz_consent_question(
@@ -602,11 +763,13 @@ def dicom_instances_transferred(
     outcome: EventOutcome = EventOutcome.SUCCESS,
     outcome_description: str | None = None,
     when: datetime | None = None,
+    on_behalf_of: Requestor | None = None,
 ) -> AuditMessage:
     """C-STORE, or the C-STOREs of a C-MOVE (PS3.15 A.5.3.3), recorded by the ``side`` this gateway is.
 
-    ``source`` sends the instances, ``destination`` receives them. ``requestor`` names who asked: the
-    sender for a C-STORE push, the receiver for a C-MOVE this gateway issued to pull a study.
+    ``source`` sends the instances, ``destination`` receives them. ``requestor`` names which system
+    asked: the sender for a C-STORE push, the receiver for a C-MOVE this gateway issued to pull a
+    study. ``on_behalf_of`` is the person and organisation the transfer is for (a transfer's requester).
     """
     action = EventAction.READ if side == "source" else EventAction.CREATE
     event = EventIdentification(EVENT_INSTANCES_TRANSFERRED, action, _now(when), outcome, (),
@@ -615,7 +778,8 @@ def dicom_instances_transferred(
         active_participant(source, requestor=requestor == "source", role=ROLE_SOURCE),
         active_participant(destination, requestor=requestor == "destination", role=ROLE_DESTINATION),
     ]
-    return _message(event, participants, audit_source, [_study_object(s) for s in studies], patient_id)
+    return _message(event, participants, audit_source, [_study_object(s) for s in studies], patient_id,
+                    on_behalf_of)
 
 
 def application_activity(
@@ -684,7 +848,7 @@ TLB_TIMELINE = Code("TLB-TIMELINE", MITZ_CODE_SYSTEM, "TLB Tijdlijn")
 def timeline_disclosure(
     *,
     gateway: Peer,
-    requester: Peer,
+    requestor: Requestor,
     audit_source: AuditSourceIdentification,
     bsn: str,
     study_uids: Sequence[str],
@@ -692,22 +856,24 @@ def timeline_disclosure(
     outcome: EventOutcome = EventOutcome.SUCCESS,
     outcome_description: str | None = None,
     when: datetime | None = None,
+    client: Peer | None = None,
 ) -> AuditMessage:
     """The timeline DUO handed to a TLB requester: an Export (DCM 110106) of study metadata.
 
     Every study disclosed is its own Study Instance UID object, so an Audit Record Repository can
     answer "who saw which study of this patient"; the sources asked go in a detail for context.
+    ``requestor`` is the professional and organisation; ``client``, when known, the TLB system that
+    carried the request (the Destination of the metadata).
     """
     event = EventIdentification(EVENT_EXPORT, EventAction.READ, _now(when), outcome, (TLB_TIMELINE,),
                                 outcome_description)
-    participants = [
-        active_participant(gateway, requestor=False, role=ROLE_SOURCE),
-        active_participant(requester, requestor=True, role=ROLE_DESTINATION),
-    ]
+    participants = [active_participant(gateway, requestor=False, role=ROLE_SOURCE)]
+    if client is not None:
+        participants.append(active_participant(client, requestor=True, role=ROLE_DESTINATION))
     objects = [_study_object(StudyTransfer(uid)) for uid in study_uids]
     if sources:
         objects.append(ParticipantObjectIdentification(
             object_id="timeline-sources", type_code=ObjectType.SYSTEM_OBJECT, type_code_role=ObjectRole.QUERY,
             id_type_code=TLB_TIMELINE,
             details=(ParticipantObjectDetail.text("Sources", ",".join(sources)),)))
-    return _message(event, participants, audit_source, objects, bsn_cx(bsn))
+    return _message(event, participants, audit_source, objects, bsn_cx(bsn), requestor)

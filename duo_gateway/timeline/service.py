@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import structlog
 
 from duo_gateway.audit.auditor import Auditor
-from duo_gateway.audit.messages import EventOutcome, Peer, timeline_disclosure
+from duo_gateway.audit.messages import EventOutcome, Peer, Requestor, timeline_disclosure
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.peers import TlbHospital, XcaCommunity
 from duo_gateway.consent import ConsentGate
@@ -277,12 +277,10 @@ class TimelineService:
     def _audit(
         self, request: TimelineRequest, merged: Sequence[MergedStudy], outcomes: Sequence[SourceOutcome]
     ) -> None:
-        claims = request.requester
-        requester = Peer(user_id=claims.uzi, alternative_user_id=claims.ura, user_name=claims.role)
         self._auditor.record(
             timeline_disclosure(
                 gateway=self._identity,
-                requester=requester,
+                requestor=Requestor.of(request.requester),
                 audit_source=self._auditor.audit_source,
                 bsn=request.bsn,
                 study_uids=[s.study_uid for s in merged],

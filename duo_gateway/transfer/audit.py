@@ -12,6 +12,10 @@ record per study outcome:
 
 A failed study that stored nothing still gets its records, with a failure outcome, so an auditor sees
 the attempt and why it ended (with how many instances did reach the destination).
+
+Both records name the job's requester (professional, organisation, purpose; see
+:class:`~duo_gateway.audit.messages.Requestor`): the systems alone (DUO, two PACSes) do not say on
+whose behalf a patient's images moved.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from duo_gateway.audit.auditor import Auditor
-from duo_gateway.audit.messages import EventOutcome, Peer, StudyTransfer, dicom_instances_transferred
+from duo_gateway.audit.messages import (
+    EventOutcome,
+    Peer,
+    Requestor,
+    StudyTransfer,
+    dicom_instances_transferred,
+)
 from duo_gateway.bsn import bsn_cx
 from duo_gateway.config.peers import TlbHospital
 from duo_gateway.config.transfer import DestinationPacs
@@ -31,7 +41,8 @@ _OUTCOME: dict[StudyState, EventOutcome] = {
 
 
 def audit_study(auditor: Auditor, *, gateway: Peer, bsn: str, study_uid: str, state: StudyState, detail: str,
-                destination: DestinationPacs, hospital: TlbHospital | None, stored: int) -> None:
+                destination: DestinationPacs, hospital: TlbHospital | None, stored: int,
+                requestor: Requestor | None = None) -> None:
     outcome = _OUTCOME.get(state, EventOutcome.SERIOUS_FAILURE)
     description = None if outcome == EventOutcome.SUCCESS else f"{state}: {detail}"[:1024]
     when = datetime.now(UTC)
@@ -41,12 +52,13 @@ def audit_study(auditor: Auditor, *, gateway: Peer, bsn: str, study_uid: str, st
         auditor.record(dicom_instances_transferred(
             side="destination", source=pacs, destination=gateway, requestor="destination",
             audit_source=auditor.audit_source, studies=study, patient_id=bsn_cx(bsn), outcome=outcome,
-            outcome_description=description, when=when))
+            outcome_description=description, when=when, on_behalf_of=requestor))
     requester_pacs = Peer(user_id=destination.ae_title, host=destination.host)
     auditor.record(dicom_instances_transferred(
         side="source", source=gateway, destination=requester_pacs, requestor="source",
         audit_source=auditor.audit_source, studies=study, patient_id=bsn_cx(bsn), outcome=outcome,
-        outcome_description=f"{description}; {stored} instances stored" if description else None, when=when))
+        outcome_description=f"{description}; {stored} instances stored" if description else None, when=when,
+        on_behalf_of=requestor))
 
 
 __all__ = ["audit_study"]

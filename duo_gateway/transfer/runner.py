@@ -33,7 +33,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
 from duo_gateway.audit.auditor import Auditor
-from duo_gateway.audit.messages import Peer
+from duo_gateway.audit.messages import Peer, Requestor
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.peers import TlbHospital, XcaCommunity
 from duo_gateway.config.transfer import DestinationPacs
@@ -216,7 +216,7 @@ class JobRunner:
                     await self._audit_interrupted(job, study, destination)
                     raise
                 outcomes.append(outcome)
-                self._audit(study, outcome, destination)
+                self._audit(job, study, outcome, destination)
         fresh = await self.store.get(job.id)
         assert fresh is not None
         states = [s.state for s in fresh.studies]
@@ -243,7 +243,8 @@ class JobRunner:
         self.changed()
         return done
 
-    def _audit(self, study: StudyProgress, outcome: StudyOutcome, destination: DestinationPacs) -> None:
+    def _audit(self, job: Job, study: StudyProgress, outcome: StudyOutcome,
+               destination: DestinationPacs) -> None:
         if self._auditor is None:
             return
         try:
@@ -255,7 +256,7 @@ class JobRunner:
             if ref.kind == "tlb" else None
         audit_study(self._auditor, gateway=self._identity, bsn=sealed.bsn, study_uid=ref.study_uid,
                     state=outcome.state, detail=outcome.detail, destination=destination, hospital=hospital,
-                    stored=outcome.stored)
+                    stored=outcome.stored, requestor=Requestor.of(Claims(**job.requester)))
 
     async def _audit_interrupted(self, job: Job, study: StudyProgress, destination: DestinationPacs) -> None:
         """A study left mid-way (cancelled, claim lost, crashed) may already have disclosed instances
@@ -266,8 +267,8 @@ class JobRunner:
             log.exception("transfer_audit_read_failed", job=job.id)
             return
         progress = fresh.studies[study.index] if fresh is not None else study
-        self._audit(study, StudyOutcome("cancelled", "interrupted before the study finished",
-                                        progress.instances_stored), destination)
+        self._audit(job, study, StudyOutcome("cancelled", "interrupted before the study finished",
+                                             progress.instances_stored), destination)
 
     def check_study(self, study_id: str) -> str:
         """The study's instance UID; raises ValueError for an id DUO did not issue, LookupError when

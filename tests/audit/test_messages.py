@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
@@ -11,6 +12,9 @@ import pytest
 from lxml import etree
 
 from duo_gateway.audit.messages import (
+    MAX_FIELD_CHARS,
+    MAX_QUERY_BYTES,
+    MAX_TEXT_CHARS,
     ActiveParticipant,
     AuditMessage,
     AuditSourceIdentification,
@@ -24,17 +28,21 @@ from duo_gateway.audit.messages import (
     ObjectType,
     ParticipantObjectIdentification,
     Peer,
+    Requestor,
     SopClassCount,
     StudyTransfer,
+    capped,
     dicom_instances_transferred,
     dicom_query,
     iti38_query,
     iti39_retrieve,
     mitz_consent_question,
     rad75_retrieve,
+    timeline_disclosure,
     to_xml,
 )
 from duo_gateway.bsn import bsn_cx
+from duo_gateway.xua import Claims, Requester
 
 FIXTURES = Path(__file__).parent / "fixtures"
 WHEN = datetime(2024, 5, 1, 12, 30, 45, 123456, tzinfo=UTC)
@@ -308,3 +316,149 @@ def test_rad75_import_is_a_110104_create_with_one_study_and_its_instances() -> N
         "UID": "1.2.840.10008.5.1.4.1.1.2", "NumberOfInstances": "2"}
     ids = [o.get("ParticipantObjectID") for o in root.findall("ParticipantObjectIdentification")]
     assert ids == ["1.2.840.1", "1.2.840.1.1.1", "1.2.840.1.1.2", bsn_cx(BSN)]
+
+
+# --- who asked: the XUA requester in every disclosure (issue 11, part 5) -----------------------------
+
+UZI_CX = "000095254^^^&2.16.528.1.1007.3.1&ISO"
+URA_CX = "00000666^^^&2.16.528.1.1007.3.3&ISO"
+ISSUER = "urn:oid:2.16.528.1.1007.99.777"
+ASSERTION_ID = "_5f1c0c6e-4b5e-4a57-9a1b-3d2f0e7c9a11"
+WHO = Requestor(uzi="000095254", role="01.039", ura="00000666", purpose="TREAT", organisation_type="V6",
+                assertion_id=ASSERTION_ID, issuer=ISSUER)
+
+
+def assert_names_requestor(root: etree._Element, who: Requestor = WHO) -> None:
+    """The person (UZI, role, alias<user@issuer>), the organisation (URA, type), purpose and assertion."""
+    person = one(root, f"ActiveParticipant[@UserID='{UZI_CX}']")
+    assert person.get("UserIsRequestor") == "true"
+    assert person.get("UserName") == f"<{who.uzi}@{who.issuer}>"
+    assert code_of(one(person, "RoleIDCode")) == (who.role, "2.16.840.1.113883.2.4.15.111", "Radioloog")
+    organisation = one(root, f"ActiveParticipant[@UserID='{URA_CX}']")
+    assert organisation.get("UserIsRequestor") == "false"
+    assert code_of(one(organisation, "RoleIDCode")) == ("V6", "2.16.840.1.113883.2.4.15.1060",
+                                                        "Algemeen ziekenhuis")
+    assert code_of(one(root, "EventIdentification/PurposeOfUse")) == (
+        "TREAT", "2.16.840.1.113883.1.11.20448", "Treatment")
+    assertion = one(root, "ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='13']")
+    assert assertion.get("ParticipantObjectID") == who.assertion_id
+    assert assertion.get("ParticipantObjectTypeCode") == "2"
+    assert code_of(one(assertion, "ParticipantObjectIDTypeCode"))[0] == "XUA-ASSERTION"
+    assert details_of(assertion) == {"Issuer": (who.issuer or "").encode()}
+
+
+def test_iti38_names_the_requester_of_the_assertion() -> None:
+    msg = iti38_query(initiating=REMOTE, responding=LOCAL, audit_source=SOURCE, query_id="q",
+                      query_request=b"<q/>", patient_id=bsn_cx(BSN), when=WHEN, requestor=WHO)
+    root = parse(msg)
+    assert_names_requestor(root)
+    # The calling system stays the requesting Source; the people follow it; the patient stays last.
+    assert [p.get("UserID") for p in root.iterfind("ActiveParticipant")] == [
+        REMOTE.user_id, UZI_CX, URA_CX, LOCAL.user_id]
+    assert root.findall("ParticipantObjectIdentification")[-1].get("ParticipantObjectID") == bsn_cx(BSN)
+    # The schema's element order inside EventIdentification: PurposeOfUse comes last.
+    assert [c.tag for c in one(root, "EventIdentification")] == ["EventID", "EventTypeCode", "PurposeOfUse"]
+
+
+def test_requestor_of_a_validated_assertion_takes_its_id_issuer_and_subject() -> None:
+    now = datetime.now(UTC)
+    requester = Requester(uzi="000095254", role="01.039", ura="00000666", purpose="COC",
+                          issuer=ISSUER, assertion_id=ASSERTION_ID, issue_instant=now,
+                          not_on_or_after=now + timedelta(minutes=5), subject="dr.jansen", signer="CN=x",
+                          mandated_uzi="000012345")
+    who = Requestor.of(requester, assertion_id="ignored", issuer="ignored")
+    assert (who.assertion_id, who.issuer, who.subject) == (ASSERTION_ID, ISSUER, "dr.jansen")
+    root = parse(iti38_query(initiating=REMOTE, responding=LOCAL, audit_source=SOURCE, query_id="q",
+                             query_request=b"", patient_id=None, when=WHEN, requestor=who))
+    assert one(root, f"ActiveParticipant[@UserID='{UZI_CX}']").get("UserName") == f"<dr.jansen@{ISSUER}>"
+    mandated = one(root, "ActiveParticipant[@UserID='000012345^^^&2.16.528.1.1007.3.1&ISO']")
+    assert mandated.get("UserIsRequestor") == "true"
+    assert code_of(one(root, "EventIdentification/PurposeOfUse"))[0] == "COC"
+    # No organisation type in the token: the organisation is named without a role, not with a guess.
+    assert one(root, f"ActiveParticipant[@UserID='{URA_CX}']").findall("RoleIDCode") == []
+
+
+def test_claims_without_an_assertion_name_people_but_no_assertion() -> None:
+    """The TLB API's requester (no XUA): named all the same, with no invented assertion or issuer."""
+    claims = Claims(uzi="000095254", role="99.999", ura="00000666", purpose="TREAT")
+    who = Requestor.of(claims)
+    root = parse(timeline_disclosure(gateway=LOCAL, requestor=who, audit_source=SOURCE, bsn=BSN,
+                                     study_uids=["1.2.3"], sources=["tlb:1=ok"], when=WHEN))
+    person = one(root, f"ActiveParticipant[@UserID='{UZI_CX}']")
+    assert person.get("UserName") is None
+    assert code_of(one(person, "RoleIDCode")) == ("99.999", "2.16.840.1.113883.2.4.15.111", "99.999")
+    assert one(root, "EventIdentification/PurposeOfUse").get("csd-code") == "TREAT"
+    assert root.xpath("ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='13']") == []
+
+
+@pytest.mark.parametrize(("side", "action"), [("responding", "R"), ("initiating", "C")])
+def test_iti39_and_rad75_name_the_requester(side: Literal["initiating", "responding"], action: str) -> None:
+    iti39 = parse(iti39_retrieve(side=side, initiating=REMOTE, responding=LOCAL, audit_source=SOURCE,
+                                 documents=[DocumentRef("1.2.3.1", "1.9.9", "urn:oid:1.2.3.4")],
+                                 patient_id=bsn_cx(BSN), when=WHEN, requestor=WHO))
+    rad75 = parse(rad75_retrieve(side=side, initiating=REMOTE, responding=LOCAL, audit_source=SOURCE,
+                                 studies=[StudyTransfer("1.2.840.1")], documents=[], patient_id=bsn_cx(BSN),
+                                 when=WHEN, requestor=WHO))
+    for root in (iti39, rad75):
+        assert one(root, "EventIdentification").get("EventActionCode") == action
+        assert_names_requestor(root)
+        # The requesting gateway keeps its Destination role; the people come right after it.
+        users = [p.get("UserID") for p in root.iterfind("ActiveParticipant")]
+        assert users == [LOCAL.user_id, REMOTE.user_id, UZI_CX, URA_CX]
+
+
+def test_transfer_and_timeline_records_name_the_requester() -> None:
+    pacs = Peer("PACS_AE", host="192.0.2.10")
+    pushed = parse(dicom_instances_transferred(
+        side="source", source=LOCAL, destination=pacs, requestor="source", audit_source=SOURCE,
+        studies=[StudyTransfer("1.2.3")], patient_id=bsn_cx(BSN), when=WHEN, on_behalf_of=WHO))
+    assert_names_requestor(pushed)
+    timeline = parse(timeline_disclosure(gateway=LOCAL, requestor=WHO, audit_source=SOURCE, bsn=BSN,
+                                         study_uids=["1.2.3"], sources=[], when=WHEN,
+                                         client=Peer("tlb:hospital-app", host="192.0.2.7")))
+    assert_names_requestor(timeline)
+    client = one(timeline, "ActiveParticipant[@UserID='tlb:hospital-app']")
+    assert (client.get("UserIsRequestor"), one(client, "RoleIDCode").get("csd-code")) == ("true", "110152")
+
+
+# --- bounded records ---------------------------------------------------------------------------------
+
+
+def test_capped_keeps_short_values_and_marks_cut_ones() -> None:
+    assert capped("x" * MAX_FIELD_CHARS) == "x" * MAX_FIELD_CHARS
+    cut = capped("y" * 100_000)
+    assert len(cut) == MAX_FIELD_CHARS
+    assert cut.startswith("yyyy") and cut.endswith("[cut, 100000 chars]")
+    assert capped("abcdefgh", 4) == "abcd"  # a limit too small for the marker is still never exceeded
+
+
+def test_a_100_kb_reply_to_makes_a_small_record() -> None:
+    """The attack of issue 11: a 100 KB ReplyTo made a 103 KB record. Every caller-supplied text is cut."""
+    huge = "http://evil.example/" + "a" * 100_000
+    caller = Peer(huge, host="10.0.0.9", alternative_user_id=huge, user_name=huge)
+    msg = iti38_query(initiating=caller, responding=LOCAL, audit_source=SOURCE, query_id=huge,
+                      query_request=b"<q/>", patient_id=bsn_cx(BSN), home_community_id=huge,
+                      outcome=EventOutcome.MINOR_FAILURE, outcome_description=huge, when=WHEN, requestor=WHO)
+    data = to_xml(msg)
+    assert len(data) < 8 * 1024, len(data)
+    root = etree.fromstring(data)
+    source = one(root, "ActiveParticipant[RoleIDCode/@csd-code='110153']")
+    for name in ("UserID", "AlternativeUserID", "UserName"):
+        value = source.get(name) or ""
+        assert len(value) == MAX_FIELD_CHARS and value.startswith("http://evil.example/aaa"), name
+        assert value.endswith(f"[cut, {len(huge)} chars]")
+    assert len(one(root, "EventIdentification/EventOutcomeDescription").text or "") == MAX_TEXT_CHARS
+    assert_names_requestor(root)  # cutting the caller's text never costs the requester's identity
+
+
+def test_a_huge_query_is_cut_but_identifiable() -> None:
+    query = b"<q>" + b"z" * 1_000_000 + b"</q>"
+    root = parse(iti38_query(initiating=REMOTE, responding=LOCAL, audit_source=SOURCE, query_id="q",
+                             query_request=query, patient_id=None, when=WHEN))
+    obj = one(root, "ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='24']")
+    kept = base64.b64decode(one(obj, "ParticipantObjectQuery").text or "")
+    assert len(kept) == MAX_QUERY_BYTES and kept.startswith(b"<q>zzz")
+    assert details_of(obj)["QueryCut"] == (
+        f"{len(query)} bytes, sha256 {hashlib.sha256(query).hexdigest()}".encode())
+    assert len(to_xml(iti38_query(initiating=REMOTE, responding=LOCAL, audit_source=SOURCE, query_id="q",
+                                  query_request=query, patient_id=None, when=WHEN))) < 32 * 1024

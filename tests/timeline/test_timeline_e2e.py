@@ -497,9 +497,10 @@ async def test_timeline_disclosure_and_outbound_queries_are_audited(network: Tim
     patient = _value(event, "ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='1']"
                      "/@ParticipantObjectID")
     assert patient.startswith(f"{PARTIAL.bsn}^^^")
-    requester = [(r.get("UserID"), r.get("AlternativeUserID")) for r in event.iter("ActiveParticipant")
-                 if r.get("UserIsRequestor") == "true"]
-    assert requester == [("000095254", H1.ura)]
+    # The professional (UZI) asked; their organisation (URA) is named beside them, not as requestor.
+    people = {r.get("UserID"): r.get("UserIsRequestor") for r in event.iter("ActiveParticipant")}
+    assert people["000095254^^^&2.16.528.1.1007.3.1&ISO"] == "true"
+    assert people[f"{H1.ura}^^^&2.16.528.1.1007.3.3&ISO"] == "false"
     detail = _value(event, "ParticipantObjectIdentification[@ParticipantObjectID='timeline-sources']"
                     "/ParticipantObjectDetail[@type='Sources']/@value")
     assert set(base64.b64decode(detail).decode().split(",")) == expected_sources
@@ -510,7 +511,8 @@ async def test_timeline_disclosure_and_outbound_queries_are_audited(network: Tim
     assert {_value(e, "EventIdentification/EventID/@csd-code") for e in queries} == {"110112"}
     asked = {u for e in queries for u in _values(e, "ActiveParticipant/@UserID") if u in urls}
     assert asked == urls  # every community this timeline asked left a record
-    assert all("000095254" in _values(e, "ActiveParticipant/@UserID") for e in queries)
+    assert all("000095254^^^&2.16.528.1.1007.3.1&ISO" in _values(e, "ActiveParticipant/@UserID")
+               for e in queries)
 
 
 def _values(event: etree._Element, path: str) -> list[str]:

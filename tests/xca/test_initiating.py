@@ -723,7 +723,9 @@ async def test_every_attempt_is_audited_and_logs_carry_no_bsn(
         assert query is not None and query.get("ParticipantObjectID") == StoredQuery.FIND_DOCUMENTS
         assert root.find("EventIdentification").get("EventOutcomeIndicator") == "8"  # type: ignore[union-attr]
         users = {p.get("UserID") for p in root.iter("ActiveParticipant")}
-        assert users == {"DUO_GATEWAY", CLAIMS.uzi, f"{peer.url}/iti38"}
+        # The requester as a person (UZI) and an organisation (URA), each qualified by its register's OID.
+        assert users == {"DUO_GATEWAY", f"{CLAIMS.uzi}^^^&2.16.528.1.1007.3.1&ISO",
+                         f"{CLAIMS.ura}^^^&2.16.528.1.1007.3.3&ISO", f"{peer.url}/iti38"}
 
 
 # --- the conversion on its own --------------------------------------------------------------------

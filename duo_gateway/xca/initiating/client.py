@@ -56,7 +56,7 @@ import structlog
 from cryptography import x509
 
 from duo_gateway.audit.auditor import Auditor
-from duo_gateway.audit.messages import ActiveParticipant, EventOutcome, Peer, iti38_query
+from duo_gateway.audit.messages import EventOutcome, Peer, Requestor, iti38_query
 from duo_gateway.bsn import BSN_OID, bsn_cx, is_valid_bsn
 from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.config.xua import XuaConfig
@@ -192,6 +192,11 @@ class CommunitySigner:
         #: Signed assertions (serialized) by (requester, BSN): (assertion, NotOnOrAfter), least recently
         #: used first.
         self._assertions: OrderedDict[tuple[Claims, str], tuple[bytes, datetime]] = OrderedDict()
+
+    @property
+    def issuer(self) -> str:
+        """The Issuer of DUO's assertions: who vouches for the requester in DUO's audit records."""
+        return self._issuer
 
     @property
     def can_sign(self) -> bool:
@@ -441,15 +446,13 @@ class CommunityClient:
             return
         outcome = {"ok": EventOutcome.SUCCESS, "partial": EventOutcome.MINOR_FAILURE}.get(
             result.status, EventOutcome.SERIOUS_FAILURE)
-        human = ActiveParticipant(user_id=claims.uzi, user_is_requestor=True,
-                                  alternative_user_id=claims.ura, user_name=claims.role)
         self._auditor.record(iti38_query(
             initiating=self._identity, responding=self._peer, audit_source=self._auditor.audit_source,
             query_id=StoredQuery.FIND_DOCUMENTS, query_request=query_bytes, patient_id=bsn_cx(bsn),
             home_community_id=self.community.home_community_id, outcome=outcome,
             outcome_description=None if result.status == "ok" else
             f"{result.status}: {result.detail.replace(bsn, PATIENT_MASK)}"[:1024],
-            when=datetime.now(UTC), extra_participants=(human,)))
+            when=datetime.now(UTC), requestor=Requestor.of(claims, issuer=self.signer.issuer)))
 
 
 def _is_patient(patient_id: str, bsn: str) -> bool:

@@ -44,10 +44,10 @@ from lxml import etree
 
 from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.messages import (
-    ActiveParticipant,
     DocumentRef,
     EventOutcome,
     Peer,
+    Requestor,
     StudyTransfer,
     iti39_retrieve,
     rad75_retrieve,
@@ -490,9 +490,8 @@ class CommunityRetriever:
 
     # -- audit ----------------------------------------------------------------------------------
 
-    def _human(self, claims: Claims) -> ActiveParticipant:
-        return ActiveParticipant(user_id=claims.uzi, user_is_requestor=True, alternative_user_id=claims.ura,
-                                 user_name=claims.role)
+    def _requestor(self, claims: Claims) -> Requestor:
+        return Requestor.of(claims, issuer=self._signer.issuer)
 
     def _peer(self, url: str) -> Peer:
         return Peer(user_id=url, host=urlsplit(url).hostname)
@@ -505,7 +504,7 @@ class CommunityRetriever:
             audit_source=self._auditor.audit_source, documents=(doc,), patient_id=bsn_cx(bsn),
             outcome=EventOutcome.SUCCESS if failed is None else EventOutcome.SERIOUS_FAILURE,
             outcome_description=None if failed is None else f"{failed.kind}: {failed.detail}"[:1024],
-            when=datetime.now(UTC), extra_participants=(self._human(claims),)))
+            when=datetime.now(UTC), requestor=self._requestor(claims)))
 
     def _audit_rad75(self, claims: Claims, bsn: str, study_uid: str, repository_unique_id: str, home: str,
                      delivered: list[str], wanted: list[str], state: _Attempt, ended: str) -> None:
@@ -521,7 +520,7 @@ class CommunityRetriever:
                 documents=[DocumentRef(u, repository_unique_id, home) for u in uids],
                 patient_id=bsn_cx(bsn), outcome=outcome,
                 outcome_description=None if description is None else description[:1024],
-                when=datetime.now(UTC), extra_participants=(self._human(claims),)))
+                when=datetime.now(UTC), requestor=self._requestor(claims)))
 
         if delivered:
             record(delivered, EventOutcome.SUCCESS, None)

@@ -26,6 +26,7 @@ import structlog
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from duo_gateway.access import Caller
 from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.messages import (
     DocumentRef,
@@ -36,6 +37,7 @@ from duo_gateway.audit.messages import (
     iti39_retrieve,
     rad75_retrieve,
 )
+from duo_gateway.audit.messages import Requestor as AuditRequestor
 from duo_gateway.bsn import BSN_OID, bsn_cx, is_valid_bsn
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.peers import TlbHospital
@@ -85,11 +87,31 @@ _PDF = "application/pdf"
 
 @dataclass(frozen=True)
 class CallContext:
-    """Who asked: the XUA requester and the calling gateway (for consent and audit)."""
+    """Who asked: the XUA requester and the calling gateway (for consent and audit).
+
+    ``caller`` is what the message says of its sender (the WS-Addressing ReplyTo, which IHE makes the
+    audit's UserID, and the remote address); ``system`` is who the TLS client certificate proved it
+    is. Only the latter identifies anyone, so the audit records both.
+    """
 
     requester: Requester
     caller: Peer
     request_bytes: bytes = b""
+    system: Caller | None = None
+
+    def audit_caller(self) -> Peer:
+        """The calling gateway as its audit participant: ``caller`` as given (UserID, address), plus the
+        configured client name as AlternativeUserID (unless it already is the UserID) and the
+        certificate (subject and fingerprint) as UserName."""
+        if self.system is None:
+            return self.caller
+        certificate = self.system.certificate
+        name = self.system.name
+        return replace(self.caller, alternative_user_id=None if name == self.caller.user_id else name,
+                       user_name=None if certificate is None else certificate.label)
+
+    def audit_requestor(self) -> AuditRequestor:
+        return AuditRequestor.of(self.requester)
 
 
 @dataclass
@@ -366,7 +388,7 @@ class RespondingGateway:
     ) -> None:
         self._auditor.record(
             iti38_query(
-                initiating=ctx.caller,
+                initiating=ctx.audit_caller(),
                 responding=self._identity,
                 audit_source=self._auditor.audit_source,
                 query_id=req.query_id,
@@ -375,7 +397,7 @@ class RespondingGateway:
                 home_community_id=self._home,
                 outcome=outcome,
                 outcome_description=description,
-                extra_participants=(),
+                requestor=ctx.audit_requestor(),
             )
         )
 
@@ -518,13 +540,14 @@ class RespondingGateway:
         self._auditor.record(
             iti39_retrieve(
                 side="responding",
-                initiating=ctx.caller,
+                initiating=ctx.audit_caller(),
                 responding=self._identity,
                 audit_source=self._auditor.audit_source,
                 documents=refs,
                 patient_id=bsn_cx(bsn) if bsn else None,
                 outcome=outcome,
                 outcome_description=description,
+                requestor=ctx.audit_requestor(),
             )
         )
 
@@ -704,7 +727,7 @@ class RespondingGateway:
         self._auditor.record(
             rad75_retrieve(
                 side="responding",
-                initiating=ctx.caller,
+                initiating=ctx.audit_caller(),
                 responding=self._identity,
                 audit_source=self._auditor.audit_source,
                 studies=[StudyTransfer(study_uid)],
@@ -712,6 +735,7 @@ class RespondingGateway:
                 patient_id=bsn_cx(bsn) if bsn else None,
                 outcome=outcome,
                 outcome_description=description,
+                requestor=ctx.audit_requestor(),
             )
         )
 
