@@ -47,6 +47,15 @@ class XcaRespondingConfig(StrictModel):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     #: Largest number of DocumentRequests in one ITI-39 or RAD-75 request.
     max_documents_per_request: int = Field(default=10_000, ge=1)
+    #: Most distinct studies one RAD-75 request may name, and distinct documents one ITI-39 request
+    #: may name (a KOS or a report each): every one costs PACS lookups, so a request over it is
+    #: refused whole (Failure, XDSRegistryError) before any PACS or Mitz is asked.
+    max_studies_per_request: int = Field(default=100, ge=1, le=10_000)
+    #: An ITI-39 or RAD-75 request is answered within this: studies/documents not done by then are
+    #: named in the answer as not available (XDSRepositoryError), the rest is delivered.
+    request_deadline_s: float = Field(default=60.0, gt=0, le=3600)
+    #: Studies (RAD-75) or documents (ITI-39) of one request looked up and fetched at the same time.
+    max_parallel_lookups: int = Field(default=4, ge=1, le=64)
     #: How DUO pulls instances from a PACS for RAD-75: C-GET over the same association, or C-MOVE
     #: to DUO's own storage SCP (for PACSes that refuse C-GET).
     retrieve_method: Literal["c-get", "c-move"] = "c-get"

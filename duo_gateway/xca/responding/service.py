@@ -41,6 +41,7 @@ from duo_gateway.audit.messages import Requestor as AuditRequestor
 from duo_gateway.bsn import BSN_OID, bsn_cx, is_valid_bsn
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.peers import TlbHospital
+from duo_gateway.config.xca import XcaRespondingConfig
 from duo_gateway.consent import ConsentGate, Permit, Refusal
 from duo_gateway.dicom.kos import encode_part10
 from duo_gateway.mitz.wire import ClosedQuestion
@@ -407,15 +408,44 @@ class RespondingGateway:
     async def retrieve(
         self, req: RetrieveDocumentSetRequest, ctx: CallContext
     ) -> RetrieveDocumentSetResponse:
-        if len(req.documents) > self._cfg.xca_responding.max_documents_per_request:
+        cfg = self._cfg.xca_responding
+        if len(req.documents) > cfg.max_documents_per_request:
             raise RegistryErrorException.of(ErrorCode.REGISTRY_ERROR, "too many DocumentRequests", self._home)
+        distinct = len({(d.repository_unique_id, d.document_unique_id) for d in req.documents})
+        if distinct > cfg.max_studies_per_request:
+            raise RegistryErrorException.of(ErrorCode.REGISTRY_ERROR, _over_cap(distinct, "documents", cfg),
+                                            self._home)
         documents: list[RetrievedDocument] = []
         errors: list[RegistryError] = []
         delivered: dict[str | None, list[DocumentRef]] = {}
         refused: dict[str | None, list[DocumentRef]] = {}
-        for doc in req.documents:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.request_deadline_s
+        slots = asyncio.Semaphore(cfg.max_parallel_lookups)
+
+        async def one(
+            doc: DocumentRequest,
+        ) -> tuple[RegistryError | None, str | None, RetrievedDocument | None]:
+            late = RegistryError(
+                ErrorCode.REPOSITORY_ERROR,
+                f"document {doc.document_unique_id} not answered within the request deadline "
+                f"({cfg.request_deadline_s:g} s)",
+                Severity.ERROR,
+                self._home,
+            )
+            async with slots:
+                if loop.time() >= deadline:
+                    return late, None, None
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        return await self._retrieve_one(doc, ctx)
+                except TimeoutError:
+                    # Cut before its bytes were handed over: nothing of it is disclosed.
+                    return late, None, None
+
+        answers = await asyncio.gather(*(one(doc) for doc in req.documents))
+        for doc, (error, bsn, data) in zip(req.documents, answers, strict=True):
             ref = DocumentRef(doc.document_unique_id, doc.repository_unique_id, doc.home)
-            error, bsn, data = await self._retrieve_one(doc, ctx)
             if error is not None:
                 errors.append(error)
                 refused.setdefault(bsn, []).append(ref)
@@ -562,9 +592,13 @@ class RespondingGateway:
         Status and errors travel before the documents in the response, so they must be known before
         the first byte is sent; spooling to disk keeps memory flat whatever the study size.
         """
+        cfg = self._cfg.xca_responding
         requested = req.instances()
-        if len(requested) > self._cfg.xca_responding.max_documents_per_request:
-            raise RegistryErrorException.of(ErrorCode.REGISTRY_ERROR, "too many DocumentRequests", self._home)
+        if len(requested) > cfg.max_documents_per_request:
+            return _refused("too many DocumentRequests", self._home)
+        studies = len({(doc.repository_unique_id, study_uid) for study_uid, _se, doc in requested})
+        if studies > cfg.max_studies_per_request:
+            return _refused(_over_cap(studies, "studies", cfg), self._home)
         accepted = [ts for ts in req.transfer_syntaxes]
         errors: list[RegistryError] = []
         documents: list[RetrievedDocument] = []
@@ -590,10 +624,33 @@ class RespondingGateway:
                     )
                     continue
                 by_study.setdefault((hospital.ura, study_uid), []).append((study_uid, series_uid, doc))
-            for (ura, study_uid), wanted in by_study.items():
-                await self._retrieve_study(
-                    ctx, self._hospitals[ura], study_uid, wanted, accepted, spool, documents, errors
-                )
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + cfg.request_deadline_s
+            slots = asyncio.Semaphore(cfg.max_parallel_lookups)
+
+            async def one(
+                ura: str, study_uid: str, wanted: list[tuple[str, str, DocumentRequest]]
+            ) -> tuple[list[RetrievedDocument], list[RegistryError]]:
+                # Each study fills its own lists, merged in request order below.
+                docs: list[RetrievedDocument] = []
+                errs: list[RegistryError] = []
+                async with slots:
+                    if loop.time() >= deadline:
+                        # Never started: nobody was asked anything about it, so there is nothing to audit.
+                        errs.extend(_late(wanted, cfg.request_deadline_s, self._home))
+                    else:
+                        await self._retrieve_study(
+                            ctx, self._hospitals[ura], study_uid, wanted, accepted, spool, docs, errs,
+                            deadline=deadline,
+                        )
+                return docs, errs
+
+            answers = await asyncio.gather(
+                *(one(ura, study_uid, wanted) for (ura, study_uid), wanted in by_study.items())
+            )
+            for docs, errs in answers:
+                documents.extend(docs)
+                errors.extend(errs)
             result.status = status_for(errors, bool(documents))
             return result
         except BaseException:
@@ -610,7 +667,12 @@ class RespondingGateway:
         spool: Path,
         documents: list[RetrievedDocument],
         errors: list[RegistryError],
+        *,
+        deadline: float,
     ) -> None:
+        """One study into ``documents``/``errors`` (this study's own lists), by the loop time
+        ``deadline`` at the latest: a study cut by it is reported whole as not available (nothing of
+        it is in ``documents`` yet) and audited as a failure."""
         source = self._sources[hospital.ura]
 
         def missing(
@@ -629,7 +691,7 @@ class RespondingGateway:
 
         bsn: str | None = None
         try:
-            async with asyncio.timeout(self._deadline):
+            async with asyncio.timeout_at(_earlier(self._deadline, deadline)):
                 bsn = await source.patient_of_study(study_uid)
             if bsn is None:
                 missing(wanted)
@@ -637,7 +699,9 @@ class RespondingGateway:
                     ctx, None, study_uid, hospital, [], EventOutcome.MINOR_FAILURE, "unknown study"
                 )
                 return
-            verdict = await self._gate.check(self._question(ctx, bsn, hospital))
+            verdict = await asyncio.wait_for(
+                self._gate.check(self._question(ctx, bsn, hospital)), _remaining(deadline)
+            )
             if isinstance(verdict, Refusal):
                 missing(wanted)  # the requester learns "not available", the audit learns why
                 self._audit_rad75(
@@ -650,7 +714,7 @@ class RespondingGateway:
                     f"no consent: {verdict.reason}",
                 )
                 return
-            async with asyncio.timeout(self._deadline):
+            async with asyncio.timeout_at(_earlier(self._deadline, deadline)):
                 existing = {
                     i.sop_instance_uid: i for i in await source.find_instances(verdict, bsn, study_uid)
                 }
@@ -665,7 +729,10 @@ class RespondingGateway:
             arrived: dict[str, RetrievedDocument] = {}
             refs: list[DocumentRef] = []
             # aclosing: an error below must end the C-GET at once, not at garbage collection.
-            async with contextlib.aclosing(source.retrieve(verdict, bsn, study_uid, records)) as stream:
+            async with (
+                asyncio.timeout_at(deadline),
+                contextlib.aclosing(source.retrieve(verdict, bsn, study_uid, records)) as stream,
+            ):
                 async for got in stream:
                     target = spool / f"{got.record.sop_instance_uid}.dcm"
                     await asyncio.to_thread(shutil.move, got.path, target)
@@ -711,6 +778,9 @@ class RespondingGateway:
             )
         except (TimeoutError, SourceUnavailable) as exc:
             detail = getattr(exc, "detail", None) or "timeout"
+            # Whatever was reported of this study so far is replaced: every instance once, as missing.
+            documents.clear()
+            errors.clear()
             missing(wanted, ErrorCode.REPOSITORY_ERROR, detail)
             self._audit_rad75(ctx, bsn, study_uid, hospital, [], EventOutcome.SERIOUS_FAILURE, detail)
 
@@ -743,6 +813,46 @@ class RespondingGateway:
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+
+
+def _earlier(step_s: float, deadline: float) -> float:
+    """The loop time a step bounded by ``step_s`` must end by, within the request's ``deadline``."""
+    return min(asyncio.get_running_loop().time() + step_s, deadline)
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
+def _over_cap(count: int, what: str, cfg: XcaRespondingConfig) -> str:
+    return (f"{count} distinct {what} in one request; at most {cfg.max_studies_per_request} are answered "
+            "(xca_responding.max_studies_per_request): split the request")
+
+
+def _refused(why: str, home: str) -> ImagingRetrieval:
+    """A RAD-75 request refused whole, before any PACS or Mitz is asked.
+
+    IHE defines no "request too large" code for retrieves (XDSTooManyResults is the stored query's),
+    and a SOAP Sender fault would call a well-formed request malformed; so, as for an oversized
+    ITI-39, a Failure with XDSRegistryError whose codeContext names the limit.
+    """
+    return ImagingRetrieval(ResponseStatus.FAILURE, [], [RegistryError(
+        ErrorCode.REGISTRY_ERROR, why, Severity.ERROR, home)], None)
+
+
+def _late(
+    wanted: Iterable[tuple[str, str, DocumentRequest]], deadline_s: float, home: str
+) -> list[RegistryError]:
+    return [
+        RegistryError(
+            ErrorCode.REPOSITORY_ERROR,
+            f"{composite_context(st, se, doc.document_unique_id)}: not answered within the request "
+            f"deadline ({deadline_s:g} s)",
+            Severity.ERROR,
+            home,
+        )
+        for st, se, doc in wanted
+    ]
 
 
 def _dtm_date(value: str | None, upper: bool = False) -> date | None:

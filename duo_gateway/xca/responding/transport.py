@@ -35,7 +35,7 @@ from duo_gateway.soap.envelope import (
     serialize,
 )
 from duo_gateway.soap.mtom import XOP_NS, Attachment, build_mtom, normalise_cid, parse_mtom
-from duo_gateway.soap.xml import XmlError
+from duo_gateway.soap.xml import INLINE_PARSE_BYTES, XmlError
 from duo_gateway.xca.codes import Action, ResponseStatus
 from duo_gateway.xca.errors import RegistryErrorException
 from duo_gateway.xca.query import (
@@ -56,6 +56,9 @@ from duo_gateway.xua import validate_xua
 log = structlog.get_logger(__name__)
 
 FAULT_ACTION = "http://www.w3.org/2005/08/addressing/soap/fault"
+#: MIME parts accepted in an ITI-38/ITI-39/RAD-75 request: the envelope and, at most, a few a lenient
+#: peer adds; any attachment is refused afterwards anyway ("attachments are not expected").
+REQUEST_MAX_PARTS = 8
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,16 @@ class XcaRespondingDoor:
             if request.content_length is not None and request.content_length > limit:
                 raise SoapFault("Sender", f"request larger than {limit} bytes")
             raw = await _read_bounded(request, limit)
-            root, parts = parse_mtom(request.headers.get("Content-Type", ""), raw, limit)
+            content_type = request.headers.get("Content-Type", "")
+            # A request carries no attachments, so a few parts are plenty: a hostile body of
+            # delimiters is refused after REQUEST_MAX_PARTS, not after the general 10,000. Big bodies
+            # are parsed off the loop, as big answers are (soap.xml.INLINE_PARSE_BYTES).
+            if len(raw) <= INLINE_PARSE_BYTES:
+                root, parts = parse_mtom(content_type, raw, limit, max_parts=REQUEST_MAX_PARTS)
+            else:
+                root, parts = await asyncio.to_thread(
+                    parse_mtom, content_type, raw, limit, max_parts=REQUEST_MAX_PARTS
+                )
             if parts:
                 raise SoapFault("Sender", "attachments are not expected in this request")
             env = parse_envelope(root)
