@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -115,9 +116,11 @@ class MitzSimulator:
     """
 
     def __init__(self, net: SimNetworkConfig, *, tlb_home_community_id: str | None = None,
-                 notify_timeout_s: float = 5.0) -> None:
+                 notify_timeout_s: float = 5.0, notify_ssl: ssl.SSLContext | None = None) -> None:
         self._net = net
         self._notify_timeout_s = notify_timeout_s
+        #: Mitz's client certificate towards a notify endpoint under mTLS (mitz.md §6).
+        self._notify_ssl = notify_ssl
         self._known_bsns: set[str] = {p.bsn for p in net.patients}
         self._consents: set[tuple[str, str]] = {
             (p.bsn, ura) for p in net.patients for ura in net.consent_holders(p)}
@@ -189,7 +192,8 @@ class MitzSimulator:
 
     async def _client_session(self, app: web.Application) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=self._notify_timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        connector = aiohttp.TCPConnector(ssl=self._notify_ssl) if self._notify_ssl is not None else None
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             app[_SESSION_KEY] = session
             yield
 

@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from duo_gateway.bsn import bsn_cx
 from duo_gateway.dicom.find import c_find
 from duo_gateway.mitz.wire import ClosedQuestion, OpenQuestion
-from duo_gateway.sim.network import DEMO_XUA_ISSUER, REQUESTER_PACS_NAME
+from duo_gateway.sim.network import REQUESTER_PACS_NAME, SECOND_TLB_URA, DemoXcaPeer
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,
     WSA_ANONYMOUS,
@@ -113,14 +113,21 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
     mitz = network.mitz
     net = network.net
     report = Report()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+    assert network.pki is not None and gw.ops_url is not None
+    ca = network.pki.ca_cert
+    timeout = aiohttp.ClientTimeout(total=30)
+    # The ops listener (health, metrics) is plain HTTP; everything else is DUO's mTLS listener, where the
+    # demo calls as the first TLB client (the requester's own timeline app).
+    own_app = aiohttp.TCPConnector(ssl=network.tlb_clients[0].ssl_context(ca))
+    async with aiohttp.ClientSession(timeout=timeout) as ops, aiohttp.ClientSession(
+            timeout=timeout, connector=own_app) as http:
 
         async def healthz() -> tuple[bool, str]:
-            async with http.get(f"{gw.http_url}/healthz") as r:
+            async with ops.get(f"{gw.ops_url}/healthz") as r:
                 return r.status == 200, f"HTTP {r.status}"
 
         async def readyz() -> tuple[bool, str]:
-            async with http.get(f"{gw.http_url}/readyz") as r:
+            async with ops.get(f"{gw.ops_url}/readyz") as r:
                 body = await r.json()
             bad = [c["peer"] for c in body["checks"] if not c["ok"]]
             detail = f"{body['status']}, {len(body['checks'])} peers probed"
@@ -246,7 +253,7 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
 
         async def xds_asks_duo() -> tuple[bool, str]:
             """An XDS community queries DUO (ITI-38), fetches a KOS (ITI-39) and its images (RAD-75)."""
-            caller = XdsCaller(network)
+            caller = XdsCaller(network, network.xca_peers[0])
             per_profile: dict[str, set[str]] = {}
             first_kos: DocumentEntry | None = None
             for patient in net.patients:
@@ -351,8 +358,41 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
 
         await _step(report, "Transfers into the requester's PACS (TLB and XCA)", transfers)
 
+        async def trust() -> tuple[bool, str]:
+            """Every door knows who calls: each identity works for itself and for nobody else."""
+            api = f"{gw.http_url}{gw.config.timeline.path_prefix}/timeline"
+            patient = next(p for p in net.patients if p.consent == "all")
+
+            def body(ura: str) -> dict[str, Any]:
+                return {"patient": {"bsn": patient.bsn}, "period": {"from": "2015-01-01", "to": "2026-12-31"},
+                        "requester": {"ura": ura, "organization_type": "V6", "uzi": DEMO_UZI,
+                                      "role": DEMO_ROLE, "purpose": "TREAT"}}
+
+            async with http.post(api, json=body(SECOND_TLB_URA)) as r:
+                forged = r.status
+            second = network.tlb_clients[1]
+            async with aiohttp.ClientSession(timeout=timeout) as other, other.post(
+                    api, json=body(SECOND_TLB_URA), ssl=second.ssl_context(ca)) as r:
+                own = r.status
+            zuid, noord = network.xca_peers[1], network.xca_peers[0]
+            found = await XdsCaller(network, zuid).find(patient.bsn)
+            # xds-zuid presenting xds-noord's (valid, signed) assertion over its own TLS identity.
+            borrowed = XdsCaller(network, zuid, signing=noord)
+            stolen: str
+            try:
+                stolen = str((await borrowed.find(patient.bsn)).status)
+            except SoapFaultAnswer as fault:
+                stolen = f"fault {fault.status}"
+            ok = forged == 403 and own == 200 and found.status == ResponseStatus.SUCCESS \
+                and str(stolen).startswith("fault 4")
+            return ok, (f"forged requester URA: HTTP {forged}; {second.name} for itself: HTTP {own}; "
+                        f"{zuid.name} for itself: {found.status.rsplit(':', 1)[-1]}; "
+                        f"{zuid.name} with {noord.name}'s assertion: {stolen}")
+
+        await _step(report, "Trust: callers bound to their certificates", trust)
+
         async def metrics() -> tuple[bool, str]:
-            async with http.get(f"{gw.http_url}/metrics") as r:
+            async with ops.get(f"{gw.ops_url}/metrics") as r:
                 text = await r.text()
             return "duo_http_requests_total" in text, f"HTTP {r.status}, {len(text.splitlines())} lines"
 
@@ -367,27 +407,43 @@ def _patient_ids(paths: list[Path]) -> set[str]:
 __all__ = ["Report", "run_scenario"]
 
 
-class XdsCaller:
-    """The demo XDS community's Initiating Gateway: signed XUA, WS-Addressing, DUO's own codec."""
+class SoapFaultAnswer(Exception):
+    """DUO answered with a SOAP Fault (HTTP ``status``)."""
 
-    def __init__(self, network: SimulatedNetwork) -> None:
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"HTTP {status}: {reason}")
+        self.status = status
+
+
+class XdsCaller:
+    """An XDS community's Initiating Gateway: its TLS identity, one signed XUA assertion reused for every
+    message (as real gateways keep a session's assertion; each message has its own MessageID and
+    Timestamp), WS-Addressing, DUO's own codec. ``signing`` is whose assertion it presents (its own
+    unless a check wants to show a borrowed one refused)."""
+
+    def __init__(self, network: SimulatedNetwork, peer: DemoXcaPeer, *,
+                 signing: DemoXcaPeer | None = None) -> None:
         assert network.gateway is not None and network.pki is not None
         self._gw = network.gateway
-        self._key, self._cert = load_signing_pair(network.pki.client.key, network.pki.client.cert)
+        self._ssl = peer.ssl_context(network.pki.ca_cert)
+        signer = signing or peer
+        key, cert = load_signing_pair(signer.signing.key, signer.signing.cert)
         self._home = network.gateway.config.gateway.home_community_id
+        self._assertion = issue_assertion(
+            Claims(uzi=DEMO_UZI, role=DEMO_ROLE, ura="00020011", organisation_type="V6"),
+            issuer=signer.issuer, audience=self._home, key=key, cert=cert, now=datetime.now(UTC))
 
     async def _call(self, path: str, action: str, body: etree._Element) -> tuple[Envelope, dict[str, bytes]]:
         now = datetime.now(UTC)
-        assertion = issue_assertion(
-            Claims(uzi=DEMO_UZI, role=DEMO_ROLE, ura="00020011", organisation_type="V6"),
-            issuer=DEMO_XUA_ISSUER, audience=self._home, key=self._key, cert=self._cert, now=now)
         url = self._gw.http_url + path
-        env = build_envelope(Addressing(action=action, message_id=new_message_id(), to=url,
-                                        reply_to=WSA_ANONYMOUS), body, [security_header(assertion, now)])
+        addressing = Addressing(action=action, message_id=new_message_id(), to=url, reply_to=WSA_ANONYMOUS)
+        env = build_envelope(addressing, body, [security_header(self._assertion, now)])
         content_type, mtom = build_mtom(env, [], action)
         async with aiohttp.ClientSession() as http, http.post(
-                url, data=bytes(mtom), headers={"Content-Type": content_type}) as r:
-            data, reply_type = await r.read(), r.headers.get("Content-Type", "")
+                url, data=bytes(mtom), headers={"Content-Type": content_type}, ssl=self._ssl) as r:
+            data, reply_type, status = await r.read(), r.headers.get("Content-Type", ""), r.status
+        if status != 200:
+            raise SoapFaultAnswer(status, data[:300].decode("utf-8", "replace"))
         root, parts = parse_mtom(reply_type, data, 1 << 30)
         answer = parse_envelope(root)
         if answer.body is None:

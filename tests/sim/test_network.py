@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -26,7 +27,8 @@ def test_demo_once_shows_every_component_healthy(tmp_path: Path) -> None:
     ports_file = tmp_path / "ports.json"
     proc = run_demo("--once", "--ports-file", str(ports_file))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "14 of 14 checks passed: network healthy" in proc.stdout
+    assert "15 of 15 checks passed: network healthy" in proc.stdout
+    assert "[ok  ] Trust: callers bound to their certificates" in proc.stdout
     ports = json.loads(ports_file.read_text())
     assert ports["duo"]["home_community_id"].startswith("urn:oid:")
     assert ports["duo"]["metrics"].endswith("/metrics")
@@ -46,6 +48,16 @@ def test_demo_once_shows_every_component_healthy(tmp_path: Path) -> None:
         set(c) >= {"home_community_id", "name", "iti38", "iti39", "rad75"} for c in ports["xca_communities"]
     )
     assert sorted(p["consent"] for p in ports["patients"]) == ["all", "none", "partial"]
+    # Issue 11's contract: DUO over mTLS, two TLB clients and two XCA peers with identities of their own.
+    assert ports["duo"]["http"].startswith("https://127.0.0.1:") and set(ports["tls"]) == {"ca"}
+    tlb, xca = ports["clients"]["tlb"], ports["clients"]["xca"]
+    assert len(tlb) >= 2 and len({c["uras"][0] for c in tlb}) == len(tlb)
+    assert all(set(c) >= {"name", "uras", "cert", "key"} for c in tlb)
+    assert len(xca) >= 2 and len({p["issuer"] for p in xca}) == len(xca)
+    assert all(set(p) >= {"name", "home_community_id", "issuer", "cert", "key", "signing_cert", "signing_key"}
+               for p in xca)
+    assert xua["issuer"] == xca[0]["issuer"] and xua["cert"] == xca[0]["signing_cert"]
+    assert ports["audit"]["file"].endswith(".log")
     # The requester's own PACS, where the demo's transfers land (issue 6's contract).
     assert set(ports["requester_pacs"]) == {"name", "ae_title", "host", "port"}
     assert ports["requester_pacs"]["port"] > 0
@@ -90,7 +102,7 @@ def _free_block(n: int) -> int:
 
 def test_demo_keeps_running_on_fixed_ports_until_sigterm(tmp_path: Path) -> None:
     require_tool("echoscu")
-    base = _free_block(8)
+    base = _free_block(9)  # DUO HTTP, DICOM, Mitz, 2 PACS, 2 communities, requester PACS, DUO ops
     ports_file = tmp_path / "ports.json"
     proc = subprocess.Popen(
         [*CLI, "demo", "--ports-file", str(ports_file), "--base-port", str(base)],
@@ -105,12 +117,21 @@ def test_demo_keeps_running_on_fixed_ports_until_sigterm(tmp_path: Path) -> None
             assert time.monotonic() < deadline, "ports file never written"
             time.sleep(0.1)
         ports = json.loads(ports_file.read_text())
-        assert ports["duo"]["http"] == f"http://127.0.0.1:{base}"
+        assert ports["duo"]["http"] == f"https://127.0.0.1:{base}"
         assert ports["duo"]["dicom"]["port"] == base + 1
         assert ports["mitz"]["closed"].startswith(f"http://127.0.0.1:{base + 2}/")
         assert [h["port"] for h in ports["tlb_hospitals"]] == [base + 3, base + 4]
-        with urllib.request.urlopen(ports["duo"]["readyz"], timeout=10) as r:
+        with urllib.request.urlopen(ports["duo"]["readyz"], timeout=10) as r:  # the plain ops listener
             assert json.loads(r.read())["status"] == "ready"
+        # The generated config is in the workdir, and DUO's own check-config accepts it.
+        config = Path(ports["config"])
+        checked = subprocess.run([*CLI, "check-config", str(config)], capture_output=True, text=True,
+                                 timeout=60, check=False)
+        assert checked.returncode == 0, checked.stderr
+        # Without a client certificate, DUO's listener does not even finish the handshake.
+        anonymous = ssl.create_default_context(cafile=ports["tls"]["ca"])
+        with pytest.raises(OSError):
+            urllib.request.urlopen(ports["duo"]["tlb_api"] + "/openapi.yaml", timeout=10, context=anonymous)
         # DUO's own DICOM AE answers a real DCMTK echoscu
         dicom = ports["duo"]["dicom"]
         echo = subprocess.run(
@@ -149,7 +170,7 @@ def query_duo_like_an_xds_community(ports: dict[str, Any]) -> int:
     from duo_gateway.xmldsig import load_signing_pair
     from duo_gateway.xua import Claims, issue_assertion, security_header
 
-    xua, url = ports["xua"], ports["duo"]["iti38"]
+    xua, url, peer = ports["xua"], ports["duo"]["iti38"], ports["clients"]["xca"][0]
     key, cert = load_signing_pair(Path(xua["key"]), Path(xua["cert"]))
     now = datetime.now(UTC)
     assertion = issue_assertion(
@@ -172,7 +193,9 @@ def query_duo_like_an_xds_community(ports: dict[str, Any]) -> int:
         method="POST",
         headers={"Content-Type": f'application/soap+xml; charset=UTF-8; action="{Action.ITI38}"'},
     )
-    with urllib.request.urlopen(request, timeout=30) as r:
+    tls = ssl.create_default_context(cafile=ports["tls"]["ca"])
+    tls.load_cert_chain(peer["cert"], peer["key"])  # the XCA peer whose issuer signed the assertion
+    with urllib.request.urlopen(request, timeout=30, context=tls) as r:
         answer = parse_envelope(r.read())
     assert answer.body is not None
     response = parse_adhoc_query_response(answer.body)
