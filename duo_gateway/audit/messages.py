@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
-from typing import Literal
+from typing import Final, Literal
 
 from lxml import etree
 
@@ -764,12 +764,15 @@ def dicom_instances_transferred(
     outcome_description: str | None = None,
     when: datetime | None = None,
     on_behalf_of: Requestor | None = None,
+    stored_as: str | None = None,
 ) -> AuditMessage:
     """C-STORE, or the C-STOREs of a C-MOVE (PS3.15 A.5.3.3), recorded by the ``side`` this gateway is.
 
     ``source`` sends the instances, ``destination`` receives them. ``requestor`` names which system
     asked: the sender for a C-STORE push, the receiver for a C-MOVE this gateway issued to pull a
     study. ``on_behalf_of`` is the person and organisation the transfer is for (a transfer's requester).
+    ``stored_as`` is the patient id the instances were relabelled to (import reconciliation): the patient
+    object keeps the original id and carries the new one as a detail, so the trail links the two.
     """
     action = EventAction.READ if side == "source" else EventAction.CREATE
     event = EventIdentification(EVENT_INSTANCES_TRANSFERRED, action, _now(when), outcome, (),
@@ -778,8 +781,17 @@ def dicom_instances_transferred(
         active_participant(source, requestor=requestor == "source", role=ROLE_SOURCE),
         active_participant(destination, requestor=requestor == "destination", role=ROLE_DESTINATION),
     ]
-    return _message(event, participants, audit_source, [_study_object(s) for s in studies], patient_id,
-                    on_behalf_of)
+    objects = [_study_object(s) for s in studies]
+    if stored_as is not None and patient_id is not None:
+        relabelled = patient_object(patient_id)
+        detail = ParticipantObjectDetail.text(STORED_AS_DETAIL, stored_as)
+        objects.append(replace(relabelled, details=(*relabelled.details, detail)))
+        patient_id = None
+    return _message(event, participants, audit_source, objects, patient_id, on_behalf_of)
+
+
+#: Detail type of the patient id instances were stored under when a transfer relabelled them.
+STORED_AS_DETAIL: Final = "StoredAsPatientID"
 
 
 def application_activity(

@@ -15,8 +15,8 @@ class DestinationPacs(StrictModel):
     ae_title: AeTitle
     host: str
     port: int = Field(ge=1, le=65535)
-    #: URAs of the organisations allowed to send here; empty means any authenticated requester.
-    uras: list[Ura] = Field(default_factory=list)
+    #: URAs of the organisations this PACS belongs to: only their requesters may send here.
+    uras: list[Ura] = Field(min_length=1)
     tls: ClientTls | None = None
     #: IssuerOfPatientID written with a request's ``local_patient_id`` (import reconciliation): the
     #: assigning authority of the patient ids in this PACS.

@@ -228,6 +228,7 @@ class SimulatedNetwork:
                     "signing_cert_file": str(self.duo_signing.cert)},
             "transfers": {"destinations": [{
                 "name": REQUESTER_PACS_NAME, "ae_title": REQUESTER_PACS.ae_title, "host": HOST,
+                "uras": [REQUESTER_PACS.ura],
                 "port": self.requester_pacs.port, "patient_id_issuer": "EIGEN_ZIEKENHUIS"}],
                 "retry_backoff_s": 0.2},
             "clients": self._clients(),

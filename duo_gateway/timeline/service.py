@@ -114,7 +114,7 @@ class TimelineService:
         outcomes.extend(skipped)
         if chosen:
             outcomes = [replace(o, studies=tuple(institution_filter(o.studies, chosen))) for o in outcomes]
-        merged = merge(outcomes, lambda refs: self._ids.seal(refs, request.bsn))
+        merged = merge(outcomes, lambda refs: self._ids.seal(refs, request.bsn, ura=request.requester.ura))
         self._audit(request, merged, outcomes)
         log.info(
             "timeline answered",

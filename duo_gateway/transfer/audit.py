@@ -42,7 +42,9 @@ _OUTCOME: dict[StudyState, EventOutcome] = {
 
 def audit_study(auditor: Auditor, *, gateway: Peer, bsn: str, study_uid: str, state: StudyState, detail: str,
                 destination: DestinationPacs, hospital: TlbHospital | None, stored: int,
-                requestor: Requestor | None = None) -> None:
+                requestor: Requestor | None = None, stored_as: str | None = None) -> None:
+    """Two records when a TLB hospital was the source (its PACS to DUO, DUO to the destination), one
+    otherwise; ``stored_as`` is the ``local_patient_id`` the instances were relabelled to."""
     outcome = _OUTCOME.get(state, EventOutcome.SERIOUS_FAILURE)
     description = None if outcome == EventOutcome.SUCCESS else f"{state}: {detail}"[:1024]
     when = datetime.now(UTC)
@@ -58,7 +60,7 @@ def audit_study(auditor: Auditor, *, gateway: Peer, bsn: str, study_uid: str, st
         side="source", source=gateway, destination=requester_pacs, requestor="source",
         audit_source=auditor.audit_source, studies=study, patient_id=bsn_cx(bsn), outcome=outcome,
         outcome_description=f"{description}; {stored} instances stored" if description else None, when=when,
-        on_behalf_of=requestor))
+        on_behalf_of=requestor, stored_as=stored_as))
 
 
 __all__ = ["audit_study"]

@@ -256,7 +256,8 @@ class JobRunner:
             if ref.kind == "tlb" else None
         audit_study(self._auditor, gateway=self._identity, bsn=sealed.bsn, study_uid=ref.study_uid,
                     state=outcome.state, detail=outcome.detail, destination=destination, hospital=hospital,
-                    stored=outcome.stored, requestor=Requestor.of(Claims(**job.requester)))
+                    stored=outcome.stored, requestor=Requestor.of(Claims(**job.requester), issuer=job.client),
+                    stored_as=job.local_patient_id)
 
     async def _audit_interrupted(self, job: Job, study: StudyProgress, destination: DestinationPacs) -> None:
         """A study left mid-way (cancelled, claim lost, crashed) may already have disclosed instances
@@ -270,11 +271,13 @@ class JobRunner:
         self._audit(job, study, StudyOutcome("cancelled", "interrupted before the study finished",
                                              progress.instances_stored), destination)
 
-    def check_study(self, study_id: str) -> str:
-        """The study's instance UID; raises ValueError for an id DUO did not issue, LookupError when
-        DUO knows none of its sources."""
+    def check_study(self, study_id: str, ura: str) -> str:
+        """The study's instance UID; raises ValueError for an id DUO did not issue (StudyIdRefused for
+        one issued to another organisation or expired), LookupError when DUO knows none of its sources."""
         problems: list[str] = []
-        for ref in self._ids.open(study_id).refs:
+        sealed = self._ids.open(study_id)
+        sealed.check_use(ura)
+        for ref in sealed.refs:
             try:
                 if ref.kind == "tlb":
                     self._hospital(ref)

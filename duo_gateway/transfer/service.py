@@ -225,12 +225,13 @@ class TransferService:
                                       "name a configured destination")
             # The name only labels the job (status, logs, audit); keep it within the names' alphabet.
             label = f"adhoc_{wanted.ae_title.strip()}_{wanted.host}_{wanted.port}"
+            # An address the requester typed belongs to the requester's own organisation.
             return DestinationPacs(name=re.sub(r"[^A-Za-z0-9_.-]", "_", label)[:64], ae_title=wanted.ae_title,
-                                   host=wanted.host, port=wanted.port)
+                                   host=wanted.host, port=wanted.port, uras=[claims.ura])
         dest = next((d for d in cfg.destinations if d.name == wanted), None)
         if dest is None:
             raise TransferRefused("unknown-destination", f"no destination named {wanted!r} is configured")
-        if dest.uras and claims.ura.zfill(8) not in {u.zfill(8) for u in dest.uras}:
+        if claims.ura not in dest.uras:
             raise TransferRefused("destination-not-allowed",
                                   f"organisation {claims.ura} may not send to {wanted!r}")
         return dest

@@ -67,8 +67,12 @@ def copies(template: str, n: int, out: Path, study_uid: str) -> list[Instance]:
     return result
 
 
+#: The organisation the test destinations belong to.
+OWN = ["00010001"]
+
 def destination(port: int, ae_title: str = "DEST", timeout_s: float = 5) -> DestinationPacs:
-    return DestinationPacs(name="dest", ae_title=ae_title, host=HOST, port=port, timeout_s=timeout_s)
+    return DestinationPacs(uras=OWN, name="dest", ae_title=ae_title, host=HOST, port=port,
+                           timeout_s=timeout_s)
 
 
 async def store(client: StoreClient, inst: Instance) -> StoreResult:
@@ -171,7 +175,7 @@ async def test_multi_series_study_into_orthanc(tmp_path: Path) -> None:
     j2k = copies("MR_small_jp2klossless.dcm", 2, tmp_path / "j2k", study)
     everything = ct + mr + rle + j2k
     with run_orthanc(tmp_path / "orthanc") as orthanc:
-        dest = DestinationPacs(name="orthanc", ae_title=orthanc.ae_title, host=orthanc.host,
+        dest = DestinationPacs(uras=OWN, name="orthanc", ae_title=orthanc.ae_title, host=orthanc.host,
                                port=orthanc.dicom_port, timeout_s=10)
         async with StoreClient(dest, DUO_AE) as client:
             results = [await store(client, i) for i in everything]
@@ -284,7 +288,8 @@ async def test_destination_down(tmp_path: Path) -> None:
 async def test_wrong_called_ae_rejected(tmp_path: Path) -> None:
     inst = copies("CT_small.dcm", 1, tmp_path, generate_uid())[0]
     with run_orthanc(tmp_path / "orthanc") as orthanc:
-        dest = DestinationPacs(name="o", ae_title="NOT_ORTHANC", host=orthanc.host, port=orthanc.dicom_port)
+        dest = DestinationPacs(uras=OWN, name="o", ae_title="NOT_ORTHANC", host=orthanc.host,
+                               port=orthanc.dicom_port)
         async with StoreClient(dest, DUO_AE) as client:
             with pytest.raises(StoreUnavailable) as info:
                 await store(client, inst)
@@ -380,7 +385,8 @@ async def test_tls_destination_with_client_certificate(tmp_path: Path) -> None:
                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
         tls = ClientTls(ca_file=pki.ca_cert, cert_file=pki.client.cert, key_file=pki.client.key)
-        dest = DestinationPacs(name="tls", ae_title="DEST", host=HOST, port=int(server.server_address[1]),
+        dest = DestinationPacs(uras=OWN, name="tls", ae_title="DEST", host=HOST,
+                               port=int(server.server_address[1]),
                                tls=tls, timeout_s=5)
         async with StoreClient(dest, DUO_AE) as client:
             results = [await store(client, i) for i in insts]

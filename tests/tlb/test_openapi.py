@@ -165,7 +165,8 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     storage = tmp_path_factory.mktemp("transfers")
     config = make_config(storage, mitz_port=9)
     config = config.model_copy(update={"transfers": TransferConfig(destinations=[DestinationPacs(
-        name="own-pacs", ae_title="OWN_PACS", host="127.0.0.1", port=9)])})
+        name="own-pacs", ae_title="OWN_PACS", host="127.0.0.1", port=9,
+        uras=["00000666"])])})
     ids = StudyIds(os.urandom(32))
 
     async def start() -> tuple[web.AppRunner, TransferService]:
