@@ -25,6 +25,8 @@ class TimelineRequest:
     #: URAs to keep (empty: every institution).
     institutions: tuple[str, ...]
     requester: Claims
+    #: The TLB system that carried the request (its configured client name), for the audit trail.
+    client: str | None = None
 
 
 @dataclass(frozen=True)

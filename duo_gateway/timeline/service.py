@@ -285,6 +285,7 @@ class TimelineService:
                 bsn=request.bsn,
                 study_uids=[s.study_uid for s in merged],
                 sources=[f"{o.id}={o.status}" for o in outcomes],
+                client=Peer(user_id=request.client) if request.client else None,
                 outcome=EventOutcome.SUCCESS
                 if all(o.status in ("ok", "no-consent", "not-localized") for o in outcomes)
                 else EventOutcome.MINOR_FAILURE,

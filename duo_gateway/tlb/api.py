@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import sys
@@ -213,7 +214,7 @@ class TlbApiDoor:
             log.info("tlb_timeline_refused", status=refusal.status, problem=refusal.type.value,
                      codes=sorted({e.code for e in refusal.errors or ()}))
             return _problem(refusal.status, refusal.type, refusal.detail, refusal.errors)
-        timeline_request = query.to_request()
+        timeline_request = dataclasses.replace(query.to_request(), client=caller_of(request).name)
         budget = self._config.deadline_s + self._deadline_grace_s
         try:
             async with asyncio.timeout(budget) as deadline:

@@ -501,6 +501,8 @@ async def test_timeline_disclosure_and_outbound_queries_are_audited(network: Tim
     people = {r.get("UserID"): r.get("UserIsRequestor") for r in event.iter("ActiveParticipant")}
     assert people["000095254^^^&2.16.528.1.1007.3.1&ISO"] == "true"
     assert people[f"{H1.ura}^^^&2.16.528.1.1007.3.3&ISO"] == "false"
+    # The TLB system that carried the request, as its certificate (here: none, a plain test) matched.
+    assert "tlb:test-tlb" in people
     detail = _value(event, "ParticipantObjectIdentification[@ParticipantObjectID='timeline-sources']"
                     "/ParticipantObjectDetail[@type='Sources']/@value")
     assert set(base64.b64decode(detail).decode().split(",")) == expected_sources

@@ -178,7 +178,8 @@ async def test_valid_request_answers_the_contract_and_passes_the_converted_reque
     assert provider.requests == [TimelineRequest(
         bsn=BSN, date_from=date(2015, 1, 1), date_to=date(2026, 12, 31), institutions=("00000659",),
         requester=Claims(uzi="000095254", role="01.015", ura="00000666", purpose="TREAT",
-                         organisation_type="V6", mandated_uzi=None))]
+                         organisation_type="V6", mandated_uzi=None),
+        client="tlb:test-tlb")]  # the calling system, as its certificate (here: none) identified it
 
 
 async def test_optional_members_and_repeated_institutions(api: Api) -> None:
