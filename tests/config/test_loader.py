@@ -8,6 +8,7 @@ import pytest
 
 from duo_gateway.cli import main
 from duo_gateway.config.loader import ConfigError, load_config, render_json_schema
+from tests.support.pki import Pki
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "duo.example.toml"
@@ -45,8 +46,18 @@ def check(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     return code, out.out + out.err
 
 
-def test_example_config_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
+def test_example_config_is_valid(tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]) -> None:
+    # As shipped, the one thing it lacks is the XCA peer's pinned signing certificate, which is a file
+    # every deployment brings: check-config names exactly that.
     code, out = check(EXAMPLE, capsys)
+    assert code == 2 and out.count("\n  - ") == 1, out
+    assert "clients.xca[0] (xds-noord): signing_certs" in out and "No such file" in out
+    # Next to that file, the example is valid.
+    copy = tmp_path / "duo.example.toml"
+    copy.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "xua").mkdir()
+    (tmp_path / "xua" / "xds-noord-signing.pem").write_bytes(pki.client.cert.read_bytes())
+    code, out = check(copy, capsys)
     assert code == 0, out
     assert "valid" in out
 
@@ -159,6 +170,7 @@ def test_console_script_exit_codes(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "duo_gateway", "check-config", str(bad)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    proc = subprocess.run([sys.executable, "-m", "duo_gateway", "check-config", str(EXAMPLE)],
+    good = write(tmp_path, MINIMAL)
+    proc = subprocess.run([sys.executable, "-m", "duo_gateway", "check-config", str(good)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -113,16 +113,20 @@ async def test_metrics_request_ids_and_ops_listener(tmp_path: Path, mitz_stub: i
     gw = Gateway(make_config(tmp_path, mitz_port=mitz_stub, ops=True))
     await gw.start()
     try:
+        assert gw.ops_url is not None
         async with aiohttp.ClientSession() as s:
-            async with s.get(f"{gw.http_url}/healthz", headers={"X-Request-ID": "trace-12345678"}) as r:
+            async with s.get(f"{gw.ops_url}/healthz", headers={"X-Request-ID": "trace-12345678"}) as r:
                 assert r.headers["X-Request-ID"] == "trace-12345678"
-            async with s.get(f"{gw.http_url}/healthz", headers={"X-Request-ID": "bad id; drop"}) as r:
+            async with s.get(f"{gw.ops_url}/healthz", headers={"X-Request-ID": "bad id; drop"}) as r:
                 assert r.headers["X-Request-ID"] != "bad id; drop"
                 assert len(r.headers["X-Request-ID"]) == 36
             async with s.get(f"{gw.http_url}/no/such/route") as r:
                 assert r.status == 404
-            await (await s.get(f"{gw.http_url}/readyz")).read()
-            assert gw.ops_url is not None
+            # With an ops listener, health and metrics stay there: the main listener does not serve them.
+            for path in ("/healthz", "/readyz", "/metrics"):
+                async with s.get(f"{gw.http_url}{path}") as r:
+                    assert r.status == 404, path
+            await (await s.get(f"{gw.ops_url}/readyz")).read()
             async with s.get(f"{gw.ops_url}/metrics") as r:
                 text = await r.text()
                 assert r.headers["Content-Type"].startswith("text/plain")
@@ -148,7 +152,7 @@ class SlowDoor:
             await asyncio.sleep(1.0)
             return web.json_response({"done": True})
 
-        app.router.add_get("/slow", slow)
+        app.router.add_get("/slow", slow, name="tlb:slow")  # the plain test client is a TLB client
 
 
 async def test_graceful_shutdown_finishes_in_flight_requests(tmp_path: Path, mitz_stub: int) -> None:
