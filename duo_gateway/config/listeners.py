@@ -21,7 +21,9 @@ class HttpListener(StrictModel):
     #: such a listener otherwise, because it could not tell who is calling.
     allow_insecure: bool = False
     #: A connection that has not sent its complete request headers this long after connecting (or
-    #: after its previous request) is closed, so slow clients cannot hold sockets forever.
+    #: after the first byte of a later request) is closed, so slow clients cannot hold sockets
+    #: forever; TLS handshakes get the same time. Idle kept-alive connections follow aiohttp's
+    #: keep-alive timeout.
     header_timeout_s: float = Field(default=5.0, gt=0, le=300)
 
 

@@ -6,11 +6,13 @@ as long as it likes (its keep-alive timeout only runs between requests, and is l
 exhaust the listener before any authentication happens. So the listener's sites wrap each
 connection's protocol in :class:`HeaderDeadline`:
 
-- a connection is *idle* while aiohttp waits for a request: no parsed request queued, none being
-  handled, nothing of a response still to be written; partial header bytes do not count;
-- an idle connection is closed once it has been idle for ``listeners.http.header_timeout_s``,
-  whether it just connected or just finished its previous request (a keep-alive client that sends
-  its next request within that time is never touched);
+- a connection is *waiting* while aiohttp waits for a request's headers: no parsed request queued,
+  none being handled, nothing of a response still to be written; partial header bytes do not count;
+- a new connection must complete its first request's headers within
+  ``listeners.http.header_timeout_s`` of connecting; on a kept-alive connection the clock starts with
+  the first byte of the next request. A kept-alive connection that sends nothing is aiohttp's
+  keep-alive timeout's business: closing it here, a few seconds after each answer, would race every
+  client that reuses its connection (it sends just as the server closes, and sees a reset);
 - a TLS handshake that does not finish within the same time is abandoned (asyncio's
   ``ssl_handshake_timeout``, 60 s by default); the header clock starts after the handshake, on the
   decrypted stream.
@@ -45,6 +47,8 @@ class HeaderDeadline(asyncio.Protocol):
         self._poll = min(_POLL_S, timeout_s / 4)
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
+        #: When the headers now awaited started to be owed: at connect, or at the first byte of the
+        #: next request on a kept-alive connection; None while a request is being handled or none owed.
         self._idle_since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -61,6 +65,9 @@ class HeaderDeadline(asyncio.Protocol):
         if self._busy():
             # A request's headers are complete (aiohttp parsed them synchronously just now).
             self._idle_since = None
+        elif self._idle_since is None:
+            # The first bytes of the next request on a kept-alive connection: its headers are now owed.
+            self._idle_since = self._loop.time()
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -100,7 +107,9 @@ class HeaderDeadline(asyncio.Protocol):
             self._arm(self._poll)
             return
         if self._idle_since is None:
-            self._idle_since = now  # it became idle since the last look: its clock starts now
+            # Kept alive with nothing sent: aiohttp's keep-alive timeout closes it in time.
+            self._arm(self._poll)
+            return
         waited = now - self._idle_since
         if waited < self._timeout:
             self._arm(min(self._poll, self._timeout - waited))

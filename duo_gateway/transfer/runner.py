@@ -174,13 +174,16 @@ class JobRunner:
         cfg = self.cfg.transfers
         await asyncio.sleep(self._rng.uniform(0, cfg.retry_backoff_s * 2 ** attempt))
 
-    def destination(self, spec: Mapping[str, object]) -> DestinationPacs:
+    def destination(self, spec: Mapping[str, object], owner_ura: str | None = None) -> DestinationPacs:
         """The job's destination, re-read from the current configuration when it is a named one, so an
-        operator's correction (new port, TLS) applies to resumed jobs too."""
+        operator's correction (new port, TLS) applies to resumed jobs too. An ad-hoc one belongs to the
+        organisation that typed it (``owner_ura`` for a job queued before that was recorded)."""
         name = spec.get("name")
         if spec.get("adhoc"):
-            return DestinationPacs.model_validate(
-                {k: spec[k] for k in ("name", "ae_title", "host", "port") if k in spec})
+            fields = {k: spec[k] for k in ("name", "ae_title", "host", "port", "uras") if k in spec}
+            if "uras" not in fields and owner_ura is not None:
+                fields["uras"] = [owner_ura]
+            return DestinationPacs.model_validate(fields)
         for dest in self.cfg.transfers.destinations:
             if dest.name == name:
                 return dest
@@ -191,7 +194,7 @@ class JobRunner:
         started = time.perf_counter()
         claims = Claims(**job.requester)
         try:
-            destination = self.destination(job.destination)
+            destination = self.destination(job.destination, job.client_ura)
         except LookupError as exc:
             return await self._finish(job, "failed", [str(exc)])
         log.info("transfer_started", job=job.id, studies=len(job.studies), destination=destination.name,

@@ -156,10 +156,10 @@ class TransferService:
             # Ids carry a fresh nonce each time: the same study from two timelines is one study.
             by_uid.setdefault(study_uid, study_id)
         destination = self._destination(request.destination, request.requester)
-        spec = {"name": destination.name, "ae_title": destination.ae_title, "host": destination.host,
-                "port": destination.port}
+        spec: dict[str, object] = {"name": destination.name, "ae_title": destination.ae_title,
+                                   "host": destination.host, "port": destination.port}
         if isinstance(request.destination, AdhocDestination):
-            spec["adhoc"] = True
+            spec |= {"adhoc": True, "uras": list(destination.uras)}
         claims = request.requester
         job = await self.store.create(NewJob(
             requester=dataclasses.asdict(claims), destination=spec, studies=tuple(by_uid.values()),

@@ -34,6 +34,7 @@ from tests.transfer.harness import (
     LOCAL_ISSUER,
     NONE,
     NOORD,
+    REQUESTER,
     TLB,
     TransferNetwork,
     clear,
@@ -376,7 +377,8 @@ async def test_a_copy_that_is_gone_falls_back_to_the_next_source(network: Transf
     community_copy = ids.open(xca_id).ref
     gone = StudyRef("tlb", community_copy.study_uid, network.gateway.config.gateway.home_community_id,
                     repository_unique_id=TLB.repository_unique_id, hospital_ura=TLB.ura)
-    status, accepted = await network.submit([ids.seal([gone, community_copy], ALL.bsn)])
+    sealed = ids.seal([gone, community_copy], ALL.bsn, ura=REQUESTER["ura"])
+    status, accepted = await network.submit([sealed])
     assert status == 202, accepted
     final = await network.wait(accepted["id"])
     assert final["state"] == "completed", final
