@@ -193,7 +193,6 @@ def duo_config(workdir: Path, hospitals: Sequence[dict[str, Any]], mitz_url: str
             "open_url": f"{mitz_url}/openautorisatievraag",
             "subscriptions_url": f"{mitz_url}/abonnementen/fhir/Subscription",
         },
-        "xua": {"trusted_certs": [str(trusted_ca)]},
         # The benchmark's callers are on plain loopback HTTP: one TLB client, one XCA peer, no certificate.
         "clients": {"tlb": [{"name": "bench-tlb", "certificate": {"absent": True},
                              "uras": [CLAIMS.ura, "00010001"]}],

@@ -77,7 +77,7 @@ from duo_gateway.xca.query import (
     parse_adhoc_query_response,
 )
 from duo_gateway.xmldsig import TrustStore
-from duo_gateway.xua import validate_xua
+from duo_gateway.xua import peer_trust, validate_xua
 
 SUCCESS = b'status="urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"'
 EXTRINSIC = b"<rim:ExtrinsicObject "
@@ -236,7 +236,7 @@ class Floor:
     body: bytes
 
 
-def floor(requests: Sequence[PreparedRequest], config: DuoConfig, trust: TrustStore,
+def floor(requests: Sequence[PreparedRequest], config: DuoConfig, trust: TrustStore, issuer: str,
           records: Sequence[tuple[Any, StudyRecord]]) -> Floor:
     """DUO's codec alone on the same request bytes; median per request and per stage."""
     bsn = consenting_patient(network()).bsn
@@ -250,7 +250,8 @@ def floor(requests: Sequence[PreparedRequest], config: DuoConfig, trust: TrustSt
         root, _parts = parse_mtom(req.content_type, req.body, limit)
         env = parse_envelope(root)
         t1 = time.perf_counter()
-        requester = validate_xua(env, config.xua, trusted=trust, audiences=[HOME], now=datetime.now(UTC))
+        requester = validate_xua(env, config.xua, issuer=issuer, trusted=trust, audiences=[HOME],
+                                 now=datetime.now(UTC))
         assert requester is not None and env.body is not None
         t2 = time.perf_counter()
         query = parse_adhoc_query_request(env.body)
@@ -373,7 +374,8 @@ async def amain(args: argparse.Namespace, work: Path) -> int:
         expected = len(records)
         if args.reports:
             # One KOS per study plus one entry per report: learn the count from a first answer.
-            _lat, _wall, first, _failed = await load(url, prepared[:1], 1, None)
+            # A request of its own: DUO refuses a MessageID it has seen (replay), so none is sent twice.
+            _lat, _wall, first, _failed = await load(url, [caller.request(url, Action.ITI38, query)], 1, None)
             expected = first.count(EXTRINSIC)
             if expected <= len(records):
                 raise BrokenAnswer(f"with reports expected more than {len(records)} entries, got {expected}")
@@ -396,8 +398,8 @@ async def amain(args: argparse.Namespace, work: Path) -> int:
                             histogram_deltas(before, after, "duo_http_request_duration_seconds",
                                              ("route", "method"))))
 
-        trust = TrustStore.from_pem_files(config.xua.trusted_certs)
-        fl = floor(prepared[WARMUP:WARMUP + args.requests], config, trust, records)
+        peer = config.clients.xca[0]
+        fl = floor(prepared[WARMUP:WARMUP + args.requests], config, peer_trust(peer), peer.issuer, records)
         good = [r for r in runs if r.last_body]
         if not good:
             raise BrokenAnswer(f"no correct answer in any run: {runs[0].failures[1]}")

@@ -254,7 +254,7 @@ def duo_transfer(work: Path, study: Study, method: str, source: Any, dest: Any, 
             "timeout_s": 30.0}]
     raw = duo_config(run_dir, tlb, mitz_url, pki.ca_cert,
                      listeners={"dicom": {"ae_title": DUO_AE, "host": HOST, "port": duo_port}},
-                     xua={"trusted_certs": [str(pki.ca_cert)], "signing_key_file": str(pki.server.key),
+                     xua={"signing_key_file": str(pki.server.key),
                           "signing_cert_file": str(pki.server.cert)},
                      xca_responding={"retrieve_method": method},
                      transfers={"destinations": [{

@@ -47,7 +47,7 @@ from duo_gateway.xca.initiating.client import CommunityClient
 from duo_gateway.xca.initiating.retrieve import CommunityRetriever
 from duo_gateway.xca.responding.service import RespondingGateway
 from duo_gateway.xca.responding.transport import XcaRespondingDoor
-from duo_gateway.xmldsig import TrustStore, load_signing_pair
+from duo_gateway.xmldsig import load_signing_pair
 
 log = structlog.get_logger(__name__)
 
@@ -115,9 +115,6 @@ class Gateway:
         if config.timeline.enabled:
             self._front_doors.append(TlbApiDoor(self.timeline, config.timeline, transfers=self.transfers))
         self.index: DocumentIndex | None = None
-        self.xua_trust: TrustStore | None = None
-        if config.xua.trusted_certs:
-            self.xua_trust = TrustStore.from_pem_files(config.xua.trusted_certs)
         self._extra_probes = list(extra_probes)
         self._runner: web.AppRunner | None = None
         self._ops_runner: web.AppRunner | None = None
@@ -135,13 +132,13 @@ class Gateway:
         await asyncio.to_thread(self._clear_spool)
         self.index = await DocumentIndex.open(cfg.storage.path)
         if cfg.xca_responding.enabled:
-            if self.xua_trust is None:
-                log.error("xca responding gateway has no trusted XUA issuers: every request will be refused",
-                          hint="set xua.trusted_certs")
+            if not cfg.clients.xca:
+                log.error("xca responding gateway has no XCA peers: every request will be refused",
+                          hint="add [[clients.xca]] entries with their issuer and signing_certs")
             service = RespondingGateway(cfg, sources=self.sources, gate=self.consent, index=self.index,
                                         auditor=self.auditor, identity=self.identity,
                                         spool_dir=self.spool_dir, metrics=self.metrics)
-            self._front_doors.append(XcaRespondingDoor(cfg, service, self.xua_trust))
+            self._front_doors.append(XcaRespondingDoor(cfg, service))
         if self.transfers is not None:
             await self.transfers.open()
         self.app = build_app(

@@ -115,23 +115,36 @@ class TrustStore:
     store or is directly issued by a CA in the store. Intermediates that arrive in ``KeyInfo`` are
     never used to build a path, so a peer cannot bring its own chain; put the issuing CA (e.g. the
     UZI-register CA of PKIoverheid) in the store instead.
+
+    ``pinned=True`` is the mode for XUA issuers: only the listed certificates themselves sign, never
+    anything a CA issued. A CA issues TLS certificates to every system of the network (DUO's own
+    server certificate included), so "chains to the CA" would let any of those keys speak for any
+    issuer. A pinned store refuses CA certificates (neither listed nor as the signer, since a CA key
+    signing assertions is a CA doing what it must not) and wants ``digitalSignature`` in a KeyUsage:
+    an assertion signature authenticates its origin, which is not what ``nonRepudiation`` is for.
     """
 
     certificates: tuple[x509.Certificate, ...]
+    pinned: bool = False
 
     def __post_init__(self) -> None:
         if not self.certificates:
             raise ValueError("a TrustStore needs at least one certificate")
+        if self.pinned:
+            for cert in self.certificates:
+                if _is_ca(cert) or _claims_ca(cert):
+                    raise ValueError(f"{_describe(cert)} is a CA certificate: pin the signing certificates "
+                                     "themselves, not their CA")
 
     @classmethod
-    def from_pem_files(cls, paths: Iterable[str | os.PathLike[str]]) -> TrustStore:
+    def from_pem_files(cls, paths: Iterable[str | os.PathLike[str]], *, pinned: bool = False) -> TrustStore:
         certs: list[x509.Certificate] = []
         for path in paths:
             with open(path, "rb") as f:
                 data = f.read()
             found = x509.load_pem_x509_certificates(data)
             certs.extend(found)
-        return cls(tuple(certs))
+        return cls(tuple(certs), pinned=pinned)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -504,8 +517,34 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return True
 
 
+def _claims_ca(cert: x509.Certificate) -> bool:
+    """BasicConstraints cA=true, whatever its KeyUsage says: for a pinned signer, being a CA is enough."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _check_pinned(cert: x509.Certificate, trusted: TrustStore) -> None:
+    if _claims_ca(cert) or _is_ca(cert):
+        raise SignatureError(f"signing certificate {_describe(cert)} is not trusted (a CA certificate "
+                             "never signs assertions)")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and not usage.digital_signature:
+        raise SignatureError(f"signing certificate {_describe(cert)} has a KeyUsage without digitalSignature")
+    if cert not in trusted.certificates:
+        raise SignatureError(f"signing certificate {_describe(cert)} is not trusted (not one of the "
+                             "certificates pinned for this issuer)")
+
+
 def _check_trust(cert: x509.Certificate, trusted: TrustStore, now: datetime) -> None:
     _check_validity(cert, now, "signing")
+    if trusted.pinned:
+        _check_pinned(cert, trusted)
+        return
     if not _may_sign(cert):
         raise SignatureError(f"signing certificate {_describe(cert)} has a KeyUsage that forbids signatures")
     if cert in trusted.certificates:

@@ -12,13 +12,21 @@ Two directions, one vocabulary (the Twiin/Mitz attributes of netherlands.md §3 
 
 Fault subcodes (OASIS WSS 1.1 §12), chosen so a peer's operator can tell what to fix:
 
-* ``InvalidSecurity``: the header itself is off (no assertion, two Security headers, a bad Timestamp);
+* ``InvalidSecurity``: the header itself is off (no assertion, two Security headers, a bad or missing
+  Timestamp), or the message was seen before (a replay, which WSS4J reports the same way);
 * ``InvalidSecurityToken``: the assertion is malformed, unsigned, not yet valid, too long-lived, or its
   attributes are missing, duplicated or malformed;
 * ``FailedCheck``: the signature does not verify or falls outside the accepted XML-DSig profile;
-* ``FailedAuthentication``: well formed, but not acceptable: untrusted signer, not meant for us
-  (audience), too weak an authentication class, a purpose of use Mitz does not know;
+* ``FailedAuthentication``: well formed, but not acceptable: an issuer other than the calling peer's,
+  a signer not pinned for that issuer, not meant for us (audience), too weak an authentication class,
+  a role or purpose of use not allowed here, a ``resource-id`` naming another patient than the request;
 * ``MessageExpired``: the assertion or the message Timestamp has expired.
+
+Trust is per issuer and bound to the connection: the caller (its TLS client certificate) is one
+configured XCA peer, which has exactly one issuer and the certificates pinned to sign for it. So an
+assertion is believed only when its Issuer is the calling peer's and its signer is pinned for that
+issuer: another peer's key, a CA key, or any certificate the CA issued (DUO's own TLS key included)
+signs nothing, and a bearer assertion stolen from one peer is useless over another peer's connection.
 
 Signature wrapping is defeated by construction: the attributes are read from the one ``saml2:Assertion``
 that is a direct child of the one ``wsse:Security`` header, and that same element object is what
@@ -40,6 +48,7 @@ from lxml import etree
 
 from duo_gateway import xmldsig
 from duo_gateway.bsn import BSN_OID, is_valid_bsn
+from duo_gateway.config.access import XcaPeer
 from duo_gateway.config.xua import XuaConfig
 from duo_gateway.mitz.wire import (
     ATTR_CONSULTING_TYPE,
@@ -182,6 +191,15 @@ class Requester(Claims):
     #: RFC 4514 subject of the certificate whose signature was verified.
     signer: str
 
+    def concerns(self, bsn: str) -> bool:
+        """Whether a request about ``bsn`` is one this assertion may be used for.
+
+        An assertion that names its patient (``resource-id``) was issued for that patient's care only:
+        using it for another is the requester reaching past what was authenticated. One without a
+        ``resource-id`` is not limited to a patient (Twiin's token carries none).
+        """
+        return self.patient_bsn is None or self.patient_bsn == bsn
+
 
 # --------------------------------------------------------------------------------------------------
 # Inbound
@@ -218,16 +236,21 @@ def _text(el: etree._Element) -> str:
     return (el.text or "").strip()
 
 
-def _check_timestamp(security: etree._Element, now: datetime, skew: timedelta) -> None:
+def _check_timestamp(security: etree._Element, now: datetime, skew: timedelta, required: bool) -> None:
     stamps = _elements(security, WSU_NS, "Timestamp")
     if len(stamps) > 1:
         raise _fault("InvalidSecurity", f"wsse:Security holds {len(stamps)} wsu:Timestamp elements")
     if not stamps:
+        if required:
+            raise _fault("InvalidSecurity", "wsse:Security must hold a wsu:Timestamp")
         return
     created_el = _elements(stamps[0], WSU_NS, "Created")
     expires_el = _elements(stamps[0], WSU_NS, "Expires")
     if len(created_el) > 1 or len(expires_el) > 1:
         raise _fault("InvalidSecurity", "wsu:Timestamp holds more than one Created or Expires")
+    if required and not created_el:
+        # A Timestamp that does not say when the message was made says nothing.
+        raise _fault("InvalidSecurity", "wsu:Timestamp must hold Created")
     created = _time(created_el[0].text, "wsu:Timestamp/Created", "InvalidSecurity") if created_el else None
     expires = _time(expires_el[0].text, "wsu:Timestamp/Expires", "InvalidSecurity") if expires_el else None
     if created is not None and expires is not None and expires <= created:
@@ -408,7 +431,12 @@ def _code(values: dict[str, etree._Element], name: str, code_system: str) -> str
     return el.get("code") or ""
 
 
-def _claims(assertion: etree._Element) -> tuple[dict[str, str | None], str | None]:
+def _shown(code: str) -> str:
+    """A code from the request as a fault reason may quote it: short, so a peer cannot fill our logs."""
+    return repr(code[:32] + ("..." if len(code) > 32 else ""))
+
+
+def _claims(assertion: etree._Element, cfg: XuaConfig) -> tuple[dict[str, str | None], str | None]:
     values = _single_values(assertion)
     claims = {
         "uzi": _identifier(values, ATTR_PROVIDER_ID, UZI_OID),
@@ -424,11 +452,12 @@ def _claims(assertion: etree._Element) -> tuple[dict[str, str | None], str | Non
     if missing:
         raise _fault("InvalidSecurityToken",
                      f"the assertion lacks required attribute(s) {', '.join(missing)}")
-    purpose = claims["purpose"]
-    if purpose not in PURPOSES:
+    purpose = claims["purpose"] or ""
+    if purpose not in PURPOSES or purpose not in cfg.purposes:
         # Gazelle's _secondpurposeofuse: a purpose the policy does not grant access for.
         raise _fault("FailedAuthentication",
-                     f"purposeofuse {purpose!r} is not accepted (only {', '.join(sorted(PURPOSES))})")
+                     f"purposeofuse {_shown(purpose)} is not accepted "
+                     f"(only {', '.join(sorted(cfg.purposes))})")
     bsn = _identifier(values, ATTR_RESOURCE_ID, BSN_OID)
     if bsn is not None and not is_valid_bsn(bsn):
         # The value stays out of the reason: faults are logged.
@@ -440,12 +469,17 @@ def validate_xua(
     envelope: Envelope,
     cfg: XuaConfig,
     *,
+    issuer: str,
     trusted: TrustStore,
     audiences: Collection[str],
     now: datetime,
     authn_contexts: Collection[str] = ACCEPTED_AUTHN_CONTEXTS,
 ) -> Requester | None:
     """The requester of an inbound XCA request, or the SOAP fault to answer with.
+
+    ``issuer`` and ``trusted`` are the calling peer's (see :func:`peer_trust`): the one Issuer its
+    assertions may carry and the certificates pinned to sign them. Replay (a MessageID seen before)
+    is the transport's to refuse, after this check, so only authenticated messages take its memory.
 
     Returns None only when ``cfg.required`` is off and there is no assertion at all; a Security header
     or assertion that *is* present is always checked, because a closed test network should still not
@@ -469,7 +503,7 @@ def validate_xua(
                          "an XUA assertion is required, but there is no wsse:Security header")
         return None
     security = securities[0]
-    _check_timestamp(security, now, skew)
+    _check_timestamp(security, now, skew, cfg.require_timestamp)
     assertion = _find_assertion(security)
     if assertion is None:
         if cfg.required:
@@ -483,9 +517,13 @@ def validate_xua(
     if not _NCNAME.fullmatch(assertion_id):
         raise _fault("InvalidSecurityToken", "the assertion ID is missing or not an xs:ID")
     issued = _time(assertion.get("IssueInstant"), "assertion IssueInstant")
-    issuer = _text(_exactly_one(assertion, SAML_NS, "Issuer", "the assertion"))
-    if not issuer:
+    assertion_issuer = _text(_exactly_one(assertion, SAML_NS, "Issuer", "the assertion"))
+    if not assertion_issuer:
         raise _fault("InvalidSecurityToken", "the assertion Issuer is empty")
+    if assertion_issuer != issuer:
+        # Checked before the signature so the peer is told the real problem, not "untrusted signer".
+        raise _fault("FailedAuthentication", f"assertion issuer {_shown(assertion_issuer)} is not the issuer "
+                     "of the calling peer")
 
     # Everything below is read from this very element, now known to be what the signer signed.
     signer = _verify_signature(assertion, trusted, now, cfg.allow_sha1)
@@ -493,26 +531,43 @@ def validate_xua(
                                   audiences)
     subject = _check_subject(assertion, now, skew)
     _check_authn(assertion, authn_contexts)
-    claims, bsn = _claims(assertion)
+    claims, bsn = _claims(assertion, cfg)
     try:
-        return Requester(
+        requester = Requester(
             uzi=claims["uzi"] or "", role=claims["role"] or "", ura=claims["ura"] or "",
             purpose=claims["purpose"] or "", organisation_type=claims["organisation_type"],
-            mandated_uzi=claims["mandated_uzi"], issuer=issuer, assertion_id=assertion_id,
+            mandated_uzi=claims["mandated_uzi"], issuer=assertion_issuer, assertion_id=assertion_id,
             issue_instant=issued, not_on_or_after=not_after, subject=subject, patient_bsn=bsn,
             signer=signer.subject.rfc4514_string(),
         )
     except ValueError as exc:
         raise _fault("InvalidSecurityToken", f"malformed attribute value: {exc}") from exc
+    if requester.role not in cfg.roles:
+        # Checked here, not left to Mitz: consent says the patient allows care providers, not that
+        # this role has any business with images (xua.roles, mitz.md §5). After the format checks,
+        # so a malformed code is reported as malformed.
+        raise _fault("FailedAuthentication", f"role {_shown(requester.role)} may not consult imaging here")
+    return requester
 
 
-def load_trust_store(cfg: XuaConfig) -> TrustStore | None:
-    """The signers ``cfg`` trusts; None when it lists none, which only a non-required setup may run with."""
-    if not cfg.trusted_certs:
-        if cfg.required:
-            raise ValueError("xua.required is set but xua.trusted_certs is empty: no assertion could pass")
-        return None
-    return TrustStore.from_pem_files(cfg.trusted_certs)
+#: Why a request about another patient than the assertion's ``resource-id`` is refused (audit, logs).
+PATIENT_MISMATCH: Final = "the XUA assertion's resource-id names another patient than this request"
+
+
+def patient_mismatch() -> SoapFault:
+    """The fault for a query whose patient is not the assertion's (:meth:`Requester.concerns`).
+
+    Neither BSN is quoted: faults are logged, and the peer knows both already.
+    """
+    return _fault("FailedAuthentication", PATIENT_MISMATCH)
+
+
+def peer_trust(peer: XcaPeer) -> TrustStore:
+    """The certificates pinned to sign ``peer``'s issuer's assertions: only these, never what a CA issued.
+
+    Raises ValueError (a CA certificate pinned) or OSError (unreadable file): a start-up error.
+    """
+    return TrustStore.from_pem_files(peer.signing_certs, pinned=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -599,6 +654,7 @@ def _wsu_time(t: datetime) -> str:
 
 
 __all__ = [
-    "ACCEPTED_AUTHN_CONTEXTS", "SUBJECT_CONFIRMATIONS", "Claims", "Requester", "Subcode", "issue_assertion",
-    "load_trust_store", "security_header", "security_header_bytes", "validate_xua",
+    "ACCEPTED_AUTHN_CONTEXTS", "PATIENT_MISMATCH", "SUBJECT_CONFIRMATIONS", "Claims", "Requester", "Subcode",
+    "issue_assertion", "patient_mismatch", "peer_trust", "security_header", "security_header_bytes",
+    "validate_xua",
 ]

@@ -1,4 +1,5 @@
-"""XUA: the NIST must-fault cases, independent signers, wrapping attacks, clock edges, the golden token.
+"""XUA: the NIST must-fault cases, independent signers, wrapping attacks, clock edges, the golden token,
+and the trust that is pinned per issuer (who may sign, for whom, in which role).
 
 Every refused case re-signs the assertion *after* planting its one defect, so the fault can only come
 from that defect, and every refusal asserts both the wsse subcode and the reason. The envelopes go
@@ -26,7 +27,8 @@ from lxml import etree
 from signxml.signer import XMLSigner
 
 from duo_gateway import xmldsig
-from duo_gateway.config.xua import XuaConfig
+from duo_gateway.config.access import CertificateMatch, XcaPeer
+from duo_gateway.config.xua import IMAGING_ROLES, XuaConfig
 from duo_gateway.mitz import wire
 from duo_gateway.mitz.wire import MitzRequestError
 from duo_gateway.soap.envelope import (
@@ -45,12 +47,12 @@ from duo_gateway.xua import (
     Claims,
     Requester,
     issue_assertion,
-    load_trust_store,
+    peer_trust,
     security_header,
     security_header_bytes,
     validate_xua,
 )
-from tests.support.pki import Pki, make_pki
+from tests.support.pki import CertPair, Pki, make_pki
 
 FIXTURES = Path(__file__).parent / "fixtures" / "xua"
 AUDIENCE = "urn:oid:2.16.528.1.1007.99.1"
@@ -60,7 +62,10 @@ QUERY_NS = "urn:oasis:names:tc:ebxml-regrep:xsd:query:3.0"
 NS = {"saml2": wire.SAML_NS, "ds": DS_NS, "wsse": wire.WSSE_NS, "wsu": wire.WSU_NS, "h": wire.HL7_NS,
       "s": SOAP12_NS}
 CLAIMS = Claims(uzi="000095254", role="01.039", ura="00000666", purpose="TREAT", organisation_type="V6")
-CFG = XuaConfig(required=True, audiences=[AUDIENCE], clock_skew_s=60.0, max_lifetime_s=3600.0)
+#: The tables below test the assertion alone, in a Security header without a Timestamp; the Timestamp
+#: a real message must carry (``require_timestamp``, on by default) has tests of its own.
+CFG = XuaConfig(required=True, audiences=[AUDIENCE], clock_skew_s=60.0, max_lifetime_s=3600.0,
+                require_timestamp=False)
 
 Signer = tuple[PrivateKey, list[x509.Certificate]]
 Mutation = Callable[[etree._Element], None]
@@ -83,7 +88,8 @@ def signer(pki: Pki) -> Signer:
 
 @pytest.fixture(scope="module")
 def store(pki: Pki) -> TrustStore:
-    return TrustStore.from_pem_files([pki.ca_cert])
+    """The issuer's pinned signing certificate: what ``[[clients.xca]] signing_certs`` gives."""
+    return TrustStore.from_pem_files([pki.client.cert], pinned=True)
 
 
 @pytest.fixture
@@ -139,14 +145,15 @@ def wrapped(security_el: etree._Element) -> Envelope:
     return parse_envelope(to_bytes(env))
 
 
-def validate(env: Envelope, store: TrustStore, now: dt.datetime, cfg: XuaConfig = CFG) -> Requester | None:
-    return validate_xua(env, cfg, trusted=store, audiences=[AUDIENCE], now=now)
+def validate(env: Envelope, store: TrustStore, now: dt.datetime, cfg: XuaConfig = CFG,
+             issuer: str = ISSUER) -> Requester | None:
+    return validate_xua(env, cfg, issuer=issuer, trusted=store, audiences=[AUDIENCE], now=now)
 
 
 def refused(env: Envelope, store: TrustStore, now: dt.datetime, subcode: str, reason: str,
-            cfg: XuaConfig = CFG) -> SoapFault:
+            cfg: XuaConfig = CFG, issuer: str = ISSUER) -> SoapFault:
     with pytest.raises(SoapFault) as info:
-        validate(env, store, now, cfg)
+        validate(env, store, now, cfg, issuer)
     fault = info.value
     assert (fault.code, fault.subcode) == ("Sender", (wire.WSSE_NS, subcode)), fault.reason
     assert re.search(reason, fault.reason), fault.reason
@@ -174,7 +181,8 @@ def test_issued_assertion_validates_into_the_requester(signer: Signer, store: Tr
                     mandated_uzi="000011111")
     a = issue_assertion(claims, issuer=ISSUER, audience=AUDIENCE, key=signer[0], cert=signer[1], now=now,
                         subject_bsn="900186021", assertion_id="_issued")
-    requester = validate(wrapped(security_header(a, now)), store, now)
+    with_coc = CFG.model_copy(update={"purposes": ["TREAT", "COC"]})
+    requester = validate(wrapped(security_header(a, now)), store, now, with_coc)
     assert requester == Requester(
         uzi="000095254", role="01.039", ura="00000666", purpose="COC", organisation_type="V6",
         mandated_uzi="000011111", issuer=ISSUER, assertion_id="_issued", issue_instant=now,
@@ -216,10 +224,11 @@ def test_a_peer_s_assertion_for_several_audiences_is_accepted_by_each_of_them_on
     xmldsig.sign(a, a, signer[0], signer[1], id_attribute=SAML_ID, position=1)
     env = envelope(a)
     for audience in (AUDIENCE, *others):
-        requester = validate_xua(env, CFG, trusted=store, audiences=[audience], now=now)
+        requester = validate_xua(env, CFG, issuer=ISSUER, trusted=store, audiences=[audience], now=now)
         assert requester is not None and requester.uzi == CLAIMS.uzi
     with pytest.raises(SoapFault, match="is not accepted by this gateway") as refused_elsewhere:
-        validate_xua(env, CFG, trusted=store, audiences=["urn:oid:2.16.528.1.1007.99.20004"], now=now)
+        validate_xua(env, CFG, issuer=ISSUER, trusted=store, audiences=["urn:oid:2.16.528.1.1007.99.20004"],
+                     now=now)
     assert refused_elsewhere.value.subcode == (wire.WSSE_NS, "FailedAuthentication")
     for empty in ("", " "):
         with pytest.raises(ValueError, match="audience"):
@@ -544,8 +553,8 @@ def test_untrusted_signer_fails_authentication(pki: Pki, store: TrustStore, now:
 def test_expired_signing_certificate_fails_authentication(now: dt.datetime) -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     cert = self_signed("old-peer", key, now - dt.timedelta(days=30), now - dt.timedelta(days=1))
-    refused(envelope(build(now, sign=(key, [cert]))), TrustStore((cert,)), now, "FailedAuthentication",
-            "signing certificate CN=old-peer expired at")
+    refused(envelope(build(now, sign=(key, [cert]))), TrustStore((cert,), pinned=True), now,
+            "FailedAuthentication", "signing certificate CN=old-peer expired at")
 
 
 def test_two_signatures_are_refused(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
@@ -829,13 +838,180 @@ def test_not_required_but_present_is_still_checked(signer: Signer, store: TrustS
     assert validate(envelope(build(now, sign=signer)), store, now, optional) is not None
 
 
-def test_load_trust_store(pki: Pki) -> None:
-    with pytest.raises(ValueError, match="trusted_certs is empty"):
-        load_trust_store(XuaConfig(required=True))
-    assert load_trust_store(XuaConfig(required=False)) is None
-    loaded = load_trust_store(XuaConfig(trusted_certs=[pki.ca_cert]))
-    assert loaded is not None
-    assert [c.subject.rfc4514_string() for c in loaded.certificates] == ["CN=duo-test-ca"]
+def test_peer_trust_pins_the_peers_signing_certificates_and_refuses_a_ca(pki: Pki) -> None:
+    peer = XcaPeer(name="peer", certificate=CertificateMatch(absent=True), home_community_id="urn:oid:1.2.3",
+                   issuer=ISSUER, signing_certs=[pki.client.cert])
+    loaded = peer_trust(peer)
+    assert loaded.pinned
+    assert [c.subject.rfc4514_string() for c in loaded.certificates] == ["CN=client"]
+    with pytest.raises(ValueError, match="CN=duo-test-ca is a CA certificate"):
+        peer_trust(peer.model_copy(update={"signing_certs": [pki.ca_cert]}))
+
+
+# --------------------------------------------------------------------------------------------------
+# Trust pinned per issuer: who may sign, under which Issuer, in which role, for which patient
+# --------------------------------------------------------------------------------------------------
+
+OTHER_ISSUER = "urn:oid:6.6.6"
+
+
+def issued_by_ca(pki: Pki, cn: str, usage: x509.KeyUsage | None = None, *, ca: bool = False) -> Signer:
+    """A certificate the test CA issues, as it issues every TLS certificate of the network."""
+    assert pki.ca_key is not None
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), None)
+    assert isinstance(ca_key, rsa.RSAPrivateKey)
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+               .issuer_name(ca_cert.subject).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if usage is not None:
+        builder = builder.add_extension(usage, critical=True)
+    return key, [builder.sign(ca_key, hashes.SHA256())]
+
+
+def _usage(*, digital_signature: bool, non_repudiation: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(digital_signature=digital_signature, content_commitment=non_repudiation,
+                         key_encipherment=False, data_encipherment=False, key_agreement=False,
+                         key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False)
+
+
+def _signed_with(pki_pair: CertPair) -> Signer:
+    return load_signing_pair(pki_pair.key, pki_pair.cert)
+
+
+def test_another_issuer_on_this_peers_connection_is_refused(pki: Pki, signer: Signer, store: TrustStore,
+                                                           now: dt.datetime) -> None:
+    """The attack of issue 11: a trusted peer's own key, signing under another Issuer (urn:oid:6.6.6)."""
+    def other_issuer(a: etree._Element) -> None:
+        issuer = a.find("saml2:Issuer", NS)
+        assert issuer is not None
+        issuer.text = OTHER_ISSUER
+
+    refused(envelope(build(now, other_issuer, sign=signer)), store, now, "FailedAuthentication",
+            r"assertion issuer 'urn:oid:6\.6\.6' is not the issuer of the calling peer")
+    # The same assertion is refused on the connection of the peer that *is* urn:oid:6.6.6, too: the
+    # signer is not pinned for that issuer (here: its store holds another certificate).
+    other_store = TrustStore.from_pem_files([pki.server.cert], pinned=True)
+    refused(envelope(build(now, other_issuer, sign=signer)), other_store, now, "FailedAuthentication",
+            "CN=client is not trusted", issuer=OTHER_ISSUER)
+
+
+@pytest.mark.parametrize("who", ["duo-server", "ca-issued", "ca-key", "rogue"])
+def test_only_a_pinned_certificate_signs_for_the_issuer(who: str, pki: Pki, store: TrustStore,
+                                                        now: dt.datetime) -> None:
+    """A valid chain to the network's CA is not enough: DUO's own TLS key, any certificate the CA
+    issued, the CA key itself and a foreign CA's certificate all sign nothing for this issuer."""
+    signers: dict[str, tuple[Signer, str]] = {
+        "duo-server": (_signed_with(pki.server),
+                       r"CN=server is not trusted \(not one of the certificates pinned"),
+        "ca-issued": (issued_by_ca(pki, "another-system"), "CN=another-system is not trusted"),
+        "ca-key": (load_signing_pair(pki.ca_key or Path(), pki.ca_cert), "a CA certificate never signs"),
+        "rogue": (_signed_with(pki.rogue_client), "CN=rogue-client is not trusted"),
+    }
+    signer, reason = signers[who]
+    refused(envelope(build(now, sign=signer)), store, now, "FailedAuthentication", reason)
+
+
+def test_a_pinned_store_refuses_ca_certificates(pki: Pki) -> None:
+    with pytest.raises(ValueError, match="CN=duo-test-ca is a CA certificate"):
+        TrustStore.from_pem_files([pki.ca_cert], pinned=True)
+    # cA=true without keyCertSign is still a CA to a pinned store.
+    _key, (half_ca,) = issued_by_ca(pki, "half-ca", _usage(digital_signature=True, non_repudiation=False),
+                                   ca=True)
+    with pytest.raises(ValueError, match="CN=half-ca is a CA certificate"):
+        TrustStore((half_ca,), pinned=True)
+    # The same certificates are fine in a CA-mode store (the Mitz request signature's kind of trust).
+    assert TrustStore.from_pem_files([pki.ca_cert]).certificates
+
+
+def test_pinned_signer_needs_digital_signature_in_its_key_usage(pki: Pki, now: dt.datetime) -> None:
+    nr_only = issued_by_ca(pki, "nr-only", _usage(digital_signature=False, non_repudiation=True))
+    refused(envelope(build(now, sign=nr_only)), TrustStore((nr_only[1][0],), pinned=True), now,
+            "FailedAuthentication", "CN=nr-only has a KeyUsage without digitalSignature")
+    ds = issued_by_ca(pki, "ds", _usage(digital_signature=True, non_repudiation=False))
+    assert validate(envelope(build(now, sign=ds)), TrustStore((ds[1][0],), pinned=True), now) is not None
+
+
+def test_a_second_pinned_certificate_signs_too(pki: Pki, signer: Signer, now: dt.datetime) -> None:
+    """Key rollover: an issuer may have two pinned certificates at once, each accepted."""
+    ds = issued_by_ca(pki, "next-key", _usage(digital_signature=True, non_repudiation=False))
+    both = TrustStore((signer[1][0], ds[1][0]), pinned=True)
+    assert validate(envelope(build(now, sign=signer)), both, now) is not None
+    assert validate(envelope(build(now, sign=ds)), both, now) is not None
+
+
+@pytest.mark.parametrize("role", ["99.999", "X", "01.013"])
+def test_a_role_outside_the_allow_list_is_refused(role: str, signer: Signer, store: TrustStore,
+                                                  now: dt.datetime) -> None:
+    claims = Claims(uzi="000095254", role=role, ura="00000666", purpose="TREAT", organisation_type="V6")
+    refused(envelope(build(now, sign=signer, claims=claims)), store, now, "FailedAuthentication",
+            f"role '{re.escape(role)}' may not consult imaging here")
+    allowed = CFG.model_copy(update={"roles": [*IMAGING_ROLES, role]})
+    assert validate(envelope(build(now, sign=signer, claims=claims)), store, now, allowed) is not None
+
+
+@pytest.mark.parametrize("role", IMAGING_ROLES)
+def test_every_default_role_is_accepted(role: str, signer: Signer, store: TrustStore,
+                                       now: dt.datetime) -> None:
+    claims = Claims(uzi="000095254", role=role, ura="00000666", purpose="TREAT", organisation_type="V6")
+    requester = validate(envelope(build(now, sign=signer, claims=claims)), store, now)
+    assert requester is not None and requester.role == role
+
+
+def test_default_roles_are_the_imaging_professionals_of_mitz_md() -> None:
+    assert XuaConfig().roles == ["01.000", "01.010", "01.015", "01.039", "97.000"]
+    assert XuaConfig().purposes == ["TREAT"]
+
+
+def test_purpose_allow_list(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    coc = Claims(uzi="000095254", role="01.039", ura="00000666", purpose="COC", organisation_type="V6")
+    refused(envelope(build(now, sign=signer, claims=coc)), store, now, "FailedAuthentication",
+            r"purposeofuse 'COC' is not accepted \(only TREAT\)")
+    both = CFG.model_copy(update={"purposes": ["TREAT", "COC"]})
+    assert validate(envelope(build(now, sign=signer, claims=coc)), store, now, both) is not None
+    with pytest.raises(ValueError, match=r"unknown purpose.*EMERGENCY"):
+        XuaConfig(purposes=["TREAT", "EMERGENCY"])
+
+
+def test_a_long_role_code_is_not_copied_whole_into_the_fault(signer: Signer, store: TrustStore,
+                                                             now: dt.datetime) -> None:
+    claims = Claims(uzi="000095254", role="R" * 5000, ura="00000666", purpose="TREAT", organisation_type="V6")
+    fault = refused(envelope(build(now, sign=signer, claims=claims)), store, now, "FailedAuthentication",
+                    "may not consult imaging")
+    assert len(fault.reason) < 120
+
+
+def test_timestamp_is_required_by_default(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    default = XuaConfig(audiences=[AUDIENCE])
+    assert default.require_timestamp
+    a = build(now, sign=signer)
+    refused(envelope(a), store, now, "InvalidSecurity", "must hold a wsu:Timestamp", default)
+    refused(envelope(_timestamp(None, _iso(now + dt.timedelta(minutes=5))), a), store, now,
+            "InvalidSecurity", "wsu:Timestamp must hold Created", default)
+    assert validate(envelope(_timestamp(_iso(now), None), a), store, now, default) is not None
+    assert validate(wrapped(security_header(a, now)), store, now, default) is not None
+
+
+def test_requester_concerns_only_the_patient_it_names(signer: Signer, store: TrustStore,
+                                                      now: dt.datetime) -> None:
+    named = validate(envelope(build(now, sign=signer, bsn="900186021")), store, now)
+    assert named is not None
+    assert named.concerns("900186021") and not named.concerns("999911120")
+    anyone = validate(envelope(build(now, sign=signer)), store, now)
+    assert anyone is not None and anyone.patient_bsn is None and anyone.concerns("999911120")
+
+
+def test_trusted_certs_is_gone_from_the_xua_config(pki: Pki) -> None:
+    """Its trust was global (any issuer, CA-issued signers): a config still naming it must not start
+    believing that it is in force."""
+    with pytest.raises(ValueError, match="trusted_certs"):
+        XuaConfig.model_validate({"trusted_certs": [str(pki.ca_cert)]})
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -863,7 +1039,7 @@ def test_golden_assertion_is_byte_stable() -> None:
 
 
 def test_golden_assertion_validates_at_its_clock() -> None:
-    store = TrustStore.from_pem_files([GOLDEN_CERT])
+    store = TrustStore.from_pem_files([GOLDEN_CERT], pinned=True)
     a = parse_xml(GOLDEN_ASSERTION.read_bytes())
     env = wrapped(security_header(a, GOLDEN_NOW))
     requester = validate(env, store, GOLDEN_NOW + dt.timedelta(minutes=5))

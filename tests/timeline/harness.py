@@ -261,7 +261,7 @@ def _raw_config(storage: Path, mitz_url: str, communities: dict[str, Peer], pacs
                  "open_url": f"{mitz_url}/openautorisatievraag",
                  "subscriptions_url": f"{mitz_url}/abonnementen/fhir/Subscription", "timeout_s": 3.0},
         # DUO signs its outbound XUA assertions with the server pair (never unsigned: see the client).
-        "xua": {"trusted_certs": [str(pki.ca_cert)], "signing_key_file": str(pki.server.key),
+        "xua": {"signing_key_file": str(pki.server.key),
                 "signing_cert_file": str(pki.server.cert)},
         "timeline": {"deadline_s": 8.0},
         "clients": plain_clients(),

@@ -169,7 +169,7 @@ def raw_config(tmp: Path, mitz_url: str, community_url: str, source: Orthanc, de
         "mitz": {"closed_url": f"{mitz_url}/geslotenautorisatievraag/xacml3",
                  "open_url": f"{mitz_url}/openautorisatievraag",
                  "subscriptions_url": f"{mitz_url}/abonnementen/fhir/Subscription", "timeout_s": 3.0},
-        "xua": {"trusted_certs": [str(pki.ca_cert)], "signing_key_file": str(pki.server.key),
+        "xua": {"signing_key_file": str(pki.server.key),
                 "signing_cert_file": str(pki.server.cert)},
         "transfers": {"destinations": [{"name": DESTINATION, "ae_title": destination.ae_title, "host": HOST,
                                         "port": destination.dicom_port, "uras": [REQUESTER["ura"]],

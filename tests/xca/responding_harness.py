@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,10 +37,15 @@ from duo_gateway.soap.mtom import build_mtom, parse_mtom
 from duo_gateway.xca.codes import Action
 from duo_gateway.xmldsig import PrivateKey, load_signing_pair
 from duo_gateway.xua import Claims, issue_assertion, security_header
+from tests.support.clients import plain_clients, plain_xca_peer
 
 HOME = "urn:oid:2.16.528.1.1007.99.1"
 CLAIMS = Claims(uzi="000095254", role="01.039", ura="00000666", organisation_type="V6", purpose="TREAT")
 
+
+#: The XUA issuer of the test XCA peer, and that peer's home community.
+XUA_ISSUER = "urn:oid:2.16.528.1.1007.99.777"
+PEER_HOME = "urn:oid:2.16.528.1.1007.99.700"
 
 @dataclass
 class Reply:
@@ -73,15 +79,20 @@ class Network:
         audience: str = HOME,
         lifetime_s: float = 600,
         now: datetime | None = None,
+        issuer: str = XUA_ISSUER,
+        signer: tuple[PrivateKey, list[x509.Certificate]] | None = None,
+        subject_bsn: str | None = None,
     ) -> etree._Element:
+        key, cert = signer if signer is not None else (self.key, self.cert)
         return issue_assertion(
             claims,
-            issuer="urn:oid:2.16.528.1.1007.99.777",
+            issuer=issuer,
             audience=audience,
-            key=self.key,
-            cert=self.cert,
+            key=key,
+            cert=cert,
             now=now or datetime.now(UTC),
             lifetime_s=lifetime_s,
+            subject_bsn=subject_bsn,
         )
 
     async def call(
@@ -93,7 +104,10 @@ class Network:
         assertion: etree._Element | None = None,
         with_xua: bool = True,
         mtom: bool = False,
+        message_id: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> Reply:
+        """One request; ``message_id`` repeats a MessageID (replays), ``tls`` presents a client identity."""
         headers_el = []
         if with_xua:
             headers_el.append(
@@ -101,7 +115,8 @@ class Network:
             )
         env = build_envelope(
             Addressing(
-                action=action, message_id=new_message_id(), to=self.url + path, reply_to=WSA_ANONYMOUS
+                action=action, message_id=message_id or new_message_id(), to=self.url + path,
+                reply_to=WSA_ANONYMOUS,
             ),
             body,
             headers_el,
@@ -112,10 +127,12 @@ class Network:
         else:
             content_type = f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{action}"'
             data = serialize(env)
-        return await self.post(path, data, content_type)
+        return await self.post(path, data, content_type, tls=tls)
 
-    async def post(self, path: str, data: bytes, content_type: str) -> Reply:
-        async with self.session.post(self.url + path, data=data, headers={"Content-Type": content_type}) as r:
+    async def post(self, path: str, data: bytes, content_type: str, *,
+                   tls: ssl.SSLContext | None = None) -> Reply:
+        async with self.session.post(self.url + path, data=data, headers={"Content-Type": content_type},
+                                     ssl=tls if tls is not None else True) as r:
             raw = await r.read()
             ct = r.headers.get("Content-Type", "")
             status = r.status
@@ -140,6 +157,7 @@ class PacsEndpoint:
 def duo_config(
     tmp: Path, endpoints: list[PacsEndpoint], mitz_url: str, trusted: Path, **overrides: Any
 ) -> DuoConfig:
+    signing_cert = trusted.parent / "client.crt"
     raw: dict[str, Any] = {
         "gateway": {"home_community_id": HOME, "ura": "00099001", "name": "DUO"},
         "listeners": {"http": {"host": "127.0.0.1", "port": 0}, "dicom": {"host": "127.0.0.1", "port": 0}},
@@ -160,8 +178,9 @@ def duo_config(
             "open_url": f"{mitz_url}/openautorisatievraag",
             "subscriptions_url": f"{mitz_url}/abonnementen/fhir/Subscription",
         },
-        "xua": {"trusted_certs": [str(trusted)]},
         "xca_responding": {"hospital_deadline_s": 2.0},
+        "clients": plain_clients(xca=plain_xca_peer(home_community_id=PEER_HOME, issuer=XUA_ISSUER,
+                                                    signing_certs=[signing_cert])),
         "storage": {"path": str(tmp / "duo")},
     }
     for key, value in overrides.items():
@@ -176,16 +195,21 @@ async def _network(
     endpoints: list[PacsEndpoint],
     pacs: list[SimPacs],
     studies: dict[str, list[GeneratedStudy]],
+    pki: Pki | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Network]:
-    """DUO, the Mitz simulator and a XUA issuer around PACSes that are already running."""
+    """DUO, the Mitz simulator and a XUA issuer around PACSes that are already running.
+
+    ``pki``: one the caller made (to put its certificates into ``overrides``); its ``client`` pair is
+    the XUA signer, as in the harness's own.
+    """
     mitz = MitzSimulator(net, tlb_home_community_id=HOME)
     runner = web.AppRunner(mitz.app())
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     mitz_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
-        pki = make_pki(tmp / "pki", key_type="rsa")
+        pki = pki or make_pki(tmp / "pki", key_type="rsa")
         key, cert = load_signing_pair(pki.client.key, pki.client.cert)
         gateway = Gateway(duo_config(tmp, endpoints, mitz_url, pki.ca_cert, **overrides))
         await gateway.start()
@@ -200,7 +224,7 @@ async def _network(
 
 @asynccontextmanager
 async def running_network(
-    tmp: Path, *, studies_per_patient: int = 2, **overrides: Any
+    tmp: Path, *, studies_per_patient: int = 2, pki: Pki | None = None, **overrides: Any
 ) -> AsyncIterator[Network]:
     """Two SimPacs hospitals, each holding ``studies_per_patient`` generated studies of every patient."""
     net = default_network()
@@ -217,7 +241,7 @@ async def running_network(
             await asyncio.to_thread(p.start)
             studies[h.ura] = generated
         endpoints = [PacsEndpoint(h, h.ae_title, p.port) for h, p in zip(net.hospitals, pacs, strict=True)]
-        async with _network(tmp, net, endpoints, pacs, studies, **overrides) as network:
+        async with _network(tmp, net, endpoints, pacs, studies, pki, **overrides) as network:
             yield network
     finally:
         for p in pacs:

@@ -283,8 +283,8 @@ async def test_request_is_xsd_valid_with_addressing_and_a_signed_xua_assertion(
     assert _slot(env, QueryParam.SERVICE_START_TIME_FROM) == ["20230101000000"]
     assert _slot(env, QueryParam.SERVICE_START_TIME_TO) == ["20240101000000"]  # day after date_to
 
-    trust = TrustStore.from_pem_files([rsa_pki.ca_cert])
-    requester = validate_xua(env, XuaConfig(trusted_certs=[rsa_pki.ca_cert]), trusted=trust,
+    trust = TrustStore.from_pem_files([rsa_pki.client.cert], pinned=True)
+    requester = validate_xua(env, XuaConfig(), issuer="urn:oid:2.16.528.1.1007.99.1.7", trusted=trust,
                              audiences=[cfg.home_community_id], now=datetime.now(UTC))
     assert requester is not None
     assert (requester.uzi, requester.role, requester.ura, requester.purpose) == (
@@ -295,7 +295,7 @@ async def test_request_is_xsd_valid_with_addressing_and_a_signed_xua_assertion(
     assert digests == {"http://www.w3.org/2001/04/xmlenc#sha256"}
     # Meant for this community only: another audience refuses it.
     with pytest.raises(SoapFault):
-        validate_xua(env, XuaConfig(trusted_certs=[rsa_pki.ca_cert]), trusted=trust,
+        validate_xua(env, XuaConfig(), issuer="urn:oid:2.16.528.1.1007.99.1.7", trusted=trust,
                      audiences=["urn:oid:2.16.528.1.1007.99.20002"], now=datetime.now(UTC))
 
 
@@ -306,8 +306,8 @@ async def test_issuer_defaults_to_duos_home_and_each_attempt_gets_its_own_messag
     assert (resp.status, resp.attempts) == ("ok", 2)
     first, second = community.recorder.envelopes()
     assert first.addressing.message_id != second.addressing.message_id
-    trust = TrustStore.from_pem_files([rsa_pki.ca_cert])
-    requester = validate_xua(second, XuaConfig(trusted_certs=[rsa_pki.ca_cert]), trusted=trust,
+    trust = TrustStore.from_pem_files([rsa_pki.client.cert], pinned=True)
+    requester = validate_xua(second, XuaConfig(), issuer=DUO_HOME, trusted=trust,
                              audiences=[community.home], now=datetime.now(UTC))
     assert requester is not None and requester.issuer == DUO_HOME
 
@@ -367,13 +367,14 @@ async def test_each_community_s_assertion_names_it_alone(
     assert len({_assertion_id(e) for e in (env, sibling_env, sha1_env)}) == 3
     assert {el.get("Algorithm") for el in sha1_env.headers[-1].iter(f"{{{DS_NS}}}DigestMethod")} == {
         "http://www.w3.org/2000/09/xmldsig#sha1"}
-    trust = TrustStore.from_pem_files([rsa_pki.ca_cert])
-    cfg = XuaConfig(trusted_certs=[rsa_pki.ca_cert])
-    requester = validate_xua(env, cfg, trusted=trust, audiences=[community.home], now=datetime.now(UTC))
+    trust = TrustStore.from_pem_files([rsa_pki.client.cert], pinned=True)
+    cfg = XuaConfig()
+    requester = validate_xua(env, cfg, issuer=DUO_HOME, trusted=trust, audiences=[community.home],
+                             now=datetime.now(UTC))
     assert requester is not None and requester.patient_bsn == BSN
     # Replayed at a sibling community, the assertion is refused there.
     with pytest.raises(SoapFault, match="is not accepted"):
-        validate_xua(env, cfg, trusted=trust, audiences=[other], now=datetime.now(UTC))
+        validate_xua(env, cfg, issuer=DUO_HOME, trusted=trust, audiences=[other], now=datetime.now(UTC))
 
 
 def _created(env: Envelope) -> str:
@@ -413,8 +414,9 @@ async def test_assertions_are_reused_per_requester_and_patient_until_near_their_
     assert await _sent_assertion_id(sibling, community) != first
 
     reused = community.recorder.envelopes()[1]
-    cfg = XuaConfig(trusted_certs=[rsa_pki.ca_cert])
-    requester = validate_xua(reused, cfg, trusted=TrustStore.from_pem_files([rsa_pki.ca_cert]),
+    cfg = XuaConfig()
+    requester = validate_xua(reused, cfg, issuer=DUO_HOME,
+                             trusted=TrustStore.from_pem_files([rsa_pki.client.cert], pinned=True),
                              audiences=[community.home], now=datetime.now(UTC))
     assert requester is not None and requester.patient_bsn == BSN
 
@@ -448,12 +450,12 @@ async def test_sha1_signature_when_the_community_wants_it(
     assert {el.get("Algorithm") for el in root.iter(f"{{{DS_NS}}}SignatureMethod")} == {
         "http://www.w3.org/2000/09/xmldsig#rsa-sha1"}
     env = parse_envelope(raw)
-    trust = TrustStore.from_pem_files([rsa_pki.ca_cert])
-    ok = validate_xua(env, XuaConfig(trusted_certs=[rsa_pki.ca_cert], allow_sha1=True), trusted=trust,
+    trust = TrustStore.from_pem_files([rsa_pki.client.cert], pinned=True)
+    ok = validate_xua(env, XuaConfig(allow_sha1=True), issuer=DUO_HOME, trusted=trust,
                       audiences=[community.home], now=datetime.now(UTC))
     assert ok is not None
     with pytest.raises(SoapFault):
-        validate_xua(env, XuaConfig(trusted_certs=[rsa_pki.ca_cert]), trusted=trust,
+        validate_xua(env, XuaConfig(), issuer=DUO_HOME, trusted=trust,
                      audiences=[community.home], now=datetime.now(UTC))
 
 

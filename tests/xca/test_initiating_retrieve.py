@@ -117,11 +117,11 @@ def _images(r: CommunityRetriever, sim: XcaCommunitySimulator, study: str, serie
 
 
 def _check_requests(c: Community, rsa_pki: Pki, wsdl_dir: Path) -> None:
-    trust = TrustStore.from_pem_files([rsa_pki.ca_cert])
+    trust = TrustStore.from_pem_files([rsa_pki.client.cert], pinned=True)
     for env in c.recorder.envelopes():
         assert env.body is not None
         assert_valid(wsdl_dir, env.body)
-        requester = validate_xua(env, XuaConfig(trusted_certs=[rsa_pki.ca_cert]), trusted=trust,
+        requester = validate_xua(env, XuaConfig(), issuer=DUO_HOME, trusted=trust,
                                  audiences=[c.home], now=datetime.now(UTC))
         assert requester is not None and requester.patient_bsn == BSN and requester.uzi == CLAIMS.uzi
 

@@ -74,7 +74,7 @@ from duo_gateway.xca.retrieve import (
     RetrieveImagingDocumentSetRequest,
     composite_context,
 )
-from duo_gateway.xua import Requester
+from duo_gateway.xua import PATIENT_MISMATCH, Requester, patient_mismatch
 
 log = structlog.get_logger(__name__)
 
@@ -191,6 +191,9 @@ class RespondingGateway:
                 )
             if stored in (StoredQuery.FIND_DOCUMENTS, StoredQuery.FIND_DOCUMENTS_BY_REFERENCE_ID):
                 bsn = self._patient(req)
+                if not ctx.requester.concerns(bsn):
+                    self._audit_query(req, ctx, bsn, EventOutcome.SERIOUS_FAILURE, PATIENT_MISMATCH)
+                    raise patient_mismatch()
                 entries, errors = await self._find(req, stored, bsn, ctx)
             elif stored == StoredQuery.GET_DOCUMENTS:
                 entries, errors, bsn = await self._get_documents(req, ctx)
@@ -367,8 +370,8 @@ class RespondingGateway:
                 continue
             try:
                 bsn = await asyncio.wait_for(source.patient_of_study(study_uid), self._deadline)
-                if bsn is None:
-                    continue
+                if bsn is None or not ctx.requester.concerns(bsn):
+                    continue  # another patient's study is as unknown as a missing one
                 bsn_seen = bsn
                 answer = await self._hospital_find(ctx, bsn, hospital, None, None, [study_uid])
             except (TimeoutError, SourceUnavailable) as exc:
@@ -514,6 +517,8 @@ class RespondingGateway:
                 bsn = await source.patient_of_study(indexed.study_uid)
                 if bsn is None:
                     return unknown("study no longer in the PACS"), None, None
+                if not ctx.requester.concerns(bsn):
+                    return unknown(PATIENT_MISMATCH), bsn, None
                 verdict = await self._gate.check(self._question(ctx, bsn, hospital))
                 if isinstance(verdict, Refusal):
                     return unknown(f"no consent: {verdict.reason}"), bsn, None
@@ -698,6 +703,11 @@ class RespondingGateway:
                 self._audit_rad75(
                     ctx, None, study_uid, hospital, [], EventOutcome.MINOR_FAILURE, "unknown study"
                 )
+                return
+            if not ctx.requester.concerns(bsn):
+                missing(wanted)
+                self._audit_rad75(ctx, bsn, study_uid, hospital, [], EventOutcome.SERIOUS_FAILURE,
+                                  PATIENT_MISMATCH)
                 return
             verdict = await asyncio.wait_for(
                 self._gate.check(self._question(ctx, bsn, hospital)), _remaining(deadline)

@@ -12,14 +12,16 @@ import asyncio
 import base64
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
 from aiohttp import web
 from lxml import etree
 
+from duo_gateway.access import Caller
 from duo_gateway.audit.messages import Peer
 from duo_gateway.config.loader import DuoConfig
+from duo_gateway.http.access import RETRY_AFTER_S, caller_of, register_denial, route_name
 from duo_gateway.mitz.wire import WSSE_NS
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,
@@ -43,6 +45,7 @@ from duo_gateway.xca.query import (
     build_adhoc_query_response,
     parse_adhoc_query_request,
 )
+from duo_gateway.xca.responding.replay import ReplayGuard, ReplayStoreFull, replay_guard, replay_key
 from duo_gateway.xca.responding.service import CallContext, RespondingGateway
 from duo_gateway.xca.retrieve import (
     RetrieveDocumentSetResponse,
@@ -51,7 +54,7 @@ from duo_gateway.xca.retrieve import (
     parse_retrieve_request,
 )
 from duo_gateway.xmldsig import TrustStore
-from duo_gateway.xua import validate_xua
+from duo_gateway.xua import peer_trust, validate_xua
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +66,8 @@ REQUEST_MAX_PARTS = 8
 
 @dataclass(frozen=True)
 class _Route:
+    #: The route's name after ``xca:`` (its owner): iti38, iti39, rad75.
+    name: str
     path: str
     action: str
     response_action: str
@@ -73,22 +78,36 @@ class XcaRespondingDoor:
 
     name = "xca-responding"
 
-    def __init__(self, config: DuoConfig, service: RespondingGateway, trusted: TrustStore | None) -> None:
+    def __init__(self, config: DuoConfig, service: RespondingGateway,
+                 replay: ReplayGuard | None = None) -> None:
         self._cfg = config
         self._service = service
-        self._trusted = trusted
+        #: Per XCA peer (by client name): the certificates pinned for its issuer. Loaded once, so a
+        #: missing or CA certificate stops start-up instead of failing every request.
+        self._trusted: dict[str, TrustStore] = {p.name: peer_trust(p) for p in config.clients.xca}
+        self._replay = replay if replay is not None else replay_guard(config)
         rc = config.xca_responding
         self._audiences = config.xua.audiences or [config.gateway.home_community_id]
         self._routes = {
-            rc.iti38_path: _Route(rc.iti38_path, Action.ITI38, Action.ITI38_RESPONSE),
-            rc.iti39_path: _Route(rc.iti39_path, Action.ITI39, Action.ITI39_RESPONSE),
-            rc.rad75_path: _Route(rc.rad75_path, Action.RAD75, Action.RAD75_RESPONSE),
+            rc.iti38_path: _Route("iti38", rc.iti38_path, Action.ITI38, Action.ITI38_RESPONSE),
+            rc.iti39_path: _Route("iti39", rc.iti39_path, Action.ITI39, Action.ITI39_RESPONSE),
+            rc.rad75_path: _Route("rad75", rc.rad75_path, Action.RAD75, Action.RAD75_RESPONSE),
         }
 
     def mount(self, app: web.Application) -> None:
         handlers: dict[
             str, Callable[[web.Request, Envelope, CallContext, _Route], Awaitable[web.StreamResponse]]
         ] = {Action.ITI38: self._iti38, Action.ITI39: self._iti39, Action.RAD75: self._rad75}
+        register_denial(app, "xca", _denial)
+
+        async def open_replay(_app: web.Application) -> None:
+            await self._replay.open()
+
+        async def close_replay(_app: web.Application) -> None:
+            await self._replay.close()
+
+        app.on_startup.append(open_replay)
+        app.on_cleanup.append(close_replay)
         for route in self._routes.values():
             handler = handlers[route.action]
 
@@ -99,7 +118,7 @@ class XcaRespondingDoor:
             ) -> web.StreamResponse:
                 return await self._handle(request, route, handler)
 
-            app.router.add_post(route.path, endpoint)
+            app.router.add_post(route.path, endpoint, name=route_name("xca", route.name))
 
     async def _handle(
         self, request: web.Request, route: _Route, handler: Callable[..., Awaitable[web.StreamResponse]]
@@ -132,20 +151,46 @@ class XcaRespondingDoor:
                 )
             if env.body is None:
                 raise SoapFault("Sender", "empty SOAP Body")
-            if self._trusted is None:
-                raise SoapFault("Sender", "this gateway trusts no XUA issuer yet (xua.trusted_certs)",
+            message_id = env.addressing.message_id
+            if not message_id:
+                # Without it a replay cannot be told from a new request.
+                raise SoapFault("Sender", "wsa:MessageID is required",
+                                subcode=(WSA_NS, "MessageAddressingHeaderRequired"))
+            caller = caller_of(request)
+            if caller.xca is None:
+                # The access middleware admits XCA peers only; this is the backstop.
+                raise SoapFault("Sender", "this caller is not a configured XCA peer",
                                 subcode=(WSSE_NS, "FailedAuthentication"))
-            requester = validate_xua(
-                env, self._cfg.xua, trusted=self._trusted, audiences=self._audiences, now=datetime.now(UTC)
-            )
+            peer = caller.xca
+            trusted = self._trusted.get(peer.name)
+            if trusted is None:
+                raise SoapFault("Sender", "no signing certificates are pinned for this peer",
+                                subcode=(WSSE_NS, "FailedAuthentication"))
+            now = datetime.now(UTC)
+            # The peer's TLS identity binds the issuer: its own assertions only, signed by its pinned keys.
+            requester = validate_xua(env, self._cfg.xua, issuer=peer.issuer, trusted=trusted,
+                                     audiences=self._audiences, now=now)
             if requester is None:
                 # Even where XUA is optional, Mitz must be asked in someone's name: no requester, no data.
                 raise SoapFault("Sender", "no XUA assertion: there is no requester to ask consent for",
                                 subcode=(WSSE_NS, "InvalidSecurity"))
+            # After authentication, so only a peer's signed messages take room in the replay store.
+            until = requester.not_on_or_after + timedelta(seconds=self._cfg.xua.clock_skew_s)
+            try:
+                first = await self._replay.first_use(replay_key(peer.issuer, message_id), until=until,
+                                                     now=now)
+            except ReplayStoreFull as exc:
+                log.error("xua replay store full", reason=str(exc))
+                raise SoapFault("Receiver", "too many requests to check for replay; retry later") from exc
+            if not first:
+                raise SoapFault("Sender", "this wsa:MessageID was seen before (replayed message)",
+                                subcode=(WSSE_NS, "InvalidSecurity"))
             ctx = CallContext(
                 requester,
-                Peer(user_id=env.addressing.reply_to or "anonymous", host=request.remote),
+                # The calling system as its certificate identified it; never the (free-text) ReplyTo.
+                Peer(user_id=caller.name, host=request.remote),
                 etree.tostring(env.body),
+                system=caller,
             )
             return await handler(request, env, ctx, route)
         except SoapFault as fault:
@@ -316,6 +361,19 @@ async def _b64_stream(attachment: Attachment) -> AsyncIterator[bytes]:
             yield base64.b64encode(chunk)
     finally:
         await asyncio.to_thread(fh.close)
+
+
+def _denial(status: int, detail: str, _caller: Caller) -> web.Response:
+    """The access middleware's refusals as SOAP 1.2 faults: 403 for a caller that is not a configured
+    XCA peer (wsse:FailedAuthentication), 429 when the peer has too many requests in progress."""
+    if status == 429:
+        response = _fault_response(SoapFault("Receiver", detail), None)
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    else:
+        fault = SoapFault("Sender", detail, subcode=(WSSE_NS, "FailedAuthentication"))
+        response = _fault_response(fault, None)
+    response.set_status(status)
+    return response
 
 
 def _fault_response(fault: SoapFault, relates_to: str | None) -> web.Response:
