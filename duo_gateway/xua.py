@@ -509,7 +509,38 @@ def validate_xua(
         if cfg.required:
             raise _fault("InvalidSecurity", "an XUA assertion is required, but wsse:Security holds none")
         return None
+    return validate_assertion(assertion, cfg, issuer=issuer, trusted=trusted, audiences=audiences, now=now,
+                              authn_contexts=authn_contexts)
 
+
+def validate_assertion(
+    assertion: etree._Element,
+    cfg: XuaConfig,
+    *,
+    issuer: str,
+    trusted: TrustStore,
+    audiences: Collection[str],
+    now: datetime,
+    authn_contexts: Collection[str] = ACCEPTED_AUTHN_CONTEXTS,
+) -> Requester:
+    """The requester of one ``saml2:Assertion`` element, or the SOAP fault (whose subcode says why).
+
+    :func:`validate_xua` calls it with the assertion it found in ``wsse:Security``; a caller with an
+    assertion of its own (e.g. parsed from an ``Authorization: SAML`` header) passes the root element
+    of that document. Every value is read from ``assertion`` itself, the element the signature is
+    verified to cover, and an assertion nested inside it (Advice) is refused.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    if not audiences:
+        raise ValueError("at least one accepted audience is required")
+    now = now.astimezone(UTC)
+    skew = timedelta(seconds=cfg.clock_skew_s)
+    if assertion.tag != _q(SAML_NS, "Assertion"):
+        raise _fault("InvalidSecurityToken", "not a saml2:Assertion")
+    if any(el is not assertion
+           for el in assertion.iter(_q(SAML_NS, "Assertion"), _q(SAML_NS, "EncryptedAssertion"))):
+        raise _fault("InvalidSecurity", "the assertion holds another assertion")
     if assertion.get("Version") != "2.0":
         raise _fault("InvalidSecurityToken",
                      f"assertion Version must be 2.0, not {assertion.get('Version')!r}")
@@ -656,5 +687,5 @@ def _wsu_time(t: datetime) -> str:
 __all__ = [
     "ACCEPTED_AUTHN_CONTEXTS", "PATIENT_MISMATCH", "SUBJECT_CONFIRMATIONS", "Claims", "Requester", "Subcode",
     "issue_assertion", "patient_mismatch", "peer_trust", "security_header", "security_header_bytes",
-    "validate_xua",
+    "validate_assertion", "validate_xua",
 ]

@@ -50,6 +50,7 @@ from duo_gateway.xua import (
     peer_trust,
     security_header,
     security_header_bytes,
+    validate_assertion,
     validate_xua,
 )
 from tests.support.pki import CertPair, Pki, make_pki
@@ -1004,6 +1005,32 @@ def test_requester_concerns_only_the_patient_it_names(signer: Signer, store: Tru
     assert named.concerns("900186021") and not named.concerns("999911120")
     anyone = validate(envelope(build(now, sign=signer)), store, now)
     assert anyone is not None and anyone.patient_bsn is None and anyone.concerns("999911120")
+
+
+def test_a_bare_assertion_validates_on_its_own(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    """What a TLB client sends in an ``Authorization: SAML`` header: the assertion is its document's root."""
+    a = parse_xml(to_bytes(build(now, sign=signer, bsn="900186021")))
+    requester = validate_assertion(a, CFG, issuer=ISSUER, trusted=store, audiences=[AUDIENCE], now=now)
+    assert (requester.issuer, requester.patient_bsn, requester.signer) == (ISSUER, "900186021", "CN=client")
+    with pytest.raises(SoapFault, match="is not the issuer of the calling peer"):
+        validate_assertion(a, CFG, issuer=OTHER_ISSUER, trusted=store, audiences=[AUDIENCE], now=now)
+
+
+def test_a_bare_assertion_may_not_carry_another_one(signer: Signer, store: TrustStore,
+                                                    now: dt.datetime) -> None:
+    inner = build(now, sign=signer, assertion_id="_inner")
+
+    def advice(a: etree._Element) -> None:
+        conditions = a.find("saml2:Conditions", NS)
+        assert conditions is not None
+        holder = etree.Element(f"{{{wire.SAML_NS}}}Advice")
+        holder.append(copy.deepcopy(inner))
+        conditions.addnext(holder)
+
+    outer = parse_xml(to_bytes(build(now, advice, sign=signer)))
+    with pytest.raises(SoapFault, match="holds another assertion") as info:
+        validate_assertion(outer, CFG, issuer=ISSUER, trusted=store, audiences=[AUDIENCE], now=now)
+    assert info.value.subcode == (wire.WSSE_NS, "InvalidSecurity")
 
 
 def test_trusted_certs_is_gone_from_the_xua_config(pki: Pki) -> None:
