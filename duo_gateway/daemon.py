@@ -20,6 +20,7 @@ from aiohttp import web
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from duo_gateway.access import AccessConfigError, ClientDirectory, access_problems
 from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.messages import Peer, application_activity
 from duo_gateway.config.loader import DuoConfig
@@ -56,6 +57,11 @@ class Gateway:
     def __init__(self, config: DuoConfig, *, front_doors: Sequence[FrontDoor] = (),
                  extra_probes: Sequence[Probe] = ()) -> None:
         self.config = config
+        #: Who may call which route (``[clients]``); an entry that cannot match anything stops start-up.
+        problems = access_problems(config)
+        if problems:
+            raise AccessConfigError("; ".join(problems))
+        self.clients = ClientDirectory.build(config.clients)
         self.metrics = Metrics()
         self.auditor = Auditor(config.audit, storage_dir=config.storage.path)
         self.identity = Peer(user_id=config.listeners.dicom.ae_title, host=socket.gethostname(),
@@ -94,7 +100,8 @@ class Gateway:
             for c in config.xca_communities}
         key = config.timeline.study_id_key
         #: Seals the opaque study ids the timeline hands out and transfers take back.
-        self.study_ids = StudyIds.from_settings(key.get_secret_value() if key else None, config.storage.path)
+        self.study_ids = StudyIds.from_settings(key.get_secret_value() if key else None, config.storage.path,
+                                                ttl_s=config.timeline.study_id_ttl_s)
         self.timeline = TimelineService(config, mitz=self.mitz, gate=self.consent,
                                         communities=self.communities, sources=self.sources,
                                         auditor=self.auditor, identity=self.identity,
@@ -146,10 +153,13 @@ class Gateway:
             lambda: build_probes(cfg, self._extra_probes),
             cfg.daemon.readiness_timeout_s,
             self._front_doors,
+            clients=self.clients,
             max_request_bytes=cfg.listeners.http.max_request_bytes,
             local_checks=self._local_checks,
+            ops_routes=cfg.listeners.ops is None,
         )
-        self._runner = web.AppRunner(self.app, shutdown_timeout=cfg.daemon.shutdown_grace_s)
+        # access_log=None: the correlate middleware writes the access line, with request id and caller.
+        self._runner = web.AppRunner(self.app, shutdown_timeout=cfg.daemon.shutdown_grace_s, access_log=None)
         await self._runner.setup()
         http = cfg.listeners.http
         ssl_ctx = server_context(http.tls) if http.tls else None
@@ -310,7 +320,11 @@ def settle_heap() -> None:
 
 async def serve(config: DuoConfig) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully; exit code 0 on a clean stop."""
-    gateway = Gateway(config)
+    try:
+        gateway = Gateway(config)
+    except AccessConfigError as exc:
+        log.error("refusing to start", problems=str(exc))
+        return 2
     stop = stop_on_signals()
     try:
         await gateway.start()
