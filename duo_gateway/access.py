@@ -220,14 +220,17 @@ def directory_problems(config: ClientsConfig) -> list[str]:
                             f"the first entry would always win")
         else:
             seen[key] = where
-        if isinstance(client, XcaPeer):
-            for path in client.signing_certs:
-                try:
-                    x509.load_pem_x509_certificates(path.read_bytes())
-                except OSError as exc:
-                    problems.append(f"{where}: signing_certs {path}: {exc.strerror or exc}")
-                except ValueError:
-                    problems.append(f"{where}: signing_certs {path} holds no PEM certificate")
+        pinned = (("signing_certs", client.signing_certs) if isinstance(client, XcaPeer) else
+                  ("assertion_signing_certs", client.assertion_signing_certs) if isinstance(client, TlbClient)
+                  else ("", []))
+        key_name, paths = pinned
+        for path in paths:
+            try:
+                x509.load_pem_x509_certificates(path.read_bytes())
+            except OSError as exc:
+                problems.append(f"{where}: {key_name} {path}: {exc.strerror or exc}")
+            except ValueError:
+                problems.append(f"{where}: {key_name} {path} holds no PEM certificate")
     return problems
 
 

@@ -39,6 +39,7 @@ from duo_gateway.sources.dicom_pacs import DicomPacsSource
 from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.service import TimelineService
 from duo_gateway.tlb.api import TlbApiDoor
+from duo_gateway.tlb.identity import AssertionIdentity
 from duo_gateway.tls import server_context
 from duo_gateway.transfer.metrics import TransferMetrics
 from duo_gateway.transfer.service import TransferService
@@ -120,7 +121,8 @@ class Gateway:
                 study_ids=self.study_ids, gate=self.consent, sources=self.sources, retrievers=self.retrievers,
                 metrics=TransferMetrics(self.metrics.registry), auditor=self.auditor, identity=self.identity)
         if config.timeline.enabled:
-            self._front_doors.append(TlbApiDoor(self.timeline, config.timeline, transfers=self.transfers))
+            self._front_doors.append(TlbApiDoor(self.timeline, config.timeline, transfers=self.transfers,
+                                                identity=AssertionIdentity.from_config(config)))
         self.index: DocumentIndex | None = None
         self._extra_probes = list(extra_probes)
         self._runner: web.AppRunner | None = None

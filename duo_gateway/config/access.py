@@ -86,6 +86,21 @@ class TlbClient(_Client):
     #: Transfer destinations (``transfers.destinations`` names) it may send to; None: every configured
     #: destination that admits the requester's URA. Ad-hoc destinations are never in this list.
     destinations: list[str] | None = None
+    #: Who the professional is: ``body``, the request's ``requester`` (its URA must be one of ``uras``);
+    #: or ``assertion``, a XUA assertion the client's own issuer signed, sent as ``Authorization: SAML
+    #: <base64 assertion>``: the requester is taken from it and the body's must match.
+    identity: Literal["body", "assertion"] = "body"
+    #: With ``identity = "assertion"``: the SAML Issuer of the client's assertions and the certificates
+    #: pinned to sign them.
+    assertion_issuer: str | None = Field(default=None, min_length=1, max_length=1024)
+    assertion_signing_certs: list[ConfigPath] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _assertion_trust(self) -> TlbClient:
+        missing = self.assertion_issuer is None or not self.assertion_signing_certs
+        if self.identity == "assertion" and missing:
+            raise ValueError('identity = "assertion" needs assertion_issuer and assertion_signing_certs')
+        return self
 
 
 class XcaPeer(_Client):

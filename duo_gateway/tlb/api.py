@@ -39,6 +39,7 @@ from duo_gateway.http.access import caller_of, register_denial, route_name
 from duo_gateway.http.problem import PROBLEM_CONTENT_TYPE
 from duo_gateway.timeline.model import TimelineRequest
 from duo_gateway.timeline.result import TimelineResult
+from duo_gateway.tlb.identity import SCHEME, AssertionIdentity, AssertionRefused
 from duo_gateway.tlb.models import (
     MAX_PERIOD_DAYS,
     DestinationAddress,
@@ -54,6 +55,7 @@ from duo_gateway.tlb.models import (
 )
 from duo_gateway.transfer.service import AdhocDestination, TransferRefused, TransferRequest
 from duo_gateway.transfer.store import Job
+from duo_gateway.xua import Claims
 
 log = structlog.get_logger(__name__)
 Q = TypeVar("Q", bound=BaseModel)
@@ -92,6 +94,7 @@ _TITLES: Final[dict[ProblemType, str]] = {
     ProblemType.NOT_FOUND: "No such transfer",
     ProblemType.FORBIDDEN: "Forbidden",
     ProblemType.TOO_MANY_REQUESTS: "Too many requests",
+    ProblemType.INVALID_ASSERTION: "No acceptable XUA assertion",
 }
 #: Which problem a refused member belongs to, by the top-level member it sits in.
 _BY_MEMBER: Final[dict[str, ProblemType]] = {
@@ -166,6 +169,7 @@ class TlbApiDoor:
 
     def __init__(self, provider: TimelineProvider, config: TimelineConfig, *,
                  transfers: TransferProvider | None = None,
+                 identity: AssertionIdentity | None = None,
                  schema_path: Path | None = DEFAULT_SCHEMA_PATH,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  deadline_grace_s: float = DEFAULT_DEADLINE_GRACE_S) -> None:
@@ -173,6 +177,8 @@ class TlbApiDoor:
             raise ValueError("max_body_bytes must be positive and deadline_grace_s not negative")
         self._provider = provider
         self._transfers = transfers
+        #: Checks the assertions of clients with ``identity = "assertion"``; None: no such client.
+        self._identity = identity
         self._config = config
         self._max_body_bytes = max_body_bytes
         self._deadline_grace_s = deadline_grace_s
@@ -210,11 +216,13 @@ class TlbApiDoor:
             client = _client(request)
             query = await self._parse(request, TimelineQuery, self._max_body_bytes)
             _speaks_for(client, query.requester.ura)
+            requester = self._requester(request, client, query.requester.claims())
         except _Refusal as refusal:
             log.info("tlb_timeline_refused", status=refusal.status, problem=refusal.type.value,
                      codes=sorted({e.code for e in refusal.errors or ()}))
-            return _problem(refusal.status, refusal.type, refusal.detail, refusal.errors)
-        timeline_request = dataclasses.replace(query.to_request(), client=caller_of(request).name)
+            return _refused(refusal)
+        timeline_request = dataclasses.replace(query.to_request(), client=caller_of(request).name,
+                                               requester=requester)
         budget = self._config.deadline_s + self._deadline_grace_s
         try:
             async with asyncio.timeout(budget) as deadline:
@@ -250,6 +258,8 @@ class TlbApiDoor:
             client = _client(request)
             query = await self._parse(request, TransferQuery, TRANSFER_MAX_BODY_BYTES)
             _speaks_for(client, query.requester.ura)
+            # The job keeps plain claims (it outlives the assertion); checked like the timeline's.
+            self._requester(request, client, query.requester.claims())
             if isinstance(query.destination, str) and client.destinations is not None \
                     and query.destination not in client.destinations:
                 raise _Refusal(403, ProblemType.DESTINATION_NOT_ALLOWED,
@@ -257,7 +267,7 @@ class TlbApiDoor:
         except _Refusal as refusal:
             log.info("tlb_transfer_refused", status=refusal.status, problem=refusal.type.value,
                      codes=sorted({e.code for e in refusal.errors or ()}))
-            return _problem(refusal.status, refusal.type, refusal.detail, refusal.errors)
+            return _refused(refusal)
         destination: str | AdhocDestination
         if isinstance(query.destination, DestinationAddress):
             d = query.destination
@@ -366,6 +376,22 @@ class TlbApiDoor:
                     await pending
             await stream.aclose()  # type: ignore[attr-defined]
 
+    # -- the professional ----------------------------------------------------------------------
+    def _requester(self, request: web.Request, client: TlbClient, stated: Claims) -> Claims:
+        """The body's requester, or, for a client with ``identity = "assertion"``, its assertion's
+        (which must say the same)."""
+        if client.identity == "body":
+            return stated
+        if self._identity is None:
+            raise _Refusal(500, ProblemType.INTERNAL, "no assertion checks are configured for this client")
+        try:
+            return self._identity.requester(client, request.headers.get("Authorization"), stated)
+        except AssertionRefused as refused:
+            log.warning("tlb_assertion_refused", client=client.name, status=refused.status,
+                        reason=refused.detail)
+            type_ = ProblemType.INVALID_ASSERTION if refused.status == 401 else ProblemType.FORBIDDEN
+            raise _Refusal(refused.status, type_, refused.detail) from None
+
     # -- parsing -------------------------------------------------------------------------------
     async def _parse(self, request: web.Request, model: type[Q], max_body_bytes: int) -> Q:
         if request.content_type != "application/json" or (
@@ -426,6 +452,13 @@ class TlbApiDoor:
             log.warning("tlb api document has no servers line to set the prefix in; served as is")
             return document
         return replaced.encode("utf-8")
+
+
+def _refused(refusal: _Refusal) -> web.Response:
+    response = _problem(refusal.status, refusal.type, refusal.detail, refusal.errors)
+    if refusal.status == 401:
+        response.headers["WWW-Authenticate"] = SCHEME  # RFC 9110 §11.6.1: say how to authenticate
+    return response
 
 
 def _client(request: web.Request) -> TlbClient:

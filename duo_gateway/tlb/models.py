@@ -63,6 +63,7 @@ class ProblemType(StrEnum):
     NOT_FOUND = "urn:duo-gateway:problem:not-found"
     FORBIDDEN = "urn:duo-gateway:problem:forbidden"
     TOO_MANY_REQUESTS = "urn:duo-gateway:problem:too-many-requests"
+    INVALID_ASSERTION = "urn:duo-gateway:problem:invalid-assertion"
 
 
 # --------------------------------------------------------------------------------------------------

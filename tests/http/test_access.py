@@ -7,6 +7,7 @@ API are tested over real TLS with client certificates from the test PKI.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import ssl
@@ -24,6 +25,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from lxml import etree
 from pydantic import ValidationError
 
 from duo_gateway.access import (
@@ -43,6 +45,8 @@ from duo_gateway.observability.logging import configure_logging
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sim.pki import CertPair, Pki, issue, make_pki, uzi_server_name
 from duo_gateway.timeline.model import StudyRef
+from duo_gateway.xmldsig import load_signing_pair
+from duo_gateway.xua import Claims, issue_assertion
 from tests.support.clients import plain_directory
 from tests.support.gateway import make_config
 
@@ -355,3 +359,70 @@ async def test_a_transfer_is_its_clients_alone_and_study_ids_are_the_requesters(
     old = tls.gateway.study_ids.seal(ref, BSN, ura=URA_A, now=0.0)
     status, body, _ = await tls.call(tls.a, "POST", "/tlb/v1/transfers", _transfer(old, "pacs-a", URA_A))
     assert status == 422 and "expired" in body["detail"]
+
+
+# --------------------------------------------------------------------------------------------------
+# identity = "assertion": the professional proven by the client's own signed XUA assertion
+# --------------------------------------------------------------------------------------------------
+
+ASSERTING_ISSUER = "urn:oid:2.16.528.1.1007.99.555"
+
+
+@pytest.fixture
+async def asserting(tmp_path: Path, rsa_pki: Pki) -> AsyncIterator[Tls]:
+    a = issue(rsa_pki, f"tlb-xua-{tmp_path.name}", uras=(URA_A,))
+    signing = issue(rsa_pki, f"tlb-xua-sign-{tmp_path.name}", signing=True)
+    config = make_config(tmp_path, mitz_port=9, tls={
+        "cert_file": str(rsa_pki.server.cert), "key_file": str(rsa_pki.server.key),
+        "ca_file": str(rsa_pki.ca_cert), "client_auth": "required"}, clients={
+        "tlb": [{"name": "umc-a", "certificate": {"cert_file": str(a.cert)}, "uras": [URA_A],
+                 "identity": "assertion", "assertion_issuer": ASSERTING_ISSUER,
+                 "assertion_signing_certs": [str(signing.cert)]}]})
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        # `b` carries the signing pair here, `peer` a pair that is not pinned.
+        yield Tls(gateway, rsa_pki, a, signing, a, rsa_pki.server, io.StringIO())
+    finally:
+        await gateway.stop()
+
+
+def _saml(pair: CertPair, *, role: str = "01.039", uzi: str = "000095254",
+          audience: str = "urn:oid:2.16.528.1.1007.99.1") -> str:
+    key, cert = load_signing_pair(pair.key, pair.cert)
+    claims = Claims(uzi=uzi, role=role, ura=URA_A, purpose="TREAT", organisation_type="V6")
+    assertion = issue_assertion(claims, issuer=ASSERTING_ISSUER, audience=audience, key=key, cert=cert,
+                                now=datetime.now(UTC))
+    return "SAML " + base64.b64encode(etree.tostring(assertion)).decode()
+
+
+async def _post_timeline(tls: Tls, authorization: str | None) -> tuple[int, Any, dict[str, str]]:
+    headers = {"Authorization": authorization} if authorization else {}
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{tls.gateway.http_url}/tlb/v1/timeline", json=_timeline(URA_A), headers=headers,
+            ssl=tls.ctx(tls.a)) as response:
+        return response.status, await response.json(content_type=None), dict(response.headers)
+
+
+async def test_a_client_that_asserts_its_professional_is_believed_only_with_its_own_assertion(
+        asserting: Tls) -> None:
+    status, body, headers = await _post_timeline(asserting, None)
+    assert status == 401 and headers["WWW-Authenticate"] == "SAML"
+    assert body["type"] == "urn:duo-gateway:problem:invalid-assertion" and "studies" not in body
+    for bad in ("Bearer abc", "SAML not-base64!", "SAML " + base64.b64encode(b"<a/>").decode()):
+        status, body, _ = await _post_timeline(asserting, bad)
+        assert status == 401, (bad, body)
+    # Signed by a CA-issued key that is not pinned for this issuer (DUO's own server certificate).
+    status, body, _ = await _post_timeline(asserting, _saml(asserting.peer))
+    assert status == 401 and "signature refused" in body["detail"], body
+    # A role that may not consult imaging, and an assertion for another audience.
+    status, body, _ = await _post_timeline(asserting, _saml(asserting.b, role="99.999"))
+    assert status == 401 and "role" in body["detail"], body
+    status, body, _ = await _post_timeline(asserting, _saml(asserting.b, audience="urn:oid:1.2.3"))
+    assert status == 401, body
+    # The client's own assertion, but the body speaks for another professional.
+    status, body, _ = await _post_timeline(asserting, _saml(asserting.b, uzi="000011111"))
+    assert status == 403 and "uzi" in body["detail"], body
+    # The client's own assertion, saying what the body says.
+    status, body, _ = await _post_timeline(asserting, _saml(asserting.b))
+    assert status == 200, body

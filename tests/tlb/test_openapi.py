@@ -109,7 +109,7 @@ def test_the_contracts_enumerations_are_the_code_s() -> None:
 
 def test_every_status_the_api_sends_is_documented_as_a_problem() -> None:
     responses = TIMELINE["responses"]
-    assert set(responses) == {"200", "400", "403", "413", "415", "422", "429", "500", "504"}
+    assert set(responses) == {"200", "400", "401", "403", "413", "415", "422", "429", "500", "504"}
     components = DOC["components"]["responses"]
     for status, response in responses.items():
         if status == "200":
