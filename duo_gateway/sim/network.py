@@ -42,7 +42,8 @@ HOST = "127.0.0.1"
 DUO_HOME_COMMUNITY_ID = "urn:oid:2.16.528.1.1007.99.1"
 DUO_URA = "00099001"
 DUO_AE_TITLE = "DUO_GATEWAY"
-#: The demo XDS community's XUA issuer: DUO trusts assertions it signs (its CA is in xua.trusted_certs).
+#: The first demo XCA peer's XUA issuer: DUO believes its assertions only when signed by its pinned
+#: signing certificate ([clients.xca] signing_certs) and presented over its own TLS identity.
 DEMO_XUA_ISSUER = "urn:oid:2.16.528.1.1007.99.777"
 #: The home community of the demo XDS side that asks DUO (its XCA initiating gateway).
 DEMO_XDS_HOME = "urn:oid:2.16.528.1.1007.99.700"
