@@ -178,7 +178,7 @@ def duo_config(
             "open_url": f"{mitz_url}/openautorisatievraag",
             "subscriptions_url": f"{mitz_url}/abonnementen/fhir/Subscription",
         },
-        "xca_responding": {"hospital_deadline_s": 2.0},
+        "xca_responding": {"hospital_deadline_s": 4.0},
         "clients": plain_clients(xca=plain_xca_peer(home_community_id=PEER_HOME, issuer=XUA_ISSUER,
                                                     signing_certs=[signing_cert])),
         "storage": {"path": str(tmp / "duo")},
