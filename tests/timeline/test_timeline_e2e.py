@@ -383,9 +383,12 @@ async def test_hanging_community_costs_only_its_own_timeout(network: TimelineNet
 
 
 async def test_overall_deadline_bounds_the_answer(network: TimelineNetwork) -> None:
-    """With ``timeline.deadline_s`` 1.5 s and XDS Noord hanging (its own timeout 5 s), the answer
-    still arrives about at the deadline, with Noord ``timeout`` and everything else shown."""
-    deadline = 1.5
+    """With ``timeline.deadline_s`` 3 s and XDS Noord hanging (its own timeout 5 s), the answer
+    still arrives about at the deadline, with Noord ``timeout`` and everything else shown.
+
+    3 s, not less: a TLB hospital's consent question plus C-FIND takes 1.2-1.6 s on this 2-core machine
+    (measured, also before issue 11), so a 1.5 s budget made the test fail about one run in three."""
+    deadline = 3.0
     gateway = Gateway(network.duo_config("duo-deadline", deadline_s=deadline))
     await gateway.start()
     noord = network.communities[NOORD.home_community_id]
@@ -399,7 +402,8 @@ async def test_overall_deadline_bounds_the_answer(network: TimelineNetwork) -> N
     assert elapsed < deadline + 1.0
     noord_source = _sources(answer)[source_id(NOORD)]
     assert noord_source["status"] == "timeout", noord_source
-    assert {s["status"] for k, s in _sources(answer).items() if k != source_id(NOORD)} == {"ok"}
+    assert {s["status"] for k, s in _sources(answer).items() if k != source_id(NOORD)} == {"ok"}, \
+        _sources(answer)
     noord_uids = {u for i in NOORD.institutions for u in _expected_uids(ALL, {i.ura})}
     assert set(_by_uid(answer)) == _expected_uids(ALL) - noord_uids
 
