@@ -27,6 +27,7 @@ from duo_gateway.config.loader import DuoConfig
 from duo_gateway.consent import ConsentGate
 from duo_gateway.dicom.nodelay import install_tcp_nodelay
 from duo_gateway.dicom.qr import MoveRouter, receiving_contexts
+from duo_gateway.dicom.status import SUCCESS
 from duo_gateway.health import Probe, build_probes
 from duo_gateway.http.server import FrontDoor, build_app, build_ops_app
 from duo_gateway.http.slow import HeaderTimeoutSite
@@ -274,7 +275,7 @@ class Gateway:
         ae.require_called_aet = True
         ssl_ctx = server_context(listener.tls) if listener.tls else None
         self._dicom_server = ae.start_server((listener.host, listener.port), block=False, ssl_context=ssl_ctx,
-                                             evt_handlers=[(evt.EVT_C_ECHO, lambda _e: 0x0000),
+                                             evt_handlers=[(evt.EVT_C_ECHO, lambda _e: SUCCESS),
                                                            *self.move_router.evt_handlers()])
 
     def _audit_activity(self, *, started: bool) -> None:

@@ -9,8 +9,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from duo_gateway.dicom.nodelay import ensure_tcp_nodelay
-
-_PENDING = (0xFF00, 0xFF01)
+from duo_gateway.dicom.status import SUCCESS, is_pending
 
 
 class FindError(RuntimeError):
@@ -33,10 +32,10 @@ def c_find(calling_ae: str, host: str, port: int, called_ae: str, query: Dataset
             code = getattr(status, "Status", None)
             if code is None:
                 raise FindError("no C-FIND response (timeout or aborted association)")
-            if code in _PENDING:
+            if is_pending(code):
                 if identifier is not None:
                     matches.append(identifier)
-            elif code != 0x0000:
+            elif code != SUCCESS:
                 raise FindError(f"C-FIND failed with status 0x{code:04X}")
     finally:
         if assoc.is_established:

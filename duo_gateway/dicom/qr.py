@@ -84,6 +84,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from duo_gateway.dicom.nodelay import ensure_tcp_nodelay
+from duo_gateway.dicom.status import (
+    NOT_AUTHORISED,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    UNABLE_TO_PROCESS,
+    is_pending,
+    is_warning,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -101,12 +109,6 @@ _GET = {"study": StudyRootQueryRetrieveInformationModelGet,
 _MOVE = {"study": StudyRootQueryRetrieveInformationModelMove,
          "patient": PatientRootQueryRetrieveInformationModelMove}
 
-SUCCESS = 0x0000
-CANCEL = 0xFE00
-OUT_OF_RESOURCES = 0xA700
-NOT_AUTHORISED = 0x0124
-CANNOT_UNDERSTAND = 0xC000
-_PENDING = frozenset({0xFF00, 0xFF01})
 
 #: One context per transfer syntax, so the PACS can send each file exactly as stored: offered several
 #: syntaxes in one context, the acceptor picks its own favourite (pynetdicom: Implicit VR) and
@@ -301,7 +303,7 @@ class Spool:
         sop_class = str(event.request.AffectedSOPClassUID or "")
         if not _UID_RE.match(sop_uid) or len(sop_uid) > 64:
             log.warning("qr_store_bad_uid")  # the UID becomes part of a file name: never trust it
-            return CANNOT_UNDERSTAND
+            return UNABLE_TO_PROCESS
         if not self._acquire():
             log.warning("qr_store_refused_window", sop_instance_uid=sop_uid, closed=self.closed)
             return OUT_OF_RESOURCES
@@ -324,7 +326,7 @@ class Spool:
             if str(header.get("SOPInstanceUID", "")) != sop_uid:
                 log.warning("qr_store_uid_mismatch", sop_instance_uid=sop_uid)
                 self.refused += 1
-                return CANNOT_UNDERSTAND
+                return UNABLE_TO_PROCESS
             reason = self._validate(header) if self._validate is not None else None
             if reason is not None:
                 log.warning("qr_store_refused", sop_instance_uid=sop_uid, reason=reason)
@@ -354,7 +356,7 @@ class Spool:
             return OUT_OF_RESOURCES
         except Exception as exc:
             log.warning("qr_store_undecodable", sop_instance_uid=sop_uid, error=type(exc).__name__)
-            return CANNOT_UNDERSTAND
+            return UNABLE_TO_PROCESS
         finally:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
@@ -754,7 +756,7 @@ class QrAssociation:
                 if code is None:
                     bridge.put(self._no_response("C-FIND", started), wait)
                     return
-                if code in _PENDING:
+                if is_pending(code):
                     started = time.monotonic()
                     if identifier is not None and not bridge.put(identifier, wait):
                         return
@@ -843,12 +845,12 @@ class QrAssociation:
                     spool._put_end(self._no_response(operation, started), wait)
                     return
                 started = time.monotonic()
-                if code in _PENDING:
+                if is_pending(code):
                     continue
                 summary = RetrieveSummary(int(code), status.get("NumberOfCompletedSuboperations"),
                                           status.get("NumberOfFailedSuboperations"),
                                           status.get("NumberOfWarningSuboperations"))
-                if code == SUCCESS or 0xB000 <= code <= 0xBFFF or code == 0x0001:
+                if code == SUCCESS or is_warning(code):
                     if code != SUCCESS:
                         log.warning("qr_retrieve_warning", operation=operation, status=f"0x{code:04X}",
                                     failed=summary.failed, completed=summary.completed)

@@ -81,16 +81,21 @@ from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.dicom.nodelay import SUPPORTED_PYNETDICOM, ensure_tcp_nodelay
 from duo_gateway.dicom.qr import MAX_CONTEXTS
 from duo_gateway.dicom.reconcile import PIXEL_TAGS, copy_range, read_part10_header, write_part10_header
+from duo_gateway.dicom.status import (
+    SOP_CLASS_NOT_SUPPORTED,
+    STORE_WARNINGS,
+    SUCCESS,
+    is_identifier_mismatch,
+    is_out_of_resources,
+    is_unable_to_process,
+    is_warning,
+)
 from duo_gateway.tls import client_context
 
 log = structlog.get_logger(__name__)
 
 StoreOutcome = Literal["stored", "warning", "refused", "transient"]
 
-SUCCESS = 0x0000
-#: Status DUO reports for an instance it could not even offer: the destination accepts no
-#: presentation context for it (PS3.7 C.5.19 "SOP Class not Supported" is the nearest meaning).
-NOT_SUPPORTED = 0x0122
 #: PDU size we send when the peer allows "unlimited" (or more): memory holds one PDU at a time.
 _MAX_SEND_PDU = 1 << 20
 #: DUL poll interval while a C-STORE-RSP is awaited (pynetdicom's idle default is 1 ms).
@@ -131,27 +136,23 @@ def classify(status: int) -> StoreOutcome:
     (0xA7xx: the destination may take it later), and every other status a permanent refusal."""
     if status == SUCCESS:
         return "stored"
-    if 0xB000 <= status <= 0xBFFF:
+    if is_warning(status):
         return "warning"
-    if 0xA700 <= status <= 0xA7FF:
+    if is_out_of_resources(status):
         return "transient"
     return "refused"
-
-
-_MEANING = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
-            0xB007: "data set does not match SOP class"}
 
 
 def _detail(status: int, outcome: StoreOutcome, comment: str) -> str:
     if outcome == "stored":
         text = "stored"
     elif outcome == "warning":
-        text = f"stored with warning 0x{status:04X} ({_MEANING.get(status, 'warning')})"
+        text = f"stored with warning 0x{status:04X} ({STORE_WARNINGS.get(status, 'warning')})"
     elif outcome == "transient":
         text = f"destination out of resources (0x{status:04X}); retry later"
-    elif 0xA900 <= status <= 0xA9FF:
+    elif is_identifier_mismatch(status):
         text = f"refused: data set does not match SOP class (0x{status:04X})"
-    elif 0xC000 <= status <= 0xCFFF:
+    elif is_unable_to_process(status):
         text = f"refused: cannot understand (0x{status:04X})"
     else:
         text = f"refused with status 0x{status:04X}"
@@ -303,7 +304,7 @@ class StoreClient:
                 self._conn = None
             conn = self._open_sync(key)
             if conn is None:
-                return StoreResult(sop_uid, NOT_SUPPORTED, "refused",
+                return StoreResult(sop_uid, SOP_CLASS_NOT_SUPPORTED, "refused",
                                    f"{self._name} accepts no presentation context for SOP class {sop} "
                                    f"({UID(ts).name}): association refused every proposed context")
             self._conn = conn
@@ -314,12 +315,12 @@ class StoreClient:
 
     def _convert_and_send(self, conn: _Conn, path: Path, sop: str, sop_uid: str, ts: str) -> StoreResult:
         if not any(s == sop for s, _ in conn.accepted):
-            return StoreResult(sop_uid, NOT_SUPPORTED, "refused",
+            return StoreResult(sop_uid, SOP_CLASS_NOT_SUPPORTED, "refused",
                                f"{self._name} does not accept SOP class {sop}")
         target = next((t for t in UNCOMPRESSED_LE if t != ts and (sop, t) in conn.accepted), None)
         if ts not in UNCOMPRESSED_LE or target is None:
             accepted = ", ".join(UID(t).name for s, t in conn.accepted if s == sop)
-            return StoreResult(sop_uid, NOT_SUPPORTED, "refused",
+            return StoreResult(sop_uid, SOP_CLASS_NOT_SUPPORTED, "refused",
                                f"{self._name} does not accept {UID(ts).name} for SOP class {sop} "
                                f"(accepts {accepted}); DUO does not decompress or re-encode pixel data")
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".convert-", suffix=".dcm")
@@ -330,7 +331,7 @@ class StoreClient:
                 transcode_uncompressed(path, tmp, UID(target))
             except (ValueError, struct.error, OSError) as exc:
                 # This instance cannot be converted (truncated, malformed): its own verdict, not the job's.
-                return StoreResult(sop_uid, NOT_SUPPORTED, "refused",
+                return StoreResult(sop_uid, SOP_CLASS_NOT_SUPPORTED, "refused",
                                    f"could not convert to {UID(target).name}: {exc}")
             log.info("store_converted", sop_instance_uid=sop_uid, source=UID(ts).name,
                      target=UID(target).name)

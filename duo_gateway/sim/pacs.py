@@ -75,6 +75,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from duo_gateway.dicom.nodelay import ensure_tcp_nodelay
+from duo_gateway.dicom.status import (
+    CANCEL,
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    PENDING,
+    SUBOPERATIONS_FAILED,
+    SUCCESS,
+    UNABLE_TO_PROCESS,
+)
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import SimHospital
 from duo_gateway.sim.studies import GeneratedStudy, write_study
@@ -82,14 +91,6 @@ from duo_gateway.sim.studies import GeneratedStudy, write_study
 log = structlog.get_logger(__name__)
 
 # DIMSE statuses (PS3.4 C.4)
-SUCCESS = 0x0000
-PENDING = 0xFF00
-CANCEL = 0xFE00
-IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-MOVE_DESTINATION_UNKNOWN = 0xA801
-UNABLE_TO_PROCESS = 0xC000
-OUT_OF_RESOURCES = 0xA700
-SUBOP_FAILED = 0xC511
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 UNIQUE_KEYS = {
@@ -407,7 +408,7 @@ class SimPacs:
             except Exception:
                 log.error("sim_pacs_unreadable_instance", ae_title=self.ae_title,
                           sop_instance_uid=entry.header.get("SOPInstanceUID"))
-                yield SUBOP_FAILED, None
+                yield SUBOPERATIONS_FAILED, None
                 return
             yield PENDING, ds
 
