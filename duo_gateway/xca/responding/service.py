@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
@@ -422,31 +422,25 @@ class RespondingGateway:
         errors: list[RegistryError] = []
         delivered: dict[str | None, list[DocumentRef]] = {}
         refused: dict[str | None, list[DocumentRef]] = {}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + cfg.request_deadline_s
-        slots = asyncio.Semaphore(cfg.max_parallel_lookups)
+        Answer = tuple[RegistryError | None, str | None, RetrievedDocument | None]
 
-        async def one(
-            doc: DocumentRequest,
-        ) -> tuple[RegistryError | None, str | None, RetrievedDocument | None]:
-            late = RegistryError(
+        def late(doc: DocumentRequest) -> Answer:
+            return RegistryError(
                 ErrorCode.REPOSITORY_ERROR,
                 f"document {doc.document_unique_id} not answered within the request deadline "
                 f"({cfg.request_deadline_s:g} s)",
                 Severity.ERROR,
                 self._home,
-            )
-            async with slots:
-                if loop.time() >= deadline:
-                    return late, None, None
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        return await self._retrieve_one(doc, ctx)
-                except TimeoutError:
-                    # Cut before its bytes were handed over: nothing of it is disclosed.
-                    return late, None, None
+            ), None, None
 
-        answers = await asyncio.gather(*(one(doc) for doc in req.documents))
+        async def one(doc: DocumentRequest, deadline: float) -> Answer:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await self._retrieve_one(doc, ctx)
+            except TimeoutError:
+                return late(doc)  # cut before its bytes were handed over: nothing of it is disclosed
+
+        answers = await _bounded(req.documents, cfg, one, late)
         for doc, (error, bsn, data) in zip(req.documents, answers, strict=True):
             ref = DocumentRef(doc.document_unique_id, doc.repository_unique_id, doc.home)
             if error is not None:
@@ -629,30 +623,23 @@ class RespondingGateway:
                     )
                     continue
                 by_study.setdefault((hospital.ura, study_uid), []).append((study_uid, series_uid, doc))
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + cfg.request_deadline_s
-            slots = asyncio.Semaphore(cfg.max_parallel_lookups)
+            Study = tuple[tuple[str, str], list[tuple[str, str, DocumentRequest]]]
+            Found = tuple[list[RetrievedDocument], list[RegistryError]]
 
-            async def one(
-                ura: str, study_uid: str, wanted: list[tuple[str, str, DocumentRequest]]
-            ) -> tuple[list[RetrievedDocument], list[RegistryError]]:
+            def late(study: Study) -> Found:
+                # Never started: nobody was asked anything about it, so there is nothing to audit.
+                return [], _late(study[1], cfg.request_deadline_s, self._home)
+
+            async def one(study: Study, deadline: float) -> Found:
                 # Each study fills its own lists, merged in request order below.
+                (ura, study_uid), wanted = study
                 docs: list[RetrievedDocument] = []
                 errs: list[RegistryError] = []
-                async with slots:
-                    if loop.time() >= deadline:
-                        # Never started: nobody was asked anything about it, so there is nothing to audit.
-                        errs.extend(_late(wanted, cfg.request_deadline_s, self._home))
-                    else:
-                        await self._retrieve_study(
-                            ctx, self._hospitals[ura], study_uid, wanted, accepted, spool, docs, errs,
-                            deadline=deadline,
-                        )
+                await self._retrieve_study(ctx, self._hospitals[ura], study_uid, wanted, accepted, spool,
+                                           docs, errs, deadline=deadline)
                 return docs, errs
 
-            answers = await asyncio.gather(
-                *(one(ura, study_uid, wanted) for (ura, study_uid), wanted in by_study.items())
-            )
+            answers = await _bounded(list(by_study.items()), cfg, one, late)
             for docs, errs in answers:
                 documents.extend(docs)
                 errors.extend(errs)
@@ -823,6 +810,30 @@ class RespondingGateway:
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
+
+
+_Item = TypeVar("_Item")
+_Answer = TypeVar("_Answer")
+
+
+async def _bounded(items: Sequence[_Item], cfg: XcaRespondingConfig,
+                   work: Callable[[_Item, float], Awaitable[_Answer]],
+                   late: Callable[[_Item], _Answer]) -> list[_Answer]:
+    """The one policy for the lookups of an ITI-39 or RAD-75 request: ``work`` per item, at most
+    ``max_parallel_lookups`` at a time, all under one ``request_deadline_s`` (passed to ``work`` as a
+    loop time); an item still waiting for a slot at the deadline is ``late`` without being started.
+    Answers come back in the order of ``items``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + cfg.request_deadline_s
+    slots = asyncio.Semaphore(cfg.max_parallel_lookups)
+
+    async def one(item: _Item) -> _Answer:
+        async with slots:
+            if loop.time() >= deadline:
+                return late(item)
+            return await work(item, deadline)
+
+    return list(await asyncio.gather(*(one(item) for item in items)))
 
 
 def _earlier(step_s: float, deadline: float) -> float:
