@@ -49,6 +49,7 @@ from lxml import etree
 from duo_gateway import xmldsig
 from duo_gateway.bsn import BSN_OID, is_valid_bsn
 from duo_gateway.config.access import XcaPeer
+from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.xua import XuaConfig
 from duo_gateway.mitz.wire import (
     ATTR_CONSULTING_TYPE,
@@ -591,6 +592,11 @@ def patient_mismatch() -> SoapFault:
     Neither BSN is quoted: faults are logged, and the peer knows both already.
     """
     return _fault("FailedAuthentication", PATIENT_MISMATCH)
+
+
+def accepted_audiences(config: DuoConfig) -> list[str]:
+    """The AudienceRestriction values DUO accepts: ``xua.audiences``, else its home community id."""
+    return config.xua.audiences or [config.gateway.home_community_id]
 
 
 def peer_trust(peer: XcaPeer) -> TrustStore:

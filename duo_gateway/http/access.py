@@ -12,6 +12,7 @@ its owner kind (problem+json for the TLB API, a SOAP Fault for XCA, an Operation
 
 from __future__ import annotations
 
+import functools
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -62,7 +63,13 @@ def peer_certificate(request: web.Request) -> PeerCertificate | None:
     if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
         return None
     der = ssl_object.getpeercert(binary_form=True)
-    return PeerCertificate.from_der(der) if der else None
+    return _identified(der) if der else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _identified(der: bytes) -> PeerCertificate:
+    """Parsed and hashed once per certificate, not once per request: a handful of peers call all day."""
+    return PeerCertificate.from_der(der)
 
 
 def register_denial(app: web.Application, owner: str, denial: Denial) -> None:

@@ -23,7 +23,7 @@ from duo_gateway.config.loader import DuoConfig
 from duo_gateway.soap.envelope import SoapFault
 from duo_gateway.soap.xml import XmlError, parse_xml
 from duo_gateway.xmldsig import TrustStore
-from duo_gateway.xua import Claims, Requester, validate_assertion
+from duo_gateway.xua import Claims, Requester, accepted_audiences, validate_assertion
 
 #: The authorization scheme of the header carrying the assertion.
 SCHEME: Final = "SAML"
@@ -66,7 +66,7 @@ class AssertionIdentity:
             root = parse_xml(xml, max_bytes=MAX_ASSERTION_BYTES)
         except XmlError as exc:
             raise AssertionRefused(401, f"the assertion is not acceptable XML: {exc}"[:300]) from None
-        audiences = self.config.xua.audiences or [self.config.gateway.home_community_id]
+        audiences = accepted_audiences(self.config)
         try:
             asserted = validate_assertion(root, self.config.xua, issuer=client.assertion_issuer,
                                           trusted=trusted, audiences=audiences, now=now or datetime.now(UTC))

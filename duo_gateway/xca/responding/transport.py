@@ -54,7 +54,7 @@ from duo_gateway.xca.retrieve import (
     parse_retrieve_request,
 )
 from duo_gateway.xmldsig import TrustStore
-from duo_gateway.xua import peer_trust, validate_xua
+from duo_gateway.xua import accepted_audiences, peer_trust, validate_xua
 
 log = structlog.get_logger(__name__)
 
@@ -87,7 +87,7 @@ class XcaRespondingDoor:
         self._trusted: dict[str, TrustStore] = {p.name: peer_trust(p) for p in config.clients.xca}
         self._replay = replay if replay is not None else replay_guard(config)
         rc = config.xca_responding
-        self._audiences = config.xua.audiences or [config.gateway.home_community_id]
+        self._audiences = accepted_audiences(config)
         self._routes = {
             rc.iti38_path: _Route("iti38", rc.iti38_path, Action.ITI38, Action.ITI38_RESPONSE),
             rc.iti39_path: _Route("iti39", rc.iti39_path, Action.ITI39, Action.ITI39_RESPONSE),
