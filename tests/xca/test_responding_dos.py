@@ -139,7 +139,9 @@ async def test_rad75_with_1000_unknown_studies_is_answered_within_its_deadline(d
     """Serially, 1,000 C-FINDs took 104 s. Four at a time until the deadline, then the rest is named."""
     req = _unknown_studies(duo, MAX_STUDIES)
     elapsed, status, errors = await _rad75(duo, req)
-    assert elapsed < REQUEST_DEADLINE_S + 1.5
+    # The margin covers building, sending and parsing an answer with 1,000 errors: about 1-1.5 s here,
+    # and 1.52 s once in a clean-clone CI run. Still a bound far below the 104 s of serial C-FINDs.
+    assert elapsed < REQUEST_DEADLINE_S + 3.0
     assert status == ResponseStatus.FAILURE
     # Every requested instance is named exactly once: unknown (looked up) or not answered in time.
     wanted = sorted(composite_context(st, se, doc.document_unique_id) for st, se, doc in req.instances())
