@@ -91,7 +91,8 @@ async def test_a_delimiter_flood_is_refused_while_healthz_stays_fast(duo: Networ
     """8 parallel 4 MiB bodies of bare MIME delimiters, three times over, while /healthz is timed.
 
     Listing every delimiter before applying the part limit held the loop ~1.3 s per body (/healthz:
-    5 s). Now each is refused after a few parts with a Sender fault.
+    5 s). Now each is refused after a few parts with a Sender fault. The bound is loose (0.5 s; about
+    20 ms here, 113 ms once under a loaded CI) yet far below the old blocking.
     """
     content_type = ('multipart/related; boundary="flood"; type="application/xop+xml"; '
                     f'start-info="application/soap+xml"; action="{Action.RAD75}"')
@@ -119,7 +120,7 @@ async def test_a_delimiter_flood_is_refused_while_healthz_stays_fast(duo: Networ
     latencies.sort()
     assert len(latencies) >= 10
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-    assert p99 < 0.1, f"/healthz p99 {p99 * 1000:.0f} ms during the flood"
+    assert p99 < 0.5, f"/healthz p99 {p99 * 1000:.0f} ms during the flood"
 
 
 async def _rad75(duo: Network, req: RetrieveImagingDocumentSetRequest) -> tuple[float, ResponseStatus,
@@ -152,12 +153,24 @@ async def test_rad75_with_1000_unknown_studies_is_answered_within_its_deadline(d
     assert len(late) < MAX_STUDIES, "some studies must have been looked up before the deadline"
 
 
+def _peer_calls(duo: Network) -> float:
+    """Outbound calls DUO made to Mitz and the hospital PACSs (readiness probes aside)."""
+    return sum(
+        sample.value
+        for metric in duo.gateway.metrics.peer_requests.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels.get("operation") != "probe"
+    )
+
+
 async def test_more_distinct_studies_than_allowed_are_refused_before_any_lookup(duo: Network) -> None:
-    elapsed, status, errors = await _rad75(duo, _unknown_studies(duo, MAX_STUDIES + 1))
+    before = _peer_calls(duo)
+    _elapsed, status, errors = await _rad75(duo, _unknown_studies(duo, MAX_STUDIES + 1))
     assert status == ResponseStatus.FAILURE
     assert errors == [(ErrorCode.REGISTRY_ERROR, errors[0][1])]
     assert "max_studies_per_request" in errors[0][1] and str(MAX_STUDIES + 1) in errors[0][1]
-    assert elapsed < 1.0
+    # Refused before any lookup: not one consent question, not one C-FIND (asserted, not timed).
+    assert _peer_calls(duo) == before
 
 
 async def test_iti39_naming_more_distinct_documents_than_allowed_is_refused(duo: Network) -> None:
