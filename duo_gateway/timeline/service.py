@@ -14,7 +14,8 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from datetime import date
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -23,7 +24,7 @@ from duo_gateway.audit.messages import EventOutcome, Peer, Requestor, timeline_d
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.peers import TlbHospital, XcaCommunity
 from duo_gateway.consent import ConsentGate
-from duo_gateway.mitz.client import Localization, MitzClient
+from duo_gateway.mitz.client import Localization
 from duo_gateway.mitz.wire import OpenQuestion
 from duo_gateway.sources.base import ImagingSource
 from duo_gateway.timeline.ids import StudyIds
@@ -38,7 +39,8 @@ from duo_gateway.timeline.model import (
 from duo_gateway.timeline.result import MergedStudy, TimelineResult
 from duo_gateway.timeline.tlb_source import ask_tlb_hospital
 from duo_gateway.timeline.xca_source import institution_filter, outcome_from_response
-from duo_gateway.xca.initiating.client import CommunityClient
+from duo_gateway.xca.initiating.client import CommunityResponse
+from duo_gateway.xua import Claims
 
 log = structlog.get_logger(__name__)
 
@@ -52,14 +54,29 @@ def _pad(ura: str) -> str:
     return ura.zfill(8)
 
 
+class OpenQuestionAsker(Protocol):
+    """Mitz localization, as :class:`~duo_gateway.mitz.client.MitzClient` answers it: never raises for
+    what Mitz does (a failure is ``Localization(ok=False)``)."""
+
+    async def open_question(self, question: OpenQuestion) -> Localization: ...
+
+
+class DocumentFinder(Protocol):
+    """One XCA community's ITI-38, as :class:`~duo_gateway.xca.initiating.client.CommunityClient` asks
+    it: never raises for what the community does (its outcome is in the response's status)."""
+
+    async def find_documents(self, claims: Claims, bsn: str, date_from: date, date_to: date, *,
+                             deadline_s: float) -> CommunityResponse: ...
+
+
 class TimelineService:
     def __init__(
         self,
         config: DuoConfig,
         *,
-        mitz: MitzClient,
+        mitz: OpenQuestionAsker,
         gate: ConsentGate,
-        communities: Mapping[str, CommunityClient],
+        communities: Mapping[str, DocumentFinder],
         sources: Mapping[str, ImagingSource],
         auditor: Auditor,
         identity: Peer,
@@ -179,7 +196,7 @@ class TimelineService:
     # -- jobs ----------------------------------------------------------------------------------
     def _community_job(
         self,
-        client: CommunityClient,
+        client: DocumentFinder,
         community: XcaCommunity,
         request: TimelineRequest,
         ends_at: float,

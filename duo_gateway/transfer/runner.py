@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AsyncExitStack, aclosing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing
 from dataclasses import dataclass
-from typing import Final
+from pathlib import Path
+from typing import Final, Protocol
 
 import structlog
 from pydicom.errors import InvalidDicomError
@@ -39,7 +41,7 @@ from duo_gateway.config.peers import TlbHospital, XcaCommunity
 from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.consent import ConsentGate
 from duo_gateway.dicom.reconcile import reconcile_file
-from duo_gateway.dicom.store import UNCOMPRESSED_LE, StoreClient, StoreUnavailable
+from duo_gateway.dicom.store import UNCOMPRESSED_LE, StoreClient, StoreResult, StoreUnavailable
 from duo_gateway.sources.base import ImagingSource
 from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import StudyRef
@@ -67,6 +69,29 @@ log = structlog.get_logger(__name__)
 SHOWN_MISSING: Final = 10
 
 
+class DestinationClient(Protocol):
+    """What the runner needs of one association towards the destination (a :class:`StoreClient`)."""
+
+    def expect(self, pairs: Iterable[tuple[str, str]]) -> None: ...
+
+    async def store(self, path: Path, *, sop_class_uid: str, sop_instance_uid: str,
+                    transfer_syntax_uid: str) -> StoreResult: ...
+
+
+#: Opens one destination client (destination, DUO's calling AE title, TLS context); the runner enters
+#: it as an async context manager for the job's duration.
+DestinationClients = Callable[[DestinationPacs, str, ssl.SSLContext | None],
+                              AbstractAsyncContextManager[DestinationClient]]
+#: The fetcher for one copy of a study (its ref, the patient's BSN, the requester); raises
+#: LookupError when DUO no longer knows that copy's source.
+FetcherFactory = Callable[[StudyRef, str, Claims], StudyFetcher]
+
+
+def _store_client(destination: DestinationPacs, calling_ae: str,
+                  tls: ssl.SSLContext | None) -> AbstractAsyncContextManager[DestinationClient]:
+    return StoreClient(destination, calling_ae, tls=tls)
+
+
 @dataclass(frozen=True)
 class StudyOutcome:
     state: StudyState
@@ -79,7 +104,7 @@ class StudyOutcome:
 class _Relay:
     """Reconcile (when asked) and C-STORE one fetched instance, with retries for transient failures."""
 
-    def __init__(self, runner: JobRunner, job: Job, index: int, client: StoreClient,
+    def __init__(self, runner: JobRunner, job: Job, index: int, client: DestinationClient,
                  issuer: str | None) -> None:
         self._r = runner
         self._issuer = issuer
@@ -156,7 +181,11 @@ class JobRunner:
                  gate: ConsentGate, sources: Mapping[str, ImagingSource],
                  retrievers: Mapping[str, CommunityRetriever], metrics: TransferMetrics,
                  changed: Callable[[], None], auditor: Auditor | None, identity: Peer,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, destination_clients: DestinationClients = _store_client,
+                 fetchers: FetcherFactory | None = None) -> None:
+        """``destination_clients`` and ``fetchers`` are the runner's two I/O ports (C-STORE out, study
+        in); by default a :class:`StoreClient` per association and the TLB/XCA fetchers built from
+        ``sources``/``retrievers``. Tests pass fakes to drive the transfer rules without sockets."""
         self.cfg = cfg
         self.store = store
         self.owner = owner
@@ -169,6 +198,8 @@ class JobRunner:
         self._auditor = auditor
         self._identity = identity
         self._rng = rng or random.SystemRandom()
+        self._destination_clients = destination_clients
+        self._make_fetcher: FetcherFactory = fetchers or self._fetcher
 
     async def backoff(self, attempt: int) -> None:
         cfg = self.cfg.transfers
@@ -207,7 +238,7 @@ class JobRunner:
             # One TLS context for all of them, built off the loop (it reads the CA bundle and keys).
             tls = (await asyncio.to_thread(client_context, destination.tls)
                    if destination.tls is not None else None)
-            clients = [await stack.enter_async_context(StoreClient(destination, ae, tls=tls))
+            clients = [await stack.enter_async_context(self._destination_clients(destination, ae, tls))
                        for _ in range(destination.max_associations)]
             for study in job.studies:
                 if study.state == "completed":
@@ -314,19 +345,22 @@ class JobRunner:
         skipped: list[str] = []
         for ref in refs:
             try:
-                if ref.kind == "tlb":
-                    hospital, source = self._hospital(ref)
-                    fetchers.append((ref, TlbStudyFetcher(hospital=hospital, source=source, gate=self._gate,
-                                                          claims=claims, bsn=bsn, study_uid=ref.study_uid)))
-                else:
-                    community, retriever = self._community(ref)
-                    fetchers.append((ref, XcaStudyFetcher(community=community, retriever=retriever,
-                                                          claims=claims, bsn=bsn, ref=ref)))
+                fetchers.append((ref, self._make_fetcher(ref, bsn, claims)))
             except LookupError as exc:
                 skipped.append(str(exc))
         return fetchers, skipped
 
-    async def _study(self, job: Job, study: StudyProgress, claims: Claims, clients: list[StoreClient],
+    def _fetcher(self, ref: StudyRef, bsn: str, claims: Claims) -> StudyFetcher:
+        """The default :data:`FetcherFactory`: the configured TLB hospital's PACS behind the consent
+        gate, or the configured community's retriever."""
+        if ref.kind == "tlb":
+            hospital, source = self._hospital(ref)
+            return TlbStudyFetcher(hospital=hospital, source=source, gate=self._gate, claims=claims, bsn=bsn,
+                                   study_uid=ref.study_uid)
+        community, retriever = self._community(ref)
+        return XcaStudyFetcher(community=community, retriever=retriever, claims=claims, bsn=bsn, ref=ref)
+
+    async def _study(self, job: Job, study: StudyProgress, claims: Claims, clients: list[DestinationClient],
                      destination: DestinationPacs) -> StudyOutcome:
         index = study.index
         try:
@@ -491,4 +525,4 @@ def _reasons(rows: list[InstanceRow]) -> str:
     return "; ".join(f"{n}× {text}" for text, n in ranked[:3])
 
 
-__all__ = ["JobRunner", "StudyOutcome"]
+__all__ = ["DestinationClient", "DestinationClients", "FetcherFactory", "JobRunner", "StudyOutcome"]
