@@ -147,7 +147,8 @@ async def test_the_period_is_what_every_source_is_asked_for(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("script", "status"), [("Deny", "no-consent"), ("NotApplicable", "no-consent"),
-                                                ("Indeterminate", "no-consent"), ("error", "error")])
+                                                ("Indeterminate", "no-consent"), ("error", "error"),
+                                                ("hang", "timeout")])
 async def test_a_hospital_without_permit_is_not_queried_and_says_why(
         tmp_path: Path, script: ClosedScript, status: str) -> None:
     rig = build(tmp_path, closed={H1: script})
