@@ -27,7 +27,7 @@ from typing import Final, Literal
 from lxml import etree
 
 from duo_gateway.bsn import bsn_cx
-from duo_gateway.mitz.wire import ORG_TYPE_OID, PURPOSE_OID, ROLE_OID, URA_OID, UZI_OID
+from duo_gateway.saml import ORG_TYPE_OID, PURPOSE_OID, ROLE_OID, URA_OID, UZI_OID
 from duo_gateway.xua import Claims, Requester
 
 _XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>'
