@@ -92,10 +92,10 @@ def parse_datetime(value: str | None, what: str) -> datetime:
 def format_datetime(t: datetime) -> str:
     """UTC with millisecond precision and ``Z``, as B365 writes (``Date.toISOString()``).
 
-    One form for every timestamp DUO writes (SAML, wsu:Timestamp, FHIR), so what it sends is always
-    what it would itself accept.
+    One form for every timestamp DUO writes (SAML, wsu:Timestamp, FHIR, the DICOM audit message's
+    EventDateTime), so what it sends is always what it would itself accept, and sorts as text.
     """
-    if t.tzinfo is None:
+    if t.tzinfo is None or t.utcoffset() is None:
         raise ValueError("the time must be timezone-aware")
     utc = t.astimezone(UTC)
     return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
