@@ -75,12 +75,14 @@ def require_bsn(bsn: str, exc: type[MitzError] = MitzRequestError) -> None:
 
 
 def require_text(name: str, value: str | None, exc: type[MitzError] = MitzRequestError) -> str:
+    """Whitespace is not a value: NK refuses to ask Mitz with any input missing (mitz.md §2.3)."""
     if value is None or not value.strip():
         raise exc(f"{name} is required")
     return value
 
 
 def require_ura(name: str, value: str, exc: type[MitzError] = MitzRequestError) -> None:
+    """The Mitz codecs' URA rule (up to eight digits); the XUA door is stricter (exactly eight)."""
     if not _URA_RE.match(value):
         raise exc(f"{name} must be a URA (up to eight digits)")
 
@@ -91,6 +93,7 @@ def bare_oid(value: str) -> str:
 
 
 def is_oid(value: str) -> bool:
+    """A bare dotted OID without leading zeros, as the HL7v3 ``root`` and FHIR ``oid`` types require."""
     return bool(_OID_RE.match(value))
 
 
