@@ -149,8 +149,9 @@ def _mitz_check(args: argparse.Namespace) -> int:
     from duo_gateway.audit.messages import Peer
     from duo_gateway.config.runtime import LoggingConfig
     from duo_gateway.mitz.client import MitzClient
+    from duo_gateway.mitz.codec import MitzRequestError
     from duo_gateway.mitz.signing import request_signer
-    from duo_gateway.mitz.wire import ClosedQuestion, MitzRequestError
+    from duo_gateway.mitz.xacml import ClosedQuestion
     from duo_gateway.observability.logging import configure_logging
 
     config = _load(args.config)

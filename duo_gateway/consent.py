@@ -16,7 +16,8 @@ from typing import Protocol, TypeVar
 import structlog
 
 from duo_gateway.mitz.client import ConsentDecision
-from duo_gateway.mitz.wire import ClosedQuestion, MitzRequestError
+from duo_gateway.mitz.codec import MitzRequestError
+from duo_gateway.mitz.xacml import ClosedQuestion
 
 log = structlog.get_logger(__name__)
 

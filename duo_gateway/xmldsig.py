@@ -36,6 +36,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from lxml import etree
 
+from duo_gateway.saml import WSU_NS
+from duo_gateway.soap.xml import XML_NS, qname
+
 DS_NS: Final = "http://www.w3.org/2000/09/xmldsig#"
 EXC_C14N: Final = "http://www.w3.org/2001/10/xml-exc-c14n#"
 EXC_C14N_WITH_COMMENTS: Final = "http://www.w3.org/2001/10/xml-exc-c14n#WithComments"
@@ -47,10 +50,10 @@ SHA256: Final = "http://www.w3.org/2001/04/xmlenc#sha256"
 SHA1: Final = "http://www.w3.org/2000/09/xmldsig#sha1"
 
 #: ``xml:id``, the id attribute of the XACML request (mitz.md §2.2).
-XML_ID: Final = "{http://www.w3.org/XML/1998/namespace}id"
+XML_ID: Final = qname(XML_NS, "id")
 #: The id attribute of a SAML 2.0 assertion.
 SAML_ID: Final = "ID"
-_WSU_ID: Final = "{http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd}Id"
+_WSU_ID: Final = qname(WSU_NS, "Id")
 
 DigestName = Literal["sha256", "sha1"]
 PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -74,7 +77,7 @@ _ID_LIKE_ATTRIBUTES: Final = frozenset({"ID", "Id", "id", XML_ID, _WSU_ID})
 
 
 def _ds(local: str) -> str:
-    return f"{{{DS_NS}}}{local}"
+    return qname(DS_NS, local)
 
 
 def _hash(name: DigestName) -> hashes.HashAlgorithm:

@@ -1,7 +1,7 @@
 """XUA (IHE ITI-40): who is asking, proven by a signed SAML 2.0 assertion in ``wsse:Security``.
 
-Two directions, one vocabulary (the Twiin/Mitz attributes of netherlands.md §3 and mitz.md §3, built by
-:func:`duo_gateway.mitz.wire.build_xua_assertion`):
+Two directions, one vocabulary (the Twiin/Mitz attributes of netherlands.md §3 and mitz.md §3, in
+:mod:`duo_gateway.saml`); this module is the policy of which assertions DUO accepts and issues:
 
 * **Inbound** (DUO as XCA Responding Gateway): :func:`validate_xua` turns the header into a
   :class:`Requester`, or raises the SOAP 1.2 ``Sender`` fault with a ``wsse:`` subcode that xca.md §11
@@ -51,7 +51,9 @@ from duo_gateway.bsn import BSN_OID, is_valid_bsn
 from duo_gateway.config.access import XcaPeer
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.xua import XuaConfig
-from duo_gateway.mitz.wire import (
+from duo_gateway.mitz.xacml import ClosedQuestion
+from duo_gateway.saml import (
+    ASSERTION_VALIDITY,
     ATTR_CONSULTING_TYPE,
     ATTR_MANDATED,
     ATTR_PROVIDER_ID,
@@ -59,56 +61,52 @@ from duo_gateway.mitz.wire import (
     ATTR_PURPOSE,
     ATTR_RESOURCE_ID,
     ATTR_ROLE,
-    HL7_NS,
     ORG_TYPE_OID,
     PURPOSE_OID,
     PURPOSES,
     ROLE_OID,
+    SAML_AC_CLASSES,
     SAML_BEARER,
+    SAML_HOLDER_OF_KEY,
     SAML_NS,
     SAML_X509,
     URA_OID,
     UZI_OID,
     WSSE_NS,
     WSU_NS,
-    XSI_NS,
-    ClosedQuestion,
+    SamlError,
     build_xua_assertion,
+    hl7_type,
+    single_attribute_values,
 )
 from duo_gateway.soap.envelope import SOAP12_NS, Envelope, SoapFault
+from duo_gateway.soap.xml import XmlError, format_datetime, parse_datetime, qname
 from duo_gateway.xmldsig import DS_NS, SAML_ID, DigestName, PrivateKey, SignatureError, TrustStore
 
 Subcode = Literal["InvalidSecurity", "InvalidSecurityToken", "FailedAuthentication", "FailedCheck",
                   "MessageExpired"]
 
-SAML_HOLDER_OF_KEY: Final = "urn:oasis:names:tc:SAML:2.0:cm:holder-of-key"
 #: Bearer is what Twiin/Mitz send. Holder-of-key is accepted but its key is *not* matched against the
 #: TLS client: the assertion is then trusted exactly as much as a bearer one, never more.
 SUBJECT_CONFIRMATIONS: Final = frozenset({SAML_BEARER, SAML_HOLDER_OF_KEY})
 
-_AC: Final = "urn:oasis:names:tc:SAML:2.0:ac:classes:"
 #: Project policy: certificate-backed authentication only, because the Dutch professional signs in with
 #: an UZI pass (X509 in B365's assertion). This refuses Gazelle's ``secondauthncontext``
 #: (InternetProtocol: "an unacceptable authentication method") and ``invalidauthncontext`` cases.
-ACCEPTED_AUTHN_CONTEXTS: Final = frozenset({SAML_X509, f"{_AC}SmartcardPKI", f"{_AC}SoftwarePKI",
-                                            f"{_AC}TLSClient"})
+ACCEPTED_AUTHN_CONTEXTS: Final = frozenset({SAML_X509, f"{SAML_AC_CLASSES}SmartcardPKI",
+                                            f"{SAML_AC_CLASSES}SoftwarePKI", f"{SAML_AC_CLASSES}TLSClient"})
 
 #: How long the message Timestamp DUO sends stays valid (WSS4J's default time-to-live).
 TIMESTAMP_TTL_S: Final = 300.0
 
 _DIGITS = re.compile(r"[0-9]+")
 _URA = re.compile(r"[0-9]{8}")
-_TIME = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d+)?(Z|[+-]\d{2}:\d{2})")
 #: xs:ID is an NCName; the signature Reference is ``#<ID>``, so nothing looser may pass.
 _NCNAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
 #: Trust-store refusals from :func:`duo_gateway.xmldsig.verify` (who signed), as opposed to refusals
 #: of the signature itself (what was signed). Pinned by tests so a rewording there cannot go unnoticed.
 _TRUST_REFUSAL = re.compile(r"certificate .* (is not trusted|expired at|is not valid before|has a KeyUsage)")
-
-
-def _q(ns: str, local: str) -> str:
-    return f"{{{ns}}}{local}"
 
 
 def _fault(subcode: Subcode, reason: str) -> SoapFault:
@@ -209,7 +207,7 @@ class Requester(Claims):
 
 def _elements(parent: etree._Element, ns: str, local: str) -> list[etree._Element]:
     """Direct children only: a nested element of the same name is never the one we mean."""
-    return [c for c in parent if c.tag == _q(ns, local)]
+    return [c for c in parent if c.tag == qname(ns, local)]
 
 
 def _exactly_one(parent: etree._Element, ns: str, local: str, where: str,
@@ -221,16 +219,11 @@ def _exactly_one(parent: etree._Element, ns: str, local: str, where: str,
 
 
 def _time(value: str | None, what: str, subcode: Subcode = "InvalidSecurityToken") -> datetime:
-    """xs:dateTime with a zone (SAML core §1.3.3 wants UTC); beyond microseconds is cut, not refused."""
-    m = _TIME.fullmatch(value or "")
-    if m is None:
-        raise _fault(subcode, f"{what} is missing or not an xs:dateTime with a time zone")
-    fraction = (m.group(2) or ".0")[1:7].ljust(6, "0")
-    zone = "+00:00" if m.group(3) == "Z" else m.group(3)
+    """xs:dateTime with a zone (SAML core §1.3.3 wants UTC), or the fault with ``subcode``."""
     try:
-        return datetime.fromisoformat(f"{m.group(1)}.{fraction}{zone}").astimezone(UTC)
-    except ValueError:
-        raise _fault(subcode, f"{what} is not a valid date and time") from None
+        return parse_datetime(value, what).astimezone(UTC)
+    except XmlError as exc:
+        raise _fault(subcode, str(exc)) from None
 
 
 def _text(el: etree._Element) -> str:
@@ -263,10 +256,10 @@ def _check_timestamp(security: etree._Element, now: datetime, skew: timedelta, r
 
 
 def _find_assertion(security: etree._Element) -> etree._Element | None:
-    if any(True for _ in security.iter(_q(SAML_NS, "EncryptedAssertion"))):
+    if any(True for _ in security.iter(qname(SAML_NS, "EncryptedAssertion"))):
         raise _fault("InvalidSecurityToken", "encrypted assertions are not supported")
     direct = _elements(security, SAML_NS, "Assertion")
-    anywhere = list(security.iter(_q(SAML_NS, "Assertion")))
+    anywhere = list(security.iter(qname(SAML_NS, "Assertion")))
     if len(anywhere) > len(direct) or len(direct) > 1:
         # A second assertion, nested (Advice) or not, is exactly what wrapping attacks smuggle in.
         raise _fault("InvalidSecurity",
@@ -315,7 +308,7 @@ def _check_conditions(assertion: etree._Element, issued: datetime, now: datetime
 
     restrictions: list[etree._Element] = []
     for child in conditions:
-        if child.tag != _q(SAML_NS, "AudienceRestriction"):
+        if child.tag != qname(SAML_NS, "AudienceRestriction"):
             # SAML core §2.5.1.5: a condition the relying party does not understand makes the
             # assertion's validity indeterminate, which must not be read as valid.
             raise _fault("InvalidSecurityToken", f"condition {etree.QName(child).localname} is not supported")
@@ -374,46 +367,20 @@ _KNOWN_ATTRIBUTES: Final = (ATTR_PROVIDER_ID, ATTR_MANDATED, ATTR_ROLE, ATTR_PRO
 def _single_values(assertion: etree._Element) -> dict[str, etree._Element]:
     """The hl7 element of each attribute DUO acts on; any second occurrence or value is refused.
 
-    A second role or purpose (NIST ``_secondrole``/``_secondpurposeofuse``) would leave it to chance
-    which one the consent question carries. Attributes DUO does not read (XSPA subject-id, organization,
-    homeCommunityId, ...) are left alone: international peers send them and they decide nothing here.
+    Attributes DUO does not read (XSPA subject-id, organization, homeCommunityId, ...) are left alone:
+    international peers send them and they decide nothing here.
     """
-    found: dict[str, list[etree._Element]] = {}
-    for statement in _elements(assertion, SAML_NS, "AttributeStatement"):
-        for attr in _elements(statement, SAML_NS, "Attribute"):
-            name = (attr.get("Name") or "").strip()
-            if name in _KNOWN_ATTRIBUTES:
-                found.setdefault(name, []).append(attr)
-    values: dict[str, etree._Element] = {}
-    for name, attrs in found.items():
-        if len(attrs) > 1:
-            raise _fault("InvalidSecurityToken", f"attribute {name} appears {len(attrs)} times; "
-                         "it must be single-valued")
-        attr_values = _elements(attrs[0], SAML_NS, "AttributeValue")
-        if len(attr_values) != 1:
-            raise _fault("InvalidSecurityToken", f"attribute {name} must have exactly one AttributeValue, "
-                         f"found {len(attr_values)}")
-        children = [c for c in attr_values[0] if isinstance(c.tag, str)]
-        if len(children) != 1 or etree.QName(children[0]).namespace != HL7_NS:
-            raise _fault("InvalidSecurityToken", f"attribute {name} must hold one typed hl7 element")
-        values[name] = children[0]
-    return values
-
-
-def _xsi_type(el: etree._Element) -> str | None:
-    """The hl7 local name of ``xsi:type``, or None when it is absent or not in the hl7 namespace."""
-    value = el.get(_q(XSI_NS, "type"))
-    if value is None:
-        return None
-    prefix, _, local = value.strip().rpartition(":")
-    return local if el.nsmap.get(prefix or None) == HL7_NS else None
+    try:
+        return single_attribute_values(_elements(assertion, SAML_NS, "AttributeStatement"), _KNOWN_ATTRIBUTES)
+    except SamlError as exc:
+        raise _fault("InvalidSecurityToken", str(exc)) from None
 
 
 def _identifier(values: dict[str, etree._Element], name: str, root: str) -> str | None:
     el = values.get(name)
     if el is None:
         return None
-    if _xsi_type(el) != "II":
+    if hl7_type(el) != "II":
         raise _fault("InvalidSecurityToken", f"attribute {name} must be an hl7 II")
     if el.get("root") != root:
         raise _fault("InvalidSecurityToken", f"attribute {name} must have root {root}")
@@ -425,7 +392,7 @@ def _code(values: dict[str, etree._Element], name: str, code_system: str) -> str
     if el is None:
         return None
     # Mitz writes CE for role and purpose, Twiin's table CV for purpose: both carry code + codeSystem.
-    if _xsi_type(el) not in ("CE", "CV"):
+    if hl7_type(el) not in ("CE", "CV"):
         raise _fault("InvalidSecurityToken", f"attribute {name} must be an hl7 CE or CV")
     if el.get("codeSystem") != code_system:
         raise _fault("FailedAuthentication", f"attribute {name} must use code system {code_system}")
@@ -495,7 +462,7 @@ def validate_xua(
         raise ValueError("at least one accepted audience is required")
     now = now.astimezone(UTC)
     skew = timedelta(seconds=cfg.clock_skew_s)
-    securities = [h for h in envelope.headers if h.tag == _q(WSSE_NS, "Security")]
+    securities = [h for h in envelope.headers if h.tag == qname(WSSE_NS, "Security")]
     if len(securities) > 1:
         raise _fault("InvalidSecurity", f"{len(securities)} wsse:Security headers; exactly one is accepted")
     if not securities:
@@ -537,10 +504,10 @@ def validate_assertion(
         raise ValueError("at least one accepted audience is required")
     now = now.astimezone(UTC)
     skew = timedelta(seconds=cfg.clock_skew_s)
-    if assertion.tag != _q(SAML_NS, "Assertion"):
+    if assertion.tag != qname(SAML_NS, "Assertion"):
         raise _fault("InvalidSecurityToken", "not a saml2:Assertion")
     if any(el is not assertion
-           for el in assertion.iter(_q(SAML_NS, "Assertion"), _q(SAML_NS, "EncryptedAssertion"))):
+           for el in assertion.iter(qname(SAML_NS, "Assertion"), qname(SAML_NS, "EncryptedAssertion"))):
         raise _fault("InvalidSecurity", "the assertion holds another assertion")
     if assertion.get("Version") != "2.0":
         raise _fault("InvalidSecurityToken",
@@ -620,7 +587,7 @@ def issue_assertion(
     key: PrivateKey,
     cert: x509.Certificate | Sequence[x509.Certificate],
     now: datetime,
-    lifetime_s: float = 600.0,
+    lifetime_s: float = ASSERTION_VALIDITY.total_seconds(),
     digest: DigestName = "sha256",
     subject_bsn: str | None = None,
     assertion_id: str | None = None,
@@ -629,7 +596,7 @@ def issue_assertion(
 
     The default lifetime is Twiin's 10 minutes (netherlands.md §3). The signature sits right after
     Issuer, where the SAML schema puts it (strict peers validate the schema). ``subject_bsn``, when
-    given, travels as ``resource-id`` (see :func:`~duo_gateway.mitz.wire.build_xua_assertion`).
+    given, travels as ``resource-id`` (see :func:`~duo_gateway.saml.build_xua_assertion`).
 
     One ``audience`` only, on purpose: the assertion is a bearer token, and one naming several
     gateways could be replayed by any of them at the others for its lifetime, under DUO's requester.
@@ -677,17 +644,12 @@ def _timestamped_security(now: datetime, ttl_s: float) -> etree._Element:
         raise ValueError("now must be timezone-aware")
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
-    security = etree.Element(_q(WSSE_NS, "Security"), nsmap={"wsse": WSSE_NS, "wsu": WSU_NS})
-    security.set(_q(SOAP12_NS, "mustUnderstand"), "1")
-    stamp = etree.SubElement(security, _q(WSU_NS, "Timestamp"))
-    etree.SubElement(stamp, _q(WSU_NS, "Created")).text = _wsu_time(now)
-    etree.SubElement(stamp, _q(WSU_NS, "Expires")).text = _wsu_time(now + timedelta(seconds=ttl_s))
+    security = etree.Element(qname(WSSE_NS, "Security"), nsmap={"wsse": WSSE_NS, "wsu": WSU_NS})
+    security.set(qname(SOAP12_NS, "mustUnderstand"), "1")
+    stamp = etree.SubElement(security, qname(WSU_NS, "Timestamp"))
+    etree.SubElement(stamp, qname(WSU_NS, "Created")).text = format_datetime(now)
+    etree.SubElement(stamp, qname(WSU_NS, "Expires")).text = format_datetime(now + timedelta(seconds=ttl_s))
     return security
-
-
-def _wsu_time(t: datetime) -> str:
-    utc = t.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
 
 
 __all__ = [

@@ -31,7 +31,9 @@ from signxml.signer import XMLSigner
 from signxml.verifier import SignatureConfiguration, XMLVerifier
 
 from duo_gateway import xmldsig
-from duo_gateway.mitz import wire
+from duo_gateway.mitz.xacml import XACML_NS, XACML_SAML_NS, ClosedQuestion, build_closed_question
+from duo_gateway.mitz.xcpd import OpenQuestion, build_assertion, build_open_question
+from duo_gateway.saml import HL7_NS, SAML_NS, WSSE_NS
 from duo_gateway.soap.xml import parse_xml, to_bytes
 from duo_gateway.xmldsig import (
     DS_NS,
@@ -54,20 +56,20 @@ from duo_gateway.xmldsig import (
 from tests.support.pki import Pki, make_pki
 
 FIXTURES = Path(__file__).parent / "fixtures" / "xmldsig"
-SAML_ASSERTION = f"{{{wire.SAML_NS}}}Assertion"
-SAML_ISSUER = f"{{{wire.SAML_NS}}}Issuer"
+SAML_ASSERTION = f"{{{SAML_NS}}}Assertion"
+SAML_ISSUER = f"{{{SAML_NS}}}Issuer"
 DS_SIGNATURE = f"{{{DS_NS}}}Signature"
-NS = {"ds": DS_NS, "saml2": wire.SAML_NS, "q": wire.XACML_SAML_NS, "x": wire.XACML_NS,
-      "h": wire.HL7_NS, "wsse": wire.WSSE_NS}
+NS = {"ds": DS_NS, "saml2": SAML_NS, "q": XACML_SAML_NS, "x": XACML_NS,
+      "h": HL7_NS, "wsse": WSSE_NS}
 #: xmlsec1 only resolves xml:id natively; SAML's ID attribute must be declared per element type.
 XMLSEC_SAML_ID = ["--id-attr:ID", "urn:oasis:names:tc:SAML:2.0:assertion:Assertion"]
 
-CLOSED = wire.ClosedQuestion(bsn="900186021", holder_ura="00000659", holder_type="Z3",
-                             requester_uzi="000095254", requester_role="01.015", requester_ura="00000666",
-                             requester_type="Z3")
-OPEN = wire.OpenQuestion(bsn="900186021", requester_uzi="000095254", requester_role="01.039",
-                         requester_ura="00000666", requester_type="V6",
-                         issuer="urn:oid:2.16.528.1.1007.99.9999")
+CLOSED = ClosedQuestion(bsn="900186021", holder_ura="00000659", holder_type="Z3",
+                        requester_uzi="000095254", requester_role="01.015", requester_ura="00000666",
+                        requester_type="Z3")
+OPEN = OpenQuestion(bsn="900186021", requester_uzi="000095254", requester_role="01.039",
+                    requester_ura="00000666", requester_type="V6",
+                    issuer="urn:oid:2.16.528.1.1007.99.9999")
 CLOSED_URL = "https://mitz.test/tst-us/mitz/geslotenautorisatievraag/xacml3"
 OPEN_URL = "https://mitz.test/tst-us/mitz/openautorisatievraag"
 MESSAGE_ID = "urn:uuid:11111111-2222-4333-8444-555555555555"
@@ -127,7 +129,7 @@ def xmlsec1_verify(xmlsec1: str, doc: bytes, trusted_pem: Path, tmp_path: Path, 
 
 def closed_question() -> tuple[etree._Element, etree._Element, etree._Element]:
     """(envelope, XACMLAuthzDecisionQuery, Request) of a real closed question, parsed as a peer would."""
-    root = parse_xml(wire.build_closed_question(CLOSED, CLOSED_URL, MESSAGE_ID))
+    root = parse_xml(build_closed_question(CLOSED, CLOSED_URL, MESSAGE_ID))
     query = root.find(".//q:XACMLAuthzDecisionQuery", NS)
     assert query is not None
     request = query.find("x:Request", NS)
@@ -136,7 +138,7 @@ def closed_question() -> tuple[etree._Element, etree._Element, etree._Element]:
 
 
 def assertion(now: dt.datetime, assertion_id: str = "_4f1c0ffee") -> etree._Element:
-    return wire.build_assertion(OPEN, now, assertion_id)
+    return build_assertion(OPEN, now, assertion_id)
 
 
 def sign_assertion(signer: Signer, now: dt.datetime, digest: xmldsig.DigestName = "sha256") -> bytes:
@@ -305,7 +307,7 @@ def test_signed_assertion_survives_being_moved_into_a_soap_header(
         signer: Signer, store: TrustStore, now: dt.datetime) -> None:
     """exc-c14n is what lets an assertion travel between documents: the XUA case of xca.md §11."""
     signed = parse_xml(sign_assertion(signer, now))
-    envelope = parse_xml(wire.build_open_question(OPEN, OPEN_URL, MESSAGE_ID, now))
+    envelope = parse_xml(build_open_question(OPEN, OPEN_URL, MESSAGE_ID, now))
     security = envelope.find(".//wsse:Security", NS)
     assert security is not None
     security.replace(security[0], signed)
@@ -624,7 +626,7 @@ def test_signature_wrapping_with_a_duplicate_id_is_refused(
     evil = copy.deepcopy(original)
     _tamper_uzi(evil)
     evil.insert(1, sig)
-    advice = etree.SubElement(evil, f"{{{wire.SAML_NS}}}Advice")
+    advice = etree.SubElement(evil, f"{{{SAML_NS}}}Advice")
     advice.append(original)
     evil = parse_xml(to_bytes(evil))
     with pytest.raises(SignatureError, match="id '_4f1c0ffee' is carried by 2 elements"):
@@ -647,7 +649,7 @@ def test_signature_wrapping_with_a_reference_elsewhere_is_refused(
     evil.set("ID", "_evil")
     _tamper_uzi(evil)
     evil.insert(1, sig)
-    etree.SubElement(evil, f"{{{wire.SAML_NS}}}Advice").append(original)
+    etree.SubElement(evil, f"{{{SAML_NS}}}Advice").append(original)
     evil = parse_xml(to_bytes(evil))
     with pytest.raises(SignatureError,
                        match=r"Reference URI '#_4f1c0ffee' does not point at the expected element"):
@@ -662,7 +664,7 @@ def test_duplicate_xml_id_in_closed_question_is_refused(signer: Signer, store: T
                                                         now: dt.datetime) -> None:
     _, query, request = closed_question()
     sig = sign(query, request, *signer)
-    decoy = etree.SubElement(query, f"{{{wire.XACML_NS}}}Request")
+    decoy = etree.SubElement(query, f"{{{XACML_NS}}}Request")
     decoy.set(XML_ID, request.get(XML_ID) or "")
     with pytest.raises(SignatureError, match="is carried by 2 elements"):
         verify(sig, expected_referenced=request, id_attribute=XML_ID, trusted=store, now=now)
@@ -679,7 +681,7 @@ def test_signature_from_another_document_is_refused(signer: Signer, store: Trust
 def test_comment_injection(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
     """The 2018 SAML attack: a comment splits a signed text node, the digest ignores it, .text stops at it."""
     q = replace(OPEN, issuer="urn:oid:2.999.12")
-    a = wire.build_assertion(q, now, "_c")
+    a = build_assertion(q, now, "_c")
     sign(a, a, signer[0], signer[1], id_attribute=SAML_ID, position=1)
     injected = to_bytes(a).replace(b">urn:oid:2.999.12<", b">urn:oid:2.999.1<!---->2<")
     assert injected != to_bytes(a)

@@ -26,11 +26,10 @@ from cryptography.x509.oid import NameOID
 from lxml import etree
 from signxml.signer import XMLSigner
 
-from duo_gateway import xmldsig
+from duo_gateway import saml, xmldsig
 from duo_gateway.config.access import CertificateMatch, XcaPeer
 from duo_gateway.config.xua import IMAGING_ROLES, XuaConfig
-from duo_gateway.mitz import wire
-from duo_gateway.mitz.wire import MitzRequestError
+from duo_gateway.mitz.codec import MitzRequestError
 from duo_gateway.soap.envelope import (
     SOAP12_NS,
     Addressing,
@@ -41,7 +40,7 @@ from duo_gateway.soap.envelope import (
     element_bytes,
     parse_envelope,
 )
-from duo_gateway.soap.xml import XmlError, parse_xml, to_bytes
+from duo_gateway.soap.xml import XSI_NS, XmlError, parse_xml, to_bytes
 from duo_gateway.xmldsig import DS_NS, EXC_C14N, SAML_ID, PrivateKey, TrustStore, load_signing_pair
 from duo_gateway.xua import (
     Claims,
@@ -60,7 +59,7 @@ AUDIENCE = "urn:oid:2.16.528.1.1007.99.1"
 ISSUER = "urn:oid:2.16.528.1.1007.99.9999"
 ITI38 = "urn:ihe:iti:2007:CrossGatewayQuery"
 QUERY_NS = "urn:oasis:names:tc:ebxml-regrep:xsd:query:3.0"
-NS = {"saml2": wire.SAML_NS, "ds": DS_NS, "wsse": wire.WSSE_NS, "wsu": wire.WSU_NS, "h": wire.HL7_NS,
+NS = {"saml2": saml.SAML_NS, "ds": DS_NS, "wsse": saml.WSSE_NS, "wsu": saml.WSU_NS, "h": saml.HL7_NS,
       "s": SOAP12_NS}
 CLAIMS = Claims(uzi="000095254", role="01.039", ura="00000666", purpose="TREAT", organisation_type="V6")
 #: The tables below test the assertion alone, in a Security header without a Timestamp; the Timestamp
@@ -110,7 +109,7 @@ def build(now: dt.datetime, mutate: Mutation | None = None, *, sign: Signer | No
           lifetime_s: float = 600, audience: str = AUDIENCE, digest: xmldsig.DigestName = "sha256",
           claims: Claims = CLAIMS, bsn: str | None = None, assertion_id: str = "_a1") -> etree._Element:
     """An assertion in our vocabulary, with ``mutate`` applied *before* signing."""
-    a = wire.build_xua_assertion(issuer=ISSUER, uzi=claims.uzi, role=claims.role, ura=claims.ura,
+    a = saml.build_xua_assertion(issuer=ISSUER, uzi=claims.uzi, role=claims.role, ura=claims.ura,
                                  org_type=claims.organisation_type, purpose=claims.purpose, now=now,
                                  audience=audience, validity=dt.timedelta(seconds=lifetime_s),
                                  mandated_uzi=claims.mandated_uzi, patient_bsn=bsn, assertion_id=assertion_id)
@@ -126,7 +125,7 @@ def envelope(*security_children: etree._Element, extra_headers: list[etree._Elem
     """A parsed ITI-38 request with the given Security contents (copied, so callers keep theirs)."""
     headers: list[etree._Element] = []
     if security:
-        sec = etree.Element(f"{{{wire.WSSE_NS}}}Security", nsmap={"wsse": wire.WSSE_NS, "wsu": wire.WSU_NS})
+        sec = etree.Element(f"{{{saml.WSSE_NS}}}Security", nsmap={"wsse": saml.WSSE_NS, "wsu": saml.WSU_NS})
         sec.set(f"{{{SOAP12_NS}}}mustUnderstand", "1")
         for child in security_children:
             sec.append(copy.deepcopy(child))
@@ -156,7 +155,7 @@ def refused(env: Envelope, store: TrustStore, now: dt.datetime, subcode: str, re
     with pytest.raises(SoapFault) as info:
         validate(env, store, now, cfg, issuer)
     fault = info.value
-    assert (fault.code, fault.subcode) == ("Sender", (wire.WSSE_NS, subcode)), fault.reason
+    assert (fault.code, fault.subcode) == ("Sender", (saml.WSSE_NS, subcode)), fault.reason
     assert re.search(reason, fault.reason), fault.reason
     return fault
 
@@ -204,10 +203,10 @@ def test_issued_assertion_has_the_twiin_shape(signer: Signer, now: dt.datetime) 
     assert (conditions.get("NotBefore"), conditions.get("NotOnOrAfter")) == (
         now.strftime("%Y-%m-%dT%H:%M:%S.000Z"), ten_minutes_on)
     confirmation = a.find("saml2:Subject/saml2:SubjectConfirmation", NS)
-    assert confirmation is not None and confirmation.get("Method") == wire.SAML_BEARER
-    ura = attr_value(a, wire.ATTR_PROVIDER_INSTITUTION)
+    assert confirmation is not None and confirmation.get("Method") == saml.SAML_BEARER
+    ura = attr_value(a, saml.ATTR_PROVIDER_INSTITUTION)
     assert {k: ura.get(k) for k in ura.keys()} == {
-        f"{{{wire.XSI_NS}}}type": "II", "root": wire.URA_OID, "extension": "00000666"}
+        f"{{{XSI_NS}}}type": "II", "root": saml.URA_OID, "extension": "00000666"}
 
 
 def test_a_peer_s_assertion_for_several_audiences_is_accepted_by_each_of_them_only(
@@ -216,12 +215,12 @@ def test_a_peer_s_assertion_for_several_audiences_is_accepted_by_each_of_them_on
     them). DUO never issues one (a bearer token naming several gateways is replayable between them),
     so it is built here the way such a peer would."""
     others = ["urn:oid:2.16.528.1.1007.99.20002", "urn:oid:2.16.528.1.1007.99.20003"]
-    a = wire.build_xua_assertion(
+    a = saml.build_xua_assertion(
         issuer=ISSUER, uzi=CLAIMS.uzi, role=CLAIMS.role, ura=CLAIMS.ura, org_type=CLAIMS.organisation_type,
         purpose=CLAIMS.purpose, now=now, audience=AUDIENCE, validity=dt.timedelta(minutes=10))
     (restriction,) = a.findall("saml2:Conditions/saml2:AudienceRestriction", NS)
     for extra in others:
-        etree.SubElement(restriction, f"{{{wire.SAML_NS}}}Audience").text = extra
+        etree.SubElement(restriction, f"{{{saml.SAML_NS}}}Audience").text = extra
     xmldsig.sign(a, a, signer[0], signer[1], id_attribute=SAML_ID, position=1)
     env = envelope(a)
     for audience in (AUDIENCE, *others):
@@ -230,7 +229,7 @@ def test_a_peer_s_assertion_for_several_audiences_is_accepted_by_each_of_them_on
     with pytest.raises(SoapFault, match="is not accepted by this gateway") as refused_elsewhere:
         validate_xua(env, CFG, issuer=ISSUER, trusted=store, audiences=["urn:oid:2.16.528.1.1007.99.20004"],
                      now=now)
-    assert refused_elsewhere.value.subcode == (wire.WSSE_NS, "FailedAuthentication")
+    assert refused_elsewhere.value.subcode == (saml.WSSE_NS, "FailedAuthentication")
     for empty in ("", " "):
         with pytest.raises(ValueError, match="audience"):
             issue_assertion(CLAIMS, issuer=ISSUER, audience=empty, key=signer[0], cert=signer[1], now=now)
@@ -350,7 +349,7 @@ def _add(path: str, local: str) -> Mutation:
     def mutate(a: etree._Element) -> None:
         el = a.find(path, NS)
         assert el is not None, path
-        etree.SubElement(el, f"{{{wire.SAML_NS}}}{local}")
+        etree.SubElement(el, f"{{{saml.SAML_NS}}}{local}")
     return mutate
 
 
@@ -383,52 +382,52 @@ CASES: list[tuple[str, Mutation, str, str]] = [
     ("internet-protocol-class", _text(CLASS_REF, "urn:oasis:names:tc:SAML:2.0:ac:classes:InternetProtocol"),
      "FailedAuthentication", "InternetProtocol is not accepted"),
     # _secondrole
-    ("second-role-attribute", _duplicate(_attr(wire.ATTR_ROLE)), "InvalidSecurityToken",
+    ("second-role-attribute", _duplicate(_attr(saml.ATTR_ROLE)), "InvalidSecurityToken",
      "subject:role appears 2 times"),
-    ("second-role-value", _duplicate(f"{_attr(wire.ATTR_ROLE)}/saml2:AttributeValue"), "InvalidSecurityToken",
+    ("second-role-value", _duplicate(f"{_attr(saml.ATTR_ROLE)}/saml2:AttributeValue"), "InvalidSecurityToken",
      "subject:role must have exactly one AttributeValue, found 2"),
-    ("role-outside-rolecodenl", _set(_hl7(wire.ATTR_ROLE), "codeSystem", "2.16.840.1.113883.6.96"),
+    ("role-outside-rolecodenl", _set(_hl7(saml.ATTR_ROLE), "codeSystem", "2.16.840.1.113883.6.96"),
      "FailedAuthentication", "subject:role must use code system 2.16.840.1.113883.2.4.15.111"),
     # _secondpurposeofuse
-    ("second-purpose-attribute", _duplicate(_attr(wire.ATTR_PURPOSE)), "InvalidSecurityToken",
+    ("second-purpose-attribute", _duplicate(_attr(saml.ATTR_PURPOSE)), "InvalidSecurityToken",
      "purposeofuse appears 2 times"),
-    ("second-purpose-value", _duplicate(f"{_attr(wire.ATTR_PURPOSE)}/saml2:AttributeValue"),
+    ("second-purpose-value", _duplicate(f"{_attr(saml.ATTR_PURPOSE)}/saml2:AttributeValue"),
      "InvalidSecurityToken", "purposeofuse must have exactly one AttributeValue"),
-    ("purpose-not-for-mitz", _set(_hl7(wire.ATTR_PURPOSE), "code", "PUBLICHEALTH"), "FailedAuthentication",
+    ("purpose-not-for-mitz", _set(_hl7(saml.ATTR_PURPOSE), "code", "PUBLICHEALTH"), "FailedAuthentication",
      "purposeofuse 'PUBLICHEALTH' is not accepted"),
     # the other single-valued attributes
-    ("second-uzi", _duplicate(_attr(wire.ATTR_PROVIDER_ID)), "InvalidSecurityToken",
+    ("second-uzi", _duplicate(_attr(saml.ATTR_PROVIDER_ID)), "InvalidSecurityToken",
      "provider-identifier appears 2 times"),
-    ("second-ura", _duplicate(_attr(wire.ATTR_PROVIDER_INSTITUTION)), "InvalidSecurityToken",
+    ("second-ura", _duplicate(_attr(saml.ATTR_PROVIDER_INSTITUTION)), "InvalidSecurityToken",
      "provider-institution appears 2 times"),
-    ("second-org-type", _duplicate(_attr(wire.ATTR_CONSULTING_TYPE)), "InvalidSecurityToken",
+    ("second-org-type", _duplicate(_attr(saml.ATTR_CONSULTING_TYPE)), "InvalidSecurityToken",
      "facility-type-code appears 2 times"),
     # required attributes
-    ("no-uzi", _drop(_attr(wire.ATTR_PROVIDER_ID)), "InvalidSecurityToken",
+    ("no-uzi", _drop(_attr(saml.ATTR_PROVIDER_ID)), "InvalidSecurityToken",
      "lacks required attribute.*provider-identifier"),
-    ("no-role", _drop(_attr(wire.ATTR_ROLE)), "InvalidSecurityToken",
+    ("no-role", _drop(_attr(saml.ATTR_ROLE)), "InvalidSecurityToken",
      "lacks required attribute.*subject:role"),
-    ("no-ura", _drop(_attr(wire.ATTR_PROVIDER_INSTITUTION)), "InvalidSecurityToken",
+    ("no-ura", _drop(_attr(saml.ATTR_PROVIDER_INSTITUTION)), "InvalidSecurityToken",
      "lacks required attribute.*provider-institution"),
-    ("no-purpose", _drop(_attr(wire.ATTR_PURPOSE)), "InvalidSecurityToken",
+    ("no-purpose", _drop(_attr(saml.ATTR_PURPOSE)), "InvalidSecurityToken",
      "lacks required attribute.*purposeofuse"),
     # malformed values
-    ("ura-seven-digits", _set(_hl7(wire.ATTR_PROVIDER_INSTITUTION), "extension", "0000666"),
+    ("ura-seven-digits", _set(_hl7(saml.ATTR_PROVIDER_INSTITUTION), "extension", "0000666"),
      "InvalidSecurityToken", r"URA\) must be eight digits"),
-    ("ura-letters", _set(_hl7(wire.ATTR_PROVIDER_INSTITUTION), "extension", "0000066a"),
+    ("ura-letters", _set(_hl7(saml.ATTR_PROVIDER_INSTITUTION), "extension", "0000066a"),
      "InvalidSecurityToken", r"URA\) must be eight digits"),
-    ("ura-trailing-newline", _set(_hl7(wire.ATTR_PROVIDER_INSTITUTION), "extension", "00000666\n"),
+    ("ura-trailing-newline", _set(_hl7(saml.ATTR_PROVIDER_INSTITUTION), "extension", "00000666\n"),
      "InvalidSecurityToken", r"URA\) must be eight digits"),
-    ("uzi-not-digits", _set(_hl7(wire.ATTR_PROVIDER_ID), "extension", "UZI-95254"), "InvalidSecurityToken",
+    ("uzi-not-digits", _set(_hl7(saml.ATTR_PROVIDER_ID), "extension", "UZI-95254"), "InvalidSecurityToken",
      r"UZI\) must be digits"),
-    ("uzi-arabic-indic-digits", _set(_hl7(wire.ATTR_PROVIDER_ID), "extension", "٠٩٥٢٥٤"),
+    ("uzi-arabic-indic-digits", _set(_hl7(saml.ATTR_PROVIDER_ID), "extension", "٠٩٥٢٥٤"),
      "InvalidSecurityToken", r"UZI\) must be digits"),
-    ("uzi-wrong-root", _set(_hl7(wire.ATTR_PROVIDER_ID), "root", wire.URA_OID), "InvalidSecurityToken",
+    ("uzi-wrong-root", _set(_hl7(saml.ATTR_PROVIDER_ID), "root", saml.URA_OID), "InvalidSecurityToken",
      "provider-identifier must have root 2.16.528.1.1007.3.1"),
-    ("uzi-untyped", _set(_hl7(wire.ATTR_PROVIDER_ID), f"{{{wire.XSI_NS}}}type", None), "InvalidSecurityToken",
+    ("uzi-untyped", _set(_hl7(saml.ATTR_PROVIDER_ID), f"{{{XSI_NS}}}type", None), "InvalidSecurityToken",
      "provider-identifier must be an hl7 II"),
-    ("role-empty", _set(_hl7(wire.ATTR_ROLE), "code", ""), "InvalidSecurityToken", "role code must be"),
-    ("purpose-plain-string", _plain(f"{_attr(wire.ATTR_PURPOSE)}/saml2:AttributeValue", "TREAT"),
+    ("role-empty", _set(_hl7(saml.ATTR_ROLE), "code", ""), "InvalidSecurityToken", "role code must be"),
+    ("purpose-plain-string", _plain(f"{_attr(saml.ATTR_PURPOSE)}/saml2:AttributeValue", "TREAT"),
      "InvalidSecurityToken", "purposeofuse must hold one typed hl7 element"),
     # assertion basics
     ("version-1.9", _set(".", "Version", "1.9"), "InvalidSecurityToken", "Version must be 2.0, not '1.9'"),
@@ -467,7 +466,7 @@ def test_fault_goes_on_the_wire_as_soap12_sender_with_the_wsse_subcode(store: Tr
     assert root.findtext("s:Body/s:Fault/s:Code/s:Value", namespaces=NS) == "s:Sender"
     with pytest.raises(SoapFault) as info:
         parse_envelope(wire_bytes)
-    assert (info.value.code, info.value.subcode) == ("Sender", (wire.WSSE_NS, "InvalidSecurityToken"))
+    assert (info.value.code, info.value.subcode) == ("Sender", (saml.WSSE_NS, "InvalidSecurityToken"))
     assert info.value.reason == fault.reason
 
 
@@ -501,8 +500,8 @@ def test_every_audience_restriction_must_be_met(signer: Signer, store: TrustStor
     def second_restriction(a: etree._Element) -> None:
         conditions = a.find("saml2:Conditions", NS)
         assert conditions is not None
-        extra = etree.SubElement(conditions, f"{{{wire.SAML_NS}}}AudienceRestriction")
-        etree.SubElement(extra, f"{{{wire.SAML_NS}}}Audience").text = "urn:oid:1.2.3.elsewhere"
+        extra = etree.SubElement(conditions, f"{{{saml.SAML_NS}}}AudienceRestriction")
+        etree.SubElement(extra, f"{{{saml.SAML_NS}}}Audience").text = "urn:oid:1.2.3.elsewhere"
     refused(envelope(build(now, second_restriction, sign=signer)), store, now, "FailedAuthentication",
             "urn:oid:1.2.3.elsewhere is not accepted")
 
@@ -516,7 +515,7 @@ def test_lifetime_longer_than_configured_is_refused(signer: Signer, store: Trust
 
 def test_invalid_bsn_in_resource_id_is_refused_without_echoing_it(signer: Signer, store: TrustStore,
                                                                   now: dt.datetime) -> None:
-    env = envelope(build(now, _set(_hl7(wire.ATTR_RESOURCE_ID), "extension", "123456789"), sign=signer,
+    env = envelope(build(now, _set(_hl7(saml.ATTR_RESOURCE_ID), "extension", "123456789"), sign=signer,
                          bsn="900186021"))
     fault = refused(env, store, now, "InvalidSecurityToken", "resource-id is not a valid BSN")
     assert "123456789" not in fault.reason
@@ -528,9 +527,9 @@ def test_unknown_attributes_are_ignored(signer: Signer, store: TrustStore, now: 
         stmt = a.find("saml2:AttributeStatement", NS)
         assert stmt is not None
         for _ in range(2):
-            attr = etree.SubElement(stmt, f"{{{wire.SAML_NS}}}Attribute",
+            attr = etree.SubElement(stmt, f"{{{saml.SAML_NS}}}Attribute",
                                     Name="urn:oasis:names:tc:xspa:1.0:subject:subject-id")
-            etree.SubElement(attr, f"{{{wire.SAML_NS}}}AttributeValue").text = "Dr. Jansen"
+            etree.SubElement(attr, f"{{{saml.SAML_NS}}}AttributeValue").text = "Dr. Jansen"
     assert validate(envelope(build(now, xspa, sign=signer)), store, now) is not None
 
 
@@ -541,7 +540,7 @@ def test_unknown_attributes_are_ignored(signer: Signer, store: TrustStore, now: 
 
 def test_tampering_after_signing_fails_the_check(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
     a = build(now, sign=signer)
-    attr_value(a, wire.ATTR_PROVIDER_INSTITUTION).set("extension", "00000999")
+    attr_value(a, saml.ATTR_PROVIDER_INSTITUTION).set("extension", "00000999")
     refused(envelope(a), store, now, "FailedCheck", "DigestValue does not match")
 
 
@@ -645,7 +644,7 @@ def test_xmlsec1_signed_assertion_validates(signer: Signer, pki: Pki, store: Tru
     requester = validate(envelope(signed), store, now)
     assert requester is not None and requester.ura == CLAIMS.ura
     # Control: the same xmlsec1 output with one attribute changed must not pass.
-    attr_value(signed, wire.ATTR_PROVIDER_INSTITUTION).set("extension", "00000999")
+    attr_value(signed, saml.ATTR_PROVIDER_INSTITUTION).set("extension", "00000999")
     refused(envelope(signed), store, now, "FailedCheck", "DigestValue does not match")
 
 
@@ -671,7 +670,7 @@ def _forged(original: etree._Element, ura: str = "00000999", keep_id: bool = Fal
     sig = forged.find("ds:Signature", NS)
     if sig is not None:
         forged.remove(sig)
-    attr_value(forged, wire.ATTR_PROVIDER_INSTITUTION).set("extension", ura)
+    attr_value(forged, saml.ATTR_PROVIDER_INSTITUTION).set("extension", ura)
     if not keep_id:
         forged.set("ID", "_forged")
     return forged
@@ -720,7 +719,7 @@ def test_signed_assertion_moved_out_of_security(where: str, signer: Signer, stor
 def test_signed_assertion_hidden_in_advice(signer: Signer, store: TrustStore, now: dt.datetime) -> None:
     signed = build(now, sign=signer)
     outer = _forged(signed)
-    etree.SubElement(outer, f"{{{wire.SAML_NS}}}Advice").append(copy.deepcopy(signed))
+    etree.SubElement(outer, f"{{{saml.SAML_NS}}}Advice").append(copy.deepcopy(signed))
     refused(envelope(outer), store, now, "InvalidSecurity", "exactly one saml2:Assertion, found 2")
 
 
@@ -731,7 +730,7 @@ def test_two_security_headers_are_refused(signer: Signer, store: TrustStore, now
 
 
 def test_encrypted_assertion_is_refused(store: TrustStore, now: dt.datetime) -> None:
-    refused(envelope(etree.Element(f"{{{wire.SAML_NS}}}EncryptedAssertion")), store, now,
+    refused(envelope(etree.Element(f"{{{saml.SAML_NS}}}EncryptedAssertion")), store, now,
             "InvalidSecurityToken", "encrypted assertions are not supported")
 
 
@@ -780,11 +779,11 @@ def test_naive_clock_is_a_programming_error(signer: Signer, store: TrustStore, n
 
 
 def _timestamp(created: str | None, expires: str | None) -> etree._Element:
-    stamp = etree.Element(f"{{{wire.WSU_NS}}}Timestamp")
+    stamp = etree.Element(f"{{{saml.WSU_NS}}}Timestamp")
     if created is not None:
-        etree.SubElement(stamp, f"{{{wire.WSU_NS}}}Created").text = created
+        etree.SubElement(stamp, f"{{{saml.WSU_NS}}}Created").text = created
     if expires is not None:
-        etree.SubElement(stamp, f"{{{wire.WSU_NS}}}Expires").text = expires
+        etree.SubElement(stamp, f"{{{saml.WSU_NS}}}Expires").text = expires
     return stamp
 
 
@@ -1023,14 +1022,14 @@ def test_a_bare_assertion_may_not_carry_another_one(signer: Signer, store: Trust
     def advice(a: etree._Element) -> None:
         conditions = a.find("saml2:Conditions", NS)
         assert conditions is not None
-        holder = etree.Element(f"{{{wire.SAML_NS}}}Advice")
+        holder = etree.Element(f"{{{saml.SAML_NS}}}Advice")
         holder.append(copy.deepcopy(inner))
         conditions.addnext(holder)
 
     outer = parse_xml(to_bytes(build(now, advice, sign=signer)))
     with pytest.raises(SoapFault, match="holds another assertion") as info:
         validate_assertion(outer, CFG, issuer=ISSUER, trusted=store, audiences=[AUDIENCE], now=now)
-    assert info.value.subcode == (wire.WSSE_NS, "InvalidSecurity")
+    assert info.value.subcode == (saml.WSSE_NS, "InvalidSecurity")
 
 
 def test_trusted_certs_is_gone_from_the_xua_config(pki: Pki) -> None:

@@ -27,7 +27,8 @@ from typing import Final, Literal
 from lxml import etree
 
 from duo_gateway.bsn import bsn_cx
-from duo_gateway.mitz.wire import ORG_TYPE_OID, PURPOSE_OID, ROLE_OID, URA_OID, UZI_OID
+from duo_gateway.saml import ORG_TYPE_OID, PURPOSE_OID, ROLE_OID, URA_OID, UZI_OID
+from duo_gateway.soap.xml import format_datetime
 from duo_gateway.xua import Claims, Requester
 
 _XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>'
@@ -280,7 +281,7 @@ def _b64(data: bytes) -> str:
 def _event(root: etree._Element, event: EventIdentification) -> None:
     element = etree.SubElement(root, "EventIdentification")
     element.set("EventActionCode", event.action.value)
-    element.set("EventDateTime", format_event_datetime(event.date_time))
+    element.set("EventDateTime", format_datetime(event.date_time))
     element.set("EventOutcomeIndicator", str(int(event.outcome)))
     _code(element, "EventID", event.event_id)
     for type_code in event.type_codes:
@@ -349,11 +350,6 @@ def _description(parent: etree._Element, description: DicomObjectDescription) ->
         contains = etree.SubElement(element, "ParticipantObjectContainsStudy")
         for uid in description.study_uids:
             etree.SubElement(contains, "StudyIDs").set("UID", _text(uid))
-
-
-def format_event_datetime(when: datetime) -> str:
-    """UTC with milliseconds and ``Z``: one unambiguous form, sortable as text."""
-    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def to_xml(message: AuditMessage) -> bytes:

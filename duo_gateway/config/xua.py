@@ -12,7 +12,7 @@ from typing import Final
 from pydantic import Field, field_validator, model_validator
 
 from duo_gateway.config.base import ConfigPath, StrictModel
-from duo_gateway.mitz.wire import PURPOSES
+from duo_gateway.saml import PURPOSES
 
 #: RoleCodeNL (2.16.840.1.113883.2.4.15.111) of the professionals who consult imaging (mitz.md §5):
 #: 01.000 Arts, 01.010 Cardioloog, 01.015 Huisarts, 01.039 Radioloog, 97.000 Radiodiagnostisch

@@ -1,9 +1,10 @@
 """The Mitz client: closed question (consent), open question (localization), fail-closed.
 
-The codec (:mod:`duo_gateway.mitz.wire`) says what the bytes mean; this module decides what DUO may
-do with them. Its one rule: the only way to get ``permitted=True`` is a timely, well-formed Permit for
-every asked category from Mitz itself (or from a cache entry that such an answer created moments
-ago and that no notification has invalidated since). Everything else, including bugs, is refusal.
+The codecs (:mod:`duo_gateway.mitz.xacml`, :mod:`duo_gateway.mitz.xcpd`) say what the bytes mean;
+this module decides what DUO may do with them. Its one rule: the only way to get ``permitted=True`` is
+a timely, well-formed Permit for every asked category from Mitz itself (or from a cache entry that
+such an answer created moments ago and that no notification has invalidated since). Everything else,
+including bugs, is refusal.
 
 Caching is off by default. When switched on (``mitz.cache_ttl_s``, at most 60 s) entries are keyed by
 *every* attribute of the question; a consent notification for (BSN, data holder) evicts at once and
@@ -27,17 +28,9 @@ from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.messages import EventOutcome, Peer, mitz_consent_question
 from duo_gateway.config.mitz import MitzConfig
 from duo_gateway.http.client import PeerCallError, PeerClient
-from duo_gateway.mitz.wire import (
-    ClosedQuestion,
-    Decision,
-    Location,
-    MitzError,
-    OpenQuestion,
-    build_closed_question,
-    build_open_question,
-    parse_closed_answer,
-    parse_open_answer,
-)
+from duo_gateway.mitz.codec import MitzError
+from duo_gateway.mitz.xacml import ClosedQuestion, Decision, build_closed_question, parse_closed_answer
+from duo_gateway.mitz.xcpd import Location, OpenQuestion, build_open_question, parse_open_answer
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.soap.envelope import SOAP12_CONTENT_TYPE, new_message_id
 

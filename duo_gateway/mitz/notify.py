@@ -34,7 +34,8 @@ from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.messages import EventOutcome, Peer, mitz_consent_notification
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.http.access import RETRY_AFTER_S, register_denial, route_name
-from duo_gateway.mitz.wire import FHIR_JSON, MitzAnswerError, Notification, parse_notification
+from duo_gateway.mitz.codec import MitzAnswerError
+from duo_gateway.mitz.fhir import FHIR_JSON, Notification, parse_notification
 
 log = structlog.get_logger(__name__)
 

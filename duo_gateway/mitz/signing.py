@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from duo_gateway.config.mitz import MitzConfig
 from duo_gateway.mitz.client import RequestSigner
-from duo_gateway.soap.xml import parse_xml, to_bytes
-from duo_gateway.xmldsig import load_signing_pair, sign
-
-_XACML_SAML = "urn:oasis:names:tc:xacml:3.0:profile:saml2.0:v2:schema:protocol:wd-14"
-_XACML = "urn:oasis:names:tc:xacml:3.0:core:schema:wd-17"
-_XML_ID = "{http://www.w3.org/XML/1998/namespace}id"
+from duo_gateway.mitz.xacml import XACML_NS, XACML_SAML_NS
+from duo_gateway.soap.xml import parse_xml, qname, to_bytes
+from duo_gateway.xmldsig import XML_ID, load_signing_pair, sign
 
 
 def request_signer(cfg: MitzConfig) -> RequestSigner | None:
@@ -22,11 +19,11 @@ def request_signer(cfg: MitzConfig) -> RequestSigner | None:
 
     def signer(request: bytes) -> bytes:
         root = parse_xml(request)
-        query = root.find(f".//{{{_XACML_SAML}}}XACMLAuthzDecisionQuery")
-        target = query.find(f"{{{_XACML}}}Request") if query is not None else None
+        query = root.find(f".//{qname(XACML_SAML_NS, 'XACMLAuthzDecisionQuery')}")
+        target = query.find(qname(XACML_NS, "Request")) if query is not None else None
         if query is None or target is None:
             raise ValueError("not a closed question: no XACMLAuthzDecisionQuery/Request to sign")
-        sign(query, target, key, cert, digest="sha256", id_attribute=_XML_ID, position=0)
+        sign(query, target, key, cert, digest="sha256", id_attribute=XML_ID, position=0)
         return to_bytes(root)
 
     return signer

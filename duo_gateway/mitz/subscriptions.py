@@ -84,8 +84,10 @@ from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.peers import TlbHospital
 from duo_gateway.dicom.find import c_find
 from duo_gateway.http.client import PeerCallError, PeerClient, PeerResponse
-from duo_gateway.mitz.wire import FHIR_JSON, NLMINBIZA, MitzRequestError, bare_oid, build_subscription
+from duo_gateway.mitz.codec import MitzRequestError, bare_oid
+from duo_gateway.mitz.fhir import FHIR_JSON, build_subscription
 from duo_gateway.observability.metrics import Metrics
+from duo_gateway.saml import NLMINBIZA
 from duo_gateway.tls import client_context
 
 log = structlog.get_logger(__name__)

@@ -1,9 +1,10 @@
 """A Mitz simulator: closed and open question, subscriptions, notifications, and misbehaviour on demand.
 
 Mitz's test environment changes real data that shows up in "Mijn Mitz" (mitz.md §6), so every
-automated test and the demo talk to this instead. It speaks the exact wire format of
-:mod:`duo_gateway.mitz.wire` and is deliberately strict about requests, so a gateway that drifts
-from the documented shape fails here rather than in acceptance.
+automated test and the demo talk to this instead. It speaks the exact wire formats of
+:mod:`duo_gateway.mitz.xacml`, :mod:`~duo_gateway.mitz.xcpd` and :mod:`~duo_gateway.mitz.fhir` and is
+deliberately strict about requests, so a gateway that drifts from the documented shape fails here
+rather than in acceptance.
 
 Consent model (a simplification, on purpose):
 
@@ -42,30 +43,26 @@ import structlog
 from aiohttp import web
 
 from duo_gateway.bsn import BSN_OID, is_valid_bsn
-from duo_gateway.mitz.wire import (
+from duo_gateway.mitz.codec import MitzRequestError, MitzSecurityError, bare_oid
+from duo_gateway.mitz.fhir import (
     ALL_PROVIDER_CATEGORIES,
-    CLOSED_ACTION,
     FHIR_JSON,
-    OPEN_ACTION,
-    WSSE_NS,
-    ClosedQuestion,
     ConsentStatement,
-    Decision,
-    Location,
-    MitzRequestError,
-    MitzSecurityError,
     Notification,
-    OpenQuestion,
     Subscription,
-    bare_oid,
-    build_closed_answer,
     build_notification,
-    build_open_answer,
-    parse_closed_question,
-    parse_open_question,
     parse_subscription,
     subscription_resource,
 )
+from duo_gateway.mitz.xacml import (
+    CLOSED_ACTION,
+    ClosedQuestion,
+    Decision,
+    build_closed_answer,
+    parse_closed_question,
+)
+from duo_gateway.mitz.xcpd import OPEN_ACTION, Location, OpenQuestion, build_open_answer, parse_open_question
+from duo_gateway.saml import WSSE_NS
 from duo_gateway.sim.behaviour import MitzMisbehaviour
 from duo_gateway.sim.config import SimNetworkConfig
 from duo_gateway.sim.http import current_behaviour, install_behaviour

@@ -24,7 +24,8 @@ from pydicom.dataset import Dataset
 
 from duo_gateway.bsn import bsn_cx
 from duo_gateway.dicom.find import c_find
-from duo_gateway.mitz.wire import ClosedQuestion, OpenQuestion
+from duo_gateway.mitz.xacml import ClosedQuestion
+from duo_gateway.mitz.xcpd import OpenQuestion
 from duo_gateway.sim.network import REQUESTER_PACS_NAME, SECOND_TLB_URA, DemoXcaPeer
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from duo_gateway.soap.xml import XmlError, parse_xml, to_bytes
+from duo_gateway.soap.xml import XML_NS, XmlError, parse_xml, qname, to_bytes
 
 SOAP12_NS = "http://www.w3.org/2003/05/soap-envelope"
 SOAP11_NS = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -204,7 +204,7 @@ def build_fault(fault: SoapFault, relates_to: str | None = None) -> etree._Eleme
         value.text = f"{prefix}:{local}"
     reason = etree.SubElement(body, f"{{{SOAP12_NS}}}Reason")
     text = etree.SubElement(reason, f"{{{SOAP12_NS}}}Text")
-    text.set("{http://www.w3.org/XML/1998/namespace}lang", "en")
+    text.set(qname(XML_NS, "lang"), "en")
     text.text = fault.reason
     if fault.detail:
         etree.SubElement(body, f"{{{SOAP12_NS}}}Detail").text = fault.detail

@@ -25,7 +25,7 @@ from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.peers import TlbHospital, XcaCommunity
 from duo_gateway.consent import ConsentGate
 from duo_gateway.mitz.client import Localization
-from duo_gateway.mitz.wire import OpenQuestion
+from duo_gateway.mitz.xcpd import OpenQuestion
 from duo_gateway.sources.base import ImagingSource
 from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import (

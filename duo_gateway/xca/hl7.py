@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from duo_gateway.xca.codes import URA_OID
+from duo_gateway.saml import URA_OID
 
 _DTM = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2})?)?)?)?)?$")
 _OID = re.compile(r"^[0-2](\.(0|[1-9]\d*))+$")

@@ -22,7 +22,8 @@ from duo_gateway.config.mitz import MitzConfig
 from duo_gateway.config.tls import ClientTls
 from duo_gateway.consent import ConsentGate, Permit, Refusal
 from duo_gateway.mitz.client import ConsentDecision, MitzClient
-from duo_gateway.mitz.wire import ClosedQuestion, OpenQuestion, build_closed_answer, parse_closed_question
+from duo_gateway.mitz.xacml import ClosedQuestion, build_closed_answer, parse_closed_question
+from duo_gateway.mitz.xcpd import OpenQuestion
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sim.behaviour import MitzMisbehaviour
 from duo_gateway.sim.config import default_network

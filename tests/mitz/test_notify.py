@@ -24,9 +24,9 @@ from duo_gateway.bsn import bsn_cx
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.mitz import MitzConfig
 from duo_gateway.daemon import Gateway
+from duo_gateway.mitz.fhir import ConsentStatement, Notification, build_notification
 from duo_gateway.mitz.notify import DEFAULT_MAX_BODY_BYTES
 from duo_gateway.mitz.subscriptions import SubscriptionManager
-from duo_gateway.mitz.wire import ConsentStatement, Notification, build_notification
 from duo_gateway.sim.config import default_network
 from duo_gateway.sim.mitz import CONSENT_ADMIN_ROUTE, SUBSCRIPTION_ROUTE, MitzSimulator
 from duo_gateway.soap.xml import parse_xml

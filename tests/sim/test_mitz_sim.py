@@ -17,20 +17,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from lxml import etree
 from structlog.testing import capture_logs
 
-from duo_gateway.mitz.wire import (
-    ClosedAnswer,
-    ClosedQuestion,
-    Location,
-    MitzAnswerError,
-    MitzFault,
-    OpenQuestion,
-    build_closed_question,
-    build_open_question,
-    build_subscription,
-    parse_closed_answer,
-    parse_notification,
-    parse_open_answer,
-)
+from duo_gateway.mitz.codec import MitzAnswerError, MitzFault
+from duo_gateway.mitz.fhir import build_subscription, parse_notification
+from duo_gateway.mitz.xacml import ClosedAnswer, ClosedQuestion, build_closed_question, parse_closed_answer
+from duo_gateway.mitz.xcpd import Location, OpenQuestion, build_open_question, parse_open_answer
 from duo_gateway.sim.behaviour import MitzMisbehaviour
 from duo_gateway.sim.config import SimMitz, SimNetworkConfig, default_network
 from duo_gateway.sim.mitz import (

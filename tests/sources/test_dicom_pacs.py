@@ -26,7 +26,7 @@ from duo_gateway.config.peers import TlbHospital
 from duo_gateway.consent import ConsentGate, Permit
 from duo_gateway.dicom.qr import MoveRouter, receiving_contexts
 from duo_gateway.mitz.client import ConsentDecision
-from duo_gateway.mitz.wire import ClosedQuestion
+from duo_gateway.mitz.xacml import ClosedQuestion
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import default_network

@@ -26,7 +26,6 @@ import structlog
 from lxml import etree
 from pydicom.uid import BasicTextSRStorage
 
-from duo_gateway.audit.messages import format_event_datetime
 from duo_gateway.audit.sink import parse_file_records
 from duo_gateway.audit.syslog import parse_message
 from duo_gateway.daemon import Gateway
@@ -34,7 +33,7 @@ from duo_gateway.sim.behaviour import Misbehaviour, MitzMisbehaviour
 from duo_gateway.sim.config import SimHospital, SimPatient
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
 from duo_gateway.sim.xca import community_seed
-from duo_gateway.soap.xml import parse_xml
+from duo_gateway.soap.xml import format_datetime, parse_xml
 from duo_gateway.timeline.model import StudyRef
 from tests.support.orthanc import load_with_storescu, run_orthanc
 from tests.timeline.harness import (
@@ -469,8 +468,8 @@ def _audit_events(path: Path, since: datetime | None = None) -> list[etree._Elem
     events = [parse_xml(parse_message(r).msg) for r in parse_file_records(path.read_bytes()).records]
     if since is None:
         return events
-    # EventDateTime is UTC with milliseconds and a Z: sortable as text (format_event_datetime).
-    floor = format_event_datetime(since)
+    # EventDateTime is UTC with milliseconds and a Z: sortable as text (format_datetime).
+    floor = format_datetime(since)
     return [e for e in events if _value(e, "EventIdentification/@EventDateTime") >= floor]
 
 

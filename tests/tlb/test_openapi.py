@@ -31,8 +31,9 @@ from duo_gateway.config.transfer import DestinationPacs, TransferConfig
 from duo_gateway.consent import ConsentGate
 from duo_gateway.http.server import build_app
 from duo_gateway.mitz.client import ConsentDecision
-from duo_gateway.mitz.wire import PURPOSES, ClosedQuestion
+from duo_gateway.mitz.xacml import ClosedQuestion
 from duo_gateway.observability.metrics import Metrics
+from duo_gateway.saml import PURPOSES
 from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import SourceKind, SourceStatus
 from duo_gateway.tlb.api import DEFAULT_SCHEMA_PATH, TlbApiDoor

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from duo_gateway.config.transfer import DestinationPacs, TransferConfig
 from duo_gateway.consent import ConsentGate
 from duo_gateway.mitz.client import ConsentDecision
-from duo_gateway.mitz.wire import ClosedQuestion
+from duo_gateway.mitz.xacml import ClosedQuestion
 from duo_gateway.sources.dicom_pacs import DicomPacsSource
 from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import StudyRef

@@ -31,8 +31,8 @@ from duo_gateway.bsn import bsn_cx
 from duo_gateway.config.audit import AuditConfig
 from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.config.xua import XuaConfig
-from duo_gateway.mitz.wire import SAML_NS, WSSE_NS, WSU_NS
 from duo_gateway.observability.metrics import Metrics
+from duo_gateway.saml import SAML_NS, WSSE_NS, WSU_NS
 from duo_gateway.sim.config import SimNetworkConfig, default_network
 from duo_gateway.sim.pki import Pki
 from duo_gateway.sim.xca import XcaCommunitySimulator

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from duo_gateway.audit.sink import parse_file_records
 from duo_gateway.audit.syslog import parse_message
 from duo_gateway.bsn import BSN_OID, bsn_cx
+from duo_gateway.saml import URA_OID
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.studies import GeneratedStudy
 from duo_gateway.soap.envelope import SOAP11_NS, SOAP12_NS, WSA_NS
@@ -40,7 +41,6 @@ from duo_gateway.xca.codes import (
     KOS_SOP_CLASS,
     MIME_DICOM,
     STUDY_INSTANCE_UID_ID_TYPE,
-    URA_OID,
     Action,
     EntryStatus,
     ErrorCode,

@@ -44,7 +44,7 @@ from duo_gateway.config.peers import TlbHospital
 from duo_gateway.config.xca import XcaRespondingConfig
 from duo_gateway.consent import ConsentGate, Permit, Refusal
 from duo_gateway.dicom.kos import encode_part10
-from duo_gateway.mitz.wire import ClosedQuestion
+from duo_gateway.mitz.xacml import ClosedQuestion
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sources.base import ImagingSource, SourceUnavailable
 from duo_gateway.xca.codes import (

@@ -22,7 +22,7 @@ from duo_gateway.access import Caller
 from duo_gateway.audit.messages import Peer
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.http.access import RETRY_AFTER_S, caller_of, register_denial, route_name
-from duo_gateway.mitz.wire import WSSE_NS
+from duo_gateway.saml import WSSE_NS
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,
     WSA_NS,
