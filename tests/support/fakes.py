@@ -36,7 +36,8 @@ from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.consent import Permit
 from duo_gateway.dicom.store import StoreResult, StoreUnavailable
 from duo_gateway.mitz.client import ConsentDecision, Localization
-from duo_gateway.mitz.wire import ClosedQuestion, OpenQuestion
+from duo_gateway.mitz.xacml import ClosedQuestion
+from duo_gateway.mitz.xcpd import OpenQuestion
 from duo_gateway.sources.base import (
     InstanceRecord,
     NotCovered,

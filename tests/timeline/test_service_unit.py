@@ -22,7 +22,7 @@ from duo_gateway.audit.messages import TLB_TIMELINE, EventOutcome, Peer
 from duo_gateway.config.xca import DocumentCodes
 from duo_gateway.consent import ConsentGate
 from duo_gateway.mitz.client import Localization
-from duo_gateway.mitz.wire import Location
+from duo_gateway.mitz.xcpd import Location
 from duo_gateway.sources.base import SourceUnavailable, StudyRecord
 from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import TimelineRequest
