@@ -5,6 +5,11 @@ buffered whole (xca.md §13.4). Building therefore yields the multipart body as 
 chunks with a precomputed length, and attachments may be files that are only read while streaming.
 Parsing is lenient because peers differ: a bare ``\\n\\n`` between part headers, a missing ``start``
 parameter, or plain SOAP with inline base64 instead of XOP are all accepted (xca.md §10, §13.6).
+
+There is one parser of multipart bodies, :class:`MtomParser`, which takes bytes in any chunking and
+hands out events. :func:`parse_mtom` feeds it a whole body and keeps the parts in memory; the streaming
+reader (:mod:`duo_gateway.soap.mtom_stream`) feeds it each network read and spools the parts to disk.
+Two readers with their own rules had drifted apart before (Content-ID duplicates, the part limit).
 """
 
 from __future__ import annotations
@@ -557,7 +562,8 @@ class MtomParser:
         at = buf.find(delim, max(pos, self._scan))
         while at != -1:
             content_end = at - 1 if at > pos and buf[at - 1] == _CR else at
-            tail = self._tail(at + len(delim))
+            after = at + len(delim)
+            tail = (after + 2, False) if buf.startswith(b"\r\n", after) else self._tail(after)
             if tail is None:
                 self._emit(content_end)
                 self._scan = at
@@ -613,9 +619,10 @@ class MtomParser:
 
     def _emit(self, stop: int) -> None:
         """Hand out the current part's content up to ``stop``, transfer-decoded and size-checked."""
-        if stop <= self._pos:
+        pos = self._pos
+        if stop <= pos:
             return
-        data = self._buf[self._pos : stop]
+        data = self._buf[pos:stop]
         self._pos = stop
         if self._decoder is not None:
             data = self._decoder.feed(data)
