@@ -151,12 +151,15 @@ def _core(case: Case, chunks: Sequence[bytes]) -> Outcome:
     data: list[bytes] = []
     start: PartStart | None = None
     feed = iter(chunks)
+    ended = False
     try:
         while True:
             event = parser.next_event()
             if event is NEED_DATA:
                 chunk = next(feed, None)
                 if chunk is None:
+                    assert not ended, "NEED_DATA after end()"
+                    ended = True
                     parser.end()
                 else:
                     parser.feed(chunk)
