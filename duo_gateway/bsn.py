@@ -23,10 +23,12 @@ its PACS keeps the BSN (``bsn_attribute``, netherlands.md §4):
 Issuer spellings that name the BSN's authority, as PACSes and HL7-to-DICOM brokers actually fill
 them: IssuerOfPatientID ``NLMINBIZA`` (the assigning authority name on every Dutch BSN, also in Mitz
 and XCPD), ``BSN`` (hand-configured PACSes), the BSN OID bare or as ``urn:oid:``, or the HL7 HD form
-a broker copies whole from PID-3.4 (``NLMINBIZA&2.16.840.1.113883.2.4.6.3&ISO``; every component
-given must agree); and an IssuerOfPatientIDQualifiersSequence item whose UniversalEntityID is the
-BSN OID (bare or ``urn:oid:``) with UniversalEntityIDType ISO, URI or absent. Two labels that
-disagree (NLMINBIZA beside another OID) are a data error that makes the identifier not a BSN.
+a broker copies whole from PID-3.4 (``NLMINBIZA&2.16.840.1.113883.2.4.6.3&ISO``, trailing
+components may be left off; every component given must agree); and an
+IssuerOfPatientIDQualifiersSequence item whose UniversalEntityID is the BSN OID (bare or
+``urn:oid:``) with UniversalEntityIDType ISO, URI or absent. Names are compared exactly: a near
+miss is some other authority's number until a person decides otherwise. Two labels that disagree
+(NLMINBIZA beside another OID) are a data error that makes the identifier not a BSN.
 
 Every value returned passes :func:`is_valid_bsn`. A record that names two different BSNs belongs to
 nobody: no guess can say which patient it is, and either guess could disclose the wrong person's
@@ -89,9 +91,9 @@ def is_bsn_issuer(issuer: str) -> bool:
     if value in BSN_ISSUERS:
         return True
     parts = value.split("&")
-    if len(parts) != 3:
+    if len(parts) not in (2, 3):
         return False
-    namespace, universal_id, id_type = (p.strip() for p in parts)
+    namespace, universal_id, id_type = (p.strip() for p in [*parts, ""][:3])
     if not namespace and not universal_id:
         return False
     return ((not namespace or namespace in BSN_ISSUER_NAMES)
