@@ -28,6 +28,7 @@ class TlbHospital(StrictModel):
     #: Defaults to repository_unique_id.
     mitz_source_id: Oid | None = None
     #: Where this PACS keeps the BSN: Twiin's guideline location is not settled, so it is per PACS.
+    #: How the issuer labels are read there is duo_gateway.bsn's one rule.
     bsn_attribute: BsnAttribute = "PatientID"
     #: Deadline for one DICOM operation (association + C-FIND) against this PACS.
     timeout_s: float = Field(default=10.0, gt=0, le=600)
