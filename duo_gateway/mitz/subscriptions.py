@@ -145,7 +145,7 @@ class SyncReport:
     studies: int = 0
     #: Distinct valid BSNs found.
     patients: int = 0
-    #: Studies whose patient identifier was missing or not an 11-proef-valid BSN.
+    #: Studies naming no valid BSN where the hospital keeps it, or two (duo_gateway.bsn.bsn_of).
     invalid: int = 0
     created: int = 0
     exists: int = 0
