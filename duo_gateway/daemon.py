@@ -72,8 +72,6 @@ class Gateway:
                                signer=request_signer(config.mitz))
         #: Every front door that discloses data asks this gate; see duo_gateway.consent.
         self.consent = ConsentGate(self.mitz)
-        self.subscriptions = SubscriptionManager(config, auditor=self.auditor, metrics=self.metrics,
-                                                 gateway=self.identity)
         # Mitz notifications evict cached decisions before they are acknowledged.
         self._front_doors = [
             MitzNotifyDoor(config, lambda bsn, ura: self.mitz.consent_changed(bsn, ura), self.auditor),
@@ -91,6 +89,9 @@ class Gateway:
             h.ura: DicomPacsSource(h, config.listeners.dicom.ae_title, self.spool_dir, retrieve_method=method,
                                    retrieve_window=window, metrics=self.metrics, move_router=self.move_router)
             for h in config.tlb_hospitals}
+        #: Keeps Mitz subscriptions complete, reading each PACS through the same source as the queries.
+        self.subscriptions = SubscriptionManager(config, pacses=self.sources, auditor=self.auditor,
+                                                 metrics=self.metrics, gateway=self.identity)
         signing = None
         if config.xua.signing_key_file is not None and config.xua.signing_cert_file is not None:
             signing = load_signing_pair(config.xua.signing_key_file, config.xua.signing_cert_file)

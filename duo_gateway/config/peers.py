@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import AnyHttpUrl, Field
 
+from duo_gateway.bsn import BsnAttribute
 from duo_gateway.config.base import AeTitle, HomeCommunityId, Oid, StrictModel, Ura
 from duo_gateway.config.tls import ClientTls
 from duo_gateway.config.xca import DocumentCodes
@@ -27,7 +28,8 @@ class TlbHospital(StrictModel):
     #: Defaults to repository_unique_id.
     mitz_source_id: Oid | None = None
     #: Where this PACS keeps the BSN: Twiin's guideline location is not settled, so it is per PACS.
-    bsn_attribute: Literal["PatientID", "OtherPatientIDsSequence"] = "PatientID"
+    #: How the issuer labels are read there is duo_gateway.bsn's one rule.
+    bsn_attribute: BsnAttribute = "PatientID"
     #: Deadline for one DICOM operation (association + C-FIND) against this PACS.
     timeout_s: float = Field(default=10.0, gt=0, le=600)
     #: Parallel associations DUO opens to this PACS at most.

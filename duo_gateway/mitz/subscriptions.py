@@ -8,6 +8,10 @@ the open question sends XCA requesters to DUO and DUO to the right PACS.
 
 Which patients? Those a hospital has imaging for: :meth:`SubscriptionManager.sync_hospital` asks each
 PACS (Study Root C-FIND, STUDY level) for studies since a date and subscribes every valid BSN found.
+It asks through the hospital's :class:`~duo_gateway.sources.dicom_pacs.DicomPacsSource`, the object
+that answers XCA and timeline queries, so the sync shares its association limit, deadline and metrics
+and reads the BSN by the same rule (:mod:`duo_gateway.bsn`): a study is never one patient's for the
+sync and somebody else's, or nobody's, for a query.
 
 **Memory.** Subscribing is idempotent at Mitz (202 for an existing one), but a POST per patient per
 sync would hammer Mitz and disclose the BSN again each time. So what has been registered is kept in a
@@ -45,19 +49,16 @@ import os
 import secrets
 import socket
 import sqlite3
-import ssl
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 from urllib.parse import urlsplit
 
 import structlog
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 
 from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.messages import (
@@ -79,16 +80,14 @@ from duo_gateway.audit.messages import (
     active_participant,
     patient_object,
 )
-from duo_gateway.bsn import BSN_OID, bsn_cx, is_valid_bsn
+from duo_gateway.bsn import bsn_cx, is_valid_bsn
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.peers import TlbHospital
-from duo_gateway.dicom.find import c_find
 from duo_gateway.http.client import PeerCallError, PeerClient, PeerResponse
 from duo_gateway.mitz.codec import MitzRequestError, bare_oid
 from duo_gateway.mitz.fhir import FHIR_JSON, build_subscription
 from duo_gateway.observability.metrics import Metrics
-from duo_gateway.saml import NLMINBIZA
-from duo_gateway.tls import client_context
+from duo_gateway.sources.base import SourceUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -147,7 +146,7 @@ class SyncReport:
     studies: int = 0
     #: Distinct valid BSNs found.
     patients: int = 0
-    #: Studies whose patient identifier was missing or not an 11-proef-valid BSN.
+    #: Studies naming no valid BSN where the hospital keeps it, or two (duo_gateway.bsn.bsn_of).
     invalid: int = 0
     created: int = 0
     exists: int = 0
@@ -301,51 +300,18 @@ class SubscriptionStore:
 # --------------------------------------------------------------------------------------------------
 
 
-def study_query(since: date, bsn_attribute: str) -> Dataset:
-    """Study Root STUDY-level identifier: studies on or after ``since``, returning where the BSN is."""
-    ds = Dataset()
-    ds.QueryRetrieveLevel = "STUDY"
-    ds.StudyDate = f"{since:%Y%m%d}-"
-    ds.StudyInstanceUID = ""
-    ds.PatientID = ""
-    if bsn_attribute == "OtherPatientIDsSequence":
-        qualifiers = Dataset()
-        qualifiers.UniversalEntityID = ""
-        qualifiers.UniversalEntityIDType = ""
-        item = Dataset()
-        item.PatientID = ""
-        item.IssuerOfPatientID = ""
-        item.IssuerOfPatientIDQualifiersSequence = DicomSequence([qualifiers])
-        ds.OtherPatientIDsSequence = DicomSequence([item])
-    return ds
+class HospitalPacs(Protocol):
+    """What the sync needs of a TLB hospital's PACS; the daemon passes each hospital's
+    :class:`~duo_gateway.sources.dicom_pacs.DicomPacsSource`, tests may pass a fake.
 
+    A Protocol of its own rather than part of ImagingSource: listing every patient with imaging is
+    a TLB-hospital concern of the sync, not something a front door may ask a source.
+    """
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    return str(value).strip() if value is not None else ""
-
-
-def _is_bsn_item(item: Dataset) -> bool:
-    """Issued by NLMINBIZA or by the BSN OID, by name or by universal entity id."""
-    if _text(item, "IssuerOfPatientID") in (NLMINBIZA, BSN_OID, f"urn:oid:{BSN_OID}"):
-        return True
-    for qualifier in item.get("IssuerOfPatientIDQualifiersSequence") or []:
-        if bare_oid(_text(qualifier, "UniversalEntityID")) == BSN_OID:
-            return True
-    return False
-
-
-def bsn_of(study: Dataset, bsn_attribute: str) -> str | None:
-    """The patient's BSN as this PACS keeps it, or None when absent or failing the 11-proef."""
-    if bsn_attribute == "OtherPatientIDsSequence":
-        candidates = [_text(item, "PatientID") for item in study.get("OtherPatientIDsSequence") or []
-                      if _is_bsn_item(item)]
-    else:
-        candidates = [_text(study, "PatientID")]
-    valid = {c for c in candidates if is_valid_bsn(c)}
-    # Two different BSNs on one study is a data error no guess can fix; subscribing either could
-    # register the wrong person.
-    return valid.pop() if len(valid) == 1 else None
+    async def study_patients_since(self, since: date) -> list[str | None]:
+        """The BSN of each study dated ``since`` or later (None where a study names none, or two);
+        raises SourceUnavailable when the PACS cannot answer."""
+        ...
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,14 +357,19 @@ def _retry_after(response: PeerResponse) -> str:
 class SubscriptionManager:
     """Registers Mitz subscriptions for DUO's TLB hospitals and remembers them across restarts.
 
+    ``pacses`` maps each hospital's URA to its PACS: the same source objects the daemon answers
+    queries with, so the sync is bounded by the same association limit and deadlines, observed by
+    the same metrics, and reads the BSN by the same rule. A hospital without one fails its sync.
     ``today`` is injectable because the sync window is a date computation that tests must pin.
     ``gateway`` names DUO in audit records; it defaults to the home community id on this host.
     """
 
-    def __init__(self, config: DuoConfig, *, auditor: Auditor | None = None, metrics: Metrics | None = None,
+    def __init__(self, config: DuoConfig, *, pacses: Mapping[str, HospitalPacs],
+                 auditor: Auditor | None = None, metrics: Metrics | None = None,
                  gateway: Peer | None = None, http: PeerClient | None = None,
                  today: Callable[[], date] = date.today, store_dir: Path | None = None) -> None:
         self._config = config
+        self._pacses = pacses
         self._mitz = config.mitz
         self._auditor = auditor
         self._today = today
@@ -542,14 +513,13 @@ class SubscriptionManager:
         return self._today() - timedelta(days=self._mitz.subscription_lookback_days)
 
     async def _find_bsns(self, hospital: TlbHospital, since: date, report: SyncReport) -> list[str]:
-        query = study_query(since, hospital.bsn_attribute)
-        tls: ssl.SSLContext | None = client_context(hospital.tls) if hospital.tls else None
-        studies = await asyncio.to_thread(c_find, self._config.listeners.dicom.ae_title, hospital.host,
-                                          hospital.port, hospital.ae_title, query, hospital.timeout_s, tls)
-        report.studies = len(studies)
+        pacs = self._pacses.get(hospital.ura)
+        if pacs is None:
+            raise SourceUnavailable(f"tlb:{hospital.ura}", "no PACS source wired for this hospital")
+        patients = await pacs.study_patients_since(since)
+        report.studies = len(patients)
         found: dict[str, None] = {}  # ordered set: PACS order, oldest study first
-        for study in studies:
-            bsn = bsn_of(study, hospital.bsn_attribute)
+        for bsn in patients:
             if bsn is None:
                 report.invalid += 1
             else:
@@ -569,9 +539,9 @@ class SubscriptionManager:
         with structlog.contextvars.bound_contextvars(request_id=f"mitz-sync-{uuid.uuid4()}"):
             try:
                 bsns = await self._find_bsns(hospital, since, report)
-            except Exception as exc:
-                # FindError, OSError, a TLS file problem: the PACS is unavailable for this round.
-                report.reason = f"PACS C-FIND failed: {type(exc).__name__}: {exc}"
+            except SourceUnavailable as exc:
+                # Down, slow, refusing or broken: the PACS is unavailable for this round.
+                report.reason = f"PACS C-FIND failed: {exc}"
                 log.warning("mitz_sync_failed", hospital_ura=hospital.ura, since=since.isoformat(),
                             reason=report.reason)
                 return report
@@ -690,11 +660,10 @@ def subscription_audit(*, gateway: Peer, mitz: Peer, audit_source: AuditSourceId
 
 __all__ = [
     "MITZ_SUBSCRIPTION",
+    "HospitalPacs",
     "SubscriptionManager",
     "SubscriptionOutcome",
     "SubscriptionStore",
     "SyncReport",
-    "bsn_of",
-    "study_query",
     "subscription_audit",
 ]

@@ -4,9 +4,10 @@ Two things a PACS cannot be trusted with, so this module does them itself:
 
 - **Which patient an answer belongs to.** A PACS that ignores or mis-implements the patient key (an
   unsupported sequence match, a misconfigured query view) answers with *other* patients' studies.
-  Every study-level answer must carry the BSN where this hospital keeps it (``bsn_attribute``) or it
-  is dropped and counted in the log; every retrieved file is checked the same way before the C-STORE
-  is acknowledged, so a wrong instance never reaches the spool's consumer.
+  Every study-level answer must carry the BSN where this hospital keeps it (``bsn_attribute``, read
+  by the one rule in :mod:`duo_gateway.bsn`) or it is dropped and counted in the log; every
+  retrieved file is checked the same way before the C-STORE is acknowledged, so a wrong instance
+  never reaches the spool's consumer.
 - **Consent.** Every method that reads patient data first checks the Permit against this hospital
   and BSN, before any network traffic.
 
@@ -34,9 +35,8 @@ from typing import Literal, TypeVar
 
 import structlog
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 
-from duo_gateway.bsn import BSN_OID, is_valid_bsn
+from duo_gateway.bsn import bsn_of, bsn_query, bsns_in, names_bsn, names_other_patient
 from duo_gateway.config.peers import TlbHospital
 from duo_gateway.consent import Permit
 from duo_gateway.dicom.qr import (
@@ -64,9 +64,6 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-#: Issuer names a BSN item may carry (the Dutch assigning authority, or the BSN OID itself).
-BSN_ISSUERS = frozenset({"NLMINBIZA", "BSN", BSN_OID})
-
 _STUDY_RETURN_KEYS = ("StudyDate", "StudyTime", "AccessionNumber", "StudyDescription", "ModalitiesInStudy",
                       "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "StudyID",
                       "PatientName", "PatientBirthDate", "PatientSex", "ReferringPhysicianName",
@@ -74,6 +71,8 @@ _STUDY_RETURN_KEYS = ("StudyDate", "StudyTime", "AccessionNumber", "StudyDescrip
 _SERIES_RETURN_KEYS = ("Modality", "SeriesNumber", "BodyPartExamined", "NumberOfSeriesRelatedInstances")
 _IMAGE_RETURN_KEYS = ("SOPClassUID", "InstanceNumber", "ContentDate", "ContentTime",
                       "MIMETypeOfEncapsulatedDocument", "DocumentTitle")
+#: study_patients_since's deadline, in per-operation deadlines (``timeout_s``).
+_SYNC_DEADLINE_FACTOR = 6
 #: SOP Instance UIDs per IMAGE-level retrieve: keeps identifiers well under any PDU/PACS limit.
 _UIDS_PER_RETRIEVE = 200
 
@@ -108,7 +107,7 @@ class DicomPacsSource:
                            date_to: date | None = None,
                            study_uids: Sequence[str] = ()) -> list[StudyRecord]:
         self._check(permit, bsn)
-        query = self._patient_query("STUDY", bsn)
+        query = bsn_query("STUDY", self.hospital.bsn_attribute, bsn)
         query.StudyInstanceUID = list(study_uids) if study_uids else ""
         query.StudyDate = _date_range(date_from, date_to)
         for keyword in _STUDY_RETURN_KEYS:
@@ -172,23 +171,41 @@ class DicomPacsSource:
                                     self.hospital.timeout_s * 4)
 
     async def patient_of_study(self, study_uid: str) -> str | None:
-        query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
+        query = bsn_query("STUDY", self.hospital.bsn_attribute)
         query.StudyInstanceUID = study_uid
-        query.PatientID = ""
-        if self.hospital.bsn_attribute == "OtherPatientIDsSequence":
-            query.OtherPatientIDsSequence = DicomSequence([_id_item("")])
         answers = await self._deadline("c-find", self._find(query), self.hospital.timeout_s)
         candidates: set[str] = set()
         for ds in answers:
             if self._unique(ds, "StudyInstanceUID") != study_uid:
                 continue  # a PACS that ignored the UID key
-            candidates.update(self._bsns_of(ds))
+            candidates.update(bsns_in(ds, self.hospital.bsn_attribute))
         if len(candidates) > 1:
             log.warning("pacs_study_patient_ambiguous", source=self.name, study_instance_uid=study_uid,
                         candidates=len(candidates))
             return None
         return next(iter(candidates), None)
+
+    # -- the Mitz subscription sync ----------------------------------------------------------------
+
+    async def study_patients_since(self, since: date) -> list[str | None]:
+        """The patient of each study dated ``since`` or later, oldest first as the PACS answers; None
+        for a study that names no valid BSN, or two, where this hospital keeps it.
+
+        Not part of ImagingSource and takes no Permit: it lists which patients the hospital has
+        imaging for so that DUO can subscribe them at Mitz on the hospital's behalf (mitz.md §4),
+        which discloses nothing to any requester. It runs here rather than beside the sync so that it
+        shares the PACS's association limit, metrics and thread bridging with the online queries it
+        competes with, and reads the BSN by the same rule. Its deadline is a multiple of the
+        per-operation one because it answers a whole window of studies (a first sync looks back a
+        month), where a patient query answers a handful; a stalled PACS still fails it within the
+        per-message DIMSE timeout.
+        """
+        query = bsn_query("STUDY", self.hospital.bsn_attribute)
+        query.StudyDate = f"{since:%Y%m%d}-"
+        query.StudyInstanceUID = ""
+        answers = await self._deadline("c-find", self._find(query),
+                                       self.hospital.timeout_s * _SYNC_DEADLINE_FACTOR)
+        return [bsn_of(ds, self.hospital.bsn_attribute) for ds in answers]
 
     def retrieve(self, permit: Permit, bsn: str, study_uid: str,
                  instances: Sequence[InstanceRecord]) -> AsyncGenerator[RetrievedInstance, None]:
@@ -295,7 +312,7 @@ class DicomPacsSource:
     async def _walk_study(self, bsn: str, study_uid: str, modalities: Sequence[str]) -> list[InstanceRecord]:
         wanted_modalities = {m.upper() for m in modalities}
         async with self._qr.associate() as qa:
-            check = self._patient_query("STUDY", bsn)
+            check = bsn_query("STUDY", self.hospital.bsn_attribute, bsn)
             check.StudyInstanceUID = study_uid
             own = [ds for ds in await _collect(qa.find(check))
                    if self._unique(ds, "StudyInstanceUID") == study_uid and self._belongs(ds, bsn)]
@@ -317,21 +334,17 @@ class DicomPacsSource:
             records: dict[str, InstanceRecord] = {}
             foreign = 0
             for series_uid, sds in series.items():
-                image_query = Dataset()
-                image_query.QueryRetrieveLevel = "IMAGE"
+                # Patient keys as return keys: a PACS that names a patient per instance gets checked
+                # per instance too (one that files a foreign instance under this study, say).
+                image_query = bsn_query("IMAGE", self.hospital.bsn_attribute)
                 image_query.StudyInstanceUID = study_uid
                 image_query.SeriesInstanceUID = series_uid
                 image_query.SOPInstanceUID = ""
                 for keyword in _IMAGE_RETURN_KEYS:
                     setattr(image_query, keyword, "")
-                # Patient keys as return keys: a PACS that names a patient per instance gets checked
-                # per instance too (one that files a foreign instance under this study, say).
-                image_query.PatientID = ""
-                if self.hospital.bsn_attribute == "OtherPatientIDsSequence":
-                    image_query.OtherPatientIDsSequence = DicomSequence([_id_item("")])
                 for ds in await _collect(qa.find(image_query)):
                     sop_uid = self._unique(ds, "SOPInstanceUID")
-                    if self._names_other(ds, bsn):
+                    if names_other_patient(ds, self.hospital.bsn_attribute, bsn):
                         foreign += 1
                         continue
                     sop_class = _text(ds, "SOPClassUID")
@@ -397,38 +410,8 @@ class DicomPacsSource:
         if not permit.covers(bsn, self.holder_ura):
             raise NotCovered(f"the Permit does not cover this patient's data at {self.name}")
 
-    def _patient_query(self, level: str, bsn: str) -> Dataset:
-        query = Dataset()
-        query.QueryRetrieveLevel = level
-        if self.hospital.bsn_attribute == "PatientID":
-            query.PatientID = bsn
-        else:
-            query.PatientID = ""
-            query.OtherPatientIDsSequence = DicomSequence([_id_item(bsn)])
-        return query
-
-    def _bsns_of(self, ds: Dataset) -> set[str]:
-        """The BSN(s) an identifier or header names where this hospital keeps it."""
-        if self.hospital.bsn_attribute == "PatientID":
-            value = _text(ds, "PatientID") or ""
-            return {value} if is_valid_bsn(value) else set()
-        found: set[str] = set()
-        for item in ds.get("OtherPatientIDsSequence", None) or []:
-            value = _text(item, "PatientID") or ""
-            if is_valid_bsn(value) and _bsn_issued(item):
-                found.add(value)
-        return found
-
-    def _names_other(self, ds: Dataset, bsn: str) -> bool:
-        """Whether an answer names a patient and it is not ``bsn`` (naming none is not a mismatch)."""
-        if self.hospital.bsn_attribute == "PatientID":
-            named = _text(ds, "PatientID")
-            return named is not None and named != bsn
-        ids = self._bsns_of(ds)
-        return bool(ids) and bsn not in ids
-
     def _belongs(self, ds: Dataset, bsn: str) -> bool:
-        return bsn in self._bsns_of(ds)
+        return names_bsn(ds, self.hospital.bsn_attribute, bsn)
 
     def _unique(self, ds: Dataset, keyword: str) -> str:
         """The level's unique key; an answer without it is a broken answer, not a smaller one."""
@@ -482,25 +465,6 @@ def _retrieve_queries(study_uid: str, series_uid: str, members: list[InstanceRec
         chunk = uids[start:start + _UIDS_PER_RETRIEVE]
         query.SOPInstanceUID = chunk if len(chunk) > 1 else chunk[0]
         yield query
-
-
-def _id_item(patient_id: str) -> Dataset:
-    item = Dataset()
-    item.PatientID = patient_id
-    item.IssuerOfPatientID = ""
-    return item
-
-
-def _bsn_issued(item: Dataset) -> bool:
-    """An item whose issuer is named must name the BSN's: another issuer's number is not a BSN."""
-    issuer = _text(item, "IssuerOfPatientID")
-    if issuer and issuer not in BSN_ISSUERS:
-        return False
-    for qualifier in item.get("IssuerOfPatientIDQualifiersSequence", None) or []:
-        entity = _text(qualifier, "UniversalEntityID")
-        if entity and entity != BSN_OID:
-            return False
-    return True
 
 
 def _date_range(date_from: date | None, date_to: date | None) -> str:

@@ -113,7 +113,7 @@ async def duo(tmp_path: Path) -> AsyncIterator[Duo]:
             make_config(tmp_path / "subscriber", mitz_port=server.port or 0,
                         hospitals=[_hospital(H1), _hospital(H2)]),
             subscriptions_url=f"{mitz_url}{SUBSCRIPTION_ROUTE}", notify_url=notify_url)
-        manager = SubscriptionManager(sub_cfg)
+        manager = SubscriptionManager(sub_cfg, pacses={})  # only ensure() is used: no PACS is read
         async with aiohttp.ClientSession() as session:
             try:
                 yield Duo(gateway, sim, mitz_url, notify_url, calls,

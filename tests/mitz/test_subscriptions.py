@@ -17,14 +17,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 from structlog.testing import capture_logs
 
 from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.sink import parse_file_records
 from duo_gateway.audit.syslog import parse_message
-from duo_gateway.bsn import BSN_OID, bsn_cx
+from duo_gateway.bsn import bsn_cx
 from duo_gateway.config.audit import AuditConfig
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.mitz import MitzConfig
@@ -34,15 +32,17 @@ from duo_gateway.mitz.subscriptions import (
     KEY_FILE,
     STORE_DIR,
     SubscriptionManager,
-    bsn_of,
     subscription_id_from,
 )
+from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import SimHospital, SimPatient, default_network
 from duo_gateway.sim.mitz import SUBSCRIPTION_ROUTE, MitzSimulator
 from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies
 from duo_gateway.soap.xml import parse_xml
+from duo_gateway.sources.base import SourceUnavailable
+from duo_gateway.sources.dicom_pacs import DicomPacsSource
 from tests.support.gateway import make_config
 
 NET = default_network()
@@ -189,6 +189,11 @@ async def managers() -> AsyncIterator[ManagerFactory]:
     made: list[SubscriptionManager] = []
 
     def make(config: DuoConfig, **kwargs: Any) -> SubscriptionManager:
+        """A manager reading each configured PACS through a DicomPacsSource, as the daemon wires it."""
+        kwargs.setdefault("pacses", {
+            h.ura: DicomPacsSource(h, config.listeners.dicom.ae_title, config.storage.path / "spool",
+                                   metrics=kwargs.get("metrics"))
+            for h in config.tlb_hospitals})
         manager = SubscriptionManager(config, **kwargs)
         made.append(manager)
         return manager
@@ -387,7 +392,7 @@ async def test_pacs_down_fails_that_hospital_only(tmp_path: Path, mitz: MitzHarn
     with capture_logs() as logs:
         down, up = await manager.sync_all()
     assert (down.hospital_ura, down.ok) == (H1.ura, False)
-    assert down.reason is not None and down.reason.startswith("PACS C-FIND failed: FindError")
+    assert down.reason is not None and down.reason.startswith(f"PACS C-FIND failed: tlb:{H1.ura}: c-find")
     assert (up.hospital_ura, up.ok, up.created) == (H2.ura, True, 3)
     assert {s.provider_ura for s in mitz.sim.subscriptions} == {H2.ura}
     assert any(e["event"] == "mitz_sync_failed" and e["hospital_ura"] == H1.ura for e in logs)
@@ -416,6 +421,58 @@ async def test_invalid_bsns_in_the_pacs_are_skipped(tmp_path: Path, mitz: MitzHa
     assert report.ok
     assert (report.studies, report.patients, report.invalid, report.created) == (4, 3, 1, 3)
     assert "123456789" not in mitz.posted_bsns()
+
+
+@dataclass
+class FakePacs:
+    """A HospitalPacs that answers from a list: what the sync does with what a PACS reads."""
+
+    patients: list[str | None]
+    asked: list[date] = field(default_factory=list)
+    unavailable: bool = False
+
+    async def study_patients_since(self, since: date) -> list[str | None]:
+        self.asked.append(since)
+        if self.unavailable:
+            raise SourceUnavailable(f"tlb:{H1.ura}", "c-find timeout: no answer within 5 s", "timeout")
+        return list(self.patients)
+
+
+async def test_sync_counts_studies_patients_and_unnamed_studies(tmp_path: Path, mitz: MitzHarness,
+                                                                pacses: Pacses,
+                                                                managers: ManagerFactory) -> None:
+    cfg = duo_config(tmp_path, mitz, pacses)
+    fake = FakePacs([BRAM.bsn, None, ANNA.bsn, BRAM.bsn, None])
+    manager = managers(cfg, pacses={H1.ura: fake})
+    report = await manager.sync_hospital(hospital(cfg, H1.ura), date(2026, 11, 1))
+    assert fake.asked == [date(2026, 11, 1)]
+    assert (report.ok, report.studies, report.invalid, report.patients, report.created) == (True, 5, 2, 2, 2)
+    assert mitz.posted_bsns() == [BRAM.bsn, ANNA.bsn]  # PACS order, each patient once
+
+    fake.unavailable = True
+    failed = await manager.sync_hospital(hospital(cfg, H1.ura), date(2026, 11, 1))
+    assert not failed.ok and failed.reason == (
+        f"PACS C-FIND failed: tlb:{H1.ura}: c-find timeout: no answer within 5 s")
+    # A hospital the daemon built no source for fails its round instead of being skipped silently.
+    unwired = await manager.sync_hospital(hospital(cfg, H2.ura), date(2026, 11, 1))
+    assert not unwired.ok and unwired.reason is not None and "no PACS source" in unwired.reason
+    assert len(mitz.posts) == 2
+
+
+async def test_sync_reads_the_pacs_through_its_source(tmp_path: Path, mitz: MitzHarness, pacses: Pacses,
+                                                      managers: ManagerFactory) -> None:
+    """The sync's C-FIND is one of the source's operations: counted in the same metric, under the
+    source's name, like the XCA and timeline queries it shares the PACS with."""
+    cfg = duo_config(tmp_path, mitz, pacses)
+    metrics = Metrics()
+    manager = managers(cfg, metrics=metrics)
+    assert (await manager.sync_hospital(hospital(cfg, H1.ura), LONG_AGO)).created == 3
+    pacses.by_ura[H2.ura].set_behaviour(Misbehaviour(down=True))
+    assert not (await manager.sync_hospital(hospital(cfg, H2.ura), LONG_AGO)).ok
+    calls = {(s.labels["peer"], s.labels["operation"], s.labels["outcome"]): s.value
+             for m in metrics.registry.collect() if m.name == "duo_peer_requests"
+             for s in m.samples if s.name.endswith("_total") and s.labels["peer"].startswith("tlb:")}
+    assert calls == {(f"tlb:{H1.ura}", "c-find", "ok"): 1, (f"tlb:{H2.ura}", "c-find", "connect"): 1}
 
 
 def _with_local_mrn(studies: list[GeneratedStudy], mrn: str, *, issuer: str | None = None,
@@ -453,35 +510,6 @@ async def test_bsn_from_other_patient_ids_sequence(tmp_path: Path, mitz: MitzHar
     plain = duo_config(tmp_path / "plain", mitz, empty_pacses)
     report = await managers(plain).sync_hospital(hospital(plain, H1.ura), LONG_AGO)
     assert (report.ok, report.patients, report.invalid) == (True, 0, 3)
-
-
-def _ids_item(patient_id: str, issuer: str | None = None, entity: str | None = None) -> Dataset:
-    item = Dataset()
-    item.PatientID = patient_id
-    if issuer is not None:
-        item.IssuerOfPatientID = issuer
-    if entity is not None:
-        qualifier = Dataset()
-        qualifier.UniversalEntityID = entity
-        item.IssuerOfPatientIDQualifiersSequence = DicomSequence([qualifier])
-    return item
-
-
-@pytest.mark.parametrize("items,expected", [
-    ([_ids_item(ANNA.bsn, "NLMINBIZA")], ANNA.bsn),
-    ([_ids_item(ANNA.bsn, BSN_OID)], ANNA.bsn),
-    ([_ids_item(ANNA.bsn, entity=f"urn:oid:{BSN_OID}")], ANNA.bsn),
-    ([_ids_item("MRN7", "LOCALHIS"), _ids_item(BRAM.bsn, "NLMINBIZA")], BRAM.bsn),
-    ([_ids_item(ANNA.bsn, "LOCALHIS")], None),
-    ([_ids_item("900186022", "NLMINBIZA")], None),  # fails the 11-proef
-    ([_ids_item(ANNA.bsn, "NLMINBIZA"), _ids_item(BRAM.bsn, "NLMINBIZA")], None),  # ambiguous
-    ([], None),
-])
-def test_bsn_of_other_patient_ids(items: list[Dataset], expected: str | None) -> None:
-    ds = Dataset()
-    ds.PatientID = CARLA.bsn  # must be ignored in this mode
-    ds.OtherPatientIDsSequence = DicomSequence(items)
-    assert bsn_of(ds, "OtherPatientIDsSequence") == expected
 
 
 # ------------------------------------------------------------------------------------------ the job

@@ -34,6 +34,7 @@ from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
 from duo_gateway.sources.base import InstanceRecord, NotCovered, RetrievedInstance, SourceUnavailable
 from duo_gateway.sources.dicom_pacs import DicomPacsSource
+from tests import test_bsn as bsn_shapes
 from tests.support.gc import fixtures_frozen
 from tests.support.orthanc import Orthanc, orthanc_moving_to
 from tests.support.studies import big_study
@@ -255,6 +256,98 @@ async def test_pacs_ignoring_the_patient_key_does_not_leak() -> None:
             await src.find_studies(await permit(ANNA.bsn), ANNA.bsn)
     finally:
         server.shutdown()
+
+
+# -- the BSN rule, as each consumer reads it through a PACS --------------------------------------------
+
+
+@dataclasses.dataclass
+class FakePacs:
+    """A PACS that answers every STUDY-level C-FIND with ``answers``, whatever the keys asked."""
+
+    port: int
+    answers: list[Dataset]
+
+
+@pytest.fixture(scope="module")
+def fake_pacs() -> Iterator[FakePacs]:
+    fake = FakePacs(0, [])
+
+    def on_find(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        if event.identifier.QueryRetrieveLevel == "STUDY":
+            for ds in fake.answers:
+                yield 0xFF00, ds
+        yield 0x0000, None
+
+    ae = AE(ae_title=HOSPITAL.ae_title)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    assert isinstance(server, ThreadedAssociationServer)
+    fake.port = int(server.server_address[1])
+    try:
+        yield fake
+    finally:
+        server.shutdown()
+
+
+#: Every number a shape mentions: none but the shape's own patient may read it as theirs.
+_SHAPE_NUMBERS = (bsn_shapes.ANNA, bsn_shapes.BRAM, bsn_shapes.CARLA, bsn_shapes.LOCAL_ELEVEN)
+
+
+@pytest.mark.parametrize("consumer", ["subscription-sync", "query"])
+@pytest.mark.parametrize("shape", bsn_shapes.SHAPES, ids=[s.id for s in bsn_shapes.SHAPES])
+async def test_every_path_reads_a_record_as_the_same_patient(fake_pacs: FakePacs, tmp_path: Path,
+                                                             shape: bsn_shapes.Shape, consumer: str) -> None:
+    """One PACS answer, as each consumer of the BSN rule sees it: the Mitz subscription sync (which
+    patient to subscribe) and the query path (whose studies to list, whose study a UID is)."""
+    answer = copy.deepcopy(shape.record)
+    answer.QueryRetrieveLevel = "STUDY"
+    answer.StudyInstanceUID = uid = "1.2.826.0.1.3680043.10.1"
+    answer.StudyDate = "20261101"
+    fake_pacs.answers = [answer]
+    src = source(fake_pacs.port, tmp_path, bsn_attribute=shape.attribute)
+    if consumer == "subscription-sync":
+        assert await src.study_patients_since(date(2026, 1, 1)) == [shape.patient]
+        return
+    assert await src.patient_of_study(uid) == shape.patient
+    for bsn in _SHAPE_NUMBERS:
+        found = await src.find_studies(await permit(bsn), bsn)
+        assert [r.study_instance_uid for r in found] == ([uid] if bsn == shape.patient else []), bsn
+
+
+async def test_study_patients_since(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    """The sync's listing: one entry per study in the window, read the same wherever the BSN is kept."""
+    src = source(pacs.port, tmp_path)
+    everyone = await src.study_patients_since(date(2000, 1, 1))
+    assert set(everyone) == {ANNA.bsn, BRAM.bsn, CARLA.bsn}
+    assert len(everyone) == 3 * 3 + 1  # three studies per patient and Anna's big one
+    seq = source(pacs.port, tmp_path, bsn_attribute="OtherPatientIDsSequence")
+    assert await seq.study_patients_since(date(2000, 1, 1)) == everyone
+    newest = max(s.study_date for s in [*sim.anna, *sim.bram])
+    day = date(int(newest[:4]), int(newest[4:6]), int(newest[6:]))
+    recent = await src.study_patients_since(day)
+    assert 1 <= len(recent) < len(everyone)
+    assert await src.study_patients_since(date(2099, 1, 1)) == []
+
+
+async def test_study_patients_since_is_bounded_and_counted(pacs: SimPacs, tmp_path: Path) -> None:
+    metrics = Metrics()
+    src = source(pacs.port, tmp_path, timeout_s=0.5, metrics=metrics)
+    pacs.set_behaviour(Misbehaviour(down=True))
+    with pytest.raises(SourceUnavailable):
+        await src.study_patients_since(date(2000, 1, 1))
+    pacs.set_behaviour(Misbehaviour(delay_ms=5000))
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable):
+        await src.study_patients_since(date(2000, 1, 1))
+    assert time.monotonic() - started < 4.5  # DIMSE timeout or deadline, not the PACS's 5 s delay
+    samples = {(s.labels["peer"], s.labels["operation"], s.labels["outcome"]): s.value
+               for m in metrics.registry.collect() if m.name == "duo_peer_requests"
+               for s in m.samples if s.name.endswith("_total")}
+    # Under load a 0.5 s association can itself time out, so the slow PACS may count as either.
+    assert samples[(f"tlb:{HOSPITAL.ura}", "c-find", "connect")] >= 1
+    assert sum(samples.values()) == 2
+    assert {outcome for _, _, outcome in samples} <= {"connect", "timeout"}
 
 
 async def test_malformed_pacs_is_unavailable(pacs: SimPacs, tmp_path: Path) -> None:
