@@ -38,7 +38,7 @@ from duo_gateway.timeline.model import (
 from duo_gateway.timeline.result import MergedStudy, TimelineResult
 from duo_gateway.timeline.tlb_source import ask_tlb_hospital
 from duo_gateway.timeline.xca_source import institution_filter, outcome_from_response
-from duo_gateway.xca.initiating.client import CommunityClient
+from duo_gateway.xca.initiating.finder import CommunityClient
 
 log = structlog.get_logger(__name__)
 
