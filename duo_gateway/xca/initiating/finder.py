@@ -39,6 +39,7 @@ from duo_gateway.audit.messages import EventOutcome, Peer, Requestor, iti38_quer
 from duo_gateway.bsn import BSN_OID, bsn_cx, is_valid_bsn
 from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.config.xua import XuaConfig
+from duo_gateway.failure import FailureKind
 from duo_gateway.http.client import PeerClient, PeerResponse
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.soap.envelope import EnvelopeError, SoapFault, element_bytes, parse_envelope
@@ -77,7 +78,7 @@ from duo_gateway.xua import Claims
 
 log = structlog.get_logger(__name__)
 
-CommunityStatus = Literal["ok", "partial", "timeout", "unavailable", "error"]
+CommunityStatus = Literal["ok", "partial"] | FailureKind
 
 #: The report formats a timeline shows beside the images: the SR classes DUO itself offers and Twiin's
 #: PDF (netherlands.md §4). Together with the KOS they are one OR-list in one formatCode slot.
