@@ -139,7 +139,8 @@ from duo_gateway.soap.envelope import (
 )
 from duo_gateway.soap.mtom import parse_mtom
 from duo_gateway.xca.codes import Action, ResponseStatus
-from duo_gateway.xca.initiating.client import SigningPair, find_documents_query
+from duo_gateway.xca.initiating.exchange import SigningPair
+from duo_gateway.xca.initiating.finder import find_documents_query
 from duo_gateway.xca.query import build_adhoc_query_request, parse_adhoc_query_response
 from duo_gateway.xmldsig import load_signing_pair
 from duo_gateway.xua import issue_assertion, security_header

@@ -46,8 +46,8 @@ from duo_gateway.transfer.metrics import TransferMetrics
 from duo_gateway.transfer.service import TransferService
 from duo_gateway.transfer.store import TransferStore
 from duo_gateway.xca.docindex import DocumentIndex
-from duo_gateway.xca.initiating.client import CommunityClient
-from duo_gateway.xca.initiating.retrieve import CommunityRetriever
+from duo_gateway.xca.initiating.finder import CommunityClient
+from duo_gateway.xca.initiating.retriever import CommunityRetriever
 from duo_gateway.xca.responding.service import RespondingGateway
 from duo_gateway.xca.responding.transport import XcaRespondingDoor
 from duo_gateway.xmldsig import load_signing_pair

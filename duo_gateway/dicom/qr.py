@@ -18,7 +18,7 @@ any of that, so this module keeps to three rules:
   bounded, and a consumer that stops iterating (cancel, break, error) aborts the association and
   leaves no files it did not receive behind.
 
-Failures surface as :class:`QrError` subclasses, each with a ``kind`` short enough for a metric label.
+Failures surface as :class:`QrError` subclasses, each with a ``label`` short enough for a metric label.
 
 C-MOVE needs DUO's own storage SCP as destination: :class:`MoveRouter` is the piece that SCP's
 C-STORE handler calls, and it routes each incoming instance to the move that asked for it (by Move
@@ -44,7 +44,7 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import structlog
 from pydicom import dcmread
@@ -92,6 +92,7 @@ from duo_gateway.dicom.status import (
     is_pending,
     is_warning,
 )
+from duo_gateway.failure import Failure, FailureKind
 
 log = structlog.get_logger(__name__)
 
@@ -128,39 +129,50 @@ T = TypeVar("T")
 # -- errors ----------------------------------------------------------------------------------------
 
 
-class QrError(RuntimeError):
-    """A Q/R operation failed; ``kind`` is a short, stable label (metrics, logs)."""
+class QrError(Failure):
+    """A Q/R operation failed; ``label`` is a short, stable label (metrics, logs), finer than ``kind``.
 
-    kind = "error"
+    Unless a subclass says otherwise the PACS was not reachable or not usable just now (no Message
+    ID or presentation context left, a send that failed): ``unavailable``, worth another try.
+    """
+
+    label: ClassVar[str] = "error"
+
+    def __init__(self, detail: str, *, kind: FailureKind = "unavailable", retryable: bool = True) -> None:
+        super().__init__(kind, detail, retryable=retryable)
 
 
 class AssociationRejected(QrError):
-    kind = "rejected"
+    label = "rejected"
 
 
 class AssociationFailed(QrError):
     """No association: connection refused or reset, TLS failure, no answer to A-ASSOCIATE."""
 
-    kind = "connect"
+    label = "connect"
 
 
 class QrTimeout(QrError):
-    kind = "timeout"
+    label = "timeout"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, kind="timeout")
 
 
 class QrAborted(QrError):
     """The peer aborted, or sent something pynetdicom could not handle (it then aborts)."""
 
-    kind = "aborted"
+    label = "aborted"
 
 
 class QrStatusError(QrError):
-    """The peer answered with a Failure or Cancel status."""
+    """The peer answered with a Failure or Cancel status: asking the same again gets the same."""
 
-    kind = "status"
+    label = "status"
 
     def __init__(self, operation: str, status: int, detail: str = "") -> None:
-        super().__init__(f"{operation} failed with status 0x{status:04X}{': ' + detail if detail else ''}")
+        super().__init__(f"{operation} failed with status 0x{status:04X}{': ' + detail if detail else ''}",
+                         kind="error", retryable=False)
         self.status = status
 
 

@@ -90,6 +90,7 @@ from duo_gateway.dicom.status import (
     is_unable_to_process,
     is_warning,
 )
+from duo_gateway.failure import Failure, FailureKind
 from duo_gateway.tls import client_context
 
 log = structlog.get_logger(__name__)
@@ -117,18 +118,19 @@ class StoreResult:
         return self.outcome in ("stored", "warning")
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(Failure):
     """No usable association: refused, rejected, aborted, timed out, network error.
 
     Transient from the caller's point of view (``retryable``): the instance was not stored and the
-    next :meth:`StoreClient.store` opens a new association. ``kind`` is a short metric label.
+    next :meth:`StoreClient.store` opens a new association. ``label`` is a short metric label, finer
+    than ``kind``: a ``timeout`` label is a ``timeout``, every other one an ``unavailable``
+    destination, unless the failure is DUO's own and would repeat (then ``error``, not retryable).
     """
 
-    def __init__(self, detail: str, *, kind: str = "aborted", retryable: bool = True) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.kind = kind
-        self.retryable = retryable
+    def __init__(self, detail: str, *, label: str = "aborted", retryable: bool = True) -> None:
+        kind: FailureKind = "error" if not retryable else "timeout" if label == "timeout" else "unavailable"
+        super().__init__(kind, detail, retryable=retryable)
+        self.label = label
 
 
 def classify(status: int) -> StoreOutcome:
@@ -258,7 +260,7 @@ class StoreClient:
             except TimeoutError:
                 await self._drop_conn()
                 raise StoreUnavailable(f"no C-STORE progress towards {self._name} within {budget:g} s",
-                                       kind="timeout") from None
+                                       label="timeout") from None
             except asyncio.CancelledError:
                 # The C-STORE may or may not have reached the PACS: abort, so that the next store
                 # starts on a clean association and the caller retries this instance.
@@ -359,17 +361,17 @@ class StoreClient:
                                        tls_args=tls_args)
         except (OSError, ssl.SSLError) as exc:
             raise StoreUnavailable(f"no association with {self._name}: {type(exc).__name__}: {exc}",
-                                   kind="connect") from None
+                                   label="connect") from None
         self.associations += 1
         if not assoc.is_established:
             if assoc.is_rejected:
-                raise StoreUnavailable(f"association rejected by {self._name}", kind="rejected")
+                raise StoreUnavailable(f"association rejected by {self._name}", label="rejected")
             if assoc.rejected_contexts and not assoc.accepted_contexts:
                 log.warning("store_no_context", destination=d.name, sop_class=must[0])
                 return None
             # pynetdicom reports a refused connection and a timeout as "aborted" too
             raise StoreUnavailable(f"no association with {self._name} (refused, timed out or aborted)",
-                                   kind="connect")
+                                   label="connect")
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id or 0)
                     for cx in assoc.accepted_contexts}
         log.info("store_associated", destination=d.name, proposed=len(pairs), accepted=len(accepted))
@@ -393,12 +395,12 @@ class StoreClient:
                                        self.timeout_s, self._touch)
         except _SendStalled as exc:
             self._abort_sync(conn)
-            raise StoreUnavailable(f"C-STORE to {self._name} stalled: {exc}", kind="timeout") from None
+            raise StoreUnavailable(f"C-STORE to {self._name} stalled: {exc}", label="timeout") from None
         except (OSError, ValueError) as exc:
             # A local file problem mid-send leaves a half-sent message: the association is unusable.
             # Sending the same file again would fail the same way, so it is not worth a retry.
             self._abort_sync(conn)
-            raise StoreUnavailable(f"could not send {path.name}: {exc}", kind="aborted",
+            raise StoreUnavailable(f"could not send {path.name}: {exc}", label="aborted",
                                    retryable=False) from exc
         code = status_ds.get("Status")
         if code is None:
@@ -406,8 +408,8 @@ class StoreClient:
             dimse = float(conn.assoc.dimse_timeout or self.timeout_s)
             if time.monotonic() - started >= dimse * 0.9:
                 raise StoreUnavailable(f"no C-STORE response from {self._name} within {dimse:g} s",
-                                       kind="timeout")
-            raise StoreUnavailable(f"association with {self._name} lost during C-STORE", kind="aborted")
+                                       label="timeout")
+            raise StoreUnavailable(f"association with {self._name} lost during C-STORE", label="aborted")
         status = int(code)
         outcome = classify(status)
         detail = _detail(status, outcome, str(status_ds.get("ErrorComment", "") or ""))

@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import aiohttp
 import structlog
@@ -55,28 +54,6 @@ class PeerCallError(Exception):
         super().__init__(f"{kind}: {detail}")
         self.kind = kind  # "timeout" | "tls" | "connect" | "protocol" | "too-large"
         self.detail = detail
-
-
-FailureKind = Literal["timeout", "unavailable", "error"]
-
-
-def classify_call_error(exc: PeerCallError) -> tuple[FailureKind, str, bool]:
-    """(kind, detail, retryable) of a failed call, the same for every peer protocol.
-
-    Retryable only where a second attempt can see something else: a timeout, a refused connection, a
-    connection the peer dropped. A TLS failure is not (a certificate does not heal in a second), nor
-    is an answer DUO could not use.
-    """
-    if exc.kind == "timeout":
-        return "timeout", exc.detail, True
-    if exc.kind == "connect":
-        return "unavailable", f"connection failed: {exc.detail}", True
-    if exc.kind == "protocol" and isinstance(exc.__cause__, aiohttp.ServerDisconnectedError
-                                              | aiohttp.ClientOSError):
-        return "unavailable", f"connection lost: {exc.detail}", True
-    if exc.kind == "tls":
-        return "unavailable", f"TLS failed: {exc.detail}", False
-    return "error", f"unusable HTTP answer ({exc.kind}): {exc.detail}", False
 
 
 class PeerClient:

@@ -13,24 +13,26 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from duo_gateway.consent import Permit
+from duo_gateway.failure import Failure, FailureKind
 
 
-class SourceUnavailable(Exception):
+class SourceUnavailable(Failure):
     """The source could not answer; ``kind`` says how (callers report it per source), ``detail`` why.
 
     ``unavailable``: refused, down, aborted; ``timeout``: no answer in time; ``error``: it answered,
-    but with something unusable (a broken identifier, a failure status).
+    but with something unusable (a broken identifier, a failure status). Only an ``error`` would come
+    back the same when asked again, so only it is not ``retryable``.
     """
 
-    def __init__(self, source: str, detail: str,
-                 kind: Literal["unavailable", "timeout", "error"] = "unavailable") -> None:
-        super().__init__(f"{source}: {detail}")
+    def __init__(self, source: str, detail: str, kind: FailureKind = "unavailable") -> None:
+        super().__init__(kind, detail, retryable=kind != "error")
         self.source = source
-        self.detail = detail
-        self.kind = kind
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.detail}"
 
 
 class NotCovered(PermissionError):

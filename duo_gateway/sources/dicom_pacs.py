@@ -259,8 +259,8 @@ class DicomPacsSource:
                                         series_instance_uid=series_uid, status=f"0x{exc.status:04X}")
             outcome = "ok" if delivered == len(wanted) else "partial"
         except QrError as exc:
-            outcome = exc.kind
-            raise SourceUnavailable(self.name, f"{operation} {exc.kind}: {exc}") from exc
+            outcome = exc.label
+            raise SourceUnavailable(self.name, f"{operation} {exc.label}: {exc}") from exc
         finally:
             await spool.close()
             self._observe(operation, outcome, time.perf_counter() - started)
@@ -386,11 +386,11 @@ class DicomPacsSource:
             outcome = "timeout"
             raise SourceUnavailable(self.name, f"{operation}: {exc}", "timeout") from exc
         except QrStatusError as exc:
-            outcome = exc.kind
-            raise SourceUnavailable(self.name, f"{operation} {exc.kind}: {exc}", "error") from exc
+            outcome = exc.label
+            raise SourceUnavailable(self.name, f"{operation} {exc.label}: {exc}", "error") from exc
         except QrError as exc:
-            outcome = exc.kind
-            raise SourceUnavailable(self.name, f"{operation} {exc.kind}: {exc}") from exc
+            outcome = exc.label
+            raise SourceUnavailable(self.name, f"{operation} {exc.label}: {exc}") from exc
         except SourceUnavailable:
             outcome = "malformed"
             raise

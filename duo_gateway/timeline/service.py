@@ -39,7 +39,7 @@ from duo_gateway.timeline.model import (
 from duo_gateway.timeline.result import MergedStudy, TimelineResult
 from duo_gateway.timeline.tlb_source import ask_tlb_hospital
 from duo_gateway.timeline.xca_source import institution_filter, outcome_from_response
-from duo_gateway.xca.initiating.client import CommunityResponse
+from duo_gateway.xca.initiating.finder import CommunityResponse
 from duo_gateway.xua import Claims
 
 log = structlog.get_logger(__name__)
@@ -62,7 +62,7 @@ class OpenQuestionAsker(Protocol):
 
 
 class DocumentFinder(Protocol):
-    """One XCA community's ITI-38, as :class:`~duo_gateway.xca.initiating.client.CommunityClient` asks
+    """One XCA community's ITI-38, as :class:`~duo_gateway.xca.initiating.finder.CommunityClient` asks
     it: never raises for what the community does (its outcome is in the response's status)."""
 
     async def find_documents(self, claims: Claims, bsn: str, date_from: date, date_to: date, *,

@@ -28,7 +28,7 @@ from duo_gateway.timeline.model import Report, SourceOutcome, SourceStatus, Stud
 from duo_gateway.xca.codes import BODY_PART_SNOMED, DCM_SCHEME, SNOMED_CT, STUDY_INSTANCE_UID_ID_TYPE
 from duo_gateway.xca.ebrim import DocumentEntry
 from duo_gateway.xca.hl7 import Hl7FormatError, check_dtm, parse_reference_id
-from duo_gateway.xca.initiating.client import CommunityResponse, CommunityStatus
+from duo_gateway.xca.initiating.finder import CommunityResponse, CommunityStatus
 from duo_gateway.xca.metadata import KOS_FORMAT
 
 #: CX.5 of an accession number in referenceIdList (ITI TF-3 §4.2.3.2.23).

@@ -1,7 +1,7 @@
 """The audit trail of a transfer: what left a hospital for DUO, and what DUO handed to the requester.
 
 XCA retrievals are audited where they happen (ITI-39 and RAD-75 Import records, in
-:mod:`duo_gateway.xca.initiating.retrieve`). What only the transfer knows is recorded here, one
+:mod:`duo_gateway.xca.initiating.retriever`). What only the transfer knows is recorded here, one
 record per study outcome:
 
 - the **import from a TLB hospital** (DICOM Instances Transferred, DUO the destination that asked,

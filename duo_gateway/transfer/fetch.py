@@ -14,20 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from duo_gateway.failure import Failure
 from duo_gateway.transfer.store import ExpectedInstance
 
 
-class FetchFailed(Exception):
+class FetchFailed(Failure):
     """The source could not give the manifest or any instance now.
 
     ``retryable``: a later attempt may succeed (down, timeout, refused association, Mitz outage);
     otherwise (no consent, unknown study, a manifest that is not one) retrying only repeats it.
     """
-
-    def __init__(self, detail: str, *, retryable: bool) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.retryable = retryable
 
 
 @dataclass(frozen=True)

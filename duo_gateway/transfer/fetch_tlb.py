@@ -36,10 +36,11 @@ class TlbStudyFetcher:
                 bsn=self._bsn, holder_ura=self._hospital.ura, holder_type=self._hospital.organisation_type))
             if isinstance(verdict, Refusal):
                 if verdict.denied:
-                    raise FetchFailed(f"no consent: Mitz {verdict.summary}", retryable=False)
+                    raise FetchFailed("error", f"no consent: Mitz {verdict.summary}", retryable=False)
                 # A Mitz outage may pass; an incomplete question (no decision at all) will not.
-                raise FetchFailed(f"consent could not be established: {verdict.reason}",
-                                  retryable=verdict.decision is not None)
+                retryable = verdict.decision is not None
+                raise FetchFailed("unavailable" if retryable else "error",
+                                  f"consent could not be established: {verdict.reason}", retryable=retryable)
             self._permit = verdict
         return self._permit
 
@@ -48,9 +49,9 @@ class TlbStudyFetcher:
         try:
             records = await self._pacs.find_instances(permit, self._bsn, self._study_uid)
         except SourceUnavailable as exc:
-            raise FetchFailed(f"{self.source}: {exc.detail}", retryable=exc.kind != "error") from exc
+            raise FetchFailed(exc.kind, f"{self.source}: {exc.detail}", retryable=exc.retryable) from exc
         if not records:
-            raise FetchFailed(f"{self.source} holds no instances of this study for this patient",
+            raise FetchFailed("error", f"{self.source} holds no instances of this study for this patient",
                               retryable=False)
         self._records = {r.sop_instance_uid: r for r in records}
         return [ExpectedInstance(r.sop_instance_uid, r.series_instance_uid, r.sop_class_uid) for r in records]
@@ -69,7 +70,7 @@ class TlbStudyFetcher:
                                   item.record.sop_class_uid, item.transfer_syntax_uid)
         except SourceUnavailable as exc:
             if not arrived:
-                raise FetchFailed(f"{self.source}: {exc.detail}", retryable=exc.kind != "error") from exc
+                raise FetchFailed(exc.kind, f"{self.source}: {exc.detail}", retryable=exc.retryable) from exc
             detail, retryable = f"{self.source}: {exc.detail}", True
         else:
             detail, retryable = f"{self.source} did not deliver it", True

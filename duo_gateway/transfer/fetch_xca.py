@@ -20,7 +20,8 @@ from duo_gateway.dicom.store import UNCOMPRESSED_LE
 from duo_gateway.timeline.model import StudyRef
 from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed
 from duo_gateway.transfer.store import ExpectedInstance
-from duo_gateway.xca.initiating.retrieve import CommunityRetriever, PartFailure, RetrievedPart, RetrieveFailed
+from duo_gateway.xca.initiating.exchange import ExchangeFailed
+from duo_gateway.xca.initiating.retriever import CommunityRetriever, PartFailure, RetrievedPart
 from duo_gateway.xua import Claims
 
 #: Uncompressed only: every destination PACS stores these, and DUO does not transcode compressed data.
@@ -42,23 +43,24 @@ class XcaStudyFetcher:
     async def manifest(self) -> list[ExpectedInstance]:
         ref = self._ref
         if ref.document_unique_id is None or ref.repository_unique_id is None:
-            raise FetchFailed(f"{self.source} holds only a report of this study, no image manifest",
+            raise FetchFailed("error", f"{self.source} holds only a report of this study, no image manifest",
                               retryable=False)
         try:
             data = await self._retriever.retrieve_document(
                 self._claims, self._bsn, home_community_id=ref.home_community_id,
                 repository_unique_id=ref.repository_unique_id, document_unique_id=ref.document_unique_id,
                 deadline_s=self._community.timeout_s)
-        except RetrieveFailed as exc:
-            raise FetchFailed(f"{self.source} ITI-39 of the manifest: {exc.detail}",
+        except ExchangeFailed as exc:
+            raise FetchFailed(exc.kind, f"{self.source} ITI-39 of the manifest: {exc.detail}",
                               retryable=exc.retryable) from exc
         try:
             kos = await asyncio.to_thread(parse_kos, data)  # a manifest may be megabytes of DICOM
         except ValueError as exc:
-            raise FetchFailed(f"{self.source} returned a manifest DUO cannot read: {exc}",
+            raise FetchFailed("error", f"{self.source} returned a manifest DUO cannot read: {exc}",
                               retryable=False) from exc
         if kos.study_instance_uid != ref.study_uid:
-            raise FetchFailed(f"{self.source} returned the manifest of another study", retryable=False)
+            raise FetchFailed("error", f"{self.source} returned the manifest of another study",
+                              retryable=False)
         expected: list[ExpectedInstance] = []
         for series in kos.series:
             self._repositories[series.series_instance_uid] = (
@@ -66,7 +68,7 @@ class XcaStudyFetcher:
             expected.extend(ExpectedInstance(uid, series.series_instance_uid, sop_class)
                             for sop_class, uid in series.instances)
         if not expected:
-            raise FetchFailed(f"{self.source} returned a manifest that references no instances",
+            raise FetchFailed("error", f"{self.source} returned a manifest that references no instances",
                               retryable=False)
         return expected
 
@@ -95,7 +97,7 @@ class XcaStudyFetcher:
                                 seen.add(item.sop_instance_uid)
                                 yield Missed(item.sop_instance_uid, f"{self.source}: {item.detail}",
                                              item.retryable)
-                except RetrieveFailed as exc:
+                except ExchangeFailed as exc:
                     # Nothing usable came (the retriever yields a PartFailure per instance otherwise).
                     for uid in batch:
                         if uid not in seen:

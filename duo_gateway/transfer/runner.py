@@ -60,7 +60,7 @@ from duo_gateway.transfer.store import (
     StudyState,
     TransferStore,
 )
-from duo_gateway.xca.initiating.retrieve import CommunityRetriever
+from duo_gateway.xca.initiating.retriever import CommunityRetriever
 from duo_gateway.xua import Claims
 
 log = structlog.get_logger(__name__)

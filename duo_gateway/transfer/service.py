@@ -33,7 +33,7 @@ from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.transfer.metrics import TransferMetrics
 from duo_gateway.transfer.runner import JobRunner
 from duo_gateway.transfer.store import Job, LeaseLost, NewJob, TransferStore
-from duo_gateway.xca.initiating.retrieve import CommunityRetriever
+from duo_gateway.xca.initiating.retriever import CommunityRetriever
 from duo_gateway.xua import Claims
 
 log = structlog.get_logger(__name__)

@@ -48,7 +48,7 @@ from duo_gateway.sources.base import (
 from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed
 from duo_gateway.transfer.runner import DestinationClient
 from duo_gateway.transfer.store import ExpectedInstance
-from duo_gateway.xca.initiating.client import CommunityResponse
+from duo_gateway.xca.initiating.finder import CommunityResponse
 from duo_gateway.xua import Claims
 
 #: What Mitz may answer to a closed question, plus how the client fails: ``error`` is the refusal

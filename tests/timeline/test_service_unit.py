@@ -28,7 +28,7 @@ from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import TimelineRequest
 from duo_gateway.timeline.result import TimelineResult
 from duo_gateway.timeline.service import TimelineService
-from duo_gateway.xca.initiating.client import CommunityResponse, CommunityStatus
+from duo_gateway.xca.initiating.finder import CommunityResponse, CommunityStatus
 from duo_gateway.xca.metadata import study_entry
 from tests.support.fakes import (
     BSN,

@@ -217,7 +217,7 @@ async def test_a_non_retryable_store_failure_is_not_retried(rig: Rig) -> None:
 
 
 async def test_a_transient_manifest_failure_is_retried(rig: Rig) -> None:
-    fetcher = rig.fetcher(TLB_REF, FetchFailed("Mitz unreachable", retryable=True), manifest())
+    fetcher = rig.fetcher(TLB_REF, FetchFailed("unavailable", "Mitz unreachable", retryable=True), manifest())
     done = await rig.runner().run(await rig.job([TLB_REF]))
 
     assert fetcher.manifest_calls == 2
@@ -225,7 +225,7 @@ async def test_a_transient_manifest_failure_is_retried(rig: Rig) -> None:
 
 
 async def test_no_consent_fails_the_study_at_once_and_nothing_is_fetched(rig: Rig) -> None:
-    fetcher = rig.fetcher(TLB_REF, FetchFailed("no consent: Mitz Deny", retryable=False))
+    fetcher = rig.fetcher(TLB_REF, FetchFailed("error", "no consent: Mitz Deny", retryable=False))
     done = await rig.runner().run(await rig.job([TLB_REF]))
 
     assert fetcher.manifest_calls == 1
@@ -236,7 +236,7 @@ async def test_no_consent_fails_the_study_at_once_and_nothing_is_fetched(rig: Ri
 
 
 async def test_an_unusable_copy_falls_back_to_the_next_one(rig: Rig) -> None:
-    tlb = rig.fetcher(TLB_REF, FetchFailed("no consent: Mitz Deny", retryable=False))
+    tlb = rig.fetcher(TLB_REF, FetchFailed("error", "no consent: Mitz Deny", retryable=False))
     xca = rig.fetcher(XCA_REF)
     done = await rig.runner().run(await rig.job([TLB_REF, XCA_REF]))
 

@@ -73,13 +73,12 @@ from duo_gateway.xca.codes import (
 from duo_gateway.xca.ebrim import Author, DocumentEntry
 from duo_gateway.xca.errors import RegistryError
 from duo_gateway.xca.hl7 import Code, Xon, reference_id
-from duo_gateway.xca.initiating import client as initiating_client
-from duo_gateway.xca.initiating.client import (
+from duo_gateway.xca.initiating import finder as initiating_finder
+from duo_gateway.xca.initiating.exchange import REUSE_MARGIN, SigningPair
+from duo_gateway.xca.initiating.finder import (
     QUERY_FORMATS,
-    REUSE_MARGIN,
     CommunityClient,
     CommunityResponse,
-    SigningPair,
     find_documents_query,
 )
 from duo_gateway.xca.metadata import KOS_FORMAT, PDF_FORMAT
@@ -816,7 +815,7 @@ async def test_a_big_answer_is_decoded_off_the_event_loop(
     client = clients(community.config())
     assert (await ask(client)).status == "ok"
     assert handed_off == []
-    monkeypatch.setattr(initiating_client, "INLINE_ANSWER_BYTES", 100)
+    monkeypatch.setattr(initiating_finder, "INLINE_ANSWER_BYTES", 100)
     resp = await ask(client)
     assert resp.status == "ok" and resp.entries
     assert handed_off == ["_interpret"]

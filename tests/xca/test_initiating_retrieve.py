@@ -7,6 +7,7 @@ The community is the real simulator on a loopback port, behind the recording mid
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -34,13 +35,8 @@ from duo_gateway.sim.pki import Pki
 from duo_gateway.sim.xca import XcaCommunitySimulator
 from duo_gateway.soap.envelope import parse_envelope
 from duo_gateway.xca.codes import EXPLICIT_VR_LITTLE_ENDIAN, Action, ErrorCode
-from duo_gateway.xca.initiating.client import CommunitySigner
-from duo_gateway.xca.initiating.retrieve import (
-    CommunityRetriever,
-    PartFailure,
-    RetrievedPart,
-    RetrieveFailed,
-)
+from duo_gateway.xca.initiating.exchange import CommunitySigner, ExchangeFailed
+from duo_gateway.xca.initiating.retriever import CommunityRetriever, PartFailure, RetrievedPart
 from duo_gateway.xca.metadata import KOS_FORMAT
 from duo_gateway.xca.retrieve import parse_imaging_retrieve_request, parse_retrieve_request
 from duo_gateway.xmldsig import TrustStore, load_signing_pair
@@ -66,12 +62,12 @@ class Retrievers:
     spool: Path
     made: list[CommunityRetriever] = field(default_factory=list)
 
-    def __call__(self, cfg: XcaCommunity, *, signed: bool = True,
-                 auditor: Auditor | None = None) -> CommunityRetriever:
+    def __call__(self, cfg: XcaCommunity, *, signed: bool = True, auditor: Auditor | None = None,
+                 rng: random.Random | None = None) -> CommunityRetriever:
         signing = load_signing_pair(self.pki.client.key, self.pki.client.cert) if signed else None
         signer = CommunitySigner(cfg, issuer=DUO_HOME, signing=signing, keep=XuaConfig().reuse_assertions)
         r = CommunityRetriever(cfg, signer=signer, metrics=Metrics(), auditor=auditor, identity=IDENTITY,
-                               spool_dir=self.spool)
+                               spool_dir=self.spool, rng=rng)
         self.made.append(r)
         return r
 
@@ -95,6 +91,13 @@ def _kos_doc(sim: XcaCommunitySimulator) -> tuple[str, str]:
 
 
 Items = AsyncGenerator[RetrievedPart | PartFailure, None]
+
+
+class _Longest(random.Random):
+    """Jitter that always picks the longest backoff allowed, so a test knows how long a retry waits."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
 
 
 async def _collect(it: Items) -> tuple[list[RetrievedPart], list[PartFailure]]:
@@ -211,7 +214,8 @@ async def test_a_retried_rad75_stopped_during_its_backoff_is_audited_once(
     ds = study.instances[0]
     auditor = Auditor(AuditConfig(), storage_dir=tmp_path / "audit-store")
     await auditor.start()
-    r = retrievers(_config(community, retry_backoff_s=30.0), auditor=auditor)
+    # Full jitter at its upper bound: the retry waits exactly 5 s, well inside the 10 s deadline.
+    r = retrievers(_config(community, retry_backoff_s=5.0), auditor=auditor, rng=_Longest())
     community.recorder.status_first = 1
     consumer = asyncio.create_task(_collect(_images(
         r, sim, study.study_instance_uid, str(ds.SeriesInstanceUID), sim.repository_unique_id,
@@ -236,7 +240,7 @@ async def test_a_retried_rad75_stopped_during_its_backoff_is_audited_once(
 async def test_unknown_kos_is_a_failed_retrieve_with_the_registry_error(
         community: Community, sim: XcaCommunitySimulator, retrievers: Retrievers) -> None:
     r = retrievers(_config(community))
-    with pytest.raises(RetrieveFailed) as info:
+    with pytest.raises(ExchangeFailed) as info:
         await r.retrieve_document(CLAIMS, BSN, home_community_id=sim.home,
                                   repository_unique_id=sim.repository_unique_id,
                                   document_unique_id="1.2.3.4.5.6.7", deadline_s=5)
@@ -260,12 +264,12 @@ async def test_misbehaving_community_is_a_retrieve_failed(
     r = retrievers(_config(community))
     repo, kos_uid = _kos_doc(sim)
     with structlog.testing.capture_logs() as logs:
-        with pytest.raises(RetrieveFailed) as doc_info:
+        with pytest.raises(ExchangeFailed) as doc_info:
             await r.retrieve_document(CLAIMS, BSN, home_community_id=sim.home, repository_unique_id=repo,
                                       document_unique_id=kos_uid, deadline_s=1.0)
         study = next(g for p, _, g in sim.studies if p.bsn == BSN)
         ds = study.instances[0]
-        with pytest.raises(RetrieveFailed) as img_info:
+        with pytest.raises(ExchangeFailed) as img_info:
             await _collect(_images(r, sim, study.study_instance_uid, str(ds.SeriesInstanceUID), repo,
                                    [str(ds.SOPInstanceUID)], deadline_s=1.0))
     for info in (doc_info, img_info):
@@ -277,10 +281,10 @@ async def test_misbehaving_community_is_a_retrieve_failed(
 async def test_without_rad75_endpoint_or_signing_pair_nothing_is_sent(
         community: Community, sim: XcaCommunitySimulator, retrievers: Retrievers) -> None:
     no_rad75 = retrievers(_config(community, rad75=None))
-    with pytest.raises(RetrieveFailed, match="no RAD-75 endpoint"):
+    with pytest.raises(ExchangeFailed, match="no RAD-75 endpoint"):
         await _collect(_images(no_rad75, sim, "1.2", "1.2.3", sim.repository_unique_id, ["1.2.3.4"]))
     unsigned = retrievers(_config(community), signed=False)
-    with pytest.raises(RetrieveFailed, match="signing key"):
+    with pytest.raises(ExchangeFailed, match="signing key"):
         await _collect(_images(unsigned, sim, "1.2", "1.2.3", sim.repository_unique_id, ["1.2.3.4"]))
     assert community.recorder.bodies == []
 

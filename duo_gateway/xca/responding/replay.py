@@ -1,7 +1,7 @@
 """Each XCA request is acted on once: a WS-Addressing MessageID seen before is a replay.
 
 A peer may keep one assertion for a whole session (DUO does, :class:`~duo_gateway.xca.initiating.
-client.CommunitySigner`), so the assertion cannot be what is used once; the message is. A request is
+exchange.CommunitySigner`), so the assertion cannot be what is used once; the message is. A request is
 remembered by its issuer and MessageID until its assertion expires (plus the clock skew): after that
 the assertion itself is refused, so nothing older needs remembering, and memory stays bounded by the
 request rate times the assertion lifetime.

@@ -14,12 +14,13 @@ matter, and why:
   registry Failure or PartialSuccess: every requested instance that did not arrive becomes a
   :class:`PartFailure` naming the source's reason, so the transfer can report and retry per image.
   Only when nothing usable came (SOAP Fault, HTTP error, timeout, garbage) does the call raise
-  :class:`RetrieveFailed`; once images were handed over, a later breakdown fails the rest per instance.
-- **Never unsigned, a fresh XUA assertion per request** with ``subject_bsn``: the responding side
-  asks Mitz with it (xca.md §11). SHA-1 only where the community's config says so.
-- **Retries only where repeating can help**, as for ITI-38 (:mod:`.client`): a refused or lost
-  connection and HTTP 502/503/504, within the caller's absolute deadline, and for RAD-75 only before
-  any image was handed over (a retry would deliver them twice).
+  :class:`~.exchange.ExchangeFailed`; once images were handed over, a later breakdown fails the rest
+  per instance.
+- **How requests go out is the community exchange policy of** :mod:`.exchange`, as for ITI-38:
+  signed (an XUA assertion with ``subject_bsn``, which the responding side asks Mitz with, xca.md
+  §11; SHA-1 only where the community's config says so), in one of this side's connection slots,
+  within the caller's absolute deadline, retried only where repeating can help, and for RAD-75 only
+  before any image was handed over (a retry would deliver them twice).
 - **Every request that went out is audited** as an Import (ITI-39 110107, RAD-75 110104), one record
   per outcome (CP-ITI-493): the BSN was disclosed and the data now lives on DUO's side.
 - **Logs never carry the BSN**; text a peer wrote has it masked in every ``detail``.
@@ -30,13 +31,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import random
 import re
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 from urllib.parse import urlsplit
 
 import structlog
@@ -54,26 +56,25 @@ from duo_gateway.audit.messages import (
 )
 from duo_gateway.bsn import bsn_cx, is_valid_bsn
 from duo_gateway.config.peers import XcaCommunity
-from duo_gateway.http.client import PeerCallError, PeerClient, classify_call_error
+from duo_gateway.http.client import PeerClient
 from duo_gateway.observability.metrics import Metrics
-from duo_gateway.soap.envelope import (
-    SOAP12_CONTENT_TYPE,
-    WSA_ANONYMOUS,
-    Addressing,
-    Envelope,
-    EnvelopeError,
-    SoapFault,
-    element_bytes,
-    new_message_id,
-    parse_envelope,
-    serialize_with,
-)
+from duo_gateway.soap.envelope import EnvelopeError, SoapFault, element_bytes, parse_envelope
 from duo_gateway.soap.mtom import XOP_NS, MtomError, normalise_cid, parse_mtom
 from duo_gateway.soap.mtom_stream import MtomStream, remove_quietly
 from duo_gateway.soap.xml import INLINE_PARSE_BYTES, XmlError
-from duo_gateway.xca.codes import MIME_DICOM, RS_NS, Action, ErrorCode, ResponseStatus
+from duo_gateway.xca.codes import MIME_DICOM, RS_NS, Action, ResponseStatus
 from duo_gateway.xca.errors import RegistryError, parse_error_list, parse_status
-from duo_gateway.xca.initiating.client import MIN_ATTEMPT_S, PATIENT_MASK, TRANSIENT_HTTP, CommunitySigner
+from duo_gateway.xca.initiating.exchange import (
+    PATIENT_MASK,
+    Attempt,
+    Audit,
+    CommunitySigner,
+    Exchange,
+    ExchangeFailed,
+    answer_body,
+    is_transient,
+    unusable_answer,
+)
 from duo_gateway.xca.retrieve import (
     DocumentRequest,
     RetrieveDocumentSetRequest,
@@ -89,37 +90,13 @@ from duo_gateway.xua import Claims
 
 log = structlog.get_logger(__name__)
 
-RetrieveKind = Literal["timeout", "unavailable", "error"]
-
 #: A KOS or a report; anything bigger from ITI-39 is a misbehaving peer.
 MAX_DOCUMENT_BYTES: Final = 64 * 1024 * 1024
 #: One image: an enhanced multi-frame CT can be a few hundred MiB.
 MAX_IMAGE_BYTES: Final = 1024 * 1024 * 1024
 #: The SOAP envelope of a RAD-75 answer without its parts (inline base64 answers included).
 MAX_ENVELOPE_BYTES: Final = 64 * 1024 * 1024
-#: Registry errors that say "not now" rather than "no": worth another try later.
-_TRANSIENT_CODES: Final = frozenset({
-    ErrorCode.REGISTRY_BUSY, ErrorCode.REPOSITORY_BUSY, ErrorCode.REGISTRY_OUT_OF_RESOURCES,
-    ErrorCode.REGISTRY_NOT_AVAILABLE, ErrorCode.UNAVAILABLE_COMMUNITY,
-})
 _UID_TOKEN: Final = re.compile(r"[0-9]+(?:\.[0-9]+)*")
-
-
-class RetrieveFailed(Exception):
-    """The whole call failed: nothing usable came from the community.
-
-    ``kind`` follows ITI-38's community statuses; ``retryable`` says whether asking again later can
-    help (a timeout, an unavailable community, a busy repository), ``errors`` are the registry
-    errors the community gave, if any.
-    """
-
-    def __init__(self, kind: RetrieveKind, detail: str, *, retryable: bool = False,
-                 errors: tuple[RegistryError, ...] = ()) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind: RetrieveKind = kind
-        self.detail = detail
-        self.retryable = retryable
-        self.errors = errors
 
 
 @dataclass(frozen=True)
@@ -142,12 +119,14 @@ class PartFailure:
 
 
 @dataclass
-class _Attempt:
+class _Call:
     """Mutable state of one RAD-75 call, shared by the reading task and the generator."""
 
+    #: The last request that went out still needs its audit record, written by the generator
+    #: because only it knows what the consumer actually took.
     sent: bool = False
     pushed: set[str] = field(default_factory=set)
-    failed: RetrieveFailed | None = None
+    failed: ExchangeFailed | None = None
     failures: list[PartFailure] = field(default_factory=list)
     errors: tuple[RegistryError, ...] = ()
 
@@ -161,121 +140,85 @@ class CommunityRetriever:
     """ITI-39 and RAD-75 towards one community for transfers; lives as long as the daemon.
 
     ``spool_dir`` holds the images between arrival and the consumer's C-STORE; it is created if
-    missing. The semaphore (``max_concurrency``) is separate from the query client's, so transfers
-    cannot starve timelines of connections or the other way round.
+    missing. The connection slots (``max_concurrency``) are separate from the query client's, so
+    transfers cannot starve timelines of connections or the other way round.
     """
 
     def __init__(self, community: XcaCommunity, *, signer: CommunitySigner, metrics: Metrics | None,
-                 auditor: Auditor | None, identity: Peer, spool_dir: Path) -> None:
+                 auditor: Auditor | None, identity: Peer, spool_dir: Path,
+                 rng: random.Random | None = None) -> None:
         self.community = community
-        #: The community's one signer, shared with its query client: a transfer right after the
-        #: timeline reuses the timeline's assertion.
-        self._signer = signer
         self._auditor = auditor
         self._identity = identity
         self._spool = spool_dir
         self._spool.mkdir(parents=True, exist_ok=True)
         # Inline base64 grows the body by 4/3: the limit is on the decoded document.
-        self._http = PeerClient(f"xca:{community.home_community_id}", community.tls, metrics,
-                                max_body_bytes=MAX_DOCUMENT_BYTES * 4 // 3 + 1024 * 1024,
-                                pool_size=community.max_concurrency)
-        self._slots = asyncio.Semaphore(community.max_concurrency)
+        http = PeerClient(f"xca:{community.home_community_id}", community.tls, metrics,
+                          max_body_bytes=MAX_DOCUMENT_BYTES * 4 // 3 + 1024 * 1024,
+                          pool_size=community.max_concurrency)
+        #: ``signer`` is the community's one signer, shared with its query client: a transfer right
+        #: after the timeline reuses the timeline's assertion.
+        self._exchange = Exchange(community, signer=signer, http=http,
+                                  late="no complete answer before the deadline", rng=rng)
 
     async def close(self) -> None:
-        await self._http.close()
+        await self._exchange.close()
 
     # -- ITI-39 ---------------------------------------------------------------------------------
 
     async def retrieve_document(self, claims: Claims, bsn: str, *, home_community_id: str,
                                 repository_unique_id: str, document_unique_id: str,
                                 deadline_s: float) -> bytes:
-        """One document (the KOS, a report) by ITI-39; raises :class:`RetrieveFailed`."""
+        """One document (the KOS, a report) by ITI-39; raises :class:`~.exchange.ExchangeFailed`."""
         if not is_valid_bsn(bsn):
             raise ValueError("bsn is not a valid BSN")
-        self._require_signing()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + deadline_s
+        self._exchange.require_signing()
+        deadline = asyncio.get_running_loop().time() + deadline_s
         request = RetrieveDocumentSetRequest(
             (DocumentRequest(repository_unique_id, document_unique_id, home_community_id),))
+        body = element_bytes(build_retrieve_request(request))
         doc = DocumentRef(document_unique_id, repository_unique_id, home_community_id)
-        attempts = 0
-        while True:
-            sent = False
-            try:
-                async with self._slot(deadline):
-                    budget = min(self.community.timeout_s, deadline - loop.time())
-                    if budget <= 0:
-                        raise RetrieveFailed("timeout", "the deadline passed before the community was asked",
-                                             retryable=True)
-                    message_id = new_message_id()
-                    payload = self._envelope(claims, bsn, Action.ITI39, str(self.community.iti39),
-                                             build_retrieve_request(request), message_id)
-                    sent = True
-                    attempts += 1
-                    try:
-                        answer = await self._http.post(str(self.community.iti39), payload, operation="iti39",
-                                                       timeout_s=budget, content_type=_ctype(Action.ITI39))
-                    except PeerCallError as exc:
-                        raise _call_failure(exc, self.community.timeout_s,
-                                            cut=budget < self.community.timeout_s) from exc
-                    except asyncio.CancelledError:
-                        self._audit_iti39(claims, bsn, doc,
-                                          RetrieveFailed("timeout", "cancelled by the caller"))
-                        raise
-                    if answer.status in TRANSIENT_HTTP:
-                        raise RetrieveFailed("unavailable", f"HTTP {answer.status}", retryable=True)
-                    try:
-                        data = await asyncio.to_thread(self._interpret_iti39, answer.status,
-                                                       answer.headers.get("Content-Type", ""), answer.body,
-                                                       message_id, document_unique_id)
-                    except asyncio.CancelledError:
-                        # The answer came, but the caller gave up while it was read: still a disclosure.
-                        self._audit_iti39(claims, bsn, doc,
-                                          RetrieveFailed("timeout", "cancelled by the caller"))
-                        raise
-            except RetrieveFailed as failed:
-                failed = _masked(failed, bsn)
-                if sent:
-                    self._audit_iti39(claims, bsn, doc, failed)
-                if (not failed.retryable or not sent or attempts > self.community.retries
-                        or failed.kind == "error" or deadline - loop.time() < MIN_ATTEMPT_S):
-                    log.info("xca retrieve document", community=self.community.home_community_id,
-                             status=failed.kind, detail=failed.detail, attempts=attempts)
-                    raise failed from None
-                backoff = min(self.community.retry_backoff_s * 2 ** (attempts - 1),
-                              max(0.0, deadline - loop.time() - MIN_ATTEMPT_S))
-                log.info("xca retrieve document retry", community=self.community.home_community_id,
-                         attempt=attempts, after=failed.kind, backoff_ms=round(backoff * 1000))
-                await asyncio.sleep(backoff)
-                continue
-            self._audit_iti39(claims, bsn, doc, None)
-            log.info("xca retrieve document", community=self.community.home_community_id, status="ok",
-                     size=len(data), attempts=attempts)
-            return data
+
+        async def ask(attempt: Attempt) -> bytes:
+            answer = await self._exchange.post(attempt, action=Action.ITI39, url=str(self.community.iti39),
+                                               body=body, operation="iti39")
+            return await asyncio.to_thread(self._interpret_iti39, answer.status,
+                                           answer.headers.get("Content-Type", ""), answer.body,
+                                           attempt.message_id, document_unique_id)
+
+        def audit(result: bytes | ExchangeFailed, _retried: bool) -> None:
+            self._audit_iti39(claims, bsn, doc, result if isinstance(result, ExchangeFailed) else None)
+
+        result, attempts = await self._exchange.run(ask, claims=claims, bsn=bsn, deadline=deadline,
+                                                    audit=audit, retry_event="xca retrieve document retry")
+        if isinstance(result, ExchangeFailed):
+            log.info("xca retrieve document", community=self.community.home_community_id,
+                     status=result.kind, detail=result.detail, attempts=attempts)
+            raise result from None
+        log.info("xca retrieve document", community=self.community.home_community_id, status="ok",
+                 size=len(result), attempts=attempts)
+        return result
 
     def _interpret_iti39(self, status: int, content_type: str, body: bytes, message_id: str,
                          document_unique_id: str) -> bytes:
         try:
             root, parts = parse_mtom(content_type, body, MAX_DOCUMENT_BYTES)
             envelope = parse_envelope(root)
-        except SoapFault as fault:
-            raise _fault_failure(fault) from None
-        except (XmlError, EnvelopeError, ValueError) as exc:
-            raise RetrieveFailed("error", f"HTTP {status} without a SOAP answer" if status != 200
-                                 else f"malformed answer: {exc}") from None
-        response_el = _check_envelope(envelope, status, Action.ITI39_RESPONSE, message_id)
+        except (SoapFault, XmlError, EnvelopeError, ValueError) as exc:
+            raise unusable_answer(exc, status) from None
+        response_el = answer_body(envelope, status, Action.ITI39_RESPONSE, message_id)
         try:
             response = parse_retrieve_response(response_el, parts, max_document_bytes=MAX_DOCUMENT_BYTES)
         except ValueError as exc:
-            raise RetrieveFailed("error", f"malformed answer: {exc}") from None
+            raise ExchangeFailed("error", f"malformed answer: {exc}") from None
         for doc in response.documents:
             if doc.document_unique_id == document_unique_id and isinstance(doc.data, bytes):
                 return doc.data
         listed = _listed(response.errors)
-        raise RetrieveFailed(
+        raise ExchangeFailed(
             "error", f"registry {response.status.rsplit(':', 1)[-1]} without the document"
             + (f": {listed}" if listed else ""),
-            retryable=_transient(response.errors), errors=response.errors)
+            retryable=is_transient(response.errors), errors=response.errors)
 
     # -- RAD-75 ---------------------------------------------------------------------------------
 
@@ -291,28 +234,32 @@ class CommunityRetriever:
         stops the download and deletes every spool file not yet handed over.
         """
         if self.community.rad75 is None:
-            raise RetrieveFailed("error", "community has no RAD-75 endpoint")
+            raise ExchangeFailed("error", "community has no RAD-75 endpoint")
         if not is_valid_bsn(bsn):
             raise ValueError("bsn is not a valid BSN")
         wanted = list(dict.fromkeys(sop_instance_uids))
         if not wanted or not transfer_syntaxes:
             raise ValueError("RAD-75 needs at least one SOP Instance UID and one transfer syntax")
-        self._require_signing()
+        self._exchange.require_signing()
         request = RetrieveImagingDocumentSetRequest(
             (StudyRequest(study_uid, (SeriesRequest(series_uid, tuple(
                 DocumentRequest(repository_unique_id, uid, home_community_id) for uid in wanted)),)),),
             tuple(transfer_syntaxes))
-        body_el = build_imaging_retrieve_request(request)
+        body = element_bytes(build_imaging_retrieve_request(request))
         deadline = asyncio.get_running_loop().time() + deadline_s
         queue: asyncio.Queue[RetrievedPart | _Done] = asyncio.Queue()
-        state = _Attempt()
-        def audit_retried(failed: RetrieveFailed) -> None:
-            # That attempt sent the BSN too: it gets its own record before the next one goes out.
-            self._audit_rad75(claims, bsn, study_uid, repository_unique_id, home_community_id, [], wanted,
-                              _Attempt(), f"{failed.kind}: {failed.detail}; retried")
+        state = _Call()
 
-        task = asyncio.create_task(self._rad75_exchange(claims, bsn, body_el, wanted, deadline, queue, state,
-                                                        audit_retried))
+        def audit(result: ExchangeFailed | None, retried: bool) -> None:
+            if retried and isinstance(result, ExchangeFailed):
+                # That attempt sent the BSN too: it gets its own record before the next one goes out.
+                self._audit_rad75(claims, bsn, study_uid, repository_unique_id, home_community_id, [], wanted,
+                                  _Call(), f"{result.kind}: {result.detail}; retried")
+            else:
+                state.sent = True  # the last request: recorded below, with what the consumer took
+
+        task = asyncio.create_task(self._rad75_exchange(claims, bsn, body, wanted, deadline, queue, state,
+                                                        audit))
         delivered: list[str] = []
         ended = "stopped by the caller"
         try:
@@ -348,35 +295,21 @@ class CommunityRetriever:
                      status=state.failed.kind if state.failed and not delivered else "ok" if not ended
                      else "stopped", errors=[e.error_code for e in state.errors])
 
-    async def _rad75_exchange(self, claims: Claims, bsn: str, body_el: etree._Element, wanted: list[str],
+    async def _rad75_exchange(self, claims: Claims, bsn: str, body: bytes, wanted: list[str],
                               deadline: float, queue: asyncio.Queue[RetrievedPart | _Done],
-                              state: _Attempt, audit_retried: Callable[[RetrieveFailed], None]) -> None:
+                              state: _Call, audit: Audit[None]) -> None:
         """The reading task: attempts with retries, parts into ``queue``, the verdict into ``state``."""
-        loop = asyncio.get_running_loop()
-        attempts = 0
         try:
-            while True:
-                attempts += 1
-                try:
-                    await self._rad75_attempt(claims, bsn, body_el, wanted, deadline, queue, state)
-                    return
-                except RetrieveFailed as failed:
-                    failed = _masked(failed, bsn)
-                    if (state.pushed or not failed.retryable or failed.kind == "timeout"
-                            or attempts > self.community.retries or deadline - loop.time() < MIN_ATTEMPT_S):
-                        self._fail_rest(state, failed, wanted)
-                        return
-                    backoff = min(self.community.retry_backoff_s * 2 ** (attempts - 1),
-                                  max(0.0, deadline - loop.time() - MIN_ATTEMPT_S))
-                    audit_retried(failed)
-                    state.sent = False  # that attempt has its record; only a new send needs another
-                    log.info("xca retrieve images retry", community=self.community.home_community_id,
-                             attempt=attempts, after=failed.kind, backoff_ms=round(backoff * 1000))
-                    await asyncio.sleep(backoff)
+            result, _ = await self._exchange.run(
+                lambda attempt: self._rad75_attempt(attempt, body, wanted, queue, state),
+                claims=claims, bsn=bsn, deadline=deadline, audit=audit,
+                retry_event="xca retrieve images retry")
+            if isinstance(result, ExchangeFailed):
+                self._fail_rest(state, result, wanted)
         finally:
             queue.put_nowait(_Done())
 
-    def _fail_rest(self, state: _Attempt, failed: RetrieveFailed, wanted: list[str]) -> None:
+    def _fail_rest(self, state: _Call, failed: ExchangeFailed, wanted: list[str]) -> None:
         state.failed = failed
         state.errors = failed.errors or state.errors
         # Used once parts were handed over: then the rest fails per instance instead of the call.
@@ -384,48 +317,34 @@ class CommunityRetriever:
         state.failures.extend(PartFailure(uid, f"{failed.kind}: {failed.detail}", failed.retryable)
                               for uid in wanted if uid not in answered)
 
-    async def _rad75_attempt(self, claims: Claims, bsn: str, body_el: etree._Element, wanted: list[str],
-                             deadline: float, queue: asyncio.Queue[RetrievedPart | _Done],
-                             state: _Attempt) -> None:
-        loop = asyncio.get_running_loop()
+    async def _rad75_attempt(self, attempt: Attempt, body: bytes, wanted: list[str],
+                             queue: asyncio.Queue[RetrievedPart | _Done], state: _Call) -> None:
         url = str(self.community.rad75)
         state.failures.clear()  # a retry only happens before anything was handed over
-        async with self._slot(deadline):
-            budget = deadline - loop.time()
-            if budget <= 0:
-                raise RetrieveFailed("timeout", "the deadline passed before the community was asked",
-                                     retryable=True)
-            message_id = new_message_id()
-            payload = self._envelope(claims, bsn, Action.RAD75, url, body_el, message_id)
-            state.sent = True
-            try:
-                async with self._http.stream_post(url, payload, operation="rad75", timeout_s=budget,
-                                                  content_type=_ctype(Action.RAD75)) as resp:
-                    if resp.status in TRANSIENT_HTTP:
-                        raise RetrieveFailed("unavailable", f"HTTP {resp.status}", retryable=True)
-                    stream = MtomStream(resp.headers.get("Content-Type", ""), resp.content, self._spool,
-                                        max_part_bytes=MAX_IMAGE_BYTES, max_xml_bytes=MAX_ENVELOPE_BYTES)
-                    async with stream:
-                        await self._read_answer(stream, resp.status, message_id, wanted, queue, state)
-            except MtomError as exc:
-                raise RetrieveFailed("error", f"malformed answer: {exc}") from None
-            except PeerCallError as exc:
-                raise _call_failure(exc, budget, cut=True) from exc
-            except OSError as exc:
-                # DUO's own spool (disk full, permissions): the instances still get their verdicts.
-                raise RetrieveFailed("error", f"could not spool the answer: {exc.strerror or exc}") from None
+        try:
+            async with self._exchange.stream_post(attempt, action=Action.RAD75, url=url, body=body,
+                                                  operation="rad75") as resp:
+                stream = MtomStream(resp.headers.get("Content-Type", ""), resp.content, self._spool,
+                                    max_part_bytes=MAX_IMAGE_BYTES, max_xml_bytes=MAX_ENVELOPE_BYTES)
+                async with stream:
+                    await self._read_answer(stream, resp.status, attempt.message_id, wanted, queue, state)
+        except MtomError as exc:
+            raise ExchangeFailed("error", f"malformed answer: {exc}") from None
+        except OSError as exc:
+            # DUO's own spool (disk full, permissions): the instances still get their verdicts.
+            raise ExchangeFailed("error", f"could not spool the answer: {exc.strerror or exc}") from None
+        finally:
+            # Once an image was handed over, asking again would hand it over twice.
+            attempt.used = bool(state.pushed)
 
     async def _read_answer(self, stream: MtomStream, http_status: int, message_id: str, wanted: list[str],
-                           queue: asyncio.Queue[RetrievedPart | _Done], state: _Attempt) -> None:
+                           queue: asyncio.Queue[RetrievedPart | _Done], state: _Call) -> None:
         """Check the envelope, then hand over each requested instance as its part completes."""
         try:
             envelope = parse_envelope(await stream.envelope())
-        except SoapFault as fault:
-            raise _fault_failure(fault) from None
-        except (XmlError, EnvelopeError) as exc:
-            raise RetrieveFailed("error", f"HTTP {http_status} without a SOAP answer" if http_status != 200
-                                 else f"malformed answer: {exc}") from None
-        response_el = _check_envelope(envelope, http_status, Action.RAD75_RESPONSE, message_id)
+        except (SoapFault, XmlError) as exc:
+            raise unusable_answer(exc, http_status) from None
+        response_el = answer_body(envelope, http_status, Action.RAD75_RESPONSE, message_id)
         wanted_set = set(wanted)
         if stream.envelope_bytes <= INLINE_PARSE_BYTES:
             status, errors, by_cid, inline = _index_response(response_el, wanted_set)
@@ -469,34 +388,15 @@ class CommunityRetriever:
 
     # -- shared ---------------------------------------------------------------------------------
 
-    def _require_signing(self) -> None:
-        if not self._signer.can_sign:
-            raise RetrieveFailed("error", "DUO has no XUA signing key and certificate "
-                                 "(xua.signing_key_file): the community was not asked, since an unsigned "
-                                 "request must not be sent")
-
-    def _slot(self, deadline: float) -> _Slot:
-        return _Slot(self._slots, deadline, self.community.max_concurrency)
-
-    def _envelope(self, claims: Claims, bsn: str, action: str, url: str, body: etree._Element,
-                  message_id: str) -> bytes:
-        """Signed as the query client signs (one community's assertion, reused, a new Timestamp)."""
-        try:
-            security = self._signer.security(claims, bsn)
-        except ValueError as exc:
-            raise RetrieveFailed("error", f"could not issue the XUA assertion: {exc}") from None
-        addressing = Addressing(action=action, message_id=message_id, to=url, reply_to=WSA_ANONYMOUS)
-        return serialize_with(addressing, element_bytes(body), [security])
-
     # -- audit ----------------------------------------------------------------------------------
 
     def _requestor(self, claims: Claims) -> Requestor:
-        return Requestor.of(claims, issuer=self._signer.issuer)
+        return Requestor.of(claims, issuer=self._exchange.signer.issuer)
 
     def _peer(self, url: str) -> Peer:
         return Peer(user_id=url, host=urlsplit(url).hostname)
 
-    def _audit_iti39(self, claims: Claims, bsn: str, doc: DocumentRef, failed: RetrieveFailed | None) -> None:
+    def _audit_iti39(self, claims: Claims, bsn: str, doc: DocumentRef, failed: ExchangeFailed | None) -> None:
         if self._auditor is None:
             return
         self._auditor.record(iti39_retrieve(
@@ -507,7 +407,7 @@ class CommunityRetriever:
             when=datetime.now(UTC), requestor=self._requestor(claims)))
 
     def _audit_rad75(self, claims: Claims, bsn: str, study_uid: str, repository_unique_id: str, home: str,
-                     delivered: list[str], wanted: list[str], state: _Attempt, ended: str) -> None:
+                     delivered: list[str], wanted: list[str], state: _Call, ended: str) -> None:
         if self._auditor is None:
             return
         peer = self._peer(str(self.community.rad75))
@@ -532,72 +432,11 @@ class CommunityRetriever:
             record(missing, EventOutcome.MINOR_FAILURE if delivered else EventOutcome.SERIOUS_FAILURE, detail)
 
 
-class _Slot:
-    """One of the community's connection slots, waited for no longer than the caller's deadline."""
-
-    def __init__(self, sem: asyncio.Semaphore, deadline: float, size: int) -> None:
-        self._sem = sem
-        self._deadline = deadline
-        self._size = size
-
-    async def __aenter__(self) -> None:
-        try:
-            async with asyncio.timeout_at(self._deadline):
-                await self._sem.acquire()
-        except TimeoutError:
-            raise RetrieveFailed("timeout", f"all {self._size} connections to the community stayed busy "
-                                 "until the deadline", retryable=True) from None
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._sem.release()
-
-
 # --- interpretation --------------------------------------------------------------------------------
-
-
-def _ctype(action: str) -> str:
-    return f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{action}"'
 
 
 def _listed(errors: Sequence[RegistryError]) -> str:
     return "; ".join(f"{e.error_code}: {e.code_context}" for e in errors)
-
-
-def _transient(errors: Sequence[RegistryError]) -> bool:
-    return any(e.error_code in _TRANSIENT_CODES for e in errors if e.is_error)
-
-
-def _masked(failed: RetrieveFailed, bsn: str) -> RetrieveFailed:
-    if bsn not in failed.detail:
-        return failed
-    return RetrieveFailed(failed.kind, failed.detail.replace(bsn, PATIENT_MASK), retryable=failed.retryable,
-                          errors=failed.errors)
-
-
-def _fault_failure(fault: SoapFault) -> RetrieveFailed:
-    subcode = f" ({fault.subcode[1]})" if fault.subcode else ""
-    return RetrieveFailed("error", f"SOAP fault {fault.code}{subcode}: {fault.reason}")
-
-
-def _call_failure(exc: PeerCallError, limit_s: float, *, cut: bool) -> RetrieveFailed:
-    if exc.kind == "timeout":
-        return RetrieveFailed("timeout", "no complete answer before the deadline" if cut
-                              else f"no answer within {limit_s:g} s", retryable=True)
-    kind, detail, retryable = classify_call_error(exc)
-    return RetrieveFailed(kind, detail, retryable=retryable)
-
-
-def _check_envelope(envelope: Envelope, status: int, action: str, message_id: str) -> etree._Element:
-    if status != 200:
-        raise RetrieveFailed("error", f"HTTP {status} with a SOAP answer that is not a fault")
-    if envelope.addressing.action != action:
-        got = envelope.addressing.action or "(none)"
-        raise RetrieveFailed("error", f"malformed answer: wsa:Action {got}, expected {action}")
-    if envelope.addressing.relates_to != message_id:
-        raise RetrieveFailed("error", "malformed answer: wsa:RelatesTo does not name the request's MessageID")
-    if envelope.body is None:
-        raise RetrieveFailed("error", "malformed answer: empty SOAP Body")
-    return envelope.body
 
 
 def _index_response(el: etree._Element, wanted: set[str]) -> tuple[
@@ -607,7 +446,7 @@ def _index_response(el: etree._Element, wanted: set[str]) -> tuple[
     Only requested UIDs are kept: a document DUO did not ask for has no place in the transfer.
     """
     if el.tag != xdsb("RetrieveDocumentSetResponse"):
-        raise RetrieveFailed("error", f"malformed answer: expected RetrieveDocumentSetResponse, got {el.tag}")
+        raise ExchangeFailed("error", f"malformed answer: expected RetrieveDocumentSetResponse, got {el.tag}")
     rr = el.find(f"{{{RS_NS}}}RegistryResponse")
     try:
         if rr is None:
@@ -615,7 +454,7 @@ def _index_response(el: etree._Element, wanted: set[str]) -> tuple[
         status = parse_status(rr.get("status"))
         errors = parse_error_list(rr)
     except ValueError as exc:
-        raise RetrieveFailed("error", f"malformed answer: {exc}") from None
+        raise ExchangeFailed("error", f"malformed answer: {exc}") from None
     by_cid: dict[str, tuple[str, str]] = {}
     inline: list[tuple[str, str, bytes]] = []
     for dr in el.iterfind(xdsb("DocumentResponse")):
@@ -631,7 +470,7 @@ def _index_response(el: etree._Element, wanted: set[str]) -> tuple[
         try:
             inline.append((uid, mime, base64.b64decode("".join((doc.text or "").split()), validate=True)))
         except binascii.Error:
-            raise RetrieveFailed("error", f"malformed answer: Document of {uid} is neither xop:Include "
+            raise ExchangeFailed("error", f"malformed answer: Document of {uid} is neither xop:Include "
                                  "nor base64") from None
     return status, errors, by_cid, inline
 
@@ -652,11 +491,11 @@ def _absent(wanted: list[str], pushed: set[str], failed: set[str], status: Respo
             continue
         own = [e for e in errors if e.is_error and _names(e, uid)]
         if own:
-            out.append(PartFailure(uid, _listed(own), _transient(own)))
+            out.append(PartFailure(uid, _listed(own), is_transient(own)))
         elif uid in orphans:
             out.append(PartFailure(uid, "named in the answer but its MTOM part is missing", True))
         elif general:
-            out.append(PartFailure(uid, _listed(general), _transient(general)))
+            out.append(PartFailure(uid, _listed(general), is_transient(general)))
         else:
             short = status.rsplit(":", 1)[-1]
             out.append(PartFailure(uid, f"absent from a {short} answer without a RegistryError", True))
@@ -670,6 +509,5 @@ def _is_part10(path: Path) -> bool:
 
 
 __all__ = [
-    "MAX_DOCUMENT_BYTES", "MAX_IMAGE_BYTES", "CommunityRetriever", "PartFailure", "RetrieveFailed",
-    "RetrieveKind", "RetrievedPart",
+    "MAX_DOCUMENT_BYTES", "MAX_IMAGE_BYTES", "CommunityRetriever", "PartFailure", "RetrievedPart",
 ]
