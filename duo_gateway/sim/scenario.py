@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from lxml import etree
@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from duo_gateway.bsn import bsn_cx
 from duo_gateway.dicom.find import c_find
 from duo_gateway.mitz.wire import ClosedQuestion, OpenQuestion
-from duo_gateway.sim.network import REQUESTER_PACS_NAME, SECOND_TLB_URA, DemoXcaPeer
+from duo_gateway.sim.network import REQUESTER_PACS_NAME, SECOND_TLB_URA, DemoXcaPeer, SimulatedNetwork
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,
     WSA_ANONYMOUS,
@@ -57,9 +57,6 @@ from duo_gateway.xca.retrieve import (
 )
 from duo_gateway.xmldsig import load_signing_pair
 from duo_gateway.xua import Claims, issue_assertion, security_header
-
-if TYPE_CHECKING:
-    from duo_gateway.sim.network import SimulatedNetwork
 
 #: The professional in whose name the demo asks: a radiologist of DUO's own organisation.
 DEMO_UZI = "000095254"
