@@ -105,7 +105,6 @@ from lxml import etree
 
 from bench._harness import (
     CLAIMS,
-    HOME,
     Child,
     die_with_parent,
     duo_config,
@@ -125,6 +124,7 @@ from duo_gateway.observability.logging import configure_logging
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import SimCommunity, SimInstitution, SimNetworkConfig
 from duo_gateway.sim.mitz import MitzSimulator
+from duo_gateway.sim.network import DUO_HOME_COMMUNITY_ID, HOST
 from duo_gateway.sim.pki import Pki, make_pki
 from duo_gateway.sim.studies import generate_studies
 from duo_gateway.sim.xca import XcaCommunitySimulator, community_seed
@@ -144,7 +144,6 @@ from duo_gateway.xca.query import build_adhoc_query_request, parse_adhoc_query_r
 from duo_gateway.xmldsig import load_signing_pair
 from duo_gateway.xua import issue_assertion, security_header
 
-HOST = "127.0.0.1"
 PERIOD = (date(2000, 1, 1), date(2026, 12, 31))  # the generator's studies lie before 2026-11-01
 WARMUP = 3
 ITI38_CONTENT_TYPE = f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{Action.ITI38}"'
@@ -397,8 +396,8 @@ async def run_timelines(url: str, body: Callable[[], bytes], count: int, clients
 def community_assertion(pair: SigningPair, bsn: str, community: dict[str, Any]) -> etree._Element:
     """The assertion DUO signs for one community (its only audience)."""
     key, cert = pair
-    return issue_assertion(CLAIMS, issuer=HOME, audience=community["home_community_id"], key=key, cert=cert,
-                           now=datetime.now(UTC), digest="sha256", subject_bsn=bsn)
+    return issue_assertion(CLAIMS, issuer=DUO_HOME_COMMUNITY_ID, audience=community["home_community_id"],
+                           key=key, cert=cert, now=datetime.now(UTC), digest="sha256", subject_bsn=bsn)
 
 
 def signed_iti38(assertion: etree._Element, bsn: str, community: dict[str, Any]) -> bytes:

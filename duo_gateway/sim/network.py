@@ -39,6 +39,10 @@ HOST = "127.0.0.1"
 DUO_HOME_COMMUNITY_ID = "urn:oid:2.16.528.1.1007.99.1"
 DUO_URA = "00099001"
 DUO_AE_TITLE = "DUO_GATEWAY"
+#: The professional in whose name the demo asks: a radiologist of DUO's own organisation (the benches
+#: ask in the same name).
+DEMO_UZI = "000095254"
+DEMO_ROLE = "01.039"
 #: The first demo XCA peer's XUA issuer: DUO believes its assertions only when signed by its pinned
 #: signing certificate ([clients.xca] signing_certs) and presented over its own TLS identity.
 DEMO_XUA_ISSUER = "urn:oid:2.16.528.1.1007.99.777"
