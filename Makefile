@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check duo_gateway tests bench
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy duo_gateway
+	$(VENV)/bin/mypy duo_gateway bench
 
 # Only what is missing is installed; `apt-get update` runs at most once per call.
 system-deps:

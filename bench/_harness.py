@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,16 @@ from lxml import etree
 from prometheus_client.parser import text_string_to_metric_families
 
 from duo_gateway.sim.config import SimHospital, SimNetworkConfig, SimPatient, default_network
+from duo_gateway.sim.network import (
+    DEMO_ROLE,
+    DEMO_UZI,
+    DEMO_XDS_HOME,
+    DEMO_XUA_ISSUER,
+    DUO_HOME_COMMUNITY_ID,
+    DUO_URA,
+    HOST,
+    REQUESTER_PACS,
+)
 from duo_gateway.sim.pki import Pki
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies
 from duo_gateway.soap.envelope import (
@@ -45,17 +54,9 @@ from duo_gateway.soap.mtom import build_mtom
 from duo_gateway.xmldsig import load_signing_pair
 from duo_gateway.xua import Claims, issue_assertion, security_header
 
-#: DUO's homeCommunityId in every benchmark (also the XUA audience).
-HOME = "urn:oid:2.16.528.1.1007.99.1"
-XUA_ISSUER = "urn:oid:2.16.528.1.1007.99.777"
-CLAIMS = Claims(uzi="000095254", role="01.039", ura="00000666", organisation_type="V6", purpose="TREAT")
+#: The XDS side's professional: the demo's radiologist, asking for an organisation outside the demo.
+CLAIMS = Claims(uzi=DEMO_UZI, role=DEMO_ROLE, ura="00000666", organisation_type="V6", purpose="TREAT")
 PYTHON = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the simulated network -----------------------------------------------------------------------
@@ -185,8 +186,8 @@ def duo_config(workdir: Path, hospitals: Sequence[dict[str, Any]], mitz_url: str
                **overrides: dict[str, Any]) -> dict[str, Any]:
     """A raw DUO config (what a TOML file would hold) on loopback with free ports."""
     raw: dict[str, Any] = {
-        "gateway": {"home_community_id": HOME, "ura": "00099001", "name": "DUO"},
-        "listeners": {"http": {"host": "127.0.0.1", "port": 0}, "dicom": {"host": "127.0.0.1", "port": 0}},
+        "gateway": {"home_community_id": DUO_HOME_COMMUNITY_ID, "ura": DUO_URA, "name": "DUO"},
+        "listeners": {"http": {"host": HOST, "port": 0}, "dicom": {"host": HOST, "port": 0}},
         "tlb_hospitals": list(hospitals),
         "mitz": {
             "closed_url": f"{mitz_url}/geslotenautorisatievraag/xacml3",
@@ -195,9 +196,9 @@ def duo_config(workdir: Path, hospitals: Sequence[dict[str, Any]], mitz_url: str
         },
         # The benchmark's callers are on plain loopback HTTP: one TLB client, one XCA peer, no certificate.
         "clients": {"tlb": [{"name": "bench-tlb", "certificate": {"absent": True},
-                             "uras": [CLAIMS.ura, "00010001"]}],
+                             "uras": [CLAIMS.ura, REQUESTER_PACS.ura]}],
                     "xca": [{"name": "bench-xds", "certificate": {"absent": True},
-                             "home_community_id": "urn:oid:2.16.528.1.1007.99.700", "issuer": XUA_ISSUER,
+                             "home_community_id": DEMO_XDS_HOME, "issuer": DEMO_XUA_ISSUER,
                              "signing_certs": [str(trusted_ca.parent / "client.crt")]}]},
         "storage": {"path": str(workdir / "duo")},
         "logging": {"level": "WARNING"},
@@ -231,8 +232,8 @@ class XdsCaller:
         self._key, self._cert = load_signing_pair(pki.client.key, pki.client.cert)
 
     def assertion(self) -> etree._Element:
-        return issue_assertion(CLAIMS, issuer=XUA_ISSUER, audience=HOME, key=self._key, cert=self._cert,
-                               now=datetime.now(UTC), lifetime_s=1800)
+        return issue_assertion(CLAIMS, issuer=DEMO_XUA_ISSUER, audience=DUO_HOME_COMMUNITY_ID, key=self._key,
+                               cert=self._cert, now=datetime.now(UTC), lifetime_s=1800)
 
     def request(self, url: str, action: str, body: etree._Element, *, mtom: bool = False) -> PreparedRequest:
         env = build_envelope(

@@ -15,23 +15,24 @@ from pathlib import Path
 
 from aiohttp import web
 
-from bench._harness import HOME, bench_studies, die_with_parent, network, write_ready
+from bench._harness import bench_studies, die_with_parent, network, write_ready
 from duo_gateway.config.runtime import LoggingConfig
 from duo_gateway.daemon import stop_on_signals
 from duo_gateway.observability.logging import configure_logging
 from duo_gateway.sim.mitz import MitzSimulator
+from duo_gateway.sim.network import DUO_HOME_COMMUNITY_ID, HOST
 from duo_gateway.sim.pacs import SimPacs
 
 
 async def run(args: argparse.Namespace) -> int:
     net = network()
     stop = stop_on_signals()
-    runner = web.AppRunner(MitzSimulator(net, tlb_home_community_id=HOME).app())
+    runner = web.AppRunner(MitzSimulator(net, tlb_home_community_id=DUO_HOME_COMMUNITY_ID).app())
     await runner.setup()
     pacs: list[SimPacs] = []
     try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        mitz_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        await web.TCPSite(runner, HOST, 0).start()
+        mitz_url = f"http://{HOST}:{runner.addresses[0][1]}"
         hospitals = []
         for h in net.hospitals[: args.hospitals]:
             p = SimPacs(h, args.workdir / "pacs" / h.ae_title)

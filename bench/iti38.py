@@ -38,7 +38,6 @@ import aiohttp
 from lxml import etree
 
 from bench._harness import (
-    HOME,
     Child,
     PreparedRequest,
     XdsCaller,
@@ -59,6 +58,7 @@ from duo_gateway.config.loader import DuoConfig, parse_config
 from duo_gateway.config.runtime import LoggingConfig
 from duo_gateway.observability.logging import configure_logging
 from duo_gateway.sim.config import SimHospital
+from duo_gateway.sim.network import DUO_HOME_COMMUNITY_ID, HOST
 from duo_gateway.sim.pki import make_pki
 from duo_gateway.sim.studies import write_study
 from duo_gateway.soap.envelope import Addressing, build_envelope, new_message_id, parse_envelope, serialize
@@ -167,7 +167,7 @@ def findscu_baseline(hospitals: Sequence[dict[str, Any]], bsn: str, studies: int
             ["findscu", "-S", "-aet", "BENCH", "-aec", h["ae_title"], "-k", "QueryRetrieveLevel=STUDY",
              "-k", f"PatientID={bsn}", "-k", "StudyInstanceUID", "-k", "StudyDate", "-k", "StudyTime",
              "-k", "AccessionNumber", "-k", "StudyDescription", "-k", "ModalitiesInStudy",
-             "-k", "NumberOfStudyRelatedInstances", "127.0.0.1", str(h["port"])],
+             "-k", "NumberOfStudyRelatedInstances", HOST, str(h["port"])],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for h in hospitals]
         outputs = [p.communicate(timeout=60) for p in procs]
         times.append(time.perf_counter() - started)
@@ -190,7 +190,7 @@ def start_orthancs(stack: contextlib.ExitStack, work: Path, hospitals: Sequence[
         folder = work / f"load-{h.ae_title}"
         for study in bench_studies(net, h, args.studies, args.image_size, args.reports):
             write_study(study, folder)
-        subprocess.run(["storescu", "-aet", "BENCH", "-aec", h.ae_title, "+sd", "127.0.0.1",
+        subprocess.run(["storescu", "-aet", "BENCH", "-aec", h.ae_title, "+sd", HOST,
                         str(orthanc.dicom_port), str(folder)], check=True, capture_output=True,
                        env={**os.environ, "TCP_NODELAY": "1"})
         shutil.rmtree(folder)
@@ -250,8 +250,8 @@ def floor(requests: Sequence[PreparedRequest], config: DuoConfig, trust: TrustSt
         root, _parts = parse_mtom(req.content_type, req.body, limit)
         env = parse_envelope(root)
         t1 = time.perf_counter()
-        requester = validate_xua(env, config.xua, issuer=issuer, trusted=trust, audiences=[HOME],
-                                 now=datetime.now(UTC))
+        requester = validate_xua(env, config.xua, issuer=issuer, trusted=trust,
+                                 audiences=[DUO_HOME_COMMUNITY_ID], now=datetime.now(UTC))
         assert requester is not None and env.body is not None
         t2 = time.perf_counter()
         query = parse_adhoc_query_request(env.body)
@@ -259,7 +259,8 @@ def floor(requests: Sequence[PreparedRequest], config: DuoConfig, trust: TrustSt
         t3 = time.perf_counter()
         entries: list[DocumentEntry] = [
             study_entry(rec, bsn=bsn, hospital_ura=h.ura, hospital_name=h.name,
-                        repository_unique_id=h.repository_unique_id, home=HOME, codes=codes[h.ura])
+                        repository_unique_id=h.repository_unique_id, home=DUO_HOME_COMMUNITY_ID,
+                        codes=codes[h.ura])
             for h, rec in records]
         t4 = time.perf_counter()
         answer = build_envelope(
@@ -353,7 +354,7 @@ async def amain(args: argparse.Namespace, work: Path) -> int:
         info = await asyncio.to_thread(peers.wait_ready)
         if args.pacs != "orthanc":
             pacs_list = info["hospitals"]
-        tlb = [{"ura": h["ura"], "name": h["name"], "ae_title": h["ae_title"], "host": "127.0.0.1",
+        tlb = [{"ura": h["ura"], "name": h["name"], "ae_title": h["ae_title"], "host": HOST,
                 "port": h["port"], "repository_unique_id": h["repository_unique_id"]}
                for h in pacs_list]
         raw = duo_config(work, tlb, info["mitz_url"], pki.ca_cert)

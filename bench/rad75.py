@@ -39,7 +39,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from bench._harness import (
-    HOME,
     Child,
     XdsCaller,
     consenting_patient,
@@ -58,6 +57,7 @@ from bench._harness import (
 )
 from duo_gateway.config.runtime import LoggingConfig
 from duo_gateway.observability.logging import configure_logging
+from duo_gateway.sim.network import DUO_HOME_COMMUNITY_ID, HOST
 from duo_gateway.sim.pki import make_pki
 from duo_gateway.sim.studies import generate_studies
 from duo_gateway.soap.envelope import parse_envelope
@@ -187,7 +187,7 @@ def load_into_orthanc(study: Study, ae_title: str, port: int, jobs: int) -> floa
     started = time.perf_counter()
     folders = sorted(p for p in study.folder.iterdir() if p.is_dir())
     for first in range(0, len(folders), jobs):
-        procs = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", ae_title, "+sd", "127.0.0.1",
+        procs = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", ae_title, "+sd", HOST,
                                    str(port), str(f)], env=ENV, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE) for f in folders[first:first + jobs]]
         for p in procs:
@@ -204,7 +204,7 @@ def getscu(study: Study, ae_title: str, port: int, out: Path) -> tuple[float, st
         started = time.perf_counter()
         subprocess.run(["getscu", "-S", "-aet", "BENCH", "-aec", ae_title, "-od", str(out),
                         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.uid}",
-                        "127.0.0.1", str(port)], check=True, env=ENV, capture_output=True)
+                        HOST, str(port)], check=True, env=ENV, capture_output=True)
         elapsed = time.perf_counter() - started
         seen: set[str] = set()
         syntax = ""
@@ -345,7 +345,7 @@ async def rad75(study: Study, url: str, caller: XdsCaller, duo_pid: int, spool: 
                 repository: str) -> Rad75Result:
     req = RetrieveImagingDocumentSetRequest(
         studies=(StudyRequest(study.uid, tuple(
-            SeriesRequest(se, tuple(DocumentRequest(repository, sop, HOME) for sop in sops))
+            SeriesRequest(se, tuple(DocumentRequest(repository, sop, DUO_HOME_COMMUNITY_ID) for sop in sops))
             for se, sops in study.series.items())),),
         transfer_syntaxes=(ExplicitVRLittleEndian, ImplicitVRLittleEndian))
     prepared = caller.request(url, Action.RAD75, build_imaging_retrieve_request(req), mtom=True)
@@ -455,7 +455,7 @@ async def amain(args: argparse.Namespace, work: Path) -> int:
             pki = await asyncio.to_thread(make_pki, work / "pki", "rsa")
             info = await asyncio.to_thread(peers.wait_ready)
             tlb = [{"ura": hospital.ura, "name": hospital.name, "ae_title": orthanc.ae_title,
-                    "host": "127.0.0.1", "port": orthanc.dicom_port,
+                    "host": HOST, "port": orthanc.dicom_port,
                     "repository_unique_id": hospital.repository_unique_id}]
             raw = duo_config(work, tlb, info["mitz_url"], pki.ca_cert)
             started_duo, ready = await asyncio.to_thread(start_duo, work, raw)

@@ -24,19 +24,15 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from duo_gateway.config.runtime import LoggingConfig
+from duo_gateway.daemon import free_port
 from duo_gateway.dicom.nodelay import install_tcp_nodelay
 from duo_gateway.observability.logging import configure_logging
 from duo_gateway.sim.config import SimHospital, SimInstitution, default_network
+from duo_gateway.sim.network import HOST
 from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.studies import generate_studies, write_study
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_instances(folder: Path, count: int, size: int) -> int:
@@ -65,7 +61,7 @@ def make_instances(folder: Path, count: int, size: int) -> int:
 
 def storescu(files: Path, ae: str, port: int) -> float:
     started = time.perf_counter()
-    subprocess.run(["storescu", "-aet", "BENCH", "-aec", ae, "+sd", "127.0.0.1", str(port), str(files)],
+    subprocess.run(["storescu", "-aet", "BENCH", "-aec", ae, "+sd", HOST, str(port), str(files)],
                    check=True, env=ENV, capture_output=True)
     return time.perf_counter() - started
 
@@ -81,7 +77,7 @@ class StoreScp:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                socket.create_connection((HOST, self.port), timeout=0.2).close()
                 return
             except OSError:
                 time.sleep(0.05)
@@ -125,12 +121,12 @@ def main() -> int:
                 rows.append((label, storescu(send, "BENCH_PACS", pacs.port)))
                 if nodelay:
                     dest = StoreScp(work / "moved")
-                    pacs.add_move_destination("STORESCP", "127.0.0.1", dest.port)
+                    pacs.add_move_destination("STORESCP", HOST, dest.port)
                     started = time.perf_counter()
                     study_uid = dcmread(next(send.iterdir())).StudyInstanceUID
                     subprocess.run(["movescu", "-S", "-aet", "BENCH", "-aec", "BENCH_PACS",
                                     "-aem", "STORESCP", "-k", "QueryRetrieveLevel=STUDY",
-                                    "-k", f"StudyInstanceUID={study_uid}", "127.0.0.1", str(pacs.port)],
+                                    "-k", f"StudyInstanceUID={study_uid}", HOST, str(pacs.port)],
                                    check=True, env=ENV, capture_output=True)
                     rows.append(("SimPacs C-MOVE → storescp", time.perf_counter() - started))
                     moved = len(list((work / "moved").iterdir()))

@@ -18,33 +18,6 @@ AppRunner each on a free loopback port, all in one helper process: ``--serve-pee
 client. DUO's event loop is then DUO's alone; work it does in series on that loop (building each
 request, decoding each answer) shows up as latency, not hidden by the client's.
 
-History of p50(50) ÷ p50(1) on this 2-CPU machine (replay peers; run-to-run noise about ±0.1):
-
-* 1.95-2.10, DUO CPU 178-202 ms/timeline: a signed assertion per community, signed in threads;
-* 1.64-1.79: one assertion per timeline naming every community, the one-pass ebRIM decoder, the
-  coalescing auditor. The shared assertion was then dropped for security (a bearer token naming
-  several communities can be replayed by any of them at the others): back to 1.93-2.28;
-* 1.67-1.78 for the same requester again, once assertions were reused (2.2 for a new one);
-* 1.50-1.70 for both series, DUO CPU 95-125 ms/timeline (new requester the higher): signing,
-  building and decoding moved from worker threads onto the event loop (the hand-offs and GIL
-  contention cost more than lxml's GIL-free parsing gained), each community's request signed in its
-  own job and the jobs started two loop turns apart, so requests leave and answers come back spread
-  out instead of all at once; the start-up heap frozen (``gc.freeze``), which took the ~50 ms full
-  collections out of p99.
-
-Goal 1.2 not met. The ``budget`` line says why in numbers from the same run: 1.2 × p50(1) leaves
-about 0.44 ms per extra community, while building one request and decoding one 35 kB answer alone
-take ~0.8 ms of CPU in series on the event loop (lxml's parse ~0.2 ms, the ebRIM decoder ~0.4 ms),
-before the HTTP client, audit records and the merge. Reaching it needs more cores for sharding the
-fan-out over processes, or a compiled decoder.
-
-Tried and dropped: decoding the answers in a pre-warmed process pool (spawn, 1 or 2 workers) instead
-of worker threads. With 2 workers DUO's own process fell from ~100 to ~66 ms CPU/timeline, but the
-ratio stayed 1.57-1.85 (0 workers, same runs: 1.62-1.80; 1 worker: 1.75-1.80) and the CPU of DUO plus
-its workers rose to 102-139 ms (pickling, hand-offs): on 2 CPUs the workers compete with the peers and
-this client. An XSLT (libxslt) extraction instead of the Python decoder: 0.2 ms per answer, hardly
-less than the decoder, and not run in parallel by threads either.
-
 Two kinds of community app (``--peers``, both by default, each setup with fresh processes):
 
 * ``sim``: the simulator itself. It parses every request and builds every answer in Python
@@ -56,7 +29,9 @@ Two kinds of community app (``--peers``, both by default, each setup with fresh 
 Baselines, measured in the same run:
 
 * **ratio to one community**: the issue's goal is p50(50) ÷ p50(1) < 1.2, since the communities
-  are asked in parallel and each adds the same 100 ms. N=1 is always measured, as that baseline;
+  are asked in parallel and each adds the same 100 ms. N=1 is always measured, as that baseline. The
+  figures so far (1.50-1.70), why 1.2 is out of reach on 2 CPUs and what was tried are in
+  ``docs/performance.md``;
 * **peers alone**: this client sends the same ITI-38s (pre-signed) straight to the N communities in
   parallel: the floor the peers set, so ``DUO ÷ peers`` is what DUO adds at that fan-out;
 * **DUO's CPU per timeline** (``/proc/<pid>/stat``), and the per-community cost of building one
@@ -105,7 +80,6 @@ from lxml import etree
 
 from bench._harness import (
     CLAIMS,
-    HOME,
     Child,
     die_with_parent,
     duo_config,
@@ -125,6 +99,7 @@ from duo_gateway.observability.logging import configure_logging
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import SimCommunity, SimInstitution, SimNetworkConfig
 from duo_gateway.sim.mitz import MitzSimulator
+from duo_gateway.sim.network import DUO_HOME_COMMUNITY_ID, HOST
 from duo_gateway.sim.pki import Pki, make_pki
 from duo_gateway.sim.studies import generate_studies
 from duo_gateway.sim.xca import XcaCommunitySimulator, community_seed
@@ -145,7 +120,6 @@ from duo_gateway.xca.query import build_adhoc_query_request, parse_adhoc_query_r
 from duo_gateway.xmldsig import load_signing_pair
 from duo_gateway.xua import issue_assertion, security_header
 
-HOST = "127.0.0.1"
 PERIOD = (date(2000, 1, 1), date(2026, 12, 31))  # the generator's studies lie before 2026-11-01
 WARMUP = 3
 ITI38_CONTENT_TYPE = f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{Action.ITI38}"'
@@ -398,8 +372,8 @@ async def run_timelines(url: str, body: Callable[[], bytes], count: int, clients
 def community_assertion(pair: SigningPair, bsn: str, community: dict[str, Any]) -> etree._Element:
     """The assertion DUO signs for one community (its only audience)."""
     key, cert = pair
-    return issue_assertion(CLAIMS, issuer=HOME, audience=community["home_community_id"], key=key, cert=cert,
-                           now=datetime.now(UTC), digest="sha256", subject_bsn=bsn)
+    return issue_assertion(CLAIMS, issuer=DUO_HOME_COMMUNITY_ID, audience=community["home_community_id"],
+                           key=key, cert=cert, now=datetime.now(UTC), digest="sha256", subject_bsn=bsn)
 
 
 def signed_iti38(assertion: etree._Element, bsn: str, community: dict[str, Any]) -> bytes:

@@ -47,7 +47,6 @@ from bench._harness import (
     consenting_patient,
     duo_config,
     exit_on_sigterm,
-    free_port,
     missing_tools,
     network,
     proc_status_kib,
@@ -55,18 +54,18 @@ from bench._harness import (
 )
 from duo_gateway.config.runtime import LoggingConfig
 from duo_gateway.config.transfer import DestinationPacs
+from duo_gateway.daemon import free_port
 from duo_gateway.observability.logging import configure_logging
+from duo_gateway.sim.network import DEMO_ROLE, DEMO_UZI, DUO_AE_TITLE, HOST, REQUESTER_PACS
 
 ENV: Final = {**os.environ, "TCP_NODELAY": "1"}
 MB: Final = 1e6
 #: DUO's default for a destination (DestinationPacs.max_associations): the relays that run in parallel.
 ASSOCIATIONS = DestinationPacs.model_fields["max_associations"].default
-HOST: Final = "127.0.0.1"
-DUO_AE: Final = "DUO_GATEWAY"
 SOURCE_AE: Final = "ORTHANC_SRC"
 DEST_AE: Final = "OWN_PACS"
 DESTINATION: Final = "own-pacs"
-REQUESTER: Final = {"ura": "00010001", "organization_type": "V6", "uzi": "000095254", "role": "01.039",
+REQUESTER: Final = {"ura": REQUESTER_PACS.ura, "organization_type": "V6", "uzi": DEMO_UZI, "role": DEMO_ROLE,
                     "purpose": "TREAT"}
 PERIOD: Final = ("2015-01-01", "2026-12-31")
 GOAL_RATIO: Final = 0.35
@@ -253,7 +252,7 @@ def duo_transfer(work: Path, study: Study, method: str, source: Any, dest: Any, 
             "port": source.dicom_port, "repository_unique_id": hospital.repository_unique_id,
             "timeout_s": 30.0}]
     raw = duo_config(run_dir, tlb, mitz_url, pki.ca_cert,
-                     listeners={"dicom": {"ae_title": DUO_AE, "host": HOST, "port": duo_port}},
+                     listeners={"dicom": {"ae_title": DUO_AE_TITLE, "host": HOST, "port": duo_port}},
                      xua={"signing_key_file": str(pki.server.key),
                           "signing_cert_file": str(pki.server.cert)},
                      xca_responding={"retrieve_method": method},
@@ -368,7 +367,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
             with run_orthanc(work / f"dest-{mb:g}", ae_title=DEST_AE) as d, \
                     run_orthanc(work / f"source-{mb:g}", ae_title=SOURCE_AE,
                                 modalities={"dest": (DEST_AE, HOST, d.dicom_port),
-                                            "duo": (DUO_AE, HOST, duo_port)}) as s:
+                                            "duo": (DUO_AE_TITLE, HOST, duo_port)}) as s:
                 dest = RunningOrthanc(d.ae_title, d.host, d.dicom_port, d.http_port,
                                       str(work / f"dest-{mb:g}"))
                 source = RunningOrthanc(s.ae_title, s.host, s.dicom_port, s.http_port,

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args.config)
     if args.command == "demo":
-        from duo_gateway.sim.network import run_demo
+        from duo_gateway.sim.demo import run_demo
 
         return asyncio.run(run_demo(once=args.once, ports_file=args.ports_file, base_port=args.base_port,
                                     sim_config=args.sim_config, workdir=args.workdir,

@@ -1,8 +1,8 @@
 """The simulated national network in one process: Mitz, TLB hospital PACSes, XCA communities and DUO.
 
-Used by ``duo-gateway demo``, by end-to-end tests and by integrators who want a network to point
-their own systems at. Everything listens on loopback; ``base_port`` makes the ports predictable for
-firewall-free demos, 0 picks free ports.
+Used by ``duo-gateway demo`` (:mod:`duo_gateway.sim.demo`), by end-to-end tests and by integrators
+who want a network to point their own systems at. Everything listens on loopback; ``base_port`` makes
+the ports predictable for firewall-free demos, 0 picks free ports.
 
 DUO runs in the shape of a real deployment: its HTTP listener is TLS with ``client_auth =
 "required"``, and a throwaway demo PKI gives every system that calls it its own identity: two TLB
@@ -14,10 +14,7 @@ plain-HTTP ops listener. The generated DUO config is written to the workdir as `
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
 import ssl
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +24,8 @@ import structlog
 from aiohttp import web
 
 from duo_gateway.config.loader import DuoConfig, parse_config
-from duo_gateway.daemon import Gateway, free_port, stop_on_signals
-from duo_gateway.sim.config import SimHospital, SimNetworkConfig, default_network, load_network
+from duo_gateway.daemon import Gateway, free_port
+from duo_gateway.sim.config import SimHospital, SimNetworkConfig
 from duo_gateway.sim.mitz import MitzSimulator
 from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.pki import CertPair, Pki, issue, make_pki
@@ -42,6 +39,10 @@ HOST = "127.0.0.1"
 DUO_HOME_COMMUNITY_ID = "urn:oid:2.16.528.1.1007.99.1"
 DUO_URA = "00099001"
 DUO_AE_TITLE = "DUO_GATEWAY"
+#: The professional in whose name the demo asks: a radiologist of DUO's own organisation (the benches
+#: ask in the same name).
+DEMO_UZI = "000095254"
+DEMO_ROLE = "01.039"
 #: The first demo XCA peer's XUA issuer: DUO believes its assertions only when signed by its pinned
 #: signing certificate ([clients.xca] signing_certs) and presented over its own TLS identity.
 DEMO_XUA_ISSUER = "urn:oid:2.16.528.1.1007.99.777"
@@ -315,40 +316,3 @@ async def _serve(name: str, app: web.Application, port: int) -> _HttpPeer:
     actual = int(runner.addresses[0][1])
     log.info("simulator listening", peer=name, port=actual)
     return _HttpPeer(name, runner, actual)
-
-
-def write_ports_file(path: Path, endpoints: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(endpoints, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)  # readers polling for the file never see half of it
-
-
-async def run_demo(*, once: bool, ports_file: Path | None, base_port: int, sim_config: Path | None,
-                   workdir: Path | None, log_level: str) -> int:
-    from duo_gateway.config.runtime import LoggingConfig
-    from duo_gateway.observability.logging import configure_logging
-    from duo_gateway.sim.scenario import run_scenario
-
-    configure_logging(LoggingConfig.model_validate({"level": log_level}))
-    net = load_network(sim_config) if sim_config else default_network()
-    own_workdir = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="duo-demo-")) if workdir is None else workdir
-    root.mkdir(parents=True, exist_ok=True)
-    network = SimulatedNetwork(net, root, base_port)
-    stop = stop_on_signals()
-    try:
-        await network.start()
-        if ports_file is not None:
-            write_ports_file(ports_file, network.endpoints())
-        if once:
-            report = await run_scenario(network)
-            print(report.render())
-            return 0 if report.ok else 1
-        print(json.dumps(network.endpoints(), indent=2))
-        print("simulated network running; Ctrl-C to stop", flush=True)
-        await stop.wait()
-        return 0
-    finally:
-        await network.stop()
-        if own_workdir:
-            shutil.rmtree(root, ignore_errors=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from lxml import etree
@@ -26,7 +26,15 @@ from duo_gateway.bsn import bsn_cx
 from duo_gateway.dicom.find import c_find
 from duo_gateway.mitz.xacml import ClosedQuestion
 from duo_gateway.mitz.xcpd import OpenQuestion
-from duo_gateway.sim.network import REQUESTER_PACS_NAME, SECOND_TLB_URA, DemoXcaPeer
+from duo_gateway.sim.network import (
+    DEMO_ROLE,
+    DEMO_UZI,
+    REQUESTER_PACS,
+    REQUESTER_PACS_NAME,
+    SECOND_TLB_URA,
+    DemoXcaPeer,
+    SimulatedNetwork,
+)
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,
     WSA_ANONYMOUS,
@@ -58,13 +66,6 @@ from duo_gateway.xca.retrieve import (
 )
 from duo_gateway.xmldsig import load_signing_pair
 from duo_gateway.xua import Claims, issue_assertion, security_header
-
-if TYPE_CHECKING:
-    from duo_gateway.sim.network import SimulatedNetwork
-
-#: The professional in whose name the demo asks: a radiologist of DUO's own organisation.
-DEMO_UZI = "000095254"
-DEMO_ROLE = "01.039"
 
 
 @dataclass
@@ -288,7 +289,7 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
             problems: list[str] = []
             for patient in net.patients:
                 body = {"patient": {"bsn": patient.bsn}, "period": {"from": "2015-01-01", "to": "2026-12-31"},
-                        "requester": {"ura": "00010001", "organization_type": "V6", "uzi": DEMO_UZI,
+                        "requester": {"ura": REQUESTER_PACS.ura, "organization_type": "V6", "uzi": DEMO_UZI,
                                       "role": DEMO_ROLE, "purpose": "TREAT"}}
                 async with http.post(url, json=body) as r:
                     answer = await r.json()
@@ -317,8 +318,8 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
             assert network.requester_pacs is not None
             api = f"{gw.http_url}{gw.config.timeline.path_prefix}"
             patient = next(p for p in net.patients if p.consent == "all")
-            requester = {"ura": "00010001", "organization_type": "V6", "uzi": DEMO_UZI, "role": DEMO_ROLE,
-                         "purpose": "TREAT"}
+            requester = {"ura": REQUESTER_PACS.ura, "organization_type": "V6", "uzi": DEMO_UZI,
+                         "role": DEMO_ROLE, "purpose": "TREAT"}
             body: dict[str, Any] = {"patient": {"bsn": patient.bsn}, "requester": requester,
                                     "period": {"from": "2015-01-01", "to": "2026-12-31"}}
             async with http.post(f"{api}/timeline", json=body) as r:

@@ -1,8 +1,22 @@
-"""IHE XCA / XCA-I codec (ITI-38, ITI-39, RAD-69/75): pure element-tree builders and parsers.
+"""IHE XCA / XCA-I (ITI-38, ITI-39, RAD-69/75): the wire codec at the top, DUO's two roles below it.
 
-Transport (SOAP envelope, MTOM, HTTP) lives in :mod:`duo_gateway.soap`; this package only turns
-typed messages into ebXML/IHE elements and back, so the Initiating and Responding roles and the
-simulator share one implementation of the wire rules in ``docs/xca.md``.
+The top-level modules are the codec, pure element-tree builders and parsers with no I/O, so both of
+DUO's roles and the simulator (:mod:`duo_gateway.sim.xca`) share one implementation of the wire rules
+in ``docs/xca.md``: ``codes`` (namespaces, URNs, enums), ``hl7`` (CX/XON/DTM), the identifier rules
+(homeCommunityId normalisation, deterministic entryUUIDs), ``ebrim`` (DocumentEntry), ``query``
+(ITI-38), ``retrieve`` (ITI-39, RAD-69/75) and ``errors`` (RegistryError). ``metadata`` maps PACS
+study records to DocumentEntries and on-demand KOS manifests, the one mapping DUO and the simulator
+agree on; ``docindex`` is the durable memory of which announced uniqueId stands for which study.
+The SOAP envelope, WS-Addressing and MTOM are not here but in :mod:`duo_gateway.soap`.
+
+- ``initiating/``: DUO asking other communities, ITI-38 for a TLB timeline and ITI-39 (the KOS) plus
+  RAD-75 (the images) for a transfer, every request signed and bounded by the caller's deadline.
+- ``responding/``: DUO answering the communities for the TLB hospitals, the meaning of each
+  transaction (``service``, consent first) apart from its HTTP/SOAP edge (``transport``) and replay
+  protection (``replay``).
+
+The codec's public names are re-exported here so that a test or a script can speak XCA through
+one import; DUO's own modules import the codec module they use.
 """
 
 from duo_gateway.xca.codes import (
