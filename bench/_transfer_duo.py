@@ -72,10 +72,10 @@ def _timed_sync(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def install_timers(stages_file: Path) -> None:
     """Wrap the runner's stages (class attributes and the runner module's imported names)."""
-    from duo_gateway.dicom.store import StoreClient
+    from duo_gateway.dicom.store_scu import StoreClient
     from duo_gateway.transfer import runner
     from duo_gateway.transfer.fetch_tlb import TlbStudyFetcher
-    from duo_gateway.transfer.store import SqlTransferStore
+    from duo_gateway.transfer.jobstore import SqlTransferStore
 
     runner.read_file_meta_info = _timed_sync("read meta", runner.read_file_meta_info)  # type: ignore[attr-defined]
     runner.reconcile_file = _timed_sync("reconcile", runner.reconcile_file)  # type: ignore[attr-defined]

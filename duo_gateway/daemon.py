@@ -37,14 +37,14 @@ from duo_gateway.mitz.signing import request_signer
 from duo_gateway.mitz.subscriptions import SubscriptionManager
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sources.dicom_pacs import DicomPacsSource
-from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.service import TimelineService
+from duo_gateway.timeline.study_ids import StudyIds
 from duo_gateway.tlb.api import TlbApiDoor
 from duo_gateway.tlb.identity import AssertionIdentity
 from duo_gateway.tls import server_context
+from duo_gateway.transfer.jobstore import TransferStore
 from duo_gateway.transfer.metrics import TransferMetrics
 from duo_gateway.transfer.service import TransferService
-from duo_gateway.transfer.store import TransferStore
 from duo_gateway.xca.docindex import DocumentIndex
 from duo_gateway.xca.initiating.finder import CommunityClient
 from duo_gateway.xca.initiating.retriever import CommunityRetriever

@@ -12,7 +12,7 @@ from duo_gateway.dicom.qr import (
     QrStatusError,
     QrTimeout,
 )
-from duo_gateway.dicom.store import StoreUnavailable
+from duo_gateway.dicom.store_scu import StoreUnavailable
 from duo_gateway.failure import Failure
 from duo_gateway.sources.base import SourceUnavailable
 from duo_gateway.transfer.fetch import FetchFailed

@@ -15,7 +15,7 @@ class MergedStudy:
 
     study_uid: str
     #: Opaque to the caller (a sealed :class:`~duo_gateway.timeline.model.StudyRef` and BSN, see
-    #: :mod:`duo_gateway.timeline.ids`), handed back to fetch the study, so the API never has to
+    #: :mod:`duo_gateway.timeline.study_ids`), handed back to fetch the study, so the API never has to
     #: expose where it lives and a caller cannot forge one.
     id: str
     started: str | None = None            # ISO 8601 local date-time or date, as the source gave it

@@ -27,7 +27,6 @@ from duo_gateway.consent import ConsentGate
 from duo_gateway.mitz.client import Localization
 from duo_gateway.mitz.xcpd import OpenQuestion
 from duo_gateway.sources.base import ImagingSource
-from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import (
     Report,
     SourceKind,
@@ -37,6 +36,7 @@ from duo_gateway.timeline.model import (
     TimelineStudy,
 )
 from duo_gateway.timeline.result import MergedStudy, TimelineResult
+from duo_gateway.timeline.study_ids import StudyIds
 from duo_gateway.timeline.tlb_source import ask_tlb_hospital
 from duo_gateway.timeline.xca_source import institution_filter, outcome_from_response
 from duo_gateway.xca.initiating.finder import CommunityResponse

@@ -53,8 +53,8 @@ from duo_gateway.tlb.models import (
     TransferQuery,
     TransferStatus,
 )
+from duo_gateway.transfer.jobstore import Job
 from duo_gateway.transfer.service import AdhocDestination, TransferRefused, TransferRequest
-from duo_gateway.transfer.store import Job
 from duo_gateway.xua import Claims
 
 log = structlog.get_logger(__name__)

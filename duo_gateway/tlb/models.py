@@ -24,7 +24,7 @@ from duo_gateway.bsn import is_valid_bsn
 from duo_gateway.config.base import AeTitle
 from duo_gateway.timeline.model import SourceKind, SourceOutcome, SourceStatus, TimelineRequest
 from duo_gateway.timeline.result import MergedStudy, TimelineResult
-from duo_gateway.transfer.store import JobState, StudyState
+from duo_gateway.transfer.jobstore import JobState, StudyState
 from duo_gateway.xua import Claims
 
 #: Where generated component schemas point their ``$ref``s, so they can be pasted into the document.

@@ -33,7 +33,7 @@ from duo_gateway.audit.messages import (
 from duo_gateway.bsn import bsn_cx
 from duo_gateway.config.peers import TlbHospital
 from duo_gateway.config.transfer import DestinationPacs
-from duo_gateway.transfer.store import StudyState
+from duo_gateway.transfer.jobstore import StudyState
 
 _OUTCOME: dict[StudyState, EventOutcome] = {
     "completed": EventOutcome.SUCCESS, "partial": EventOutcome.MINOR_FAILURE,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from duo_gateway.failure import Failure
-from duo_gateway.transfer.store import ExpectedInstance
+from duo_gateway.transfer.jobstore import ExpectedInstance
 
 
 class FetchFailed(Failure):

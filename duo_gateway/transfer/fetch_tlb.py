@@ -13,7 +13,7 @@ from duo_gateway.config.peers import TlbHospital
 from duo_gateway.consent import ConsentGate, Permit, Refusal
 from duo_gateway.sources.base import ImagingSource, InstanceRecord, SourceUnavailable
 from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed
-from duo_gateway.transfer.store import ExpectedInstance
+from duo_gateway.transfer.jobstore import ExpectedInstance
 from duo_gateway.xua import Claims
 
 

@@ -16,10 +16,10 @@ from typing import Final
 
 from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.dicom.kos import parse_kos
-from duo_gateway.dicom.store import UNCOMPRESSED_LE
+from duo_gateway.dicom.store_scu import UNCOMPRESSED_LE
 from duo_gateway.timeline.model import StudyRef
 from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed
-from duo_gateway.transfer.store import ExpectedInstance
+from duo_gateway.transfer.jobstore import ExpectedInstance
 from duo_gateway.xca.initiating.exchange import ExchangeFailed
 from duo_gateway.xca.initiating.retriever import CommunityRetriever, PartFailure, RetrievedPart
 from duo_gateway.xua import Claims

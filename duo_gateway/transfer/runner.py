@@ -14,7 +14,7 @@ The rules that make a transfer trustworthy, and where they live here:
   repeating it only repeats it.
 - **Completed means exactly the manifest**: the stored SOP Instance UIDs must equal the manifest's;
   otherwise the study is ``partial`` (some stored) or ``failed`` (none), with the missing listed.
-- **Every write is fenced by the claim** (:class:`~duo_gateway.transfer.store.LeaseLost`): a job taken
+- **Every write is fenced by the claim** (:class:`~duo_gateway.transfer.jobstore.LeaseLost`): a job taken
   over by another replica stops here without touching its state.
 """
 
@@ -41,17 +41,16 @@ from duo_gateway.config.peers import TlbHospital, XcaCommunity
 from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.consent import ConsentGate
 from duo_gateway.dicom.reconcile import reconcile_file
-from duo_gateway.dicom.store import UNCOMPRESSED_LE, StoreClient, StoreResult, StoreUnavailable
+from duo_gateway.dicom.store_scu import UNCOMPRESSED_LE, StoreClient, StoreResult, StoreUnavailable
 from duo_gateway.sources.base import ImagingSource
-from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import StudyRef
+from duo_gateway.timeline.study_ids import StudyIds
 from duo_gateway.tls import client_context
 from duo_gateway.transfer.audit import audit_study
 from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed, StudyFetcher
 from duo_gateway.transfer.fetch_tlb import TlbStudyFetcher
 from duo_gateway.transfer.fetch_xca import XcaStudyFetcher
-from duo_gateway.transfer.metrics import TransferMetrics
-from duo_gateway.transfer.store import (
+from duo_gateway.transfer.jobstore import (
     ExpectedInstance,
     InstanceRow,
     Job,
@@ -60,6 +59,7 @@ from duo_gateway.transfer.store import (
     StudyState,
     TransferStore,
 )
+from duo_gateway.transfer.metrics import TransferMetrics
 from duo_gateway.xca.initiating.retriever import CommunityRetriever
 from duo_gateway.xua import Claims
 

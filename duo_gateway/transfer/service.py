@@ -1,6 +1,6 @@
 """Transfers as the TLB API sees them: submit, read, cancel, watch; and the workers that run them.
 
-Jobs live in the :class:`~duo_gateway.transfer.store.TransferStore`, never only in this process:
+Jobs live in the :class:`~duo_gateway.transfer.jobstore.TransferStore`, never only in this process:
 the API answers 202 as soon as the job is stored, any replica's worker may claim it, and a watcher
 (server-sent events) reads progress from the store, so it works whichever replica runs the job. The
 local runner pokes watchers on every change so progress shows without waiting for the poll.
@@ -29,10 +29,10 @@ from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.consent import ConsentGate
 from duo_gateway.sources.base import ImagingSource
-from duo_gateway.timeline.ids import StudyIds
+from duo_gateway.timeline.study_ids import StudyIds
+from duo_gateway.transfer.jobstore import Job, LeaseLost, NewJob, TransferStore
 from duo_gateway.transfer.metrics import TransferMetrics
 from duo_gateway.transfer.runner import JobRunner
-from duo_gateway.transfer.store import Job, LeaseLost, NewJob, TransferStore
 from duo_gateway.xca.initiating.retriever import CommunityRetriever
 from duo_gateway.xua import Claims
 

@@ -30,8 +30,8 @@ from typing import Final, Literal, TypeVar
 
 from duo_gateway.xca.codes import KOS_SOP_CLASS, STUDY_INSTANCE_UID_ID_TYPE
 from duo_gateway.xca.ebrim import DocumentEntry
+from duo_gateway.xca.entry_ids import is_urn_uuid
 from duo_gateway.xca.hl7 import Hl7FormatError, parse_reference_id
-from duo_gateway.xca.ids import is_urn_uuid
 
 DocumentKind = Literal["kos", "report"]
 

@@ -21,8 +21,8 @@ from duo_gateway.xca.codes import (
     EntryType,
     Scheme,
 )
+from duo_gateway.xca.entry_ids import HomeCommunityIdError, is_urn_uuid, name_uuid, normalise_home
 from duo_gateway.xca.hl7 import Code, Xon, check_dtm
-from duo_gateway.xca.ids import HomeCommunityIdError, is_urn_uuid, name_uuid, normalise_home
 
 _LONG_NAME = 256
 _FREE_FORM = 1024

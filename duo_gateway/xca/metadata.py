@@ -57,8 +57,8 @@ from duo_gateway.xca.codes import (
     STUDY_INSTANCE_UID_ID_TYPE,
 )
 from duo_gateway.xca.ebrim import Author, DocumentEntry, MetadataError
+from duo_gateway.xca.entry_ids import document_entry_uuid, normalise_home
 from duo_gateway.xca.hl7 import Code, Xon, reference_id
-from duo_gateway.xca.ids import document_entry_uuid, normalise_home
 
 #: Namespace of the on-demand KOS UIDs. Changing it renames every KOS DUO has ever announced, which
 #: breaks every ITI-39 for an entry a consumer still holds: never change it.

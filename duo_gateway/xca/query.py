@@ -38,6 +38,7 @@ from duo_gateway.xca.ebrim import (
     parse_object_ref,
     rim,
 )
+from duo_gateway.xca.entry_ids import HomeCommunityIdError, normalise_home
 from duo_gateway.xca.errors import (
     RegistryError,
     RegistryErrorException,
@@ -46,7 +47,6 @@ from duo_gateway.xca.errors import (
     parse_status,
 )
 from duo_gateway.xca.hl7 import Code, Cx, Hl7FormatError, check_dtm
-from duo_gateway.xca.ids import HomeCommunityIdError, normalise_home
 
 
 class QuerySyntaxError(ValueError):

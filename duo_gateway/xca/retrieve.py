@@ -23,6 +23,7 @@ from duo_gateway.soap.mtom import (
 )
 from duo_gateway.xca.codes import RS_NS, XDSB_NS, XDSIB_NS, ErrorCode, ResponseStatus
 from duo_gateway.xca.ebrim import MetadataError
+from duo_gateway.xca.entry_ids import HomeCommunityIdError, normalise_home
 from duo_gateway.xca.errors import (
     RegistryError,
     RegistryErrorException,
@@ -30,7 +31,6 @@ from duo_gateway.xca.errors import (
     parse_error_list,
     parse_status,
 )
-from duo_gateway.xca.ids import HomeCommunityIdError, normalise_home
 
 _LONG_NAME = 256
 

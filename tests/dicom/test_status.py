@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from duo_gateway.dicom import status
-from duo_gateway.dicom.store import classify
+from duo_gateway.dicom.store_scu import classify
 
 
 @pytest.mark.parametrize(("code", "pending", "warning", "retry"), [

@@ -34,7 +34,7 @@ from duo_gateway.config.audit import AuditConfig
 from duo_gateway.config.loader import DuoConfig, parse_config
 from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.consent import Permit
-from duo_gateway.dicom.store import StoreResult, StoreUnavailable
+from duo_gateway.dicom.store_scu import StoreResult, StoreUnavailable
 from duo_gateway.mitz.client import ConsentDecision, Localization
 from duo_gateway.mitz.xacml import ClosedQuestion
 from duo_gateway.mitz.xcpd import OpenQuestion
@@ -46,8 +46,8 @@ from duo_gateway.sources.base import (
     StudyRecord,
 )
 from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed
+from duo_gateway.transfer.jobstore import ExpectedInstance
 from duo_gateway.transfer.runner import DestinationClient
-from duo_gateway.transfer.store import ExpectedInstance
 from duo_gateway.xca.initiating.finder import CommunityResponse
 from duo_gateway.xua import Claims
 

@@ -24,10 +24,10 @@ from duo_gateway.consent import ConsentGate
 from duo_gateway.mitz.client import Localization
 from duo_gateway.mitz.xcpd import Location
 from duo_gateway.sources.base import SourceUnavailable, StudyRecord
-from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import TimelineRequest
 from duo_gateway.timeline.result import TimelineResult
 from duo_gateway.timeline.service import TimelineService
+from duo_gateway.timeline.study_ids import StudyIds
 from duo_gateway.xca.initiating.finder import CommunityResponse, CommunityStatus
 from duo_gateway.xca.metadata import study_entry
 from tests.support.fakes import (

@@ -34,8 +34,8 @@ from duo_gateway.mitz.client import ConsentDecision
 from duo_gateway.mitz.xacml import ClosedQuestion
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.saml import PURPOSES
-from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import SourceKind, SourceStatus
+from duo_gateway.timeline.study_ids import StudyIds
 from duo_gateway.tlb.api import DEFAULT_SCHEMA_PATH, TlbApiDoor
 from duo_gateway.tlb.models import (
     Problem,
@@ -45,9 +45,9 @@ from duo_gateway.tlb.models import (
     TimelineQuery,
     openapi_component_schemas,
 )
+from duo_gateway.transfer.jobstore import TransferStore
 from duo_gateway.transfer.metrics import TransferMetrics
 from duo_gateway.transfer.service import TransferService
-from duo_gateway.transfer.store import TransferStore
 from tests.support.clients import plain_directory
 from tests.support.gateway import make_config
 from tests.tlb.test_api import CANNED, FakeProvider

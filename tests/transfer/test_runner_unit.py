@@ -24,13 +24,13 @@ from prometheus_client import CollectorRegistry
 
 from duo_gateway.audit.messages import EventOutcome, Peer
 from duo_gateway.consent import ConsentGate
-from duo_gateway.dicom.store import StoreUnavailable
-from duo_gateway.timeline.ids import StudyIds
+from duo_gateway.dicom.store_scu import StoreUnavailable
 from duo_gateway.timeline.model import StudyRef
+from duo_gateway.timeline.study_ids import StudyIds
 from duo_gateway.transfer.fetch import FetchFailed, Missed, StudyFetcher
+from duo_gateway.transfer.jobstore import ExpectedInstance, Job, LeaseLost, NewJob, TransferStore
 from duo_gateway.transfer.metrics import TransferMetrics
 from duo_gateway.transfer.runner import JobRunner
-from duo_gateway.transfer.store import ExpectedInstance, Job, LeaseLost, NewJob, TransferStore
 from duo_gateway.xua import Claims
 from tests.support.fakes import (
     BSN,

@@ -17,11 +17,11 @@ from duo_gateway.consent import ConsentGate
 from duo_gateway.mitz.client import ConsentDecision
 from duo_gateway.mitz.xacml import ClosedQuestion
 from duo_gateway.sources.dicom_pacs import DicomPacsSource
-from duo_gateway.timeline.ids import StudyIds
 from duo_gateway.timeline.model import StudyRef
+from duo_gateway.timeline.study_ids import StudyIds
+from duo_gateway.transfer.jobstore import TransferStore
 from duo_gateway.transfer.metrics import TransferMetrics
 from duo_gateway.transfer.service import AdhocDestination, TransferRefused, TransferRequest, TransferService
-from duo_gateway.transfer.store import TransferStore
 from duo_gateway.xua import Claims
 from tests.support.gateway import make_config
 

@@ -55,8 +55,8 @@ from duo_gateway.xca.codes import (
     STUDY_INSTANCE_UID_ID_TYPE,
     Scheme,
 )
+from duo_gateway.xca.entry_ids import document_entry_uuid, normalise_home
 from duo_gateway.xca.hl7 import reference_id
-from duo_gateway.xca.ids import document_entry_uuid, normalise_home
 from duo_gateway.xca.query import QuerySyntaxError, decode_slot, decode_value
 from duo_gateway.xca.retrieve import inline_documents
 from tests.xca.xsd import assert_valid

@@ -20,8 +20,8 @@ from duo_gateway.sources.base import InstanceRecord, StudyRecord
 from duo_gateway.xca import AdhocQueryResponse, ResponseStatus, build_adhoc_query_response
 from duo_gateway.xca.codes import EntryStatus, EntryType
 from duo_gateway.xca.ebrim import DocumentEntry, MetadataError, build_extrinsic_object
+from duo_gateway.xca.entry_ids import document_entry_uuid
 from duo_gateway.xca.hl7 import Code, Xon
-from duo_gateway.xca.ids import document_entry_uuid
 from duo_gateway.xca.metadata import (
     BASIC_TEXT_SR,
     COMPREHENSIVE_SR,

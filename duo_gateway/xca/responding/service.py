@@ -61,9 +61,9 @@ from duo_gateway.xca.codes import (
 )
 from duo_gateway.xca.docindex import DocumentIndex, IndexedDocument
 from duo_gateway.xca.ebrim import DocumentEntry, ObjectRef
+from duo_gateway.xca.entry_ids import normalise_home
 from duo_gateway.xca.errors import RegistryError, RegistryErrorException, status_for
 from duo_gateway.xca.hl7 import Cx, Hl7FormatError, dtm_key, parse_reference_id
-from duo_gateway.xca.ids import normalise_home
 from duo_gateway.xca.metadata import is_report, kos_for_study, report_entry, study_entry
 from duo_gateway.xca.query import AdhocQueryRequest, AdhocQueryResponse, validate_stored_query
 from duo_gateway.xca.retrieve import (

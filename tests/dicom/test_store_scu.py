@@ -26,7 +26,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[
 
 from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.daemon import free_port
-from duo_gateway.dicom.store import (
+from duo_gateway.dicom.store_scu import (
     StoreClient,
     StoreResult,
     StoreUnavailable,

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from duo_gateway.transfer.sql import PostgresBackend, SchemaTooNew, SqliteBackend
-from duo_gateway.transfer.store import (
+from duo_gateway.transfer.jobstore import (
     TERMINAL_STATES,
     ExpectedInstance,
     Job,
@@ -21,6 +20,7 @@ from duo_gateway.transfer.store import (
     StudyProgress,
     TransferStore,
 )
+from duo_gateway.transfer.sql import PostgresBackend, SchemaTooNew, SqliteBackend
 from tests.support.postgres import Postgres, run_postgres
 
 OpenStore = Callable[[], Awaitable[TransferStore]]

@@ -466,8 +466,9 @@ class _PeerGone(Exception):
 def _check_pynetdicom() -> None:
     version = str(getattr(pynetdicom, "__version__", ""))
     if not version.startswith(SUPPORTED_PYNETDICOM):
-        raise RuntimeError(f"duo_gateway.dicom.store drives pynetdicom {SUPPORTED_PYNETDICOM}x internals, "
-                           f"found {version}: re-verify _send_file against Association.send_c_store")
+        raise RuntimeError(f"duo_gateway.dicom.store_scu drives pynetdicom {SUPPORTED_PYNETDICOM}x "
+                           f"internals, found {version}: re-verify _send_file against "
+                           "Association.send_c_store")
 
 
 def _dataset_offset(path: Path) -> int:

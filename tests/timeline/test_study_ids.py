@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from duo_gateway.timeline.ids import KEY_FILE, StudyIdRefused, StudyIds, load_or_create_key
 from duo_gateway.timeline.model import StudyRef
+from duo_gateway.timeline.study_ids import KEY_FILE, StudyIdRefused, StudyIds, load_or_create_key
 
 BSN = "999911120"
 URA = "00010001"
