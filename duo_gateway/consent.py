@@ -9,15 +9,17 @@ timeout, TLS failure, invalid input) is a :class:`Refusal` with the reason.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import structlog
 
+from duo_gateway.config.peers import TlbHospital
 from duo_gateway.mitz.client import ConsentDecision
 from duo_gateway.mitz.codec import MitzRequestError
 from duo_gateway.mitz.xacml import ClosedQuestion
+from duo_gateway.xua import Claims
 
 log = structlog.get_logger(__name__)
 
@@ -64,8 +66,22 @@ class Refusal:
 
 
 class ConsentGate:
-    def __init__(self, mitz: ClosedQuestionAsker) -> None:
+    """``categories`` are the data categories every closed question asks (``mitz.categories``): the
+    gate forms the question for a TLB hospital itself (:meth:`for_hospital`), so the timeline, the
+    transfers and the XCA door cannot each ask Mitz a different question about the same disclosure."""
+
+    def __init__(self, mitz: ClosedQuestionAsker, *, categories: Sequence[str]) -> None:
+        if not categories:
+            raise ValueError("a closed question needs at least one data category")
         self._mitz = mitz
+        self._categories = tuple(categories)
+
+    def for_hospital(self, claims: Claims, bsn: str, hospital: TlbHospital) -> Callable[[], ClosedQuestion]:
+        """The question "may ``claims`` see ``bsn``'s data held by ``hospital``", formed lazily so
+        that an incomplete one is refused by :meth:`check` instead of raising at the caller."""
+        return lambda: claims.closed_question(bsn=bsn, holder_ura=hospital.ura,
+                                              holder_type=hospital.organisation_type,
+                                              categories=self._categories)
 
     async def check(self, question: ClosedQuestion | Callable[[], ClosedQuestion]) -> Permit | Refusal:
         """Ask Mitz; a question that cannot even be formed (missing attribute) is refused, not asked."""

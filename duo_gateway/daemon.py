@@ -71,7 +71,7 @@ class Gateway:
         self.mitz = MitzClient(config.mitz, gateway=self.identity, auditor=self.auditor, metrics=self.metrics,
                                signer=request_signer(config.mitz))
         #: Every front door that discloses data asks this gate; see duo_gateway.consent.
-        self.consent = ConsentGate(self.mitz)
+        self.consent = ConsentGate(self.mitz, categories=config.mitz.categories)
         # Mitz notifications evict cached decisions before they are acknowledged.
         self._front_doors = [
             MitzNotifyDoor(config, lambda bsn, ura: self.mitz.consent_changed(bsn, ura), self.auditor),

@@ -160,7 +160,7 @@ class Claims:
         _check_claims(self.uzi, self.role, self.ura, self.purpose, self.organisation_type, self.mandated_uzi)
 
     def closed_question(self, *, bsn: str, holder_ura: str, holder_type: str,
-                        categories: tuple[str, ...] = ("GGC002",),
+                        categories: tuple[str, ...],
                         requester_type: str | None = None) -> ClosedQuestion:
         """The Mitz question for this requester (netherlands.md §3: copy the token, add the holder).
 

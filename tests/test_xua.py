@@ -281,15 +281,16 @@ def test_requester_becomes_the_mitz_closed_question(signer: Signer, store: Trust
     requester = validate(envelope(build(now, sign=signer, claims=no_type)), store, now)
     assert requester is not None and requester.organisation_type is None
     q = requester.closed_question(bsn="900186021", holder_ura="00000659", holder_type="V6",
-                                  requester_type="V4")
+                                  categories=("GGC002",), requester_type="V4")
     assert (q.requester_uzi, q.requester_role, q.requester_ura, q.requester_type, q.purpose) == (
         "000095254", "01.039", "00000666", "V4", "TREAT")
     with pytest.raises(MitzRequestError, match="requester_type"):
-        requester.closed_question(bsn="900186021", holder_ura="00000659", holder_type="V6")
+        requester.closed_question(bsn="900186021", holder_ura="00000659", holder_type="V6",
+                                  categories=("GGC002",))
     typed = validate(envelope(build(now, sign=signer)), store, now)
     assert typed is not None
     assert typed.closed_question(bsn="900186021", holder_ura="00000659", holder_type="V6",
-                                 requester_type="V4").requester_type == "V6"
+                                 categories=("GGC002",), requester_type="V4").requester_type == "V6"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -67,8 +67,7 @@ async def ask_tlb_hospital(request: TimelineRequest, requester: Claims, hospital
         return SourceOutcome(source_id, "tlb", hospital.name, status, detail,
                              (time.perf_counter() - started) * 1000, studies)
 
-    verdict = await gate.check(lambda: requester.closed_question(
-        bsn=request.bsn, holder_ura=hospital.ura, holder_type=hospital.organisation_type))
+    verdict = await gate.check(gate.for_hospital(requester, request.bsn, hospital))
     if isinstance(verdict, Refusal):
         if verdict.denied:
             return outcome("no-consent", f"Mitz: {verdict.summary}")

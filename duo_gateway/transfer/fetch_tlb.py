@@ -32,8 +32,7 @@ class TlbStudyFetcher:
 
     async def _consent(self) -> Permit:
         if self._permit is None:
-            verdict = await self._gate.check(lambda: self._claims.closed_question(
-                bsn=self._bsn, holder_ura=self._hospital.ura, holder_type=self._hospital.organisation_type))
+            verdict = await self._gate.check(self._gate.for_hospital(self._claims, self._bsn, self._hospital))
             if isinstance(verdict, Refusal):
                 if verdict.denied:
                     raise FetchFailed("error", f"no consent: Mitz {verdict.summary}", retryable=False)

@@ -386,7 +386,7 @@ async def test_the_gate_discloses_only_on_permit(mitz: MitzServer, mode: str, tm
         mitz.behave(**FAILURES[mode])
     produced: list[str] = []
     client = MitzClient(mitz.config(), gateway=GATEWAY)
-    gate = ConsentGate(client)
+    gate = ConsentGate(client, categories=("GGC002",))
 
     async def studies(permit: Permit) -> list[str]:
         assert permit.covers(bsn, hospital.ura)

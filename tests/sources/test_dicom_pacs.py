@@ -54,7 +54,7 @@ class _PermitAll:
 
 
 async def permit(bsn: str, ura: str = HOSPITAL.ura) -> Permit:
-    verdict = await ConsentGate(_PermitAll()).check(ClosedQuestion(
+    verdict = await ConsentGate(_PermitAll(), categories=("GGC002",)).check(ClosedQuestion(
         bsn=bsn, holder_ura=ura, holder_type="V6", requester_uzi="000095254", requester_role="01.039",
         requester_ura="00000666", requester_type="V6"))
     assert isinstance(verdict, Permit)

@@ -96,9 +96,12 @@ class Rig:
 
 def build(tmp_path: Path, *, closed: dict[str, ClosedScript] | None = None,
           localization: Localization | None = None, deadline_s: float = 0.3,
-          c2: dict[str, Any] | None = None) -> Rig:
+          c2: dict[str, Any] | None = None, categories: tuple[str, ...] | None = None) -> Rig:
     communities_config = [community(1, uras=[U1, U1B]), community(2, uras=[U2], **(c2 or {}))]
     config = unit_config(tmp_path, communities=communities_config, timeline={"deadline_s": deadline_s})
+    if categories is not None:
+        mitz_config = config.mitz.model_copy(update={"categories": list(categories)})
+        config = config.model_copy(update={"mitz": mitz_config})
     mitz = FakeMitz(closed or {}, default="Permit", localization=localization or EVERYWHERE)
     sources = {H1: FakeSource(H1, studies=[record(SHARED, "20230301"), record(ONLY_H1, "20210101")]),
                H2: FakeSource(H2, studies=[record(ONLY_H2, "20240101")])}
@@ -106,7 +109,8 @@ def build(tmp_path: Path, *, closed: dict[str, ClosedScript] | None = None,
                    C2: FakeCommunity(answer(C2, "Community 2", U2, ONLY_C2))}
     auditor = RecordingAuditor(tmp_path)
     ids = StudyIds(os.urandom(32))
-    service = TimelineService(config, mitz=mitz, gate=ConsentGate(mitz), communities=communities,
+    gate = ConsentGate(mitz, categories=config.mitz.categories)
+    service = TimelineService(config, mitz=mitz, gate=gate, communities=communities,
                               sources=sources, auditor=auditor, identity=Peer(user_id="DUO"), study_ids=ids)
     return Rig(service, mitz, sources, communities, auditor, ids)
 
@@ -171,6 +175,14 @@ async def test_consent_is_asked_about_each_hospital_for_this_requester(tmp_path:
 
     asked = sorted((q.holder_ura, q.bsn, q.requester_ura, q.requester_uzi) for q in rig.mitz.closed_asked)
     assert asked == [(H1, BSN, CLAIMS.ura, CLAIMS.uzi), (H2, BSN, CLAIMS.ura, CLAIMS.uzi)]
+
+
+async def test_consent_is_asked_for_the_configured_data_categories(tmp_path: Path) -> None:
+    """The timeline once asked GGC002 whatever ``mitz.categories`` said; the XCA door asked the list."""
+    rig = build(tmp_path, categories=("GGC002", "GGC013"))
+    await rig.ask()
+
+    assert {q.categories for q in rig.mitz.closed_asked} == {("GGC002", "GGC013")}
 
 
 async def test_a_pacs_that_fails_or_times_out_is_reported_as_such(tmp_path: Path) -> None:

@@ -171,8 +171,9 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ids = StudyIds(os.urandom(32))
 
     async def start() -> tuple[web.AppRunner, TransferService]:
+        gate = ConsentGate(_NoMitz(), categories=config.mitz.categories)
         transfers = TransferService(config, store=TransferStore.open(None, storage), study_ids=ids,
-                                    gate=ConsentGate(_NoMitz()), sources={}, retrievers={},
+                                    gate=gate, sources={}, retrievers={},
                                     metrics=TransferMetrics(CollectorRegistry()), auditor=None)
         await transfers.start()
         door = TlbApiDoor(FakeProvider(result=CANNED), TimelineConfig(), transfers=transfers)

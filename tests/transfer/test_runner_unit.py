@@ -97,8 +97,9 @@ class Rig:
             "destinations": [{"name": "home-pacs", "ae_title": "HOMEPACS", "host": "192.0.2.5", "port": 104,
                               "uras": [CLAIMS.ura], "max_associations": 1}],
             "retries": retries, "retry_backoff_s": 0.001})
+        gate = ConsentGate(FakeMitz(default="Deny"), categories=config.mitz.categories)
         return JobRunner(config, store=self.store, owner=owner, study_ids=self.ids,
-                         gate=ConsentGate(FakeMitz(default="Deny")), sources={}, retrievers={},
+                         gate=gate, sources={}, retrievers={},
                          metrics=TransferMetrics(CollectorRegistry()), changed=lambda: None,
                          auditor=self.auditor, identity=Peer(user_id="DUO"), rng=random.Random(7),
                          destination_clients=self.destination, fetchers=self.make_fetcher)

@@ -73,8 +73,9 @@ async def _service(tmp_path: Path, mitz: _RefusingMitz | _SilentMitz | _SlowToSt
         "workers": 1, **transfers})
     config = config.model_copy(update={"transfers": cfg})
     ids = StudyIds(os.urandom(32))
+    gate = ConsentGate(mitz or _RefusingMitz(), categories=config.mitz.categories)
     service = TransferService(config, store=TransferStore.open(None, tmp_path), study_ids=ids,
-                              gate=ConsentGate(mitz or _RefusingMitz()), sources={h.ura: DicomPacsSource(
+                              gate=gate, sources={h.ura: DicomPacsSource(
                                   h, "DUO", tmp_path / "spool") for h in config.tlb_hospitals}, retrievers={},
                               metrics=TransferMetrics(CollectorRegistry()), auditor=None)
     await service.start()

@@ -114,7 +114,8 @@ class Builder:
         self.opened.append(index)
         spool = self.tmp_path / "spool"
         spool.mkdir(exist_ok=True)
-        service = RespondingGateway(config, sources=sources, gate=ConsentGate(mitz), index=index,
+        gate = ConsentGate(mitz, categories=config.mitz.categories)
+        service = RespondingGateway(config, sources=sources, gate=gate, index=index,
                                     auditor=auditor, identity=Peer(user_id="DUO"), spool_dir=spool)
         return Rig(service, mitz, sources, auditor, index, spool, config)
 

@@ -44,7 +44,6 @@ from duo_gateway.config.peers import TlbHospital
 from duo_gateway.config.xca import XcaRespondingConfig
 from duo_gateway.consent import ConsentGate, Permit, Refusal
 from duo_gateway.dicom.kos import encode_part10
-from duo_gateway.mitz.xacml import ClosedQuestion
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sources.base import ImagingSource, SourceUnavailable
 from duo_gateway.xca.codes import (
@@ -167,16 +166,6 @@ class RespondingGateway:
     def home(self) -> str:
         return self._home
 
-    # ------------------------------------------------------------------------------------------
-    # consent
-    # ------------------------------------------------------------------------------------------
-    def _question(self, ctx: CallContext, bsn: str, hospital: TlbHospital) -> Callable[[], ClosedQuestion]:
-        return lambda: ctx.requester.closed_question(
-            bsn=bsn,
-            holder_ura=hospital.ura,
-            holder_type=hospital.organisation_type,
-            categories=tuple(self._cfg.mitz.categories),
-        )
 
     # ------------------------------------------------------------------------------------------
     # ITI-38
@@ -286,7 +275,7 @@ class RespondingGateway:
         answer = _HospitalAnswer()
 
         async def work() -> None:
-            verdict = await self._gate.check(self._question(ctx, bsn, hospital))
+            verdict = await self._gate.check(self._gate.for_hospital(ctx.requester, bsn, hospital))
             if isinstance(verdict, Refusal):
                 answer.answered = True
                 return
@@ -513,7 +502,7 @@ class RespondingGateway:
                     return unknown("study no longer in the PACS"), None, None
                 if not ctx.requester.concerns(bsn):
                     return unknown(PATIENT_MISMATCH), bsn, None
-                verdict = await self._gate.check(self._question(ctx, bsn, hospital))
+                verdict = await self._gate.check(self._gate.for_hospital(ctx.requester, bsn, hospital))
                 if isinstance(verdict, Refusal):
                     return unknown(f"no consent: {verdict.reason}"), bsn, None
                 data, mime = await self._document_bytes(source, verdict, bsn, indexed, hospital)
@@ -697,7 +686,7 @@ class RespondingGateway:
                                   PATIENT_MISMATCH)
                 return
             verdict = await asyncio.wait_for(
-                self._gate.check(self._question(ctx, bsn, hospital)), _remaining(deadline)
+                self._gate.check(self._gate.for_hospital(ctx.requester, bsn, hospital)), _remaining(deadline)
             )
             if isinstance(verdict, Refusal):
                 missing(wanted)  # the requester learns "not available", the audit learns why
