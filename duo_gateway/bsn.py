@@ -50,8 +50,11 @@ _WEIGHTS = (9, 8, 7, 6, 5, 4, 3, 2, -1)
 #: Where a hospital's PACS keeps the BSN (``TlbHospital.bsn_attribute``).
 BsnAttribute = Literal["PatientID", "OtherPatientIDsSequence"]
 
-#: Assigning-authority names for the BSN: NLMINBIZA as Mitz/XCPD/Twiin name it, BSN as PACSes do.
-BSN_ISSUER_NAMES: Final = frozenset({"NLMINBIZA", "BSN"})
+#: The BSN's assigning-authority name: IssuerOfPatientID in Dutch DICOM, PID-3.4 in HL7, and required
+#: by Mitz/XCPD on every BSN II (B365: "verplicht volgens Mitz handleiding"). What DUO writes.
+NLMINBIZA: Final = "NLMINBIZA"
+#: Assigning-authority names read as the BSN: NLMINBIZA as Mitz/XCPD/Twiin name it, BSN as PACSes do.
+BSN_ISSUER_NAMES: Final = frozenset({NLMINBIZA, "BSN"})
 #: IssuerOfPatientID values that name the BSN's authority (the HD form is recognised on top).
 BSN_ISSUERS: Final = BSN_ISSUER_NAMES | {BSN_OID, f"urn:oid:{BSN_OID}"}
 #: UniversalEntityIDType values under which a UniversalEntityID can be the BSN OID.

@@ -16,7 +16,7 @@ from typing import Final
 
 from lxml import etree
 
-from duo_gateway.bsn import BSN_OID
+from duo_gateway.bsn import BSN_OID, NLMINBIZA
 from duo_gateway.soap.xml import XS_NS, XSI_NS, format_datetime, qname
 
 SAML_NS: Final = "urn:oasis:names:tc:SAML:2.0:assertion"
@@ -39,8 +39,6 @@ ORG_TYPE_OID: Final = "2.16.840.1.113883.2.4.15.1060"
 ROLE_OID: Final = "2.16.840.1.113883.2.4.15.111"
 PURPOSE_OID: Final = "2.16.840.1.113883.1.11.20448"
 CIBG: Final = "CIBG"
-#: Mitz/XCPD requires this on a BSN II (B365: "verplicht volgens Mitz handleiding").
-NLMINBIZA: Final = "NLMINBIZA"
 
 ATTR_RESOURCE_ID: Final = "urn:oasis:names:tc:xacml:2.0:resource:resource-id"
 ATTR_ROLE: Final = "urn:oasis:names:tc:xacml:2.0:subject:role"
@@ -200,7 +198,7 @@ def hl7_type(el: etree._Element) -> str | None:
 __all__ = [
     "ASSERTION_VALIDITY", "ATTR_CONSULTING_TYPE", "ATTR_MANDATED", "ATTR_PROVIDER_ID",
     "ATTR_PROVIDER_INSTITUTION", "ATTR_PURPOSE", "ATTR_RESOURCE_ID", "ATTR_ROLE", "CIBG", "HL7_NS",
-    "NLMINBIZA", "ORG_TYPE_OID", "PURPOSES", "PURPOSE_OID", "ROLE_OID", "SAML_AC_CLASSES", "SAML_BEARER",
+    "ORG_TYPE_OID", "PURPOSES", "PURPOSE_OID", "ROLE_OID", "SAML_AC_CLASSES", "SAML_BEARER",
     "SAML_HOLDER_OF_KEY", "SAML_NS", "SAML_X509", "URA_OID", "UZI_OID", "WSSE_NS", "WSU_NS", "SamlError",
     "build_xua_assertion", "hl7_type", "single_attribute_values",
 ]

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from lxml import etree
 
-from duo_gateway.bsn import BSN_OID
+from duo_gateway.bsn import BSN_OID, NLMINBIZA
 from duo_gateway.saml import (
     ATTR_CONSULTING_TYPE,
     ATTR_MANDATED,
@@ -20,7 +20,6 @@ from duo_gateway.saml import (
     ATTR_RESOURCE_ID,
     ATTR_ROLE,
     HL7_NS,
-    NLMINBIZA,
     ORG_TYPE_OID,
     PURPOSE_OID,
     ROLE_OID,

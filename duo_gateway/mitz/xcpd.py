@@ -15,7 +15,7 @@ from typing import Final
 
 from lxml import etree
 
-from duo_gateway.bsn import BSN_OID
+from duo_gateway.bsn import BSN_OID, NLMINBIZA
 from duo_gateway.mitz.codec import (
     MitzAnswerError,
     MitzError,
@@ -40,7 +40,6 @@ from duo_gateway.saml import (
     ATTR_PURPOSE,
     ATTR_ROLE,
     HL7_NS,
-    NLMINBIZA,
     ORG_TYPE_OID,
     PURPOSE_OID,
     PURPOSES,

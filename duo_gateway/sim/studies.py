@@ -37,7 +37,7 @@ from pydicom.uid import (
     UltrasoundImageStorage,
 )
 
-from duo_gateway.bsn import BSN_OID
+from duo_gateway.bsn import BSN_OID, NLMINBIZA
 from duo_gateway.dicom.kos import evidence_item, instance_refs
 from duo_gateway.sim.config import SimInstitution, SimPatient
 
@@ -47,8 +47,6 @@ from duo_gateway.sim.config import SimInstitution, SimPatient
 REFERENCE_DATE = date(2026, 11, 1)
 STUDY_WINDOW_DAYS = 5 * 365
 
-#: Issuer of the BSN as the Dutch DICOM/HL7 world names it (Mitz uses the same authority name).
-BSN_ISSUER = "NLMINBIZA"
 
 #: Every other study carries a radiology report (Basic Text SR); which ones is fixed by the index so
 #: tests can rely on both kinds existing for any patient with at least two studies.
@@ -325,14 +323,14 @@ def _plan_series(exam: _Exam, rng: random.Random) -> list[_SeriesPlan]:
 def _patient_module(ds: Dataset, patient: SimPatient, study_day: date) -> None:
     ds.PatientName = patient.name
     ds.PatientID = patient.bsn
-    ds.IssuerOfPatientID = BSN_ISSUER
+    ds.IssuerOfPatientID = NLMINBIZA
     qualifiers = Dataset()
     qualifiers.UniversalEntityID = BSN_OID
     qualifiers.UniversalEntityIDType = "ISO"
     ds.IssuerOfPatientIDQualifiersSequence = DicomSequence([qualifiers])
     other = Dataset()
     other.PatientID = patient.bsn
-    other.IssuerOfPatientID = BSN_ISSUER
+    other.IssuerOfPatientID = NLMINBIZA
     other_qualifiers = Dataset()
     other_qualifiers.UniversalEntityID = BSN_OID
     other_qualifiers.UniversalEntityIDType = "ISO"

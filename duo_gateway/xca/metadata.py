@@ -41,7 +41,7 @@ from typing import Final
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from duo_gateway.bsn import BSN_OID, bsn_cx, is_valid_bsn
+from duo_gateway.bsn import BSN_OID, NLMINBIZA, bsn_cx, is_valid_bsn
 from duo_gateway.config.xca import CodeConfig, DocumentCodes
 from duo_gateway.dicom.kos import InstanceRef, KosPatient, KosStudy, build_kos
 from duo_gateway.sources.base import InstanceRecord, StudyRecord
@@ -86,8 +86,6 @@ PDF_FORMAT: Final = Code("urn:ihe:rad:PDF", IHE_RAD_FORMAT_SCHEME, "PDF")
 #: a manifest, a presentation state or a scanned document says nothing about how the patient was imaged.
 NON_ACQUISITION_MODALITIES: Final = frozenset({"SR", "KO", "PR", "DOC"})
 
-#: IssuerOfPatientID of a BSN as Dutch DICOM and Mitz name it.
-BSN_ISSUER_NAME: Final = "NLMINBIZA"
 
 _REPORT_TITLE: Final = "Radiologisch verslag"
 _STUDY_TITLE: Final = "Beeldvormend onderzoek"
@@ -244,7 +242,7 @@ def kos_for_study(
         KosPatient(
             _patient_id(bsn),
             study.patient_name or "",
-            BSN_ISSUER_NAME,
+            NLMINBIZA,
             BSN_OID,
             study.patient_birth_date or "",
             study.patient_sex or "",
