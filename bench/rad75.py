@@ -61,7 +61,19 @@ from duo_gateway.sim.network import DUO_HOME_COMMUNITY_ID, HOST
 from duo_gateway.sim.pki import make_pki
 from duo_gateway.sim.studies import generate_studies
 from duo_gateway.soap.envelope import parse_envelope
-from duo_gateway.soap.mtom import XOP_NS, normalise_cid, parse_content_type
+from duo_gateway.soap.mtom import (
+    XOP_NS,
+    MessageEnd,
+    MtomError,
+    MtomParser,
+    NeedData,
+    PartData,
+    PartEnd,
+    PartStart,
+    multipart_related,
+    normalise_cid,
+    parse_content_type,
+)
 from duo_gateway.soap.xml import parse_xml
 from duo_gateway.xca.codes import Action, ResponseStatus
 from duo_gateway.xca.retrieve import (
@@ -233,62 +245,48 @@ class Part:
 
 
 class MtomSplitter:
-    """Splits a multipart/related body as it streams in; keeps each part's size and first bytes only
-    (the whole root part, which is the SOAP envelope), so memory does not grow with the study."""
+    """Reads the answer with the gateway's own incremental MIME reader (:class:`MtomParser`, fed each
+    network read), keeping each part's size and first and last bytes only (the whole root part, the
+    SOAP envelope), so memory does not grow with the study. Only the limits are the bench's: a study
+    may have more parts and larger ones than DUO accepts from a peer by default."""
 
-    def __init__(self, boundary: str, root_limit: int = 64 << 20) -> None:
-        self._delim = b"\r\n--" + boundary.encode("ascii")
-        self._buf = b"\r\n"  # the body opens with "--boundary": make the first delimiter like the rest
+    def __init__(self, content_type: str, root_limit: int = 64 << 20) -> None:
+        related = multipart_related(content_type)
+        if related is None:
+            raise BrokenTransfer(f"not a multipart/related answer: {content_type}")
+        self._parser = MtomParser(related, max_parts=1 << 20, max_part_bytes=1 << 40,
+                                  max_root_bytes=root_limit)
         self._root_limit = root_limit
-        self._in_headers = False
         self.parts: list[Part] = []
         self._current: Part | None = None
         self.done = False
 
     def feed(self, chunk: bytes) -> None:
-        if self.done:
-            if chunk.strip():
-                raise BrokenTransfer("data after the closing MIME delimiter")
-            return
-        self._buf += chunk
-        while True:
-            if self._in_headers:
-                end = self._buf.find(b"\r\n\r\n")
-                if end < 0:
-                    return
-                headers = {}
-                for line in self._buf[:end].decode("latin-1").split("\r\n"):
-                    name, _, value = line.partition(":")
-                    headers[name.strip().lower()] = value.strip()
-                self._current = Part(headers)
+        self._parser.feed(chunk)
+        self._drain()
+
+    def end(self) -> None:
+        """The body ended: a message without its close delimiter is refused here."""
+        self._parser.end()
+        self._drain()
+
+    def _drain(self) -> None:
+        while not self.done:  # after MessageEnd the parser repeats it: stop there
+            try:
+                event = self._parser.next_event()
+            except MtomError as exc:
+                raise BrokenTransfer(f"the MTOM answer is broken: {exc}") from exc
+            if isinstance(event, NeedData):
+                return
+            if isinstance(event, PartStart):
+                self._current = Part(dict(event.headers))
                 self.parts.append(self._current)
-                self._buf = self._buf[end + 4:]
-                self._in_headers = False
-                continue
-            i = self._buf.find(self._delim)
-            if i < 0:
-                keep = len(self._delim) + 2
-                if len(self._buf) > keep:
-                    self._body(self._buf[:-keep])
-                    self._buf = self._buf[-keep:]
-                return
-            after = i + len(self._delim)
-            if len(self._buf) < after + 2:
-                self._body(self._buf[:i])
-                self._buf = self._buf[i:]
-                return
-            self._body(self._buf[:i])
-            marker = self._buf[after:after + 2]
-            if marker == b"--":
-                self.done = True
+            elif isinstance(event, PartData):
+                self._body(event.data)
+            elif isinstance(event, PartEnd):
                 self._current = None
-                self._buf = b""
-                return
-            if marker != b"\r\n":
-                raise BrokenTransfer("malformed MIME delimiter line")
-            self._buf = self._buf[after + 2:]
-            self._in_headers = True
-            self._current = None
+            elif isinstance(event, MessageEnd):
+                self.done = True
 
     def _body(self, data: bytes) -> None:
         part = self._current
@@ -368,11 +366,12 @@ async def rad75(study: Study, url: str, caller: XdsCaller, duo_pid: int, spool: 
                 mime, params = parse_content_type(r.headers.get("Content-Type", ""))
                 if r.status != 200 or mime != "multipart/related" or "boundary" not in params:
                     raise BrokenTransfer(f"HTTP {r.status} {mime}: {(await r.content.read(2000))!r}")
-                splitter = MtomSplitter(params["boundary"])
+                splitter = MtomSplitter(r.headers.get("Content-Type", ""))
                 wire = 0
                 async for chunk in r.content.iter_chunked(1 << 20):
                     wire += len(chunk)
                     splitter.feed(chunk)
+                splitter.end()
             elapsed = time.perf_counter() - started
             async with session.get(metrics_url) as m:
                 after = parse_metrics(await m.text())
