@@ -16,7 +16,7 @@ demo: system-deps $(STAMP)
 test: system-deps $(STAMP) lint typecheck unit
 
 unit: system-deps $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check duo_gateway tests bench
