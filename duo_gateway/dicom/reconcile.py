@@ -39,6 +39,8 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from duo_gateway.bsn import BSN_OID, NLMINBIZA
+
 #: Top-level tags whose values may be huge and are only ever copied as bytes, never parsed:
 #: Float Pixel Data, Double Float Pixel Data, Pixel Data (PS3.5 7.6 / A.4).
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
@@ -157,8 +159,16 @@ def _identity(item: Dataset) -> tuple[str, str, str]:
             _universal_id(item))
 
 
-def _reconcile_dataset(ds: Dataset, local_patient_id: str, issuer: str | None) -> ReconcileResult:
-    """Rewrite identity in ``ds`` (a header or a full dataset) in place."""
+def _reconcile_dataset(ds: Dataset, local_patient_id: str, issuer: str | None,
+                       bsn: str | None = None) -> ReconcileResult:
+    """Rewrite identity in ``ds`` (a header or a full dataset) in place.
+
+    ``bsn`` is the patient the transfer is for. A source that keeps the BSN in an unlabelled
+    PatientID (its configuration says that is where the BSN is) hands over a bare number; moved into
+    OtherPatientIDsSequence as it is, it would no longer read as a BSN there (:mod:`duo_gateway.bsn`
+    counts only labelled items), so the kept item is labelled NLMINBIZA with the BSN OID when, and
+    only when, it is exactly that BSN.
+    """
     old_id = str(ds.get("PatientID", "") or "")
     old_issuer = str(ds.get("IssuerOfPatientID", "") or "")
     new_issuer = issuer or ""
@@ -173,6 +183,12 @@ def _reconcile_dataset(ds: Dataset, local_patient_id: str, issuer: str | None) -
             original.IssuerOfPatientID = old_issuer
         if has_qualifiers:
             original.IssuerOfPatientIDQualifiersSequence = ds.IssuerOfPatientIDQualifiersSequence
+        elif not old_issuer and bsn is not None and old_id == bsn:
+            original.IssuerOfPatientID = NLMINBIZA
+            qualifier = Dataset()
+            qualifier.UniversalEntityID = BSN_OID
+            qualifier.UniversalEntityIDType = "ISO"
+            original.IssuerOfPatientIDQualifiersSequence = Sequence([qualifier])
         original.TypeOfPatientID = "TEXT"
         others = ds.get("OtherPatientIDsSequence")
         if others is None:
@@ -194,7 +210,8 @@ def _reconcile_dataset(ds: Dataset, local_patient_id: str, issuer: str | None) -
     return ReconcileResult(True, local_patient_id, issuer, old_id or None, old_issuer or None, kept)
 
 
-def reconcile_file(src: Path, dst: Path, *, local_patient_id: str, issuer: str | None) -> ReconcileResult:
+def reconcile_file(src: Path, dst: Path, *, local_patient_id: str, issuer: str | None,
+                   bsn: str | None = None) -> ReconcileResult:
     """Write ``src`` to ``dst`` with the requester's patient identity; ``src == dst`` rewrites in place.
 
     The output appears atomically (temp file in ``dst``'s directory, then rename), so a crash never
@@ -213,9 +230,9 @@ def reconcile_file(src: Path, dst: Path, *, local_patient_id: str, issuer: str |
             except ValueError:
                 if not _is_deflated(src):
                     raise
-                result = _reconcile_in_memory(src, out, local_patient_id, issuer)
+                result = _reconcile_in_memory(src, out, local_patient_id, issuer, bsn)
             else:
-                result = _reconcile_dataset(header.dataset, local_patient_id, issuer)
+                result = _reconcile_dataset(header.dataset, local_patient_id, issuer, bsn)
                 if result.changed:
                     write_part10_header(out, header, header.dataset)
                     fin.seek(header.stop_offset)
@@ -240,9 +257,9 @@ def _is_deflated(path: Path) -> bool:
 
 
 def _reconcile_in_memory(src: Path, out: BinaryIO, local_patient_id: str,
-                         issuer: str | None) -> ReconcileResult:
+                         issuer: str | None, bsn: str | None) -> ReconcileResult:
     """Deflated bodies cannot be split; they are small in practice, so decode, rewrite, re-deflate."""
     ds = dcmread(src)
-    result = _reconcile_dataset(ds, local_patient_id, issuer)
+    result = _reconcile_dataset(ds, local_patient_id, issuer, bsn)
     ds.save_as(out, enforce_file_format=True)
     return result

@@ -105,9 +105,10 @@ class _Relay:
     """Reconcile (when asked) and C-STORE one fetched instance, with retries for transient failures."""
 
     def __init__(self, runner: JobRunner, job: Job, index: int, client: DestinationClient,
-                 issuer: str | None) -> None:
+                 issuer: str | None, bsn: str) -> None:
         self._r = runner
         self._issuer = issuer
+        self._bsn = bsn
         self._job = job
         self._index = index
         self._client = client
@@ -132,7 +133,8 @@ class _Relay:
                     path = item.path.with_name(item.path.name + ".reconciled")
                     paths.append(path)
                     await asyncio.to_thread(reconcile_file, item.path, path,
-                                            local_patient_id=job.local_patient_id, issuer=self._issuer)
+                                            local_patient_id=job.local_patient_id, issuer=self._issuer,
+                                            bsn=self._bsn)
             except (InvalidDicomError, ValueError, OSError) as exc:
                 # This object is unusable; the others of the study are not affected by it. A new
                 # fetch may bring an intact copy, so another pass may try it again.
@@ -392,7 +394,8 @@ class JobRunner:
                  for ts in UNCOMPRESSED_LE]
         for client in clients:
             client.expect(pairs)
-        relays = [_Relay(self, job, index, client, destination.patient_id_issuer) for client in clients]
+        relays = [_Relay(self, job, index, client, destination.patient_id_issuer, sealed.bsn)
+                  for client in clients]
         cfg = self.cfg.transfers
         listed = {e.sop_instance_uid for e in expected}
         for attempt in range(cfg.retries + 1):

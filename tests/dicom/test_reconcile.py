@@ -11,6 +11,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from duo_gateway.bsn import names_bsn
 from duo_gateway.dicom.reconcile import read_part10_header, reconcile_file
 from tests.support.dicom_files import pixel_bytes, sample, write_large
 
@@ -60,6 +61,31 @@ def test_identity_rewritten_original_kept_pixels_identical(tmp_path: Path, name:
     with open(dst, "rb") as fh:
         header = read_part10_header(fh)
     assert header.body_offset == 132 + 12 + meta_len
+
+
+@pytest.mark.parametrize(("transfer_bsn", "labelled"),
+                         [("999911120", True), ("999911132", False), (None, False)])
+def test_an_unlabelled_bsn_moved_aside_is_labelled_only_when_it_is_the_transfers_bsn(
+        tmp_path: Path, transfer_bsn: str | None, labelled: bool) -> None:
+    """A PatientID-mode PACS sends its BSN without an issuer; moved aside bare, it would not read as a
+    BSN in OtherPatientIDsSequence (only labelled items do), so the import would be lost to a later
+    query of the requester's PACS by BSN. Labelled only when it is exactly the transfer's patient."""
+    src = tmp_path / "src.dcm"
+    ds = dcmread(sample("CT_small.dcm"))
+    ds.PatientID = "999911120"
+    for keyword in ("IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.save_as(src, enforce_file_format=True)
+    dst = tmp_path / "dst.dcm"
+    result = reconcile_file(src, dst, local_patient_id=LOCAL, issuer=ISSUER, bsn=transfer_bsn)
+    assert result.kept_original
+    after = dcmread(dst)
+    item = after.OtherPatientIDsSequence[-1]
+    assert item.PatientID == "999911120"
+    assert ("IssuerOfPatientID" in item) is labelled
+    assert names_bsn(after, "OtherPatientIDsSequence", "999911120") is labelled
+    assert not names_bsn(after, "PatientID", "999911120")  # the local id is nobody's BSN
 
 
 def test_idempotent_and_in_place(tmp_path: Path) -> None:
