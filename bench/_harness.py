@@ -195,8 +195,10 @@ def duo_config(workdir: Path, hospitals: Sequence[dict[str, Any]], mitz_url: str
             "subscriptions_url": f"{mitz_url}/abonnementen/fhir/Subscription",
         },
         # The benchmark's callers are on plain loopback HTTP: one TLB client, one XCA peer, no certificate.
+        # It stands for every clinician of the requesting hospitals: the load runs keep --clients
+        # timelines in flight at once, more than a TLB client's default max_concurrent (32).
         "clients": {"tlb": [{"name": "bench-tlb", "certificate": {"absent": True},
-                             "uras": [CLAIMS.ura, REQUESTER_PACS.ura]}],
+                             "uras": [CLAIMS.ura, REQUESTER_PACS.ura], "max_concurrent": 10_000}],
                     "xca": [{"name": "bench-xds", "certificate": {"absent": True},
                              "home_community_id": DEMO_XDS_HOME, "issuer": DEMO_XUA_ISSUER,
                              "signing_certs": [str(trusted_ca.parent / "client.crt")]}]},
