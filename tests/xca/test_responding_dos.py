@@ -91,8 +91,8 @@ async def test_a_delimiter_flood_is_refused_while_healthz_stays_fast(duo: Networ
     """8 parallel 4 MiB bodies of bare MIME delimiters, three times over, while /healthz is timed.
 
     Listing every delimiter before applying the part limit held the loop ~1.3 s per body (/healthz:
-    5 s). Now each is refused after a few parts with a Sender fault. The bound is loose (0.5 s; about
-    20 ms here, 113 ms once under a loaded CI) yet far below the old blocking.
+    5 s). Now each is refused after a few parts with a Sender fault. The bound is loose (0.5 s: under
+    100 ms as a rule here, 113 ms once under a loaded CI) yet far below the old blocking.
     """
     content_type = ('multipart/related; boundary="flood"; type="application/xop+xml"; '
                     f'start-info="application/soap+xml"; action="{Action.RAD75}"')
