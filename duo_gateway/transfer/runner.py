@@ -447,7 +447,11 @@ class JobRunner:
                     item.path.unlink(missing_ok=True)
                     continue
                 try:
-                    transient |= await relay(item)
+                    # Not ``transient |= await relay(item)``: that reads ``transient`` before the await
+                    # and writes it back after, erasing a retryable Missed the fetch loop recorded
+                    # meanwhile (the study then ended partial without its retry pass).
+                    again = await relay(item)
+                    transient = transient or again
                 except Exception as exc:
                     failure = failure or exc
 

@@ -262,6 +262,24 @@ async def test_instances_the_source_missed_are_retried_only_when_transient(rig: 
     assert rows[UIDS[1]].state == "failed" and rows[UIDS[0]].state == "stored"
 
 
+async def test_a_transient_miss_while_an_instance_is_being_stored_still_gets_its_retry_pass(rig: Rig) -> None:
+    """The relay used to write ``transient |= await relay(item)``: the value read before its C-STORE
+    overwrote the retryable Missed the fetch recorded meanwhile, and the study ended partial without
+    its retry pass (an XCA community that dropped one RAD-75 mid-study, seen in the durability test)."""
+    async def slow_first(uid: str) -> None:
+        if uid == UIDS[0]:
+            await asyncio.sleep(0.1)
+
+    scripted(rig, {}, before=slow_first)
+    fetcher = rig.fetcher(TLB_REF, passes=[
+        {UIDS[1]: Missed(UIDS[1], "connection lost", retryable=True)}, {}])
+    done = await rig.runner().run(await rig.job([TLB_REF]))
+
+    assert fetcher.fetch_calls[:2] == [UIDS, [UIDS[1]]]
+    assert done.state == "completed", done.studies
+    assert sorted(rig.destination.held) == sorted(UIDS)
+
+
 async def test_an_instance_the_source_silently_left_out_is_named_missing(rig: Rig) -> None:
     rig.fetcher(TLB_REF, passes=[{UIDS[2]: "skip"}])
     done = await rig.runner(retries=0).run(await rig.job([TLB_REF]))
