@@ -61,7 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal
+from typing import Literal
 
 import pynetdicom
 import structlog
@@ -69,7 +69,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -90,6 +90,7 @@ from duo_gateway.dicom.status import (
     is_unable_to_process,
     is_warning,
 )
+from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE
 from duo_gateway.failure import Failure, FailureKind
 from duo_gateway.tls import client_context
 
@@ -101,8 +102,6 @@ StoreOutcome = Literal["stored", "warning", "refused", "transient"]
 _MAX_SEND_PDU = 1 << 20
 #: DUL poll interval while a C-STORE-RSP is awaited (pynetdicom's idle default is 1 ms).
 _RESPONSE_POLL_S = 0.0001
-#: What every PACS stores and DUO can convert between without touching pixel data.
-UNCOMPRESSED_LE: Final = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Final
 
 from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.dicom.kos import parse_kos
-from duo_gateway.dicom.store_scu import UNCOMPRESSED_LE
+from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE
 from duo_gateway.timeline.model import StudyRef
 from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed
 from duo_gateway.transfer.jobstore import ExpectedInstance

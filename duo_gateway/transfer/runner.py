@@ -41,7 +41,8 @@ from duo_gateway.config.peers import TlbHospital, XcaCommunity
 from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.consent import ConsentGate
 from duo_gateway.dicom.reconcile import reconcile_file
-from duo_gateway.dicom.store_scu import UNCOMPRESSED_LE, StoreClient, StoreResult, StoreUnavailable
+from duo_gateway.dicom.store_scu import StoreClient, StoreResult, StoreUnavailable
+from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE
 from duo_gateway.sources.base import ImagingSource
 from duo_gateway.timeline.model import StudyRef
 from duo_gateway.timeline.study_ids import StudyIds
