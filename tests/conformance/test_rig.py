@@ -9,10 +9,11 @@ error being right when its errorCode and severity match) and ValidateReturnedIma
 SOPClassUID, SOPInstanceUID, PatientID, PatientBirthDate, PatientSex, StudyInstanceUID and
 SeriesInstanceUID equal to the source's image).
 
-Here the caller is the harness's XCA peer (signed XUA, mTLS-equivalent client config, an MTOM request
-of the Toolkit's shape, built below element for element), and E and F are DUO's two TLB hospitals,
-each a real DICOM Q/R peer (:class:`SimPacs`) behind Mitz consent. Adaptations common to every case
-(docs/conformance.md says which apply where):
+Here the caller is the harness's XCA peer (signed XUA, an MTOM request of the Toolkit's shape, built
+below element for element; plain HTTP on loopback, the peer known to DUO as a client without a
+certificate, as in the other Responding Gateway tests: mTLS has tests of its own), and E and F are
+DUO's two TLB hospitals, each a real DICOM Q/R peer (:class:`SimPacs`) behind Mitz consent.
+Adaptations common to every case (docs/conformance.md says which apply where):
 
 - **Identifiers.** The Toolkit's fixed data sets and OIDs become the generated studies of a BSN
   patient with consent at both hospitals, the hospitals' configured RepositoryUniqueIds and DUO's
