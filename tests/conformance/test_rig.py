@@ -27,7 +27,7 @@ Adaptations common to every case (docs/conformance.md says which apply where):
   the File Meta group, which the writer of a file rewrites) must equal the stored file.
 - **Schemas.** Every answer, its MTOM attachments inlined, is valid against the official XSDs.
 
-One network serves the module (about two seconds to start); each test reads only.
+One network serves the module (its start took 8 s on a loaded 2-CPU machine); each test only reads.
 """
 
 from __future__ import annotations
