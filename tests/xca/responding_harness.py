@@ -224,15 +224,19 @@ async def _network(
 
 @asynccontextmanager
 async def running_network(
-    tmp: Path, *, studies_per_patient: int = 2, pki: Pki | None = None, **overrides: Any
+    tmp: Path, *, studies_per_patient: int = 2, pki: Pki | None = None,
+    pacs_class: type[SimPacs] = SimPacs, **overrides: Any
 ) -> AsyncIterator[Network]:
-    """Two SimPacs hospitals, each holding ``studies_per_patient`` generated studies of every patient."""
+    """Two SimPacs hospitals, each holding ``studies_per_patient`` generated studies of every patient.
+
+    ``pacs_class``: a SimPacs subclass, for a test that must watch what DUO asks of a PACS.
+    """
     net = default_network()
     pacs: list[SimPacs] = []
     studies: dict[str, list[GeneratedStudy]] = {}
     try:
         for h in net.hospitals:
-            p = SimPacs(h, tmp / "pacs" / h.ae_title)
+            p = pacs_class(h, tmp / "pacs" / h.ae_title)
             pacs.append(p)
             generated = [
                 s for pt in net.patients for s in generate_studies(pt, h, studies_per_patient, net.seed)

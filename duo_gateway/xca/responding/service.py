@@ -460,6 +460,18 @@ class RespondingGateway:
             )
         return None
 
+    def _unknown_repository(self, doc: DocumentRequest) -> RegistryError:
+        """A RepositoryUniqueId naming no TLB hospital: XDSUnknownRepositoryId (ITI TF-3 Table
+        4.2.4.1-2), for ITI-39 and RAD-75 alike, because RAD-75 answers with the semantics of RAD-69,
+        which are ITI-43's. Not XDSRepositoryError: that reports a failure inside a known repository,
+        where the requester's own RepositoryUniqueId is what is wrong (NIST rig_2018-5424c)."""
+        return RegistryError(
+            ErrorCode.UNKNOWN_REPOSITORY_ID,
+            f"unknown repository {doc.repository_unique_id}",
+            Severity.ERROR,
+            self._home,
+        )
+
     async def _retrieve_one(
         self,
         doc: DocumentRequest,
@@ -480,16 +492,7 @@ class RespondingGateway:
             return home_error, None, None
         hospital = self._by_repository.get(doc.repository_unique_id)
         if hospital is None or hospital.ura not in self._sources:
-            return (
-                RegistryError(
-                    ErrorCode.UNKNOWN_REPOSITORY_ID,
-                    f"unknown repository {doc.repository_unique_id}",
-                    Severity.ERROR,
-                    self._home,
-                ),
-                None,
-                None,
-            )
+            return self._unknown_repository(doc), None, None
         indexed = await self._index.lookup(doc.document_unique_id)
         if indexed is None or indexed.hospital_ura != hospital.ura:
             return unknown("not announced by an ITI-38 answer"), None, None
@@ -601,14 +604,8 @@ class RespondingGateway:
                     continue
                 hospital = self._by_repository.get(doc.repository_unique_id)
                 if hospital is None or hospital.ura not in self._sources:
-                    errors.append(
-                        RegistryError(
-                            ErrorCode.REPOSITORY_ERROR,
-                            f"unknown repository {doc.repository_unique_id} ({ctx_id})",
-                            Severity.ERROR,
-                            self._home,
-                        )
-                    )
+                    unknown = self._unknown_repository(doc)
+                    errors.append(replace(unknown, code_context=f"{unknown.code_context} ({ctx_id})"))
                     continue
                 by_study.setdefault((hospital.ura, study_uid), []).append((study_uid, series_uid, doc))
             Study = tuple[tuple[str, str], list[tuple[str, str, DocumentRequest]]]
