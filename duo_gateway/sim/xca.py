@@ -22,6 +22,7 @@ import copy
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Final
 
 import structlog
@@ -194,22 +195,21 @@ class XcaCommunitySimulator:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         expected, response_action = _ACTIONS[request.path]
+        behaviour: Misbehaviour = current_behaviour(request.app)
+        lost = frozenset(behaviour.lost_instances) if isinstance(behaviour, XcaMisbehaviour) else frozenset()
+        handlers: dict[str, Callable[[etree._Element, dict[str, bytes]], _Reply]] = {
+            "/iti38": self._iti38, "/iti39": self._iti39, "/rad75": partial(self._rad75, lost=lost),
+        }
+        handler = handlers[request.path]
         try:
             raw = await request.read()
-            # An MTOM-packaged request is accepted; none of these requests carries attachments.
-            root, _ = parse_mtom(request.headers.get("Content-Type", ""), raw, MAX_REQUEST_BYTES)
+            root, parts = parse_mtom(request.headers.get("Content-Type", ""), raw, MAX_REQUEST_BYTES)
             env = parse_envelope(root)
         except SoapFault as fault:
             return _fault_response(fault, None)
         except (XmlError, ValueError) as exc:
             return _fault_response(SoapFault("Sender", f"not an acceptable SOAP 1.2 message: {exc}"), None)
         relates_to = env.addressing.message_id
-        behaviour: Misbehaviour = current_behaviour(request.app)
-        lost = frozenset(behaviour.lost_instances) if isinstance(behaviour, XcaMisbehaviour) else frozenset()
-        handler: Callable[[etree._Element], _Reply] = {
-            "/iti38": self._iti38, "/iti39": self._iti39,
-            "/rad75": lambda body: self._rad75(body, lost),
-        }[request.path]
         if behaviour.fault:
             log.info("xca_sim_fault", community=self.home, path=request.path)
             return _fault_response(SoapFault("Receiver", "simulated responding gateway failure"), relates_to)
@@ -226,7 +226,7 @@ class XcaCommunitySimulator:
             ), relates_to)
         if env.body is None:
             return _fault_response(SoapFault("Sender", "empty SOAP Body"), relates_to)
-        reply = handler(env.body)
+        reply = handler(env.body, parts)
         envelope = build_envelope(
             Addressing(action=response_action, message_id=new_message_id(), relates_to=relates_to), reply.body
         )
@@ -244,7 +244,8 @@ class XcaCommunitySimulator:
 
     # --- ITI-38 ---
 
-    def _iti38(self, body: etree._Element) -> _Reply:
+    def _iti38(self, body: etree._Element, parts: dict[str, bytes]) -> _Reply:
+        del parts
         try:
             req = parse_adhoc_query_request(body)
             query = validate_stored_query(req)
@@ -299,7 +300,8 @@ class XcaCommunitySimulator:
                                  location=self.home)
         return None
 
-    def _iti39(self, body: etree._Element) -> _Reply:
+    def _iti39(self, body: etree._Element, parts: dict[str, bytes]) -> _Reply:
+        del parts
         try:
             req = parse_retrieve_request(body)
         except RegistryErrorException as exc:
@@ -329,8 +331,10 @@ class XcaCommunitySimulator:
 
     # --- RAD-75 ---
 
-    def _rad75(self, body: etree._Element, lost: frozenset[str]) -> _Reply:
+    def _rad75(self, body: etree._Element, parts: dict[str, bytes], *,
+               lost: frozenset[str] = frozenset()) -> _Reply:
         """``lost``: what the repository no longer holds (:class:`XcaMisbehaviour`), answered as unknown."""
+        del parts
         try:
             req = parse_imaging_retrieve_request(body)
             syntax = next((ts for ts in req.transfer_syntaxes if ts in SUPPORTED_TRANSFER_SYNTAXES), None)
