@@ -80,16 +80,18 @@ async def test_a_rig_failure_is_passed_on_while_the_other_communitys_images_land
     assert ErrorCode.DOCUMENT_UNIQUE_ID_ERROR in b["detail"]
     assert composite_context(B_SIX.study_instance_uid, str(first.SeriesInstanceUID),
                              str(first.SOPInstanceUID)) in b["detail"]
-    assert B_SIX.instances[0].SOPInstanceUID in b["detail"] and network.b.home in b["detail"]
+    assert network.b.home in b["detail"]
     assert any(ErrorCode.DOCUMENT_UNIQUE_ID_ERROR in e for e in job["errors"])
     assert PATIENT.bsn not in repr(job)
-    # B was asked (once: the error is not one that passes), A's image is in the requester's PACS.
+    # B was asked once (an unknown UID is no transient error, so no retry pass); A's image landed.
     assert len(network.b.rad75(since_b)) == 1
     assert await landed(network, A_ONE.study_instance_uid) == set(sop_uids(A_ONE))
     assert await landed(network, B_SIX.study_instance_uid) == set()
 
 
 async def test_a_community_that_is_down_costs_only_its_own_study(network: CommunitiesNetwork) -> None:
+    """A is down for the whole job: its study fails once its manifest retries are spent, naming A and
+    the ITI-39 that could not be made, and B's study, asked after it, still completes."""
     ids = await network.study_ids()
     since = {c.home: len(c.recorder.bodies) for c in network.communities.values()}
     with network.a.misbehaving(XcaMisbehaviour(down=True)):
@@ -109,6 +111,8 @@ async def test_a_community_that_is_down_costs_only_its_own_study(network: Commun
 
 async def test_a_partial_rad75_answer_keeps_what_came_and_names_what_did_not(
         network: CommunitiesNetwork) -> None:
+    """B answers PartialSuccess (four of six images, XDSDocumentUniqueIdError for two): the four are
+    stored, the two named missing with B's error, and A's study is unaffected."""
     ids = await network.study_ids()
     lost = sop_uids(B_SIX)[1:3]
     with network.b.misbehaving(XcaMisbehaviour(lost_instances=lost)):
