@@ -33,6 +33,15 @@ class Misbehaviour(StrictModel):
 MitzDecisionOverride = Literal["Permit", "Deny", "NotApplicable", "Indeterminate"]
 
 
+class XcaMisbehaviour(Misbehaviour):
+    #: SOP Instance UIDs the imaging document source behind the gateway no longer holds (purged,
+    #: lost): the KOS still lists them, but RAD-75 answers ``XDSDocumentUniqueIdError`` for each,
+    #: beside the images it does have (PartialSuccess) or alone (Failure). This is how NIST's
+    #: Responding Imaging Gateways play unknown UIDs and partial success (iig_2018-5404b, 5405a/b)
+    #: to an Initiating Imaging Gateway whose RAD-75 requests follow the manifest.
+    lost_instances: list[str] = Field(default_factory=list, max_length=100_000)
+
+
 class MitzMisbehaviour(Misbehaviour):
     #: Answer every closed question with this decision whatever the consent records say.
     force_decision: MitzDecisionOverride | None = None

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from duo_gateway.bsn import is_valid_bsn
 from duo_gateway.config.base import StrictModel
-from duo_gateway.sim.behaviour import Misbehaviour, MitzMisbehaviour
+from duo_gateway.sim.behaviour import Misbehaviour, MitzMisbehaviour, XcaMisbehaviour
 
 ConsentProfile = Literal["all", "partial", "none"]
 
@@ -60,7 +60,7 @@ class SimCommunity(StrictModel):
     repository_unique_id: str
     institutions: list[SimInstitution] = Field(min_length=1)
     studies_per_patient: int = Field(default=1, ge=0, le=50)
-    behaviour: Misbehaviour = Misbehaviour()
+    behaviour: XcaMisbehaviour = XcaMisbehaviour()
 
 
 class SimMitz(StrictModel):

@@ -22,6 +22,7 @@ import copy
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Final
 
 import structlog
@@ -33,7 +34,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from duo_gateway.bsn import BSN_OID
 from duo_gateway.config.xca import DocumentCodes
 from duo_gateway.dicom.kos import encode_part10
-from duo_gateway.sim.behaviour import Misbehaviour
+from duo_gateway.sim.behaviour import Misbehaviour, XcaMisbehaviour
 from duo_gateway.sim.config import SimCommunity, SimInstitution, SimNetworkConfig, SimPatient
 from duo_gateway.sim.http import current_behaviour, install_behaviour
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies
@@ -124,7 +125,10 @@ def community_seed(net: SimNetworkConfig, community: SimCommunity) -> int:
 class XcaCommunitySimulator:
     """Holds the community's generated studies and answers ITI-38, ITI-39 and RAD-75."""
 
-    def __init__(self, community: SimCommunity, net: SimNetworkConfig) -> None:
+    def __init__(self, community: SimCommunity, net: SimNetworkConfig, *,
+                 studies: Sequence[tuple[SimPatient, SimInstitution, GeneratedStudy]] | None = None) -> None:
+        """``studies`` replaces the generated ones, for a test whose case prescribes their shape (a
+        conformance case's single-image study, six images in one series); they are served as given."""
         self.community = community
         self.home = community.home_community_id
         self.repository_unique_id = community.repository_unique_id
@@ -132,13 +136,16 @@ class XcaCommunitySimulator:
         self.codes = DocumentCodes()
         self._patients = {p.bsn: p for p in net.patients}
         self.studies: list[tuple[SimPatient, SimInstitution, GeneratedStudy]] = []
-        seed = community_seed(net, community)
-        for patient in net.patients:
-            for institution in community.institutions:
-                for study in generate_studies(
-                    patient, institution, community.studies_per_patient, seed, net.image_size
-                ):
-                    self.studies.append((patient, institution, study))
+        if studies is not None:
+            self.studies.extend(studies)
+        else:
+            seed = community_seed(net, community)
+            for patient in net.patients:
+                for institution in community.institutions:
+                    for study in generate_studies(
+                        patient, institution, community.studies_per_patient, seed, net.image_size
+                    ):
+                        self.studies.append((patient, institution, study))
         self.documents: list[SimDocument] = []
         self._instances: dict[tuple[str, str, str], Dataset] = {}
         for patient, institution, study in self.studies:
@@ -188,9 +195,12 @@ class XcaCommunitySimulator:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         expected, response_action = _ACTIONS[request.path]
-        handler: Callable[[etree._Element, dict[str, bytes]], _Reply] = {
-            "/iti38": self._iti38, "/iti39": self._iti39, "/rad75": self._rad75,
-        }[request.path]
+        behaviour: Misbehaviour = current_behaviour(request.app)
+        lost = frozenset(behaviour.lost_instances) if isinstance(behaviour, XcaMisbehaviour) else frozenset()
+        handlers: dict[str, Callable[[etree._Element, dict[str, bytes]], _Reply]] = {
+            "/iti38": self._iti38, "/iti39": self._iti39, "/rad75": partial(self._rad75, lost=lost),
+        }
+        handler = handlers[request.path]
         try:
             raw = await request.read()
             root, parts = parse_mtom(request.headers.get("Content-Type", ""), raw, MAX_REQUEST_BYTES)
@@ -200,7 +210,6 @@ class XcaCommunitySimulator:
         except (XmlError, ValueError) as exc:
             return _fault_response(SoapFault("Sender", f"not an acceptable SOAP 1.2 message: {exc}"), None)
         relates_to = env.addressing.message_id
-        behaviour: Misbehaviour = current_behaviour(request.app)
         if behaviour.fault:
             log.info("xca_sim_fault", community=self.home, path=request.path)
             return _fault_response(SoapFault("Receiver", "simulated responding gateway failure"), relates_to)
@@ -322,7 +331,9 @@ class XcaCommunitySimulator:
 
     # --- RAD-75 ---
 
-    def _rad75(self, body: etree._Element, parts: dict[str, bytes]) -> _Reply:
+    def _rad75(self, body: etree._Element, parts: dict[str, bytes], *,
+               lost: frozenset[str] = frozenset()) -> _Reply:
+        """``lost``: what the repository no longer holds (:class:`XcaMisbehaviour`), answered as unknown."""
         del parts
         try:
             req = parse_imaging_retrieve_request(body)
@@ -339,7 +350,8 @@ class XcaCommunitySimulator:
         for study_uid, series_uid, doc in req.instances():
             context = composite_context(study_uid, series_uid, doc.document_unique_id)
             error = self._check_request(doc, context)
-            ds = self._instances.get((study_uid, series_uid, doc.document_unique_id))
+            ds = (None if doc.document_unique_id in lost
+                  else self._instances.get((study_uid, series_uid, doc.document_unique_id)))
             if error is None and ds is None:
                 error = RegistryError(ErrorCode.DOCUMENT_UNIQUE_ID_ERROR, context, location=self.home)
             if error is not None:

@@ -479,6 +479,46 @@ async def test_rad75_transfer_syntax(peer: Peer, wsdl_dir: Path) -> None:
     assert jpeg_only.errors[0].error_code == ErrorCode.REPOSITORY_ERROR
 
 
+async def test_lost_instances_are_unknown_to_rad75_while_the_kos_still_lists_them(
+    peer: Peer, wsdl_dir: Path
+) -> None:
+    _, _, study = peer.sim.studies[0]
+    kept, lost = study.instances[0], study.instances[1]
+    await _behave(peer, lost_instances=[str(lost.SOPInstanceUID)])
+
+    def asking(*instances: Any) -> RetrieveImagingDocumentSetRequest:
+        return RetrieveImagingDocumentSetRequest(
+            (StudyRequest(study.study_instance_uid, tuple(
+                SeriesRequest(str(ds.SeriesInstanceUID),
+                              (DocumentRequest(peer.repo, str(ds.SOPInstanceUID), peer.home),))
+                for ds in instances)),),
+            (EXPLICIT_VR_LITTLE_ENDIAN,))
+
+    partial = await retrieve_images(peer, asking(kept, lost), wsdl_dir)
+    assert partial.status is ResponseStatus.PARTIAL_SUCCESS
+    assert [d.document_unique_id for d in partial.documents] == [str(kept.SOPInstanceUID)]
+    context = f"{study.study_instance_uid}:{lost.SeriesInstanceUID}:{lost.SOPInstanceUID}"
+    assert [(e.error_code, e.code_context) for e in partial.errors] == [(ErrorCode.DOCUMENT_UNIQUE_ID_ERROR,
+                                                                         context)]
+    failure = await retrieve_images(peer, asking(lost), wsdl_dir)
+    assert failure.status is ResponseStatus.FAILURE and not failure.documents
+    # The manifest is the registry's and still names the lost instance.
+    kos = next(d for d in docs_of(peer.sim, peer.sim.studies[0][0].bsn)
+               if d.entry.format_code is not None and d.entry.format_code.code == KOS_SOP_CLASS
+               and study.study_instance_uid.encode() in d.data)
+    assert str(lost.SOPInstanceUID).encode() in kos.data
+
+
+def test_given_studies_replace_the_generated_ones(net: SimNetworkConfig, sim: XcaCommunitySimulator) -> None:
+    patient, institution, study = sim.studies[0]
+    one_image = replace(study, instances=study.instances[:1])
+    given = XcaCommunitySimulator(net.communities[0], net, studies=[(patient, institution, one_image)])
+    assert given.studies == [(patient, institution, one_image)]
+    assert [d.entry.unique_id for d in given.documents] == [sim.documents[0].entry.unique_id]
+    assert str(study.instances[0].SOPInstanceUID).encode() in given.documents[0].data
+    assert str(study.instances[1].SOPInstanceUID).encode() not in given.documents[0].data
+
+
 async def test_mtom_packaged_request_is_accepted(peer: Peer, net: SimNetworkConfig) -> None:
     """IPF-style clients send ITI-39 requests as MTOM even without attachments."""
     good = docs_of(peer.sim, net.patients[0].bsn)[0]
