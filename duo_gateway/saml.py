@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 
@@ -50,6 +51,9 @@ ATTR_PURPOSE: Final = "urn:oasis:names:tc:xspa:1.0:subject:purposeofuse"
 
 #: The purposes of use Mitz knows (mitz.md §5).
 PURPOSES: Final[frozenset[str]] = frozenset({"TREAT", "COC"})
+
+#: The decisions an AuthzDecisionStatement may state (SAML core §2.7.4, DecisionType).
+AUTHZ_DECISIONS: Final[frozenset[str]] = frozenset({"Permit", "Deny", "Indeterminate"})
 
 
 class SamlError(ValueError):
@@ -182,6 +186,55 @@ def single_attribute_values(statements: Iterable[etree._Element],
     return values
 
 
+@dataclass(frozen=True)
+class AuthzDecision:
+    """What one ``AuthzDecisionStatement`` says: that its issuer decided ``decision`` on ``resource``.
+
+    XUA's consent evidence (BPPC, the NHIN AccessConsentPolicy) travels as this statement with an
+    ``Evidence`` of its own; only the fact and its two attributes are kept, because a reader's policy
+    needs to know *that* the issuer wrote a decision, never to act on the evidence behind it.
+    """
+
+    decision: str
+    resource: str
+
+
+def evidence_assertions(assertion: etree._Element) -> list[etree._Element]:
+    """The assertions ``assertion`` cites as evidence: at ``AuthzDecisionStatement/Evidence/Assertion``.
+
+    Exactly that chain of direct children, so a reader that tolerates evidence assertions tolerates
+    nothing nested anywhere else (an Advice, a deeper level, another statement).
+    """
+    return [evidence
+            for statement in assertion if statement.tag == qname(SAML_NS, "AuthzDecisionStatement")
+            for holder in statement if holder.tag == qname(SAML_NS, "Evidence")
+            for evidence in holder if evidence.tag == qname(SAML_NS, "Assertion")]
+
+
+def authz_decisions(assertion: etree._Element) -> tuple[AuthzDecision, ...]:
+    """Every ``AuthzDecisionStatement`` directly in ``assertion``, checked against the SAML schema.
+
+    A statement must name its Decision (one of :data:`AUTHZ_DECISIONS`) and Resource and hold at least
+    one Action (SAML core §2.7.4); anything else is refused with :class:`SamlError`, so an unreadable
+    decision can never be taken for no decision at all.
+    """
+    found: list[AuthzDecision] = []
+    for statement in assertion:
+        if statement.tag != qname(SAML_NS, "AuthzDecisionStatement"):
+            continue
+        decision = (statement.get("Decision") or "").strip()
+        if decision not in AUTHZ_DECISIONS:
+            raise SamlError(f"AuthzDecisionStatement Decision must be one of "
+                            f"{', '.join(sorted(AUTHZ_DECISIONS))}")
+        resource = statement.get("Resource")
+        if resource is None:
+            raise SamlError("AuthzDecisionStatement must name its Resource")
+        if not any(c.tag == qname(SAML_NS, "Action") for c in statement):
+            raise SamlError("AuthzDecisionStatement must hold at least one Action")
+        found.append(AuthzDecision(decision, resource.strip()))
+    return tuple(found)
+
+
 def hl7_type(el: etree._Element) -> str | None:
     """The hl7 local name of ``xsi:type``, or None when it is absent or not in the hl7 namespace.
 
@@ -197,8 +250,9 @@ def hl7_type(el: etree._Element) -> str | None:
 
 __all__ = [
     "ASSERTION_VALIDITY", "ATTR_CONSULTING_TYPE", "ATTR_MANDATED", "ATTR_PROVIDER_ID",
-    "ATTR_PROVIDER_INSTITUTION", "ATTR_PURPOSE", "ATTR_RESOURCE_ID", "ATTR_ROLE", "CIBG", "HL7_NS",
-    "ORG_TYPE_OID", "PURPOSES", "PURPOSE_OID", "ROLE_OID", "SAML_AC_CLASSES", "SAML_BEARER",
-    "SAML_HOLDER_OF_KEY", "SAML_NS", "SAML_X509", "URA_OID", "UZI_OID", "WSSE_NS", "WSU_NS", "SamlError",
-    "build_xua_assertion", "hl7_type", "single_attribute_values",
+    "ATTR_PROVIDER_INSTITUTION", "ATTR_PURPOSE", "ATTR_RESOURCE_ID", "ATTR_ROLE", "AUTHZ_DECISIONS", "CIBG",
+    "HL7_NS", "ORG_TYPE_OID", "PURPOSES", "PURPOSE_OID", "ROLE_OID", "SAML_AC_CLASSES", "SAML_BEARER",
+    "SAML_HOLDER_OF_KEY", "SAML_NS", "SAML_X509", "URA_OID", "UZI_OID", "WSSE_NS", "WSU_NS", "AuthzDecision",
+    "SamlError", "authz_decisions", "build_xua_assertion", "evidence_assertions", "hl7_type",
+    "single_attribute_values",
 ]

@@ -32,6 +32,22 @@ Signature wrapping is defeated by construction: the attributes are read from the
 that is a direct child of the one ``wsse:Security`` header, and that same element object is what
 :func:`duo_gateway.xmldsig.verify` is told to expect (which also refuses an ID that occurs twice
 anywhere in the document). Nothing is read through ``.//`` searches that could reach a nested copy.
+The one nested assertion tolerated is evidence at ``AuthzDecisionStatement/Evidence/Assertion``, which
+is never read, only the reason the request is refused (below).
+
+Authorization decisions (XUA's Authz-Consent option, NIST ``_withauthzconsent``): an assertion may
+carry an ``AuthzDecisionStatement``, typically a Permit with a consent document as evidence. DUO does
+not act on it, and refuses the request. The statement is signed by the caller's own issuer, so the
+signature binds it to the caller, not to the patient's will: it is the caller's word about its own
+access. In the Netherlands consent is Mitz's to state, and DUO asks Mitz itself (the consent gate);
+a Permit written by anyone else grants nothing. A Deny or Indeterminate is the caller's side
+restricting itself on terms (Resource, evidence) DUO cannot interpret, so ignoring the statement could
+disclose what the caller's own policy refused. Refusing is fail-closed and tells the peer plainly that
+the decision was not honoured. The refusal is not a WS-Security fault, since the assertion is authentic
+and well formed: :meth:`Requester.authorization_refusal` gives the reason, and each door answers it in
+its protocol's terms (an ebRS Failure with ``LocalPolicyRestrictionError`` on XCA, as NIST's
+``12309``/``12312_withauthzconsent`` expect; 403 on the TLB API). A door that forgot to ask would
+still disclose nothing without a Mitz Permit, only ignore the statement.
 """
 
 from __future__ import annotations
@@ -74,8 +90,11 @@ from duo_gateway.saml import (
     UZI_OID,
     WSSE_NS,
     WSU_NS,
+    AuthzDecision,
     SamlError,
+    authz_decisions,
     build_xua_assertion,
+    evidence_assertions,
     hl7_type,
     single_attribute_values,
 )
@@ -107,6 +126,10 @@ _NCNAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 #: Trust-store refusals from :func:`duo_gateway.xmldsig.verify` (who signed), as opposed to refusals
 #: of the signature itself (what was signed). Pinned by tests so a rewording there cannot go unnoticed.
 _TRUST_REFUSAL = re.compile(r"certificate .* (is not trusted|expired at|is not valid before|has a KeyUsage)")
+
+#: Why a request whose assertion carries an AuthzDecisionStatement is refused (answers, audit, logs).
+AUTHZ_DECISION_REFUSED: Final = ("the XUA assertion carries an authorization decision, which DUO does not "
+                                 "act on: consent is asked of Mitz")
 
 
 def _fault(subcode: Subcode, reason: str) -> SoapFault:
@@ -189,6 +212,19 @@ class Requester(Claims):
     patient_bsn: str | None = None
     #: RFC 4514 subject of the certificate whose signature was verified.
     signer: str
+    #: The assertion's AuthzDecisionStatements: what its issuer decided about its own access.
+    authz_decisions: tuple[AuthzDecision, ...] = ()
+
+    def authorization_refusal(self) -> str | None:
+        """Why a request on this assertion is refused for carrying authorization decisions, or None.
+
+        The policy of this module's docstring: any decision, Permit or not, refuses the request. The
+        reason names the decisions, never the evidence (which may name the patient).
+        """
+        if not self.authz_decisions:
+            return None
+        decisions = ", ".join(sorted({d.decision for d in self.authz_decisions}))
+        return f"{AUTHZ_DECISION_REFUSED} (Decision {decisions})"
 
     def concerns(self, bsn: str) -> bool:
         """Whether a request about ``bsn`` is one this assertion may be used for.
@@ -259,7 +295,9 @@ def _find_assertion(security: etree._Element) -> etree._Element | None:
     if any(True for _ in security.iter(qname(SAML_NS, "EncryptedAssertion"))):
         raise _fault("InvalidSecurityToken", "encrypted assertions are not supported")
     direct = _elements(security, SAML_NS, "Assertion")
-    anywhere = list(security.iter(qname(SAML_NS, "Assertion")))
+    # Identity, not id(): lxml keeps one proxy per element only while it is referenced (this list).
+    evidence = [e for d in direct for e in evidence_assertions(d)]
+    anywhere = [a for a in security.iter(qname(SAML_NS, "Assertion")) if not any(a is e for e in evidence)]
     if len(anywhere) > len(direct) or len(direct) > 1:
         # A second assertion, nested (Advice) or not, is exactly what wrapping attacks smuggle in.
         raise _fault("InvalidSecurity",
@@ -496,7 +534,9 @@ def validate_assertion(
     :func:`validate_xua` calls it with the assertion it found in ``wsse:Security``; a caller with an
     assertion of its own (e.g. parsed from an ``Authorization: SAML`` header) passes the root element
     of that document. Every value is read from ``assertion`` itself, the element the signature is
-    verified to cover, and an assertion nested inside it (Advice) is refused.
+    verified to cover, and an assertion nested inside it (Advice) is refused, but for the evidence of
+    an AuthzDecisionStatement, which is never read. Such a statement is kept on the Requester
+    (:meth:`Requester.authorization_refusal`); a malformed one is refused here.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -506,7 +546,8 @@ def validate_assertion(
     skew = timedelta(seconds=cfg.clock_skew_s)
     if assertion.tag != qname(SAML_NS, "Assertion"):
         raise _fault("InvalidSecurityToken", "not a saml2:Assertion")
-    if any(el is not assertion
+    evidence = evidence_assertions(assertion)
+    if any(el is not assertion and not any(el is e for e in evidence)
            for el in assertion.iter(qname(SAML_NS, "Assertion"), qname(SAML_NS, "EncryptedAssertion"))):
         raise _fault("InvalidSecurity", "the assertion holds another assertion")
     if assertion.get("Version") != "2.0":
@@ -532,12 +573,16 @@ def validate_assertion(
     _check_authn(assertion, authn_contexts)
     claims, bsn = _claims(assertion, cfg)
     try:
+        decisions = authz_decisions(assertion)
+    except SamlError as exc:
+        raise _fault("InvalidSecurityToken", str(exc)) from None
+    try:
         requester = Requester(
             uzi=claims["uzi"] or "", role=claims["role"] or "", ura=claims["ura"] or "",
             purpose=claims["purpose"] or "", organisation_type=claims["organisation_type"],
             mandated_uzi=claims["mandated_uzi"], issuer=assertion_issuer, assertion_id=assertion_id,
             issue_instant=issued, not_on_or_after=not_after, subject=subject, patient_bsn=bsn,
-            signer=signer.subject.rfc4514_string(),
+            signer=signer.subject.rfc4514_string(), authz_decisions=decisions,
         )
     except ValueError as exc:
         raise _fault("InvalidSecurityToken", f"malformed attribute value: {exc}") from exc
@@ -653,7 +698,7 @@ def _timestamped_security(now: datetime, ttl_s: float) -> etree._Element:
 
 
 __all__ = [
-    "ACCEPTED_AUTHN_CONTEXTS", "PATIENT_MISMATCH", "SUBJECT_CONFIRMATIONS", "Claims", "Requester", "Subcode",
-    "issue_assertion", "patient_mismatch", "peer_trust", "security_header", "security_header_bytes",
-    "validate_assertion", "validate_xua",
+    "ACCEPTED_AUTHN_CONTEXTS", "AUTHZ_DECISION_REFUSED", "PATIENT_MISMATCH", "SUBJECT_CONFIRMATIONS",
+    "Claims", "Requester", "Subcode", "issue_assertion", "patient_mismatch", "peer_trust", "security_header",
+    "security_header_bytes", "validate_assertion", "validate_xua",
 ]

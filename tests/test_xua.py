@@ -9,6 +9,7 @@ through bytes and the project's hardened parser, as a peer's request would.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import os
 import re
@@ -43,6 +44,7 @@ from duo_gateway.soap.envelope import (
 from duo_gateway.soap.xml import XSI_NS, XmlError, parse_xml, to_bytes
 from duo_gateway.xmldsig import DS_NS, EXC_C14N, SAML_ID, PrivateKey, TrustStore, load_signing_pair
 from duo_gateway.xua import (
+    AUTHZ_DECISION_REFUSED,
     Claims,
     Requester,
     issue_assertion,
@@ -53,6 +55,7 @@ from duo_gateway.xua import (
     validate_xua,
 )
 from tests.support.pki import CertPair, Pki, make_pki
+from tests.support.xua_variants import authz_consent
 
 FIXTURES = Path(__file__).parent / "fixtures" / "xua"
 AUDIENCE = "urn:oid:2.16.528.1.1007.99.1"
@@ -1031,6 +1034,117 @@ def test_a_bare_assertion_may_not_carry_another_one(signer: Signer, store: Trust
     with pytest.raises(SoapFault, match="holds another assertion") as info:
         validate_assertion(outer, CFG, issuer=ISSUER, trusted=store, audiences=[AUDIENCE], now=now)
     assert info.value.subcode == (saml.WSSE_NS, "InvalidSecurity")
+
+
+# --------------------------------------------------------------------------------------------------
+# Authorization decisions (NIST _withauthzconsent): authentic, read, never acted on
+# --------------------------------------------------------------------------------------------------
+
+EVIDENCE = "saml2:AuthzDecisionStatement/saml2:Evidence/saml2:Assertion"
+
+
+@pytest.mark.parametrize("decision", ["Permit", "Deny", "Indeterminate"])
+def test_an_authorization_decision_is_authentic_but_refuses_the_request(
+        decision: str, signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    """Whatever the caller's issuer decided, the consent question stays Mitz's: the assertion is
+    accepted as authentication (the evidence assertion in its place is no wrapping) and the request
+    refused, naming the decision and nothing of the evidence."""
+    env = envelope(build(now, authz_consent(decision, "https://duo.test/xca"), sign=signer))
+    requester = validate(env, store, now)
+    assert requester is not None and requester.ura == CLAIMS.ura
+    assert requester.authz_decisions == (saml.AuthzDecision(decision, "https://duo.test/xca"),)
+    refusal = requester.authorization_refusal()
+    assert refusal == f"{AUTHZ_DECISION_REFUSED} (Decision {decision})"
+    assert "2222" not in refusal and "AccessConsentPolicy" not in refusal
+
+
+def test_without_an_authorization_decision_there_is_no_refusal(signer: Signer, store: TrustStore,
+                                                                now: dt.datetime) -> None:
+    requester = validate(envelope(build(now, sign=signer)), store, now)
+    assert requester is not None and requester.authz_decisions == ()
+    assert requester.authorization_refusal() is None
+
+
+def _statement(decision: str | None, resource: str | None, action: bool) -> Mutation:
+    def mutate(a: etree._Element) -> None:
+        statement = etree.SubElement(a, f"{{{saml.SAML_NS}}}AuthzDecisionStatement")
+        if decision is not None:
+            statement.set("Decision", decision)
+        if resource is not None:
+            statement.set("Resource", resource)
+        if action:
+            etree.SubElement(statement, f"{{{saml.SAML_NS}}}Action").text = "Execute"
+    return mutate
+
+
+@pytest.mark.parametrize(("mutate", "reason"), [
+    (_statement("Maybe", "urn:x", True), "Decision must be one of Deny, Indeterminate, Permit"),
+    (_statement(None, "urn:x", True), "Decision must be one of"),
+    (_statement("Permit", None, True), "must name its Resource"),
+    (_statement("Permit", "urn:x", False), "must hold at least one Action"),
+], ids=["unknown-decision", "no-decision", "no-resource", "no-action"])
+def test_an_unreadable_authorization_decision_is_a_malformed_token(
+        mutate: Mutation, reason: str, signer: Signer, store: TrustStore, now: dt.datetime) -> None:
+    """Never taken for "no decision": a statement DUO cannot read refuses the assertion itself."""
+    refused(envelope(build(now, mutate, sign=signer)), store, now, "InvalidSecurityToken", reason)
+
+
+def test_the_evidence_is_signed_with_the_assertion(signer: Signer, store: TrustStore,
+                                                   now: dt.datetime) -> None:
+    signed = build(now, authz_consent(), sign=signer)
+    evidence = signed.find(EVIDENCE, NS)
+    assert evidence is not None
+    evidence.set("ID", "_other-evidence")
+    refused(envelope(signed), store, now, "FailedCheck", "DigestValue does not match")
+
+
+def test_the_genuine_assertion_hidden_as_evidence_vouches_for_nothing(signer: Signer, store: TrustStore,
+                                                                      now: dt.datetime) -> None:
+    """Wrapping through the one tolerated nesting: the outer assertion is what must be signed."""
+    genuine = build(now, sign=signer)
+
+    def hide_genuine(a: etree._Element) -> None:
+        authz_consent()(a)
+        evidence = a.find(EVIDENCE, NS)
+        assert evidence is not None
+        holder = evidence.getparent()
+        assert holder is not None
+        holder.replace(evidence, copy.deepcopy(genuine))
+
+    forged = build(now, hide_genuine, claims=dataclasses.replace(CLAIMS, ura="00000999"),
+                   assertion_id="_forged")
+    refused(envelope(forged), store, now, "InvalidSecurityToken", NOT_SIGNED)
+    genuine_sig = genuine.find("ds:Signature", NS)
+    assert genuine_sig is not None
+    forged.insert(1, copy.deepcopy(genuine_sig))
+    refused(envelope(forged), store, now, "FailedCheck", "does not point at the expected element")
+
+
+@pytest.mark.parametrize("where", ["advice-in-evidence", "evidence-of-evidence", "beside-evidence"])
+def test_only_evidence_itself_may_be_nested(where: str, signer: Signer, store: TrustStore,
+                                            now: dt.datetime) -> None:
+    """Exactly ``AuthzDecisionStatement/Evidence/Assertion``: any other nested assertion is refused."""
+    inner = build(now, assertion_id="_deeper")
+
+    def plant(a: etree._Element) -> None:
+        authz_consent()(a)
+        evidence = a.find(EVIDENCE, NS)
+        assert evidence is not None
+        if where == "advice-in-evidence":
+            evidence.append(etree.Element(f"{{{saml.SAML_NS}}}Advice"))
+            evidence[-1].append(copy.deepcopy(inner))
+        elif where == "evidence-of-evidence":
+            authz_consent()(evidence)
+        else:
+            statement = evidence.getparent()
+            assert statement is not None
+            statement.addnext(copy.deepcopy(inner))
+
+    env = envelope(build(now, plant, sign=signer))
+    refused(env, store, now, "InvalidSecurity", "exactly one saml2:Assertion|holds another assertion")
+    bare = parse_xml(to_bytes(build(now, plant, sign=signer)))
+    with pytest.raises(SoapFault, match="holds another assertion"):
+        validate_assertion(bare, CFG, issuer=ISSUER, trusted=store, audiences=[AUDIENCE], now=now)
 
 
 def test_trusted_certs_is_gone_from_the_xua_config(pki: Pki) -> None:

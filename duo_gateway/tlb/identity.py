@@ -6,7 +6,8 @@ proves more: each request carries an ITI-40 assertion its own issuer signed (``A
 <base64 of the assertion>``), checked exactly like an XCA peer's (pinned signer, audience, validity,
 role and purpose allow-lists, :func:`duo_gateway.xua.validate_assertion`). The requester is then the
 assertion's; the body's ``requester`` must say the same, so a client cannot ask in one name and be
-audited in another.
+audited in another. An assertion carrying an authorization decision is refused (403), as at the XCA
+door and for the same reason (:mod:`duo_gateway.xua`): consent is Mitz's, never the caller's.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ class AssertionIdentity:
             mismatched.append("organisation_type")
         if mismatched:
             raise AssertionRefused(403, "requester differs from the assertion in: " + ", ".join(mismatched))
+        refusal = asserted.authorization_refusal()
+        if refusal is not None:
+            # Authentic, so not 401: the policy of duo_gateway.xua refuses what the assertion asks.
+            raise AssertionRefused(403, refusal)
         return asserted
 
 

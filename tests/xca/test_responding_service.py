@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from duo_gateway.audit.messages import ITI_38, ITI_39, RAD_75, AuditMessage, Cod
 from duo_gateway.bsn import bsn_cx
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.consent import ConsentGate
+from duo_gateway.saml import AuthzDecision
 from duo_gateway.soap.envelope import SoapFault
 from duo_gateway.sources.base import InstanceRecord, SourceUnavailable, StudyRecord
 from duo_gateway.xca.codes import MIME_DICOM, ErrorCode, ResponseStatus
@@ -38,7 +39,7 @@ from duo_gateway.xca.retrieve import (
     SeriesRequest,
     StudyRequest,
 )
-from duo_gateway.xua import Requester
+from duo_gateway.xua import AUTHZ_DECISION_REFUSED, Requester
 from tests.support.fakes import (
     BSN,
     CLAIMS,
@@ -391,6 +392,43 @@ async def test_iti39_over_the_document_cap_is_refused_before_any_lookup(
     assert "max_studies_per_request" in str(refused.value)
     assert all(s.calls == [] for s in rig.sources.values())
     assert rig.mitz.closed_asked == []
+
+
+# -- an assertion carrying an authorization decision ------------------------------------------------
+
+
+@pytest.mark.parametrize("transaction", ["iti38", "iti39", "rad75"])
+async def test_an_authorization_decision_in_the_assertion_refuses_the_request_before_anyone_is_asked(
+        transaction: str, build: Callable[..., Awaitable[Rig]]) -> None:
+    """Every transaction: a Failure with LocalPolicyRestrictionError naming the decision, no Mitz
+    question, no PACS touched, and the refusal audited with the requester."""
+    rig = await build()
+    announced = await _announce(rig, S1, H1, REPO1)
+    ctx = CallContext(replace(requester(), authz_decisions=(AuthzDecision("Permit", "https://duo/xca"),)),
+                      Peer(user_id="https://peer.example/reply", host="192.0.2.9"))
+    if transaction == "iti38":
+        answer: Any = await rig.service.query(query(), ctx)
+        audit_code = ITI_38
+    elif transaction == "iti39":
+        # Without HomeCommunityId, as NIST's 12312_withauthzconsent asks: refused before that is read.
+        request = RetrieveDocumentSetRequest((DocumentRequest(REPO1, announced, None),))
+        answer = await rig.service.retrieve(request, ctx)
+        audit_code = ITI_39
+    else:
+        answer = await rig.service.retrieve_imaging(imaging((S1, REPO1)), ctx)
+        answer.close()
+        audit_code = RAD_75
+
+    assert answer.status == ResponseStatus.FAILURE
+    [error] = answer.errors
+    assert (error.error_code, error.location) == (ErrorCode.LOCAL_POLICY_RESTRICTION, HOME)
+    assert error.code_context == f"{AUTHZ_DECISION_REFUSED} (Decision Permit)"
+    assert rig.mitz.closed_asked == []
+    assert all(s.calls == [] for s in rig.sources.values())
+    [audit] = rig.audits(audit_code)
+    assert audit.event.outcome == EventOutcome.MINOR_FAILURE
+    assert audit.event.outcome_description == error.code_context
+    assert any(p.user_is_requestor and p.user_id.startswith(CLAIMS.uzi) for p in audit.participants)
 
 
 async def test_the_socket_guard_is_armed() -> None:

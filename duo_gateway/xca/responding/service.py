@@ -8,6 +8,10 @@ one without consent contributes nothing (the Mitz client has audited why).
 
 Where a request names documents but no patient (ITI-39, RAD-75), the study's patient is read from
 the PACS first, then consent is asked again: consent may have been withdrawn since the query.
+
+A request whose assertion carries an authorization decision is refused whole before anyone is asked
+(:meth:`~duo_gateway.xua.Requester.authorization_refusal` says why): a Failure with
+LocalPolicyRestrictionError, audited like any refusal.
 """
 
 from __future__ import annotations
@@ -166,11 +170,29 @@ class RespondingGateway:
     def home(self) -> str:
         return self._home
 
+    def _authorization_refusal(self, ctx: CallContext) -> RegistryError | None:
+        """The whole-request refusal of an assertion carrying authorization decisions, or None.
+
+        LocalPolicyRestrictionError because it is exactly that: DUO's policy, not the request's form,
+        refuses (xca.md §9); a Failure, not a fault, as NIST's ``_withauthzconsent`` cases expect.
+        """
+        why = ctx.requester.authorization_refusal()
+        if why is None:
+            return None
+        log.info("xca request refused", reason=why, issuer=ctx.requester.issuer)
+        return RegistryError(ErrorCode.LOCAL_POLICY_RESTRICTION, why, Severity.ERROR, self._home)
+
     # ------------------------------------------------------------------------------------------
     # ITI-38
     # ------------------------------------------------------------------------------------------
     async def query(self, req: AdhocQueryRequest, ctx: CallContext) -> AdhocQueryResponse:
         bsn: str | None = None
+        refusal = self._authorization_refusal(ctx)
+        if refusal is not None:
+            with contextlib.suppress(RegistryErrorException):
+                bsn = self._patient(req)  # the audit names whom the refused query was about, if anyone
+            self._audit_query(req, ctx, bsn, EventOutcome.MINOR_FAILURE, refusal.code_context)
+            return AdhocQueryResponse(ResponseStatus.FAILURE, (), (refusal,))
         try:
             stored = validate_stored_query(req)
             if req.home is not None and normalise_home(req.home) != self._home:
@@ -400,6 +422,13 @@ class RespondingGateway:
         self, req: RetrieveDocumentSetRequest, ctx: CallContext
     ) -> RetrieveDocumentSetResponse:
         cfg = self._cfg.xca_responding
+        refusal = self._authorization_refusal(ctx)
+        if refusal is not None:
+            # Capped like an answered request, so a refused one cannot make a bigger audit record.
+            refs = [DocumentRef(d.document_unique_id, d.repository_unique_id, d.home)
+                    for d in req.documents[:cfg.max_documents_per_request]]
+            self._audit_iti39(ctx, None, refs, EventOutcome.MINOR_FAILURE, refusal.code_context)
+            return RetrieveDocumentSetResponse(ResponseStatus.FAILURE, (), (refusal,))
         if len(req.documents) > cfg.max_documents_per_request:
             raise RegistryErrorException.of(ErrorCode.REGISTRY_ERROR, "too many DocumentRequests", self._home)
         distinct = len({(d.repository_unique_id, d.document_unique_id) for d in req.documents})
@@ -584,6 +613,16 @@ class RespondingGateway:
         """
         cfg = self._cfg.xca_responding
         requested = req.instances()
+        refusal = self._authorization_refusal(ctx)
+        if refusal is not None:
+            studies_asked = list(dict.fromkeys(study_uid for study_uid, _se, _doc in requested))
+            self._auditor.record(rad75_retrieve(
+                side="responding", initiating=ctx.audit_caller(), responding=self._identity,
+                audit_source=self._auditor.audit_source,
+                studies=[StudyTransfer(uid) for uid in studies_asked[:cfg.max_studies_per_request]],
+                documents=[], patient_id=None, outcome=EventOutcome.MINOR_FAILURE,
+                outcome_description=refusal.code_context, requestor=ctx.audit_requestor()))
+            return ImagingRetrieval(ResponseStatus.FAILURE, [], [refusal], None)
         if len(requested) > cfg.max_documents_per_request:
             return _refused("too many DocumentRequests", self._home)
         studies = len({(doc.repository_unique_id, study_uid) for study_uid, _se, doc in requested})
