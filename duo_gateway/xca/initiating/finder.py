@@ -289,7 +289,8 @@ class CommunityClient:
         unaskable = sum(1 for r in result.refs if not is_urn_uuid(r.id))
         requests = get_documents_batches(askable, self.community.iti38_batch_size)
         leaves, sent = await self._fetch_all(claims, bsn, requests, deadline)
-        return _merge(result, leaves, why=why, requests=len(requests), unaskable=unaskable,
+        asked = [i for req in requests for i in req.values(QueryParam.ENTRY_UUID) or ()]
+        return _merge(result, leaves, asked, why=why, requests=len(requests), unaskable=unaskable,
                       attempts=attempts + sent, batch_size=self.community.iti38_batch_size,
                       home=self.community.home_community_id)
 
@@ -427,15 +428,17 @@ class CommunityClient:
             when=datetime.now(UTC), requestor=Requestor.of(claims, issuer=self.signer.issuer)))
 
 
-def _merge(refs: _Found, leaves: list[_Leaf], *, why: str, requests: int, unaskable: int, attempts: int,
-           batch_size: int, home: str) -> _Outcome:
-    """One community's answer from its ObjectRef answer and its GetDocuments batches.
+def _merge(refs: _Found, leaves: list[_Leaf], asked: list[str], *, why: str, requests: int, unaskable: int,
+           attempts: int, batch_size: int, home: str) -> _Outcome:
+    """One community's answer from its ObjectRef answer and its GetDocuments batches (``leaves``, in
+    the order they completed; ``asked``: the entryUUIDs in reference order).
 
-    Entries come in reference order (those the ObjectRef answer delivered itself first). An entry no
-    longer Approved (deprecated between the two queries) is left out, as FindDocuments asked for
-    Approved only. Failed batches make the community ``partial`` with a RegistryError each kind of
-    failure (the community's own, or DUO's: XDSUnavailableCommunity for no answer); the community is
-    only reported failed when there was something to fetch and nothing came.
+    Entries come in reference order (those the ObjectRef answer delivered itself first), whatever
+    order the batches came back in. An entry no longer Approved (deprecated between the two queries)
+    is left out, as FindDocuments asked for Approved only. Failed batches make the community
+    ``partial``, with the community's registry errors or, where it gave none, one RegistryError of
+    DUO's per kind of failure (XDSUnavailableCommunity for no answer, as xca.md §9 reports an
+    unreachable responder); the community is only reported failed when nothing came at all.
     """
     for _, result in leaves:
         if isinstance(result, _Discarded):
@@ -444,6 +447,7 @@ def _merge(refs: _Found, leaves: list[_Leaf], *, why: str, requests: int, unaska
     found: dict[str, DocumentEntry] = {}
     errors = list(refs.errors)
     partial = refs.status == "partial" or unaskable > 0
+    #: (kind, detail) of failed batches -> [requests, entries, whether the community named errors]
     failures: dict[tuple[FailureKind, str], list[int]] = {}
     first_failure: ExchangeFailed | None = None
     warnings: list[str] = []
@@ -451,14 +455,11 @@ def _merge(refs: _Found, leaves: list[_Leaf], *, why: str, requests: int, unaska
     for ids, result in leaves:
         if isinstance(result, ExchangeFailed):
             first_failure = first_failure or result
-            counts = failures.setdefault((result.kind, result.detail), [0, 0])
-            counts[0] += 1
-            counts[1] += len(ids)
+            group = failures.setdefault((result.kind, result.detail), [0, 0, 0])
+            group[0] += 1
+            group[1] += len(ids)
+            group[2] |= bool(result.errors)
             errors += result.errors
-            if not result.errors:
-                code = ErrorCode.REGISTRY_ERROR if result.kind == "error" else ErrorCode.UNAVAILABLE_COMMUNITY
-                errors.append(RegistryError(code, f"GetDocuments of {len(ids)} entries: {result.detail}",
-                                            location=home))
             continue
         if result.status == "partial":
             partial = True
@@ -469,14 +470,19 @@ def _merge(refs: _Found, leaves: list[_Leaf], *, why: str, requests: int, unaska
                 stale += 1
             else:
                 found[entry.entry_uuid.lower()] = entry
-    asked = [i for ids, _ in leaves for i in ids]
+    for (kind, text), (n_requests, n_entries, named) in failures.items():
+        if not named:
+            code = ErrorCode.REGISTRY_ERROR if kind == "error" else ErrorCode.UNAVAILABLE_COMMUNITY
+            errors.append(RegistryError(
+                code, f"{n_entries} entries in {n_requests} GetDocuments requests not fetched: {text}",
+                location=home))
     entries = [*refs.entries, *(found[i.lower()] for i in asked if i.lower() in found)]
-    failed_ids = sum(c[1] for c in failures.values())
+    failed_ids = sum(group[1] for group in failures.values())
     missing = len(asked) - len(found) - stale - failed_ids
     detail = (f"asked by reference ({why}): {refs.detail}, {len(found) + stale} entries in {requests} "
               f"GetDocuments requests of up to {batch_size}")
     if failures:
-        failed = sum(c[0] for c in failures.values())
+        failed = sum(group[0] for group in failures.values())
         detail += (f"; {failed} GetDocuments requests failed, {failed_ids} entries not fetched: "
                    + "; ".join(f"{kind}: {text}" for (kind, text) in failures))
     if unaskable:
