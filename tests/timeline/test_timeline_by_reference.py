@@ -21,6 +21,7 @@ from duo_gateway.sim.config import SimCommunity, SimInstitution, default_network
 from duo_gateway.sim.studies import study_headers
 from duo_gateway.sim.xca import community_seed
 from duo_gateway.xca.codes import QueryParam, ReturnType, StoredQuery
+from duo_gateway.xca.ebrim import ObjectRef
 from duo_gateway.xca.initiating.finder import MAX_ANSWER_BYTES
 from duo_gateway.xca.query import parse_adhoc_query_response
 from tests.conformance.ig_network import IgNetwork, running
@@ -68,7 +69,8 @@ async def test_a_5000_entry_answer_yields_every_study_on_the_timeline(network: I
     assert leaf.query().return_type is ReturnType.LEAF_CLASS and leaf.answer_size > MAX_ANSWER_BYTES
     ref_query = refs.query()
     assert (ref_query.query_id, ref_query.return_type) == (StoredQuery.FIND_DOCUMENTS, ReturnType.OBJECT_REF)
-    referenced = [o.id for o in parse_adhoc_query_response(refs.response()).objects]
+    objects = parse_adhoc_query_response(refs.response()).objects
+    referenced = [o.id for o in objects if isinstance(o, ObjectRef)]
     assert len(referenced) == ENTRIES
     batch = network.gateways["duo"].config.xca_communities[0].iti38_batch_size
     assert len(gets) == math.ceil(ENTRIES / batch)

@@ -238,7 +238,7 @@ async def test_configured_by_reference_asks_objectrefs_then_getdocuments_in_batc
         patient = root.find("ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='1']")
         assert query is not None and patient is not None
         assert patient.get("ParticipantObjectID") == bsn_cx(BSN)  # each request disclosed the patient
-        queries.append(query.get("ParticipantObjectID"))
+        queries.append(str(query.get("ParticipantObjectID")))
     assert sorted(queries) == sorted([StoredQuery.FIND_DOCUMENTS] + [StoredQuery.GET_DOCUMENTS] * batches)
 
 
