@@ -195,7 +195,7 @@ class _Outcome:
         return cls(result.status, result.detail, result.entries, result.errors, attempts)
 
 
-def asks_for_less(failed: _Found | ExchangeFailed) -> bool:
+def _asks_for_less(failed: _Found | ExchangeFailed) -> bool:
     """Whether a failed query would succeed asked for less: its answer was over the limit, or the
     registry refused it as too many results."""
     return isinstance(failed, AnswerTooLarge) or (
@@ -254,7 +254,7 @@ class CommunityClient:
                                                attempts=0)
         else:
             result, attempts = await self._request(claims, bsn, query, deadline, self._classify)
-            if asks_for_less(result):
+            if _asks_for_less(result):
                 assert isinstance(result, ExchangeFailed)
                 log.info("xca query by reference", community=self.community.home_community_id,
                          after=result.detail)
@@ -324,7 +324,7 @@ class CommunityClient:
             return self._classify(response, patient, wanted=wanted)
 
         result, sent = await self._request(claims, bsn, request, deadline, classify)
-        if len(ids) > 1 and asks_for_less(result):
+        if len(ids) > 1 and _asks_for_less(result):
             assert request.home is not None
             half = len(ids) // 2
             first, second = await asyncio.gather(
@@ -510,6 +510,5 @@ def _is_patient(patient_id: str, bsn: str) -> bool:
 
 __all__ = [
     "INLINE_ANSWER_BYTES", "MAX_ANSWER_BYTES", "QUERY_FORMATS", "REPORT_FORMATS",
-    "CommunityClient", "CommunityResponse", "CommunityStatus", "asks_for_less", "find_documents_query",
-    "service_window",
+    "CommunityClient", "CommunityResponse", "CommunityStatus", "find_documents_query", "service_window",
 ]
