@@ -67,3 +67,13 @@ class XcaCommunity(StrictModel):
     query_without_localization: bool = False
     #: Transfers: instances asked per RAD-75 request (a series is split into batches of this size).
     rad75_batch_size: int = Field(default=50, ge=1, le=10_000)
+    #: Timelines: ask ITI-38 FindDocuments for ObjectRefs, then the entries by GetDocuments in
+    #: batches of ``iti38_batch_size``, every time. Off, DUO asks for the entries at once (LeafClass)
+    #: and only falls back to asking by reference when that answer is over DUO's answer limit or the
+    #: community refuses it with XDSTooManyResults; on, for a community known to hold patients with
+    #: thousands of entries, so the oversized answer is never built, sent and thrown away first.
+    iti38_by_reference: bool = False
+    #: Timelines: entryUUIDs per GetDocuments request when asking by reference. At ~7 kB per entry the
+    #: largest batch (1,000) answers ~7 MB, inside the 16 MiB ITI-38 answer limit; a batch answered
+    #: over the limit anyway (or with XDSTooManyResults) is asked again as two halves.
+    iti38_batch_size: int = Field(default=100, ge=1, le=1_000)

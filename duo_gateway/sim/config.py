@@ -60,7 +60,22 @@ class SimCommunity(StrictModel):
     repository_unique_id: str
     institutions: list[SimInstitution] = Field(min_length=1)
     studies_per_patient: int = Field(default=1, ge=0, le=50)
+    #: BSN -> studies the first institution holds of that patient beyond ``studies_per_patient``,
+    #: listed by their KOS manifest entry alone (no report entries) and made from their headers, so a
+    #: patient with thousands of entries costs milliseconds per hundred; a study's instances are only
+    #: generated when it is retrieved.
+    manifest_only_studies: dict[str, int] = Field(default_factory=dict)
     behaviour: XcaMisbehaviour = XcaMisbehaviour()
+
+    @field_validator("manifest_only_studies")
+    @classmethod
+    def _manifest_only(cls, v: dict[str, int]) -> dict[str, int]:
+        for bsn, count in v.items():
+            if not is_valid_bsn(bsn):
+                raise ValueError("manifest_only_studies: a key is not a valid BSN (11-proef)")
+            if not 0 <= count <= 20_000:
+                raise ValueError("manifest_only_studies: a count is outside 0..20000")
+        return v
 
 
 class SimMitz(StrictModel):

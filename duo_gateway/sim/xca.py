@@ -14,12 +14,18 @@ Simplifications, on purpose:
 - Only the network's patients are known; any other patient id gets an empty Success, the local
   policy xca.md §5 allows.
 - No XUA/SAML validation; a ``wsse:Security`` header is ignored.
+- A patient may be given thousands of studies cheaply (``manifest_only_studies``): those are listed
+  by their KOS entry alone, made from the study headers, and generated in full only when retrieved.
+  FindDocuments for ObjectRef and GetDocuments (by entryUUID or uniqueId) answer them like any other,
+  which is how an Initiating Gateway gets such a patient (NIST 12306, 12307).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -37,7 +43,13 @@ from duo_gateway.dicom.kos import encode_part10
 from duo_gateway.sim.behaviour import Misbehaviour, XcaMisbehaviour
 from duo_gateway.sim.config import SimCommunity, SimInstitution, SimNetworkConfig, SimPatient
 from duo_gateway.sim.http import current_behaviour, install_behaviour
-from duo_gateway.sim.studies import GeneratedStudy, generate_studies
+from duo_gateway.sim.studies import (
+    GeneratedStudy,
+    StudyHeader,
+    generate_studies,
+    generate_study,
+    study_headers,
+)
 from duo_gateway.soap.envelope import (
     SOAP12_CONTENT_TYPE,
     WSA_NS,
@@ -51,7 +63,7 @@ from duo_gateway.soap.envelope import (
     serialize,
 )
 from duo_gateway.soap.mtom import Attachment, build_mtom, parse_mtom
-from duo_gateway.soap.xml import XmlError
+from duo_gateway.soap.xml import XmlError, parse_xml, to_bytes
 from duo_gateway.sources.base import InstanceRecord, StudyRecord
 from duo_gateway.xca.codes import (
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -65,14 +77,13 @@ from duo_gateway.xca.codes import (
     ReturnType,
     StoredQuery,
 )
-from duo_gateway.xca.ebrim import DocumentEntry, ObjectRef
+from duo_gateway.xca.ebrim import DocumentEntry, ObjectRef, build_extrinsic_object, rim
 from duo_gateway.xca.errors import RegistryError, RegistryErrorException, status_for
 from duo_gateway.xca.hl7 import Code, Cx, Hl7FormatError, dtm_key, parse_reference_id
 from duo_gateway.xca.metadata import MIME_PDF, is_report, kos_for_study, report_entry, study_entry
 from duo_gateway.xca.query import (
     AdhocQueryRequest,
     AdhocQueryResponse,
-    QueryResult,
     build_adhoc_query_response,
     parse_adhoc_query_request,
     validate_stored_query,
@@ -92,6 +103,11 @@ log = structlog.get_logger(__name__)
 SUPPORTED_TRANSFER_SYNTAXES: Final = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
 #: Largest request body accepted; requests are metadata only, so this is generous.
 MAX_REQUEST_BYTES: Final = 4 * 1024 * 1024
+#: LeafClass answers of more entries are built in a worker thread (~1 ms an entry, ~0.1 s here).
+INLINE_ENTRIES: Final = 100
+#: Manifest-only studies kept generated after a retrieve (a transfer asks one study's instances in
+#: several RAD-75 requests, so the last few are worth keeping; more would hold images for nothing).
+MATERIALIZED_STUDIES: Final = 8
 
 _ACTIONS: Final = {
     "/iti38": (Action.ITI38, Action.ITI38_RESPONSE),
@@ -102,11 +118,16 @@ _ACTIONS: Final = {
 
 @dataclass(frozen=True)
 class SimDocument:
-    """A registered document: its metadata, its bytes, and the BSN it belongs to (never logged)."""
+    """A registered document: its metadata, its bytes (or, for a manifest-only study, how to make them
+    when retrieved), and the BSN it belongs to (never logged)."""
 
     entry: DocumentEntry
-    data: bytes
+    content: bytes | Callable[[], bytes]
     bsn: str
+
+    @property
+    def data(self) -> bytes:
+        return self.content if isinstance(self.content, bytes) else self.content()
 
 
 @dataclass(frozen=True)
@@ -136,10 +157,10 @@ class XcaCommunitySimulator:
         self.codes = DocumentCodes()
         self._patients = {p.bsn: p for p in net.patients}
         self.studies: list[tuple[SimPatient, SimInstitution, GeneratedStudy]] = []
+        seed = community_seed(net, community)
         if studies is not None:
             self.studies.extend(studies)
         else:
-            seed = community_seed(net, community)
             for patient in net.patients:
                 for institution in community.institutions:
                     for study in generate_studies(
@@ -153,7 +174,20 @@ class XcaCommunitySimulator:
             for ds in study.instances:
                 key = (study.study_instance_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
                 self._instances[key] = ds
+        #: Manifest-only studies by study UID: where to generate them from when one is retrieved.
+        self._manifest_only: dict[str, tuple[SimPatient, SimInstitution, int]] = {}
+        self._materialized: OrderedDict[str, GeneratedStudy] = OrderedDict()
+        self._seed, self._image_size = seed, net.image_size
+        for patient in net.patients:
+            count = community.manifest_only_studies.get(patient.bsn, 0)
+            first = community.studies_per_patient
+            institution = community.institutions[0]
+            for header in study_headers(patient, institution, range(first, first + count), seed):
+                self.documents.append(self._manifest_only_document(patient, institution, header))
         self._by_unique_id = {d.entry.unique_id: d for d in self.documents}
+        self._by_entry_uuid = {d.entry.entry_uuid.lower(): d for d in self.documents}
+        #: Serialized ExtrinsicObjects by entryUUID (see _extrinsic_object).
+        self._built: dict[str, bytes] = {}
 
     # --- the document index ---
 
@@ -183,6 +217,43 @@ class XcaCommunitySimulator:
                 docs.append(SimDocument(entry, data, patient.bsn))
         return docs
 
+    def _manifest_only_document(self, patient: SimPatient, institution: SimInstitution,
+                                header: StudyHeader) -> SimDocument:
+        """The KOS entry of a study known by its header; the KOS itself is made when retrieved."""
+        uid = header.study_instance_uid
+        self._manifest_only[uid] = (patient, institution, header.index)
+        entry = study_entry(header_record(patient, header), codes=self.codes, bsn=patient.bsn,
+                            hospital_ura=institution.ura, hospital_name=institution.name,
+                            repository_unique_id=self.repository_unique_id, home=self.home)
+
+        def kos() -> bytes:
+            study = self._materialize(uid)
+            instances = [instance_record(ds) for ds in study.instances]
+            return encode_part10(kos_for_study(
+                study_record(patient, study), instances, bsn=patient.bsn,
+                repository_unique_id=self.repository_unique_id, institution_name=institution.name))
+
+        return SimDocument(entry, kos, patient.bsn)
+
+    def _materialize(self, study_uid: str) -> GeneratedStudy:
+        """A manifest-only study in full, as :func:`generate_studies` would have made it."""
+        study = self._materialized.get(study_uid)
+        if study is None:
+            patient, institution, index = self._manifest_only[study_uid]
+            study = generate_study(patient, institution, index, self._seed, self._image_size)
+            self._materialized[study_uid] = study
+            while len(self._materialized) > MATERIALIZED_STUDIES:
+                self._materialized.popitem(last=False)
+        self._materialized.move_to_end(study_uid)
+        return study
+
+    def _instance(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset | None:
+        ds = self._instances.get((study_uid, series_uid, sop_uid))
+        if ds is None and study_uid in self._manifest_only:
+            ds = next((d for d in self._materialize(study_uid).instances
+                       if str(d.SeriesInstanceUID) == series_uid and str(d.SOPInstanceUID) == sop_uid), None)
+        return ds
+
     # --- HTTP ---
 
     def app(self) -> web.Application:
@@ -197,10 +268,6 @@ class XcaCommunitySimulator:
         expected, response_action = _ACTIONS[request.path]
         behaviour: Misbehaviour = current_behaviour(request.app)
         lost = frozenset(behaviour.lost_instances) if isinstance(behaviour, XcaMisbehaviour) else frozenset()
-        handlers: dict[str, Callable[[etree._Element, dict[str, bytes]], _Reply]] = {
-            "/iti38": self._iti38, "/iti39": self._iti39, "/rad75": partial(self._rad75, lost=lost),
-        }
-        handler = handlers[request.path]
         try:
             raw = await request.read()
             root, parts = parse_mtom(request.headers.get("Content-Type", ""), raw, MAX_REQUEST_BYTES)
@@ -226,10 +293,23 @@ class XcaCommunitySimulator:
             ), relates_to)
         if env.body is None:
             return _fault_response(SoapFault("Sender", "empty SOAP Body"), relates_to)
+        addressing = Addressing(action=response_action, message_id=new_message_id(), relates_to=relates_to)
+        if request.path == "/iti38":
+            entries, build = self._iti38_answer(env.body)
+
+            def answer() -> bytes:
+                return serialize(build_envelope(addressing, build()))
+
+            # A LeafClass answer of thousands of entries takes seconds to build: off the event loop,
+            # as a remote community's work would be, so a gateway on the same loop keeps running.
+            data = answer() if entries <= INLINE_ENTRIES else await asyncio.to_thread(answer)
+            return web.Response(body=data, headers={"Content-Type": _soap_content_type(response_action)})
+        handlers: dict[str, Callable[[etree._Element, dict[str, bytes]], _Reply]] = {
+            "/iti39": self._iti39, "/rad75": partial(self._rad75, lost=lost),
+        }
+        handler = handlers[request.path]
         reply = handler(env.body, parts)
-        envelope = build_envelope(
-            Addressing(action=response_action, message_id=new_message_id(), relates_to=relates_to), reply.body
-        )
+        envelope = build_envelope(addressing, reply.body)
         if not reply.mtom:
             headers = {"Content-Type": _soap_content_type(response_action)}
             return web.Response(body=serialize(envelope), headers=headers)
@@ -246,6 +326,10 @@ class XcaCommunitySimulator:
 
     def _iti38(self, body: etree._Element, parts: dict[str, bytes]) -> _Reply:
         del parts
+        return _Reply(self._iti38_answer(body)[1]())
+
+    def _iti38_answer(self, body: etree._Element) -> tuple[int, Callable[[], etree._Element]]:
+        """The entries the answer holds, and how to build it (the caller decides where)."""
         try:
             req = parse_adhoc_query_request(body)
             query = validate_stored_query(req)
@@ -255,21 +339,40 @@ class XcaCommunitySimulator:
         except RegistryErrorException as exc:
             errors = tuple(_located(e, self.home) for e in exc.errors)
             log.info("iti38", community=self.home, status="Failure", errors=[e.error_code for e in errors])
-            return _Reply(build_adhoc_query_response(AdhocQueryResponse(ResponseStatus.FAILURE, (), errors)))
-        objects: list[QueryResult] = [
-            d.entry if req.return_type is ReturnType.LEAF_CLASS else ObjectRef(d.entry.entry_uuid, self.home)
-            for d in docs
-        ]
+            failure = AdhocQueryResponse(ResponseStatus.FAILURE, (), errors)
+            return 0, lambda: build_adhoc_query_response(failure)
         log.info("iti38", community=self.home, query=query.name, return_type=str(req.return_type),
-                 results=len(objects))
-        return _Reply(build_adhoc_query_response(AdhocQueryResponse(ResponseStatus.SUCCESS, tuple(objects))))
+                 results=len(docs))
+        if req.return_type is ReturnType.OBJECT_REF:
+            refs = tuple(ObjectRef(d.entry.entry_uuid, self.home) for d in docs)
+            return 0, lambda: build_adhoc_query_response(AdhocQueryResponse(ResponseStatus.SUCCESS, refs))
+
+        def leaf_class() -> etree._Element:
+            answer = build_adhoc_query_response(AdhocQueryResponse(ResponseStatus.SUCCESS, ()))
+            objects = answer.find(rim("RegistryObjectList"))
+            assert objects is not None
+            objects.extend(self._extrinsic_object(d) for d in docs)
+            return answer
+
+        return len(docs), leaf_class
+
+    def _extrinsic_object(self, doc: SimDocument) -> etree._Element:
+        """The entry as the codec builds it, built once: a patient of thousands of entries is answered
+        again and again (LeafClass, then GetDocuments in batches), and building is ~1 ms an entry."""
+        key = doc.entry.entry_uuid
+        cached = self._built.get(key)
+        if cached is not None:
+            return parse_xml(cached)
+        element = build_extrinsic_object(doc.entry)
+        self._built[key] = to_bytes(element)
+        return element
 
     def _find(self, query: StoredQuery, req: AdhocQueryRequest) -> list[SimDocument]:
         if query is StoredQuery.GET_DOCUMENTS:
-            unique_ids = set(req.values(QueryParam.UNIQUE_ID) or ())
-            entry_uuids = {u.lower() for u in req.values(QueryParam.ENTRY_UUID) or ()}
-            return [d for d in self.documents
-                    if d.entry.unique_id in unique_ids or d.entry.entry_uuid in entry_uuids]
+            # In the order asked, each once; whatever the patient or status (GetDocuments names entries).
+            found = [self._by_unique_id.get(u) for u in req.values(QueryParam.UNIQUE_ID) or ()]
+            found += [self._by_entry_uuid.get(u.lower()) for u in req.values(QueryParam.ENTRY_UUID) or ()]
+            return list({id(d): d for d in found if d is not None}.values())
         if query not in (StoredQuery.FIND_DOCUMENTS, StoredQuery.FIND_DOCUMENTS_BY_REFERENCE_ID):
             return []  # folders, submission sets, associations: this community has none (xca.md §3)
         cx = Cx.parse(req.single(QueryParam.PATIENT_ID) or "")
@@ -351,7 +454,7 @@ class XcaCommunitySimulator:
             context = composite_context(study_uid, series_uid, doc.document_unique_id)
             error = self._check_request(doc, context)
             ds = (None if doc.document_unique_id in lost
-                  else self._instances.get((study_uid, series_uid, doc.document_unique_id)))
+                  else self._instance(study_uid, series_uid, doc.document_unique_id))
             if error is None and ds is None:
                 error = RegistryError(ErrorCode.DOCUMENT_UNIQUE_ID_ERROR, context, location=self.home)
             if error is not None:
@@ -397,6 +500,26 @@ def study_record(patient: SimPatient, study: GeneratedStudy) -> StudyRecord:
         patient_sex=patient.sex,
         institution_name=study.institution_name,
         referring_physician=str(first.ReferringPhysicianName) if first is not None else None,
+    )
+
+
+def header_record(patient: SimPatient, header: StudyHeader) -> StudyRecord:
+    """A study known by its header as a study-level C-FIND would describe it: what
+    :func:`study_record` gives for the generated study, less what only its instances know."""
+    return StudyRecord(
+        study_instance_uid=header.study_instance_uid,
+        patient_id=header.patient_id,
+        study_date=header.study_date,
+        study_time=header.study_time,
+        accession_number=header.accession_number,
+        description=header.description,
+        modalities=header.modalities,
+        body_part=header.body_part,
+        study_id=header.study_id,
+        patient_name=patient.name,
+        patient_birth_date=patient.birth_date,
+        patient_sex=patient.sex,
+        institution_name=header.institution_name,
     )
 
 

@@ -24,7 +24,9 @@ from duo_gateway.xca.codes import (
 from duo_gateway.xca.entry_ids import HomeCommunityIdError, is_urn_uuid, name_uuid, normalise_home
 from duo_gateway.xca.hl7 import Code, Xon, check_dtm
 
-_LONG_NAME = 256
+#: ebRIM LongName: the longest ``rim:Value`` (and slot name) the schema allows.
+LONG_NAME = 256
+_LONG_NAME = LONG_NAME
 _FREE_FORM = 1024
 
 

@@ -28,6 +28,7 @@ from duo_gateway.xca.codes import (
     StoredQuery,
 )
 from duo_gateway.xca.ebrim import (
+    LONG_NAME,
     DocumentEntry,
     MetadataError,
     ObjectRef,
@@ -38,7 +39,7 @@ from duo_gateway.xca.ebrim import (
     parse_object_ref,
     rim,
 )
-from duo_gateway.xca.entry_ids import HomeCommunityIdError, normalise_home
+from duo_gateway.xca.entry_ids import HomeCommunityIdError, is_urn_uuid, normalise_home
 from duo_gateway.xca.errors import (
     RegistryError,
     RegistryErrorException,
@@ -63,6 +64,31 @@ def quote(value: str) -> str:
 
 def encode_list(values: Iterable[str]) -> str:
     return "(" + ",".join(quote(v) for v in values) + ")"
+
+
+def encode_list_values(values: Iterable[str]) -> tuple[str, ...]:
+    """One OR list as few ``rim:Value`` texts as fit the schema's 256 characters each.
+
+    A Value is an ebRIM LongName, so a long list (a GetDocuments batch of entryUUIDs: five fit one
+    Value) is spread over several Values of one Slot, each a list of its own, which the stored-query
+    syntax ORs like one list (ITI TF-2 §3.18.4.1.2.3.5). A single atom too long for any Value is
+    refused, never cut.
+    """
+    out: list[str] = []
+    current: list[str] = []
+    size = 2  # the parentheses
+    for value in values:
+        atom = quote(value)
+        if len(atom) + 2 > LONG_NAME:
+            raise ValueError(f"a value of {len(atom)} characters does not fit a rim:Value")
+        if current and size + 1 + len(atom) > LONG_NAME:
+            out.append("(" + ",".join(current) + ")")
+            current, size = [], 2
+        size += len(atom) + (1 if current else 0)
+        current.append(atom)
+    if current or not out:
+        out.append("(" + ",".join(current) + ")")
+    return tuple(out)
 
 
 def decode_value(text: str) -> list[str]:
@@ -208,14 +234,14 @@ def _repeated(name: str) -> RegistryErrorException:
     return RegistryErrorException.of(ErrorCode.STORED_QUERY_PARAM_NUMBER, f"{name} given more than once")
 
 
-def _encode_param(name: str, value: str | Sequence[str]) -> str:
+def _encode_param(name: str, value: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(value, str):
         if name in TIME_PARAMS:
-            return check_dtm(value)  # unquoted, as xca.md §4 specifies
-        return quote(value)
+            return (check_dtm(value),)  # unquoted, as xca.md §4 specifies
+        return (quote(value),)
     if name in SINGLE_VALUE_PARAMS:
         raise ValueError(f"{name} takes a single value")
-    return encode_list(value)
+    return encode_list_values(value)
 
 
 def make_slots(params: Mapping[str, str | Sequence[str] | Sequence[Sequence[str]]]) -> tuple[Slot, ...]:
@@ -224,16 +250,16 @@ def make_slots(params: Mapping[str, str | Sequence[str] | Sequence[Sequence[str]
     slots: list[Slot] = []
     for name, value in params.items():
         if isinstance(value, str):
-            slots.append(Slot(name, (_encode_param(name, value),)))
+            slots.append(Slot(name, _encode_param(name, value)))
             continue
         items = list(value)
         if items and not isinstance(items[0], str):
             if name not in REPEATABLE_PARAMS:
                 raise ValueError(f"{name} cannot be repeated")
             for group in items:
-                slots.append(Slot(name, (encode_list([str(g) for g in group]),)))
+                slots.append(Slot(name, encode_list_values([str(g) for g in group])))
         else:
-            slots.append(Slot(name, (_encode_param(name, [str(i) for i in items]),)))
+            slots.append(Slot(name, _encode_param(name, [str(i) for i in items])))
     return tuple(slots)
 
 
@@ -284,12 +310,41 @@ def get_documents(
     entry_uuids: Sequence[str] = (),
     return_type: ReturnType = ReturnType.LEAF_CLASS,
 ) -> AdhocQueryRequest:
+    """GetDocuments of the given entries; ``home`` is required (xca.md §5), entryUUIDs must be UUIDs."""
     if bool(unique_ids) == bool(entry_uuids):
         raise ValueError("GetDocuments takes either uniqueIds or entryUUIDs")
+    if not all(is_urn_uuid(u) for u in entry_uuids):
+        raise ValueError("an entryUUID is not a urn:uuid")
     params: dict[str, str | Sequence[str] | Sequence[Sequence[str]]] = (
         {QueryParam.UNIQUE_ID: list(unique_ids)} if unique_ids else {QueryParam.ENTRY_UUID: list(entry_uuids)}
     )
     return AdhocQueryRequest(StoredQuery.GET_DOCUMENTS, make_slots(params), home, return_type)
+
+
+def get_documents_batches(refs: Iterable[ObjectRef], batch_size: int) -> list[AdhocQueryRequest]:
+    """GetDocuments requests (LeafClass) for the entries behind ObjectRefs, as an Initiating Gateway
+    asks for them after a FindDocuments for ObjectRef (NIST 12306, 12307).
+
+    At most ``batch_size`` entryUUIDs per request and one ``home`` per request (GetDocuments has no
+    patient id, so ``home`` says whose registry to read), in reference order; a reference repeated is
+    asked once. Raises ValueError for a reference that cannot be asked for (no home, not a UUID):
+    the caller decides what such a reference means.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    by_home: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for ref in refs:
+        if not ref.home:
+            raise ValueError(f"ObjectRef {ref.id!r} has no home")
+        if not is_urn_uuid(ref.id):
+            raise ValueError(f"ObjectRef id {ref.id!r} is not a urn:uuid")
+        key = ref.id.lower()
+        if key not in seen:
+            seen.add(key)
+            by_home.setdefault(ref.home, []).append(ref.id)
+    return [get_documents(home, entry_uuids=ids[i:i + batch_size])
+            for home, ids in by_home.items() for i in range(0, len(ids), batch_size)]
 
 
 def build_adhoc_query_request(req: AdhocQueryRequest) -> etree._Element:

@@ -109,11 +109,20 @@ class ExchangeFailed(Failure):
         return f"{self.kind}: {self.detail}"
 
     def masked(self, bsn: str) -> ExchangeFailed:
-        """The same failure with the patient's BSN masked in ``detail`` (a peer may have echoed it)."""
+        """The same failure (of the same class) with the patient's BSN masked in ``detail`` (a peer
+        may have echoed it)."""
         if bsn not in self.detail:
             return self
-        return ExchangeFailed(self.kind, self.detail.replace(bsn, PATIENT_MASK), retryable=self.retryable,
-                              errors=self.errors)
+        return type(self)(self.kind, self.detail.replace(bsn, PATIENT_MASK), retryable=self.retryable,
+                          errors=self.errors)
+
+
+class AnswerTooLarge(ExchangeFailed):
+    """The answer was over the client's size limit, so it was not read.
+
+    Final for this request like any unusable answer (the same request would bring the same answer),
+    but a caller that can ask for less may: ITI-38 then asks by reference, in batches (:mod:`.finder`).
+    """
 
 
 def is_transient(errors: Sequence[RegistryError]) -> bool:
@@ -389,6 +398,8 @@ class Exchange:
             return ExchangeFailed("unavailable", f"connection lost: {exc.detail}", retryable=True)
         if exc.kind == "tls":
             return ExchangeFailed("unavailable", f"TLS failed: {exc.detail}")
+        if exc.kind == "too-large":
+            return AnswerTooLarge("error", f"answer over the size limit ({exc.detail})")
         return ExchangeFailed("error", f"unusable HTTP answer ({exc.kind}): {exc.detail}")
 
 
@@ -408,6 +419,6 @@ def _content_type(action: str) -> str:
 
 __all__ = [
     "ASSERTION_LIFETIME_S", "MIN_ATTEMPT_S", "PATIENT_MASK", "REUSE_MARGIN", "TRANSIENT_CODES",
-    "TRANSIENT_HTTP", "Attempt", "Audit", "CommunitySigner", "Exchange", "ExchangeFailed", "SigningPair",
-    "answer_body", "is_transient", "unusable_answer",
+    "TRANSIENT_HTTP", "AnswerTooLarge", "Attempt", "Audit", "CommunitySigner", "Exchange", "ExchangeFailed",
+    "SigningPair", "answer_body", "is_transient", "unusable_answer",
 ]
