@@ -1,4 +1,5 @@
-"""PACS records -> XDS DocumentEntries and on-demand KOS manifests: the one mapping DUO and the sim share.
+"""PACS records -> XDS DocumentEntries and KOS manifests built when retrieved: the one mapping DUO and the
+sim share.
 
 DUO answers ITI-38 for the TLB hospitals from what a study-level C-FIND returns, and builds the KOS
 only when ITI-39 asks for it. Both halves must agree on every identifier without shared state, so all
@@ -70,7 +71,7 @@ from duo_gateway.xca.ebrim import Author, DocumentEntry, MetadataError
 from duo_gateway.xca.entry_ids import document_entry_uuid, normalise_home
 from duo_gateway.xca.hl7 import Code, Xon, reference_id
 
-#: Namespace of the on-demand KOS UIDs. Changing it renames every KOS DUO has ever announced, which
+#: Namespace of the KOS UIDs. Changing it renames every KOS DUO has ever announced, which
 #: breaks every ITI-39 for an entry a consumer still holds: never change it.
 KOS_UID_NAMESPACE: Final = uuid.UUID("5d0c2b8e-3f4a-5c61-9e27-d4f0a1b2c3d4")
 

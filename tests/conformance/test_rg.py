@@ -16,8 +16,8 @@ Adaptations common to every case (docs/conformance.md says which apply where):
 - **Identifiers.** Patient ids are BSNs (``^^^&2.16.840.1.113883.2.4.6.3&ISO``); the Toolkit's
   AssignedUuids/AssignedUids of a submission become the ids DUO announced in a FindDocuments answer.
 - **The caller.** The harness's XCA peer: signed Dutch XUA, plain HTTP on loopback as a client
-  without a certificate, as in the other Responding Gateway tests (mTLS and XUA have tests of their
-  own, tests/conformance/test_rg_xua.py among them).
+  without a certificate, as in the other Responding Gateway tests (mTLS and the XUA variants of
+  12309/12312 have tests of their own).
 - **Documents.** Where the Toolkit compares retrieved bytes with the file it submitted, the report
   must be the stored SR data set and the KOS must reference exactly the study's images.
 
