@@ -80,6 +80,8 @@ ONE = SimPatient(bsn="999920005", name="Smit^Joris", birth_date="19801010", sex=
 TWO = SimPatient(bsn="999920017", name="de Jong^Lieke", birth_date="19750505", sex="F", consent="all")
 SPREAD = SimPatient(bsn="999920029", name="Bos^Henk", birth_date="19621130", sex="M", consent="all")
 GROWS = SimPatient(bsn="999920030", name="Kok^Sara", birth_date="19900220", sex="F", consent="all")
+#: The RMU cases' target: an entry nothing in this module retrieves, so it stays exactly as announced.
+KEPT = SimPatient(bsn="999920042", name="Mulder^Daan", birth_date="19681224", sex="M", consent="all")
 
 
 def pacs_contents(net: SimNetworkConfig) -> dict[str, list[GeneratedStudy]]:
@@ -88,21 +90,23 @@ def pacs_contents(net: SimNetworkConfig) -> dict[str, list[GeneratedStudy]]:
     ONE: one study without report at H1 (15807/onedoc: a single document). TWO: one study with its
     report at H1 (12318, 15807/twodoc: two documents, one repository). SPREAD: a study without report
     at each hospital (two repositories). GROWS: one study without report at H1 (15829's patient with
-    a single document; an image is added to it during that test).
+    a single document; an image is added to it during that test). KEPT: one study without report at
+    H2, whose entry the RMU cases try to update.
     """
     h1, h2 = net.hospitals
     seed = net.seed
     return {
         h1.ura: [generate_studies(ONE, h1, 2, seed)[1], generate_studies(TWO, h1, 1, seed)[0],
                  generate_studies(SPREAD, h1, 2, seed)[1], generate_studies(GROWS, h1, 2, seed)[1]],
-        h2.ura: [generate_studies(SPREAD, h2, 2, seed)[1]],
+        h2.ura: [generate_studies(SPREAD, h2, 2, seed)[1], generate_studies(KEPT, h2, 2, seed)[1]],
     }
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def duo(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Network]:
     tmp = tmp_path_factory.mktemp("rg")
-    net = default_network().model_copy(update={"patients": [ONE, TWO, SPREAD, GROWS], "communities": []})
+    net = default_network().model_copy(update={"patients": [ONE, TWO, SPREAD, GROWS, KEPT],
+                                               "communities": []})
     studies = pacs_contents(net)
     pacs: list[SimPacs] = []
     try:
@@ -627,15 +631,17 @@ async def assert_rmu_refused(duo: Network, wsdl_dir: Path, body: etree._Element,
     assert etree.tostring(unchanged, method="c14n") == etree.tostring(eo, method="c14n")
 
 
-async def announced_entry(duo: Network, wsdl_dir: Path, patient: SimPatient = ONE) -> etree._Element:
-    [eo] = extrinsic_objects(await iti38(duo, find_documents(patient), wsdl_dir))
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def kept_entry(duo: Network, wsdl_dir: Path) -> etree._Element:
+    """The entry the RMU cases would update, as DUO announced it (asked once for the module)."""
+    [eo] = extrinsic_objects(await iti38(duo, find_documents(KEPT), wsdl_dir))
     return eo
 
 
 NEW_ID = "urn:uuid:7f3c1e9a-2b4d-4e6f-8a1b-3c5d7e9f0001"
 
 
-async def test_12320(duo: Network, wsdl_dir: Path) -> None:
+async def test_12320(duo: Network, wsdl_dir: Path, kept_entry: etree._Element) -> None:
     """NIST 12320 "RMU, XCA Persistence Option, of DE with deprecated status" (rmu_update_confCode).
 
     The Toolkit sends ITI-92 to the Responding Gateway to change the confidentialityCode of an entry
@@ -646,86 +652,86 @@ async def test_12320(duo: Network, wsdl_dir: Path) -> None:
     SubmitObjectsRequest with SubmissionSet and HasMember/PreviousVersion) is refused with a SOAP
     Sender fault wsa:ActionNotSupported and the entry stays as it was.
     """
-    eo = await announced_entry(duo, wsdl_dir)
+    eo = kept_entry
     body = rmu_request(submission_set(), updated_entry(eo, new_id=NEW_ID, confidentiality="R"),
                        has_member(NEW_ID))
     await assert_rmu_refused(duo, wsdl_dir, body, eo)
 
 
-async def test_40030(duo: Network, wsdl_dir: Path) -> None:
+async def test_40030(duo: Network, wsdl_dir: Path, kept_entry: etree._Element) -> None:
     """NIST 40030 "DocumentEntry Update" (update): ITI-92 with a new version of an entry (same lid).
 
     Not applicable (see 12320): refused with wsa:ActionNotSupported, the entry unchanged.
     """
-    eo = await announced_entry(duo, wsdl_dir)
+    eo = kept_entry
     await assert_rmu_refused(duo, wsdl_dir, rmu_request(submission_set(), updated_entry(eo, new_id=NEW_ID),
                                                         has_member(NEW_ID)), eo)
 
 
-async def test_40030b(duo: Network, wsdl_dir: Path) -> None:
+async def test_40030b(duo: Network, wsdl_dir: Path, kept_entry: etree._Element) -> None:
     """NIST 40030b "No Original DocumentEntry": an update whose lid names no entry (must fail).
 
     Not applicable (see 12320): refused with wsa:ActionNotSupported before any lid is looked at; the
     entry used as the template is unchanged.
     """
-    eo = await announced_entry(duo, wsdl_dir)
+    eo = kept_entry
     orphan = updated_entry(eo, new_id=NEW_ID).replace(str(eo.get("lid")),
                                                       "urn:uuid:7f3c1e9a-2b4d-4e6f-8a1b-3c5d7e9f0999")
     await assert_rmu_refused(duo, wsdl_dir, rmu_request(submission_set(), orphan, has_member(NEW_ID)), eo)
 
 
-async def test_40030c(duo: Network, wsdl_dir: Path) -> None:
+async def test_40030c(duo: Network, wsdl_dir: Path, kept_entry: etree._Element) -> None:
     """NIST 40030c "Wrong transaction used": an initial version (Provide-and-Register-shaped, no lid,
     no PreviousVersion) sent with the update action (must fail).
 
     Not applicable (see 12320): refused with wsa:ActionNotSupported; nothing is created.
     """
-    eo = await announced_entry(duo, wsdl_dir)
+    eo = kept_entry
     initial = copy.deepcopy(eo)
     del initial.attrib["lid"]
     await assert_rmu_refused(duo, wsdl_dir, rmu_request(
         submission_set(), etree.tostring(initial).decode(), has_member(str(eo.get("id")), None)), eo)
 
 
-async def test_40030d(duo: Network, wsdl_dir: Path) -> None:
+async def test_40030d(duo: Network, wsdl_dir: Path, kept_entry: etree._Element) -> None:
     """NIST 40030d "DocumentEntry - Submit Incomplete Update": required attributes missing (must fail).
 
     Not applicable (see 12320): refused with wsa:ActionNotSupported, the entry unchanged.
     """
-    eo = await announced_entry(duo, wsdl_dir)
+    eo = kept_entry
     incomplete = updated_entry(eo, new_id=NEW_ID, drop=("creationTime", "languageCode", "sourcePatientId"))
     await assert_rmu_refused(duo, wsdl_dir, rmu_request(submission_set(), incomplete, has_member(NEW_ID)), eo)
 
 
-async def test_40030e(duo: Network, wsdl_dir: Path) -> None:
+async def test_40030e(duo: Network, wsdl_dir: Path, kept_entry: etree._Element) -> None:
     """NIST 40030e "DocumentEntry - Submit Update to older version": PreviousVersion not the latest.
 
     Not applicable (see 12320): refused with wsa:ActionNotSupported, the entry unchanged.
     """
-    eo = await announced_entry(duo, wsdl_dir)
+    eo = kept_entry
     await assert_rmu_refused(duo, wsdl_dir, rmu_request(
         submission_set(), updated_entry(eo, new_id=NEW_ID), has_member(NEW_ID, previous_version="7")), eo)
 
 
-async def test_40031(duo: Network, wsdl_dir: Path) -> None:
+async def test_40031(duo: Network, wsdl_dir: Path, kept_entry: etree._Element) -> None:
     """NIST 40031 "DocumentEntry attribute Update": one update per attribute (here the
     confidentialityCode, as in its confCode section), then a query that must show it.
 
     Not applicable (see 12320): refused with wsa:ActionNotSupported, and the query shows the entry
     unchanged.
     """
-    eo = await announced_entry(duo, wsdl_dir)
+    eo = kept_entry
     await assert_rmu_refused(duo, wsdl_dir, rmu_request(
         submission_set(), updated_entry(eo, new_id=NEW_ID, confidentiality="V"), has_member(NEW_ID)), eo)
 
 
-async def test_40037(duo: Network, wsdl_dir: Path) -> None:
+async def test_40037(duo: Network, wsdl_dir: Path, kept_entry: etree._Element) -> None:
     """NIST 40037 "DocumentEntry - Reject Multiple Updates For Same LogicalId": two new versions of one
     lid in one request (must fail).
 
     Not applicable (see 12320): refused with wsa:ActionNotSupported, the entry unchanged.
     """
-    eo = await announced_entry(duo, wsdl_dir)
+    eo = kept_entry
     second_id = "urn:uuid:7f3c1e9a-2b4d-4e6f-8a1b-3c5d7e9f0002"
     await assert_rmu_refused(duo, wsdl_dir, rmu_request(
         submission_set(), updated_entry(eo, new_id=NEW_ID), updated_entry(eo, new_id=second_id),
