@@ -202,11 +202,13 @@ class XcaCommunitySimulator:
                             repository_unique_id=self.repository_unique_id, institution_name=institution.name)
 
         def entry_of(report: InstanceRecord | None) -> DocumentEntry:
-            where = {"bsn": patient.bsn, "hospital_ura": institution.ura, "hospital_name": institution.name,
-                     "repository_unique_id": self.repository_unique_id, "home": self.home}
             if report is None:
-                return study_entry(record, codes=self.codes, **where)
-            return report_entry(report, record, codes=self.codes, **where)
+                return study_entry(record, bsn=patient.bsn, hospital_ura=institution.ura,
+                                   hospital_name=institution.name, home=self.home, codes=self.codes,
+                                   repository_unique_id=self.repository_unique_id)
+            return report_entry(report, record, bsn=patient.bsn, hospital_ura=institution.ura,
+                                hospital_name=institution.name, home=self.home, codes=self.codes,
+                                repository_unique_id=self.repository_unique_id)
 
         docs = [SimDocument(entry_of(None), encode_part10(kos), patient.bsn)]
         by_uid = {str(ds.SOPInstanceUID): ds for ds in study.instances}

@@ -5,8 +5,9 @@ DUO's roles and the simulator (:mod:`duo_gateway.sim.xca`) share one implementat
 in ``docs/xca.md``: ``codes`` (namespaces, URNs, enums), ``hl7`` (CX/XON/DTM), the identifier rules
 (homeCommunityId normalisation, deterministic entryUUIDs), ``ebrim`` (DocumentEntry), ``query``
 (ITI-38), ``retrieve`` (ITI-39, RAD-69/75) and ``errors`` (RegistryError). ``metadata`` maps PACS
-study records to DocumentEntries and on-demand KOS manifests, the one mapping DUO and the simulator
-agree on; ``docindex`` is the durable memory of which announced uniqueId stands for which study.
+study records to DocumentEntries and KOS manifests built when retrieved, the one mapping DUO and the
+simulator agree on; ``docindex`` is the durable memory of which announced uniqueId stands for which
+study (and of each KOS's hash and size once built).
 The SOAP envelope, WS-Addressing and MTOM are not here but in :mod:`duo_gateway.soap`.
 
 - ``initiating/``: DUO asking other communities, ITI-38 for a TLB timeline and ITI-39 (the KOS) plus

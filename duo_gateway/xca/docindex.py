@@ -5,6 +5,11 @@ on demand from the study, a report is fetched from the PACS. So every uniqueId p
 answer is remembered here, durably (a restart between query and retrieve is ordinary), until it has
 not been announced for a while.
 
+A KOS entry is a stable document assembled on its first retrieve (``xca.metadata``), so two more facts
+live here: the SHA-1 and size of each KOS once assembled (announced from then on, and the check that a
+rebuilt KOS is still the same document), and per study and repository the *revision* that starts a new
+generation when a rebuilt KOS is not. Both are digests and counters, not documents.
+
 The index holds **no patient identifier**. At retrieve time the BSN is re-read from the PACS by study
 UID and the consent asked again, so a stolen or leaked index file reveals which studies exist, never
 whose they are. That is enforced, not just intended: every identifier field must be a dotted UID and
@@ -36,7 +41,7 @@ from duo_gateway.xca.hl7 import Hl7FormatError, parse_reference_id
 DocumentKind = Literal["kos", "report"]
 
 DEFAULT_FILENAME: Final = "documents.sqlite3"
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2
 #: Below SQLite's smallest compiled-in variable limit (999), so lookup_many works on any build.
 _CHUNK: Final = 500
 #: How long a writer waits for another process's lock before the call fails.
@@ -44,6 +49,7 @@ _BUSY_TIMEOUT_S: Final = 10.0
 
 _UID = re.compile(r"^\d+(\.\d+)+$")  # leading zeros tolerated: real PACSes emit them
 _URA = re.compile(r"^\d{1,8}$")
+_SHA1 = re.compile(r"^[0-9a-f]{40}$")
 _MIME = re.compile(r"^[a-z0-9][a-z0-9.+-]*/[a-z0-9][a-z0-9.+-]*$")
 _T = TypeVar("_T")
 
@@ -63,7 +69,8 @@ class IndexedDocument:
     be answered too (the uuid5 it is derived from cannot be inverted).
 
     ``first_seen`` / ``last_seen`` are set by the index; values passed to :meth:`DocumentIndex.record`
-    are ignored, so a caller cannot make an entry look fresher or older than it is.
+    are ignored, so a caller cannot make an entry look fresher or older than it is. ``hash`` / ``size``
+    likewise: only :meth:`DocumentIndex.record_assembly` sets them.
     """
 
     unique_id: str
@@ -76,8 +83,14 @@ class IndexedDocument:
     entry_uuid: str | None = None
     first_seen: datetime | None = None
     last_seen: datetime | None = None
+    hash: str | None = None
+    size: int | None = None
 
     def __post_init__(self) -> None:
+        if (self.hash is None) != (self.size is None):
+            raise ValueError("hash and size are recorded together")
+        if self.hash is not None and self.size is not None:
+            _check_assembly(self.hash, self.size)
         if self.entry_uuid is not None:
             if not is_urn_uuid(self.entry_uuid):
                 raise ValueError("entry_uuid must be a urn:uuid")
@@ -97,6 +110,13 @@ class IndexedDocument:
             raise ValueError("hospital_ura must be a URA (at most eight digits)")
         if not _MIME.match(self.mime_type):
             raise ValueError(f"not a MIME type: {self.mime_type!r}")
+
+    @property
+    def assembled(self) -> tuple[str, int] | None:
+        """(SHA-1, size) of the KOS as first built for this uniqueId; None before that (and for reports)."""
+        if self.hash is None or self.size is None:
+            return None
+        return self.hash, self.size
 
     @classmethod
     def from_entry(cls, entry: DocumentEntry) -> IndexedDocument:
@@ -131,6 +151,13 @@ class IndexedDocument:
         )
 
 
+def _check_assembly(digest: str, size: int) -> None:
+    if not _SHA1.match(digest):
+        raise ValueError("hash must be a lower-case hex SHA-1 (the XDS hash)")
+    if size < 0:
+        raise ValueError("size must not be negative")
+
+
 def _check_uid(name: str, value: str) -> None:
     if len(value) > 64 or not _UID.match(value):
         # Not echoed: a value that fails here may be exactly what must not be stored or logged.
@@ -148,17 +175,34 @@ _DDL: Final = (
         sop_instance_uid TEXT,
         mime_type TEXT NOT NULL,
         first_seen REAL NOT NULL,
-        last_seen REAL NOT NULL
+        last_seen REAL NOT NULL,
+        hash TEXT,
+        size INTEGER
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS documents_last_seen ON documents (last_seen)",
     "CREATE INDEX IF NOT EXISTS documents_entry_uuid ON documents (entry_uuid)",
+    # Never pruned: a revision that went back to 0 would give a changed study the uniqueId (and so
+    # the recorded hash) of an earlier state. A row exists only for a study whose KOS once changed.
+    """CREATE TABLE IF NOT EXISTS revisions (
+        study_uid TEXT NOT NULL,
+        repository_unique_id TEXT NOT NULL,
+        revision INTEGER NOT NULL CHECK (revision > 0),
+        PRIMARY KEY (study_uid, repository_unique_id)
+    ) WITHOUT ROWID""",
 )
-_COLUMNS: Final = (
+#: Schema 1 (no KOS assembly records, no revisions) to 2, applied before _DDL.
+_MIGRATE_1: Final = (
+    "ALTER TABLE documents ADD COLUMN hash TEXT",
+    "ALTER TABLE documents ADD COLUMN size INTEGER",
+)
+_WRITTEN: Final = (
     "unique_id, kind, hospital_ura, repository_unique_id, study_uid, sop_instance_uid, mime_type, "
     "entry_uuid, first_seen, last_seen"
 )
+_COLUMNS: Final = f"{_WRITTEN}, hash, size"
+# hash and size are not written here: an entry announced again keeps what its assembly recorded.
 _UPSERT: Final = (
-    f"INSERT INTO documents ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "  # noqa: S608
+    f"INSERT INTO documents ({_WRITTEN}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "  # noqa: S608
     "ON CONFLICT (unique_id) DO UPDATE SET kind = excluded.kind, hospital_ura = excluded.hospital_ura, "
     "entry_uuid = coalesce(excluded.entry_uuid, documents.entry_uuid), "
     "repository_unique_id = excluded.repository_unique_id, study_uid = excluded.study_uid, "
@@ -166,16 +210,16 @@ _UPSERT: Final = (
     "last_seen = max(documents.last_seen, excluded.last_seen)"
 )
 
-_Row = tuple[str, str, str, str, str, str | None, str, str | None, float, float]
+_Row = tuple[str, str, str, str, str, str | None, str, str | None, float, float, str | None, int | None]
 
 
 def _from_row(row: _Row) -> IndexedDocument:
-    unique_id, kind, ura, repo, study, sop, mime, entry_uuid, first, last = row
+    unique_id, kind, ura, repo, study, sop, mime, entry_uuid, first, last, digest, size = row
     if kind not in ("kos", "report"):
         raise sqlite3.DatabaseError(f"corrupt document index row for {unique_id}")
     return IndexedDocument(
         unique_id, "kos" if kind == "kos" else "report", ura, repo, study, sop, mime, entry_uuid,
-        datetime.fromtimestamp(first, UTC), datetime.fromtimestamp(last, UTC),
+        datetime.fromtimestamp(first, UTC), datetime.fromtimestamp(last, UTC), digest, size,
     )
 
 
@@ -266,6 +310,76 @@ class DocumentIndex:
 
         return await self._run(run)
 
+    async def record_assembly(self, unique_id: str, digest: str, size: int) -> tuple[str, int] | None:
+        """Record the SHA-1 and size of a KOS just built for ``unique_id``, unless already recorded.
+
+        Returns what is recorded now: ours when this was the first assembly, the earlier one otherwise
+        (first writer wins, so two concurrent first retrieves agree on one document); None when the
+        uniqueId is not in the index (pruned meanwhile: nothing to keep the hash with).
+        """
+        _check_uid("unique_id", unique_id)
+        _check_assembly(digest, size)
+
+        def run(conn: sqlite3.Connection) -> tuple[str, int] | None:
+            with conn:
+                conn.execute("UPDATE documents SET hash = ?, size = ? WHERE unique_id = ? AND hash IS NULL",
+                             (digest, size, unique_id))
+                row = conn.execute("SELECT hash, size FROM documents WHERE unique_id = ?",
+                                   (unique_id,)).fetchone()
+            if row is None or row[0] is None:
+                return None
+            return str(row[0]), int(row[1])
+
+        return await self._run(run)
+
+    async def revisions(self, studies: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """The revision of each (study UID, repositoryUniqueId); those never revised are absent (0)."""
+        wanted = list(dict.fromkeys(studies))
+        for study_uid, repository in wanted:
+            _check_uid("study_uid", study_uid)
+            _check_uid("repository_unique_id", repository)
+        if not wanted:
+            return {}
+
+        def run(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+            out: dict[tuple[str, str], int] = {}
+            for start in range(0, len(wanted), _CHUNK // 2):
+                chunk = wanted[start:start + _CHUNK // 2]
+                where = " OR ".join("(study_uid = ? AND repository_unique_id = ?)" for _ in chunk)
+                cursor = conn.execute(
+                    f"SELECT study_uid, repository_unique_id, revision FROM revisions WHERE {where}",  # noqa: S608
+                    [v for pair in chunk for v in pair],
+                )
+                for study_uid, repository, revision in cursor.fetchall():
+                    out[(study_uid, repository)] = int(revision)
+            return out
+
+        return await self._run(run)
+
+    async def bump_revision(self, study_uid: str, repository_unique_id: str, seen: int) -> int:
+        """Start a new generation of a study's KOS, if nobody did since ``seen`` was read; returns the
+        revision now in force (``seen + 1`` either way when two callers noticed the same change)."""
+        _check_uid("study_uid", study_uid)
+        _check_uid("repository_unique_id", repository_unique_id)
+        if seen < 0:
+            raise ValueError("a revision is never negative")
+
+        def run(conn: sqlite3.Connection) -> int:
+            with conn:
+                conn.execute(
+                    "INSERT INTO revisions (study_uid, repository_unique_id, revision) VALUES (?, ?, ?) "
+                    "ON CONFLICT (study_uid, repository_unique_id) DO UPDATE SET revision = ? "
+                    "WHERE revisions.revision = ?",
+                    (study_uid, repository_unique_id, seen + 1, seen + 1, seen),
+                )
+                (revision,) = conn.execute(
+                    "SELECT revision FROM revisions WHERE study_uid = ? AND repository_unique_id = ?",
+                    (study_uid, repository_unique_id),
+                ).fetchone()
+            return int(revision)
+
+        return await self._run(run)
+
     async def prune(self, older_than: timedelta) -> int:
         """Forget entries not announced within ``older_than``; returns how many went.
 
@@ -331,6 +445,9 @@ def _connect(path: Path) -> sqlite3.Connection:
                 f"{path} has document index schema {version}; this version knows {_SCHEMA_VERSION}"
             )
         with conn:
+            if version == 1:
+                for ddl in _MIGRATE_1:
+                    conn.execute(ddl)
             for ddl in _DDL:
                 conn.execute(ddl)
             conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")

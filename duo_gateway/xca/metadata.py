@@ -1,9 +1,16 @@
-"""PACS records -> XDS DocumentEntries and on-demand KOS manifests: the one mapping DUO and the sim share.
+"""PACS records -> XDS DocumentEntries and KOS manifests built when retrieved: the one mapping DUO and the
+sim share.
 
 DUO answers ITI-38 for the TLB hospitals from what a study-level C-FIND returns, and builds the KOS
 only when ITI-39 asks for it. Both halves must agree on every identifier without shared state, so all
 of them are derived from the study (uuid5) rather than minted or stored: the entry a consumer saw in
 an ITI-38 answer names a KOS whose SOP Instance UID is the entry's uniqueId, whenever it is built.
+
+The KOS entry is a **stable** DocumentEntry assembled on first retrieve (the "Delayed Assembly" model
+of the IHE HIE white paper, §2.12; docs/kos-manifests.md has the decision and why not On-Demand): its
+uniqueId names one *generation* of the study (:func:`kos_generation`), whose bytes are fixed by the
+first ITI-39 that builds them; from then on its hash and size are known and announced. A study that
+changes is a new generation, so a new document with a new uniqueId, never new bytes under an old one.
 
 Choices where the profiles leave a gap (xca.md §7, netherlands.md §4), kept in one place on purpose:
 
@@ -15,13 +22,17 @@ Choices where the profiles leave a gap (xca.md §7, netherlands.md §4), kept in
 - **creationTime of the KOS is the study time.** The manifest is built on demand, but
   :func:`kos_for_study` sets its ContentDate/ContentTime to the study's, so the entry and the object
   agree and a re-served entry is byte-identical. A study without a date has neither time.
-- **No size, no hash for the KOS or for reports.** DUO has not read the bytes when it answers ITI-38
-  (the KOS does not exist yet; a report would have to be C-GET for every query), and a wrong value
-  is worse than an absent one: consumers verify them.
-- **The KOS uniqueId does not follow the instance list.** ITI-38 does not fetch instances, so
-  :func:`kos_unique_id` depends on the study and the repository only. A study that grows between query
-  and retrieve yields a manifest with more references under the same uniqueId; the entry stays
-  ``Stable`` because consumers query stable entries only (the usual ``$XDSDocumentEntryType`` default).
+- **Size and hash of a KOS only once it was assembled; never for reports.** DUO has not read the
+  bytes when it first announces a study (the KOS does not exist yet; a report would have to be C-GET
+  for every query), and a wrong value is worse than an absent one: consumers verify them. The first
+  ITI-39 of a KOS records its SHA-1 and size (``xca.docindex``); later answers carry them.
+- **The KOS uniqueId follows the study's generation, not its instance list.** ITI-38 does not walk
+  the instances (that would cost a C-FIND per series per study per query), so :func:`kos_generation`
+  is what the study-level C-FIND says of the study's content (NumberOfStudyRelatedInstances and
+  -Series) plus a revision DUO bumps when a retrieve finds the content changed without those counts
+  changing (a PACS that does not return them, an instance swapped for another). Either way the changed
+  study gets a new uniqueId; the old one answers XDSDocumentUniqueIdError (query again), because its
+  bytes can no longer be made and DUO keeps no copy of patient data to serve them from.
 - **Reports stand alone and are not in the manifest.** A report gets its own entry (netherlands.md
   §4, "reports stand alone"), so the KOS leaves it out: otherwise a viewer that opens the manifest shows
   the report a second time, against "once on the timeline". Every image is referenced (IMAGE items);
@@ -43,7 +54,7 @@ from pydicom.uid import UID
 
 from duo_gateway.bsn import BSN_OID, NLMINBIZA, bsn_cx, is_valid_bsn
 from duo_gateway.config.xca import CodeConfig, DocumentCodes
-from duo_gateway.dicom.kos import InstanceRef, KosPatient, KosStudy, build_kos
+from duo_gateway.dicom.kos import InstanceRef, KosPatient, KosStudy, build_kos, kos_series_instance_uid
 from duo_gateway.sources.base import InstanceRecord, StudyRecord
 from duo_gateway.xca.codes import (
     BODY_PART_SNOMED,
@@ -60,7 +71,7 @@ from duo_gateway.xca.ebrim import Author, DocumentEntry, MetadataError
 from duo_gateway.xca.entry_ids import document_entry_uuid, normalise_home
 from duo_gateway.xca.hl7 import Code, Xon, reference_id
 
-#: Namespace of the on-demand KOS UIDs. Changing it renames every KOS DUO has ever announced, which
+#: Namespace of the KOS UIDs. Changing it renames every KOS DUO has ever announced, which
 #: breaks every ITI-39 for an entry a consumer still holds: never change it.
 KOS_UID_NAMESPACE: Final = uuid.UUID("5d0c2b8e-3f4a-5c61-9e27-d4f0a1b2c3d4")
 
@@ -92,16 +103,42 @@ _STUDY_TITLE: Final = "Beeldvormend onderzoek"
 _MAX_TITLE: Final = 1024  # ebRIM FreeFormText; longer PACS text would make the entry unbuildable
 
 
-def kos_unique_id(study_uid: str, repository_unique_id: str) -> str:
-    """The SOP Instance UID of the on-demand KOS of a study at a hospital, and so its XDS uniqueId.
+def kos_unique_id(study_uid: str, repository_unique_id: str, generation: str = "") -> str:
+    """The SOP Instance UID of the KOS of one generation of a study at a hospital, and so its uniqueId.
 
     Depends on nothing ITI-38 does not know, so ITI-39 can rebuild the same object later. The
-    repository is part of the name because two hospitals may hold copies of the same study.
+    repository is part of the name because two hospitals may hold copies of the same study. An empty
+    ``generation`` (a PACS that reports no counts, never revised) gives the name DUO used before
+    generations existed, so entries announced by earlier versions stay retrievable.
     """
     if not study_uid or not repository_unique_id:
         raise ValueError("a KOS uniqueId needs a study UID and a repositoryUniqueId")
-    value = uuid.uuid5(KOS_UID_NAMESPACE, f"kos|{study_uid}|{repository_unique_id}").int
+    name = f"kos|{study_uid}|{repository_unique_id}" + (f"|{generation}" if generation else "")
+    value = uuid.uuid5(KOS_UID_NAMESPACE, name).int
     return f"2.25.{value}"  # at most 5 + 39 characters, and an integer has no leading zero
+
+
+def kos_generation(study: StudyRecord, revision: int = 0) -> str:
+    """Which state of the study a KOS uniqueId names: what changes when the study's content does.
+
+    The counts are what a study-level C-FIND already returns, so naming the generation costs ITI-38
+    nothing; ``revision`` (kept by ``xca.docindex``) covers the changes the counts do not show.
+    """
+    if revision < 0:
+        raise ValueError("a revision is never negative")
+    parts = []
+    if study.instance_count is not None:
+        parts.append(f"i{study.instance_count}")
+    if study.series_count is not None:
+        parts.append(f"s{study.series_count}")
+    if revision:
+        parts.append(f"r{revision}")
+    return ".".join(parts)
+
+
+def study_kos_unique_id(study: StudyRecord, repository_unique_id: str, revision: int = 0) -> str:
+    """:func:`kos_unique_id` of the study's current generation: the one ITI-38 announces."""
+    return kos_unique_id(study.study_instance_uid, repository_unique_id, kos_generation(study, revision))
 
 
 def is_report(record: InstanceRecord) -> bool:
@@ -118,11 +155,18 @@ def study_entry(
     repository_unique_id: str,
     home: str,
     codes: DocumentCodes,
+    revision: int = 0,
+    assembled: tuple[str, int] | None = None,
 ) -> DocumentEntry:
-    """The KOS DocumentEntry that makes a study visible in an ITI-38 answer (xca.md §7)."""
+    """The KOS DocumentEntry that makes a study visible in an ITI-38 answer (xca.md §7).
+
+    ``revision`` is the study's (``xca.docindex``); ``assembled`` the (SHA-1, size) recorded when this
+    generation's KOS was first built, None before: a stable entry announces them once they are known.
+    """
     home = _home(home)
     started = dicom_dtm(study.study_date, study.study_time)
-    unique_id = kos_unique_id(study.study_instance_uid, repository_unique_id)
+    unique_id = study_kos_unique_id(study, repository_unique_id, revision)
+    digest, size = assembled if assembled is not None else (None, None)
     return DocumentEntry(
         # Keyed by the uniqueId, which includes the repository: one study held by two hospitals
         # gives two distinct entries in one answer.
@@ -146,6 +190,8 @@ def study_entry(
         reference_ids=(reference_id(study.study_instance_uid, STUDY_INSTANCE_UID_ID_TYPE),),
         authors=(_author(hospital_name, hospital_ura),),
         language_code=codes.language,
+        hash=digest,
+        size=size,
     )
 
 
@@ -210,23 +256,28 @@ def kos_for_study(
     *,
     bsn: str,
     repository_unique_id: str,
+    revision: int = 0,
     retrieve_ae_title: str | None = None,
     institution_name: str | None = None,
 ) -> Dataset:
-    """The manifest ITI-39 returns for a study entry: its SOP Instance UID is the entry's uniqueId.
+    """The manifest ITI-39 returns for a study entry: its SOP Instance UID is the entry's uniqueId
+    (of ``study``'s generation at ``revision``, as :func:`study_entry` names it).
 
     ``instances`` may be the whole study as C-FIND lists it: reports are dropped here (they are entries
     of their own, see the module notes), so every caller builds the same manifest from the same PACS
-    answer. A KOS DUO built earlier and a PACS stored back is dropped too: a manifest never references
-    itself. Raises ValueError when nothing is left (a study of reports only has no manifest to give).
+    answer. A KOS DUO built earlier and a PACS stored back is dropped too, of any generation (DUO's
+    manifests of a study share one series): a manifest never references itself or its predecessors.
+    Raises ValueError when nothing is left (a study of reports only has no manifest to give).
     """
-    sop_uid = UID(kos_unique_id(study.study_instance_uid, repository_unique_id))
+    sop_uid = UID(study_kos_unique_id(study, repository_unique_id, revision))
     strangers = {i.study_instance_uid for i in instances} - {study.study_instance_uid}
     if strangers:
         raise ValueError("instances of another study cannot go into this study's manifest")
+    own_series = kos_series_instance_uid(study.study_instance_uid)
     refs = [
         InstanceRef(i.series_instance_uid, i.sop_class_uid, i.sop_instance_uid)
-        for i in instances if i.sop_instance_uid != sop_uid and not is_report(i)
+        for i in instances
+        if i.sop_instance_uid != sop_uid and i.series_instance_uid != own_series and not is_report(i)
     ]
     ds = build_kos(
         refs,

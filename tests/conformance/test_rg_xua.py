@@ -16,8 +16,8 @@ Adaptations common to every case:
 - **BSN patient**: ``$patient_id$`` is a BSN in CX form; the patient is the simulator's "partial"
   patient, who consented for the first TLB hospital only.
 - **A PACS behind the gateway**: NIST's registry is loaded by test 12318; here two SimPacs hospitals
-  hold one study per patient, and the documents are DUO's on-demand entries (a KOS per study, one per
-  report). The retrieve cases learn their ids from a LeafClass FindDocuments first, as NIST's 12312
+  hold one study per patient, and the documents are DUO's entries (a KOS per study, stable once assembled, one
+  per report). The retrieve cases learn their ids from a LeafClass FindDocuments first, as NIST's 12312
   takes them from 12318's query (an ITI-39 of a document never announced is unknown to DUO).
 
 One network serves the module (DUO, two SimPacs, the Mitz simulator); every case only reads.
@@ -25,6 +25,7 @@ One network serves the module (DUO, two SimPacs, the Mitz simulator); every case
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -289,9 +290,10 @@ async def test_12312(duo: Network, announced: dict[str, DocumentEntry], wsdl_dir
     XDSMissingHomeCommunityId and no document.
 
     Adapted: NIST's small text and big XML documents are the study's KOS and its report. NIST checks
-    the bytes against the hash in the metadata; on-demand entries carry no hash (the document is made
-    when asked), so the bytes are checked to be that document: the KOS of the entry's study, the
-    report with the entry's uniqueId.
+    the bytes against the hash in the metadata. A KOS entry carries its hash and size only once its
+    first ITI-39 assembled it (docs/kos-manifests.md), so the KOS is checked against the hash and size
+    a FindDocuments announces after the retrieve; a report entry never carries them, so its bytes are
+    checked to be the report with the entry's uniqueId. Both are also checked to be that document.
     """
     for kind, entry in announced.items():
         reply = await iti39(duo, retrieve(entry, home=HOME))
@@ -307,6 +309,11 @@ async def test_12312(duo: Network, announced: dict[str, DocumentEntry], wsdl_dir
         if kind == "kos":
             study_uids = {ref.split("^")[0] for ref in entry.reference_ids}
             assert {parse_kos(document.data).study_instance_uid} == study_uids
+            again = answer_body(await iti38(duo, find_documents("LeafClass")), Action.ITI38_RESPONSE,
+                                wsdl_dir)
+            [now] = [e for e in parse_adhoc_query_response(again).entries if e.unique_id == entry.unique_id]
+            assert now.hash == hashlib.sha1(document.data).hexdigest()
+            assert now.size == len(document.data)
         else:
             assert dcmread(BytesIO(document.data)).SOPInstanceUID == entry.unique_id
 

@@ -12,12 +12,18 @@ the PACS first, then consent is asked again: consent may have been withdrawn sin
 A request whose assertion carries an authorization decision is refused whole before anyone is asked
 (:meth:`~duo_gateway.xua.Requester.authorization_refusal` says why): a Failure with
 LocalPolicyRestrictionError, audited like any refusal.
+
+A study's KOS is a stable document assembled on its first ITI-39 (``xca.metadata``): the answer that
+builds it records its hash and size (``xca.docindex``), later ITI-38 answers announce them, and a
+later ITI-39 delivers it only if the rebuilt bytes are still those. A study that changed is a new
+document under a new uniqueId; the old uniqueId is then "not available" (XDSDocumentUniqueIdError).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -67,7 +73,13 @@ from duo_gateway.xca.ebrim import DocumentEntry, ObjectRef
 from duo_gateway.xca.entry_ids import normalise_home
 from duo_gateway.xca.errors import RegistryError, RegistryErrorException, status_for
 from duo_gateway.xca.hl7 import Cx, Hl7FormatError, dtm_key, parse_reference_id
-from duo_gateway.xca.metadata import is_report, kos_for_study, report_entry, study_entry
+from duo_gateway.xca.metadata import (
+    is_report,
+    kos_for_study,
+    report_entry,
+    study_entry,
+    study_kos_unique_id,
+)
 from duo_gateway.xca.query import AdhocQueryRequest, AdhocQueryResponse, validate_stored_query
 from duo_gateway.xca.retrieve import (
     DocumentRequest,
@@ -254,7 +266,9 @@ class RespondingGateway:
         statuses = req.values(QueryParam.STATUS) or []
         types = req.values(QueryParam.ENTRY_TYPE)
         if EntryStatus.APPROVED not in statuses or (types is not None and EntryType.STABLE not in types):
-            return [], []  # every entry DUO has is an Approved, stable entry
+            # Every entry DUO has is an Approved, stable entry (a KOS by delayed assembly, see the
+            # module notes): DUO has no On-Demand Document Entries, so a query for those finds nothing.
+            return [], []
         start_from, start_to = (
             req.time(QueryParam.SERVICE_START_TIME_FROM),
             req.time(QueryParam.SERVICE_START_TIME_TO),
@@ -307,16 +321,27 @@ class RespondingGateway:
                 date_to=_dtm_date(start_to, upper=True),
                 study_uids=study_uids,
             )
+            repository = hospital.repository_unique_id
+            revisions = await self._index.revisions((s.study_instance_uid, repository) for s in studies)
+            kos_ids = {
+                s.study_instance_uid: study_kos_unique_id(s, repository, revisions.get(
+                    (s.study_instance_uid, repository), 0))
+                for s in studies
+            }
+            known = await self._index.lookup_many(kos_ids.values())
             for study in studies:
+                indexed = known.get(kos_ids[study.study_instance_uid])
                 answer.entries.append(
                     study_entry(
                         study,
                         bsn=bsn,
                         hospital_ura=hospital.ura,
                         hospital_name=hospital.name,
-                        repository_unique_id=hospital.repository_unique_id,
+                        repository_unique_id=repository,
                         home=self._home,
                         codes=hospital.document_codes,
+                        revision=revisions.get((study.study_instance_uid, repository), 0),
+                        assembled=indexed.assembled if indexed is not None else None,
                     )
                 )
                 if any(m in _REPORT_MODALITIES for m in study.modalities):
@@ -536,12 +561,12 @@ class RespondingGateway:
                 verdict = await self._gate.check(self._gate.for_hospital(ctx.requester, bsn, hospital))
                 if isinstance(verdict, Refusal):
                     return unknown(f"no consent: {verdict.reason}"), bsn, None
-                data, mime = await self._document_bytes(source, verdict, bsn, indexed, hospital)
+                data, mime, why_not = await self._document_bytes(source, verdict, bsn, indexed, hospital)
         except (TimeoutError, SourceUnavailable) as exc:
             err = self._unavailable(hospital, str(exc) or "timeout")
             return replace(err, error_code=ErrorCode.REPOSITORY_ERROR), None, None
         if data is None:
-            return unknown("document not found in the study"), bsn, None
+            return unknown(why_not or "document not found in the study"), bsn, None
         return (
             None,
             bsn,
@@ -550,23 +575,14 @@ class RespondingGateway:
 
     async def _document_bytes(
         self, source: ImagingSource, permit: Permit, bsn: str, indexed: IndexedDocument, hospital: TlbHospital
-    ) -> tuple[bytes | None, str]:
-        instances = await source.find_instances(permit, bsn, indexed.study_uid)
+    ) -> tuple[bytes | None, str, str | None]:
+        """The document's bytes and MIME type, or None and why not (for the log, never the requester)."""
         if indexed.kind == "kos":
-            studies = await source.find_studies(permit, bsn, study_uids=[indexed.study_uid])
-            if not studies:
-                return None, MIME_DICOM
-            kos = kos_for_study(
-                studies[0],
-                [i for i in instances if not is_report(i)],
-                bsn=bsn,
-                repository_unique_id=hospital.repository_unique_id,
-                institution_name=hospital.name,
-            )
-            return encode_part10(kos), MIME_DICOM
+            return await self._kos_bytes(source, permit, bsn, indexed, hospital)
+        instances = await source.find_instances(permit, bsn, indexed.study_uid)
         record = next((i for i in instances if i.sop_instance_uid == indexed.sop_instance_uid), None)
         if record is None:
-            return None, indexed.mime_type
+            return None, indexed.mime_type, None
         # aclosing: returning from inside the loop must end the C-GET and free the association now,
         # not whenever the abandoned generator is garbage-collected.
         async with contextlib.aclosing(source.retrieve(permit, bsn, indexed.study_uid, [record])) as stream:
@@ -574,9 +590,42 @@ class RespondingGateway:
                 data = await asyncio.to_thread(got.path.read_bytes)
                 got.path.unlink(missing_ok=True)
                 if indexed.mime_type == _PDF:
-                    return await asyncio.to_thread(_encapsulated_document, data), _PDF
-                return data, MIME_DICOM
-        return None, indexed.mime_type
+                    return await asyncio.to_thread(_encapsulated_document, data), _PDF, None
+                return data, MIME_DICOM, None
+        return None, indexed.mime_type, None
+
+    async def _kos_bytes(
+        self, source: ImagingSource, permit: Permit, bsn: str, indexed: IndexedDocument, hospital: TlbHospital
+    ) -> tuple[bytes | None, str, str | None]:
+        """Assemble the KOS of the study's current generation, if that is still the one requested.
+
+        The first assembly of a uniqueId fixes its bytes (hash and size recorded); a later one must give
+        the same bytes or the uniqueId is not delivered, and the study's revision moves on so that the
+        next ITI-38 names the changed study anew (the study-level counts do not show every change).
+        """
+        repository = hospital.repository_unique_id
+        studies = await source.find_studies(permit, bsn, study_uids=[indexed.study_uid])
+        if not studies:
+            return None, MIME_DICOM, "study no longer in the PACS"
+        study = studies[0]
+        key = (indexed.study_uid, repository)
+        revision = (await self._index.revisions([key])).get(key, 0)
+        if study_kos_unique_id(study, repository, revision) != indexed.unique_id:
+            return None, MIME_DICOM, "study changed since this manifest was announced"
+        instances = await source.find_instances(permit, bsn, indexed.study_uid)
+        try:
+            kos = kos_for_study(study, instances, bsn=bsn, repository_unique_id=repository,
+                                revision=revision, institution_name=hospital.name)
+        except ValueError:
+            return None, MIME_DICOM, "no instance left to reference"
+        data = await asyncio.to_thread(encode_part10, kos)
+        digest = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+        recorded = await self._index.record_assembly(indexed.unique_id, digest, len(data))
+        if recorded is not None and recorded != (digest, len(data)):
+            now = await self._index.bump_revision(indexed.study_uid, repository, revision)
+            log.info("kos generation superseded", repository_unique_id=repository, revision=now)
+            return None, MIME_DICOM, "study changed since this manifest was assembled"
+        return data, MIME_DICOM, None
 
     def _audit_iti39(
         self,
