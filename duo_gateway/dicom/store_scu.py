@@ -210,6 +210,8 @@ class StoreClient:
         self._ae: AE | None = None
         #: Associations opened so far (re-associations included): for tests, logs and metrics.
         self.associations = 0
+        #: Instances decompressed for this destination so far (every other one went out as stored).
+        self.decompressed = 0
         #: time.monotonic() of the last sign of life of the store in flight (set from the thread).
         self._progress = 0.0
         #: The codecs' helper process, started on the first instance that needs decompressing.
@@ -367,6 +369,7 @@ class StoreClient:
                     if self._decoder is None:
                         self._decoder = DecodeWorker()
                     self._decoder.decompress(path, tmp, target, progress=self._touch)
+                    self.decompressed += 1
             except TranscodeError as exc:
                 # This instance's data (or its decoder) failed: its own verdict, not the job's.
                 log.warning("store_decompress_failed", sop_instance_uid=sop_uid, source=UID(ts).name,

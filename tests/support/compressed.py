@@ -9,6 +9,7 @@ lossless decode must give back (``raw``: no colour conversion), taken from the u
 from __future__ import annotations
 
 import copy
+import hashlib
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from duo_gateway.dicom.reconcile import read_part10_header
 from tests.support.dcmtk import require_tool
 from tests.support.dicom_files import sample
 
@@ -130,8 +132,26 @@ def ct_512(out: Path, frames: int, *, study_uid: str, series_uid: str) -> Made:
     return encode(ds, JPEG2000Lossless, out)
 
 
+def pixel_element(path: Path) -> str:
+    """Digest of the encapsulated Pixel Data element, header to sequence delimiter: what a relay that
+    does not decode must deliver unchanged (a receiver may drop trailing padding after it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        read_part10_header(fh)
+        head = fh.read(12)
+        assert head[:4] == b"\xe0\x7f\x10\x00" and head[8:12] == b"\xff\xff\xff\xff", head.hex()
+        digest.update(head)
+        while True:
+            item = fh.read(8)
+            digest.update(item)
+            if item[:4] == b"\xfe\xff\xdd\xe0":
+                return digest.hexdigest()
+            assert item[:4] == b"\xfe\xff\x00\xe0", item.hex()
+            digest.update(fh.read(int.from_bytes(item[4:], "little")))
+
+
 def _even(data: bytes) -> bytes:
     return data + b"\x00" if len(data) & 1 else data
 
 
-__all__ = ["Made", "ct_512", "encode", "native", "patched", "truncated"]
+__all__ = ["Made", "ct_512", "encode", "native", "patched", "pixel_element", "truncated"]
