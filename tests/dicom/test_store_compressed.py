@@ -13,6 +13,7 @@ from __future__ import annotations
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,11 +30,13 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.dicom.status import SOP_CLASS_NOT_SUPPORTED, UNABLE_TO_PROCESS
 from duo_gateway.dicom.store_scu import StoreClient, StoreResult
-from tests.support.compressed import Made, encode, native, pixel_element, truncated
+from tests.support.compressed import Made, ct_512, encode, native, pixel_element, truncated
 from tests.support.orthanc import Orthanc, run_orthanc
 from tests.support.storescp import StoreScp, run_storescp
 
@@ -196,3 +199,36 @@ async def test_storescp_accepting_all_and_uncompressed_only(made: dict[str, Made
     assert sorted(received) == sorted(m.sop_instance_uid for m in lossless)
     for m in lossless:
         _assert_decompressed(received[m.sop_instance_uid], m)
+
+
+# -- a decompression that outlasts the destination's idle timeout ------------------------------------
+
+
+async def test_converted_copy_goes_out_on_a_new_association_after_an_idle_timeout(tmp_path: Path) -> None:
+    """The destination drops an association idle for 0.2 s; starting the decoder helper and decoding 12
+    frames of 512x512 JPEG 2000 take longer, so the copy must go out on a new association rather than
+    fail the instance (or be decoded again on a retry)."""
+    big = ct_512(tmp_path / "big.dcm", 12, study_uid=generate_uid(), series_uid=generate_uid())
+    received: list[tuple[str, str, bytes]] = []
+
+    def on_store(event: Any) -> int:
+        received.append((str(event.request.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
+                         event.dataset.PixelData))
+        return 0
+
+    ae = AE(ae_title="IDLE")
+    ae.network_timeout = 0.2
+    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        async with StoreClient(_to("127.0.0.1", int(server.server_address[1]), "IDLE"), DUO_AE) as client:
+            result = await client.store(big.path, sop_class_uid=big.sop_class_uid,
+                                        sop_instance_uid=big.sop_instance_uid,
+                                        transfer_syntax_uid=big.transfer_syntax_uid)
+            associations = client.associations
+    finally:
+        server.shutdown()
+    assert result.outcome == "stored", result.detail
+    assert associations == 2
+    assert [(uid, ts) for uid, ts, _ in received] == [(big.sop_instance_uid, ExplicitVRLittleEndian)]
+    assert np.array_equal(np.frombuffer(received[0][2], "<i2").reshape(12, 512, 512), big.pixels)
