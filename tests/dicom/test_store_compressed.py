@@ -205,10 +205,10 @@ async def test_storescp_accepting_all_and_uncompressed_only(made: dict[str, Made
 
 
 async def test_converted_copy_goes_out_on_a_new_association_after_an_idle_timeout(tmp_path: Path) -> None:
-    """The destination drops an association idle for 0.2 s; starting the decoder helper and decoding 12
+    """The destination drops an association idle for 0.2 s; starting the decoder helper and decoding 4
     frames of 512x512 JPEG 2000 take longer, so the copy must go out on a new association rather than
     fail the instance (or be decoded again on a retry)."""
-    big = ct_512(tmp_path / "big.dcm", 12, study_uid=generate_uid(), series_uid=generate_uid())
+    big = ct_512(tmp_path / "big.dcm", 4, study_uid=generate_uid(), series_uid=generate_uid())
     received: list[tuple[str, str, bytes]] = []
 
     def on_store(event: Any) -> int:
@@ -231,4 +231,4 @@ async def test_converted_copy_goes_out_on_a_new_association_after_an_idle_timeou
     assert result.outcome == "stored", result.detail
     assert associations == 2
     assert [(uid, ts) for uid, ts, _ in received] == [(big.sop_instance_uid, ExplicitVRLittleEndian)]
-    assert np.array_equal(np.frombuffer(received[0][2], "<i2").reshape(12, 512, 512), big.pixels)
+    assert np.array_equal(np.frombuffer(received[0][2], "<i2").reshape(4, 512, 512), big.pixels)

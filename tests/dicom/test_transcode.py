@@ -191,7 +191,7 @@ def test_worker_survives_a_hanging_and_a_crashing_decoder(made: dict[str, Made],
     a JPEG Lossless codestream whose first marker after SOI is not a marker (0xFF25). Either is that
     instance's ``corrupt`` verdict, and the next instance decodes in a fresh helper."""
     good = made[JPEG2000Lossless]
-    worker = DecodeWorker(stall_s=2)
+    worker = DecodeWorker(stall_s=1)
     try:
         ticks: list[int] = []
         done = worker.decompress(good.path, tmp_path / "a.dcm", ExplicitVRLittleEndian,
