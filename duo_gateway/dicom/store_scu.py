@@ -24,11 +24,19 @@ requester's own PACS (:class:`~duo_gateway.config.transfer.DestinationPacs`). De
   own chunked send in one quick run (110-137 vs 50-75 MB/s for 0.5 MB CTs on a loaded 2-core VM).
   Not over TLS: an SSL connection must not be written by one thread while another reads it, so TLS
   destinations get pynetdicom's own ``send_c_store`` (whole instance decoded; instances are small).
-- **Conversion only where it is lossless and streamable.** When the destination declines the file's
-  syntax but takes the other uncompressed little-endian one, the file is transcoded to a temp file
-  (header re-encoded, pixel data copied in chunks, see reconcile.py) and that is sent. DUO never
-  decompresses: a compressed syntax the destination declines is a ``refused`` result with a clear
-  detail.
+- **Sent as stored whenever the destination takes it; converted only where no pixel value changes.**
+  A compressed file whose syntax the destination accepted goes out untouched (streamed, never
+  decoded). When the destination declines the file's syntax, what happens is decided by its class
+  (:mod:`~duo_gateway.dicom.syntaxes`, the one home of that rule): uncompressed little endian is
+  transcoded to the other one (header re-encoded, pixel data copied in chunks, see reconcile.py);
+  lossless compressed data is decompressed into an uncompressed little-endian syntax the destination
+  accepted (:mod:`~duo_gateway.dicom.transcode`, frame by frame, in the helper process of
+  :mod:`~duo_gateway.dicom.decode_worker` so a codec that crashes or hangs costs only that instance);
+  lossy data is never decompressed or re-encoded, and is ``refused`` with that reason. A stream that
+  will not decode is ``refused`` too (0xC000, "cannot understand"), for that instance alone. Verdicts
+  DUO reaches without sending anything carry ``local=True``. The conversion happens in the store's
+  executor hop, off the loop; a decompression that outlasts the destination's idle timeout gets a new
+  association for the converted copy.
 - **Threads, not the loop.** pynetdicom blocks, so every association operation runs on one
   single-thread executor per client (an association is only ever driven by one thread); abort runs on
   a thread of its own so it can interrupt a blocked send. Each :meth:`StoreClient.store` is one
@@ -48,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import os
 import select
 import socket
@@ -78,19 +87,23 @@ from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.presentation import PresentationContext
 
 from duo_gateway.config.transfer import DestinationPacs
+from duo_gateway.dicom.decode_worker import DecodeWorker
 from duo_gateway.dicom.nodelay import SUPPORTED_PYNETDICOM, ensure_tcp_nodelay
 from duo_gateway.dicom.qr import MAX_CONTEXTS
 from duo_gateway.dicom.reconcile import PIXEL_TAGS, copy_range, read_part10_header, write_part10_header
 from duo_gateway.dicom.status import (
+    OUT_OF_RESOURCES,
     SOP_CLASS_NOT_SUPPORTED,
     STORE_WARNINGS,
     SUCCESS,
+    UNABLE_TO_PROCESS,
     is_identifier_mismatch,
     is_out_of_resources,
     is_unable_to_process,
     is_warning,
 )
-from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE
+from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE, syntax_class
+from duo_gateway.dicom.transcode import TranscodeError
 from duo_gateway.failure import Failure, FailureKind
 from duo_gateway.tls import client_context
 
@@ -110,6 +123,9 @@ class StoreResult:
     status: int
     outcome: StoreOutcome
     detail: str
+    #: DUO's own verdict, reached without sending the instance (no context, lossy, undecodable, a local
+    #: resource): ``status`` is then DUO's choice of code, not the destination's answer.
+    local: bool = False
 
     @property
     def stored(self) -> bool:
@@ -194,8 +210,12 @@ class StoreClient:
         self._ae: AE | None = None
         #: Associations opened so far (re-associations included): for tests, logs and metrics.
         self.associations = 0
+        #: Instances decompressed for this destination so far (every other one went out as stored).
+        self.decompressed = 0
         #: time.monotonic() of the last sign of life of the store in flight (set from the thread).
         self._progress = 0.0
+        #: The codecs' helper process, started on the first instance that needs decompressing.
+        self._decoder: DecodeWorker | None = None
 
     async def __aenter__(self) -> StoreClient:
         return self
@@ -221,6 +241,9 @@ class StoreClient:
         finally:
             if executor is not None:
                 executor.shutdown(wait=False)
+            decoder, self._decoder = self._decoder, None
+            if decoder is not None:
+                await asyncio.to_thread(decoder.close)
 
     def expect(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Pre-declare (SOP class, transfer syntax) pairs, e.g. from a C-FIND or a KOS, so the first
@@ -307,7 +330,8 @@ class StoreClient:
             if conn is None:
                 return StoreResult(sop_uid, SOP_CLASS_NOT_SUPPORTED, "refused",
                                    f"{self._name} accepts no presentation context for SOP class {sop} "
-                                   f"({UID(ts).name}): association refused every proposed context")
+                                   f"({UID(ts).name}): association refused every proposed context",
+                                   local=True)
             self._conn = conn
         cx = conn.accepted.get(key)
         if cx is not None:
@@ -315,28 +339,76 @@ class StoreClient:
         return self._convert_and_send(conn, path, sop, sop_uid, ts)
 
     def _convert_and_send(self, conn: _Conn, path: Path, sop: str, sop_uid: str, ts: str) -> StoreResult:
+        """The destination declined ``ts`` for this class: send a converted copy where that changes no
+        pixel value, else refuse the instance with the reason."""
         if not any(s == sop for s, _ in conn.accepted):
             return StoreResult(sop_uid, SOP_CLASS_NOT_SUPPORTED, "refused",
-                               f"{self._name} does not accept SOP class {sop}")
+                               f"{self._name} does not accept SOP class {sop}", local=True)
+        kind = syntax_class(ts)
+        accepted = ", ".join(UID(t).name for s, t in conn.accepted if s == sop)
+        declined = f"{self._name} does not accept {UID(ts).name} for SOP class {sop} (accepts {accepted})"
         target = next((t for t in UNCOMPRESSED_LE if t != ts and (sop, t) in conn.accepted), None)
-        if ts not in UNCOMPRESSED_LE or target is None:
-            accepted = ", ".join(UID(t).name for s, t in conn.accepted if s == sop)
+        if kind == "lossy":
+            log.warning("store_lossy_declined", sop_instance_uid=sop_uid, transfer_syntax=UID(ts).name)
             return StoreResult(sop_uid, SOP_CLASS_NOT_SUPPORTED, "refused",
-                               f"{self._name} does not accept {UID(ts).name} for SOP class {sop} "
-                               f"(accepts {accepted}); DUO does not decompress or re-encode pixel data")
+                               f"{declined}; {UID(ts).name} is lossy, and DUO neither decompresses nor "
+                               "re-encodes lossy pixel data", local=True)
+        if target is None or (kind == "uncompressed" and ts not in UNCOMPRESSED_LE):
+            return StoreResult(sop_uid, SOP_CLASS_NOT_SUPPORTED, "refused",
+                               f"{declined}; DUO converts lossless data into Explicit or Implicit VR Little "
+                               "Endian only", local=True)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".convert-", suffix=".dcm")
         os.close(fd)
         tmp = Path(tmp_name)
         try:
+            started = time.monotonic()
             try:
-                transcode_uncompressed(path, tmp, UID(target))
-            except (ValueError, struct.error, OSError) as exc:
+                if kind == "uncompressed":
+                    transcode_uncompressed(path, tmp, UID(target))
+                else:
+                    if self._decoder is None:
+                        self._decoder = DecodeWorker()
+                    self._decoder.decompress(path, tmp, target, progress=self._touch)
+                    self.decompressed += 1
+            except TranscodeError as exc:
+                # This instance's data (or its decoder) failed: its own verdict, not the job's.
+                log.warning("store_decompress_failed", sop_instance_uid=sop_uid, source=UID(ts).name,
+                            reason=exc.reason)
+                status = UNABLE_TO_PROCESS if exc.reason == "corrupt" else SOP_CLASS_NOT_SUPPORTED
+                return StoreResult(sop_uid, status, "refused",
+                                   f"{declined}; DUO could not decompress it: {exc.detail}", local=True)
+            except OSError as exc:
+                # The spool or the decoder helper, not the instance: worth another attempt later.
+                log.warning("store_convert_unavailable", sop_instance_uid=sop_uid, error=type(exc).__name__)
+                return StoreResult(sop_uid, OUT_OF_RESOURCES, "transient",
+                                   f"could not convert to {UID(target).name}: {exc}", local=True)
+            except (ValueError, struct.error) as exc:
                 # This instance cannot be converted (truncated, malformed): its own verdict, not the job's.
                 return StoreResult(sop_uid, SOP_CLASS_NOT_SUPPORTED, "refused",
-                                   f"could not convert to {UID(target).name}: {exc}")
+                                   f"could not convert to {UID(target).name}: {exc}", local=True)
             log.info("store_converted", sop_instance_uid=sop_uid, source=UID(ts).name,
-                     target=UID(target).name)
-            return self._send_sync(conn, tmp, None, conn.accepted[(sop, target)], sop, sop_uid)
+                     target=UID(target).name, seconds=round(time.monotonic() - started, 3))
+            self._touch()
+            if not conn.assoc.is_established:
+                # A long decompression can outlast the destination's idle timeout: the converted copy
+                # goes out on a new association instead of being decoded again on a retry.
+                log.info("store_reassociate", destination=self.destination.name, sop_class=sop,
+                         transfer_syntax=target)
+                self._conn = None
+                reopened = self._open_sync((sop, target))
+                if reopened is None:
+                    return StoreResult(sop_uid, SOP_CLASS_NOT_SUPPORTED, "refused",
+                                       f"{self._name} accepts no presentation context for SOP class {sop} "
+                                       "any more", local=True)
+                self._conn = conn = reopened
+            cx = conn.accepted.get((sop, target))
+            if cx is None:
+                return StoreResult(sop_uid, SOP_CLASS_NOT_SUPPORTED, "refused",
+                                   f"{self._name} no longer accepts {UID(target).name} for SOP class {sop}",
+                                   local=True)
+            result = self._send_sync(conn, tmp, None, cx, sop, sop_uid)
+            return dataclasses.replace(result, detail=f"{result.detail} (sent as {UID(target).name}, "
+                                                      f"converted from {UID(ts).name})")
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -163,7 +163,10 @@ class _Relay:
                 if result.outcome == "transient" and not last:
                     await self._r.backoff(attempt)
                     continue
-                await self._failed(item, f"destination: {result.detail} (status 0x{result.status:04X})")
+                # A verdict DUO reached itself (lossy data the destination declines, a stream that will
+                # not decode) is not the destination's answer: no status code of its to quote.
+                await self._failed(item, f"not sent: {result.detail}" if result.local
+                                   else f"destination: {result.detail} (status 0x{result.status:04X})")
                 return result.outcome == "transient"
             return True  # pragma: no cover - the loop always returns
         finally:

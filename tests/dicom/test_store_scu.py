@@ -236,11 +236,11 @@ async def test_large_instance_to_storescp_streams_with_flat_memory(tmp_path: Pat
 # -- conversion and unsupported contexts -------------------------------------------------------------
 
 
-async def test_converts_between_uncompressed_syntaxes_and_refuses_the_rest(tmp_path: Path) -> None:
+async def test_converts_lossless_data_and_refuses_the_rest(tmp_path: Path) -> None:
     study = generate_uid()
     ct = copies("CT_small.dcm", 2, tmp_path / "ct", study)             # Explicit; SCP takes Implicit only
     mr = copies("MR_small_implicit.dcm", 1, tmp_path / "mr", study)    # Implicit; SCP takes Explicit only
-    rle = copies("MR_small_RLE.dcm", 1, tmp_path / "rle", study)       # RLE: not accepted, no decompression
+    rle = copies("MR_small_RLE.dcm", 1, tmp_path / "rle", study)       # RLE: not accepted, decompressed
     sc = copies("CT_small.dcm", 1, tmp_path / "sc", study)  # Secondary Capture: unsupported
     ds = dcmread(sc[0].path)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")
@@ -251,14 +251,17 @@ async def test_converts_between_uncompressed_syntaxes_and_refuses_the_rest(tmp_p
         async with StoreClient(destination(scp.port), DUO_AE) as client:
             results = [await store(client, i) for i in ct + mr + rle + sc]
     outcomes = [r.outcome for r in results]
-    assert outcomes == ["stored", "stored", "stored", "refused", "refused"], [r.detail for r in results]
-    assert "does not decompress" in results[3].detail and "RLE" in results[3].detail
-    assert "1.2.840.10008.5.1.4.1.1.7" in results[4].detail
+    assert outcomes == ["stored", "stored", "stored", "stored", "refused"], [r.detail for r in results]
+    assert "converted from RLE Lossless" in results[3].detail
+    assert "1.2.840.10008.5.1.4.1.1.7" in results[4].detail and results[4].local
     got = {uid: (ts, px) for uid, ts, px in scp.received}
     for inst in ct + mr:
         ts, px = got[inst.sop_instance_uid]
         assert ts == (ImplicitVRLittleEndian if inst in ct else ExplicitVRLittleEndian)
         assert px == dcmread(inst.path).PixelData
+    ts, px = got[rle[0].sop_instance_uid]
+    original = dcmread(rle[0].path)
+    assert ts == ExplicitVRLittleEndian and px == original.pixel_array.astype("<i2").tobytes()
     assert not leftovers(tmp_path, ".convert-*")
 
 

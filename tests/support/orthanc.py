@@ -56,8 +56,9 @@ class Orthanc:
 @contextmanager
 def run_orthanc(workdir: Path, *, ae_title: str = "ORTHANC",
                 modalities: dict[str, tuple[str, str, int]] | None = None,
-                nodelay: bool = True) -> Iterator[Orthanc]:
-    """Start Orthanc with its index and storage in ``workdir``; ``modalities`` are C-MOVE destinations.
+                nodelay: bool = True, options: dict[str, object] | None = None) -> Iterator[Orthanc]:
+    """Start Orthanc with its index and storage in ``workdir``; ``modalities`` are C-MOVE destinations,
+    ``options`` further configuration entries (e.g. ``AcceptedTransferSyntaxes``).
 
     Orthanc binds 0.0.0.0 (no listen-address option in 1.10); DicomCheckModalityHost and the disabled
     remote HTTP access keep it to loopback peers.
@@ -75,6 +76,7 @@ def run_orthanc(workdir: Path, *, ae_title: str = "ORTHANC",
         "DicomModalities": {name: {"AET": aet, "Host": host, "Port": port}
                             for name, (aet, host, port) in (modalities or {}).items()},
         "Plugins": [], "StableAge": 1, "SaveJobs": False, "ConcurrentJobs": 2,
+        **(options or {}),
     }
     cfg_path = workdir / "orthanc.json"
     cfg_path.write_text(json.dumps(config))

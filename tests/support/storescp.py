@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +44,18 @@ class StoreScp:
 
 
 @contextmanager
-def run_storescp(workdir: Path, ae_title: str = "OWN_PACS") -> Iterator[StoreScp]:
+def run_storescp(workdir: Path, ae_title: str = "OWN_PACS",
+                 options: Sequence[str] = ()) -> Iterator[StoreScp]:
+    """``options`` go to storescp as they are (e.g. ``+xa`` to accept every transfer syntax it knows;
+    by default it accepts only the uncompressed ones)."""
     binary = require_tool("storescp")
     directory = workdir / "received"
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = (workdir / "storescp.log").open("wb")
     # start_new_session: --fork children are killed with the listener (whole process group).
-    proc = subprocess.Popen([binary, "--fork", "+uf", "-aet", ae_title, "-od", str(directory), str(port)],
+    proc = subprocess.Popen([binary, "--fork", "+uf", *options, "-aet", ae_title, "-od", str(directory),
+                             str(port)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "TCP_NODELAY": "1"})
     try:
