@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import array
 import copy
+import dataclasses
 import math
 import random
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -39,6 +40,7 @@ from pydicom.uid import (
 
 from duo_gateway.bsn import BSN_OID, NLMINBIZA
 from duo_gateway.dicom.kos import evidence_item, instance_refs
+from duo_gateway.sim.codecs import stored_as
 from duo_gateway.sim.config import SimInstitution, SimPatient
 
 #: Studies fall in the five years before this date. A fixed anchor rather than ``date.today()``
@@ -184,17 +186,27 @@ def generate_studies(
     count: int,
     seed: int,
     image_size: int = 64,
+    encodings: Mapping[int, str] | None = None,
 ) -> list[GeneratedStudy]:
     """The ``count`` studies ``patient`` has at ``institution``.
 
     Ordered by generation index, not by date: raising ``count`` must only append studies, so a
-    simulator configured for more studies still serves the ones a test already knows.
+    simulator configured for more studies still serves the ones a test already knows. ``encodings``
+    (study index -> transfer syntax, e.g. from ``SimHospital.encodings``) stores those studies as an
+    archive configured so would: their images compressed, the rest Explicit VR Little Endian. The
+    encoders are deterministic, so a compressed study is as reproducible as an uncompressed one.
     """
     if count < 0:
         raise ValueError("count must be >= 0")
     if not 8 <= image_size <= 1024:
         raise ValueError("image_size must be within 8..1024")
-    return [_generate_study(patient, institution, seed, index, image_size) for index in range(count)]
+    studies = [_generate_study(patient, institution, seed, index, image_size) for index in range(count)]
+    for index, transfer_syntax in (encodings or {}).items():
+        if 0 <= index < count:
+            study = studies[index]
+            studies[index] = dataclasses.replace(
+                study, instances=[stored_as(ds, transfer_syntax) for ds in study.instances])
+    return studies
 
 
 def write_study(study: GeneratedStudy, folder: Path) -> list[Path]:
