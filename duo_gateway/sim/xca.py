@@ -148,6 +148,10 @@ class XcaCommunitySimulator:
                 self._instances[key] = ds
         self._by_unique_id = {d.entry.unique_id: d for d in self.documents}
 
+    def instance(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset | None:
+        """An instance as the archive holds it now (RAD-75 serves it from this)."""
+        return self._instances.get((study_uid, series_uid, sop_uid))
+
     def store_instance(self, ds: Dataset) -> None:
         """Hold ``ds`` instead of the instance with its UIDs, as a re-import into the archive would: how a
         test puts an encoding the simulators cannot make themselves (DCMTK's JPEG Lossless, say) in place.
