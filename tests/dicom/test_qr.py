@@ -37,7 +37,7 @@ from duo_gateway.dicom.qr import (
     receiving_contexts,
     storage_contexts,
 )
-from duo_gateway.dicom.syntaxes import LOSSY_PREFERRED, PREFERRED
+from duo_gateway.dicom.syntaxes import LOSSLESS_PREFERRED, LOSSY_PREFERRED, PREFERRED
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import default_network
 from duo_gateway.sim.pacs import SimPacs
@@ -456,3 +456,12 @@ async def test_orthanc_image_level_get_with_uid_list(orthanc: Loaded, tmp_path: 
     assert sorted(i.sop_instance_uid for i in got) == sorted(str(ds.SOPInstanceUID) for ds in subset)
 
 
+
+
+def test_duo_can_decompress_every_lossless_syntax_it_asks_for() -> None:
+    """LOSSLESS_PREFERRED's promise: a destination that declines one still gets the pixels (a syntax
+    without a decoder here is for its source, which holds the codec, to decompress)."""
+    from pydicom.pixels.decoders.base import get_decoder
+
+    missing = [ts for ts in LOSSLESS_PREFERRED if not get_decoder(ts).is_available]
+    assert not missing, f"no pixel data decoder installed for {missing}"
