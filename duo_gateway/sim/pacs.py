@@ -7,6 +7,11 @@ not matter (files in a folder, an in-memory index, no database) and strict where
 go wrong (called AE title checked, unknown move destinations refused with 0xA801, exact/ wildcard/
 range/list matching, only the requested keys returned).
 
+**Transfer syntaxes** as a PACS negotiates them (:mod:`duo_gateway.sim.codecs`): each instance goes as
+stored when the receiver accepted that syntax, else decompressed or re-encoded without loss when the
+receiver accepted only other syntaxes, else that C-STORE sub-operation fails; a C-MOVE proposes each
+held syntax in a context of its own, plus uncompressed for a class held losslessly compressed.
+
 **Threads, not asyncio.** pynetdicom runs every association in its own thread and calls the handlers
 there, so all state is behind one lock and :meth:`SimPacs.start`, :meth:`SimPacs.stop` and
 :meth:`SimPacs.set_behaviour` are synchronous. Async callers wrap them:
