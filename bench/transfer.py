@@ -14,6 +14,10 @@ Measured, all peers with TCP_NODELAY=1 (docs/dicom.md §1), per study size (defa
 5. DUO's peak RSS (VmHWM of a fresh DUO process per transfer; goal < 300 MB) per size: it must stay
    flat with the study size, since DUO streams instance by instance through a bounded spool.
 
+Each size runs twice (``--syntax``): uncompressed (Explicit VR Little Endian) and JPEG 2000 Lossless, as
+the source holds it; every path must deliver the J2K study as held (DUO asks for the stored syntax first,
+dicom/syntaxes.py PREFERRED), so its MB/s count compressed bytes and both ratios are printed.
+
 Every path is verified, never assumed: after each run the destination must hold exactly the study's
 SOP Instance UIDs (Orthanc ``/tools/find``), and it is emptied before the next. Where DUO's time goes
 comes from timers around the transfer runner's stages (``bench._transfer_duo``: manifest, waiting for
@@ -23,8 +27,8 @@ Setup, not timed: the study is a generated CT series (512×512×16 bit, ~0.5 MB 
 consenting patient of the simulated network, at its first TLB hospital) written once with pydicom
 and loaded into the source Orthanc with storescu; ``--workdir DIR --keep`` keeps it for the next run.
 
-Usage: python -m bench.transfer [--size-mb 1024 250] [--method c-get c-move] [--keep] [--workdir DIR]
-       [--reconcile] [--profile PATH]
+Usage: python -m bench.transfer [--size-mb 1024 250] [--method c-get c-move] [--syntax explicit j2k]
+       [--keep] [--workdir DIR] [--reconcile] [--profile PATH]
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.daemon import free_port
 from duo_gateway.observability.logging import configure_logging
 from duo_gateway.sim.network import DEMO_ROLE, DEMO_UZI, DUO_AE_TITLE, HOST, REQUESTER_PACS
+
+#: --syntax choices: the transfer syntax the source holds the study in.
+SYNTAXES: Final = {"explicit": "1.2.840.10008.1.2.1", "j2k": "1.2.840.10008.1.2.4.90"}
+#: storescu's option proposing a file's own syntax (J2K: a context of its own, uncompressed the fallback).
+STORESCU_PROPOSE: Final = {"explicit": [], "j2k": ["-xv"]}
 
 ENV: Final = {**os.environ, "TCP_NODELAY": "1"}
 MB: Final = 1e6
@@ -96,30 +105,85 @@ class Study:
     sops: frozenset[str]
     total_bytes: int
     series: int
+    #: A SYNTAXES key: how the source holds every image.
+    syntax: str = "explicit"
+    #: The size asked for (MB, before compression): what the rows are labelled with.
+    nominal_mb: float = 0.0
 
     @property
     def count(self) -> int:
         return len(self.sops)
 
+    @property
+    def label(self) -> str:
+        return f"{self.nominal_mb:g} MB{' J2K' if self.syntax == 'j2k' else ''}"
 
-def study_on_disk(folder: Path, megabytes: float, size: int, series: int) -> tuple[Study, float]:
+
+def study_on_disk(folder: Path, megabytes: float, size: int, series: int,
+                  syntax: str = "explicit") -> tuple[Study, float]:
     """Generate the study once (``bench.rad75.make_study``: a generated CT header, fresh UIDs, a pixel
-    ramp) and record it in ``study.json``; a kept folder is reused. Returns it and the seconds spent."""
+    ramp; for ``j2k`` every image then JPEG 2000 Lossless) and record it in ``study.json``; a kept folder
+    is reused. Returns it and the seconds spent."""
     from bench.rad75 import make_study
 
     record = folder.parent / f"{folder.name}.json"  # beside it: storescu +sd sends every file inside
     if record.exists():
         saved = json.loads(record.read_text())
-        study = Study(saved["uid"], folder, frozenset(saved["sops"]), saved["total_bytes"], saved["series"])
+        study = Study(saved["uid"], folder, frozenset(saved["sops"]), saved["total_bytes"], saved["series"],
+                      syntax, megabytes)
         return study, 0.0
     shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
     record.unlink(missing_ok=True)
     made = make_study(folder, megabytes, size, series)
-    record.write_text(json.dumps({"uid": made.uid, "sops": sorted(made.sops), "total_bytes": made.total_bytes,
+    total = made.total_bytes if syntax == "explicit" else compress_study(folder, SYNTAXES[syntax])
+    record.write_text(json.dumps({"uid": made.uid, "sops": sorted(made.sops), "total_bytes": total,
                                   "series": len(made.series)}))
-    return (Study(made.uid, folder, made.sops, made.total_bytes, len(made.series)),
+    return (Study(made.uid, folder, made.sops, total, len(made.series), syntax, megabytes),
             time.perf_counter() - started)
+
+
+def compress_study(folder: Path, transfer_syntax: str) -> int:
+    """Re-encode every file of a generated study in place; returns the new total size.
+
+    Every image of ``make_study`` has the same pixels, so they are compressed once (pydicom's encoder,
+    losslessly, the instance UID kept) and the encapsulated stream is given to each file. Six bits of
+    noise go onto make_study's ramp first: a ramp compresses some 30:1, a CT slice about 2:1, and the
+    ratio decides how much a compressed transfer saves.
+    """
+    import numpy as np
+    from pydicom import dcmread
+    from pydicom.uid import UID
+
+    encoded: Any = None
+    total = 0
+    for path in sorted(folder.rglob("*.dcm")):
+        ds = dcmread(path)
+        if encoded is None:
+            ramp = np.frombuffer(ds.PixelData, dtype="<u2")
+            noise = np.random.default_rng(13).integers(0, 64, ramp.size, dtype=np.uint16)
+            ds.PixelData = ((ramp + noise) & 0x0FFF).astype("<u2").tobytes()
+            ds.compress(UID(transfer_syntax), generate_instance_uid=False)
+            encoded = ds["PixelData"]
+        else:
+            ds["PixelData"] = encoded
+            ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+        ds.save_as(path, enforce_file_format=True)
+        total += path.stat().st_size
+    return total
+
+
+def held_as(orthanc: Any, study: Study, path: str, sample: int = 5) -> None:
+    """The destination keeps the study in the syntax the source holds it in (checked on a sample)."""
+    found = _http(orthanc, "POST", "/tools/find", {"Level": "Instance",
+                                                  "Query": {"StudyInstanceUID": study.uid}})
+    for instance in found[:sample]:
+        url = f"http://{orthanc.host}:{orthanc.http_port}/instances/{instance}/metadata/TransferSyntax"
+        with urllib.request.urlopen(url, timeout=30) as r:  # plain text, not JSON
+            got = r.read().decode().strip()
+        if got != SYNTAXES[study.syntax]:
+            raise BrokenTransfer(f"{path}: the destination holds an instance as {got}, the source as "
+                                 f"{SYNTAXES[study.syntax]}")
 
 
 # -- Orthanc helpers -----------------------------------------------------------------------------------
@@ -180,8 +244,9 @@ def empty_destination(orthanc: Any) -> None:
 def storescu(study: Study, ae_title: str, port: int, calling: str = "BENCH") -> float:
     """DCMTK storescu of every file of the study over one association; returns seconds."""
     started = time.perf_counter()
-    proc = subprocess.run(["storescu", "-aet", calling, "-aec", ae_title, "+sd", "+r", HOST, str(port),
-                           str(study.folder)], env=ENV, capture_output=True, text=True)
+    proc = subprocess.run(["storescu", *STORESCU_PROPOSE[study.syntax], "-aet", calling, "-aec", ae_title,
+                           "+sd", "+r", HOST, str(port), str(study.folder)], env=ENV, capture_output=True,
+                          text=True)
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise BrokenTransfer(f"storescu failed: {proc.stderr[-2000:]}")
@@ -193,8 +258,9 @@ def load_source(study: Study, ae_title: str, port: int, jobs: int = 2) -> float:
     started = time.perf_counter()
     folders = sorted(p for p in study.folder.iterdir() if p.is_dir())
     for first in range(0, len(folders), jobs):
-        procs = [subprocess.Popen(["storescu", "-aet", "LOADER", "-aec", ae_title, "+sd", HOST, str(port),
-                                   str(f)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs = [subprocess.Popen(["storescu", *STORESCU_PROPOSE[study.syntax], "-aet", "LOADER", "-aec",
+                                   ae_title, "+sd", HOST, str(port), str(f)], env=ENV,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                  for f in folders[first:first + jobs]]
         for p in procs:
             _out, err = p.communicate()
@@ -245,7 +311,7 @@ def _api(http_url: str, method: str, path: str, body: object | None = None) -> t
 def duo_transfer(work: Path, study: Study, method: str, source: Any, dest: Any, duo_port: int, mitz_url: str,
                  pki: Any, hospital: Any, reconcile: bool) -> DuoRun:
     """A fresh DUO process (so its VmHWM is this transfer's and nothing earlier's), one transfer."""
-    run_dir = work / f"duo-{method}-{study.count}"
+    run_dir = work / f"duo-{method}-{study.count}-{study.syntax}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     tlb = [{"ura": hospital.ura, "name": hospital.name, "ae_title": source.ae_title, "host": HOST,
@@ -356,53 +422,59 @@ def run(args: argparse.Namespace, work: Path) -> int:
     results: list[SizeResult] = []
     try:
         mitz_url = peers.wait_ready()["mitz_url"]
-        for mb in args.size_mb:
-            study, generated_s = study_on_disk(work / f"study-{mb:g}MB", mb, args.image_size, args.series)
-            print(f"[{mb:g} MB] study: {study.count} instances, {study.total_bytes / MB:.0f} MB "
+        for mb, syntax in ((mb, syntax) for mb in args.size_mb for syntax in args.syntax):
+            folder = work / (f"study-{mb:g}MB" + ("" if syntax == "explicit" else f"-{syntax}"))
+            study, generated_s = study_on_disk(folder, mb, args.image_size, args.series, syntax)
+            tag = study.label
+            slug = tag.replace(" ", "-")
+            print(f"[{tag}] study: {study.count} instances, {study.total_bytes / MB:.0f} MB "
                   f"({f'generated in {generated_s:.1f} s' if generated_s else 'reused'})", flush=True)
             # DUO's DICOM port is fixed before the source starts: the source must know it as a C-MOVE target.
             duo_port = free_port()
-            for name in (f"dest-{mb:g}", f"source-{mb:g}"):
+            for name in (f"dest-{slug}", f"source-{slug}"):
                 shutil.rmtree(work / name, ignore_errors=True)
-            with run_orthanc(work / f"dest-{mb:g}", ae_title=DEST_AE) as d, \
-                    run_orthanc(work / f"source-{mb:g}", ae_title=SOURCE_AE,
+            with run_orthanc(work / f"dest-{slug}", ae_title=DEST_AE) as d, \
+                    run_orthanc(work / f"source-{slug}", ae_title=SOURCE_AE,
                                 modalities={"dest": (DEST_AE, HOST, d.dicom_port),
                                             "duo": (DUO_AE_TITLE, HOST, duo_port)}) as s:
                 dest = RunningOrthanc(d.ae_title, d.host, d.dicom_port, d.http_port,
-                                      str(work / f"dest-{mb:g}"))
+                                      str(work / f"dest-{slug}"))
                 source = RunningOrthanc(s.ae_title, s.host, s.dicom_port, s.http_port,
-                                        str(work / f"source-{mb:g}"))
+                                        str(work / f"source-{slug}"))
                 load_s = load_source(study, source.ae_title, source.dicom_port)
                 verify_destination(source, study, "loading the source")
-                print(f"[{mb:g} MB] source loaded in {load_s:.1f} s", flush=True)
+                print(f"[{tag}] source loaded in {load_s:.1f} s", flush=True)
 
                 src_pid, dst_pid = orthanc_pid(Path(source.workdir)), orthanc_pid(Path(dest.workdir))
                 c0 = (cpu_seconds(src_pid), cpu_seconds(dst_pid))
                 move_s = orthanc_move(study, source, DEST_AE)
                 c1 = (cpu_seconds(src_pid), cpu_seconds(dst_pid))
                 verify_destination(dest, study, "Orthanc C-MOVE")
+                held_as(dest, study, "Orthanc C-MOVE")
                 empty_destination(dest)
-                print(f"[{mb:g} MB] Orthanc C-MOVE: {move_s:.2f} s", flush=True)
+                print(f"[{tag}] Orthanc C-MOVE: {move_s:.2f} s", flush=True)
 
                 store_s = storescu(study, dest.ae_title, dest.dicom_port)
                 verify_destination(dest, study, "storescu")
+                held_as(dest, study, "storescu")
                 empty_destination(dest)
-                print(f"[{mb:g} MB] storescu: {store_s:.2f} s", flush=True)
+                print(f"[{tag}] storescu: {store_s:.2f} s", flush=True)
 
                 duo_runs = []
                 for method in args.method:
                     if args.profile:
-                        os.environ["DUO_BENCH_PROFILE"] = f"{args.profile}-{method}-{mb:g}MB"
+                        os.environ["DUO_BENCH_PROFILE"] = f"{args.profile}-{method}-{slug}"
                     r = duo_transfer(work, study, method, source, dest, duo_port, mitz_url, pki, hospital,
                                      args.reconcile)
                     os.environ.pop("DUO_BENCH_PROFILE", None)
                     verify_destination(dest, study, f"DUO ({method})")
+                    held_as(dest, study, f"DUO ({method})")
                     empty_destination(dest)
-                    print(f"[{mb:g} MB] DUO {method}: {r.seconds:.2f} s", flush=True)
+                    print(f"[{tag}] DUO {method}: {r.seconds:.2f} s", flush=True)
                     duo_runs.append(r)
                 results.append(SizeResult(study, generated_s, load_s, move_s, (c1[0] - c0[0], c1[1] - c0[1]),
                                           store_s, duo_runs))
-            for name in (f"dest-{mb:g}", f"source-{mb:g}"):  # 2× the study on disk: free it now
+            for name in (f"dest-{slug}", f"source-{slug}"):  # 2× the study on disk: free it now
                 shutil.rmtree(work / name, ignore_errors=True)
             if not args.keep:
                 shutil.rmtree(study.folder, ignore_errors=True)
@@ -420,7 +492,7 @@ def print_report(args: argparse.Namespace, results: list[SizeResult]) -> None:
           f"retrieve window 16, {ASSOCIATIONS} parallel C-STORE associations per destination)"
           f"{'; with reconciliation (local patient id)' if args.reconcile else ''}"
           f"{f'; DUO GIL switch interval {args.switch_interval} s' if args.switch_interval else ''}")
-    print(f"{'study':>9} {'path':<52} {'seconds':>8} {'MB/s':>7} {'inst/s':>7} {'÷ C-MOVE':>9} "
+    print(f"{'study':>12} {'path':<52} {'seconds':>8} {'MB/s':>7} {'inst/s':>7} {'÷ C-MOVE':>9} "
           f"{'÷ storescu':>10}")
     for res in results:
         rows = [("DCMTK storescu → destination (ceiling)", res.storescu_s),
@@ -428,7 +500,7 @@ def print_report(args: argparse.Namespace, results: list[SizeResult]) -> None:
                 *((f"DUO transfer API, {r.method} from source", r.seconds) for r in res.duo)]
         mb = res.study.total_bytes / MB
         for name, secs in rows:
-            print(f"{f'{mb:.0f} MB':>9} {name:<52} {secs:8.2f} {mb / secs:7.1f} "
+            print(f"{res.study.label:>12} {name:<52} {secs:8.2f} {mb / secs:7.1f} "
                   f"{res.study.count / secs:7.0f} {res.move_s / secs:9.2f} {res.storescu_s / secs:10.2f}")
     print()
     print("ratios (throughput, DUO ÷ baseline; goal DUO ÷ Orthanc C-MOVE ≥ "
@@ -436,21 +508,23 @@ def print_report(args: argparse.Namespace, results: list[SizeResult]) -> None:
     for res in results:
         for r in res.duo:
             ratio = res.move_s / r.seconds
-            print(f"  {res.study.total_bytes / MB:5.0f} MB {r.method}: DUO ÷ C-MOVE {ratio:.2f} "
+            print(f"  {res.study.label:>12} {r.method}: DUO ÷ C-MOVE {ratio:.2f} "
                   f"({'meets' if ratio >= GOAL_RATIO else 'BELOW'} goal), DUO ÷ storescu "
                   f"{res.storescu_s / r.seconds:.2f}")
     print()
     print(f"DUO peak RSS (VmHWM of a fresh DUO process per transfer; goal < {GOAL_RSS_MB} MB):")
-    methods = sorted({r.method for res in results for r in res.duo})
-    for method in methods:
-        peaks = [(res.study.total_bytes / MB, r) for res in results for r in res.duo if r.method == method]
+    kinds = sorted({(r.method, res.study.syntax) for res in results for r in res.duo})
+    for method, syntax in kinds:
+        peaks = [(res.study.total_bytes / MB, r) for res in results for r in res.duo
+                 if r.method == method and res.study.syntax == syntax]
         text = ", ".join(f"{mb:.0f} MB study: idle {r.idle_rss_kib / 1024:.0f} MiB, peak "
                          f"{r.peak_rss_kib / 1024:.0f} MiB" for mb, r in peaks)
-        print(f"  {method}: {text}")
+        name = f"{method}, {syntax}"
+        print(f"  {name}: {text}")
         if len(peaks) >= 2:
             (mb_a, a), (mb_b, b) = max(peaks, key=lambda p: p[0]), min(peaks, key=lambda p: p[0])
             worst_mb = max(a.peak_rss_kib, b.peak_rss_kib) * 1024 / MB
-            print(f"  {method}: difference {mb_a:.0f} MB − {mb_b:.0f} MB study = "
+            print(f"  {name}: difference {mb_a:.0f} MB − {mb_b:.0f} MB study = "
                   f"{(a.peak_rss_kib - b.peak_rss_kib) / 1024:+.1f} MiB; highest peak {worst_mb:.0f} MB "
                   f"({'meets' if worst_mb < GOAL_RSS_MB else 'ABOVE'} goal)")
     print()
@@ -474,7 +548,7 @@ def print_report(args: argparse.Namespace, results: list[SizeResult]) -> None:
                      ("rest of the relay (retries, unlink, loop)", relay_other),
                      ("verify against the manifest", s.get("verify", 0.0))]
             job = s.get("job", r.seconds)
-            print(f"  {res.study.total_bytes / MB:.0f} MB, {r.method}: job {job:.2f} s of {r.seconds:.2f} s "
+            print(f"  {res.study.label}, {r.method}: job {job:.2f} s of {r.seconds:.2f} s "
                   f"API time; first instance stored {r.first_stored_s:.2f} s after the 202; "
                   f"{n.get('C-STORE', 0)} C-STOREs")
             for name, secs in parts:
@@ -482,17 +556,18 @@ def print_report(args: argparse.Namespace, results: list[SizeResult]) -> None:
                 print(f"      {name:<44} {secs:7.2f} s {share}")
             print(f"      CPU during the transfer: DUO {r.cpu_s:.1f} s ({r.cpu_s / r.seconds:.0%} of one "
                   f"core), source Orthanc {r.source_cpu_s:.1f} s, destination Orthanc {r.dest_cpu_s:.1f} s")
-        print(f"  {res.study.total_bytes / MB:.0f} MB, Orthanc C-MOVE for comparison: source Orthanc "
+        print(f"  {res.study.label}, Orthanc C-MOVE for comparison: source Orthanc "
               f"{res.move_cpu[0]:.1f} s CPU, destination Orthanc {res.move_cpu[1]:.1f} s CPU in "
               f"{res.move_s:.2f} s")
     print()
     print("setup (not timed): " + "; ".join(
-        f"{r.study.total_bytes / MB:.0f} MB ({r.study.count} instances × "
+        f"{r.study.label}: {r.study.total_bytes / MB:.0f} MB ({r.study.count} instances × "
         f"{r.study.total_bytes / r.study.count / 1e3:.0f} kB in {r.study.series} series) "
         f"{'generated in ' + format(r.generated_s, '.1f') + ' s, ' if r.generated_s else 'reused, '}"
         f"loaded into the source in {r.load_s:.1f} s" for r in results))
-    print("every path verified: the destination held exactly the study's SOP Instance UIDs after each run, "
-          "and was emptied before the next")
+    print("every path verified: the destination held exactly the study's SOP Instance UIDs after each run "
+          "(a sample of them in the syntax the source holds), and was emptied before the next; a J2K study's "
+          "MB are its compressed bytes")
     print("reference, docs/dicom.md §2 (200 × 514 KiB CT, 2-core VM, TCP_NODELAY): " + "; ".join(
         f"{name} {mbs:.0f} MB/s" for name, mbs in REFERENCE))
 
@@ -502,6 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=float, nargs="+", default=[1024, 250], help="study sizes in MB")
     parser.add_argument("--method", nargs="+", choices=("c-get", "c-move"), default=["c-get", "c-move"],
                         help="how DUO retrieves from the source PACS")
+    parser.add_argument("--syntax", nargs="+", choices=tuple(SYNTAXES), default=list(SYNTAXES),
+                        help="how the source holds the study: uncompressed, JPEG 2000 Lossless, or both")
     parser.add_argument("--image-size", type=int, default=512, help="rows = columns of each CT slice")
     parser.add_argument("--series", type=int, default=4)
     parser.add_argument("--reconcile", action="store_true",

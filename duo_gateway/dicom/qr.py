@@ -49,19 +49,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    JPEG2000,
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    RLELossless,
-)
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -92,6 +80,7 @@ from duo_gateway.dicom.status import (
     is_pending,
     is_warning,
 )
+from duo_gateway.dicom.syntaxes import PREFERRED, UNCOMPRESSED_LE, syntax_class
 from duo_gateway.failure import Failure, FailureKind
 
 log = structlog.get_logger(__name__)
@@ -111,12 +100,6 @@ _MOVE = {"study": StudyRootQueryRetrieveInformationModelMove,
          "patient": PatientRootQueryRetrieveInformationModelMove}
 
 
-#: One context per transfer syntax, so the PACS can send each file exactly as stored: offered several
-#: syntaxes in one context, the acceptor picks its own favourite (pynetdicom: Implicit VR) and
-#: re-encodes, and a compressed file would have to be decompressed (pynetdicom-based PACSes fail).
-_UNCOMPRESSED: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-_COMPRESSED: tuple[UID, ...] = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEG2000Lossless,
-                                JPEG2000, JPEGLSLossless, RLELossless, DeflatedExplicitVRLittleEndian)
 #: Presentation context IDs are odd numbers 1..255: at most 128 contexts in one association.
 MAX_CONTEXTS = 128
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -501,22 +484,34 @@ class MoveRouter:
 # -- presentation contexts ---------------------------------------------------------------------------
 
 
-def storage_contexts(sop_classes: Iterable[str], budget: int = MAX_CONTEXTS - 1) -> list[PresentationContext]:
-    """Storage contexts for receiving ``sop_classes`` (C-GET SCP role), within ``budget`` contexts.
+def storage_contexts(sop_classes: Iterable[str], budget: int = MAX_CONTEXTS - 1,
+                     syntaxes: Sequence[str] = PREFERRED) -> list[PresentationContext]:
+    """Storage contexts for receiving ``sop_classes`` (C-GET SCP role) in ``syntaxes``, within ``budget``.
 
-    While the budget allows it for every class: one context per (class, syntax), uncompressed and the
-    common compressed ones, so files arrive byte for byte as stored. Past that, one context per class
-    offering both uncompressed syntaxes: still every class, but the PACS chooses the encoding.
+    ``syntaxes`` is what the caller can use, best first (a RAD-75 request's list, or every syntax DUO
+    carries); a listed uncompressed little-endian syntax brings the other one along, since DUO converts
+    between them itself. One context per (class, syntax), proposed in that order, while the budget allows
+    it for every class: offered several syntaxes in one context, the acceptor picks its own favourite and
+    re-encodes, so a file the PACS could send as stored would be decompressed (or fail, at a PACS without
+    the decoder). Past that budget the lossy syntaxes go first (a PACS never needs one to send what it
+    stores losslessly); past that, one context per class offering the remaining syntaxes in order: still
+    every class, but the PACS chooses the encoding, among acceptable ones.
     """
     classes = list(dict.fromkeys(str(c) for c in sop_classes))
     if not classes:
         raise ValueError("no SOP classes to retrieve")
     if len(classes) > budget:
         raise QrError(f"{len(classes)} SOP classes exceed the {budget} presentation contexts left")
-    syntaxes = _UNCOMPRESSED + _COMPRESSED
-    if len(classes) * len(syntaxes) <= budget:
-        return [build_context(sop, ts) for sop in classes for ts in syntaxes]
-    return [build_context(sop, list(_UNCOMPRESSED)) for sop in classes]
+    wanted = list(dict.fromkeys(str(ts) for ts in syntaxes))
+    if any(ts in UNCOMPRESSED_LE for ts in wanted):
+        wanted.extend(ts for ts in UNCOMPRESSED_LE if ts not in wanted)
+    if not wanted:
+        raise ValueError("no transfer syntaxes to receive in")
+    kept = [ts for ts in wanted if syntax_class(ts) != "lossy"] or wanted
+    for tier in (wanted, kept):
+        if len(classes) * len(tier) <= budget:
+            return [build_context(sop, ts) for sop in classes for ts in tier]
+    return [build_context(sop, kept) for sop in classes]
 
 
 def receiving_contexts() -> list[PresentationContext]:
@@ -566,10 +561,12 @@ class QrClient:
     @asynccontextmanager
     async def associate(self, *, find: bool = True, get_sop_classes: Sequence[str] = (),
                         move: bool = False, model: Model = "study",
-                        dimse_timeout_s: float | None = None) -> AsyncIterator[QrAssociation]:
+                        dimse_timeout_s: float | None = None,
+                        transfer_syntaxes: Sequence[str] = PREFERRED) -> AsyncIterator[QrAssociation]:
         """An association for several operations in a row (e.g. SERIES then IMAGE C-FINDs).
 
-        ``get_sop_classes`` adds the C-GET model and storage contexts with SCP role selection.
+        ``get_sop_classes`` adds the C-GET model and storage contexts with SCP role selection, in
+        ``transfer_syntaxes`` (see :func:`storage_contexts`).
         Leaving the block releases it; an exception or cancellation inside aborts it instead.
         """
         contexts: list[PresentationContext] = []
@@ -582,7 +579,8 @@ class QrClient:
         state = _AssocState()
         if get_sop_classes:
             contexts.append(build_context(_GET[model]))
-            contexts.extend(storage_contexts(get_sop_classes, MAX_CONTEXTS - len(contexts)))
+            contexts.extend(storage_contexts(get_sop_classes, MAX_CONTEXTS - len(contexts),
+                                             transfer_syntaxes))
             ext_neg = [build_role(sop, scp_role=True) for sop in dict.fromkeys(get_sop_classes)]
             handlers = [(evt.EVT_C_STORE, state.on_c_store)]
         dimse = dimse_timeout_s if dimse_timeout_s is not None else self.timeout_s
@@ -611,7 +609,8 @@ class QrClient:
         return [identifier async for identifier in self.find(query, model)]
 
     async def get(self, query: Dataset, spool: Spool, sop_classes: Sequence[str],
-                  model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
+                  model: Model = "study",
+                  transfer_syntaxes: Sequence[str] = PREFERRED) -> AsyncGenerator[SpooledInstance, None]:
         """C-GET on an association of its own; instances stream as they land in ``spool``.
 
         Like every streaming method here this is an async generator: consume it inside
@@ -621,7 +620,8 @@ class QrClient:
         cleans up at once either way.
         """
         try:
-            async with (self.associate(find=False, get_sop_classes=sop_classes, model=model) as qa,
+            async with (self.associate(find=False, get_sop_classes=sop_classes, model=model,
+                                       transfer_syntaxes=transfer_syntaxes) as qa,
                         aclosing(qa.get(query, spool, model)) as stream):
                 async for item in stream:
                     yield item

@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Final, Literal
 
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -20,9 +22,12 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEG2000MCLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
 )
 
@@ -41,6 +46,27 @@ LOSSLESS_COMPRESSED: Final = frozenset({
 })
 
 
+#: The lossless encodings DUO asks a source for, in this order: the ones PACS archives store most, and
+#: compress best, first. Only those DUO can also decompress (JPEG 2000 Part 2 multi-component cannot be):
+#: a destination that declines one then still gets the pixels, decompressed by DUO; a syntax DUO could not
+#: decompress is better left to the source, which holds its codec, to decompress before sending.
+LOSSLESS_PREFERRED: Final = (
+    str(JPEG2000Lossless), str(JPEGLSLossless), str(JPEGLosslessSV1), str(JPEGLossless), str(RLELossless),
+    str(HTJ2KLossless), str(HTJ2KLosslessRPCL),
+)
+#: The lossy encodings of still images DUO asks a source for: carried as stored, because decompressing
+#: them would hide that they are lossy and recompressing would alter them again (see above). Only those
+#: whose compressed stream travels inside the object, so the file can be handed on whole.
+LOSSY_PREFERRED: Final = (
+    str(JPEG2000), str(JPEGExtended12Bit), str(JPEGBaseline8Bit), str(JPEGLSNearLossless), str(HTJ2K),
+)
+#: Every syntax DUO asks a source for (RAD-75 TransferSyntaxUIDList, C-GET storage contexts), best first:
+#: what a source stores comes as stored, and uncompressed little endian, which every source can produce, is
+#: the fallback. Deflated is not asked for: DUO rewrites patient ids by splitting an instance's body, which
+#: a deflated body does not allow (it is inflated in memory instead), and a source inflates it for free.
+PREFERRED: Final = (*LOSSLESS_PREFERRED, *LOSSY_PREFERRED, *UNCOMPRESSED_LE)
+
+
 def syntax_class(transfer_syntax_uid: str) -> SyntaxClass:
     """Unknown encapsulated syntaxes count as lossy: claiming unvouched fidelity is the worse error."""
     if transfer_syntax_uid in UNCOMPRESSED:
@@ -50,4 +76,5 @@ def syntax_class(transfer_syntax_uid: str) -> SyntaxClass:
     return "lossy"
 
 
-__all__ = ["LOSSLESS_COMPRESSED", "UNCOMPRESSED", "UNCOMPRESSED_LE", "SyntaxClass", "syntax_class"]
+__all__ = ["LOSSLESS_COMPRESSED", "LOSSLESS_PREFERRED", "LOSSY_PREFERRED", "PREFERRED", "UNCOMPRESSED",
+           "UNCOMPRESSED_LE", "SyntaxClass", "syntax_class"]

@@ -14,11 +14,12 @@ plain-HTTP ops listener. The generated DUO config is written to the workdir as `
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from aiohttp import web
@@ -29,7 +30,7 @@ from duo_gateway.sim.config import SimHospital, SimNetworkConfig
 from duo_gateway.sim.mitz import MitzSimulator
 from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.pki import CertPair, Pki, issue, make_pki
-from duo_gateway.sim.studies import generate_studies
+from duo_gateway.sim.studies import GeneratedStudy, generate_studies
 from duo_gateway.sim.toml import dumps as toml_dumps
 from duo_gateway.sim.xca import XcaCommunitySimulator
 
@@ -113,6 +114,17 @@ class _HttpPeer:
         return f"http://{HOST}:{self.port}"
 
 
+@dataclass(frozen=True)
+class CompressedStudy:
+    """A study a simulated source holds compressed: ``kind`` tlb (``source`` the hospital's URA) or xca
+    (``source`` the community's home community id)."""
+
+    kind: Literal["tlb", "xca"]
+    source: str
+    study_instance_uid: str
+    transfer_syntax: str
+
+
 @dataclass
 class SimulatedNetwork:
     net: SimNetworkConfig
@@ -131,6 +143,8 @@ class SimulatedNetwork:
     mitz_tls: CertPair | None = None
     duo_signing: CertPair | None = None
     ops_port: int = 0
+    #: The studies held in another syntax than Explicit VR Little Endian (the ports file lists them).
+    compressed_studies: list[CompressedStudy] = field(default_factory=list)
 
     async def start(self) -> None:
         # A throwaway RSA PKI (XML-DSig peers are RSA-only): DUO's server certificate and one identity
@@ -147,15 +161,15 @@ class SimulatedNetwork:
         self.mitz = await _serve("mitz", self.mitz_sim.app(), ports.take())
         for hospital in self.net.hospitals:
             pacs = SimPacs(hospital, self.workdir / "pacs" / hospital.ae_title, host=HOST, port=ports.take())
-            studies = [s for p in self.net.patients
-                       for s in generate_studies(p, hospital, hospital.studies_per_patient, self.net.seed,
-                                                 image_size=self.net.image_size)]
+            studies = await asyncio.to_thread(self._hospital_studies, hospital)
             await asyncio.to_thread(pacs.preload, studies)
             await asyncio.to_thread(pacs.start)
             self.pacs.append(pacs)
         for community in self.net.communities:
-            sim = XcaCommunitySimulator(community, self.net)
+            sim = await asyncio.to_thread(XcaCommunitySimulator, community, self.net)
             self.community_sims.append(sim)
+            self.compressed_studies.extend(CompressedStudy("xca", community.home_community_id, uid, syntax)
+                                           for uid, syntax in sim.compressed)
             self.communities.append(await _serve(community.name, sim.app(), ports.take()))
         # Taken last, so the other listeners keep the ports they had before transfers existed.
         self.requester_pacs = SimPacs(REQUESTER_PACS, self.workdir / "pacs" / "REQUESTER", host=HOST,
@@ -177,6 +191,18 @@ class SimulatedNetwork:
             await peer.runner.cleanup()
         for pacs in [*self.pacs, *([self.requester_pacs] if self.requester_pacs else [])]:
             await asyncio.to_thread(pacs.stop)
+
+    def _hospital_studies(self, hospital: SimHospital) -> list[GeneratedStudy]:
+        """Every patient's studies at ``hospital``, as its PACS stores them; notes the compressed ones."""
+        studies: list[GeneratedStudy] = []
+        for patient in self.net.patients:
+            encodings = hospital.encodings(patient.bsn)
+            own = generate_studies(patient, hospital, hospital.studies_per_patient, self.net.seed,
+                                   image_size=self.net.image_size, encodings=encodings)
+            self.compressed_studies.extend(CompressedStudy("tlb", hospital.ura, own[i].study_instance_uid, ts)
+                                           for i, ts in sorted(encodings.items()))
+            studies.extend(own)
+        return studies
 
     def _make_identities(self) -> Pki:
         pki = make_pki(self.workdir / "pki", "rsa")
@@ -302,6 +328,7 @@ class SimulatedNetwork:
             "patients": [{"bsn": p.bsn, "name": p.name, "consent": p.consent} for p in self.net.patients],
             "requester_pacs": {"name": REQUESTER_PACS_NAME, "ae_title": REQUESTER_PACS.ae_title, "host": HOST,
                                "port": self.requester_pacs.port if self.requester_pacs else 0},
+            "compressed_studies": [dataclasses.asdict(c) for c in self.compressed_studies],
         }
 
     def iter_pacs(self) -> Iterator[tuple[Any, SimPacs]]:

@@ -7,6 +7,11 @@ not matter (files in a folder, an in-memory index, no database) and strict where
 go wrong (called AE title checked, unknown move destinations refused with 0xA801, exact/ wildcard/
 range/list matching, only the requested keys returned).
 
+**Transfer syntaxes** as a PACS negotiates them (:mod:`duo_gateway.sim.codecs`): each instance goes as
+stored when the receiver accepted that syntax, else decompressed or re-encoded without loss when the
+receiver accepted only other syntaxes, else that C-STORE sub-operation fails; a C-MOVE proposes each
+held syntax in a context of its own, plus uncompressed for a class held losslessly compressed.
+
 **Threads, not asyncio.** pynetdicom runs every association in its own thread and calls the handlers
 there, so all state is behind one lock and :meth:`SimPacs.start`, :meth:`SimPacs.stop` and
 :meth:`SimPacs.set_behaviour` are synchronous. Async callers wrap them:
@@ -37,7 +42,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -84,7 +89,9 @@ from duo_gateway.dicom.status import (
     SUCCESS,
     UNABLE_TO_PROCESS,
 )
+from duo_gateway.dicom.syntaxes import syntax_class
 from duo_gateway.sim.behaviour import Misbehaviour
+from duo_gateway.sim.codecs import encoded, serving_syntax
 from duo_gateway.sim.config import SimHospital
 from duo_gateway.sim.studies import GeneratedStudy, write_study
 
@@ -115,6 +122,7 @@ _MoveYield: TypeAlias = (
     tuple[None, None] | tuple[str, int, dict[str, Any]] | int | tuple[int, Dataset | None]
 )
 _GetYield: TypeAlias = int | tuple[int, Dataset | None]
+_Sent: TypeAlias = tuple[int, Dataset | None]
 
 
 @dataclass(frozen=True)
@@ -381,9 +389,13 @@ class SimPacs:
             yield exc.status, None
             return
         log.info("sim_pacs_move", ae_title=self.ae_title, destination=destination, instances=len(entries))
-        yield address[0], address[1], {"contexts": _contexts_for(entries)}
+        # The destination decides which of the proposed contexts it accepts: remember its association
+        # so each instance can go in a syntax it accepted.
+        store: list[Any] = []
+        handlers = [(evt.EVT_ACCEPTED, lambda accepted: store.append(accepted.assoc))]
+        yield address[0], address[1], {"contexts": _contexts_for(entries), "evt_handlers": handlers}
         yield len(entries)
-        yield from self._send(event, entries)
+        yield from self._send(event, entries, lambda: store[0].accepted_contexts if store else None)
 
     def _on_get(self, event: Any) -> Iterator[_GetYield]:
         if not self._wait(event):
@@ -396,20 +408,40 @@ class SimPacs:
             return
         log.info("sim_pacs_get", ae_title=self.ae_title, instances=len(entries))
         yield len(entries)
-        yield from self._send(event, entries)
+        yield from self._send(event, entries, lambda: event.assoc.accepted_contexts)
 
-    def _send(self, event: Any, entries: list[_Entry]) -> Iterator[tuple[int, Dataset | None]]:
+    def _send(self, event: Any, entries: list[_Entry],
+              contexts: Callable[[], list[PresentationContext] | None]) -> Iterator[_Sent]:
+        """Each instance as stored when the receiver accepted that syntax, else converted without loss
+        when a codec can (a compressed file decompressed, say), else as stored all the same: pynetdicom
+        then finds no context for it and counts that one sub-operation failed, as a PACS would."""
         for entry in entries:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
             try:
-                ds = dcmread(entry.path)
+                ds: Dataset = dcmread(entry.path)
             except Exception:
                 log.error("sim_pacs_unreadable_instance", ae_title=self.ae_title,
                           sop_instance_uid=entry.header.get("SOPInstanceUID"))
                 yield SUBOPERATIONS_FAILED, None
                 return
+            accepted = contexts()
+            if accepted is not None:
+                acceptable = [str(cx.transfer_syntax[0]) for cx in accepted
+                              if cx.abstract_syntax == entry.sop_class_uid and cx.as_scu]
+                syntax = serving_syntax(entry.transfer_syntax, acceptable)
+                if syntax is None:
+                    log.info("sim_pacs_no_acceptable_syntax", ae_title=self.ae_title,
+                             sop_instance_uid=entry.header.get("SOPInstanceUID"),
+                             stored=entry.transfer_syntax)
+                elif syntax != entry.transfer_syntax:
+                    try:
+                        ds = encoded(ds, syntax)
+                    except Exception as exc:  # a corrupt stored stream: this sub-operation fails alone
+                        log.warning("sim_pacs_conversion_failed", ae_title=self.ae_title,
+                                    sop_instance_uid=entry.header.get("SOPInstanceUID"),
+                                    error=type(exc).__name__)
             yield PENDING, ds
 
     # -- C-STORE -----------------------------------------------------------------------------------
@@ -597,7 +629,8 @@ def _answer(identifier: Dataset, level: str, group: _Group, ae_title: str) -> Da
 
 def _contexts_for(entries: list[_Entry]) -> list[PresentationContext]:
     """One context per (SOP class, transfer syntax) held, so every file can go as stored; uncompressed
-    ones also offer the other uncompressed syntaxes, which pynetdicom converts between."""
+    ones also offer the other uncompressed syntaxes, which pynetdicom converts between, and a class
+    held compressed also gets an uncompressed context, for a destination that declines compression."""
     wanted: dict[tuple[str, str], list[str | UID]] = {}
     for entry in entries:
         ts = UID(entry.transfer_syntax)
@@ -605,6 +638,9 @@ def _contexts_for(entries: list[_Entry]) -> list[PresentationContext]:
         if ts in _UNCOMPRESSED:
             syntaxes.extend(t for t in _UNCOMPRESSED if t != ts)
         wanted.setdefault((entry.sop_class_uid, ts), syntaxes)
+        if ts not in _UNCOMPRESSED and syntax_class(ts) != "lossy":
+            wanted.setdefault((entry.sop_class_uid, ExplicitVRLittleEndian),
+                              [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     contexts = [build_context(sop_class, syntaxes) for (sop_class, _), syntaxes in wanted.items()]
     if len(contexts) > 128:
         log.warning("sim_pacs_too_many_contexts", count=len(contexts))

@@ -314,7 +314,8 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
 
         async def transfers() -> tuple[bool, str]:
             """One study from a TLB hospital and one from an XCA community into the requester's PACS,
-            checked at that PACS: every instance of each manifest, on the requester's local patient id."""
+            checked at that PACS: every instance of each manifest, on the requester's local patient id, in
+            the transfer syntax its source holds it in (the demo's compressed studies are the ones taken)."""
             assert network.requester_pacs is not None
             api = f"{gw.http_url}{gw.config.timeline.path_prefix}"
             patient = next(p for p in net.patients if p.consent == "all")
@@ -324,7 +325,10 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
                                     "period": {"from": "2015-01-01", "to": "2026-12-31"}}
             async with http.post(f"{api}/timeline", json=body) as r:
                 studies = (await r.json())["studies"]
-            chosen = [next(s for s in studies if s["sources"][0].startswith(kind))
+            compressed = {c.study_instance_uid for c in network.compressed_studies}
+            chosen = [next((s for s in studies if s["sources"][0].startswith(kind)
+                            and s["study_instance_uid"] in compressed),
+                           next(s for s in studies if s["sources"][0].startswith(kind)))
                       for kind in ("tlb:", "xca:")]
             local_id = "EZ-0001"
             order = {"studies": [s["id"] for s in chosen], "destination": REQUESTER_PACS_NAME,
@@ -344,16 +348,25 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
                 await asyncio.sleep(0.2)
             problems: list[str] = []
             for study, progress in zip(chosen, status["studies"], strict=True):
-                paths = network.requester_pacs.instance_paths(study["study_instance_uid"])
-                patient_ids = await asyncio.to_thread(_patient_ids, paths)
+                uid = study["study_instance_uid"]
+                paths = network.requester_pacs.instance_paths(uid)
+                arrived = await asyncio.to_thread(_headers, paths)
+                held = await asyncio.to_thread(_held_syntaxes, network, uid)
+                patient_ids = {pid for pid, _ in arrived.values()}
+                syntaxes = {ts for _, ts in arrived.values()}
                 report.details.append(
                     f"      {study['sources'][0]:<40} {progress['state']:<9} {progress['instances_stored']}/"
                     f"{progress['instances_expected']} instances, {progress['bytes'] / 1e6:.1f} MB; "
-                    f"in the requester's PACS: {len(paths)} on patient {','.join(sorted(patient_ids))}")
+                    f"in the requester's PACS: {len(paths)} on patient {','.join(sorted(patient_ids))}, "
+                    f"as {', '.join(sorted(syntaxes))}")
                 if progress["state"] != "completed" or len(paths) != progress["instances_expected"]:
                     problems.append(f"{study['sources'][0]}: {progress['state']}, {len(paths)} at the PACS")
                 if patient_ids != {local_id}:
                     problems.append(f"{study['sources'][0]}: patient ids {sorted(patient_ids)}")
+                changed = sorted({f"{held.get(sop)} -> {ts}" for sop, (_, ts) in arrived.items()
+                                  if held.get(sop) != ts})
+                if changed:
+                    problems.append(f"{study['sources'][0]}: transfer syntax changed: {', '.join(changed)}")
             ok = status["state"] == "completed" and not problems
             return ok, (f"{status['instances_stored']} instances, {status['bytes'] / 1e6:.1f} MB, verified "
                         "at the requester's PACS" if ok else "; ".join(problems) or status["state"])
@@ -402,8 +415,21 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
     return report
 
 
-def _patient_ids(paths: list[Path]) -> set[str]:
-    return {str(dcmread(p, stop_before_pixels=True).PatientID) for p in paths}
+def _headers(paths: list[Path]) -> dict[str, tuple[str, str]]:
+    """SOP Instance UID -> (patient id, transfer syntax) of these files."""
+    headers = [dcmread(p, stop_before_pixels=True) for p in paths]
+    return {str(ds.SOPInstanceUID): (str(ds.PatientID), str(ds.file_meta.TransferSyntaxUID))
+            for ds in headers}
+
+
+def _held_syntaxes(network: SimulatedNetwork, study_uid: str) -> dict[str, str]:
+    """SOP Instance UID -> the transfer syntax its source (a PACS or a community) holds it in."""
+    for pacs in network.pacs:
+        paths = pacs.instance_paths(study_uid)
+        if paths:
+            return {sop: ts for sop, (_, ts) in _headers(paths).items()}
+    return {str(ds.SOPInstanceUID): str(ds.file_meta.TransferSyntaxUID) for sim in network.community_sims
+            for _, _, study in sim.studies if study.study_instance_uid == study_uid for ds in study.instances}
 
 
 __all__ = ["Report", "run_scenario"]

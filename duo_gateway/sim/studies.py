@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import array
 import copy
+import dataclasses
 import math
 import random
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -39,6 +40,7 @@ from pydicom.uid import (
 
 from duo_gateway.bsn import BSN_OID, NLMINBIZA
 from duo_gateway.dicom.kos import evidence_item, instance_refs
+from duo_gateway.sim.codecs import stored_as
 from duo_gateway.sim.config import SimInstitution, SimPatient
 
 #: Studies fall in the five years before this date. A fixed anchor rather than ``date.today()``
@@ -184,17 +186,27 @@ def generate_studies(
     count: int,
     seed: int,
     image_size: int = 64,
+    encodings: Mapping[int, str] | None = None,
 ) -> list[GeneratedStudy]:
     """The ``count`` studies ``patient`` has at ``institution``.
 
     Ordered by generation index, not by date: raising ``count`` must only append studies, so a
-    simulator configured for more studies still serves the ones a test already knows.
+    simulator configured for more studies still serves the ones a test already knows. ``encodings``
+    (study index -> transfer syntax, e.g. from ``SimHospital.encodings``) stores those studies as an
+    archive configured so would: their images compressed, the rest Explicit VR Little Endian. The
+    encoders are deterministic, so a compressed study is as reproducible as an uncompressed one.
     """
     if count < 0:
         raise ValueError("count must be >= 0")
     if not 8 <= image_size <= 1024:
         raise ValueError("image_size must be within 8..1024")
-    return [_generate_study(patient, institution, seed, index, image_size) for index in range(count)]
+    studies = [_generate_study(patient, institution, seed, index, image_size) for index in range(count)]
+    for index, transfer_syntax in (encodings or {}).items():
+        if 0 <= index < count:
+            study = studies[index]
+            studies[index] = dataclasses.replace(
+                study, instances=[stored_as(ds, transfer_syntax) for ds in study.instances])
+    return studies
 
 
 def write_study(study: GeneratedStudy, folder: Path) -> list[Path]:
@@ -241,6 +253,10 @@ class StudyHeader:
     patient_id: str
     institution_ura: str
     institution_name: str
+    #: As a study-level C-FIND counts them (NumberOfStudyRelatedSeries/Instances), report included:
+    #: DUO names a KOS generation by them (``xca.metadata.kos_generation``).
+    series_count: int
+    instance_count: int
 
 
 def study_headers(patient: SimPatient, institution: SimInstitution, indexes: range,
@@ -268,6 +284,7 @@ class _Drawn:
     study_day: date
     manufacturer: str
     referrer: str
+    plans: list[_SeriesPlan]
 
 
 def _draw(patient: SimPatient, institution: SimInstitution, seed: int, index: int) -> _Drawn:
@@ -285,13 +302,16 @@ def _draw(patient: SimPatient, institution: SimInstitution, seed: int, index: in
     study_id = f"{rng.randrange(1, 10**6):06d}"
     manufacturer = rng.choice(_MANUFACTURERS)
     referrer = rng.choice(_REFERRERS)
-    modalities = (exam.modality, "SR") if index % REPORT_EVERY == 0 else (exam.modality,)
+    reported = index % REPORT_EVERY == 0
+    modalities = (exam.modality, "SR") if reported else (exam.modality,)
+    plans = _plan_series(exam, rng)  # the next draws either way, so drawing them here changes nothing
     header = StudyHeader(
         index=index, study_instance_uid=str(uid.study), accession_number=accession, study_id=study_id,
         study_date=study_date, study_time=study_time, modalities=modalities, description=exam.description,
         body_part=exam.body_part, patient_id=patient.bsn, institution_ura=institution.ura,
-        institution_name=institution.name)
-    return _Drawn(header, rng, exam, uid, study_day, manufacturer, referrer)
+        institution_name=institution.name, series_count=len(plans) + reported,
+        instance_count=sum(p.images for p in plans) + reported)
+    return _Drawn(header, rng, exam, uid, study_day, manufacturer, referrer, plans)
 
 
 def _generate_study(
@@ -317,7 +337,7 @@ def _generate_study(
     common.Manufacturer = manufacturer
 
     instances: list[Dataset] = []
-    series_plans = _plan_series(exam, rng)
+    series_plans = drawn.plans
     frame_of_reference = uid.make("for")
     for series_number, plan in enumerate(series_plans, start=1):
         series_uid = uid.make("series", series_number)

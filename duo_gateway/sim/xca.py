@@ -23,7 +23,6 @@ Simplifications, on purpose:
 from __future__ import annotations
 
 import asyncio
-import copy
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -35,12 +34,12 @@ import structlog
 from aiohttp import web
 from lxml import etree
 from pydicom.dataset import Dataset
-from pydicom.uid import ImplicitVRLittleEndian
 
 from duo_gateway.bsn import BSN_OID
 from duo_gateway.config.xca import DocumentCodes
 from duo_gateway.dicom.kos import encode_part10
 from duo_gateway.sim.behaviour import Misbehaviour, XcaMisbehaviour
+from duo_gateway.sim.codecs import encoded, serving_syntax
 from duo_gateway.sim.config import SimCommunity, SimInstitution, SimNetworkConfig, SimPatient
 from duo_gateway.sim.http import current_behaviour, install_behaviour
 from duo_gateway.sim.studies import (
@@ -66,8 +65,6 @@ from duo_gateway.soap.mtom import Attachment, build_mtom, parse_mtom
 from duo_gateway.soap.xml import XmlError, parse_xml, to_bytes
 from duo_gateway.sources.base import InstanceRecord, StudyRecord
 from duo_gateway.xca.codes import (
-    EXPLICIT_VR_LITTLE_ENDIAN,
-    IMPLICIT_VR_LITTLE_ENDIAN,
     MIME_DICOM,
     Action,
     EntryType,
@@ -100,7 +97,6 @@ from duo_gateway.xca.retrieve import (
 
 log = structlog.get_logger(__name__)
 
-SUPPORTED_TRANSFER_SYNTAXES: Final = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
 #: Largest request body accepted; requests are metadata only, so this is generous.
 MAX_REQUEST_BYTES: Final = 4 * 1024 * 1024
 #: LeafClass answers of more entries are built in a worker thread (~1 ms an entry, ~0.1 s here).
@@ -158,15 +154,19 @@ class XcaCommunitySimulator:
         self._patients = {p.bsn: p for p in net.patients}
         self.studies: list[tuple[SimPatient, SimInstitution, GeneratedStudy]] = []
         seed = community_seed(net, community)
+        #: (Study Instance UID, transfer syntax) of every study held other than Explicit VR LE.
+        self.compressed: list[tuple[str, str]] = []
         if studies is not None:
             self.studies.extend(studies)
         else:
             for patient in net.patients:
                 for institution in community.institutions:
-                    for study in generate_studies(
-                        patient, institution, community.studies_per_patient, seed, net.image_size
-                    ):
-                        self.studies.append((patient, institution, study))
+                    encodings = community.encodings(patient.bsn, institution)
+                    generated = generate_studies(patient, institution, community.studies_per_patient, seed,
+                                                 net.image_size, encodings=encodings)
+                    self.studies.extend((patient, institution, study) for study in generated)
+                    self.compressed.extend((generated[i].study_instance_uid, ts)
+                                           for i, ts in sorted(encodings.items()))
         self.documents: list[SimDocument] = []
         self._instances: dict[tuple[str, str, str], Dataset] = {}
         for patient, institution, study in self.studies:
@@ -188,6 +188,19 @@ class XcaCommunitySimulator:
         self._by_entry_uuid = {d.entry.entry_uuid.lower(): d for d in self.documents}
         #: Serialized ExtrinsicObjects by entryUUID (see _extrinsic_object).
         self._built: dict[str, bytes] = {}
+
+    def instance(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset | None:
+        """An instance as the archive holds it now (RAD-75 serves it from this)."""
+        return self._instance(study_uid, series_uid, sop_uid)
+
+    def store_instance(self, ds: Dataset) -> None:
+        """Hold ``ds`` instead of the instance with its UIDs, as a re-import into the archive would: how a
+        test puts an encoding the simulators cannot make themselves (DCMTK's JPEG Lossless, say) in place.
+        Only the encoding may change; the manifest and metadata stay what they were."""
+        key = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+        if key not in self._instances:
+            raise KeyError(f"{key[2]} is not an instance of this community")
+        self._instances[key] = ds
 
     # --- the document index ---
 
@@ -438,15 +451,13 @@ class XcaCommunitySimulator:
 
     def _rad75(self, body: etree._Element, parts: dict[str, bytes], *,
                lost: frozenset[str] = frozenset()) -> _Reply:
-        """``lost``: what the repository no longer holds (:class:`XcaMisbehaviour`), answered as unknown."""
+        """Each instance in the first requested syntax the archive can give it in: as stored when that is
+        listed, else converted without loss, else an XDSRepositoryError for that instance alone (NIST
+        rig_2018-5424a: "cannot encode the pixel data using any of the requested transfer syntaxes").
+        ``lost``: what the repository no longer holds (:class:`XcaMisbehaviour`), answered as unknown."""
         del parts
         try:
             req = parse_imaging_retrieve_request(body)
-            syntax = next((ts for ts in req.transfer_syntaxes if ts in SUPPORTED_TRANSFER_SYNTAXES), None)
-            if req.transfer_syntaxes and syntax is None:
-                raise RegistryErrorException.of(
-                    ErrorCode.REPOSITORY_ERROR, "none of the requested transfer syntaxes is available: "
-                    + " ".join(req.transfer_syntaxes))
         except RegistryErrorException as exc:
             return self._retrieve_reply(RetrieveDocumentSetResponse(
                 ResponseStatus.FAILURE, (), tuple(_located(e, self.home) for e in exc.errors)), "rad75")
@@ -463,9 +474,15 @@ class XcaCommunitySimulator:
                 errors.append(error)
                 continue
             assert ds is not None
+            data = _encode(ds, req.transfer_syntaxes, converts=self.community.converts)
+            if data is None:
+                errors.append(RegistryError(
+                    ErrorCode.REPOSITORY_ERROR, f"{context}: cannot encode the pixel data (held as "
+                    f"{ds.file_meta.TransferSyntaxUID}) in any of the requested transfer syntaxes",
+                    location=self.home))
+                continue
             documents.append(RetrievedDocument(
-                self.repository_unique_id, doc.document_unique_id, MIME_DICOM,
-                _encode(ds, syntax or EXPLICIT_VR_LITTLE_ENDIAN), self.home,
+                self.repository_unique_id, doc.document_unique_id, MIME_DICOM, data, self.home,
             ))
         return self._retrieve_reply(
             RetrieveDocumentSetResponse(status_for(errors, bool(documents)), tuple(documents), tuple(errors)),
@@ -507,7 +524,8 @@ def study_record(patient: SimPatient, study: GeneratedStudy) -> StudyRecord:
 
 def header_record(patient: SimPatient, header: StudyHeader) -> StudyRecord:
     """A study known by its header as a study-level C-FIND would describe it: what
-    :func:`study_record` gives for the generated study, less what only its instances know."""
+    :func:`study_record` gives for the generated study, less what only its instances know (the
+    referring physician)."""
     return StudyRecord(
         study_instance_uid=header.study_instance_uid,
         patient_id=header.patient_id,
@@ -518,6 +536,8 @@ def header_record(patient: SimPatient, header: StudyHeader) -> StudyRecord:
         modalities=header.modalities,
         body_part=header.body_part,
         study_id=header.study_id,
+        series_count=header.series_count,
+        instance_count=header.instance_count,
         patient_name=patient.name,
         patient_birth_date=patient.birth_date,
         patient_sex=patient.sex,
@@ -573,12 +593,18 @@ def _located(error: RegistryError, home: str) -> RegistryError:
     return error if error.location else replace(error, location=home)
 
 
-def _encode(ds: Dataset, transfer_syntax: str) -> bytes:
-    if transfer_syntax == str(ds.file_meta.TransferSyntaxUID):
-        return encode_part10(ds)
-    converted = copy.deepcopy(ds)
-    converted.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    return encode_part10(converted)
+def _encode(ds: Dataset, requested: Sequence[str], *, converts: bool) -> bytes | None:
+    """The Part-10 file in the syntax to serve it in; None when there is none. A request without a
+    syntax list (the schema makes it mandatory; a lenient reading) gets what is stored."""
+    stored = str(ds.file_meta.TransferSyntaxUID)
+    syntax = serving_syntax(stored, requested, converts=converts) if requested else stored
+    if syntax is None:
+        return None
+    try:
+        return encode_part10(ds if syntax == stored else encoded(ds, syntax))
+    except Exception as exc:  # a stream its own decoder rejects: that instance cannot be served
+        log.warning("xca_sim_conversion_failed", stored=stored, target=syntax, error=type(exc).__name__)
+        return None
 
 
 _Predicate = Callable[[DocumentEntry], bool]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from duo_gateway.consent import Permit
+from duo_gateway.dicom.syntaxes import PREFERRED
 from duo_gateway.failure import Failure, FailureKind
 
 
@@ -126,8 +127,13 @@ class ImagingSource(Protocol):
         """
         ...
 
-    def retrieve(self, permit: Permit, bsn: str, study_uid: str,
-                 instances: Sequence[InstanceRecord]) -> AsyncGenerator[RetrievedInstance, None]:
+    def retrieve(self, permit: Permit, bsn: str, study_uid: str, instances: Sequence[InstanceRecord], *,
+                 transfer_syntaxes: Sequence[str] = PREFERRED) -> AsyncGenerator[RetrievedInstance, None]:
         """Stream the instances as they arrive, bounded in memory; what could not be fetched is
-        reported by raising nothing: the caller compares what arrived with what it asked for."""
+        reported by raising nothing: the caller compares what arrived with what it asked for.
+
+        ``transfer_syntaxes``: what the caller can use, best first (a RAD-75 request's list); the source
+        asks for those where its protocol lets it negotiate, and each instance says what it came in
+        (``RetrievedInstance.transfer_syntax_uid``), which the caller checks.
+        """
         ...

@@ -50,6 +50,7 @@ from duo_gateway.dicom.qr import (
     SpooledInstance,
     Validator,
 )
+from duo_gateway.dicom.syntaxes import PREFERRED
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sources.base import (
     InstanceRecord,
@@ -207,18 +208,24 @@ class DicomPacsSource:
                                        self.hospital.timeout_s * _SYNC_DEADLINE_FACTOR)
         return [bsn_of(ds, self.hospital.bsn_attribute) for ds in answers]
 
-    def retrieve(self, permit: Permit, bsn: str, study_uid: str,
-                 instances: Sequence[InstanceRecord]) -> AsyncGenerator[RetrievedInstance, None]:
+    def retrieve(self, permit: Permit, bsn: str, study_uid: str, instances: Sequence[InstanceRecord], *,
+                 transfer_syntaxes: Sequence[str] = PREFERRED) -> AsyncGenerator[RetrievedInstance, None]:
         """Stream the instances; consume inside ``contextlib.aclosing`` so that stopping early (an
-        error, a cancelled consumer) aborts the PACS and empties the spool at once."""
+        error, a cancelled consumer) aborts the PACS and empties the spool at once.
+
+        A C-GET proposes storage contexts in ``transfer_syntaxes`` only, in that order, so the PACS sends
+        each instance as stored when that is acceptable and otherwise converts it or fails that
+        sub-operation, as only it can. A C-MOVE cannot negotiate: the PACS opens the association to DUO's
+        storage SCP, which accepts every syntax, so instances come as the PACS chooses.
+        """
         # Checked here, not inside the generator, so a wrong Permit fails at the call, before anything.
         self._check(permit, bsn)
-        return self._retrieve(bsn, study_uid, list(instances))
+        return self._retrieve(bsn, study_uid, list(instances), tuple(transfer_syntaxes))
 
     # -- retrieve ----------------------------------------------------------------------------------
 
-    async def _retrieve(self, bsn: str, study_uid: str,
-                        instances: list[InstanceRecord]) -> AsyncGenerator[RetrievedInstance, None]:
+    async def _retrieve(self, bsn: str, study_uid: str, instances: list[InstanceRecord],
+                        syntaxes: tuple[str, ...]) -> AsyncGenerator[RetrievedInstance, None]:
         wanted = {i.sop_instance_uid: i for i in instances if i.study_instance_uid == study_uid}
         if len(wanted) != len(instances):
             log.warning("pacs_retrieve_foreign_records_ignored", source=self.name,
@@ -236,7 +243,8 @@ class DicomPacsSource:
         started = time.perf_counter()
         outcome = "cancelled"
         try:
-            async with self._association(operation, sorted({r.sop_class_uid for r in wanted.values()})) as qa:
+            classes = sorted({r.sop_class_uid for r in wanted.values()})
+            async with self._association(operation, classes, syntaxes) as qa:
                 for series_uid, members in by_series.items():
                     whole = counts.get(series_uid) == len(members)
                     for query in _retrieve_queries(study_uid, series_uid, members, whole):
@@ -267,11 +275,11 @@ class DicomPacsSource:
             log.info("pacs_retrieve", source=self.name, study_instance_uid=study_uid, method=operation,
                      asked=len(wanted), delivered=delivered, refused=spool.refused, outcome=outcome)
 
-    def _association(self, operation: str,
-                     sop_classes: list[str]) -> AbstractAsyncContextManager[QrAssociation]:
+    def _association(self, operation: str, sop_classes: list[str],
+                     syntaxes: tuple[str, ...]) -> AbstractAsyncContextManager[QrAssociation]:
         if operation == "c-move":
             return self._qr.associate(find=False, move=True, dimse_timeout_s=self._qr.move_idle_s)
-        return self._qr.associate(find=False, get_sop_classes=sop_classes)
+        return self._qr.associate(find=False, get_sop_classes=sop_classes, transfer_syntaxes=syntaxes)
 
     def _retrieve_one(self, qa: QrAssociation, query: Dataset, spool: Spool,
                       members: list[InstanceRecord]) -> AsyncGenerator[SpooledInstance, None]:

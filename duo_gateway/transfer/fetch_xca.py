@@ -16,7 +16,7 @@ from typing import Final
 
 from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.dicom.kos import parse_kos
-from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE
+from duo_gateway.dicom.syntaxes import PREFERRED
 from duo_gateway.timeline.model import StudyRef
 from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed
 from duo_gateway.transfer.jobstore import ExpectedInstance
@@ -24,8 +24,12 @@ from duo_gateway.xca.initiating.exchange import ExchangeFailed
 from duo_gateway.xca.initiating.retriever import CommunityRetriever, PartFailure, RetrievedPart
 from duo_gateway.xua import Claims
 
-#: Uncompressed only: every destination PACS stores these, and DUO does not transcode compressed data.
-TRANSFER_SYNTAXES: Final = UNCOMPRESSED_LE
+#: The compressed syntaxes DUO carries first, uncompressed little endian last (dicom/syntaxes.py says why
+#: each is listed): a community that serves what it stores (RAD-69 lets an Imaging Document Source answer
+#: in any listed syntax; NIST iig_2018-5402b expects the stored one when it is listed) is never made to
+#: fail an instance it holds compressed, nor to decompress it. Asking uncompressed only failed exactly
+#: those communities whose archive has no decoder for what it stores.
+TRANSFER_SYNTAXES: Final = PREFERRED
 
 
 class XcaStudyFetcher:

@@ -14,6 +14,13 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+)
 from pynetdicom import AE, _config
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -30,6 +37,7 @@ from duo_gateway.dicom.qr import (
     receiving_contexts,
     storage_contexts,
 )
+from duo_gateway.dicom.syntaxes import LOSSLESS_PREFERRED, LOSSY_PREFERRED, PREFERRED
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import default_network
 from duo_gateway.sim.pacs import SimPacs
@@ -329,14 +337,28 @@ async def test_event_loop_ticks_during_large_find(pacs: SimPacs, sim: Sim) -> No
 
 
 def test_storage_contexts_fit_the_128_limit() -> None:
+    few = storage_contexts(["1.2.3.1", "1.2.3.2"])
+    assert [str(cx.transfer_syntax[0]) for cx in few] == [*PREFERRED, *PREFERRED]  # every one, in order
+    assert all(len(cx.transfer_syntax) == 1 for cx in few)  # the PACS cannot re-encode
     classes = [f"1.2.3.{i}" for i in range(12)]
-    contexts = storage_contexts(classes)
-    assert len(contexts) == 12 * 10 and len(contexts) < MAX_CONTEXTS
-    assert all(len(cx.transfer_syntax) == 1 for cx in contexts)  # the PACS cannot re-encode
-    many = [f"1.2.3.{i}" for i in range(100)]
-    assert len(storage_contexts(many)) == 100  # one (uncompressed) context each once that no longer fits
+    contexts = storage_contexts(classes)  # 12 x all does not fit: the lossy ones go first
+    kept = [ts for ts in PREFERRED if ts not in LOSSY_PREFERRED]
+    assert [str(cx.transfer_syntax[0]) for cx in contexts] == kept * 12 and len(contexts) < MAX_CONTEXTS
+    many = storage_contexts([f"1.2.3.{i}" for i in range(100)])
+    assert len(many) == 100  # one context each once that no longer fits, the PACS choosing among kept
+    assert all([str(ts) for ts in cx.transfer_syntax] == kept for cx in many)
     with pytest.raises(QrError):
         storage_contexts([f"1.2.3.{i}" for i in range(MAX_CONTEXTS)])
+
+
+def test_storage_contexts_in_the_requesters_syntaxes_and_order() -> None:
+    """What a RAD-75 request accepts, in its order; uncompressed little endian brings its sibling, which
+    DUO converts to itself, and nothing else is proposed."""
+    asked = storage_contexts(["1.2.3.1"], syntaxes=[str(JPEGBaseline8Bit), str(ExplicitVRLittleEndian)])
+    assert [str(cx.transfer_syntax[0]) for cx in asked] == [
+        str(JPEGBaseline8Bit), str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
+    only = storage_contexts(["1.2.3.1"], syntaxes=[str(JPEGLosslessSV1), str(JPEG2000Lossless)])
+    assert [str(cx.transfer_syntax[0]) for cx in only] == [str(JPEGLosslessSV1), str(JPEG2000Lossless)]
 
 
 # -- C-MOVE ---------------------------------------------------------------------------------------
@@ -434,3 +456,12 @@ async def test_orthanc_image_level_get_with_uid_list(orthanc: Loaded, tmp_path: 
     assert sorted(i.sop_instance_uid for i in got) == sorted(str(ds.SOPInstanceUID) for ds in subset)
 
 
+
+
+def test_duo_can_decompress_every_lossless_syntax_it_asks_for() -> None:
+    """LOSSLESS_PREFERRED's promise: a destination that declines one still gets the pixels (a syntax
+    without a decoder here is for its source, which holds the codec, to decompress)."""
+    from pydicom.pixels.decoders.base import get_decoder
+
+    missing = [ts for ts in LOSSLESS_PREFERRED if not get_decoder(ts).is_available]
+    assert not missing, f"no pixel data decoder installed for {missing}"

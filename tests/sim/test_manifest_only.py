@@ -26,10 +26,12 @@ def test_a_header_is_the_generated_studys_header() -> None:
         study = generate_study(PATIENT, institution, header.index, NET.seed, image_size=8)
         assert (header.study_instance_uid, header.accession_number, header.study_id, header.study_date,
                 header.study_time, header.modalities, header.description, header.body_part,
-                header.patient_id, header.institution_ura, header.institution_name) == (
+                header.patient_id, header.institution_ura, header.institution_name, header.series_count,
+                header.instance_count) == (
             study.study_instance_uid, study.accession_number, study.study_id, study.study_date,
             study.study_time, study.modalities, study.description, study.body_part, study.patient_id,
-            study.institution_ura, study.institution_name)
+            study.institution_ura, study.institution_name, len(study.series_instance_uids),
+            len(study.instances))
 
 
 def test_manifest_only_studies_are_the_generated_studies_kos_entries_and_manifests() -> None:

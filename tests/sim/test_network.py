@@ -62,6 +62,14 @@ def test_demo_once_shows_every_component_healthy(tmp_path: Path) -> None:
     assert set(ports["requester_pacs"]) == {"name", "ae_title", "host", "port"}
     assert ports["requester_pacs"]["port"] > 0
     assert "Transfers into the requester's PACS" in proc.stdout
+    # Issue 13: compressed studies at both kinds of source, which the demo's transfers take.
+    compressed = ports["compressed_studies"]
+    assert {c["kind"] for c in compressed} == {"tlb", "xca"} and len(compressed) >= 2
+    assert all(set(c) == {"kind", "source", "study_instance_uid", "transfer_syntax"} for c in compressed)
+    assert "1.2.840.10008.1.2.4.90" in {c["transfer_syntax"] for c in compressed if c["kind"] == "tlb"}
+    sources = {h["ura"] for h in ports["tlb_hospitals"]}
+    sources |= {c["home_community_id"] for c in ports["xca_communities"]}
+    assert {c["source"] for c in compressed} <= sources
     # loopback only, every endpoint
     text = json.dumps(ports)
     assert "0.0.0.0" not in text and "localhost" not in text

@@ -17,7 +17,7 @@ from pydicom import dcmread
 
 from duo_gateway.bsn import bsn_cx
 from duo_gateway.sim.config import SimNetworkConfig, default_network
-from duo_gateway.sim.xca import XcaCommunitySimulator
+from duo_gateway.sim.xca import XcaCommunitySimulator, study_record
 from duo_gateway.soap.envelope import (
     SOAP11_NS,
     SOAP12_NS,
@@ -62,6 +62,7 @@ from duo_gateway.xca.codes import (
     STUDY_INSTANCE_UID_ID_TYPE,
 )
 from duo_gateway.xca.hl7 import reference_id
+from duo_gateway.xca.metadata import study_kos_unique_id
 from duo_gateway.xca.query import make_slots
 from duo_gateway.xca.retrieve import inline_documents
 from tests.xca.xsd import assert_valid
@@ -514,7 +515,10 @@ def test_given_studies_replace_the_generated_ones(net: SimNetworkConfig, sim: Xc
     one_image = replace(study, instances=study.instances[:1])
     given = XcaCommunitySimulator(net.communities[0], net, studies=[(patient, institution, one_image)])
     assert given.studies == [(patient, institution, one_image)]
-    assert [d.entry.unique_id for d in given.documents] == [sim.documents[0].entry.unique_id]
+    # The KOS of a study's other content is another document (xca.metadata.kos_generation).
+    assert [d.entry.unique_id for d in given.documents] == [
+        study_kos_unique_id(study_record(patient, one_image), sim.repository_unique_id)]
+    assert given.documents[0].entry.unique_id != sim.documents[0].entry.unique_id
     assert str(study.instances[0].SOPInstanceUID).encode() in given.documents[0].data
     assert str(study.instances[1].SOPInstanceUID).encode() not in given.documents[0].data
 

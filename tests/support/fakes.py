@@ -35,6 +35,7 @@ from duo_gateway.config.loader import DuoConfig, parse_config
 from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.consent import Permit
 from duo_gateway.dicom.store_scu import StoreResult, StoreUnavailable
+from duo_gateway.dicom.syntaxes import PREFERRED
 from duo_gateway.mitz.client import ConsentDecision, Localization
 from duo_gateway.mitz.xacml import ClosedQuestion
 from duo_gateway.mitz.xcpd import OpenQuestion
@@ -192,10 +193,12 @@ class FakeSource:
         await self._behave()
         return next((s.patient_id for s in self.studies if s.study_instance_uid == study_uid), None)
 
-    async def retrieve(self, permit: Permit, bsn: str, study_uid: str,
-                       instances: Sequence[InstanceRecord]) -> AsyncGenerator[RetrievedInstance, None]:
+    async def retrieve(self, permit: Permit, bsn: str, study_uid: str, instances: Sequence[InstanceRecord], *,
+                       transfer_syntaxes: Sequence[str] = PREFERRED,
+                       ) -> AsyncGenerator[RetrievedInstance, None]:
         self.calls.append(Call("retrieve", bsn, study_uid,
-                               {"instances": tuple(i.sop_instance_uid for i in instances)}))
+                               {"instances": tuple(i.sop_instance_uid for i in instances),
+                                "transfer_syntaxes": tuple(transfer_syntaxes)}))
         await self._behave()
         self._check(permit, bsn)
         assert self.spool is not None, "a FakeSource that retrieves needs a spool directory"

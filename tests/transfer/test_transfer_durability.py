@@ -63,8 +63,9 @@ from tests.transfer.harness import (
 )
 
 #: Three studies per institution: the ALL patient has six studies in the community, enough for one
-#: job each in the replica test.
-COMMUNITY: Final = NOORD.model_copy(update={"studies_per_patient": 3})
+#: job each in the replica test. All uncompressed: the destination is storescp's default, which takes
+#: uncompressed syntaxes only, and durability, not transfer syntaxes, is what is tested here.
+COMMUNITY: Final = NOORD.model_copy(update={"studies_per_patient": 3, "compressed": []})
 NETWORK: Final = NET.model_copy(update={"communities": [COMMUNITY]})
 #: Per RAD-75 (one instance each) and per ITI-39: a study takes seconds, so a test can act mid-way.
 SLOW: Final = Misbehaviour(delay_ms=250)

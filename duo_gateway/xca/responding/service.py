@@ -34,7 +34,7 @@ from typing import TypeVar
 
 import structlog
 from pydicom import dcmread
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ImplicitVRLittleEndian
 
 from duo_gateway.access import Caller
 from duo_gateway.audit.auditor import Auditor
@@ -54,6 +54,7 @@ from duo_gateway.config.peers import TlbHospital
 from duo_gateway.config.xca import XcaRespondingConfig
 from duo_gateway.consent import ConsentGate, Permit, Refusal
 from duo_gateway.dicom.kos import encode_part10
+from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sources.base import ImagingSource, SourceUnavailable
 from duo_gateway.xca.codes import (
@@ -95,8 +96,6 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-#: Transfer syntaxes DUO can convert between without touching pixel data.
-_UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 _REPORT_MODALITIES = ("SR", "DOC")
 _PDF = "application/pdf"
 
@@ -801,7 +800,8 @@ class RespondingGateway:
             # aclosing: an error below must end the C-GET at once, not at garbage collection.
             async with (
                 asyncio.timeout_at(deadline),
-                contextlib.aclosing(source.retrieve(verdict, bsn, study_uid, records)) as stream,
+                contextlib.aclosing(source.retrieve(verdict, bsn, study_uid, records,
+                                                    transfer_syntaxes=accepted)) as stream,
             ):
                 async for got in stream:
                     target = spool / f"{got.record.sop_instance_uid}.dcm"
@@ -810,12 +810,15 @@ class RespondingGateway:
                         study_uid, got.record.series_instance_uid, got.record.sop_instance_uid
                     )
                     if got.transfer_syntax_uid not in accepted:
+                        # The PACS chose (a C-MOVE cannot negotiate): answered as sent or converted
+                        # without touching pixel data, never re-encoded, or this instance fails alone.
                         converted = await asyncio.to_thread(_convert, target, accepted)
                         if not converted:
                             errors.append(
                                 RegistryError(
                                     ErrorCode.REPOSITORY_ERROR,
-                                    f"{where}: stored as {got.transfer_syntax_uid}, not requested",
+                                    f"{where}: the PACS sent it as {got.transfer_syntax_uid}, which cannot "
+                                    "be converted to any of the requested transfer syntaxes",
                                     Severity.ERROR,
                                     self._home,
                                 )
@@ -1013,8 +1016,8 @@ def _convert(path: Path, accepted: Sequence[str]) -> bool:
     """Re-encode an uncompressed instance in a requested uncompressed syntax; False when impossible."""
     ds = dcmread(path)
     current = ds.file_meta.TransferSyntaxUID
-    target = next((ts for ts in accepted if ts in _UNCOMPRESSED), None)
-    if current not in _UNCOMPRESSED or target is None:
+    target = next((ts for ts in accepted if ts in UNCOMPRESSED_LE), None)
+    if current not in UNCOMPRESSED_LE or target is None:
         return False
     ds.file_meta.TransferSyntaxUID = UID(target)
     ds.save_as(
