@@ -61,10 +61,15 @@ LOSSY_PREFERRED: Final = (
     str(JPEG2000), str(JPEGExtended12Bit), str(JPEGBaseline8Bit), str(JPEGLSNearLossless), str(HTJ2K),
 )
 #: Every syntax DUO asks a source for (RAD-75 TransferSyntaxUIDList, C-GET storage contexts), best first:
-#: what a source stores comes as stored, and uncompressed little endian, which every source can produce, is
-#: the fallback. Deflated is not asked for: DUO rewrites patient ids by splitting an instance's body, which
-#: a deflated body does not allow (it is inflated in memory instead), and a source inflates it for free.
-PREFERRED: Final = (*LOSSLESS_PREFERRED, *LOSSY_PREFERRED, *UNCOMPRESSED_LE)
+#: what a source stores losslessly comes as stored; then uncompressed little endian, which every source can
+#: produce; lossy syntaxes last. Uncompressed before lossy because a source that answers with the first
+#: listed syntax it can produce, and has a lossy encoder but no lossless one, would otherwise lossy-compress
+#: an uncompressed original: pixels lost for good. The other risk of this order is benign: a source that
+#: decompresses a lossy original sends the same pixels, bigger, still flagged lossy (0028,2110). A source
+#: choosing among accepted C-GET contexts (Orthanc, most PACS) sends what it stores either way.
+#: Deflated is not asked for: DUO rewrites patient ids by splitting an instance's body, which a deflated
+#: body does not allow (it is inflated in memory instead), and a source inflates it for free.
+PREFERRED: Final = (*LOSSLESS_PREFERRED, *UNCOMPRESSED_LE, *LOSSY_PREFERRED)
 
 
 def syntax_class(transfer_syntax_uid: str) -> SyntaxClass:
