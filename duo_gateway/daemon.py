@@ -77,6 +77,7 @@ class Gateway:
             MitzNotifyDoor(config, lambda bsn, ura: self.mitz.consent_changed(bsn, ura), self.auditor),
             *front_doors,
         ]
+        self._responding: RespondingGateway | None = None
         self._sync_stop = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
         self.spool_dir = config.storage.path / "spool"
@@ -149,6 +150,7 @@ class Gateway:
             service = RespondingGateway(cfg, sources=self.sources, gate=self.consent, index=self.index,
                                         auditor=self.auditor, identity=self.identity,
                                         spool_dir=self.spool_dir, metrics=self.metrics)
+            self._responding = service
             self._front_doors.append(XcaRespondingDoor(cfg, service))
         if self.transfers is not None:
             await self.transfers.open()
@@ -199,6 +201,8 @@ class Gateway:
             # Jobs stop where they are and go back to the queue, to resume here or on another replica.
             await self.transfers.stop(timeout_s=self.config.daemon.shutdown_grace_s)
         await self._stop_dicom()
+        if self._responding is not None:
+            await asyncio.to_thread(self._responding.close)
         self._sync_stop.set()
         if self._sync_task is not None:
             try:

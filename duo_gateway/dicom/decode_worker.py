@@ -32,6 +32,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -237,4 +238,25 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["DECODE_STALL_S", "START_S", "DecodeWorker", "WorkerUnavailable"]
+class SharedDecodeWorker:
+    """One :class:`DecodeWorker` for callers on many threads (RAD-75 answers running side by side).
+
+    Decoding is serialized: one helper's memory and one core is what conversion may cost the daemon,
+    and a converted instance is the exception (a PACS that sends what was not asked, by C-MOVE).
+    """
+
+    def __init__(self, *, stall_s: float = DECODE_STALL_S) -> None:
+        self._lock = threading.Lock()
+        self._worker = DecodeWorker(stall_s=stall_s)
+
+    def decompress(self, src: Path, dst: Path, target: str) -> Decompressed:
+        """As :meth:`DecodeWorker.decompress`; blocking, so call it from a worker thread."""
+        with self._lock:
+            return self._worker.decompress(src, dst, target)
+
+    def close(self) -> None:
+        with self._lock:
+            self._worker.close()
+
+
+__all__ = ["DECODE_STALL_S", "START_S", "DecodeWorker", "SharedDecodeWorker", "WorkerUnavailable"]

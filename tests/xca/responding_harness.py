@@ -225,11 +225,12 @@ async def _network(
 @asynccontextmanager
 async def running_network(
     tmp: Path, *, studies_per_patient: int = 2, pki: Pki | None = None,
-    pacs_class: type[SimPacs] = SimPacs, **overrides: Any
+    pacs_class: type[SimPacs] = SimPacs, compressed: bool = False, **overrides: Any
 ) -> AsyncIterator[Network]:
     """Two SimPacs hospitals, each holding ``studies_per_patient`` generated studies of every patient.
 
     ``pacs_class``: a SimPacs subclass, for a test that must watch what DUO asks of a PACS.
+    ``compressed``: the hospitals store the studies the default network names compressed as such.
     """
     net = default_network()
     pacs: list[SimPacs] = []
@@ -239,7 +240,9 @@ async def running_network(
             p = pacs_class(h, tmp / "pacs" / h.ae_title)
             pacs.append(p)
             generated = [
-                s for pt in net.patients for s in generate_studies(pt, h, studies_per_patient, net.seed)
+                s for pt in net.patients
+                for s in generate_studies(pt, h, studies_per_patient, net.seed,
+                                          encodings=h.encodings(pt.bsn) if compressed else None)
             ]
             await asyncio.to_thread(p.preload, generated)
             await asyncio.to_thread(p.start)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+from io import BytesIO
 from pathlib import Path
 
+import numpy
 from pydicom import dcmread
+from pydicom.uid import JPEG2000Lossless
 
 from duo_gateway.xca.codes import ResponseStatus
 from duo_gateway.xca.retrieve import RetrieveImagingDocumentSetRequest
@@ -70,7 +73,31 @@ async def test_rad75_through_c_move(tmp_path: Path, wsdl_dir: Path) -> None:
         assert "Store Response (Unknown Status: 0x124)" in push.stderr, push.stdout + push.stderr
 
 
-def dcmread_uid(data: bytes) -> str:
-    from io import BytesIO
+async def test_rad75_through_c_move_decompresses_what_was_not_asked_for(
+        tmp_path: Path, wsdl_dir: Path) -> None:
+    """A C-MOVE cannot negotiate: the PACS pushes its JPEG 2000 Lossless files as stored. Asked only for
+    Explicit VR LE, DUO decompresses them (losslessly, in its decoder helper) instead of failing each."""
+    async with running_network(tmp_path, xca_responding={"retrieve_method": "c-move"},
+                               compressed=True) as duo:
+        gw = duo.gateway
+        for pacs in duo.pacs:
+            pacs.add_move_destination(gw.config.listeners.dicom.ae_title, "127.0.0.1", gw.dicom_port)
+        study = next(s for s in studies_of(duo, H1, ALL)
+                     if str(s.instances[0].file_meta.TransferSyntaxUID) == JPEG2000Lossless)
+        request = study_request(study, repo(duo, H1), images_only=True)
+        _, resp = await rad75(
+            duo, RetrieveImagingDocumentSetRequest((request,), (EXPLICIT_VR_LITTLE_ENDIAN,)), wsdl_dir
+        )
+        assert resp.status == ResponseStatus.SUCCESS, resp.errors
+        held = {str(ds.SOPInstanceUID): ds for ds in study.instances}
+        images = [uid for uid, ds in held.items() if "PixelData" in ds]
+        assert sorted(d.document_unique_id for d in resp.documents) == sorted(images)
+        for doc in resp.documents:
+            assert isinstance(doc.data, bytes)
+            got = dcmread(BytesIO(doc.data))
+            assert got.file_meta.TransferSyntaxUID == EXPLICIT_VR_LITTLE_ENDIAN
+            assert numpy.array_equal(got.pixel_array, held[doc.document_unique_id].pixel_array)
 
+
+def dcmread_uid(data: bytes) -> str:
     return str(dcmread(BytesIO(data)).SOPInstanceUID)

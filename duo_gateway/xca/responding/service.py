@@ -53,8 +53,10 @@ from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.peers import TlbHospital
 from duo_gateway.config.xca import XcaRespondingConfig
 from duo_gateway.consent import ConsentGate, Permit, Refusal
+from duo_gateway.dicom.decode_worker import SharedDecodeWorker
 from duo_gateway.dicom.kos import encode_part10
-from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE
+from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE, syntax_class
+from duo_gateway.dicom.transcode import TranscodeError
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sources.base import ImagingSource, SourceUnavailable
 from duo_gateway.xca.codes import (
@@ -176,6 +178,12 @@ class RespondingGateway:
         self._spool_dir = spool_dir
         self._metrics = metrics
         self._deadline = config.xca_responding.hospital_deadline_s
+        #: Decompresses what a PACS sent by C-MOVE in a syntax the RAD-75 did not ask for.
+        self._decoder = SharedDecodeWorker()
+
+    def close(self) -> None:
+        """Stop the decoder helper, if one was started; blocking (it reaps a process)."""
+        self._decoder.close()
 
     @property
     def home(self) -> str:
@@ -810,15 +818,17 @@ class RespondingGateway:
                         study_uid, got.record.series_instance_uid, got.record.sop_instance_uid
                     )
                     if got.transfer_syntax_uid not in accepted:
-                        # The PACS chose (a C-MOVE cannot negotiate): answered as sent or converted
-                        # without touching pixel data, never re-encoded, or this instance fails alone.
-                        converted = await asyncio.to_thread(_convert, target, accepted)
-                        if not converted:
+                        # The PACS chose (a C-MOVE cannot negotiate): converted between uncompressed
+                        # syntaxes or decompressed if lossless, never re-encoded, or it fails alone.
+                        why = await asyncio.to_thread(_convert, target, accepted, self._decoder)
+                        if why is not None:
+                            log.info("rad75 instance not convertible", source=got.transfer_syntax_uid,
+                                     reason=why)
                             errors.append(
                                 RegistryError(
                                     ErrorCode.REPOSITORY_ERROR,
                                     f"{where}: the PACS sent it as {got.transfer_syntax_uid}, which cannot "
-                                    "be converted to any of the requested transfer syntaxes",
+                                    f"be converted to any of the requested transfer syntaxes ({why})",
                                     Severity.ERROR,
                                     self._home,
                                 )
@@ -1012,15 +1022,37 @@ def _encapsulated_document(part10: bytes) -> bytes:
     return data.rstrip(b"\x00") if data.endswith(b"\x00") else data
 
 
-def _convert(path: Path, accepted: Sequence[str]) -> bool:
-    """Re-encode an uncompressed instance in a requested uncompressed syntax; False when impossible."""
-    ds = dcmread(path)
-    current = ds.file_meta.TransferSyntaxUID
+def _convert(path: Path, accepted: Sequence[str], decoder: SharedDecodeWorker) -> str | None:
+    """Re-encode ``path`` in place in a requested uncompressed syntax; why not, or None when done.
+
+    Uncompressed data is re-encoded without touching pixel data; lossless data is decompressed in the
+    decoder helper; lossy data never is (decompressing would hide that it is lossy: dicom/syntaxes).
+    """
+    ds = dcmread(path, stop_before_pixels=True)
+    current = str(ds.file_meta.TransferSyntaxUID)
     target = next((ts for ts in accepted if ts in UNCOMPRESSED_LE), None)
-    if current not in UNCOMPRESSED_LE or target is None:
-        return False
-    ds.file_meta.TransferSyntaxUID = UID(target)
-    ds.save_as(
-        path, implicit_vr=target == ImplicitVRLittleEndian, little_endian=True, enforce_file_format=True
-    )
-    return True
+    if target is None:
+        return "no uncompressed syntax was requested"
+    kind = syntax_class(current)
+    if kind == "lossy":
+        return "lossy data is not decompressed"
+    if kind == "uncompressed":
+        if current not in UNCOMPRESSED_LE:
+            return "DUO converts only between little-endian uncompressed syntaxes"
+        ds = dcmread(path)
+        ds.file_meta.TransferSyntaxUID = UID(target)
+        ds.save_as(
+            path, implicit_vr=target == ImplicitVRLittleEndian, little_endian=True, enforce_file_format=True
+        )
+        return None
+    tmp = path.with_name(f".decompress-{path.name}")
+    try:
+        decoder.decompress(path, tmp, target)
+        tmp.replace(path)
+    except TranscodeError as exc:
+        return f"not decompressed: {exc.reason}"
+    except OSError as exc:
+        return f"not decompressed: {type(exc).__name__}"
+    finally:
+        tmp.unlink(missing_ok=True)
+    return None
