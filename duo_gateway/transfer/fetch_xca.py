@@ -24,11 +24,11 @@ from duo_gateway.xca.initiating.exchange import ExchangeFailed
 from duo_gateway.xca.initiating.retriever import CommunityRetriever, PartFailure, RetrievedPart
 from duo_gateway.xua import Claims
 
-#: The lossless compressed syntaxes first, then uncompressed little endian, lossy last (dicom/syntaxes.py
-#: says why in that order): a community that serves what it stores (RAD-69 lets an Imaging Document Source answer
-#: in any listed syntax; NIST iig_2018-5402b expects the stored one when it is listed) is never made to
-#: fail an instance it holds compressed, nor to decompress it. Asking uncompressed only failed exactly
-#: those communities whose archive has no decoder for what it stores.
+#: The lossless compressed syntaxes first, then uncompressed little endian, lossy last
+#: (dicom/syntaxes.py says why in that order): a community that serves what it stores (RAD-69 lets an
+#: Imaging Document Source answer in any listed syntax; NIST iig_2018-5402b expects the stored one when
+#: it is listed) is never made to fail an instance it holds compressed, nor to decompress it. Asking
+#: uncompressed only failed exactly those communities whose archive has no decoder for what it stores.
 TRANSFER_SYNTAXES: Final = PREFERRED
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import structlog
+from aiohttp import web
 from lxml import etree
 from pydicom import dcmread
 
@@ -33,15 +34,22 @@ from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sim.config import SimNetworkConfig, default_network
 from duo_gateway.sim.pki import Pki
 from duo_gateway.sim.xca import XcaCommunitySimulator
-from duo_gateway.soap.envelope import parse_envelope
-from duo_gateway.xca.codes import EXPLICIT_VR_LITTLE_ENDIAN, Action, ErrorCode
+from duo_gateway.soap.envelope import Addressing, build_envelope, new_message_id, parse_envelope
+from duo_gateway.soap.mtom import build_mtom, parse_mtom
+from duo_gateway.xca.codes import EXPLICIT_VR_LITTLE_ENDIAN, Action, ErrorCode, ResponseStatus
 from duo_gateway.xca.initiating.exchange import CommunitySigner, ExchangeFailed
 from duo_gateway.xca.initiating.retriever import CommunityRetriever, PartFailure, RetrievedPart
 from duo_gateway.xca.metadata import KOS_FORMAT
-from duo_gateway.xca.retrieve import parse_imaging_retrieve_request, parse_retrieve_request
+from duo_gateway.xca.retrieve import (
+    RetrievedDocument,
+    RetrieveDocumentSetResponse,
+    build_retrieve_response,
+    parse_imaging_retrieve_request,
+    parse_retrieve_request,
+)
 from duo_gateway.xmldsig import TrustStore, load_signing_pair
 from duo_gateway.xua import validate_xua
-from tests.xca.recording import BSN, CLAIMS, DUO_HOME, IDENTITY, Community
+from tests.xca.recording import BSN, CLAIMS, DUO_HOME, IDENTITY, Community, Recorder, serve
 from tests.xca.xsd import assert_valid
 
 TS = (EXPLICIT_VR_LITTLE_ENDIAN,)
@@ -302,3 +310,43 @@ async def test_stopping_early_leaves_only_the_files_handed_over(
     assert isinstance(first, RetrievedPart)
     assert _files(retrievers.spool) == [first.path]
     parse_envelope(community.recorder.bodies[-1])  # the request went out whole
+
+
+# --- an answer about another document ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["repository", "home"])
+async def test_a_document_answered_from_another_repository_or_home_is_not_taken(
+        sim: XcaCommunitySimulator, retrievers: Retrievers, field: str) -> None:
+    """ITI-43 answers echo the RepositoryUniqueId and HomeCommunityId asked for (NIST 12308/15809 assert
+    both): the same DocumentUniqueId under another repository or community is another document."""
+    wrong = "1.2.3.4.999"
+
+    async def iti39(request: web.Request) -> web.StreamResponse:
+        root, _ = parse_mtom(request.headers["Content-Type"], await request.read())
+        env = parse_envelope(root)
+        assert env.body is not None
+        [asked] = parse_retrieve_request(env.body).documents
+        doc = RetrievedDocument(wrong if field == "repository" else asked.repository_unique_id,
+                                asked.document_unique_id, "application/dicom", b"not the document",
+                                wrong if field == "home" else asked.home)
+        body, attachments = build_retrieve_response(
+            RetrieveDocumentSetResponse(ResponseStatus.SUCCESS, (doc,), ()), mtom=True)
+        envelope = build_envelope(Addressing(action=Action.ITI39_RESPONSE, message_id=new_message_id(),
+                                             relates_to=env.addressing.message_id), body)
+        content_type, payload = build_mtom(envelope, attachments, Action.ITI39_RESPONSE)
+        return web.Response(body=b"".join(payload), headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_post("/iti39", iti39)
+    server = await serve(app)
+    try:
+        c = Community(str(server.make_url("")).rstrip("/"), app, Recorder(), sim.home)
+        r = retrievers(_config(c))
+        with pytest.raises(ExchangeFailed) as info:
+            await r.retrieve_document(CLAIMS, BSN, home_community_id=sim.home,
+                                      repository_unique_id=sim.repository_unique_id,
+                                      document_unique_id="1.2.3.4.5.6.7", deadline_s=5)
+        assert "without the document" in info.value.detail
+    finally:
+        await server.close()

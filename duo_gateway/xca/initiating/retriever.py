@@ -63,6 +63,7 @@ from duo_gateway.soap.mtom import XOP_NS, MtomError, normalise_cid, parse_mtom
 from duo_gateway.soap.mtom_stream import MtomStream, remove_quietly
 from duo_gateway.soap.xml import INLINE_PARSE_BYTES, XmlError
 from duo_gateway.xca.codes import MIME_DICOM, RS_NS, Action, ResponseStatus
+from duo_gateway.xca.entry_ids import normalise_home
 from duo_gateway.xca.errors import RegistryError, parse_error_list, parse_status
 from duo_gateway.xca.initiating.exchange import (
     PATIENT_MASK,
@@ -184,7 +185,7 @@ class CommunityRetriever:
                                                body=body, operation="iti39")
             return await asyncio.to_thread(self._interpret_iti39, answer.status,
                                            answer.headers.get("Content-Type", ""), answer.body,
-                                           attempt.message_id, document_unique_id)
+                                           attempt.message_id, doc)
 
         def audit(result: bytes | ExchangeFailed, _retried: bool) -> None:
             self._audit_iti39(claims, bsn, doc, result if isinstance(result, ExchangeFailed) else None)
@@ -200,7 +201,7 @@ class CommunityRetriever:
         return result
 
     def _interpret_iti39(self, status: int, content_type: str, body: bytes, message_id: str,
-                         document_unique_id: str) -> bytes:
+                         asked: DocumentRef) -> bytes:
         try:
             root, parts = parse_mtom(content_type, body, MAX_DOCUMENT_BYTES)
             envelope = parse_envelope(root)
@@ -212,7 +213,12 @@ class CommunityRetriever:
         except ValueError as exc:
             raise ExchangeFailed("error", f"malformed answer: {exc}") from None
         for doc in response.documents:
-            if doc.document_unique_id == document_unique_id and isinstance(doc.data, bytes):
+            # The answer names the document by all three ids asked (ITI TF-2 3.43.4.2.3): the same
+            # uniqueId from another repository or community is another document.
+            if (doc.document_unique_id == asked.document_unique_id
+                    and doc.repository_unique_id == asked.repository_unique_id
+                    and (doc.home is None or _same_home(doc.home, asked.home_community_id))
+                    and isinstance(doc.data, bytes)):
                 return doc.data
         listed = _listed(response.errors)
         raise ExchangeFailed(
@@ -507,6 +513,14 @@ def _is_part10(path: Path) -> bool:
         head = fh.read(132)
     return len(head) == 132 and head[128:] == b"DICM"
 
+
+
+def _same_home(answered: str, asked: str | None) -> bool:
+    """Whether two homeCommunityIds name one community; a malformed one names none (no exception)."""
+    try:
+        return asked is not None and normalise_home(answered) == normalise_home(asked)
+    except ValueError:
+        return False
 
 __all__ = [
     "MAX_DOCUMENT_BYTES", "MAX_IMAGE_BYTES", "CommunityRetriever", "PartFailure", "RetrievedPart",
