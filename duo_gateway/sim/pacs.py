@@ -74,6 +74,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from duo_gateway.dicom.acceptor import start_acceptor
 from duo_gateway.dicom.nodelay import ensure_tcp_nodelay
 from duo_gateway.dicom.status import (
     CANCEL,
@@ -292,9 +293,9 @@ class SimPacs:
 
     def _listen(self) -> None:
         assert self._ae is not None
-        server = self._ae.start_server(
+        server = start_acceptor(
+            self._ae,
             (self.host, self.port),
-            block=False,
             evt_handlers=[
                 (evt.EVT_C_FIND, self._on_find),
                 (evt.EVT_C_MOVE, self._on_move),
@@ -302,7 +303,6 @@ class SimPacs:
                 (evt.EVT_C_STORE, self._on_store),
             ],
         )
-        assert server is not None
         self._server = server
         self.port = int(server.server_address[1])
 
