@@ -124,3 +124,19 @@ def test_python_warnings_are_logged_scrubbed_not_printed(
     assert_no_phi(captured.getvalue())
     out = capsys.readouterr()
     assert_no_phi(out.err + out.out)
+
+
+def test_pynetdicom_builds_log_text_only_at_a_level_that_writes_it() -> None:
+    from pynetdicom import _config
+
+    try:
+        configure_logging(LoggingConfig(level="WARNING"))
+        assert (_config.LOG_HANDLER_LEVEL, _config.LOG_RESPONSE_IDENTIFIERS,
+                _config.LOG_REQUEST_IDENTIFIERS) == ("none", False, False)
+        configure_logging(LoggingConfig(level="WARNING", dicom_level="INFO"))
+        assert (_config.LOG_HANDLER_LEVEL, _config.LOG_RESPONSE_IDENTIFIERS) == ("standard", False)
+        configure_logging(LoggingConfig(level="WARNING", dicom_level="DEBUG"))
+        assert (_config.LOG_HANDLER_LEVEL, _config.LOG_RESPONSE_IDENTIFIERS,
+                _config.LOG_REQUEST_IDENTIFIERS) == ("standard", True, True)
+    finally:
+        configure_logging(LoggingConfig(level="WARNING"))
