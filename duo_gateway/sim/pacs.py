@@ -466,6 +466,8 @@ class _Group:
     key: str
     entries: list[_Entry]
     representative: Dataset | None = None
+    #: :func:`_computed` for the group, kept from matching for the answer.
+    computed: dict[str, Any] | None = None
 
 
 def _level(identifier: Dataset, model: str) -> str:
@@ -495,6 +497,7 @@ def _matching_groups(entries: list[_Entry], identifier: Dataset, level: str) -> 
         for entry in group.entries:
             if all(_matches(elem, entry.header, computed) for elem in keys):
                 group.representative = entry.header
+                group.computed = computed
                 matched.append(group)
                 break
     # stable, reproducible answer order (oldest study first), whatever order files were indexed in
@@ -574,7 +577,7 @@ def _answer(identifier: Dataset, level: str, group: _Group, ae_title: str) -> Da
     unique key, which a requestor needs to retrieve what it found."""
     rep = group.representative
     assert rep is not None
-    computed = _computed(level, group.entries)
+    computed = dict(group.computed if group.computed is not None else _computed(level, group.entries))
     computed["RetrieveAETitle"] = ae_title
     out = Dataset()
     if "SpecificCharacterSet" in rep:
@@ -586,13 +589,25 @@ def _answer(identifier: Dataset, level: str, group: _Group, ae_title: str) -> Da
         if elem.keyword in computed:
             out.add_new(elem.tag, elem.VR, computed[elem.keyword])
         elif elem.tag in rep:
-            out[elem.tag] = copy.deepcopy(rep[elem.tag])
+            out[elem.tag] = _copy_element(rep[elem.tag])
         else:
             out.add_new(elem.tag, elem.VR, None)
     unique = UNIQUE_KEYS[level]
     if unique not in out:
         setattr(out, unique, rep.get(unique, ""))
     return out
+
+
+def _copy_element(elem: DataElement) -> DataElement:
+    """An answer's own copy of an indexed element, so editing an answer never edits the index.
+
+    Deep only where the value is mutable (sequences, multi-values): a plain value (str, number,
+    PersonName) is immutable and shared, which spares pydicom re-validating it in a deep copy, half
+    of what answering a C-FIND match cost the simulator.
+    """
+    if elem.VR == "SQ" or isinstance(elem.value, MultiValue | list):
+        return copy.deepcopy(elem)
+    return copy.copy(elem)
 
 
 def _contexts_for(entries: list[_Entry]) -> list[PresentationContext]:
