@@ -29,6 +29,7 @@ from duo_gateway.dicom.acceptor import start_acceptor
 from duo_gateway.dicom.nodelay import install_tcp_nodelay
 from duo_gateway.dicom.qr import MoveRouter, receiving_contexts
 from duo_gateway.dicom.status import SUCCESS
+from duo_gateway.dicom.teardown import install_fast_teardown
 from duo_gateway.health import Probe, build_probes
 from duo_gateway.http.server import FrontDoor, build_app, build_ops_app
 from duo_gateway.http.slow import HeaderTimeoutSite
@@ -269,6 +270,7 @@ class Gateway:
         """
         listener = self.config.listeners.dicom
         install_tcp_nodelay(listener.tcp_nodelay)
+        install_fast_teardown()
         ae = AE(ae_title=listener.ae_title)
         ae.add_supported_context(Verification)
         for context in receiving_contexts():

@@ -85,6 +85,7 @@ from duo_gateway.dicom.status import (
     SUCCESS,
     UNABLE_TO_PROCESS,
 )
+from duo_gateway.dicom.teardown import install_fast_teardown
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import SimHospital
 from duo_gateway.sim.studies import GeneratedStudy, write_study
@@ -165,6 +166,7 @@ class SimPacs:
     def start(self) -> None:
         """Index the storage folder and listen (unless the behaviour says down). Returns at once."""
         ensure_tcp_nodelay()  # on, unless the process (e.g. the daemon's config) already chose
+        install_fast_teardown()
         with self._lock:
             if self._started:
                 return
