@@ -14,12 +14,24 @@ context (the UIDs are immutable strings; the lists of them are shared, as negoti
 them): about 1 ms. Only public API is used (``start_server(contexts=...)`` and the ``__deepcopy__``
 protocol), but it relies on the private behaviour above, so like :mod:`duo_gateway.dicom.nodelay` it
 refuses any pynetdicom but the minor version it was checked against.
+
+**Prompt shutdown.** ``ae.start_server`` runs socketserver's accept loop with its default 0.5 s poll,
+and ``server.shutdown()`` waits for the loop to look: 0.25 s on average, 0.5 s at worst, for every
+SCP stopped (a simulated PACS going "down", a test network torn down: 146 shutdowns cost 52 s over
+the DICOM, source, timeline, XCA, HTTP and Mitz tests). :func:`start_acceptor` starts the same server
+the way ``start_server`` does but polls every :data:`SHUTDOWN_POLL_S`. pynetdicom's loop also runs a
+full ``gc.collect()`` every 60th poll (every 30 s at its pace); the faster loop keeps that at 30 s of
+wall time rather than collecting 25 times as often.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
+import threading
+import time
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import pynetdicom
@@ -27,6 +39,7 @@ from pynetdicom import AE
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from duo_gateway.dicom.nodelay import SUPPORTED_PYNETDICOM, UnsupportedPynetdicomError
 
@@ -48,15 +61,49 @@ def shared_contexts(contexts: Iterable[PresentationContext]) -> SharedContexts:
     return SharedContexts(contexts)
 
 
+#: How often an acceptor's accept loop looks for a shutdown request (socketserver's default: 0.5 s).
+SHUTDOWN_POLL_S = 0.02
+#: pynetdicom's garbage collection period in its accept loop: 60 polls of 0.5 s.
+GC_PERIOD_S = 30.0
+
+
+class PromptAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, polling for shutdown every :data:`SHUTDOWN_POLL_S`."""
+
+    #: The poll of the running accept loop (None until it runs).
+    poll_interval_s: float | None = None
+    _next_gc = 0.0
+
+    def serve_forever(self, poll_interval: float = SHUTDOWN_POLL_S) -> None:
+        self.poll_interval_s = poll_interval
+        self._next_gc = time.monotonic() + GC_PERIOD_S
+        super().serve_forever(poll_interval)
+
+    def service_actions(self) -> None:
+        """pynetdicom collects garbage here (its dead association threads were not freed otherwise),
+        counted in polls; this keeps the period it had in seconds."""
+        now = time.monotonic()
+        if now >= self._next_gc:
+            self._next_gc = now + GC_PERIOD_S
+            gc.collect()
+
+
 def start_acceptor(ae: AE, address: tuple[str, int], *,
                    evt_handlers: list[EventHandlerType] | None = None,
                    ssl_context: Any = None) -> ThreadedAssociationServer:
-    """``ae.start_server(address, block=False, ...)`` with the AE's supported contexts shared.
+    """``ae.start_server(address, block=False, ...)`` with the AE's supported contexts shared and a
+    prompt shutdown; stop it with ``server.shutdown()`` as any pynetdicom server.
 
     Call it once the AE's supported contexts are final: later ``add_supported_context`` calls do not
     reach a running server (as with pynetdicom's own ``start_server``).
     """
-    server = ae.start_server(address, block=False, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                             contexts=shared_contexts(ae.supported_contexts))
-    assert server is not None  # block=False always returns the server
+    server = ae.make_server(address, contexts=shared_contexts(ae.supported_contexts),
+                            ssl_context=ssl_context, evt_handlers=evt_handlers,
+                            server_class=PromptAssociationServer)
+    # What start_server(block=False) does with its server: a daemon thread, and the AE's list of
+    # servers (AssociationServer.shutdown removes itself from it).
+    timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
+    threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{timestamp}",
+                     daemon=True).start()
+    ae._servers.append(server)
     return server

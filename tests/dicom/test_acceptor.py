@@ -4,6 +4,7 @@ negotiation still works on the shared contexts (pynetdicom 3.0.x, pinned like no
 from __future__ import annotations
 
 import copy
+import socket
 import threading
 import time
 from typing import Any
@@ -14,7 +15,13 @@ from pydicom.uid import ImplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from duo_gateway.dicom.acceptor import SharedContexts, shared_contexts, start_acceptor
+from duo_gateway.dicom.acceptor import (
+    SHUTDOWN_POLL_S,
+    PromptAssociationServer,
+    SharedContexts,
+    shared_contexts,
+    start_acceptor,
+)
 from duo_gateway.dicom.nodelay import UnsupportedPynetdicomError
 
 
@@ -81,6 +88,25 @@ def test_the_per_association_copy_is_cheap() -> None:
     per_copy = (time.process_time() - started) / 5
     # pynetdicom's own deepcopy of these ~7,700 UIDs measured 125 ms of CPU; the shallow copy ~1 ms.
     assert per_copy < 0.03, f"{per_copy * 1000:.1f} ms of CPU per association"
+
+
+def test_shutdown_is_prompt_and_complete() -> None:
+    ae = AE(ae_title="PROMPT_SCP")
+    ae.add_supported_context(Verification)
+    server = start_acceptor(ae, ("127.0.0.1", 0))
+    port = int(server.server_address[1])
+    assert isinstance(server, PromptAssociationServer) and server in ae._servers
+    deadline = time.monotonic() + 5
+    while server.poll_interval_s is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert server.poll_interval_s == SHUTDOWN_POLL_S, "the accept loop runs with socketserver's 0.5 s"
+    started = time.monotonic()
+    server.shutdown()
+    # pynetdicom's own loop makes this 0-0.5 s (0.25 s on average); a loaded machine still does ~0.1 s.
+    assert time.monotonic() - started < 0.4
+    assert server not in ae._servers
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        pass
 
 
 def test_refuses_an_unverified_pynetdicom(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -246,7 +246,7 @@ async def test_pacs_ignoring_the_patient_key_does_not_leak() -> None:
 
     ae = AE(ae_title=HOSPITAL.ae_title)
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    server = start_acceptor(ae, (HOST, 0), evt_handlers=[(evt.EVT_C_FIND, on_find)])
     assert isinstance(server, ThreadedAssociationServer)
     try:
         src = source(int(server.server_address[1]), Path("/nonexistent"))
@@ -282,7 +282,7 @@ def fake_pacs() -> Iterator[FakePacs]:
 
     ae = AE(ae_title=HOSPITAL.ae_title)
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    server = start_acceptor(ae, (HOST, 0), evt_handlers=[(evt.EVT_C_FIND, on_find)])
     assert isinstance(server, ThreadedAssociationServer)
     fake.port = int(server.server_address[1])
     try:
