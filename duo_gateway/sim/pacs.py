@@ -127,6 +127,13 @@ class _Entry:
     header: Dataset
     sop_class_uid: str
     transfer_syntax: str
+    #: (mtime_ns, size) of the file when it was read: a restart re-reads only files that changed.
+    stamp: tuple[int, int] | None = None
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
 
 
 class QueryError(Exception):
@@ -249,18 +256,27 @@ class SimPacs:
     def _add(self, path: Path, ds: Dataset) -> None:
         header = Dataset({e.tag: e for e in ds if e.tag < 0x7FE00010})
         header.file_meta = ds.file_meta
-        entry = _Entry(path, header, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        entry = _Entry(path, header, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID),
+                       _stamp(path))
         with self._lock:
             self._index[str(ds.SOPInstanceUID)] = entry
 
     def _scan(self) -> Iterator[tuple[str, _Entry]]:
+        """Every readable file in storage; one already indexed (preloaded, stored, or seen by an
+        earlier start) and unchanged since is not parsed again."""
+        known = {entry.path: (uid, entry) for uid, entry in self._index.items()}
         unreadable = 0
         for path in sorted(self.storage.rglob("*")):
             if not path.is_file() or path.name.startswith("."):
                 continue
             try:
+                stamp = _stamp(path)
+                uid, entry = known.get(path, ("", None))
+                if entry is not None and entry.stamp == stamp:
+                    yield uid, entry
+                    continue
                 ds = dcmread(path, stop_before_pixels=True)
-                entry = _Entry(path, ds, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+                entry = _Entry(path, ds, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID), stamp)
                 yield str(ds.SOPInstanceUID), entry
             except Exception:
                 unreadable += 1
@@ -450,7 +466,8 @@ class SimPacs:
         target_dir.mkdir(exist_ok=True)
         target = target_dir / f"{sop_uid}.dcm"
         os.replace(tmp, target)
-        entry = _Entry(target, header, str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID))
+        entry = _Entry(target, header, str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID),
+                       _stamp(target))
         with self._lock:
             self._index[sop_uid] = entry
         log.info("sim_pacs_stored", ae_title=self.ae_title, sop_instance_uid=sop_uid,
