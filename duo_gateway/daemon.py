@@ -25,9 +25,11 @@ from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.messages import Peer, application_activity
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.consent import ConsentGate
+from duo_gateway.dicom.acceptor import start_acceptor
 from duo_gateway.dicom.nodelay import install_tcp_nodelay
 from duo_gateway.dicom.qr import MoveRouter, receiving_contexts
 from duo_gateway.dicom.status import SUCCESS
+from duo_gateway.dicom.teardown import install_fast_teardown
 from duo_gateway.health import Probe, build_probes
 from duo_gateway.http.server import FrontDoor, build_app, build_ops_app
 from duo_gateway.http.slow import HeaderTimeoutSite
@@ -272,6 +274,7 @@ class Gateway:
         """
         listener = self.config.listeners.dicom
         install_tcp_nodelay(listener.tcp_nodelay)
+        install_fast_teardown()
         ae = AE(ae_title=listener.ae_title)
         ae.add_supported_context(Verification)
         for context in receiving_contexts():
@@ -279,9 +282,9 @@ class Gateway:
             ae.add_supported_context(context.abstract_syntax, context.transfer_syntax)
         ae.require_called_aet = True
         ssl_ctx = server_context(listener.tls) if listener.tls else None
-        self._dicom_server = ae.start_server((listener.host, listener.port), block=False, ssl_context=ssl_ctx,
-                                             evt_handlers=[(evt.EVT_C_ECHO, lambda _e: SUCCESS),
-                                                           *self.move_router.evt_handlers()])
+        self._dicom_server = start_acceptor(ae, (listener.host, listener.port), ssl_context=ssl_ctx,
+                                            evt_handlers=[(evt.EVT_C_ECHO, lambda _e: SUCCESS),
+                                                          *self.move_router.evt_handlers()])
 
     def _audit_activity(self, *, started: bool) -> None:
         self.auditor.record(application_activity(started=started, application=self.identity,

@@ -5,11 +5,18 @@ from pathlib import Path
 
 import pytest
 
+from duo_gateway.observability.logging import quiet_pynetdicom
 from tests.support.pki import Pki, make_pki
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 WSDL_DIR = SHARED / "ihe" / "wsdl"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """pynetdicom formats every PDU for DEBUG even when nothing writes it; like the daemon (through
+    configure_logging), the test process has it build only what its log level keeps."""
+    quiet_pynetdicom()
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from duo_gateway.dicom.nodelay import ensure_tcp_nodelay
+from duo_gateway.dicom.teardown import install_fast_teardown
+
 
 @dataclass(frozen=True)
 class EchoResult:
@@ -17,6 +20,8 @@ class EchoResult:
 
 def c_echo(calling_ae: str, host: str, port: int, called_ae: str, timeout_s: float,
            tls: ssl.SSLContext | None = None) -> EchoResult:
+    ensure_tcp_nodelay()
+    install_fast_teardown()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s

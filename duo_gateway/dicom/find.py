@@ -10,6 +10,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # t
 
 from duo_gateway.dicom.nodelay import ensure_tcp_nodelay
 from duo_gateway.dicom.status import SUCCESS, is_pending
+from duo_gateway.dicom.teardown import install_fast_teardown
 
 
 class FindError(RuntimeError):
@@ -19,6 +20,7 @@ class FindError(RuntimeError):
 def c_find(calling_ae: str, host: str, port: int, called_ae: str, query: Dataset,
            timeout_s: float, tls: ssl.SSLContext | None = None) -> list[Dataset]:
     ensure_tcp_nodelay()
+    install_fast_teardown()
     ae = AE(ae_title=calling_ae)
     for attr in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
         setattr(ae, attr, timeout_s)

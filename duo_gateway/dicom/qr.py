@@ -81,6 +81,7 @@ from duo_gateway.dicom.status import (
     is_warning,
 )
 from duo_gateway.dicom.syntaxes import PREFERRED, UNCOMPRESSED_LE, syntax_class
+from duo_gateway.dicom.teardown import install_fast_teardown
 from duo_gateway.failure import Failure, FailureKind
 
 log = structlog.get_logger(__name__)
@@ -678,6 +679,7 @@ class QrAssociation:
                     handlers: list[EventHandlerType], state: _AssocState,
                     dimse_timeout_s: float) -> QrAssociation:
         ensure_tcp_nodelay()
+        install_fast_teardown()
         ae = AE(ae_title=client.calling_ae)
         ae.acse_timeout = client.timeout_s
         ae.network_timeout = client.timeout_s

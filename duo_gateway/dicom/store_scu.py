@@ -103,6 +103,7 @@ from duo_gateway.dicom.status import (
     is_warning,
 )
 from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE, syntax_class
+from duo_gateway.dicom.teardown import install_fast_teardown
 from duo_gateway.dicom.transcode import TranscodeError
 from duo_gateway.failure import Failure, FailureKind
 from duo_gateway.tls import client_context
@@ -415,6 +416,7 @@ class StoreClient:
     def _open_sync(self, must: tuple[str, str]) -> _Conn | None:
         """Associate; None when the destination accepted the association but none of its contexts."""
         ensure_tcp_nodelay()
+        install_fast_teardown()
         _check_pynetdicom()
         if self._ae is None:
             ae = AE(ae_title=self.calling_ae)

@@ -79,6 +79,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from duo_gateway.dicom.acceptor import start_acceptor
 from duo_gateway.dicom.nodelay import ensure_tcp_nodelay
 from duo_gateway.dicom.status import (
     CANCEL,
@@ -90,6 +91,7 @@ from duo_gateway.dicom.status import (
     UNABLE_TO_PROCESS,
 )
 from duo_gateway.dicom.syntaxes import syntax_class
+from duo_gateway.dicom.teardown import install_fast_teardown
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.codecs import encoded, serving_syntax
 from duo_gateway.sim.config import SimHospital
@@ -133,6 +135,13 @@ class _Entry:
     header: Dataset
     sop_class_uid: str
     transfer_syntax: str
+    #: (mtime_ns, size) of the file when it was read: a restart re-reads only files that changed.
+    stamp: tuple[int, int] | None = None
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
 
 
 class QueryError(Exception):
@@ -172,6 +181,7 @@ class SimPacs:
     def start(self) -> None:
         """Index the storage folder and listen (unless the behaviour says down). Returns at once."""
         ensure_tcp_nodelay()  # on, unless the process (e.g. the daemon's config) already chose
+        install_fast_teardown()
         with self._lock:
             if self._started:
                 return
@@ -254,18 +264,27 @@ class SimPacs:
     def _add(self, path: Path, ds: Dataset) -> None:
         header = Dataset({e.tag: e for e in ds if e.tag < 0x7FE00010})
         header.file_meta = ds.file_meta
-        entry = _Entry(path, header, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        entry = _Entry(path, header, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID),
+                       _stamp(path))
         with self._lock:
             self._index[str(ds.SOPInstanceUID)] = entry
 
     def _scan(self) -> Iterator[tuple[str, _Entry]]:
+        """Every readable file in storage; one already indexed (preloaded, stored, or seen by an
+        earlier start) and unchanged since is not parsed again."""
+        known = {entry.path: (uid, entry) for uid, entry in self._index.items()}
         unreadable = 0
         for path in sorted(self.storage.rglob("*")):
             if not path.is_file() or path.name.startswith("."):
                 continue
             try:
+                stamp = _stamp(path)
+                uid, entry = known.get(path, ("", None))
+                if entry is not None and entry.stamp == stamp:
+                    yield uid, entry
+                    continue
                 ds = dcmread(path, stop_before_pixels=True)
-                entry = _Entry(path, ds, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+                entry = _Entry(path, ds, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID), stamp)
                 yield str(ds.SOPInstanceUID), entry
             except Exception:
                 unreadable += 1
@@ -300,9 +319,9 @@ class SimPacs:
 
     def _listen(self) -> None:
         assert self._ae is not None
-        server = self._ae.start_server(
+        server = start_acceptor(
+            self._ae,
             (self.host, self.port),
-            block=False,
             evt_handlers=[
                 (evt.EVT_C_FIND, self._on_find),
                 (evt.EVT_C_MOVE, self._on_move),
@@ -310,7 +329,6 @@ class SimPacs:
                 (evt.EVT_C_STORE, self._on_store),
             ],
         )
-        assert server is not None
         self._server = server
         self.port = int(server.server_address[1])
 
@@ -480,7 +498,8 @@ class SimPacs:
         target_dir.mkdir(exist_ok=True)
         target = target_dir / f"{sop_uid}.dcm"
         os.replace(tmp, target)
-        entry = _Entry(target, header, str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID))
+        entry = _Entry(target, header, str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID),
+                       _stamp(target))
         with self._lock:
             self._index[sop_uid] = entry
         log.info("sim_pacs_stored", ae_title=self.ae_title, sop_instance_uid=sop_uid,
@@ -498,6 +517,8 @@ class _Group:
     key: str
     entries: list[_Entry]
     representative: Dataset | None = None
+    #: :func:`_computed` for the group, kept from matching for the answer.
+    computed: dict[str, Any] | None = None
 
 
 def _level(identifier: Dataset, model: str) -> str:
@@ -527,6 +548,7 @@ def _matching_groups(entries: list[_Entry], identifier: Dataset, level: str) -> 
         for entry in group.entries:
             if all(_matches(elem, entry.header, computed) for elem in keys):
                 group.representative = entry.header
+                group.computed = computed
                 matched.append(group)
                 break
     # stable, reproducible answer order (oldest study first), whatever order files were indexed in
@@ -606,7 +628,7 @@ def _answer(identifier: Dataset, level: str, group: _Group, ae_title: str) -> Da
     unique key, which a requestor needs to retrieve what it found."""
     rep = group.representative
     assert rep is not None
-    computed = _computed(level, group.entries)
+    computed = dict(group.computed if group.computed is not None else _computed(level, group.entries))
     computed["RetrieveAETitle"] = ae_title
     out = Dataset()
     if "SpecificCharacterSet" in rep:
@@ -618,13 +640,25 @@ def _answer(identifier: Dataset, level: str, group: _Group, ae_title: str) -> Da
         if elem.keyword in computed:
             out.add_new(elem.tag, elem.VR, computed[elem.keyword])
         elif elem.tag in rep:
-            out[elem.tag] = copy.deepcopy(rep[elem.tag])
+            out[elem.tag] = _copy_element(rep[elem.tag])
         else:
             out.add_new(elem.tag, elem.VR, None)
     unique = UNIQUE_KEYS[level]
     if unique not in out:
         setattr(out, unique, rep.get(unique, ""))
     return out
+
+
+def _copy_element(elem: DataElement) -> DataElement:
+    """An answer's own copy of an indexed element, so editing an answer never edits the index.
+
+    Deep only where the value is mutable (sequences, multi-values): a plain value (str, number,
+    PersonName) is immutable and shared, which spares pydicom re-validating it in a deep copy, half
+    of what answering a C-FIND match cost the simulator.
+    """
+    if elem.VR == "SQ" or isinstance(elem.value, MultiValue | list):
+        return copy.deepcopy(elem)
+    return copy.copy(elem)
 
 
 def _contexts_for(entries: list[_Entry]) -> list[PresentationContext]:

@@ -24,6 +24,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.transport import ThreadedAssociationServer
 
+from duo_gateway.dicom.acceptor import start_acceptor
 from duo_gateway.dicom.qr import (
     MAX_CONTEXTS,
     AssociationFailed,
@@ -370,7 +371,7 @@ def move_scp() -> Iterator[tuple[MoveRouter, int]]:
     router = MoveRouter()
     ae = AE(ae_title=DUO_AE)
     ae.supported_contexts = receiving_contexts()
-    server = ae.start_server((HOST, 0), block=False, evt_handlers=router.evt_handlers())
+    server = start_acceptor(ae, (HOST, 0), evt_handlers=router.evt_handlers())
     assert isinstance(server, ThreadedAssociationServer)
     try:
         yield router, int(server.server_address[1])

@@ -26,6 +26,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[
 
 from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.daemon import free_port
+from duo_gateway.dicom.acceptor import start_acceptor
 from duo_gateway.dicom.store_scu import (
     StoreClient,
     StoreResult,
@@ -124,9 +125,8 @@ def pynetdicom_scp(handler: Callable[[Any], int] | None = None,
         with lock:
             scp.associations.append(1)
 
-    server = ae.start_server((HOST, 0), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ESTABLISHED, on_open)])
-    assert server is not None
+    server = start_acceptor(ae, (HOST, 0),
+                            evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ESTABLISHED, on_open)])
     scp.port = int(server.server_address[1])
     try:
         yield scp
@@ -389,8 +389,8 @@ async def test_tls_destination_with_client_certificate(tmp_path: Path) -> None:
 
     ae = AE(ae_title="DEST")
     ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
-    server = ae.start_server((HOST, 0), block=False, ssl_context=server_ctx,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = start_acceptor(ae, (HOST, 0), ssl_context=server_ctx,
+                            evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
         tls = ClientTls(ca_file=pki.ca_cert, cert_file=pki.client.cert, key_file=pki.client.key)
         dest = DestinationPacs(uras=OWN, name="tls", ae_title="DEST", host=HOST,

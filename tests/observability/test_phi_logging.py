@@ -15,6 +15,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from duo_gateway.config.runtime import LoggingConfig
+from duo_gateway.dicom.acceptor import start_acceptor
 from duo_gateway.observability.logging import configure_logging
 from duo_gateway.observability.phi import PhiScrubber
 
@@ -76,7 +77,7 @@ def test_real_pynetdicom_debug_dump_is_scrubbed(captured: io.StringIO) -> None:
 
     scp = AE(ae_title="PHI_SCP")
     scp.add_supported_context(PatientRootQueryRetrieveInformationModelFind)
-    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    server = start_acceptor(scp, ("127.0.0.1", 0), evt_handlers=[(evt.EVT_C_FIND, on_find)])
     try:
         port = server.server_address[1]
         scu = AE(ae_title="PHI_SCU")
@@ -124,3 +125,19 @@ def test_python_warnings_are_logged_scrubbed_not_printed(
     assert_no_phi(captured.getvalue())
     out = capsys.readouterr()
     assert_no_phi(out.err + out.out)
+
+
+def test_pynetdicom_builds_log_text_only_at_a_level_that_writes_it() -> None:
+    from pynetdicom import _config
+
+    try:
+        configure_logging(LoggingConfig(level="WARNING"))
+        assert (_config.LOG_HANDLER_LEVEL, _config.LOG_RESPONSE_IDENTIFIERS,
+                _config.LOG_REQUEST_IDENTIFIERS) == ("none", False, False)
+        configure_logging(LoggingConfig(level="WARNING", dicom_level="INFO"))
+        assert (_config.LOG_HANDLER_LEVEL, _config.LOG_RESPONSE_IDENTIFIERS) == ("standard", False)
+        configure_logging(LoggingConfig(level="WARNING", dicom_level="DEBUG"))
+        assert (_config.LOG_HANDLER_LEVEL, _config.LOG_RESPONSE_IDENTIFIERS,
+                _config.LOG_REQUEST_IDENTIFIERS) == ("standard", True, True)
+    finally:
+        configure_logging(LoggingConfig(level="WARNING"))

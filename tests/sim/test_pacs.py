@@ -19,7 +19,7 @@ from pynetdicom import _config
 
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import SimHospital, SimPatient, default_network
-from duo_gateway.sim.pacs import SimPacs
+from duo_gateway.sim.pacs import SimPacs, _answer, _matching_groups
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
 from tests.support.dcmtk import require_tool
 
@@ -296,3 +296,57 @@ def test_malformed_find_answers_lack_required_keys(small_pacs: SimPacs, tmp_path
     assert "StudyInstanceUID" not in answers[0]
     assert "QueryRetrieveLevel" not in answers[0]
     assert "StudyDate" in answers[0]
+
+
+def test_an_answer_is_a_copy_and_editing_it_leaves_the_index_alone(tmp_path: Path) -> None:
+    """Answers share the index's immutable values (cheap) but never its elements or sequences."""
+    pacs = SimPacs(HOSPITAL, tmp_path / "pacs")
+    pacs.preload(generate_studies(ANNA, HOSPITAL, 1, NET.seed, image_size=8))
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientName = ""
+    query.OtherPatientIDsSequence = []
+    query.ModalitiesInStudy = ""
+
+    def answer() -> Dataset:
+        [group] = _matching_groups(pacs._entries(), query, "STUDY")
+        return _answer(query, "STUDY", group, AET)
+
+    first = answer()
+    before = answer()
+    first.PatientName = "Edited^Name"
+    first.OtherPatientIDsSequence[0].PatientID = "000000000"
+    first.ModalitiesInStudy = ["XX"]
+    assert answer() == before
+    assert str(before.PatientName) == ANNA.name and before.OtherPatientIDsSequence[0].PatientID == ANNA.bsn
+
+
+def test_start_parses_only_files_it_has_not_seen_unchanged(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preloaded or stored files are indexed already; a restart re-reads new and changed ones only."""
+    import duo_gateway.sim.pacs as pacs_module
+
+    parsed: list[Path] = []
+    real = pacs_module.dcmread
+
+    def counting(path: Path, **kwargs: object) -> Dataset:
+        parsed.append(Path(path))
+        return real(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pacs_module, "dcmread", counting)
+    studies = generate_studies(ANNA, HOSPITAL, 2, NET.seed, image_size=8)
+    pacs = SimPacs(HOSPITAL, tmp_path / "pacs")
+    pacs.preload(studies[:1])
+    with pacs:
+        assert parsed == [] and pacs.instance_count() == len(studies[0].instances)
+    # another study written behind its back, and one indexed file rewritten with another description
+    added = write_study(studies[1], tmp_path / "pacs" / studies[1].study_instance_uid)
+    changed = pacs.instance_paths(studies[0].study_instance_uid)[0]
+    ds = real(changed)
+    ds.StudyDescription = "Herschreven"
+    ds.save_as(changed)
+    with pacs:
+        assert sorted(parsed) == sorted([*added, changed])
+        assert pacs.instance_count() == len(studies[0].instances) + len(studies[1].instances)
+        descriptions = {str(e.header.StudyDescription) for e in pacs._entries() if e.path == changed}
+        assert descriptions == {"Herschreven"}

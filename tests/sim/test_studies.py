@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import array
 import functools
+import math
+import random
+import sys
 from collections import Counter
 from datetime import date, timedelta
 from pathlib import Path
@@ -16,6 +20,7 @@ from duo_gateway.sim.studies import (
     REFERENCE_DATE,
     STUDY_WINDOW_DAYS,
     GeneratedStudy,
+    _pixels,
     generate_studies,
     write_study,
 )
@@ -43,12 +48,15 @@ def _all_uids(studies: list[GeneratedStudy]) -> list[str]:
 
 @functools.cache
 def _every_study() -> list[GeneratedStudy]:
-    """Six studies per patient per data holder of the demo network, generated once per session."""
+    """Six studies per patient per data holder of the demo network, generated once per session.
+
+    Its users check UIDs, counts, dates and modalities, none of which depends on the image size, so
+    the smallest images keep the pixel generation out of their time."""
     return [
         s
         for p in NET.patients
         for inst in [*NET.hospitals, *(i for c in NET.communities for i in c.institutions)]
-        for s in generate_studies(p, inst, 6, NET.seed)
+        for s in generate_studies(p, inst, 6, NET.seed, image_size=8)
     ]
 
 
@@ -189,6 +197,41 @@ def test_pixel_data_is_not_flat_and_differs_between_images() -> None:
     first = images[0].PixelData
     assert len(set(first[0::2])) > 20
     assert first != images[1].PixelData
+
+
+def _pixels_per_pixel(size: int, rng: random.Random) -> bytes:
+    """The per-pixel loop the simulator's pixel data was first defined by: the reference its
+    vectorised replacement must reproduce byte for byte, or every simulated study would change."""
+    cx = size / 2 + rng.uniform(-size / 10, size / 10)
+    cy = size / 2 + rng.uniform(-size / 10, size / 10)
+    radius = size * rng.uniform(0.30, 0.42)
+    inner = radius * rng.uniform(0.25, 0.45)
+    base = rng.randint(900, 1200)
+    noise = [rng.randint(0, 120) for _ in range(size * 7 + 13)]
+    values = array.array("H")
+    for y in range(size):
+        gradient_row = 200 * y // size
+        for x in range(size):
+            d = math.hypot(x - cx, y - cy)
+            if d < inner:
+                v = base + 900
+            elif d < radius:
+                v = base + 200 + int(300 * (1 - d / radius))
+            else:
+                v = gradient_row
+            v += noise[(x * 31 + y * 17) % len(noise)]
+            values.append(min(v, 4095))
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tobytes()
+
+
+@pytest.mark.parametrize("size", [8, 9, 31, 64, 129])
+def test_pixels_are_byte_identical_to_the_per_pixel_definition(size: int) -> None:
+    for seed in range(12):
+        rng_a, rng_b = random.Random(f"{seed}|{size}"), random.Random(f"{seed}|{size}")
+        assert _pixels(size, rng_a) == _pixels_per_pixel(size, rng_b), seed
+        assert rng_a.random() == rng_b.random(), "the same RNG draws, so later values stay the same"
 
 
 def test_rejects_nonsense_arguments() -> None:

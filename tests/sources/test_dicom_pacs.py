@@ -24,6 +24,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from duo_gateway.config.peers import TlbHospital
 from duo_gateway.consent import ConsentGate, Permit
+from duo_gateway.dicom.acceptor import start_acceptor
 from duo_gateway.dicom.qr import MoveRouter, receiving_contexts
 from duo_gateway.mitz.client import ConsentDecision
 from duo_gateway.mitz.xacml import ClosedQuestion
@@ -245,7 +246,7 @@ async def test_pacs_ignoring_the_patient_key_does_not_leak() -> None:
 
     ae = AE(ae_title=HOSPITAL.ae_title)
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    server = start_acceptor(ae, (HOST, 0), evt_handlers=[(evt.EVT_C_FIND, on_find)])
     assert isinstance(server, ThreadedAssociationServer)
     try:
         src = source(int(server.server_address[1]), Path("/nonexistent"))
@@ -281,7 +282,7 @@ def fake_pacs() -> Iterator[FakePacs]:
 
     ae = AE(ae_title=HOSPITAL.ae_title)
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    server = start_acceptor(ae, (HOST, 0), evt_handlers=[(evt.EVT_C_FIND, on_find)])
     assert isinstance(server, ThreadedAssociationServer)
     fake.port = int(server.server_address[1])
     try:
@@ -436,7 +437,7 @@ async def test_retrieve_by_c_move_to_own_scp(pacs: SimPacs, sim: Sim, tmp_path: 
     router = MoveRouter()
     ae = AE(ae_title=DUO_AE)
     ae.supported_contexts = receiving_contexts()
-    server = ae.start_server((HOST, 0), block=False, evt_handlers=router.evt_handlers())
+    server = start_acceptor(ae, (HOST, 0), evt_handlers=router.evt_handlers())
     assert isinstance(server, ThreadedAssociationServer)
     pacs.add_move_destination(DUO_AE, HOST, int(server.server_address[1]))
     try:

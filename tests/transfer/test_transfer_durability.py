@@ -374,6 +374,7 @@ def holding_pacs(hold_at: int) -> Iterator[tuple[int, threading.Event, threading
     with the instance in its spool, deterministically."""
     from pynetdicom import AE, evt
 
+    from duo_gateway.dicom.acceptor import start_acceptor
     from duo_gateway.dicom.qr import receiving_contexts
 
     holding, release = threading.Event(), threading.Event()
@@ -388,8 +389,7 @@ def holding_pacs(hold_at: int) -> Iterator[tuple[int, threading.Event, threading
 
     ae = AE(ae_title="HOLDING_PACS")
     ae.supported_contexts = receiving_contexts()
-    server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert server is not None
+    server = start_acceptor(ae, (HOST, 0), evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
         yield int(server.server_address[1]), holding, release
     finally:

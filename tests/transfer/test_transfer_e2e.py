@@ -21,6 +21,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from duo_gateway.audit.sink import parse_file_records
 from duo_gateway.audit.syslog import parse_message
+from duo_gateway.dicom.acceptor import start_acceptor
 from duo_gateway.dicom.qr import receiving_contexts
 from duo_gateway.sim.behaviour import Misbehaviour, MitzMisbehaviour
 from duo_gateway.sim.http import BEHAVIOUR_KEY
@@ -256,7 +257,7 @@ async def test_a_destination_refusing_some_instances_makes_a_partial_with_the_mi
     ae = AE(ae_title="PICKY_PACS")
     ae.supported_contexts = receiving_contexts()
     ae.add_supported_context(Verification)
-    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = start_acceptor(ae, ("127.0.0.1", 0), evt_handlers=[(evt.EVT_C_STORE, on_store)])
     picky = Orthanc("PICKY_PACS", "127.0.0.1", int(server.server_address[1]), 0)
     try:
         async with running(tmp_path, source, picky) as net:
