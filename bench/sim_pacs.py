@@ -6,12 +6,19 @@ storescp. The simulated PACS is a test peer, not the product; the ratio tells wh
 that push studies through it are bounded by it, and the TCP_NODELAY row shows the 40 ms Nagle stall
 that every DICOM socket of the project must avoid.
 
-Usage: python -m bench.sim_pacs [--count 200] [--size 128]
+Then C-FIND latency: DUO's Q/R client (``dicom/qr.py``, the path of every timeline and ITI-38) asks
+the simulated PACS for one patient's 50 studies, each time on a new association as the product does:
+p50/p90 of the whole find, of associating and releasing alone, and the CPU of both ends (one
+process) per find. Most of a find is CPU: pynetdicom encoding and decoding 50 identifiers under one
+GIL; the association itself was ~130 ms before the acceptor stopped deep-copying its contexts.
+
+Usage: python -m bench.sim_pacs [--count 200] [--size 128] [--finds 30]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import socket
@@ -21,11 +28,13 @@ import time
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from duo_gateway.config.runtime import LoggingConfig
 from duo_gateway.daemon import free_port
 from duo_gateway.dicom.nodelay import install_tcp_nodelay
+from duo_gateway.dicom.qr import QrClient
 from duo_gateway.observability.logging import configure_logging
 from duo_gateway.sim.config import SimHospital, SimInstitution, default_network
 from duo_gateway.sim.network import HOST
@@ -88,10 +97,60 @@ class StoreScp:
         self.proc.wait(10)
 
 
+async def _find_latency(port: int, ae_title: str, finds: int) -> dict[str, list[float]]:
+    client = QrClient("BENCH", HOST, port, ae_title, timeout_s=30)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientID = default_network().patients[0].bsn
+    query.StudyInstanceUID = ""
+    query.StudyDate = ""
+    query.ModalitiesInStudy = ""
+    times: dict[str, list[float]] = {"find": [], "cpu": [], "associate": [], "release": []}
+    for _ in range(finds):
+        started, cpu = time.perf_counter(), time.process_time()
+        matches = await client.find_all(query)
+        times["find"].append(time.perf_counter() - started)
+        times["cpu"].append(time.process_time() - cpu)
+        assert len(matches) == 50, f"{len(matches)} matches, not 50"
+    for _ in range(finds):
+        started = time.perf_counter()
+        async with client.associate():
+            associated = time.perf_counter()
+        times["associate"].append(associated - started)
+        times["release"].append(time.perf_counter() - associated)
+    return times
+
+
+def find_latency(work: Path, finds: int) -> None:
+    """One patient's 50 studies in a SimPacs, asked ``finds`` times through DUO's QrClient."""
+    net = default_network()
+    hospital = SimHospital(ura="00010001", name="Bench", ae_title="BENCH_PACS",
+                           repository_unique_id="2.16.528.1.1007.99.1.1")
+    pacs = SimPacs(hospital, work / "pacs-find")
+    pacs.preload(generate_studies(net.patients[0], SimInstitution(ura=hospital.ura, name=hospital.name),
+                                  50, net.seed, image_size=8))
+    pacs.start()
+    try:
+        times = asyncio.run(_find_latency(pacs.port, hospital.ae_title, finds))
+    finally:
+        pacs.stop()
+
+    def pct(values: list[float], p: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
+
+    print(f"\nC-FIND, 50 study matches, DUO's QrClient -> SimPacs, new association each ({finds} finds)")
+    print(f"{'':<28} {'p50 ms':>8} {'p90 ms':>8}")
+    for label, key in (("whole find", "find"), ("CPU per find (both ends)", "cpu"),
+                       ("associate", "associate"), ("release", "release")):
+        print(f"{label:<28} {pct(times[key], 0.5):8.1f} {pct(times[key], 0.9):8.1f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--finds", type=int, default=30)
     args = parser.parse_args()
     configure_logging(LoggingConfig(level="WARNING"))
     if shutil.which("storescu") is None:
@@ -142,6 +201,7 @@ def main() -> int:
         print(f"{'path':<56} {'seconds':>8} {'inst/s':>8} {'MB/s':>8} {'× baseline time':>16}")
         for label, secs in rows:
             print(f"{label:<56} {secs:8.2f} {args.count / secs:8.0f} {mb / secs:8.1f} {secs / base:16.1f}")
+        find_latency(work, args.finds)
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
