@@ -75,9 +75,6 @@ from typing import Literal
 import pynetdicom
 import structlog
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomFileLike
-from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
@@ -90,7 +87,6 @@ from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.dicom.decode_worker import DecodeWorker
 from duo_gateway.dicom.nodelay import SUPPORTED_PYNETDICOM, ensure_tcp_nodelay
 from duo_gateway.dicom.qr import MAX_CONTEXTS
-from duo_gateway.dicom.reconcile import PIXEL_TAGS, copy_range, read_part10_header, write_part10_header
 from duo_gateway.dicom.status import (
     OUT_OF_RESOURCES,
     SOP_CLASS_NOT_SUPPORTED,
@@ -104,7 +100,7 @@ from duo_gateway.dicom.status import (
 )
 from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE, syntax_class
 from duo_gateway.dicom.teardown import install_fast_teardown
-from duo_gateway.dicom.transcode import TranscodeError
+from duo_gateway.dicom.transcode import TranscodeError, transcode_uncompressed
 from duo_gateway.failure import Failure, FailureKind
 from duo_gateway.tls import client_context
 
@@ -657,65 +653,3 @@ def _write_pdu(sock: socket.socket, context_id: int, control: int, data: bytes |
     except (OSError, ValueError) as exc:
         # reset, broken pipe, or the socket closed under us by an abort (EBADF / fileno -1)
         raise _PeerGone(f"{type(exc).__name__}: {exc}") from None
-
-
-# -- streamed Explicit <-> Implicit VR Little Endian transcoding ------------------------------------
-
-_EXPLICIT_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                                b"UR", b"UT", b"UV"})
-
-
-def _pixel_vr(tag: int, bits_allocated: int | None) -> bytes:
-    if tag == 0x7FE00008:
-        return b"OF"
-    if tag == 0x7FE00009:
-        return b"OD"
-    return b"OW" if (bits_allocated or 16) > 8 else b"OB"
-
-
-def transcode_uncompressed(src: Path, dst: Path, target: UID) -> None:
-    """Rewrite an Explicit/Implicit VR Little Endian file as the other one, pixel data in chunks.
-
-    The header goes through pydicom (small); each pixel data element gets a new element header and
-    its value is copied as bytes (both syntaxes are little endian, so the value bytes are identical).
-    """
-    if target not in UNCOMPRESSED_LE:
-        raise ValueError(f"cannot transcode to {target.name}")
-    with open(src, "rb") as fin, open(dst, "wb") as out:
-        header = read_part10_header(fin)
-        if header.transfer_syntax not in UNCOMPRESSED_LE:
-            raise ValueError(f"cannot transcode from {header.transfer_syntax.name}")
-        src_implicit = header.transfer_syntax.is_implicit_VR
-        bits = header.dataset.get("BitsAllocated")
-        write_part10_header(out, header, header.dataset, target)
-        fp = DicomFileLike(out)
-        fp.is_implicit_VR = target.is_implicit_VR
-        fp.is_little_endian = True
-        while fin.tell() < header.size:
-            raw = fin.read(8)
-            if len(raw) < 8:
-                raise ValueError("truncated element header")
-            group, elem = struct.unpack("<HH", raw[:4])
-            tag = (group << 16) | elem
-            if src_implicit:
-                vr = _pixel_vr(tag, bits)
-                length = int(struct.unpack("<I", raw[4:8])[0])
-            else:
-                vr = raw[4:6]
-                if vr in _EXPLICIT_LONG_VRS:
-                    length = int(struct.unpack("<I", fin.read(4))[0])
-                else:
-                    length = int(struct.unpack("<H", raw[6:8])[0])
-            if tag not in PIXEL_TAGS or length == 0xFFFFFFFF:
-                raise ValueError(f"unexpected element ({group:04X},{elem:04X}) where pixel data was expected")
-            if target.is_implicit_VR:
-                out.write(struct.pack("<HHI", group, elem, length))
-            else:
-                out.write(struct.pack("<HH2sHI", group, elem, vr, 0, length))
-            copy_range(fin, out, length)
-            tail = read_dataset(fin, is_implicit_VR=src_implicit, is_little_endian=True,
-                                stop_when=lambda t, _vr, _len: int(t) in PIXEL_TAGS)
-            if len(tail):
-                tail.set_original_encoding(src_implicit, True)
-                write_dataset(fp, tail)
-

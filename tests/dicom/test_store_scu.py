@@ -32,8 +32,8 @@ from duo_gateway.dicom.store_scu import (
     StoreResult,
     StoreUnavailable,
     classify,
-    transcode_uncompressed,
 )
+from duo_gateway.dicom.transcode import transcode_uncompressed
 from tests.support.dicom_files import pixel_bytes, sample, write_large
 from tests.support.orthanc import run_orthanc
 from tests.support.storescp import run_storescp

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import shutil
+import struct
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,7 +35,7 @@ from typing import TypeVar
 
 import structlog
 from pydicom import dcmread
-from pydicom.uid import UID, ImplicitVRLittleEndian
+from pydicom.uid import UID
 
 from duo_gateway.access import Caller
 from duo_gateway.audit.auditor import Auditor
@@ -56,7 +57,7 @@ from duo_gateway.consent import ConsentGate, Permit, Refusal
 from duo_gateway.dicom.decode_worker import SharedDecodeWorker
 from duo_gateway.dicom.kos import encode_part10
 from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE, syntax_class
-from duo_gateway.dicom.transcode import TranscodeError
+from duo_gateway.dicom.transcode import TranscodeError, transcode_uncompressed
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sources.base import ImagingSource, SourceUnavailable
 from duo_gateway.xca.codes import (
@@ -1025,34 +1026,32 @@ def _encapsulated_document(part10: bytes) -> bytes:
 def _convert(path: Path, accepted: Sequence[str], decoder: SharedDecodeWorker) -> str | None:
     """Re-encode ``path`` in place in a requested uncompressed syntax; why not, or None when done.
 
-    Uncompressed data is re-encoded without touching pixel data; lossless data is decompressed in the
-    decoder helper; lossy data never is (decompressing would hide that it is lossy: dicom/syntaxes).
+    The relay's two conversions (dicom/transcode): uncompressed data is re-encoded with its pixel data
+    copied in chunks; lossless data is decompressed in the decoder helper; lossy data never is
+    (decompressing would hide that it is lossy: dicom/syntaxes).
     """
-    ds = dcmread(path, stop_before_pixels=True)
-    current = str(ds.file_meta.TransferSyntaxUID)
+    current = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
     target = next((ts for ts in accepted if ts in UNCOMPRESSED_LE), None)
     if target is None:
         return "no uncompressed syntax was requested"
     kind = syntax_class(current)
     if kind == "lossy":
         return "lossy data is not decompressed"
-    if kind == "uncompressed":
-        if current not in UNCOMPRESSED_LE:
-            return "DUO converts only between little-endian uncompressed syntaxes"
-        ds = dcmread(path)
-        ds.file_meta.TransferSyntaxUID = UID(target)
-        ds.save_as(
-            path, implicit_vr=target == ImplicitVRLittleEndian, little_endian=True, enforce_file_format=True
-        )
-        return None
-    tmp = path.with_name(f".decompress-{path.name}")
+    if kind == "uncompressed" and current not in UNCOMPRESSED_LE:
+        return "DUO converts only between little-endian uncompressed syntaxes"
+    tmp = path.with_name(f".convert-{path.name}")
     try:
-        decoder.decompress(path, tmp, target)
+        if kind == "uncompressed":
+            transcode_uncompressed(path, tmp, UID(target))
+        else:
+            decoder.decompress(path, tmp, target)
         tmp.replace(path)
     except TranscodeError as exc:
         return f"not decompressed: {exc.reason}"
+    except (ValueError, struct.error) as exc:
+        return f"not converted: {exc}"
     except OSError as exc:
-        return f"not decompressed: {type(exc).__name__}"
+        return f"not converted: {type(exc).__name__}"
     finally:
         tmp.unlink(missing_ok=True)
     return None
