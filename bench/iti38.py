@@ -1,11 +1,13 @@
-"""ITI-38 FindDocuments through DUO against the codec floor measured in the same run.
+"""ITI-38 FindDocuments through DUO against the codec floor and plain lxml, measured in the same run.
 
 Measured: an XDS community's FindDocuments for one patient, answered by DUO from two TLB hospitals
-(SimPacs, 50 studies each) after a Mitz closed question per hospital: requests/s and p50/p99 latency
-at 1 and 8 concurrent clients. DUO runs in its own process, Mitz and the PACSes in another, the
-client in this one. Every request carries a fresh signed XUA assertion; all are built before the
-clock starts (the signing time is printed, not counted), as a real initiating gateway signs on its
-own CPU.
+(50 studies each) after a Mitz closed question per hospital: requests/s, p50/p99 latency and DUO's
+CPU per request at 1 and 8 concurrent clients, once with the hospitals on SimPacs (pynetdicom, whose
+~400 ms C-FIND hides much of DUO's own cost) and once on Orthanc (C++, loaded with the same studies
+through storescu). DUO runs in its own process, Mitz (and SimPacs) in another, each Orthanc in its
+own, the client in this one. Every request carries a fresh signed XUA assertion; all are built before
+the clock starts (the signing time is printed, not counted), as a real initiating gateway signs on
+its own CPU.
 
 Floor: what no implementation of ITI-38 can skip, on this machine, with DUO's own codec and no I/O:
 parse the very same request bytes, validate the XUA assertion (signature included), parse the
@@ -13,10 +15,17 @@ AdhocQuery, map the 100 study records to DocumentEntries and build + serialize t
 DUO latency ÷ floor says how much of a request is waiting on peers and plumbing rather than on
 unavoidable CPU; /metrics deltas then say which peer (Mitz, C-FIND) the waiting is on.
 
-Correctness is checked on every answer (HTTP 200, Success, exactly one KOS entry per study) and one
-answer per run is compared entry by entry with the floor's, so a broken path cannot print a fast number.
+Plain lxml: the answer-building stage of the floor (DocumentEntries to the serialized envelope) beside
+the same answer built by plain lxml from the same entries, two ways (a SubElement tree, and an
+etree.XML text template), interleaved request by request; ``build_ms_per_entry`` ÷
+``lxml_ms_per_entry`` (the faster plain way) is the codec's overhead over lxml.
 
-Usage: python -m bench.iti38 [--requests 200] [--clients 1 8] [--studies 50] [--reports]
+Correctness is checked on every answer (HTTP 200, Success, exactly one KOS entry per study), one
+answer per network is compared entry by entry with the floor's, and the plain builds are compared with
+DUO's (c14n), so a broken path cannot print a fast number. The last line is ``RESULT {json}``.
+
+Usage: python -m bench.iti38 [--requests 50] [--clients 1 8] [--studies 50] [--pacs sim orthanc]
+       [--reports]
 """
 
 from __future__ import annotations
@@ -119,6 +128,15 @@ class Run:
     failures: tuple[int, str]
     where: dict[tuple[str, ...], tuple[float, float]]
     handler: dict[tuple[str, ...], tuple[float, float]]
+    #: CPU seconds (user + system, all threads) the DUO process and the peers process spent in the run
+    duo_cpu_s: float = 0.0
+    peers_cpu_s: float = 0.0
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def check(status: int, body: bytes, entries: int | None) -> None:
@@ -590,7 +608,7 @@ def report(args: argparse.Namespace, results: list[PacsRun], fl: Floor, signing:
             print(f"peers alone: DCMTK findscu, same study-level C-FIND to the {hospitals} {pacs} in "
                   f"parallel: {pr.pacs_s * 1e3:.0f} ms (median of 20, process start included)")
         print(f"{'clients':>7} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50÷floor':>10}"
-              f" {'req/s ÷ floor rate':>19}")
+              f" {'req/s ÷ floor rate':>19} {'DUO CPU ms/req':>15} {'DUO cores':>10}")
         per_clients: dict[str, Any] = {}
         for r in pr.runs:
             if r.failures[0]:
@@ -600,10 +618,17 @@ def report(args: argparse.Namespace, results: list[PacsRun], fl: Floor, signing:
                 continue
             rate = len(r.latencies) / r.wall_s
             p50, p99 = percentile(r.latencies, 50), percentile(r.latencies, 99)
+            duo_cpu = r.duo_cpu_s / len(r.latencies)
             print(f"{r.clients:>7} {len(r.latencies):>8} {rate:>8.1f} {p50 * 1e3:>8.1f} {p99 * 1e3:>8.1f}"
-                  f" {p50 / fl.per_request_s:>10.1f} {rate * fl.per_request_s:>19.2f}")
+                  f" {p50 / fl.per_request_s:>10.1f} {rate * fl.per_request_s:>19.2f}"
+                  f" {duo_cpu * 1e3:>15.0f} {r.duo_cpu_s / r.wall_s:>10.2f}")
             per_clients[str(r.clients)] = {"p50_ms": round(p50 * 1e3, 1), "p99_ms": round(p99 * 1e3, 1),
-                                           "req_s": round(rate, 2)}
+                                           "req_s": round(rate, 2),
+                                           "duo_cpu_ms_per_request": round(duo_cpu * 1e3),
+                                           "duo_cores": round(r.duo_cpu_s / r.wall_s, 2)}
+            if pr.pacs == "sim":
+                per_clients[str(r.clients)]["peers_cpu_ms_per_request"] = round(
+                    r.peers_cpu_s / len(r.latencies) * 1e3)
         if pr.pacs_s is not None and pr.runs and pr.runs[0].clients == 1 and not pr.runs[0].failures[0]:
             own = percentile(pr.runs[0].latencies, 50) - pr.pacs_s
             print(f"beyond the peers' study-level C-FIND at 1 client: p50 − peers alone = {own * 1e3:.0f} ms"
@@ -648,7 +673,8 @@ async def bench_pacs(args: argparse.Namespace, work: Path, pacs: str, pki: Pki,
                 "port": h["port"], "repository_unique_id": h["repository_unique_id"]}
                for h in pacs_list]
         raw = duo_config(work, tlb, info["mitz_url"], pki.ca_cert)
-        duo, ready = await asyncio.to_thread(start_duo, work, raw)
+        started_duo, ready = await asyncio.to_thread(start_duo, work, raw)
+        duo, duo_pid = started_duo, started_duo.pid
         base = ready["http_url"]
         config = parse_config(raw, base_dir=work, source="bench", env={})
         url = base + config.xca_responding.iti38_path
@@ -680,13 +706,16 @@ async def bench_pacs(args: argparse.Namespace, work: Path, pacs: str, pki: Pki,
             batch = prepared[offset:offset + args.requests]
             offset += args.requests
             before = parse_metrics(await scrape(base))
+            cpu_before = cpu_s(duo_pid), cpu_s(peers.pid)
             lat, wall, last, failures = await load(url, batch, clients, expected)
+            cpu_after = cpu_s(duo_pid), cpu_s(peers.pid)
             after = parse_metrics(await scrape(base))
             runs.append(Run(clients, lat, wall, last, failures,
                             histogram_deltas(before, after, "duo_peer_request_duration_seconds",
                                              ("peer", "operation")),
                             histogram_deltas(before, after, "duo_http_request_duration_seconds",
-                                             ("route", "method"))))
+                                             ("route", "method")),
+                            cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]))
         fl = None
         if want_floor:
             peer = config.clients.xca[0]
