@@ -1,11 +1,13 @@
-"""ITI-38 FindDocuments through DUO against the codec floor measured in the same run.
+"""ITI-38 FindDocuments through DUO against the codec floor and plain lxml, measured in the same run.
 
 Measured: an XDS community's FindDocuments for one patient, answered by DUO from two TLB hospitals
-(SimPacs, 50 studies each) after a Mitz closed question per hospital: requests/s and p50/p99 latency
-at 1 and 8 concurrent clients. DUO runs in its own process, Mitz and the PACSes in another, the
-client in this one. Every request carries a fresh signed XUA assertion; all are built before the
-clock starts (the signing time is printed, not counted), as a real initiating gateway signs on its
-own CPU.
+(50 studies each) after a Mitz closed question per hospital: requests/s, p50/p99 latency and DUO's
+CPU per request at 1 and 8 concurrent clients, once with the hospitals on SimPacs (pynetdicom, whose
+~400 ms C-FIND hides much of DUO's own cost) and once on Orthanc (C++, loaded with the same studies
+through storescu). DUO runs in its own process, Mitz (and SimPacs) in another, each Orthanc in its
+own, the client in this one. Every request carries a fresh signed XUA assertion; all are built before
+the clock starts (the signing time is printed, not counted), as a real initiating gateway signs on
+its own CPU.
 
 Floor: what no implementation of ITI-38 can skip, on this machine, with DUO's own codec and no I/O:
 parse the very same request bytes, validate the XUA assertion (signature included), parse the
@@ -13,10 +15,17 @@ AdhocQuery, map the 100 study records to DocumentEntries and build + serialize t
 DUO latency ÷ floor says how much of a request is waiting on peers and plumbing rather than on
 unavoidable CPU; /metrics deltas then say which peer (Mitz, C-FIND) the waiting is on.
 
-Correctness is checked on every answer (HTTP 200, Success, exactly one KOS entry per study) and one
-answer per run is compared entry by entry with the floor's, so a broken path cannot print a fast number.
+Plain lxml: the answer-building stage of the floor (DocumentEntries to the serialized envelope) beside
+the same answer built by plain lxml from the same entries, two ways (a SubElement tree, and an
+etree.XML text template), interleaved request by request; ``build_ms_per_entry`` ÷
+``lxml_ms_per_entry`` (the faster plain way) is the codec's overhead over lxml.
 
-Usage: python -m bench.iti38 [--requests 200] [--clients 1 8] [--studies 50] [--reports]
+Correctness is checked on every answer (HTTP 200, Success, exactly one KOS entry per study), one
+answer per network is compared entry by entry with the floor's, and the plain builds are compared with
+DUO's (c14n), so a broken path cannot print a fast number. The last line is ``RESULT {json}``.
+
+Usage: python -m bench.iti38 [--requests 50] [--clients 1 8] [--studies 50] [--pacs sim orthanc]
+       [--reports]
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -33,6 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape as xml_escape
 
 import aiohttp
 from lxml import etree
@@ -59,19 +70,37 @@ from duo_gateway.config.runtime import LoggingConfig
 from duo_gateway.observability.logging import configure_logging
 from duo_gateway.sim.config import SimHospital
 from duo_gateway.sim.network import DUO_HOME_COMMUNITY_ID, HOST
-from duo_gateway.sim.pki import make_pki
+from duo_gateway.sim.pki import Pki, make_pki
 from duo_gateway.sim.studies import write_study
-from duo_gateway.soap.envelope import Addressing, build_envelope, new_message_id, parse_envelope, serialize
+from duo_gateway.soap.envelope import (
+    SOAP12_NS,
+    WSA_NS,
+    Addressing,
+    new_message_id,
+    parse_envelope,
+    serialize_with,
+)
 from duo_gateway.soap.mtom import parse_mtom
+from duo_gateway.soap.xml import parse_xml
 from duo_gateway.sources.base import StudyRecord
-from duo_gateway.xca.codes import Action, ResponseStatus
+from duo_gateway.xca.codes import (
+    OBJECT_TYPE_CLASSIFICATION,
+    OBJECT_TYPE_EXTERNAL_IDENTIFIER,
+    QUERY_NS,
+    REFERENCE_ID_LIST_SLOT,
+    RS_NS,
+    Action,
+    ResponseStatus,
+    Scheme,
+)
 from duo_gateway.xca.ebrim import DocumentEntry
+from duo_gateway.xca.entry_ids import name_uuid
 from duo_gateway.xca.hl7 import Cx
 from duo_gateway.xca.metadata import study_entry
 from duo_gateway.xca.query import (
     AdhocQueryResponse,
+    adhoc_query_response_bytes,
     build_adhoc_query_request,
-    build_adhoc_query_response,
     find_documents,
     parse_adhoc_query_request,
     parse_adhoc_query_response,
@@ -99,6 +128,15 @@ class Run:
     failures: tuple[int, str]
     where: dict[tuple[str, ...], tuple[float, float]]
     handler: dict[tuple[str, ...], tuple[float, float]]
+    #: CPU seconds (user + system, all threads) the DUO process and the peers process spent in the run
+    duo_cpu_s: float = 0.0
+    peers_cpu_s: float = 0.0
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def check(status: int, body: bytes, entries: int | None) -> None:
@@ -234,17 +272,28 @@ class Floor:
     per_request_s: float
     stages_s: dict[str, float]
     body: bytes
+    entries: int
+    #: plain lxml building the same answer (median per request): "tree" and "template", see below
+    plain_s: dict[str, float]
 
 
 def floor(requests: Sequence[PreparedRequest], config: DuoConfig, trust: TrustStore, issuer: str,
           records: Sequence[tuple[Any, StudyRecord]]) -> Floor:
-    """DUO's codec alone on the same request bytes; median per request and per stage."""
+    """DUO's codec alone on the same request bytes; median per request and per stage.
+
+    Each request's answer is also built by plain lxml, both ways, right after DUO's (same entries,
+    same ids): interleaved, so machine noise falls on both alike. The first plain answers are checked
+    against DUO's (c14n), so the ratio is of two builds of one answer.
+    """
     bsn = consenting_patient(network()).bsn
     codes = {h.ura: h.document_codes for h in config.tlb_hospitals}
     limit = config.xca_responding.max_request_bytes
     stages: dict[str, list[float]] = {"parse": [], "xua": [], "query": [], "mapping": [], "answer": []}
+    plain: dict[str, list[float]] = {"tree": [], "template": []}
+    builders = {"tree": plain_tree_answer, "template": plain_template_answer}
     totals: list[float] = []
     body = b""
+    entries: list[DocumentEntry] = []
     for req in requests:
         t0 = time.perf_counter()
         root, _parts = parse_mtom(req.content_type, req.body, limit)
@@ -257,22 +306,234 @@ def floor(requests: Sequence[PreparedRequest], config: DuoConfig, trust: TrustSt
         query = parse_adhoc_query_request(env.body)
         assert query.single("$XDSDocumentEntryPatientId") is not None
         t3 = time.perf_counter()
-        entries: list[DocumentEntry] = [
+        entries = [
             study_entry(rec, bsn=bsn, hospital_ura=h.ura, hospital_name=h.name,
                         repository_unique_id=h.repository_unique_id, home=DUO_HOME_COMMUNITY_ID,
                         codes=codes[h.ura])
             for h, rec in records]
         t4 = time.perf_counter()
-        answer = build_envelope(
-            Addressing(action=Action.ITI38_RESPONSE, message_id=new_message_id(),
-                       relates_to=env.addressing.message_id),
-            build_adhoc_query_response(AdhocQueryResponse(ResponseStatus.SUCCESS, tuple(entries))))
-        body = serialize(answer)
+        message_id = new_message_id()
+        body = duo_answer(entries, message_id, env.addressing.message_id or "")
         t5 = time.perf_counter()
         for name, secs in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
             stages[name].append(secs)
         totals.append(t5 - t0)
-    return Floor(median(totals), {k: median(v) for k, v in stages.items()}, body)
+        for name, build in builders.items():
+            started = time.perf_counter()
+            other = build(entries, message_id, env.addressing.message_id or "")
+            plain[name].append(time.perf_counter() - started)
+            if len(plain[name]) == 1 and _c14n(other) != _c14n(body):
+                raise BrokenAnswer(f"plain lxml ({name}) did not build DUO's answer: no ratio to print")
+    return Floor(median(totals), {k: median(v) for k, v in stages.items()}, body, len(entries),
+                 {k: median(v) for k, v in plain.items()})
+
+
+def _c14n(body: bytes) -> bytes:
+    return etree.tostring(parse_xml(body, max_bytes=1 << 30), method="c14n", exclusive=True)
+
+
+def duo_answer(entries: Sequence[DocumentEntry], message_id: str, relates_to: str) -> bytes:
+    """DUO's ITI-38 Success envelope for ``entries``, made as the responding transport makes it."""
+    return serialize_with(
+        Addressing(action=Action.ITI38_RESPONSE, message_id=message_id, relates_to=relates_to),
+        adhoc_query_response_bytes(AdhocQueryResponse(ResponseStatus.SUCCESS, tuple(entries))))
+
+# -- plain lxml: the same answer without DUO's codec ----------------------------------------------
+#
+# What the fastest straightforward lxml code takes to build and serialize exactly DUO's answer from the
+# same DocumentEntries, two ways: a tree made element by element (Clark names computed once, attribute
+# dicts handed to SubElement, every element made in place, no checks), and a text template per
+# element filled with escaped values, parsed with etree.XML and serialized (the fastest of the two on
+# this machine). The child ids come from the same entry_ids.name_uuid as DUO's, so what is compared is
+# the building. tests/xca/test_plain_answer.py holds both to DUO's output (c14n- and byte-equal), so
+# the ratio stays honest.
+
+_S, _A = f"{{{SOAP12_NS}}}", f"{{{WSA_NS}}}"
+_P_ENVELOPE, _P_HEADER, _P_BODY = _S + "Envelope", _S + "Header", _S + "Body"
+_P_ACTION, _P_MESSAGE_ID, _P_RELATES_TO = _A + "Action", _A + "MessageID", _A + "RelatesTo"
+_P_MUST_UNDERSTAND = _S + "mustUnderstand"
+_P_RESPONSE = f"{{{QUERY_NS}}}AdhocQueryResponse"
+_R = f"{{{RIM}}}"
+(_P_ROL, _P_EO, _P_SLOT, _P_VALUE_LIST, _P_VALUE, _P_NAME, _P_LOCALIZED, _P_VERSION, _P_CLASSIFICATION,
+ _P_EXTERNAL) = (_R + n for n in ("RegistryObjectList", "ExtrinsicObject", "Slot", "ValueList", "Value",
+                                  "Name", "LocalizedString", "VersionInfo", "Classification",
+                                  "ExternalIdentifier"))
+
+
+def _plain_slot(parent: etree._Element, name: str, values: Sequence[str]) -> etree._Element:
+    vl = etree.SubElement(etree.SubElement(parent, _P_SLOT, name=name), _P_VALUE_LIST)
+    for v in values:
+        etree.SubElement(vl, _P_VALUE).text = v
+    return parent
+
+
+def _plain_name(parent: etree._Element, text: str) -> None:
+    etree.SubElement(etree.SubElement(parent, _P_NAME), _P_LOCALIZED, value=text)
+
+
+def plain_tree_answer(entries: Sequence[DocumentEntry], message_id: str, relates_to: str) -> bytes:
+    """The serialized ITI-38 Success envelope DUO sends for ``entries``, one SubElement per element."""
+    sub = etree.SubElement
+    env = etree.Element(_P_ENVELOPE, nsmap={"s": SOAP12_NS, "a": WSA_NS})
+    header = sub(env, _P_HEADER)
+    sub(header, _P_ACTION, {_P_MUST_UNDERSTAND: "1"}).text = Action.ITI38_RESPONSE
+    sub(header, _P_MESSAGE_ID).text = message_id
+    sub(header, _P_RELATES_TO).text = relates_to
+    resp = sub(sub(env, _P_BODY), _P_RESPONSE, {"status": ResponseStatus.SUCCESS.value},
+               nsmap={"query": QUERY_NS, "rim": RIM, "rs": RS_NS})
+    rol = sub(resp, _P_ROL)
+    for e in entries:
+        uid = e.entry_uuid
+        eo = sub(rol, _P_EO, {"id": uid, "lid": uid, "home": e.home or "", "objectType": e.object_type,
+                              "status": e.status, "mimeType": e.mime_type, "isOpaque": "false"})
+        for name, value in (("creationTime", e.creation_time), ("hash", e.hash),
+                            ("languageCode", e.language_code),
+                            ("repositoryUniqueId", e.repository_unique_id),
+                            ("serviceStartTime", e.service_start_time),
+                            ("serviceStopTime", e.service_stop_time),
+                            ("size", None if e.size is None else str(e.size)),
+                            ("sourcePatientId", e.source_patient_id or e.patient_id)):
+            if value:
+                _plain_slot(eo, name, (value,))
+        if e.reference_ids:
+            _plain_slot(eo, REFERENCE_ID_LIST_SLOT, e.reference_ids)
+        for name, values in e.extra_slots:
+            _plain_slot(eo, name, values)
+        if e.title:
+            _plain_name(eo, e.title)
+        sub(eo, _P_VERSION, versionName=e.version)
+        for i, author in enumerate(e.authors):
+            cl = sub(eo, _P_CLASSIFICATION, {
+                "id": name_uuid(uid, "author", str(i)), "objectType": OBJECT_TYPE_CLASSIFICATION,
+                "classificationScheme": Scheme.AUTHOR, "classifiedObject": uid, "nodeRepresentation": ""})
+            if author.person:
+                _plain_slot(cl, "authorPerson", (author.person,))
+            if author.institutions:
+                _plain_slot(cl, "authorInstitution", [str(x) for x in author.institutions])
+            if author.roles:
+                _plain_slot(cl, "authorRole", author.roles)
+            if author.specialties:
+                _plain_slot(cl, "authorSpecialty", author.specialties)
+        for scheme, role, codes in (
+                (Scheme.CLASS_CODE, "classCode", (e.class_code,)),
+                (Scheme.CONFIDENTIALITY_CODE, "confidentialityCode", e.confidentiality_codes),
+                (Scheme.EVENT_CODE_LIST, "eventCode", e.event_codes),
+                (Scheme.FORMAT_CODE, "formatCode", (e.format_code,)),
+                (Scheme.HEALTHCARE_FACILITY_TYPE_CODE, "facilityCode", (e.healthcare_facility_type_code,)),
+                (Scheme.PRACTICE_SETTING_CODE, "practiceCode", (e.practice_setting_code,)),
+                (Scheme.TYPE_CODE, "typeCode", (e.type_code,))):
+            for i, code in enumerate(codes):
+                if code is None:
+                    continue
+                cl = sub(eo, _P_CLASSIFICATION, {
+                    "id": name_uuid(uid, role, str(i)), "objectType": OBJECT_TYPE_CLASSIFICATION,
+                    "classificationScheme": scheme, "classifiedObject": uid,
+                    "nodeRepresentation": code.code})
+                _plain_slot(cl, "codingScheme", (code.scheme,))
+                _plain_name(cl, code.display or code.code)
+        for scheme, value, name in ((Scheme.PATIENT_ID, e.patient_id, "XDSDocumentEntry.patientId"),
+                                    (Scheme.UNIQUE_ID, e.unique_id, "XDSDocumentEntry.uniqueId")):
+            ei = sub(eo, _P_EXTERNAL, {
+                "id": name_uuid(uid, name, "0"), "objectType": OBJECT_TYPE_EXTERNAL_IDENTIFIER,
+                "registryObject": uid, "identificationScheme": scheme, "value": value})
+            _plain_name(ei, name)
+    return etree.tostring(env, xml_declaration=True, encoding="UTF-8")
+
+
+_ATTRIBUTE_ENTITIES = {'"': "&quot;", "\t": "&#9;", "\n": "&#10;", "\r": "&#13;"}
+_TEXT_ENTITIES = {"\r": "&#13;"}
+
+
+def _tpl_slot(out: list[str], name: str, values: Sequence[str]) -> None:
+    out.append(f'<rim:Slot name="{xml_escape(name, _ATTRIBUTE_ENTITIES)}"><rim:ValueList>')
+    out.extend(f"<rim:Value>{xml_escape(v, _TEXT_ENTITIES)}</rim:Value>" for v in values)
+    out.append("</rim:ValueList></rim:Slot>")
+
+
+def _tpl_name(out: list[str], text: str) -> None:
+    out.append(f'<rim:Name><rim:LocalizedString value="{xml_escape(text, _ATTRIBUTE_ENTITIES)}"/></rim:Name>')
+
+
+def plain_template_answer(entries: Sequence[DocumentEntry], message_id: str, relates_to: str) -> bytes:
+    """The same envelope as :func:`plain_tree_answer`: the response as text, etree.XML, one tostring."""
+    def a(value: str) -> str:
+        return xml_escape(value, _ATTRIBUTE_ENTITIES)
+
+    out = [f'<query:AdhocQueryResponse xmlns:query="{QUERY_NS}" xmlns:rim="{RIM}" xmlns:rs="{RS_NS}" '
+           f'status="{ResponseStatus.SUCCESS.value}"><rim:RegistryObjectList>']
+    for e in entries:
+        uid = a(e.entry_uuid)
+        out.append(f'<rim:ExtrinsicObject id="{uid}" lid="{uid}" home="{a(e.home or "")}" '
+                   f'objectType="{a(e.object_type)}" status="{a(e.status)}" mimeType="{a(e.mime_type)}" '
+                   'isOpaque="false">')
+        for name, value in (("creationTime", e.creation_time), ("hash", e.hash),
+                            ("languageCode", e.language_code),
+                            ("repositoryUniqueId", e.repository_unique_id),
+                            ("serviceStartTime", e.service_start_time),
+                            ("serviceStopTime", e.service_stop_time),
+                            ("size", None if e.size is None else str(e.size)),
+                            ("sourcePatientId", e.source_patient_id or e.patient_id)):
+            if value:
+                _tpl_slot(out, name, (value,))
+        if e.reference_ids:
+            _tpl_slot(out, REFERENCE_ID_LIST_SLOT, e.reference_ids)
+        for name, values in e.extra_slots:
+            _tpl_slot(out, name, values)
+        if e.title:
+            _tpl_name(out, e.title)
+        out.append(f'<rim:VersionInfo versionName="{a(e.version)}"/>')
+        for i, author in enumerate(e.authors):
+            out.append(f'<rim:Classification id="{name_uuid(e.entry_uuid, "author", str(i))}" '
+                       f'objectType="{OBJECT_TYPE_CLASSIFICATION}" '
+                       f'classificationScheme="{Scheme.AUTHOR.value}" classifiedObject="{uid}" '
+                       'nodeRepresentation="">')
+            if author.person:
+                _tpl_slot(out, "authorPerson", (author.person,))
+            if author.institutions:
+                _tpl_slot(out, "authorInstitution", [str(x) for x in author.institutions])
+            if author.roles:
+                _tpl_slot(out, "authorRole", author.roles)
+            if author.specialties:
+                _tpl_slot(out, "authorSpecialty", author.specialties)
+            out.append("</rim:Classification>")
+        for scheme, role, codes in (
+                (Scheme.CLASS_CODE, "classCode", (e.class_code,)),
+                (Scheme.CONFIDENTIALITY_CODE, "confidentialityCode", e.confidentiality_codes),
+                (Scheme.EVENT_CODE_LIST, "eventCode", e.event_codes),
+                (Scheme.FORMAT_CODE, "formatCode", (e.format_code,)),
+                (Scheme.HEALTHCARE_FACILITY_TYPE_CODE, "facilityCode", (e.healthcare_facility_type_code,)),
+                (Scheme.PRACTICE_SETTING_CODE, "practiceCode", (e.practice_setting_code,)),
+                (Scheme.TYPE_CODE, "typeCode", (e.type_code,))):
+            for i, code in enumerate(codes):
+                if code is None:
+                    continue
+                out.append(f'<rim:Classification id="{name_uuid(e.entry_uuid, role, str(i))}" '
+                           f'objectType="{OBJECT_TYPE_CLASSIFICATION}" classificationScheme="{scheme.value}" '
+                           f'classifiedObject="{uid}" nodeRepresentation="{a(code.code)}">')
+                _tpl_slot(out, "codingScheme", (code.scheme,))
+                _tpl_name(out, code.display or code.code)
+                out.append("</rim:Classification>")
+        for scheme, value, name in ((Scheme.PATIENT_ID, e.patient_id, "XDSDocumentEntry.patientId"),
+                                    (Scheme.UNIQUE_ID, e.unique_id, "XDSDocumentEntry.uniqueId")):
+            out.append(f'<rim:ExternalIdentifier id="{name_uuid(e.entry_uuid, name, "0")}" '
+                       f'objectType="{OBJECT_TYPE_EXTERNAL_IDENTIFIER}" registryObject="{uid}" '
+                       f'identificationScheme="{scheme.value}" value="{a(value)}">')
+            _tpl_name(out, name)
+            out.append("</rim:ExternalIdentifier>")
+        out.append("</rim:ExtrinsicObject>")
+    out.append("</rim:RegistryObjectList></query:AdhocQueryResponse>")
+    response = etree.XML("".join(out).encode(), _TEMPLATE_PARSER)
+    env = etree.Element(_P_ENVELOPE, nsmap={"s": SOAP12_NS, "a": WSA_NS})
+    header = etree.SubElement(env, _P_HEADER)
+    etree.SubElement(header, _P_ACTION, {_P_MUST_UNDERSTAND: "1"}).text = Action.ITI38_RESPONSE
+    etree.SubElement(header, _P_MESSAGE_ID).text = message_id
+    etree.SubElement(header, _P_RELATES_TO).text = relates_to
+    etree.SubElement(env, _P_BODY).append(response)
+    return etree.tostring(env, xml_declaration=True, encoding="UTF-8")
+
+
+#: Own text of any size: the limits of the hardened parser are for peer bytes.
+_TEMPLATE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=True)
 
 
 def entries_of(body: bytes) -> dict[str, bytes]:
@@ -294,11 +555,28 @@ def entries_of(body: bytes) -> dict[str, bytes]:
 # -- main -------------------------------------------------------------------------------------------
 
 
-def report(args: argparse.Namespace, runs: list[Run], fl: Floor, signing: tuple[int, float],
-           sizes: tuple[int, int], same: int, entries: int, hospitals: int, pacs_s: float | None) -> None:
+@dataclass
+class PacsRun:
+    """One network (Mitz, the hospitals on one kind of PACS, DUO) and what was measured against it."""
+
+    pacs: str
+    runs: list[Run]
+    #: DCMTK findscu's study-level C-FIND of every hospital in parallel (the peers' share), if DCMTK
+    pacs_s: float | None
+    #: DUO's answer byte size and how many of its entries equal the floor's (c14n)
+    size: int
+    same: int
+    entries: int
+
+
+_PACS_NAME = {"sim": "SimPacs", "orthanc": "Orthanc"}
+
+
+def report(args: argparse.Namespace, results: list[PacsRun], fl: Floor, signing: tuple[int, float],
+           hospitals: int) -> dict[str, Any]:
+    """Print the tables; return the RESULT line's content."""
     signed, secs = signing
-    pacs = "SimPacs" if args.pacs == "sim" else "Orthanc"
-    print(f"ITI-38 FindDocuments, 1 patient, {hospitals} TLB hospitals ({pacs}) × {args.studies} studies"
+    print(f"ITI-38 FindDocuments, 1 patient, {hospitals} TLB hospitals × {args.studies} studies"
           f"{' with reports' if args.reports else ''}, Mitz simulator (no consent cache); "
           "DUO, peers and client in 3 processes, loopback")
     print(f"XUA: {signed} requests signed up front in {secs:.2f} s ({secs / signed * 1e3:.1f} ms each, "
@@ -306,59 +584,97 @@ def report(args: argparse.Namespace, runs: list[Run], fl: Floor, signing: tuple[
     stage_txt = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in fl.stages_s.items())
     print(f"floor (DUO's codec only, no I/O, median of {args.requests}): {fl.per_request_s * 1e3:.2f} ms"
           f"/request = {1 / fl.per_request_s:.0f} req/s on one core  [{stage_txt} ms]")
-    print(f"answer: {entries} entries, {sizes[0] / 1e3:.0f} kB from DUO, {sizes[1] / 1e3:.0f} kB from the"
-          f" floor; {same}/{entries} entries byte-identical (c14n)")
-    if pacs_s is not None:
-        print(f"peers alone: DCMTK findscu, same study-level C-FIND to the {hospitals} {pacs} in parallel: "
-              f"{pacs_s * 1e3:.0f} ms (median of 20, process start included)")
-    print(f"{'clients':>7} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50÷floor':>10}"
-          f" {'req/s ÷ floor rate':>19}")
-    for r in runs:
-        if r.failures[0]:
-            print(f"{r.clients:>7} {len(r.latencies):>8}  FAILED: {r.failures[0]} answers not a full "
-                  f"Success, e.g. {r.failures[1][:300]}")
-            continue
-        rate = len(r.latencies) / r.wall_s
-        p50, p99 = percentile(r.latencies, 50), percentile(r.latencies, 99)
-        print(f"{r.clients:>7} {len(r.latencies):>8} {rate:>8.1f} {p50 * 1e3:>8.1f} {p99 * 1e3:>8.1f}"
-              f" {p50 / fl.per_request_s:>10.1f} {rate * fl.per_request_s:>19.2f}")
-    if pacs_s is not None and runs and runs[0].clients == 1 and not runs[0].failures[0]:
-        own = percentile(runs[0].latencies, 50) - pacs_s
-        print(f"beyond the peers' study-level C-FIND at 1 client: p50 − peers alone = {own * 1e3:.0f} ms = "
-              f"{own / fl.per_request_s:.1f}× the floor (DUO's work plus any further PACS queries it makes)")
-    print("where DUO's time goes (server-side means from its /metrics; hospitals are asked in parallel):")
-    for r in runs:
-        n = len(r.latencies)
-        parts = []
-        for (route, _m), (count, total) in sorted(r.handler.items()):
-            if "iti38" in route:
-                parts.append(f"handler {total / count * 1e3:.1f} ms")
-        for (peer, op), (count, total) in sorted(r.where.items()):
-            parts.append(f"{peer} {op} {count / n:.1f}×{total / count * 1e3:.1f} ms")
-        print(f"  {r.clients} client(s): " + "; ".join(parts))
+    n = fl.entries
+    build = fl.stages_s["answer"] / n
+    lxml_best = min(fl.plain_s.values()) / n
+    entry_bytes = len(fl.body) / n
+    print(f"answer building, {n} entries of {entry_bytes / 1e3:.1f} kB (envelope included, serialized): "
+          f"DUO {build * 1e3:.3f} ms/entry; plain lxml, same answer, same run: "
+          + ", ".join(f"{k} {v / n * 1e3:.3f}" for k, v in fl.plain_s.items())
+          + f" ms/entry; DUO ÷ fastest plain lxml = {build / lxml_best:.2f}")
+    result: dict[str, Any] = {
+        "build_ms_per_entry": round(build * 1e3, 4), "lxml_ms_per_entry": round(lxml_best * 1e3, 4),
+        "build_ratio_lxml": round(build / lxml_best, 3),
+        "lxml_ms_per_entry_by_way": {k: round(v / n * 1e3, 4) for k, v in fl.plain_s.items()},
+        "mapping_ms_per_entry": round(fl.stages_s["mapping"] / n * 1e3, 4),
+        "floor_ms": round(fl.per_request_s * 1e3, 3), "entries": n, "entry_bytes": round(entry_bytes),
+        "pacs": {},
+    }
+    for pr in results:
+        pacs = _PACS_NAME[pr.pacs]
+        print(f"-- {pacs}: answer {pr.entries} entries, {pr.size / 1e3:.0f} kB from DUO; "
+              f"{pr.same}/{pr.entries} entries byte-identical to the floor's (c14n)")
+        if pr.pacs_s is not None:
+            print(f"peers alone: DCMTK findscu, same study-level C-FIND to the {hospitals} {pacs} in "
+                  f"parallel: {pr.pacs_s * 1e3:.0f} ms (median of 20, process start included)")
+        print(f"{'clients':>7} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50÷floor':>10}"
+              f" {'req/s ÷ floor rate':>19} {'DUO CPU ms/req':>15} {'DUO cores':>10}")
+        per_clients: dict[str, Any] = {}
+        for r in pr.runs:
+            if r.failures[0]:
+                print(f"{r.clients:>7} {len(r.latencies):>8}  FAILED: {r.failures[0]} answers not a full "
+                      f"Success, e.g. {r.failures[1][:300]}")
+                per_clients[str(r.clients)] = {"failed": r.failures[0], "requests": len(r.latencies)}
+                continue
+            rate = len(r.latencies) / r.wall_s
+            p50, p99 = percentile(r.latencies, 50), percentile(r.latencies, 99)
+            duo_cpu = r.duo_cpu_s / len(r.latencies)
+            print(f"{r.clients:>7} {len(r.latencies):>8} {rate:>8.1f} {p50 * 1e3:>8.1f} {p99 * 1e3:>8.1f}"
+                  f" {p50 / fl.per_request_s:>10.1f} {rate * fl.per_request_s:>19.2f}"
+                  f" {duo_cpu * 1e3:>15.0f} {r.duo_cpu_s / r.wall_s:>10.2f}")
+            per_clients[str(r.clients)] = {"p50_ms": round(p50 * 1e3, 1), "p99_ms": round(p99 * 1e3, 1),
+                                           "req_s": round(rate, 2),
+                                           "duo_cpu_ms_per_request": round(duo_cpu * 1e3),
+                                           "duo_cores": round(r.duo_cpu_s / r.wall_s, 2)}
+            if pr.pacs == "sim":
+                per_clients[str(r.clients)]["peers_cpu_ms_per_request"] = round(
+                    r.peers_cpu_s / len(r.latencies) * 1e3)
+        if pr.pacs_s is not None and pr.runs and pr.runs[0].clients == 1 and not pr.runs[0].failures[0]:
+            own = percentile(pr.runs[0].latencies, 50) - pr.pacs_s
+            print(f"beyond the peers' study-level C-FIND at 1 client: p50 − peers alone = {own * 1e3:.0f} ms"
+                  f" = {own / fl.per_request_s:.1f}× the floor (DUO's work plus any further PACS queries)")
+        print("where DUO's time goes (server-side means from its /metrics; hospitals are asked in parallel):")
+        for r in pr.runs:
+            count_requests = len(r.latencies)
+            parts = []
+            for (route, _m), (count, total) in sorted(r.handler.items()):
+                if "iti38" in route:
+                    parts.append(f"handler {total / count * 1e3:.1f} ms")
+            for (peer, op), (count, total) in sorted(r.where.items()):
+                parts.append(f"{peer} {op} {count / count_requests:.1f}×{total / count * 1e3:.1f} ms")
+            print(f"  {r.clients} client(s): " + "; ".join(parts))
+        result["pacs"][pr.pacs] = {
+            "clients": per_clients,
+            "findscu_ms": None if pr.pacs_s is None else round(pr.pacs_s * 1e3, 1)}
+    return result
 
 
-async def amain(args: argparse.Namespace, work: Path) -> int:
+async def bench_pacs(args: argparse.Namespace, work: Path, pacs: str, pki: Pki,
+                     records: Sequence[tuple[Any, StudyRecord]], want_floor: bool
+                     ) -> tuple[PacsRun, Floor | None, tuple[int, float]]:
+    """Start Mitz, the hospitals on ``pacs`` and DUO; load them; measure the floor too if asked."""
     net = network()
     hospitals = net.hospitals[: args.hospitals]
-    sim_hospitals = 0 if args.pacs == "orthanc" else args.hospitals
+    sim_hospitals = 0 if pacs == "orthanc" else args.hospitals
+    work = work / pacs
+    work.mkdir()
     peers = Child("bench._peers", ["--workdir", str(work / "peers"), "--hospitals", str(sim_hospitals),
                                    "--studies", str(args.studies), "--image-size", str(args.image_size),
                                    *(["--reports"] if args.reports else [])], work, "peers")
     duo: Child | None = None
     orthancs = contextlib.ExitStack()
     try:
-        pki = make_pki(work / "pki", key_type="rsa")
-        if args.pacs == "orthanc":
+        if pacs == "orthanc":
             pacs_list = await asyncio.to_thread(start_orthancs, orthancs, work, hospitals, args)
         info = await asyncio.to_thread(peers.wait_ready)
-        if args.pacs != "orthanc":
+        if pacs != "orthanc":
             pacs_list = info["hospitals"]
         tlb = [{"ura": h["ura"], "name": h["name"], "ae_title": h["ae_title"], "host": HOST,
                 "port": h["port"], "repository_unique_id": h["repository_unique_id"]}
                for h in pacs_list]
         raw = duo_config(work, tlb, info["mitz_url"], pki.ca_cert)
-        duo, ready = await asyncio.to_thread(start_duo, work, raw)
+        started_duo, ready = await asyncio.to_thread(start_duo, work, raw)
+        duo, duo_pid = started_duo, started_duo.pid
         base = ready["http_url"]
         config = parse_config(raw, base_dir=work, source="bench", env={})
         url = base + config.xca_responding.iti38_path
@@ -371,7 +687,6 @@ async def amain(args: argparse.Namespace, work: Path) -> int:
         prepared = [caller.request(url, Action.ITI38, query) for _ in range(total)]
         signing = (total, time.perf_counter() - started)
 
-        records = study_records(hospitals, args.studies, args.image_size, args.reports)
         expected = len(records)
         if args.reports:
             # One KOS per study plus one entry per report: learn the count from a first answer.
@@ -382,7 +697,7 @@ async def amain(args: argparse.Namespace, work: Path) -> int:
                 raise BrokenAnswer(f"with reports expected more than {len(records)} entries, got {expected}")
         _lat, _wall, _last, (failed, reason) = await load(url, prepared[:WARMUP], 1, expected)
         if failed:
-            raise BrokenAnswer(f"warm-up: {failed}/{WARMUP} wrong answers: {reason}")
+            raise BrokenAnswer(f"{pacs} warm-up: {failed}/{WARMUP} wrong answers: {reason}")
         pacs_s = await asyncio.to_thread(findscu_baseline, pacs_list, bsn, args.studies, 20)
 
         runs: list[Run] = []
@@ -391,31 +706,57 @@ async def amain(args: argparse.Namespace, work: Path) -> int:
             batch = prepared[offset:offset + args.requests]
             offset += args.requests
             before = parse_metrics(await scrape(base))
+            cpu_before = cpu_s(duo_pid), cpu_s(peers.pid)
             lat, wall, last, failures = await load(url, batch, clients, expected)
+            cpu_after = cpu_s(duo_pid), cpu_s(peers.pid)
             after = parse_metrics(await scrape(base))
             runs.append(Run(clients, lat, wall, last, failures,
                             histogram_deltas(before, after, "duo_peer_request_duration_seconds",
                                              ("peer", "operation")),
                             histogram_deltas(before, after, "duo_http_request_duration_seconds",
-                                             ("route", "method"))))
-
-        peer = config.clients.xca[0]
-        fl = floor(prepared[WARMUP:WARMUP + args.requests], config, peer_trust(peer), peer.issuer, records)
+                                             ("route", "method")),
+                            cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]))
+        fl = None
+        if want_floor:
+            peer = config.clients.xca[0]
+            fl = floor(prepared[WARMUP:WARMUP + args.requests], config, peer_trust(peer), peer.issuer,
+                       records)
         good = [r for r in runs if r.last_body]
         if not good:
-            raise BrokenAnswer(f"no correct answer in any run: {runs[0].failures[1]}")
-        duo_entries, floor_entries = entries_of(good[-1].last_body), entries_of(fl.body)
-        if not args.reports and set(duo_entries) != set(floor_entries):
-            raise BrokenAnswer("DUO's answer and the floor's name different documents")
-        same = sum(1 for k, v in floor_entries.items() if duo_entries.get(k) == v)
-        report(args, runs, fl, signing, (len(good[-1].last_body), len(fl.body)), same,
-               len(duo_entries), len(hospitals), pacs_s)
-        return 1 if any(r.failures[0] for r in runs) else 0
+            raise BrokenAnswer(f"{pacs}: no correct answer in any run: {runs[0].failures[1]}")
+        duo_entries = entries_of(good[-1].last_body)
+        return (PacsRun(pacs, runs, pacs_s, len(good[-1].last_body), 0, len(duo_entries)), fl, signing)
     finally:
         if duo is not None:
             await asyncio.to_thread(duo.stop)
         await asyncio.to_thread(peers.stop)
         await asyncio.to_thread(orthancs.close)
+
+
+async def amain(args: argparse.Namespace, work: Path) -> int:
+    net = network()
+    hospitals = net.hospitals[: args.hospitals]
+    pki = make_pki(work / "pki", key_type="rsa")
+    records = study_records(hospitals, args.studies, args.image_size, args.reports)
+    results: list[PacsRun] = []
+    fl: Floor | None = None
+    signing = (0, 0.0)
+    bodies: dict[str, bytes] = {}
+    for pacs in args.pacs:
+        pr, got_floor, signing = await bench_pacs(args, work, pacs, pki, records, fl is None)
+        fl = fl or got_floor
+        results.append(pr)
+        bodies[pacs] = next(r.last_body for r in reversed(pr.runs) if r.last_body)
+    assert fl is not None
+    floor_entries = entries_of(fl.body)
+    for pr in results:
+        duo_entries = entries_of(bodies[pr.pacs])
+        if not args.reports and set(duo_entries) != set(floor_entries):
+            raise BrokenAnswer(f"DUO's answer ({pr.pacs}) and the floor's name different documents")
+        pr.same = sum(1 for k, v in floor_entries.items() if duo_entries.get(k) == v)
+    result = report(args, results, fl, signing, len(hospitals))
+    print("RESULT " + json.dumps(result, sort_keys=True))
+    return 1 if any(r.failures[0] for pr in results for r in pr.runs) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -425,8 +766,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hospitals", type=int, default=2, choices=[1, 2])
     parser.add_argument("--studies", type=int, default=50, help="studies per hospital")
     parser.add_argument("--image-size", type=int, default=8)
-    parser.add_argument("--pacs", choices=["sim", "orthanc"], default="sim",
-                        help="the hospitals' PACS: SimPacs (pynetdicom, one peers process) or Orthanc")
+    parser.add_argument("--pacs", choices=["sim", "orthanc"], nargs="+", default=["sim", "orthanc"],
+                        help="the hospitals' PACS, one network after the other: SimPacs (pynetdicom, one "
+                             "peers process) and/or Orthanc (C++, one process per hospital)")
     parser.add_argument("--reports", action="store_true",
                         help="keep the report (SR) of every other study: DUO then walks those studies too")
     args = parser.parse_args(argv)

@@ -35,6 +35,7 @@ from duo_gateway.soap.envelope import (
     new_message_id,
     parse_envelope,
     serialize,
+    serialize_with,
 )
 from duo_gateway.soap.mtom import XOP_NS, Attachment, build_mtom, normalise_cid, parse_mtom
 from duo_gateway.soap.xml import INLINE_PARSE_BYTES, XmlError
@@ -42,7 +43,7 @@ from duo_gateway.xca.codes import Action, ResponseStatus
 from duo_gateway.xca.errors import RegistryErrorException
 from duo_gateway.xca.query import (
     AdhocQueryResponse,
-    build_adhoc_query_response,
+    adhoc_query_response_bytes,
     parse_adhoc_query_request,
 )
 from duo_gateway.xca.responding.replay import ReplayGuard, ReplayStoreFull, replay_guard, replay_key
@@ -223,7 +224,9 @@ class XcaRespondingDoor:
             resp = AdhocQueryResponse(ResponseStatus.FAILURE, (), exc.errors)
         else:
             resp = await self._service.query(req, ctx)
-        return _soap_response(build_adhoc_query_response(resp), route.response_action, env)
+        # Written as bytes and spliced into the envelope: no tree of the entries is built (xca.ebrim).
+        body = serialize_with(_addressing(route.response_action, env), adhoc_query_response_bytes(resp))
+        return web.Response(body=body, headers={"Content-Type": _content_type(route.response_action)})
 
     async def _iti39(
         self,
@@ -281,16 +284,12 @@ def _content_type(action: str) -> str:
     return f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{action}"'
 
 
+def _addressing(action: str, env: Envelope) -> Addressing:
+    return Addressing(action=action, message_id=new_message_id(), relates_to=env.addressing.message_id)
+
+
 def _answer(body: etree._Element, action: str, env: Envelope) -> etree._Element:
-    return build_envelope(
-        Addressing(action=action, message_id=new_message_id(), relates_to=env.addressing.message_id), body
-    )
-
-
-def _soap_response(body: etree._Element, action: str, env: Envelope) -> web.Response:
-    return web.Response(
-        body=serialize(_answer(body, action, env)), headers={"Content-Type": _content_type(action)}
-    )
+    return build_envelope(_addressing(action, env), body)
 
 
 async def _mtom_response(
