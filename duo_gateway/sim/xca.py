@@ -337,9 +337,13 @@ class XcaCommunitySimulator:
         response = web.StreamResponse(status=200, headers={"Content-Type": content_type})
         response.content_length = body.content_length
         await response.prepare(request)
-        for chunk in body:
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            for chunk in body:
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            # The gateway stopped reading, e.g. at its size limit: its business, not an error here.
+            log.info("xca_sim_answer_abandoned", community=self.home, path=request.path)
         return response
 
     # --- ITI-38 ---
