@@ -305,9 +305,12 @@ def test_parse_kos_refuses_a_truncated_manifest(cut: float) -> None:
 
 
 def test_parse_kos_refuses_nesting_beyond_reason_and_a_deflate_bomb() -> None:
-    nested = b"\x40\x00\x75\xa3" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff\x08\x00\x15\x11" * 40  # implicit LE
-    with pytest.raises(KosError, match="readable"):
-        parse_kos(nested)
+    # Implicit VR LE: the evidence, then sequences in items 40 deep, all of undefined length.
+    undefined = b"\xff\xff\xff\xff"
+    nested = (b"\x40\x00\x75\xa3" + undefined
+              + (b"\xfe\xff\x00\xe0" + undefined + b"\x08\x00\x15\x11" + undefined) * 40)
+    with pytest.raises(KosError, match="nested too deep"):
+        parse_kos(nested + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00" * 80)
     ds = build_kos(REFS, STUDY, PATIENT)
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
     data = encode_part10(ds)
