@@ -565,24 +565,28 @@ def _read_series(walker: _Walker, start: int, end: int | None, merged: _Merged) 
     ae_title: str | None = None
     instances: dict[str, str] = {}
 
+    #: The elements of the reference being read, and the first location and AE title met on one.
+    found: dict[int, str | None] = {}
+    sop_location: str | None = None
+    sop_ae: str | None = None
+    reader = walker
+
+    def visit_sop(header: _Header) -> None:
+        if header[0] in _SOP_TAGS:
+            found[header[0]] = reader.text(header[2], header[3])
+
     def sop(item: _Walker, item_start: int, item_end: int | None) -> int:
-        nonlocal location, ae_title
-        found: dict[int, str | None] = {}
-
-        def visit(header: _Header) -> None:
-            tag, _, pos, length = header
-            if tag in _SOP_TAGS:
-                found[tag] = item.text(pos, length)
-
-        after = item.dataset(item_start, item_end, 4, visit)
+        nonlocal reader, sop_location, sop_ae
+        found.clear()
+        reader = item
+        after = item.dataset(item_start, item_end, 4, visit_sop)
         sop_class, instance = found.get(_REFERENCED_SOP_CLASS), found.get(_REFERENCED_SOP_INSTANCE)
         if sop_class is None or instance is None:
             raise KosError(f"series {series_uid or '?'}: a reference without SOP Class/Instance UID")
         instances.setdefault(instance, sop_class)
-        sop_locations.append((found.get(_RETRIEVE_LOCATION), found.get(_RETRIEVE_AE_TITLE)))
+        sop_location = sop_location or found.get(_RETRIEVE_LOCATION)
+        sop_ae = sop_ae or found.get(_RETRIEVE_AE_TITLE)
         return after
-
-    sop_locations: list[tuple[str | None, str | None]] = []
 
     def visit(header: _Header) -> int | None:
         nonlocal series_uid, location, ae_title
@@ -601,8 +605,8 @@ def _read_series(walker: _Walker, start: int, end: int | None, merged: _Merged) 
     if series_uid is None:
         raise KosError("referenced series without SeriesInstanceUID")
     # The series item's own location and AE title first, else the first instance item's.
-    location = location or next((loc for loc, _ in sop_locations if loc), None)
-    ae_title = ae_title or next((ae for _, ae in sop_locations if ae), None)
+    location = location or sop_location
+    ae_title = ae_title or sop_ae
     known_location, known_ae, known = merged.get(series_uid, (None, None, {}))
     for instance, sop_class in instances.items():
         known.setdefault(instance, sop_class)
