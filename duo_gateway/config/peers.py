@@ -80,7 +80,8 @@ class XcaCommunity(StrictModel):
     #: Timelines: the largest ITI-38 answer DUO reads (HTTP body; reading stops here). An answer is
     #: metadata only, ~7 kB an entry, so the default takes a patient of ~7,000 entries in one LeafClass
     #: answer (issue 14 measured 5,000 entries at 34 MB); over it DUO asks again by reference, in
-    #: batches. Decoding costs ~0.5 ms and a few kB of memory per entry, in a worker thread.
+    #: batches. Decoding takes ~0.3 ms of CPU per entry in a worker thread and, while it lasts, ~6
+    #: times the answer in memory (34 MB: +205 MiB; docs/performance.md): lower it where that is short.
     iti38_max_answer_bytes: int = Field(default=48 * 1024 * 1024, ge=16 * 1024, le=512 * 1024 * 1024)
     #: Transfers: the largest KOS manifest DUO takes from an ITI-39 answer (decoded size; reading the
     #: HTTP body stops at this plus room for inline base64 and the envelope). A manifest is ~180
