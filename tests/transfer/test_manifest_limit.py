@@ -52,7 +52,7 @@ def destination(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreScp]:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def network(destination: StoreScp,
                   tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[IgNetwork]:
-    settings = {BLOATED.home_community_id: {"iti39_max_manifest_bytes": LIMIT, "retries": 0}}
+    settings = {BLOATED.home_community_id: {"iti39_max_manifest_bytes": LIMIT}}
     async with running(tmp_path_factory.mktemp("manifest-limit"), NET, gateways={"duo": settings},
                        destination=destination) as net:
         yield net
