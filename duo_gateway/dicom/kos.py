@@ -280,10 +280,11 @@ class KosManifest:
 
 # How a manifest is read: a walker over its bytes instead of pydicom's dcmread. pydicom makes a
 # Dataset, a DataElement and a validated UID object per reference and the collector then walks them
-# all: ~200-400 us per referenced instance, rising with the count (a 64 MiB manifest, ~700,000
+# all: ~150-400 us per referenced instance, rising with the count (a 64 MiB manifest, ~880,000
 # references, was minutes of CPU holding the GIL, and gen-2 collections over millions of objects
 # paused the event loop). The walker reads only the elements a transfer needs, keeps two strings per
-# reference, and skips everything else by its length (docs/performance.md, "KOS manifests").
+# reference, and skips everything else by its length: ~9 us per reference, flat (docs/performance.md,
+# "Bounded answers and KOS manifests").
 
 _UNDEFINED: Final = 0xFFFFFFFF
 _ITEM: Final = 0xFFFEE000
