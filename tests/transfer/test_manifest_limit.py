@@ -41,6 +41,7 @@ MANIFEST_BYTES: Final = 64 * 1024 * 1024
 #: in force.
 LIMIT: Final = 2 * 1024 * 1024
 HEALTHZ_MAX_S: Final = 0.1
+ATTEMPTS: Final = 3
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,10 @@ async def _poll_healthz(url: str, stop: asyncio.Event) -> list[float]:
 
 
 async def test_a_64_mib_manifest_is_refused_at_the_limit_while_healthz_stays_fast(network: IgNetwork) -> None:
+    """The worst of 50+ polls must stay under 100 ms. The machine is shared: a pause of this whole
+    process (the scheduler) can put one poll over it in any run, a stall of DUO's in every run, so the
+    transfer is measured up to :data:`ATTEMPTS` times and one clean run passes (at ``71a4db9`` every run
+    had a poll of 200-330 ms: the answer was read whole before being refused)."""
     community = network.communities[0]
     (study_id,) = [s["id"] for s in (await network.timeline(PATIENT.bsn, "duo"))["studies"]]
     (doc,) = community.kos_entries(PATIENT.bsn)
@@ -80,31 +85,37 @@ async def test_a_64_mib_manifest_is_refused_at_the_limit_while_healthz_stays_fas
     grown = await community.sim.grown_manifest(doc.entry.unique_id, MANIFEST_BYTES)
     assert grown is not None and len(grown) >= MANIFEST_BYTES
     gateway = network.gateways["duo"]
-
     switch = community.peer.app[BEHAVIOUR_KEY]
     before = switch.value
     switch.value = XcaMisbehaviour(oversized_manifest_bytes=MANIFEST_BYTES)
-    stop = asyncio.Event()
-    poller = asyncio.create_task(_poll_healthz(gateway.http_url, stop))
+    worst: list[float] = []
     try:
-        status = await _transfer(network, study_id, timeout_s=60.0)
+        for _ in range(ATTEMPTS):
+            mark = len(community.log)
+            stop = asyncio.Event()
+            poller = asyncio.create_task(_poll_healthz(gateway.http_url, stop))
+            try:
+                status = await _transfer(network, study_id, timeout_s=60.0)
+            finally:
+                stop.set()
+                latencies = await poller
+            worst.append(max(latencies))
+            assert status is not None, "the transfer did not end within 60 s"
+            assert status["state"] == "failed", status
+            (result,) = status["studies"]
+            assert result["id"] == study_id
+            detail = result["detail"]
+            assert "ITI-39 of the manifest" in detail
+            assert f"xca_communities.iti39_max_manifest_bytes = {LIMIT} bytes" in detail, detail
+            # Refused, not asked again: the same request would bring the same answer.
+            assert [e.path for e in community.log[mark:]] == ["/iti39"]
+            if worst[-1] < HEALTHZ_MAX_S:
+                break
     finally:
         switch.value = before
-        stop.set()
-        latencies = await poller
-
-    worst = max(latencies)
-    assert worst < HEALTHZ_MAX_S, (f"/healthz took up to {worst * 1000:.0f} ms over {len(latencies)} polls "
-                                   f"while the manifest was read")
-    assert status is not None, "the transfer did not end within 60 s"
-    assert status["state"] == "failed", status
-    (result,) = status["studies"]
-    assert result["id"] == study_id
-    detail = result["detail"]
-    assert "ITI-39 of the manifest" in detail
-    assert f"xca_communities.iti39_max_manifest_bytes = {LIMIT} bytes" in detail, detail
-    iti39 = [e for e in community.log if e.path == "/iti39"]
-    assert len(iti39) == 1  # refused, not asked again: the same request would bring the same answer
+    assert min(worst) < HEALTHZ_MAX_S, (
+        "/healthz took up to " + ", ".join(f"{w * 1000:.0f}" for w in worst)
+        + " ms in each transfer while the manifest was read")
 
 
 async def _transfer(network: IgNetwork, study_id: str, *, timeout_s: float) -> dict[str, Any] | None:
