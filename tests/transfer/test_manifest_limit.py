@@ -36,7 +36,9 @@ BLOATED: Final = SimCommunity(
     institutions=[SimInstitution(ura="00020781", name="Opgeblazen Ziekenhuis")], studies_per_patient=0,
     manifest_only_studies={PATIENT.bsn: 1})
 NET: Final = BASE.model_copy(update={"communities": [BLOATED]})
-MANIFEST_BYTES: Final = 64 * 1024 * 1024
+#: A 64 MiB answer: the manifest just under the 64 MiB document limit DUO had before issue 14, which
+#: read it whole and parsed it (the issue's 27 s of CPU), and with it the MIME part and envelope.
+MANIFEST_BYTES: Final = 64 * 1024 * 1024 - 192 * 1024
 #: The limit configured for this test, below the 4 MiB default so that the key named is surely the one
 #: in force.
 LIMIT: Final = 2 * 1024 * 1024
@@ -76,14 +78,13 @@ async def _poll_healthz(url: str, stop: asyncio.Event) -> list[float]:
 async def test_a_64_mib_manifest_is_refused_at_the_limit_while_healthz_stays_fast(network: IgNetwork) -> None:
     """The worst of 50+ polls must stay under 100 ms. The machine is shared: a pause of this whole
     process (the scheduler) can put one poll over it in any run, a stall of DUO's in every run, so the
-    transfer is measured up to :data:`ATTEMPTS` times and one clean run passes (at ``71a4db9`` every run
-    had a poll of 200-330 ms: the answer was read whole before being refused)."""
+    transfer is measured up to :data:`ATTEMPTS` times and one clean run passes."""
     community = network.communities[0]
     (study_id,) = [s["id"] for s in (await network.timeline(PATIENT.bsn, "duo"))["studies"]]
     (doc,) = community.kos_entries(PATIENT.bsn)
     # The simulator's own work (writing 64 MiB of references) is done before the measurement starts.
     grown = await community.sim.grown_manifest(doc.entry.unique_id, MANIFEST_BYTES)
-    assert grown is not None and len(grown) >= MANIFEST_BYTES
+    assert grown is not None and MANIFEST_BYTES <= len(grown) < 64 * 1024 * 1024
     gateway = network.gateways["duo"]
     switch = community.peer.app[BEHAVIOUR_KEY]
     before = switch.value
@@ -95,12 +96,13 @@ async def test_a_64_mib_manifest_is_refused_at_the_limit_while_healthz_stays_fas
             stop = asyncio.Event()
             poller = asyncio.create_task(_poll_healthz(gateway.http_url, stop))
             try:
-                status = await _transfer(network, study_id, timeout_s=60.0)
+                status = await _transfer(network, study_id, timeout_s=30.0)
             finally:
                 stop.set()
                 latencies = await poller
             worst.append(max(latencies))
-            assert status is not None, "the transfer did not end within 60 s"
+            if status is None:
+                break  # a transfer stuck on the manifest: no point in another
             assert status["state"] == "failed", status
             (result,) = status["studies"]
             assert result["id"] == study_id
@@ -116,6 +118,7 @@ async def test_a_64_mib_manifest_is_refused_at_the_limit_while_healthz_stays_fas
     assert min(worst) < HEALTHZ_MAX_S, (
         "/healthz took up to " + ", ".join(f"{w * 1000:.0f}" for w in worst)
         + " ms in each transfer while the manifest was read")
+    assert status is not None, "the transfer did not end within 30 s"
 
 
 async def _transfer(network: IgNetwork, study_id: str, *, timeout_s: float) -> dict[str, Any] | None:
