@@ -4,12 +4,12 @@ Sequential on purpose: each one measures its baseline and DUO in the same run on
 so two benchmarks at once would skew both. Defaults keep each to a few minutes at most.
 """
 
-from bench import iti38, rad75, sim_pacs, timeline, transfer
+from bench import iti38, kos, rad75, sim_pacs, timeline, transfer
 
 codes = []
 for name, run in (("sim_pacs", sim_pacs.main), ("iti38", lambda: iti38.main([])),
                   ("rad75", lambda: rad75.main([])), ("timeline", lambda: timeline.main([])),
-                  ("transfer", lambda: transfer.main([]))):
+                  ("transfer", lambda: transfer.main([])), ("kos", lambda: kos.main([]))):
     print(f"== bench.{name} ==", flush=True)
     codes.append(run())
     print(flush=True)

@@ -74,6 +74,17 @@ class XcaCommunity(StrictModel):
     #: thousands of entries, so the oversized answer is never built, sent and thrown away first.
     iti38_by_reference: bool = False
     #: Timelines: entryUUIDs per GetDocuments request when asking by reference. At ~7 kB per entry the
-    #: largest batch (1,000) answers ~7 MB, inside the 16 MiB ITI-38 answer limit; a batch answered
-    #: over the limit anyway (or with XDSTooManyResults) is asked again as two halves.
+    #: largest batch (1,000) answers ~7 MB, inside the default ITI-38 answer limit; a batch answered
+    #: over ``iti38_max_answer_bytes`` anyway (or with XDSTooManyResults) is asked again as two halves.
     iti38_batch_size: int = Field(default=100, ge=1, le=1_000)
+    #: Timelines: the largest ITI-38 answer DUO reads (HTTP body; reading stops here). An answer is
+    #: metadata only, ~7 kB an entry, so the default takes a patient of ~7,000 entries in one LeafClass
+    #: answer (issue 14 measured 5,000 entries at 34 MB); over it DUO asks again by reference, in
+    #: batches. Decoding takes ~0.3 ms of CPU per entry in a worker thread and, while it lasts, ~6
+    #: times the answer in memory (34 MB: +205 MiB; docs/performance.md): lower it where that is short.
+    iti38_max_answer_bytes: int = Field(default=48 * 1024 * 1024, ge=16 * 1024, le=512 * 1024 * 1024)
+    #: Transfers: the largest KOS manifest DUO takes from an ITI-39 answer (decoded size; reading the
+    #: HTTP body stops at this plus room for inline base64 and the envelope). A manifest is ~180
+    #: bytes per referenced instance, so the default covers ~23,000 instances; a bigger one is a
+    #: misbehaving peer or a study to allow for explicitly.
+    iti39_max_manifest_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024)

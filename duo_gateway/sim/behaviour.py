@@ -40,6 +40,10 @@ class XcaMisbehaviour(Misbehaviour):
     #: Responding Imaging Gateways play unknown UIDs and partial success (iig_2018-5404b, 5405a/b)
     #: to an Initiating Imaging Gateway whose RAD-75 requests follow the manifest.
     lost_instances: list[str] = Field(default_factory=list, max_length=100_000)
+    #: ITI-39 answers a KOS manifest grown to at least this many bytes with references to instances
+    #: that do not exist (0: the real manifest). The manifest hundreds of thousands of instances long
+    #: that an Initiating Gateway must refuse at its limit instead of reading and parsing it.
+    oversized_manifest_bytes: int = Field(default=0, ge=0, le=1024 * 1024 * 1024)
 
 
 class MitzMisbehaviour(Misbehaviour):

@@ -42,6 +42,7 @@ from duo_gateway.sim.behaviour import Misbehaviour, XcaMisbehaviour
 from duo_gateway.sim.codecs import encoded, serving_syntax
 from duo_gateway.sim.config import SimCommunity, SimInstitution, SimNetworkConfig, SimPatient
 from duo_gateway.sim.http import current_behaviour, install_behaviour
+from duo_gateway.sim.manifests import grow_manifest
 from duo_gateway.sim.studies import (
     GeneratedStudy,
     StudyHeader,
@@ -77,7 +78,7 @@ from duo_gateway.xca.codes import (
 from duo_gateway.xca.ebrim import DocumentEntry, ObjectRef, build_extrinsic_object, rim
 from duo_gateway.xca.errors import RegistryError, RegistryErrorException, status_for
 from duo_gateway.xca.hl7 import Code, Cx, Hl7FormatError, dtm_key, parse_reference_id
-from duo_gateway.xca.metadata import MIME_PDF, is_report, kos_for_study, report_entry, study_entry
+from duo_gateway.xca.metadata import KOS_FORMAT, MIME_PDF, is_report, kos_for_study, report_entry, study_entry
 from duo_gateway.xca.query import (
     AdhocQueryRequest,
     AdhocQueryResponse,
@@ -188,6 +189,8 @@ class XcaCommunitySimulator:
         self._by_entry_uuid = {d.entry.entry_uuid.lower(): d for d in self.documents}
         #: Serialized ExtrinsicObjects by entryUUID (see _extrinsic_object).
         self._built: dict[str, bytes] = {}
+        #: Oversized manifests by (uniqueId, size) (XcaMisbehaviour.oversized_manifest_bytes).
+        self._grown: dict[tuple[str, int], bytes] = {}
 
     def instance(self, study_uid: str, series_uid: str, sop_uid: str) -> Dataset | None:
         """An instance as the archive holds it now (RAD-75 serves it from this)."""
@@ -319,8 +322,10 @@ class XcaCommunitySimulator:
             # as a remote community's work would be, so a gateway on the same loop keeps running.
             data = answer() if entries <= INLINE_ENTRIES else await asyncio.to_thread(answer)
             return web.Response(body=data, headers={"Content-Type": _soap_content_type(response_action)})
+        grow = behaviour.oversized_manifest_bytes if isinstance(behaviour, XcaMisbehaviour) else 0
+        grown = await self._grown_manifests(env.body, grow) if grow and request.path == "/iti39" else {}
         handlers: dict[str, Callable[[etree._Element, dict[str, bytes]], _Reply]] = {
-            "/iti39": self._iti39, "/rad75": partial(self._rad75, lost=lost),
+            "/iti39": partial(self._iti39, grown=grown), "/rad75": partial(self._rad75, lost=lost),
         }
         handler = handlers[request.path]
         reply = handler(env.body, parts)
@@ -332,9 +337,13 @@ class XcaCommunitySimulator:
         response = web.StreamResponse(status=200, headers={"Content-Type": content_type})
         response.content_length = body.content_length
         await response.prepare(request)
-        for chunk in body:
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            for chunk in body:
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            # The gateway stopped reading, e.g. at its size limit: its business, not an error here.
+            log.info("xca_sim_answer_abandoned", community=self.home, path=request.path)
         return response
 
     # --- ITI-38 ---
@@ -418,7 +427,32 @@ class XcaCommunitySimulator:
                                  location=self.home)
         return None
 
-    def _iti39(self, body: etree._Element, parts: dict[str, bytes]) -> _Reply:
+    async def _grown_manifests(self, body: etree._Element, size: int) -> dict[str, bytes]:
+        """The asked manifests grown to ``size`` bytes, by uniqueId (see :meth:`grown_manifest`)."""
+        try:
+            asked = parse_retrieve_request(body).documents
+        except RegistryErrorException:
+            return {}
+        return {doc.document_unique_id: grown for doc in asked
+                if (grown := await self.grown_manifest(doc.document_unique_id, size)) is not None}
+
+    async def grown_manifest(self, unique_id: str, size: int) -> bytes | None:
+        """The KOS manifest ``unique_id`` grown to ``size`` bytes, as ITI-39 answers it under
+        ``oversized_manifest_bytes`` (None: no such manifest). Written once, in a thread, since tens of
+        MiB take seconds and a gateway under test may share this event loop; a test may call it first
+        so that its measurements hold only the gateway's work."""
+        found = self._by_unique_id.get(unique_id)
+        code = found.entry.format_code if found is not None else None
+        if found is None or code is None or not code.matches(KOS_FORMAT):
+            return None
+        key = (unique_id, size)
+        if key not in self._grown:
+            self._grown[key] = await asyncio.to_thread(grow_manifest, found.data, size)
+        return self._grown[key]
+
+    def _iti39(self, body: etree._Element, parts: dict[str, bytes], *,
+               grown: dict[str, bytes] | None = None) -> _Reply:
+        """``grown``: manifests to answer instead of the real ones (see :meth:`_grown_manifests`)."""
         del parts
         try:
             req = parse_retrieve_request(body)
@@ -438,9 +472,9 @@ class XcaCommunitySimulator:
                 errors.append(error)
                 continue
             assert found is not None
+            data = (grown or {}).get(doc.document_unique_id) or found.data
             documents.append(RetrievedDocument(
-                self.repository_unique_id, doc.document_unique_id, found.entry.mime_type, found.data,
-                self.home,
+                self.repository_unique_id, doc.document_unique_id, found.entry.mime_type, data, self.home,
             ))
         return self._retrieve_reply(
             RetrieveDocumentSetResponse(status_for(errors, bool(documents)), tuple(documents), tuple(errors)),

@@ -57,6 +57,10 @@ class MtomError(XmlError):
     """A multipart/related body (or a Document inside it) that cannot be accepted."""
 
 
+class MtomTooLarge(MtomError):
+    """A part or Document over the reader's size limit: the caller can name the setting behind it."""
+
+
 @dataclass(frozen=True)
 class Attachment:
     """One binary part; ``data`` as a path is read lazily while the body is streamed."""
@@ -631,7 +635,7 @@ class MtomParser:
         self._size += len(data)
         if self._size > self._limit:
             what = "root part (SOAP envelope)" if self._is_root else "MIME part"
-            raise MtomError(f"{what} exceeds the limit of {self._limit} bytes")
+            raise MtomTooLarge(f"{what} exceeds the limit of {self._limit} bytes")
         self._events.append(PartData(data))
 
     def _end_part(self, content_end: int, tail: tuple[int, bool]) -> None:
@@ -717,13 +721,13 @@ def resolve_document(
         if data is None:
             raise MtomError("xop:Include names a part that is not in the message")
         if len(data) > max_bytes:
-            raise MtomError(f"document of {len(data)} bytes exceeds the limit of {max_bytes}")
+            raise MtomTooLarge(f"document of {len(data)} bytes exceeds the limit of {max_bytes}")
         return data
     if any(isinstance(c.tag, str) for c in el):
         raise MtomError("Document holds unexpected child elements")
     text = "".join((el.text or "").split())
     if len(text) * 3 // 4 > max_bytes + 2:
-        raise MtomError(f"inline document exceeds the limit of {max_bytes} bytes")
+        raise MtomTooLarge(f"inline document exceeds the limit of {max_bytes} bytes")
     try:
         return base64.b64decode(text, validate=True)
     except binascii.Error as exc:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 from io import BytesIO
 
 import pytest
@@ -11,6 +12,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from duo_gateway.dicom.kos import (
     KOS_SOP_CLASS_UID,
+    MAX_INFLATED_BYTES,
     InstanceRef,
     KosError,
     KosPatient,
@@ -215,3 +217,105 @@ def test_parse_kos_refuses_other_sop_classes_and_empty_evidence() -> None:
     del ds.CurrentRequestedProcedureEvidenceSequence
     with pytest.raises(KosError, match="Evidence"):
         parse_kos(encode_part10(ds))
+
+
+# --- parse_kos: every encoding, against pydicom as the reference reader ------------------------------
+
+
+def _pydicom_reading(data: bytes) -> tuple[str, str, str, str | None, tuple[KosSeries, ...]]:
+    """What pydicom's dcmread makes of a manifest, read the way parse_kos reads one (own study only,
+    series merged, locations from the series else the first instance): the oracle for the walker."""
+    ds = dcmread(BytesIO(data), force=True)
+    merged: dict[str, tuple[str | None, str | None, dict[str, str]]] = {}
+    for item in ds.CurrentRequestedProcedureEvidenceSequence:
+        if item.StudyInstanceUID != ds.StudyInstanceUID:
+            continue
+        for series in item.ReferencedSeriesSequence:
+            location = series.get("RetrieveLocationUID")
+            ae = series.get("RetrieveAETitle")
+            known_location, known_ae, instances = merged.setdefault(str(series.SeriesInstanceUID),
+                                                                    (None, None, {}))
+            for sop in series.ReferencedSOPSequence:
+                instances.setdefault(str(sop.ReferencedSOPInstanceUID), str(sop.ReferencedSOPClassUID))
+                location = location or sop.get("RetrieveLocationUID")
+                ae = ae or sop.get("RetrieveAETitle")
+            merged[str(series.SeriesInstanceUID)] = (known_location or (str(location) if location else None),
+                                                     known_ae or (str(ae) if ae else None), instances)
+    series_list = tuple(KosSeries(uid, loc, ae, tuple((c, i) for i, c in inst.items()))
+                        for uid, (loc, ae, inst) in merged.items())
+    return (str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.PatientID),
+            str(ds.IssuerOfPatientID) if "IssuerOfPatientID" in ds else None, series_list)
+
+
+def _many_refs(n: int) -> list[InstanceRef]:
+    rng = random.Random(n)
+    return [InstanceRef(f"1.2.3.100.{rng.randrange(1, 6)}", rng.choice([CT, SR]), f"1.2.3.100.7.{i}")
+            for i in range(n)]
+
+
+def _undefined_lengths(ds: Dataset) -> None:
+    """Every sequence and item of undefined length, as many archives write them."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            elem.is_undefined_length = True
+            for item in elem.value:
+                item.is_undefined_length_sequence_item = True
+                _undefined_lengths(item)
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2",
+                                    "1.2.840.10008.1.2.1.99"])
+@pytest.mark.parametrize("undefined", [False, True])
+def test_parse_kos_reads_every_uncompressed_syntax_and_length_form_as_pydicom_does(
+        syntax: str, undefined: bool) -> None:
+    ds = build_kos(_many_refs(60), STUDY, PATIENT, retrieve_ae_title="PACS_AE", retrieve_location_uid="1.2.9")
+    ds.file_meta.TransferSyntaxUID = syntax
+    if undefined:
+        _undefined_lengths(ds)
+    data = encode_part10(ds)
+    assert (b"\xff\xff\xff\xff" in data) is undefined or syntax.endswith(".99")
+    manifest = parse_kos(data)
+    assert (manifest.sop_instance_uid, manifest.study_instance_uid, manifest.patient_id,
+            manifest.issuer_of_patient_id, manifest.series) == _pydicom_reading(data)
+    assert manifest.instance_count == 60
+
+
+def test_parse_kos_decodes_the_patient_id_in_the_specific_character_set() -> None:
+    ds = build_kos(REFS, STUDY, KosPatient("Zoë-0042", issuer_of_patient_id="ZIEKENHUIS Ü"))
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    manifest = parse_kos(encode_part10(ds))
+    assert (manifest.patient_id, manifest.issuer_of_patient_id) == ("Zoë-0042", "ZIEKENHUIS Ü")
+
+
+def test_parse_kos_skips_the_content_tree_and_whatever_follows_the_evidence() -> None:
+    """Only the evidence is read: garbage in the content tree after it changes nothing."""
+    data = encode_part10(build_kos(REFS, STUDY, PATIENT))
+    content = data.index(b"\x40\x00\x30\xa7")  # (0040,A730) ContentSequence, little endian
+    spoiled = data[:content] + b"\x40\x00\x30\xa7SQ\x00\x00\xff\xff\xff\xff" + b"\x13" * 100
+    assert parse_kos(spoiled).series == parse_kos(data).series
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.6, 0.9])
+def test_parse_kos_refuses_a_truncated_manifest(cut: float) -> None:
+    ds = build_kos(_many_refs(40), STUDY, PATIENT)
+    del ds.ContentSequence  # so the cut falls inside the evidence
+    data = encode_part10(ds)
+    with pytest.raises(KosError, match="readable"):
+        parse_kos(data[:int(len(data) * cut)])
+
+
+def test_parse_kos_refuses_nesting_beyond_reason_and_a_deflate_bomb() -> None:
+    # Implicit VR LE: the evidence, then sequences in items 40 deep, all of undefined length.
+    undefined = b"\xff\xff\xff\xff"
+    nested = (b"\x40\x00\x75\xa3" + undefined
+              + (b"\xfe\xff\x00\xe0" + undefined + b"\x08\x00\x15\x11" + undefined) * 40)
+    with pytest.raises(KosError, match="nested too deep"):
+        parse_kos(nested + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00" * 80)
+    ds = build_kos(REFS, STUDY, PATIENT)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    data = encode_part10(ds)
+    meta_end = 144 + int.from_bytes(data[140:144], "little")  # FileMetaInformationGroupLength
+    bomb = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    payload = bomb.compress(bytes(MAX_INFLATED_BYTES + 1024)) + bomb.flush()
+    with pytest.raises(KosError, match="inflates to more than"):
+        parse_kos(data[:meta_end] + payload)

@@ -24,6 +24,8 @@ from duo_gateway.soap.envelope import Addressing, Envelope, parse_envelope
 from duo_gateway.xca.initiating.exchange import (
     MIN_ATTEMPT_S,
     PATIENT_MASK,
+    AnswerLimit,
+    AnswerTooLarge,
     Attempt,
     CommunitySigner,
     Exchange,
@@ -35,6 +37,7 @@ from tests.xca.recording import BSN, CLAIMS
 
 URL = "http://community.invalid/iti38"
 LATE = "no answer before the test deadline"
+LIMIT = AnswerLimit("iti99_max_test_bytes", 1024, 2048)
 SECURITY = (b'<wsse:Security xmlns:wsse="http://docs.oasis-open.org/wss/2004/01/'
             b'oasis-200401-wss-wssecurity-secext-1.0.xsd"/>')
 
@@ -148,7 +151,8 @@ def setup(steps: list[int | PeerCallError | Hang], *, fraction: float = 0.5, can
     cfg = community(**kw)
     script = Script(list(steps))
     rng = Jitter(fraction)
-    exchange = Exchange(cfg, signer=Signer(cfg, can_sign=can_sign), http=FakePeer(script), late=LATE, rng=rng)
+    exchange = Exchange(cfg, signer=Signer(cfg, can_sign=can_sign), http=FakePeer(script), late=LATE,
+                        limit=LIMIT, rng=rng)
     return Setup(exchange, script, rng)
 
 
@@ -188,6 +192,14 @@ async def test_a_non_transient_failure_is_not_retried(step: int | PeerCallError)
     assert isinstance(result, ExchangeFailed) and not result.retryable, result
     assert sent == 1 and len(s.script.sent) == 1 and s.rng.ranges == []
     assert s.audits == [(str(result), False)]
+
+
+async def test_an_answer_over_the_limit_is_refused_naming_the_setting_to_raise() -> None:
+    s = setup([PeerCallError("too-large", "more than 2048 bytes"), 200])
+    result, sent = await s.run()
+    assert isinstance(result, AnswerTooLarge) and sent == 1
+    assert result.detail == ("answer over the size limit (more than 2048 bytes); the limit is "
+                             "xca_communities.iti99_max_test_bytes = 1024 bytes")
 
 
 async def test_an_answer_that_would_come_back_the_same_is_final_even_when_retryable_later() -> None:

@@ -50,7 +50,6 @@ from duo_gateway.xca.codes import (
 )
 from duo_gateway.xca.ebrim import LONG_NAME, DocumentEntry, ObjectRef, build_extrinsic_object
 from duo_gateway.xca.errors import RegistryError
-from duo_gateway.xca.initiating import finder
 from duo_gateway.xca.initiating.finder import CommunityClient, CommunityResponse
 from duo_gateway.xca.query import (
     AdhocQueryRequest,
@@ -243,14 +242,14 @@ async def test_configured_by_reference_asks_objectrefs_then_getdocuments_in_batc
 
 
 async def test_answers_over_the_limit_are_asked_by_reference_and_a_batch_over_it_in_halves(
-        peer: Peer, client_for: Callable[..., CommunityClient], monkeypatch: pytest.MonkeyPatch) -> None:
+        peer: Peer, client_for: Callable[..., CommunityClient]) -> None:
     """The limit scaled down (an entry is ~7 kB): the LeafClass answer and a batch of five are over
     it, two or three entries are not. The real limit is exercised by the 5,000-entry timeline test."""
-    monkeypatch.setattr(finder, "MAX_ANSWER_BYTES", 26_000)
-    resp = await ask(client_for(peer.config()))
+    resp = await ask(client_for(peer.config(iti38_max_answer_bytes=26_000)))
     held = holdings(peer.sim)
     assert (resp.status, resp.entries) == ("ok", tuple(held))
     assert "the LeafClass answer was refused: answer over the size limit" in resp.detail
+    assert "the limit is xca_communities.iti38_max_answer_bytes = 26000 bytes" in resp.detail
     leaf, refs, *gets = peer.requests
     assert (leaf.return_type, refs.return_type) == (ReturnType.LEAF_CLASS, ReturnType.OBJECT_REF)
     sizes = [len(uuids(g)) for g in gets]

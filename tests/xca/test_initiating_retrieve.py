@@ -31,14 +31,21 @@ from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.config.xua import XuaConfig
 from duo_gateway.dicom.kos import parse_kos
 from duo_gateway.observability.metrics import Metrics
+from duo_gateway.sim.behaviour import XcaMisbehaviour
 from duo_gateway.sim.config import SimNetworkConfig, default_network
+from duo_gateway.sim.http import BEHAVIOUR_KEY
 from duo_gateway.sim.pki import Pki
 from duo_gateway.sim.xca import XcaCommunitySimulator
 from duo_gateway.soap.envelope import Addressing, build_envelope, new_message_id, parse_envelope
 from duo_gateway.soap.mtom import build_mtom, parse_mtom
 from duo_gateway.xca.codes import EXPLICIT_VR_LITTLE_ENDIAN, Action, ErrorCode, ResponseStatus
-from duo_gateway.xca.initiating.exchange import CommunitySigner, ExchangeFailed
-from duo_gateway.xca.initiating.retriever import CommunityRetriever, PartFailure, RetrievedPart
+from duo_gateway.xca.initiating.exchange import AnswerTooLarge, CommunitySigner, ExchangeFailed
+from duo_gateway.xca.initiating.retriever import (
+    CommunityRetriever,
+    PartFailure,
+    RetrievedPart,
+    manifest_limit,
+)
 from duo_gateway.xca.metadata import KOS_FORMAT
 from duo_gateway.xca.retrieve import (
     RetrievedDocument,
@@ -348,5 +355,66 @@ async def test_a_document_answered_from_another_repository_or_home_is_not_taken(
                                       repository_unique_id=sim.repository_unique_id,
                                       document_unique_id="1.2.3.4.5.6.7", deadline_s=5)
         assert "without the document" in info.value.detail
+    finally:
+        await server.close()
+
+
+# --- the manifest limit (issue 14) ------------------------------------------------------------------
+
+
+async def test_a_manifest_over_the_limit_is_refused_naming_the_setting(
+        community: Community, sim: XcaCommunitySimulator, retrievers: Retrievers) -> None:
+    """Under the HTTP body bound (which leaves room for base64) but over the manifest limit: the MTOM
+    part is refused as it passes the limit, and the detail names the key to raise."""
+    community.app[BEHAVIOUR_KEY].value = XcaMisbehaviour(oversized_manifest_bytes=200_000)
+    r = retrievers(_config(community, iti39_max_manifest_bytes=65_536))
+    repo, kos_uid = _kos_doc(sim)
+    with pytest.raises(AnswerTooLarge) as info:
+        await r.retrieve_document(CLAIMS, BSN, home_community_id=sim.home, repository_unique_id=repo,
+                                  document_unique_id=kos_uid, deadline_s=5)
+    assert (info.value.kind, info.value.retryable) == ("error", False)
+    assert info.value.detail.startswith("manifest over the size limit (MIME part exceeds the limit of 65536")
+    assert info.value.detail.endswith("the limit is xca_communities.iti39_max_manifest_bytes = 65536 bytes")
+    assert len(community.recorder.bodies) == 1  # the same request would bring the same answer
+
+
+async def test_reading_an_unannounced_oversized_answer_stops_at_the_limit(retrievers: Retrievers) -> None:
+    """A chunked answer without Content-Length that would run to 256 MiB: DUO stops reading at its
+    bound (the manifest limit plus room for base64 and the envelope) and hangs up; what the peer got
+    onto the wire before that is the bound plus the loopback socket buffers, far from the whole."""
+    written = 0
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        nonlocal written
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "application/soap+xml"})
+        await response.prepare(request)
+        chunk = b"<x>" + b"A" * (64 * 1024 - 7) + b"</x>"
+        try:
+            while written < 256 * 1024 * 1024:
+                await response.write(chunk)
+                written += len(chunk)
+        except ConnectionError:
+            pass
+        return response
+
+    app = web.Application()
+    app.router.add_post("/iti39", endless)
+    server = await serve(app)
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        cfg = XcaCommunity.model_validate({"home_community_id": "urn:oid:1.2.3.4", "name": "Endless",
+                                           "iti38": f"{url}/iti38", "iti39": f"{url}/iti39",
+                                           "iti39_max_manifest_bytes": 65_536, "retries": 0})
+        r = retrievers(cfg)
+        with pytest.raises(AnswerTooLarge) as info:
+            await r.retrieve_document(CLAIMS, BSN, home_community_id=cfg.home_community_id,
+                                      repository_unique_id="1.2.3", document_unique_id="1.2.3.4",
+                                      deadline_s=10)
+        bound = manifest_limit(cfg).body_bytes
+        assert f"more than {bound} bytes" in info.value.detail
+        assert "xca_communities.iti39_max_manifest_bytes = 65536 bytes" in info.value.detail
+        await asyncio.sleep(0.2)  # the peer notices the hang-up
+        assert written < 32 * 1024 * 1024, written
     finally:
         await server.close()

@@ -117,6 +117,25 @@ class ExchangeFailed(Failure):
                           errors=self.errors)
 
 
+@dataclass(frozen=True)
+class AnswerLimit:
+    """How much of an answer DUO reads, and the community setting that says so.
+
+    ``key`` is the :class:`~duo_gateway.config.peers.XcaCommunity` field and ``value`` its setting;
+    ``body_bytes`` is where reading the HTTP body stops (the setting plus what the encoding adds, e.g.
+    inline base64). Every refusal names the key and its value, so an integrator who meets a legitimate
+    answer over it knows what to raise.
+    """
+
+    key: str
+    value: int
+    body_bytes: int
+
+    def refusal(self, what: str) -> str:
+        mib = f" ({self.value / 1024 / 1024:.4g} MiB)" if self.value >= 1024 * 1024 else ""
+        return f"{what}; the limit is xca_communities.{self.key} = {self.value} bytes{mib}"
+
+
 class AnswerTooLarge(ExchangeFailed):
     """The answer was over the client's size limit, so it was not read.
 
@@ -246,11 +265,13 @@ class Exchange:
     """
 
     def __init__(self, community: XcaCommunity, *, signer: CommunitySigner, http: PeerClient, late: str,
-                 rng: random.Random | None = None) -> None:
+                 limit: AnswerLimit, rng: random.Random | None = None) -> None:
         self.community = community
         self.signer = signer
         self._http = http
         self._late = late
+        #: What :meth:`post` reads at most (``http`` must stop reading there too).
+        self.limit = limit
         self._slots = asyncio.Semaphore(community.max_concurrency)
         self._rng = rng or random.SystemRandom()
 
@@ -399,7 +420,7 @@ class Exchange:
         if exc.kind == "tls":
             return ExchangeFailed("unavailable", f"TLS failed: {exc.detail}")
         if exc.kind == "too-large":
-            return AnswerTooLarge("error", f"answer over the size limit ({exc.detail})")
+            return AnswerTooLarge("error", self.limit.refusal(f"answer over the size limit ({exc.detail})"))
         return ExchangeFailed("error", f"unusable HTTP answer ({exc.kind}): {exc.detail}")
 
 
@@ -419,6 +440,6 @@ def _content_type(action: str) -> str:
 
 __all__ = [
     "ASSERTION_LIFETIME_S", "MIN_ATTEMPT_S", "PATIENT_MASK", "REUSE_MARGIN", "TRANSIENT_CODES",
-    "TRANSIENT_HTTP", "AnswerTooLarge", "Attempt", "Audit", "CommunitySigner", "Exchange", "ExchangeFailed",
-    "SigningPair", "answer_body", "is_transient", "unusable_answer",
+    "TRANSIENT_HTTP", "AnswerLimit", "AnswerTooLarge", "Attempt", "Audit", "CommunitySigner", "Exchange",
+    "ExchangeFailed", "SigningPair", "answer_body", "is_transient", "unusable_answer",
 ]

@@ -19,10 +19,11 @@ retries, the Action/RelatesTo checks, auditing every attempt) is the community e
   (measured with ``bench.timeline``: at 50 communities p50 fell from 1.9-2.2 to 1.5-1.6 times one
   community's when they stayed on the loop, and DUO's CPU per timeline by a fifth). Only an answer big
   enough to stall the loop for long is parsed and decoded in a worker thread.
-- **An answer too big to take is asked for again by reference** (NIST 12306, 12307). A LeafClass
-  answer over :data:`MAX_ANSWER_BYTES` (~2,400 entries at ~7 kB each) is not read, and a registry with
-  a result cap refuses with XDSTooManyResults; either way nothing of a patient with thousands of
-  entries would reach the timeline. DUO then asks FindDocuments for ObjectRefs (~150 bytes each) and
+- **An answer too big to take is asked for again by reference** (NIST 12306, 12307). Reading a
+  LeafClass answer stops at the community's ``iti38_max_answer_bytes`` (default 48 MiB, ~7,000 entries
+  at ~7 kB each; the refusal names the setting), and a registry with a result cap refuses with
+  XDSTooManyResults; either way nothing of a patient with thousands of entries would reach the
+  timeline. DUO then asks FindDocuments for ObjectRefs (~150 bytes each) and
   the entries by GetDocuments, ``iti38_batch_size`` entryUUIDs per request under the references'
   ``home``; a community configured with ``iti38_by_reference`` is asked that way from the start, so
   the oversized answer is never built just to be refused. Every request is one exchange under the
@@ -57,7 +58,7 @@ from duo_gateway.failure import FailureKind
 from duo_gateway.http.client import PeerClient, PeerResponse
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.soap.envelope import EnvelopeError, SoapFault, element_bytes, parse_envelope
-from duo_gateway.soap.mtom import parse_mtom
+from duo_gateway.soap.mtom import MtomTooLarge, parse_mtom
 from duo_gateway.soap.xml import INLINE_PARSE_BYTES, XmlError, to_bytes
 from duo_gateway.xca.codes import (
     DICOM_UID_REGISTRY,
@@ -74,6 +75,7 @@ from duo_gateway.xca.errors import RegistryError
 from duo_gateway.xca.hl7 import Code, Cx, Hl7FormatError
 from duo_gateway.xca.initiating.exchange import (
     PATIENT_MASK,
+    AnswerLimit,
     AnswerTooLarge,
     Attempt,
     CommunitySigner,
@@ -110,9 +112,6 @@ REPORT_FORMATS: Final = (
 )
 QUERY_FORMATS: Final = (KOS_FORMAT, *REPORT_FORMATS)
 
-#: The answer limit: an ITI-38 answer is metadata only, and one this big is either a misbehaving peer
-#: or a patient with thousands of entries, who is then asked for by reference (module docstring).
-MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024
 #: Answers up to this size are decoded on the event loop, bigger ones in a worker thread (see there).
 INLINE_ANSWER_BYTES: Final = INLINE_PARSE_BYTES
 
@@ -232,10 +231,13 @@ class CommunityClient:
         #: Shared with the community's retriever (the daemon hands it over).
         self.signer = CommunitySigner(community, issuer=xua.issuer or home_community_id, signing=signing,
                                       keep=xua.reuse_assertions)
+        #: An ITI-38 answer is metadata only: one over the limit is either a misbehaving peer or a
+        #: patient with thousands of entries, who is then asked for by reference (module docstring).
+        self._limit = answer_limit(community)
         http = PeerClient(f"xca:{community.home_community_id}", community.tls, metrics,
-                          max_body_bytes=MAX_ANSWER_BYTES, pool_size=community.max_concurrency)
+                          max_body_bytes=self._limit.body_bytes, pool_size=community.max_concurrency)
         self._exchange = Exchange(community, signer=self.signer, http=http,
-                                  late="no answer before the timeline deadline", rng=rng)
+                                  late="no answer before the timeline deadline", limit=self._limit, rng=rng)
 
     async def close(self) -> None:
         await self._exchange.close()
@@ -358,8 +360,12 @@ class CommunityClient:
 
     def _interpret(self, answer: PeerResponse, message_id: str, bsn: str, classify: _Classify) -> _Found:
         try:
-            root, _ = parse_mtom(answer.headers.get("Content-Type", ""), answer.body, MAX_ANSWER_BYTES)
+            root, _ = parse_mtom(answer.headers.get("Content-Type", ""), answer.body, self._limit.body_bytes,
+                                 max_xml_bytes=self._limit.body_bytes)
             envelope = parse_envelope(root)
+        except MtomTooLarge as exc:
+            raise AnswerTooLarge("error", self._limit.refusal(f"answer over the size limit ({exc})")
+                                 ) from None
         except (SoapFault, XmlError, EnvelopeError, ValueError) as exc:
             raise unusable_answer(exc, answer.status) from None
         body = answer_body(envelope, answer.status, Action.ITI38_RESPONSE, message_id)
@@ -500,6 +506,12 @@ def _merge(refs: _Found, leaves: list[_Leaf], asked: list[str], *, why: str, req
     return _Outcome(status, detail, tuple(entries), tuple(errors), attempts)
 
 
+def answer_limit(community: XcaCommunity) -> AnswerLimit:
+    """The community's ITI-38 answer limit: the HTTP body, envelope included, is what is bounded."""
+    return AnswerLimit("iti38_max_answer_bytes", community.iti38_max_answer_bytes,
+                       community.iti38_max_answer_bytes)
+
+
 def _is_patient(patient_id: str, bsn: str) -> bool:
     try:
         cx = Cx.parse(patient_id)
@@ -509,6 +521,7 @@ def _is_patient(patient_id: str, bsn: str) -> bool:
 
 
 __all__ = [
-    "INLINE_ANSWER_BYTES", "MAX_ANSWER_BYTES", "QUERY_FORMATS", "REPORT_FORMATS",
-    "CommunityClient", "CommunityResponse", "CommunityStatus", "find_documents_query", "service_window",
+    "INLINE_ANSWER_BYTES", "QUERY_FORMATS", "REPORT_FORMATS",
+    "CommunityClient", "CommunityResponse", "CommunityStatus", "answer_limit", "find_documents_query",
+    "service_window",
 ]

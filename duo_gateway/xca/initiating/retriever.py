@@ -59,7 +59,7 @@ from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.http.client import PeerClient
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.soap.envelope import EnvelopeError, SoapFault, element_bytes, parse_envelope
-from duo_gateway.soap.mtom import XOP_NS, MtomError, normalise_cid, parse_mtom
+from duo_gateway.soap.mtom import XOP_NS, MtomError, MtomTooLarge, normalise_cid, parse_mtom
 from duo_gateway.soap.mtom_stream import MtomStream, remove_quietly
 from duo_gateway.soap.xml import INLINE_PARSE_BYTES, XmlError
 from duo_gateway.xca.codes import MIME_DICOM, RS_NS, Action, ResponseStatus
@@ -67,6 +67,8 @@ from duo_gateway.xca.entry_ids import normalise_home
 from duo_gateway.xca.errors import RegistryError, parse_error_list, parse_status
 from duo_gateway.xca.initiating.exchange import (
     PATIENT_MASK,
+    AnswerLimit,
+    AnswerTooLarge,
     Attempt,
     Audit,
     CommunitySigner,
@@ -91,12 +93,12 @@ from duo_gateway.xua import Claims
 
 log = structlog.get_logger(__name__)
 
-#: A KOS or a report; anything bigger from ITI-39 is a misbehaving peer.
-MAX_DOCUMENT_BYTES: Final = 64 * 1024 * 1024
 #: One image: an enhanced multi-frame CT can be a few hundred MiB.
 MAX_IMAGE_BYTES: Final = 1024 * 1024 * 1024
 #: The SOAP envelope of a RAD-75 answer without its parts (inline base64 answers included).
 MAX_ENVELOPE_BYTES: Final = 64 * 1024 * 1024
+#: What an ITI-39 answer may add to the manifest's (base64) bytes: envelope, registry response, MIME.
+_ENVELOPE_ROOM: Final = 256 * 1024
 _UID_TOKEN: Final = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 
@@ -153,14 +155,13 @@ class CommunityRetriever:
         self._identity = identity
         self._spool = spool_dir
         self._spool.mkdir(parents=True, exist_ok=True)
-        # Inline base64 grows the body by 4/3: the limit is on the decoded document.
+        self._limit = manifest_limit(community)
         http = PeerClient(f"xca:{community.home_community_id}", community.tls, metrics,
-                          max_body_bytes=MAX_DOCUMENT_BYTES * 4 // 3 + 1024 * 1024,
-                          pool_size=community.max_concurrency)
+                          max_body_bytes=self._limit.body_bytes, pool_size=community.max_concurrency)
         #: ``signer`` is the community's one signer, shared with its query client: a transfer right
         #: after the timeline reuses the timeline's assertion.
         self._exchange = Exchange(community, signer=signer, http=http,
-                                  late="no complete answer before the deadline", rng=rng)
+                                  late="no complete answer before the deadline", limit=self._limit, rng=rng)
 
     async def close(self) -> None:
         await self._exchange.close()
@@ -170,7 +171,11 @@ class CommunityRetriever:
     async def retrieve_document(self, claims: Claims, bsn: str, *, home_community_id: str,
                                 repository_unique_id: str, document_unique_id: str,
                                 deadline_s: float) -> bytes:
-        """One document (the KOS, a report) by ITI-39; raises :class:`~.exchange.ExchangeFailed`."""
+        """One KOS manifest by ITI-39; raises :class:`~.exchange.ExchangeFailed`.
+
+        The answer is read up to the community's ``iti39_max_manifest_bytes`` (plus what inline base64
+        and the envelope add) and no further, and decoded in a worker thread.
+        """
         if not is_valid_bsn(bsn):
             raise ValueError("bsn is not a valid BSN")
         self._exchange.require_signing()
@@ -202,14 +207,19 @@ class CommunityRetriever:
 
     def _interpret_iti39(self, status: int, content_type: str, body: bytes, message_id: str,
                          asked: DocumentRef) -> bytes:
+        limit = self._limit
         try:
-            root, parts = parse_mtom(content_type, body, MAX_DOCUMENT_BYTES)
+            root, parts = parse_mtom(content_type, body, limit.value, max_xml_bytes=limit.body_bytes)
             envelope = parse_envelope(root)
+        except MtomTooLarge as exc:
+            raise AnswerTooLarge("error", limit.refusal(f"manifest over the size limit ({exc})")) from None
         except (SoapFault, XmlError, EnvelopeError, ValueError) as exc:
             raise unusable_answer(exc, status) from None
         response_el = answer_body(envelope, status, Action.ITI39_RESPONSE, message_id)
         try:
-            response = parse_retrieve_response(response_el, parts, max_document_bytes=MAX_DOCUMENT_BYTES)
+            response = parse_retrieve_response(response_el, parts, max_document_bytes=limit.value)
+        except MtomTooLarge as exc:
+            raise AnswerTooLarge("error", limit.refusal(f"manifest over the size limit ({exc})")) from None
         except ValueError as exc:
             raise ExchangeFailed("error", f"malformed answer: {exc}") from None
         for doc in response.documents:
@@ -515,6 +525,13 @@ def _is_part10(path: Path) -> bool:
 
 
 
+def manifest_limit(community: XcaCommunity) -> AnswerLimit:
+    """The community's ITI-39 limit: on the manifest, so the HTTP body may be what inline base64 makes
+    of it (4/3) plus an envelope; an MTOM answer is refused at the part once its bytes pass the value."""
+    value = community.iti39_max_manifest_bytes
+    return AnswerLimit("iti39_max_manifest_bytes", value, value * 4 // 3 + _ENVELOPE_ROOM)
+
+
 def _same_home(answered: str, asked: str | None) -> bool:
     """Whether two homeCommunityIds name one community; a malformed one names none (no exception)."""
     try:
@@ -523,5 +540,5 @@ def _same_home(answered: str, asked: str | None) -> bool:
         return False
 
 __all__ = [
-    "MAX_DOCUMENT_BYTES", "MAX_IMAGE_BYTES", "CommunityRetriever", "PartFailure", "RetrievedPart",
+    "MAX_IMAGE_BYTES", "CommunityRetriever", "PartFailure", "RetrievedPart", "manifest_limit",
 ]
