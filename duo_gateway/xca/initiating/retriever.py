@@ -328,8 +328,10 @@ class CommunityRetriever:
         url = str(self.community.rad75)
         state.failures.clear()  # a retry only happens before anything was handed over
         try:
+            # Sent as MTOM: a gateway that answers in kind (DUO's own does) then answers MTOM, whose
+            # parts are spooled as they arrive; a plain SOAP answer is read whole (inline base64).
             async with self._exchange.stream_post(attempt, action=Action.RAD75, url=url, body=body,
-                                                  operation="rad75") as resp:
+                                                  operation="rad75", mtom=True) as resp:
                 stream = MtomStream(resp.headers.get("Content-Type", ""), resp.content, self._spool,
                                     max_part_bytes=MAX_IMAGE_BYTES, max_xml_bytes=MAX_ENVELOPE_BYTES)
                 async with stream:
