@@ -8,6 +8,8 @@ functions with timers, so the benchmark can say where a transfer's time goes wit
 - ``manifest``: Mitz closed question + the C-FIND walk of the study, or for an XCA source the ITI-39
   of its KOS and the KOS parse (:meth:`JobRunner._manifest`),
 - ``consent``: the Mitz part of it (:meth:`TlbStudyFetcher._consent`),
+- ``walk``: each C-FIND walk of a TLB source (:meth:`TlbStudyFetcher.manifest`; a walk that listed less
+  than the PACS counts is refused and asked again, so its call count shows those retries),
 - ``pass``: fetching and relaying every instance (:meth:`JobRunner._pass`); of which
 - ``relay``: per instance, everything after it arrived in the spool (:class:`_Relay`), split into
   ``read meta`` (the Part 10 header), ``reconcile`` (local patient id), ``C-STORE`` (to the
@@ -85,6 +87,8 @@ def install_timers(stages_file: Path) -> None:
     # mark_stored is mark_stored_many of one; the relays' group commit calls the latter directly.
     SqlTransferStore.mark_stored_many = _timed_async("mark_stored", SqlTransferStore.mark_stored_many)  # type: ignore[method-assign]
     TlbStudyFetcher._consent = _timed_async("consent", TlbStudyFetcher._consent)  # type: ignore[method-assign]
+    # Each call is one walk: more calls than studies are walks refused as incomplete and asked again.
+    TlbStudyFetcher.manifest = _timed_async("walk", TlbStudyFetcher.manifest)  # type: ignore[method-assign]
     runner._Relay.__call__ = _timed_async("relay", runner._Relay.__call__)  # type: ignore[method-assign]
     for method, name in (("_manifest", "manifest"), ("_pass", "pass"), ("_verify", "verify")):
         setattr(runner.JobRunner, method, _timed_async(name, getattr(runner.JobRunner, method)))

@@ -689,6 +689,8 @@ def print_report(args: argparse.Namespace, results: list[SizeResult]) -> None:
                                                     ("read meta", "reconcile", "C-STORE", "mark_stored"))
             parts = [("manifest (Mitz + C-FIND walk; XCA: ITI-39 + KOS)", s.get("manifest", 0.0)),
                      ("  of which Mitz consent", s.get("consent", 0.0)),
+                     (f"  of which C-FIND walks ({n.get('walk', 0)}; >1: asked again)",
+                      max(0.0, s.get("walk", 0.0) - s.get("consent", 0.0))),
                      ("waiting for the source (C-GET/C-MOVE/RAD-75)", source_wait),
                      ("C-STORE to the destination", s.get("C-STORE", 0.0)),
                      (f"job store mark_stored ({n.get('mark_stored', 0)} commits)",
