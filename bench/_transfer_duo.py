@@ -5,13 +5,17 @@ runs exactly what ``bench._duo_process`` runs (its :func:`~bench._duo_process.ru
 :class:`~duo_gateway.daemon.Gateway`), after wrapping a handful of the transfer runner's own
 functions with timers, so the benchmark can say where a transfer's time goes without editing DUO:
 
-- ``manifest``: Mitz closed question + the C-FIND walk of the study (:meth:`JobRunner._manifest`),
+- ``manifest``: Mitz closed question + the C-FIND walk of the study, or for an XCA source the ITI-39
+  of its KOS and the KOS parse (:meth:`JobRunner._manifest`),
 - ``consent``: the Mitz part of it (:meth:`TlbStudyFetcher._consent`),
+- ``walk``: each C-FIND walk of a TLB source (:meth:`TlbStudyFetcher.manifest`; a walk that listed less
+  than the PACS counts is refused and asked again, so its call count shows those retries),
 - ``pass``: fetching and relaying every instance (:meth:`JobRunner._pass`); of which
 - ``relay``: per instance, everything after it arrived in the spool (:class:`_Relay`), split into
   ``read meta`` (the Part 10 header), ``reconcile`` (local patient id), ``C-STORE`` (to the
-  destination, :meth:`StoreClient.store`) and ``mark_stored`` (the job store write),
-- ``source wait`` = pass - relay: the relay loop waiting for the source (C-GET/C-MOVE) to deliver,
+  destination, :meth:`StoreClient.store`) and ``mark_stored`` (the job store write: one call per
+  group commit of the relays' records, so its call count can be below the instances'),
+- ``source wait`` = pass - relay: the relay loop waiting for the source (C-GET/C-MOVE/RAD-75) to deliver,
 - ``verify``: stored UIDs against the manifest (:meth:`JobRunner._verify`).
 
 Within a study the fetch runs ahead (pynetdicom's thread, bounded by the window) and the relay runs
@@ -80,8 +84,11 @@ def install_timers(stages_file: Path) -> None:
     runner.read_file_meta_info = _timed_sync("read meta", runner.read_file_meta_info)  # type: ignore[attr-defined]
     runner.reconcile_file = _timed_sync("reconcile", runner.reconcile_file)  # type: ignore[attr-defined]
     StoreClient.store = _timed_async("C-STORE", StoreClient.store)  # type: ignore[method-assign]
-    SqlTransferStore.mark_stored = _timed_async("mark_stored", SqlTransferStore.mark_stored)  # type: ignore[method-assign]
+    # mark_stored is mark_stored_many of one; the relays' group commit calls the latter directly.
+    SqlTransferStore.mark_stored_many = _timed_async("mark_stored", SqlTransferStore.mark_stored_many)  # type: ignore[method-assign]
     TlbStudyFetcher._consent = _timed_async("consent", TlbStudyFetcher._consent)  # type: ignore[method-assign]
+    # Each call is one walk: more calls than studies are walks refused as incomplete and asked again.
+    TlbStudyFetcher.manifest = _timed_async("walk", TlbStudyFetcher.manifest)  # type: ignore[method-assign]
     runner._Relay.__call__ = _timed_async("relay", runner._Relay.__call__)  # type: ignore[method-assign]
     for method, name in (("_manifest", "manifest"), ("_pass", "pass"), ("_verify", "verify")):
         setattr(runner.JobRunner, method, _timed_async(name, getattr(runner.JobRunner, method)))

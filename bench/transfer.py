@@ -1,18 +1,26 @@
-"""Transfers (issue 6): one large study relayed source PACS → DUO → destination PACS, against what
-a hospital would do without DUO, in the same run.
+"""Transfers (issues 6 and 14): one large study relayed source PACS → DUO → destination PACS, against
+what a hospital would do without DUO, in the same run.
 
-Measured, all peers with TCP_NODELAY=1 (docs/dicom.md §1), per study size (default 1 GB and 250 MB):
+Measured, all peers with TCP_NODELAY=1 (docs/dicom.md §1), per study size (default 500 MB and 1 GB, the
+sizes of issue 14's goals):
 
 1. **DUO**: the study id from DUO's own timeline API, then ``POST /tlb/v1/transfers`` to a configured
    destination; timed from the 202 to ``completed`` with ``instances_stored == instances_expected``.
    DUO asks Mitz (the simulator, in a peers process), C-FINDs the study, pulls it from the source
    Orthanc by C-GET or C-MOVE (``--method``) and C-STOREs each instance into the destination Orthanc.
-2. **The ceiling**: DCMTK ``storescu`` sending the same files straight into the same destination.
-3. **What a hospital would use instead**: the source Orthanc C-MOVEs the study straight into the
+2. **DUO from an XCA community** (``--source xca``): the same study, but the measured DUO knows it only
+   through an XCA community whose Responding Imaging Gateway is a second DUO process in front of the
+   same source Orthanc: timeline (ITI-38) → POST transfer → ITI-39 KOS manifest → RAD-75 (the responding
+   DUO C-GETs from the source) → C-STORE into the destination. This measures the initiating RAD-75 path
+   (``transfer/fetch_xca.py``, ``xca/initiating/retriever.py``); the responding DUO's CPU is printed too.
+3. **The ceiling**: DCMTK ``storescu`` sending the same files straight into the same destination.
+4. **What a hospital would use instead**: the source Orthanc C-MOVEs the study straight into the
    destination (``movescu`` to the source with the destination as move target).
-4. Ratios DUO ÷ Orthanc C-MOVE (goal ≥ 0.35) and DUO ÷ storescu.
-5. DUO's peak RSS (VmHWM of a fresh DUO process per transfer; goal < 300 MB) per size: it must stay
+5. Ratios DUO ÷ Orthanc C-MOVE (goal ≥ 0.8) and DUO ÷ storescu.
+6. DUO's peak RSS (VmHWM of a fresh DUO process per transfer; goal < 200 MB) per size: it must stay
    flat with the study size, since DUO streams instance by instance through a bounded spool.
+7. DUO's CPU per MB: its process's user + sys CPU over the transfer ÷ the study's MB (goal ≤ 12, half
+   of what issue 14 measured).
 
 Each size runs twice (``--syntax``): uncompressed (Explicit VR Little Endian) and JPEG 2000 Lossless, as
 the source holds it; every path must deliver the J2K study as held (DUO asks for the stored syntax first,
@@ -27,8 +35,11 @@ Setup, not timed: the study is a generated CT series (512×512×16 bit, ~0.5 MB 
 consenting patient of the simulated network, at its first TLB hospital) written once with pydicom
 and loaded into the source Orthanc with storescu; ``--workdir DIR --keep`` keeps it for the next run.
 
-Usage: python -m bench.transfer [--size-mb 1024 250] [--method c-get c-move] [--syntax explicit j2k]
-       [--keep] [--workdir DIR] [--reconcile] [--profile PATH]
+The last line is ``RESULT {json}`` (:func:`result_json`): ``{"sizes": {"500": {"c-move": {"ratio_orthanc",
+"mb_s", "peak_rss_mib", "cpu_ms_per_mb", ...}, "c-get": {...}, "xca": {...}, ...}, "1024": {...}}, ...}``.
+
+Usage: python -m bench.transfer [--size-mb 500 1024] [--method c-get c-move] [--source pacs xca]
+       [--syntax explicit j2k] [--keep] [--workdir DIR] [--reconcile] [--profile PATH]
 """
 
 from __future__ import annotations
@@ -55,12 +66,22 @@ from bench._harness import (
     network,
     proc_status_kib,
     run_in_workdir,
+    start_duo,
 )
 from duo_gateway.config.runtime import LoggingConfig
 from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.daemon import free_port
 from duo_gateway.observability.logging import configure_logging
-from duo_gateway.sim.network import DEMO_ROLE, DEMO_UZI, DUO_AE_TITLE, HOST, REQUESTER_PACS
+from duo_gateway.sim.network import (
+    DEMO_ROLE,
+    DEMO_UZI,
+    DEMO_XDS_HOME,
+    DEMO_XUA_ISSUER,
+    DUO_AE_TITLE,
+    DUO_HOME_COMMUNITY_ID,
+    HOST,
+    REQUESTER_PACS,
+)
 
 #: --syntax choices: the transfer syntax the source holds the study in.
 SYNTAXES: Final = {"explicit": "1.2.840.10008.1.2.1", "j2k": "1.2.840.10008.1.2.4.90"}
@@ -77,8 +98,16 @@ DESTINATION: Final = "own-pacs"
 REQUESTER: Final = {"ura": REQUESTER_PACS.ura, "organization_type": "V6", "uzi": DEMO_UZI, "role": DEMO_ROLE,
                     "purpose": "TREAT"}
 PERIOD: Final = ("2015-01-01", "2026-12-31")
-GOAL_RATIO: Final = 0.35
-GOAL_RSS_MB: Final = 300
+#: The measured DUO of the XCA-source transfer (``--source xca``): its own URA and AE title, so that
+#: nothing of it can be mistaken for the responding DUO's.
+XCA_INITIATOR_URA: Final = "00099002"
+XCA_INITIATOR_AE: Final = "DUO_INITIATING"
+#: Issue 14's goals ("Done when"): DUO ÷ Orthanc C-MOVE of the same study in the same run, for the C-MOVE
+#: and C-GET sources at 500 MB and 1 GB; DUO's peak RSS, flat with the study size; DUO's CPU per MB at
+#: least halved from the 24-28 ms/MB the issue measured (so ≤ 12).
+GOAL_RATIO: Final = 0.8
+GOAL_RSS_MB: Final = 200
+GOAL_CPU_MS_PER_MB: Final = 12.0
 #: docs/dicom.md §2 (200 × 514 KiB CT, 2-core VM, TCP_NODELAY everywhere): context for the table.
 REFERENCE: Final = (
     ("DCMTK storescu → storescp", 633.0),
@@ -295,6 +324,8 @@ class DuoRun:
     source_cpu_s: float
     dest_cpu_s: float
     stages: dict[str, list[float]] = field(default_factory=dict)
+    #: The XCA source only: CPU seconds of the responding DUO (RAD-75 from the source PACS).
+    responder_cpu_s: float | None = None
 
 
 def _api(http_url: str, method: str, path: str, body: object | None = None) -> tuple[int, Any]:
@@ -322,10 +353,63 @@ def duo_transfer(work: Path, study: Study, method: str, source: Any, dest: Any, 
                      xua={"signing_key_file": str(pki.server.key),
                           "signing_cert_file": str(pki.server.cert)},
                      xca_responding={"retrieve_method": method},
-                     transfers={"destinations": [{
-                         "name": DESTINATION, "ae_title": dest.ae_title, "host": HOST,
-                         "port": dest.dicom_port, "uras": [REQUESTER["ura"]],
-                         "patient_id_issuer": "OWN_HOSPITAL", "timeout_s": 60.0}]})
+                     transfers=_destination(dest))
+    return _measured_transfer(run_dir, raw, study, method, source, dest, reconcile)
+
+
+def _destination(dest: Any) -> dict[str, Any]:
+    return {"destinations": [{"name": DESTINATION, "ae_title": dest.ae_title, "host": HOST,
+                              "port": dest.dicom_port, "uras": [REQUESTER["ura"]],
+                              "patient_id_issuer": "OWN_HOSPITAL", "timeout_s": 60.0}]}
+
+
+def xca_transfer(work: Path, study: Study, source: Any, dest: Any, mitz_url: str, pki: Any, hospital: Any,
+                 reconcile: bool) -> DuoRun:
+    """The study fetched from an XCA community: a second DUO process is that community's Responding
+    Imaging Gateway (ITI-38, ITI-39 KOS, RAD-75 answered from the source Orthanc by C-GET, exactly as
+    DUO answers real XCA peers), and the measured DUO, a fresh process with no TLB hospital, is its
+    Initiating Imaging Gateway: timeline (ITI-38) -> POST transfer -> ITI-39 manifest -> RAD-75 batches
+    of ``rad75_batch_size`` per series -> C-STORE into the destination. The measured DUO signs its XUA
+    assertions as the benchmarks' XDS peer (``bench._harness.CLAIMS``' issuer, the PKI's client key),
+    the peer the responding DUO's config trusts; the responder's CPU is reported beside it."""
+    run_dir = work / f"duo-xca-{study.count}-{study.syntax}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    (run_dir / "responder").mkdir(parents=True)
+    tlb = [{"ura": hospital.ura, "name": hospital.name, "ae_title": source.ae_title, "host": HOST,
+            "port": source.dicom_port, "repository_unique_id": hospital.repository_unique_id,
+            "timeout_s": 30.0}]
+    responder_raw = duo_config(run_dir / "responder", tlb, mitz_url, pki.ca_cert,
+                               xca_responding={"retrieve_method": "c-get"})
+    profile = os.environ.pop("DUO_BENCH_PROFILE", None)  # --profile is about the measured DUO only
+    try:
+        responder, ready = start_duo(run_dir / "responder", responder_raw)
+    finally:
+        if profile is not None:
+            os.environ["DUO_BENCH_PROFILE"] = profile
+    try:
+        xca = ready["http_url"] + "/xca"
+        community = {"home_community_id": DUO_HOME_COMMUNITY_ID, "name": "DUO responding (bench)",
+                     "iti38": f"{xca}/iti38", "iti39": f"{xca}/iti39", "rad75": f"{xca}/rad75",
+                     "uras": [hospital.ura], "query_without_localization": True, "timeout_s": 120.0}
+        raw = duo_config(run_dir, [], mitz_url, pki.ca_cert,
+                         gateway={"home_community_id": DEMO_XDS_HOME, "ura": XCA_INITIATOR_URA,
+                                  "name": "DUO initiating (bench)"},
+                         listeners={"dicom": {"ae_title": XCA_INITIATOR_AE, "host": HOST, "port": 0}},
+                         xua={"issuer": DEMO_XUA_ISSUER, "signing_key_file": str(pki.client.key),
+                              "signing_cert_file": str(pki.client.cert)},
+                         clients={"xca": []},  # it is that XDS peer: nobody asks it anything over XCA
+                         transfers=_destination(dest))
+        raw["xca_communities"] = [community]
+        return _measured_transfer(run_dir, raw, study, "xca", source, dest, reconcile,
+                                  responder=responder.pid)
+    finally:
+        responder.stop()
+
+
+def _measured_transfer(run_dir: Path, raw: dict[str, Any], study: Study, method: str, source: Any, dest: Any,
+                       reconcile: bool, responder: int | None = None) -> DuoRun:
+    """Start the measured DUO (``bench._transfer_duo``, with its stage timers) on ``raw``, take the study
+    id from its timeline and time one transfer from the 202 to the end, with every process's CPU."""
     cfg = run_dir / "duo-config.json"
     cfg.write_text(json.dumps(raw, indent=1))
     stages_file = run_dir / "stages.json"
@@ -346,7 +430,8 @@ def duo_transfer(work: Path, study: Study, method: str, source: Any, dest: Any, 
             body["local_patient_id"] = "LOCAL-42"
         src_pid, dst_pid = orthanc_pid(Path(source.workdir)), orthanc_pid(Path(dest.workdir))
         idle = proc_status_kib(child.pid)["VmRSS"]
-        cpu0 = (cpu_seconds(child.pid), cpu_seconds(src_pid), cpu_seconds(dst_pid))
+        pids = (child.pid, src_pid, dst_pid, responder)
+        cpu0 = [cpu_seconds(p) for p in pids]
         started = time.perf_counter()
         status, accepted = _api(url, "POST", "/transfers", body)
         accepted_at = time.perf_counter()
@@ -364,7 +449,7 @@ def duo_transfer(work: Path, study: Study, method: str, source: Any, dest: Any, 
                 raise BrokenTransfer(f"DUO: no end after 30 minutes: {job}")
             time.sleep(0.1)
         elapsed = time.perf_counter() - accepted_at
-        cpu1 = (cpu_seconds(child.pid), cpu_seconds(src_pid), cpu_seconds(dst_pid))
+        cpu = [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)]
         peak = proc_status_kib(child.pid)["VmHWM"]
         if job["state"] != "completed" or job["instances_stored"] != job["instances_expected"]:
             raise BrokenTransfer(f"DUO ({method}): {job['state']}, {job['instances_stored']} of "
@@ -379,8 +464,8 @@ def duo_transfer(work: Path, study: Study, method: str, source: Any, dest: Any, 
                 stages = json.loads(stages_file.read_text())
                 break
             time.sleep(0.02)
-        return DuoRun(method, elapsed, first_stored, idle, peak, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1],
-                      cpu1[2] - cpu0[2], stages)
+        return DuoRun(method, elapsed, first_stored, idle, peak, cpu[0], cpu[1], cpu[2], stages,
+                      responder_cpu_s=cpu[3] if responder is not None else None)
     finally:
         child.stop()
 
@@ -410,7 +495,7 @@ class RunningOrthanc:
     workdir: str
 
 
-def run(args: argparse.Namespace, work: Path) -> int:
+def run(args: argparse.Namespace, work: Path, results: list[SizeResult]) -> int:
     from duo_gateway.sim.pki import make_pki
     from tests.support.orthanc import run_orthanc  # the project's Orthanc runner (TCP_NODELAY=1)
 
@@ -419,7 +504,6 @@ def run(args: argparse.Namespace, work: Path) -> int:
     pki = make_pki(work / "pki", "rsa")
     (work / "mitz.ready.json").unlink(missing_ok=True)  # a kept work directory's would be stale
     peers = Child("bench._peers", ["--workdir", str(work / "peers"), "--hospitals", "0"], work, "mitz")
-    results: list[SizeResult] = []
     try:
         mitz_url = peers.wait_ready()["mitz_url"]
         for mb, syntax in ((mb, syntax) for mb in args.size_mb for syntax in args.syntax):
@@ -461,12 +545,20 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 print(f"[{tag}] storescu: {store_s:.2f} s", flush=True)
 
                 duo_runs = []
-                for method in args.method:
+                paths = [*(args.method if "pacs" in args.source else []),
+                         *(["xca"] if "xca" in args.source else [])]
+                for method in paths:
                     if args.profile:
                         os.environ["DUO_BENCH_PROFILE"] = f"{args.profile}-{method}-{slug}"
-                    r = duo_transfer(work, study, method, source, dest, duo_port, mitz_url, pki, hospital,
-                                     args.reconcile)
-                    os.environ.pop("DUO_BENCH_PROFILE", None)
+                    try:
+                        if method == "xca":
+                            r = xca_transfer(work, study, source, dest, mitz_url, pki, hospital,
+                                             args.reconcile)
+                        else:
+                            r = duo_transfer(work, study, method, source, dest, duo_port, mitz_url, pki,
+                                             hospital, args.reconcile)
+                    finally:
+                        os.environ.pop("DUO_BENCH_PROFILE", None)
                     verify_destination(dest, study, f"DUO ({method})")
                     held_as(dest, study, f"DUO ({method})")
                     empty_destination(dest)
@@ -485,6 +577,62 @@ def run(args: argparse.Namespace, work: Path) -> int:
     return 0
 
 
+def path_name(method: str) -> str:
+    return "from an XCA community (RAD-75)" if method == "xca" else f"{method} from source"
+
+
+def cpu_ms_per_mb(run: DuoRun, study: Study) -> float:
+    """DUO's own process CPU (user + sys, all threads) over the transfer, per MB of the study."""
+    return run.cpu_s * 1e3 / (study.total_bytes / MB)
+
+
+def _goals(run: DuoRun, res: SizeResult) -> dict[str, bool]:
+    return {"ratio_orthanc": res.move_s / run.seconds >= GOAL_RATIO,
+            "peak_rss": run.peak_rss_kib * 1024 / MB < GOAL_RSS_MB,
+            "cpu_ms_per_mb": cpu_ms_per_mb(run, res.study) <= GOAL_CPU_MS_PER_MB}
+
+
+def result_json(results: Sequence[SizeResult]) -> dict[str, Any]:
+    """The RESULT line: per size (the --size-mb value, an integer key), per path (``c-move``, ``c-get``,
+    ``xca``) the ratio to Orthanc C-MOVE of the same study in the same run, MB/s, peak RSS, CPU per MB,
+    the storescu ratio and the stage timers. The first syntax run of a size is at the top of its entry
+    (with ``syntax`` naming it); further syntaxes are under ``by_syntax``, in the same shape."""
+    def entry(res: SizeResult) -> dict[str, Any]:
+        mb = res.study.total_bytes / MB
+        out: dict[str, Any] = {
+            "syntax": res.study.syntax, "instances": res.study.count, "mb": round(mb, 1),
+            "orthanc_c_move": {"seconds": round(res.move_s, 3), "mb_s": round(mb / res.move_s, 1)},
+            "storescu": {"seconds": round(res.storescu_s, 3), "mb_s": round(mb / res.storescu_s, 1)}}
+        for r in res.duo:
+            out[r.method] = {
+                "ratio_orthanc": round(res.move_s / r.seconds, 3), "mb_s": round(mb / r.seconds, 1),
+                "peak_rss_mib": round(r.peak_rss_kib / 1024, 1),
+                "cpu_ms_per_mb": round(cpu_ms_per_mb(r, res.study), 2),
+                "ratio_storescu": round(res.storescu_s / r.seconds, 3), "seconds": round(r.seconds, 3),
+                "first_stored_s": round(r.first_stored_s, 3), "idle_rss_mib": round(r.idle_rss_kib / 1024, 1),
+                "cpu_s": round(r.cpu_s, 2), "source_cpu_s": round(r.source_cpu_s, 2),
+                "dest_cpu_s": round(r.dest_cpu_s, 2),
+                **({"responder_cpu_s": round(r.responder_cpu_s, 2)} if r.responder_cpu_s is not None else {}),
+                "goals_met": _goals(r, res),
+                "stages_s": {k: round(v[1], 3) for k, v in sorted(r.stages.items())},
+                "stage_calls": {k: int(v[0]) for k, v in sorted(r.stages.items())}}
+        return out
+
+    sizes: dict[str, dict[str, Any]] = {}
+    for res in results:
+        key = str(round(res.study.nominal_mb))
+        if key not in sizes:
+            sizes[key] = entry(res)
+        else:
+            sizes[key].setdefault("by_syntax", {})[res.study.syntax] = entry(res)
+    # The issue's goals are about the PACS sources; None when none of them ran.
+    pacs = [all(_goals(r, res).values()) for res in results for r in res.duo
+            if r.method in ("c-move", "c-get")]
+    return {"sizes": sizes, "goals": {"ratio_orthanc": GOAL_RATIO, "peak_rss_mb": GOAL_RSS_MB,
+                                      "cpu_ms_per_mb": GOAL_CPU_MS_PER_MB},
+            "all_goals_met": all(pacs) if pacs else None}
+
+
 def print_report(args: argparse.Namespace, results: list[SizeResult]) -> None:
     print(f"Transfer of one CT study source Orthanc → DUO → destination Orthanc; Orthanc 1.10, DCMTK, "
           f"TCP_NODELAY=1 on every peer and DUO; loopback, {os.cpu_count()} cores; "
@@ -497,7 +645,7 @@ def print_report(args: argparse.Namespace, results: list[SizeResult]) -> None:
     for res in results:
         rows = [("DCMTK storescu → destination (ceiling)", res.storescu_s),
                 ("Orthanc C-MOVE source → destination (hospital)", res.move_s),
-                *((f"DUO transfer API, {r.method} from source", r.seconds) for r in res.duo)]
+                *((f"DUO transfer API, {path_name(r.method)}", r.seconds) for r in res.duo)]
         mb = res.study.total_bytes / MB
         for name, secs in rows:
             print(f"{res.study.label:>12} {name:<52} {secs:8.2f} {mb / secs:7.1f} "
@@ -520,7 +668,8 @@ def print_report(args: argparse.Namespace, results: list[SizeResult]) -> None:
         text = ", ".join(f"{mb:.0f} MB study: idle {r.idle_rss_kib / 1024:.0f} MiB, peak "
                          f"{r.peak_rss_kib / 1024:.0f} MiB" for mb, r in peaks)
         name = f"{method}, {syntax}"
-        print(f"  {name}: {text}")
+        above = [f"{mb:.0f} MB study" for mb, r in peaks if r.peak_rss_kib * 1024 / MB >= GOAL_RSS_MB]
+        print(f"  {name}: {text} ({'ABOVE goal: ' + ', '.join(above) if above else 'meets goal'})")
         if len(peaks) >= 2:
             (mb_a, a), (mb_b, b) = max(peaks, key=lambda p: p[0]), min(peaks, key=lambda p: p[0])
             worst_mb = max(a.peak_rss_kib, b.peak_rss_kib) * 1024 / MB
@@ -538,11 +687,14 @@ def print_report(args: argparse.Namespace, results: list[SizeResult]) -> None:
             source_wait = max(0.0, s.get("pass", 0.0) - s.get("relay", 0.0) / ASSOCIATIONS)
             relay_other = s.get("relay", 0.0) - sum(s.get(k, 0.0) for k in
                                                     ("read meta", "reconcile", "C-STORE", "mark_stored"))
-            parts = [("manifest (Mitz + C-FIND walk)", s.get("manifest", 0.0)),
+            parts = [("manifest (Mitz + C-FIND walk; XCA: ITI-39 + KOS)", s.get("manifest", 0.0)),
                      ("  of which Mitz consent", s.get("consent", 0.0)),
-                     ("waiting for the source (C-GET/C-MOVE)", source_wait),
+                     (f"  of which C-FIND walks ({n.get('walk', 0)}; >1: asked again)",
+                      max(0.0, s.get("walk", 0.0) - s.get("consent", 0.0))),
+                     ("waiting for the source (C-GET/C-MOVE/RAD-75)", source_wait),
                      ("C-STORE to the destination", s.get("C-STORE", 0.0)),
-                     ("job store mark_stored", s.get("mark_stored", 0.0)),
+                     (f"job store mark_stored ({n.get('mark_stored', 0)} commits)",
+                      s.get("mark_stored", 0.0)),
                      ("read Part 10 meta", s.get("read meta", 0.0)),
                      ("reconcile (local patient id)", s.get("reconcile", 0.0)),
                      ("rest of the relay (retries, unlink, loop)", relay_other),
@@ -553,9 +705,12 @@ def print_report(args: argparse.Namespace, results: list[SizeResult]) -> None:
                   f"{n.get('C-STORE', 0)} C-STOREs")
             for name, secs in parts:
                 share = f"{secs / job:5.0%}" if job else ""
-                print(f"      {name:<44} {secs:7.2f} s {share}")
+                print(f"      {name:<50} {secs:7.2f} s {share}")
+            responder = (f", responding DUO {r.responder_cpu_s:.1f} s" if r.responder_cpu_s is not None
+                         else "")
             print(f"      CPU during the transfer: DUO {r.cpu_s:.1f} s ({r.cpu_s / r.seconds:.0%} of one "
-                  f"core), source Orthanc {r.source_cpu_s:.1f} s, destination Orthanc {r.dest_cpu_s:.1f} s")
+                  f"core, {cpu_ms_per_mb(r, res.study):.1f} ms/MB; goal ≤ {GOAL_CPU_MS_PER_MB:g}), source "
+                  f"Orthanc {r.source_cpu_s:.1f} s, destination Orthanc {r.dest_cpu_s:.1f} s{responder}")
         print(f"  {res.study.label}, Orthanc C-MOVE for comparison: source Orthanc "
               f"{res.move_cpu[0]:.1f} s CPU, destination Orthanc {res.move_cpu[1]:.1f} s CPU in "
               f"{res.move_s:.2f} s")
@@ -574,9 +729,12 @@ def print_report(args: argparse.Namespace, results: list[SizeResult]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mb", type=float, nargs="+", default=[1024, 250], help="study sizes in MB")
+    parser.add_argument("--size-mb", type=float, nargs="+", default=[500, 1024], help="study sizes in MB")
     parser.add_argument("--method", nargs="+", choices=("c-get", "c-move"), default=["c-get", "c-move"],
                         help="how DUO retrieves from the source PACS")
+    parser.add_argument("--source", nargs="+", choices=("pacs", "xca"), default=["pacs", "xca"],
+                        help="where DUO fetches from: the source PACS itself (each --method), an XCA "
+                             "community (a responding DUO in front of the same PACS, RAD-75), or both")
     parser.add_argument("--syntax", nargs="+", choices=tuple(SYNTAXES), default=list(SYNTAXES),
                         help="how the source holds the study: uncompressed, JPEG 2000 Lossless, or both")
     parser.add_argument("--image-size", type=int, default=512, help="rows = columns of each CT slice")
@@ -596,8 +754,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit_on_sigterm()
     if args.switch_interval:
         os.environ["DUO_BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)
-    return run_in_workdir("duo-bench-transfer-", lambda work: run(args, work), workdir=args.workdir,
-                          keep=args.keep)
+    results: list[SizeResult] = []
+    status = run_in_workdir("duo-bench-transfer-", lambda work: run(args, work, results),
+                            workdir=args.workdir, keep=args.keep)
+    if status == 0:
+        print("RESULT " + json.dumps(result_json(results), separators=(",", ":")), flush=True)
+    return status
 
 
 if __name__ == "__main__":

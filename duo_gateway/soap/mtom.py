@@ -217,6 +217,28 @@ def build_mtom(
     return content_type, MtomBody(segments, chunk_bytes)
 
 
+
+def mtom_request(envelope: bytes, action: str) -> tuple[str, bytes]:
+    """An already serialised (signed) envelope as a one-part MTOM message, for a request whose answer
+    should come back as MTOM: a Responding Gateway answers in kind (DUO's does, as do gateways that
+    inline base64 for plain SOAP callers), and an inline answer cannot be read as it arrives."""
+    _header_safe(action, "action")
+    boundary = f"MIMEBoundary_{uuid.uuid4().hex}"
+    root_cid = new_content_id()
+    delim = b"--" + boundary.encode("ascii")
+    body = (delim + _CRLF
+            + b"Content-Type: " + XOP_CONTENT_TYPE.encode() + b'; charset=UTF-8; type="'
+            + SOAP12_CONTENT_TYPE.encode() + b'"' + _CRLF
+            + b"Content-Transfer-Encoding: binary" + _CRLF
+            + b"Content-ID: <" + root_cid.encode("ascii") + b">" + _CRLF + _CRLF
+            + envelope + _CRLF + delim + b"--" + _CRLF)
+    content_type = (
+        f'{MULTIPART_RELATED}; boundary="{boundary}"; type="{XOP_CONTENT_TYPE}"; '
+        f'start="<{root_cid}>"; start-info="{SOAP12_CONTENT_TYPE}"; action="{action}"'
+    )
+    return content_type, body
+
+
 # -- parsing -------------------------------------------------------------------------------------
 
 _PARAM = re.compile(r';\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)\s*')

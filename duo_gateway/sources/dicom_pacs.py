@@ -322,11 +322,13 @@ class DicomPacsSource:
         async with self._qr.associate() as qa:
             check = bsn_query("STUDY", self.hospital.bsn_attribute, bsn)
             check.StudyInstanceUID = study_uid
+            check.NumberOfStudyRelatedSeries = ""
             own = [ds for ds in await _collect(qa.find(check))
                    if self._unique(ds, "StudyInstanceUID") == study_uid and self._belongs(ds, bsn)]
             if not own:
                 log.warning("pacs_study_not_of_patient", source=self.name, study_instance_uid=study_uid)
                 return []
+            counted_series = _int(own[0], "NumberOfStudyRelatedSeries")
             series_query = Dataset()
             series_query.QueryRetrieveLevel = "SERIES"
             series_query.StudyInstanceUID = study_uid
@@ -334,11 +336,14 @@ class DicomPacsSource:
             for keyword in _SERIES_RETURN_KEYS:
                 setattr(series_query, keyword, "")
             series: dict[str, Dataset] = {}
+            listed: set[str] = set()
             for ds in await _collect(qa.find(series_query)):
                 modality = _text(ds, "Modality")
+                listed.add(uid := self._unique(ds, "SeriesInstanceUID"))
                 if wanted_modalities and (modality or "").upper() not in wanted_modalities:
                     continue
-                series.setdefault(self._unique(ds, "SeriesInstanceUID"), ds)
+                series.setdefault(uid, ds)
+            self._complete("series", counted_series, len(listed), study_uid)
             records: dict[str, InstanceRecord] = {}
             foreign = 0
             for series_uid, sds in series.items():
@@ -350,7 +355,11 @@ class DicomPacsSource:
                 image_query.SOPInstanceUID = ""
                 for keyword in _IMAGE_RETURN_KEYS:
                     setattr(image_query, keyword, "")
-                for ds in await _collect(qa.find(image_query)):
+                answers = await _collect(qa.find(image_query))
+                found = {self._unique(ds, "SOPInstanceUID") for ds in answers}
+                counted = _int(sds, "NumberOfSeriesRelatedInstances")
+                self._complete("instances", counted, len(found), study_uid, series_uid)
+                for ds in answers:
                     sop_uid = self._unique(ds, "SOPInstanceUID")
                     if names_other_patient(ds, self.hospital.bsn_attribute, bsn):
                         foreign += 1
@@ -373,6 +382,19 @@ class DicomPacsSource:
         log.info("pacs_find_instances", source=self.name, study_instance_uid=study_uid, series=len(series),
                  instances=len(result))
         return result
+
+    def _complete(self, what: str, counted: int | None, listed: int, study_uid: str,
+                  series_uid: str | None = None) -> None:
+        """A manifest must be the whole study: fewer answers than the PACS's own count of them (a
+        dropped C-FIND response, as pynetdicom's reactor can take one off the queue before the find
+        reads it) would make a transfer of the rest "complete and verified". Refused as transient, so
+        the runner walks the study again; a PACS that lists more than it counts is not refused."""
+        if counted is not None and listed < counted:
+            log.warning("pacs_find_incomplete", source=self.name, study_instance_uid=study_uid,
+                        series_instance_uid=series_uid, level=what, counted=counted, listed=listed)
+            where = "the study" if series_uid is None else f"series {series_uid}"
+            raise SourceUnavailable(self.name, f"C-FIND listed {listed} {what} of {where}, the PACS counts "
+                                    f"{counted}: an incomplete answer")
 
     async def _find(self, query: Dataset) -> list[Dataset]:
         return await self._qr.find_all(query)

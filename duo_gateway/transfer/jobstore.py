@@ -234,6 +234,13 @@ class TransferStore(ABC):
         KeyError if the instance was never listed by add_expected."""
 
     @abstractmethod
+    async def mark_stored_many(self, job_id: str, owner: str,
+                               stored: Sequence[tuple[int, str, int]]) -> list[bool]:
+        """:meth:`mark_stored` of several (study index, SOP Instance UID, bytes) in one transaction, one
+        answer each in order: the group commit of relays that finished C-STOREs at the same time. All or
+        none are recorded (LeaseLost, or KeyError for one never listed, writes none of them)."""
+
+    @abstractmethod
     async def mark_failed(self, job_id: str, owner: str, index: int, sop_instance_uids: Sequence[str],
                           error: str) -> None:
         """Counts an attempt for each; a failed instance may still become stored later. A late failure
@@ -562,16 +569,31 @@ class SqlTransferStore(TransferStore):
 
     async def mark_stored(self, job_id: str, owner: str, index: int, sop_instance_uid: str,
                           nbytes: int) -> bool:
-        def run(tx: Tx) -> bool:
+        (first,) = await self.mark_stored_many(job_id, owner, [(index, sop_instance_uid, nbytes)])
+        return first
+
+    async def mark_stored_many(self, job_id: str, owner: str,
+                               stored: Sequence[tuple[int, str, int]]) -> list[bool]:
+        marks = [(int(index), str(uid), int(nbytes)) for index, uid, nbytes in stored]
+        if not marks:
+            return []
+
+        def run(tx: Tx) -> list[bool]:
+            # One fence, one revision bump, one commit for the whole group: what a transaction costs
+            # (the thread hop, BEGIN IMMEDIATE, the fence's row lock, COMMIT) is paid once per group.
             self._fence(tx, job_id, owner)
-            if tx.run("UPDATE transfer_instances SET state = 'stored', bytes = ?, error = NULL,"
-                      " attempts = attempts + 1"
-                      " WHERE job_id = ? AND study_idx = ? AND sop_instance_uid = ? AND state <> 'stored'",
-                      (int(nbytes), job_id, index, sop_instance_uid)):
+            firsts = []
+            for index, uid, nbytes in marks:
+                first = bool(tx.run("UPDATE transfer_instances SET state = 'stored', bytes = ?, error = NULL,"
+                                    " attempts = attempts + 1 WHERE job_id = ? AND study_idx = ?"
+                                    " AND sop_instance_uid = ? AND state <> 'stored'",
+                                    (nbytes, job_id, index, uid)))
+                if not first:
+                    self._instance_exists(tx, job_id, index, uid)
+                firsts.append(first)
+            if any(firsts):
                 self._bump(tx, job_id)
-                return True
-            self._instance_exists(tx, job_id, index, sop_instance_uid)
-            return False
+            return firsts
 
         return await self._write(run)
 

@@ -13,6 +13,7 @@ from duo_gateway.soap.mtom import (
     Attachment,
     MtomError,
     build_mtom,
+    mtom_request,
     normalise_cid,
     parse_content_type,
     parse_mtom,
@@ -240,3 +241,19 @@ def test_delimiter_recognition_is_unchanged() -> None:
             + b"\r\n--b1 \t\r\nContent-ID: <a>\r\n\r\nx--b1\r\n--b1x\r\ny\n--b1--\r\n--b1\r\nepilogue")
     root, parts = parse_mtom("multipart/related; boundary=b1", body)
     assert resolve_document(_documents(root)[0], parts) == b"x--b1\r\n--b1x\r\ny"
+
+
+def test_a_serialised_envelope_goes_as_a_one_part_mtom_request() -> None:
+    """RAD-75 requests: the signed envelope's bytes unchanged in the root part, nothing else."""
+    xml = etree.tostring(_envelope())
+    content_type, body = mtom_request(xml, ACTION)
+    media, params = parse_content_type(content_type)
+    assert media == "multipart/related" and params["type"] == "application/xop+xml"
+    assert params["action"] == ACTION and params["start"].startswith("<")
+    assert xml in body, "the envelope travels byte for byte (its signature covers those bytes)"
+    root, attachments = parse_mtom(content_type, body)
+    assert attachments == {}
+    assert etree.tostring(root) == xml
+    assert parse_envelope(etree.tostring(root)).addressing.action == ACTION
+    with pytest.raises(ValueError):
+        mtom_request(xml, 'bad"action')

@@ -259,6 +259,62 @@ async def test_pacs_ignoring_the_patient_key_does_not_leak() -> None:
         server.shutdown()
 
 
+async def test_a_walk_that_lists_less_than_the_pacs_counts_is_refused_as_transient(tmp_path: Path) -> None:
+    """A C-FIND answer that lost responses (pynetdicom's reactor can take one off the queue before the
+    find reads it) must not become a manifest: a transfer of the rest would be "complete and verified"."""
+    study = "1.2.826.0.1.3680043.10.7"
+    layout = {f"{study}.{n}": [f"{study}.{n}.{i}" for i in range(1, 4)] for n in (1, 2)}
+    answer = {"series": list(layout), "instances": {k: list(v) for k, v in layout.items()}, "counts": True}
+
+    def on_find(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        q = event.identifier
+        if q.QueryRetrieveLevel == "STUDY":
+            ds = Dataset()
+            ds.QueryRetrieveLevel, ds.PatientID, ds.StudyInstanceUID = "STUDY", ANNA.bsn, study
+            if answer["counts"]:
+                ds.NumberOfStudyRelatedSeries = len(layout)
+            yield 0xFF00, ds
+        elif q.QueryRetrieveLevel == "SERIES":
+            for uid in answer["series"]:
+                ds = Dataset()
+                ds.QueryRetrieveLevel, ds.StudyInstanceUID, ds.SeriesInstanceUID = "SERIES", study, uid
+                ds.Modality = "CT"
+                if answer["counts"]:
+                    ds.NumberOfSeriesRelatedInstances = len(layout[uid])
+                yield 0xFF00, ds
+        else:
+            for uid in answer["instances"][q.SeriesInstanceUID]:
+                ds = Dataset()
+                ds.QueryRetrieveLevel, ds.StudyInstanceUID = "IMAGE", study
+                ds.SeriesInstanceUID, ds.SOPInstanceUID = q.SeriesInstanceUID, uid
+                ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+                yield 0xFF00, ds
+        yield 0x0000, None
+
+    ae = AE(ae_title=HOSPITAL.ae_title)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    server = start_acceptor(ae, (HOST, 0), evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    assert isinstance(server, ThreadedAssociationServer)
+    try:
+        src = source(int(server.server_address[1]), tmp_path)
+        ok = await permit(ANNA.bsn)
+        assert len(await src.find_instances(ok, ANNA.bsn, study)) == 6
+        answer["series"] = answer["series"][1:]  # a series response lost
+        series_lost = "listed 1 series of the study, the PACS counts 2"
+        with pytest.raises(SourceUnavailable, match=series_lost) as lost:
+            await src.find_instances(ok, ANNA.bsn, study)
+        assert lost.value.retryable
+        answer["series"] = list(layout)
+        answer["instances"][f"{study}.2"] = answer["instances"][f"{study}.2"][:2]  # an instance response lost
+        instance_lost = f"listed 2 instances of series {study}.2, the PACS counts 3"
+        with pytest.raises(SourceUnavailable, match=instance_lost):
+            await src.find_instances(ok, ANNA.bsn, study)
+        answer["counts"] = False  # a PACS that does not count: nothing to hold the answer to
+        assert len(await src.find_instances(ok, ANNA.bsn, study)) == 5
+    finally:
+        server.shutdown()
+
+
 # -- the BSN rule, as each consumer reads it through a PACS --------------------------------------------
 
 

@@ -299,6 +299,34 @@ async def test_a_source_failing_mid_study_fails_what_it_still_owes_in_one_write(
         await store.mark_failed(job.id, "duo-a", 0, owed[1], "one UID, not a list")
 
 
+async def test_a_group_of_stored_marks_is_one_fenced_transaction(store: TransferStore) -> None:
+    """The relays' group commit: several studies' instances, one answer each, one change, all or none."""
+    job = await store.create(new_job("study-a", "study-b"))
+    await claimed(store)
+    await store.add_expected(job.id, "duo-a", 0, [instance(1), instance(2)])
+    await store.add_expected(job.id, "duo-a", 1, [instance(3)])
+    uid1, uid2, uid3 = (instance(n).sop_instance_uid for n in (1, 2, 3))
+    assert await store.mark_stored(job.id, "duo-a", 0, uid1, 5)
+    before = await store.revision(job.id)
+    firsts = await store.mark_stored_many(job.id, "duo-a", [(0, uid1, 5), (0, uid2, 7), (1, uid3, 11)])
+    assert firsts == [False, True, True], "one answer per mark, in order; a repeat counts once"
+    assert await store.revision(job.id) == (before or 0) + 1, "one transaction, one change"
+    assert await store.mark_stored_many(job.id, "duo-a", [(0, uid2, 7)]) == [False]
+    assert await store.revision(job.id) == (before or 0) + 1, "nothing new, no change"
+    assert await store.mark_stored_many(job.id, "duo-a", []) == []
+    fresh = await store.get(job.id)
+    assert fresh is not None
+    assert [(s.instances_stored, s.bytes) for s in fresh.studies] == [(2, 12), (1, 11)]
+
+    await store.add_expected(job.id, "duo-a", 0, [instance(4)])
+    uid4 = instance(4).sop_instance_uid
+    with pytest.raises(KeyError):  # one never listed and none of the group is written
+        await store.mark_stored_many(job.id, "duo-a", [(0, uid4, 1), (0, "9.9.9", 1)])
+    with pytest.raises(LeaseLost):  # fenced like every write
+        await store.mark_stored_many(job.id, "duo-b", [(0, uid4, 1)])
+    assert [r.state for r in await store.instances(job.id) if r.sop_instance_uid == uid4] == ["pending"]
+
+
 async def test_revision_moves_with_every_change(store: TransferStore) -> None:
     job = await store.create(new_job())
     seen = [job.revision]

@@ -92,10 +92,10 @@ class Rig:
         except KeyError:
             raise LookupError(f"{ref.kind} source of {ref.study_uid} is not configured") from None
 
-    def runner(self, owner: str = OWNER, *, retries: int = 2) -> JobRunner:
+    def runner(self, owner: str = OWNER, *, retries: int = 2, associations: int = 1) -> JobRunner:
         config = unit_config(self.tmp_path, transfers={
             "destinations": [{"name": "home-pacs", "ae_title": "HOMEPACS", "host": "192.0.2.5", "port": 104,
-                              "uras": [CLAIMS.ura], "max_associations": 1}],
+                              "uras": [CLAIMS.ura], "max_associations": associations}],
             "retries": retries, "retry_backoff_s": 0.001})
         gate = ConsentGate(FakeMitz(default="Deny"), categories=config.mitz.categories)
         return JobRunner(config, store=self.store, owner=owner, study_ids=self.ids,
@@ -152,6 +152,43 @@ async def test_every_instance_is_fetched_stored_and_verified(rig: Rig) -> None:
     assert [r.event.outcome for r in rig.auditor.records] == [EventOutcome.SUCCESS] * 2
     assert any(p.user_id == "HOMEPACS" for p in rig.auditor.records[1].participants)
     assert all(any(p.user_id.startswith(CLAIMS.uzi) for p in r.participants) for r in rig.auditor.records)
+
+
+async def test_parallel_relays_share_commits_but_none_sends_on_before_its_record(rig: Rig) -> None:
+    """The group commit: relays whose C-STOREs end together are recorded in one transaction, and still
+    no relay starts another instance before its last one is recorded (at most one unrecorded instance
+    per association: what a crash may re-send)."""
+    uids = [e.sop_instance_uid for e in manifest(n=9)]
+    rig.fetcher(TLB_REF, manifest(n=9))
+    sent: list[str] = []
+    recorded: list[str] = []
+    groups: list[int] = []
+    write = rig.store.mark_stored_many
+
+    async def before(uid: str) -> None:
+        assert len(sent) - len(recorded) < 3, "a relay sent on before its last instance was recorded"
+        sent.append(uid)
+
+    async def recording(job_id: str, owner: str, stored: Sequence[tuple[int, str, int]]) -> list[bool]:
+        if not groups:  # hold the first write until the other two relays have their records queued
+            for _ in range(1000):
+                if len(rig.destination.held) >= 3:
+                    break
+                await asyncio.sleep(0)
+        groups.append(len(stored))
+        firsts = await write(job_id, owner, stored)
+        recorded.extend(uid for _, uid, _ in stored)
+        return firsts
+
+    scripted(rig, {}, before=before)
+    rig.store.mark_stored_many = recording  # type: ignore[method-assign]
+    done = await rig.runner(associations=3).run(await rig.job([TLB_REF]))
+
+    assert done.state == "completed" and done.instances_stored == 9
+    assert sorted(rig.destination.held) == sorted(uids) and sorted(recorded) == sorted(uids)
+    assert sum(groups) == 9 and max(groups) > 1 and len(groups) < 9, groups
+    assert rig.destination.opened == 3
+    assert await rig.spooled() == []
 
 
 async def test_a_resume_fetches_only_what_is_not_stored_and_asks_the_source_again(rig: Rig) -> None:

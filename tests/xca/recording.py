@@ -14,12 +14,14 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from lxml import etree
 
 from duo_gateway.audit.messages import Peer
 from duo_gateway.config.peers import XcaCommunity
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.http import BEHAVIOUR_KEY
 from duo_gateway.soap.envelope import Envelope, parse_envelope
+from duo_gateway.soap.mtom import multipart_related, parse_mtom
 from duo_gateway.xua import Claims
 
 BSN = "999911120"
@@ -34,6 +36,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Recorder:
     """What reached the community: bodies and headers, concurrency, and scripted first failures."""
 
+    #: The SOAP envelope of each request (an MTOM request's root part).
     bodies: list[bytes] = field(default_factory=list)
     content_types: list[str] = field(default_factory=list)
     in_flight: int = 0
@@ -48,8 +51,13 @@ class Recorder:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/admin/"):
             return await handler(request)
-        self.bodies.append(await request.read())
-        self.content_types.append(request.headers.get("Content-Type", ""))
+        raw = await request.read()
+        content_type = request.headers.get("Content-Type", "")
+        if multipart_related(content_type) is not None:  # an MTOM request: keep its envelope
+            root, _ = parse_mtom(content_type, raw)
+            raw = etree.tostring(root)
+        self.bodies.append(raw)
+        self.content_types.append(content_type)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

@@ -177,6 +177,10 @@ async def test_kos_then_every_series_in_batches(community: Community, sim: XcaCo
     assert requested >= 2 and _files(retrievers.spool) == []
     envs = community.recorder.envelopes()
     assert [e.addressing.action for e in envs] == [Action.ITI39] + [Action.RAD75] * requested
+    # RAD-75 goes as MTOM, so a gateway answering in kind streams its images as MTOM parts.
+    kinds = [t.split(";")[0] for t in community.recorder.content_types]
+    assert kinds == ["application/soap+xml"] + ["multipart/related"] * requested
+    assert all(f'action="{Action.RAD75}"' in t for t in community.recorder.content_types[1:])
     # One requester, one patient, one community: every request carries the same (reused) assertion.
     saml = "{urn:oasis:names:tc:SAML:2.0:assertion}Assertion"
     assert len({a.get("ID") for e in envs for a in e.headers[-1].iter(saml)}) == 1

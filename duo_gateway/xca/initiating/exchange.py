@@ -65,6 +65,7 @@ from duo_gateway.soap.envelope import (
     new_message_id,
     serialize_with,
 )
+from duo_gateway.soap.mtom import mtom_request
 from duo_gateway.xca.codes import ErrorCode
 from duo_gateway.xca.errors import RegistryError
 from duo_gateway.xmldsig import PrivateKey
@@ -370,19 +371,23 @@ class Exchange:
 
     @asynccontextmanager
     async def stream_post(self, attempt: Attempt, *, action: str, url: str, body: bytes,
-                          operation: str) -> AsyncIterator[PeerStream]:
+                          operation: str, mtom: bool = False) -> AsyncIterator[PeerStream]:
         """Send the signed request and hand over the answer while its body is still on the wire.
 
         For answers too big to hold (RAD-75): the deadline alone bounds it, since a big study on a slow
         link may rightly take longer than one query. Transport failures while the caller reads become
         :class:`ExchangeFailed` as for :meth:`post`; the caller's own exceptions pass unchanged.
+        ``mtom`` sends the request as MTOM, so that a gateway answering in kind answers MTOM too.
         """
         budget = self._budget(attempt, None)
         payload = self._signed(attempt, action, url, body)
+        content_type = _content_type(action)
+        if mtom:
+            content_type, payload = mtom_request(payload, action)
         attempt.sent = True
         try:
             async with self._http.stream_post(url, payload, operation=operation, timeout_s=budget,
-                                              content_type=_content_type(action)) as resp:
+                                              content_type=content_type) as resp:
                 _raise_if_transient(resp.status)
                 yield resp
         except PeerCallError as exc:

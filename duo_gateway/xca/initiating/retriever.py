@@ -9,7 +9,9 @@ matter, and why:
   :class:`duo_gateway.soap.mtom_stream.MtomStream`: each MTOM part goes to its own spool file as it
   arrives and is handed to the caller as soon as it is complete, while the rest is still on the wire.
   A background task reads the answer, so a slow C-STORE downstream never stalls the HTTP exchange
-  into the deadline, and disk use is bounded by one batch.
+  into the deadline, and disk use is bounded by one batch. The request itself goes as MTOM: a
+  gateway that answers in kind (DUO's own does) would answer a plain SOAP request with inline base64,
+  which can only be read whole (docs/performance.md: 33 MB held twice per 50-image batch).
 - **Per-instance outcomes.** The source's consent decision and repository trouble show up as a
   registry Failure or PartialSuccess: every requested instance that did not arrive becomes a
   :class:`PartFailure` naming the source's reason, so the transfer can report and retry per image.
@@ -338,8 +340,10 @@ class CommunityRetriever:
         url = str(self.community.rad75)
         state.failures.clear()  # a retry only happens before anything was handed over
         try:
+            # Sent as MTOM: a gateway that answers in kind (DUO's own does) then answers MTOM, whose
+            # parts are spooled as they arrive; a plain SOAP answer is read whole (inline base64).
             async with self._exchange.stream_post(attempt, action=Action.RAD75, url=url, body=body,
-                                                  operation="rad75") as resp:
+                                                  operation="rad75", mtom=True) as resp:
                 stream = MtomStream(resp.headers.get("Content-Type", ""), resp.content, self._spool,
                                     max_part_bytes=MAX_IMAGE_BYTES, max_xml_bytes=MAX_ENVELOPE_BYTES)
                 async with stream:
