@@ -279,6 +279,47 @@ async def test_slow_consumer_back_pressure_and_responsive_loop(pacs: SimPacs, si
     assert list(spool_dir.iterdir()) == []
 
 
+async def test_byte_window_bounds_the_spool_and_lets_a_larger_instance_pass_alone(
+        pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    """The byte window holds what is on disk, sampled from outside, and records its high-water mark;
+    an instance larger than the window still passes, alone."""
+    spool_dir = tmp_path / "spool"
+    largest = max(len(write_study(sim.big, tmp_path / "sizes")[0].read_bytes()), 1)
+    window_bytes = largest * 5 // 2  # room for two instances, never three
+    peak_bytes = peak_files = 0
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak_bytes, peak_files
+        while not done.is_set():
+            files = [f for f in spool_dir.iterdir()] if spool_dir.exists() else []
+            sizes = [f.stat().st_size for f in files if f.exists()]
+            peak_bytes, peak_files = max(peak_bytes, sum(sizes)), max(peak_files, len(files))
+            await asyncio.sleep(0.002)
+
+    qr = client(pacs.port)
+    spool = qr.spool(spool_dir, 100, window_bytes=window_bytes)
+    received = 0
+    with fixtures_frozen():
+        sampler = asyncio.create_task(sample())
+        async for item in qr.get(retrieve_query(sim.big.study_instance_uid), spool, sop_classes(sim.big)):
+            received += 1
+            await asyncio.sleep(0.003)  # a consumer slower than the PACS fills the window
+            item.path.unlink()
+        done.set()
+        await sampler
+    assert received == len(sim.big.instances)
+    assert largest <= spool.high_water_bytes <= window_bytes
+    assert 1 <= peak_files <= 2 and peak_bytes <= window_bytes
+    assert spool.bytes_held == 0 and list(spool_dir.iterdir()) == []
+
+    tiny = qr.spool(tmp_path / "tiny", 100, window_bytes=1)
+    got = [i async for i in qr.get(retrieve_query(sim.anna[0].study_instance_uid), tiny,
+                                   sop_classes(sim.anna[0]))]
+    assert len(got) == len(sim.anna[0].instances)
+    assert tiny.high_water_bytes == max(i.size for i in got)  # one at a time, whatever its size
+
+
 async def test_cancel_mid_get_aborts_and_cleans_up(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
     spool_dir = tmp_path / "spool"
     taken: list[Path] = []
