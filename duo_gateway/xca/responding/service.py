@@ -255,7 +255,7 @@ class ImagingRetrieval:
             for study in self._studies:
                 disclosed = [r for r in study.handed
                              if (r.repository_unique_id, r.document_unique_id) in self._disclosed]
-                self._audit(study, disclosed, self._stopped if len(disclosed) < len(study.handed) else None)
+                self._audit(study, disclosed, self._stopped)
         self.close()
 
     def close(self) -> None:
@@ -984,17 +984,18 @@ class RespondingGateway:
                 disclosure.description = detail
 
     def _audit_study(self, ctx: CallContext, study: _StudyDisclosure, disclosed: list[DocumentRef],
-                     cut: str | None) -> None:
+                     stopped: str | None) -> None:
         """A fetched study's ITI-20 record, once its answer ended: exactly the instances disclosed.
 
         The fetch's own outcome stands (SUCCESS when anything was delivered, as before streaming);
-        an answer that ended before all its handed-over instances went out (the caller went away, the
-        request was stopped) is a MINOR_FAILURE that says so, unless the fetch already failed worse.
+        an answer that ended before the study's fetch did, or before all it handed over went out (the
+        caller went away, DUO failed writing), is a MINOR_FAILURE that says why (``stopped``), unless
+        the fetch already failed worse.
         """
         outcome = EventOutcome.MINOR_FAILURE if study.outcome is None else study.outcome
         description = study.description
-        if cut is not None or study.outcome is None:
-            why = cut or "the answer ended before the fetch"
+        if study.outcome is None or len(disclosed) < len(study.handed):
+            why = stopped or "the answer ended before the fetch"
             description = f"{description}; {why}" if description else why
             if outcome == EventOutcome.SUCCESS:
                 outcome = EventOutcome.MINOR_FAILURE
