@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 from aiohttp import web
@@ -63,7 +64,6 @@ from duo_gateway.soap.envelope import (
     serialize,
 )
 from duo_gateway.soap.mtom import (
-    DEFAULT_CHUNK_BYTES,
     XOP_NS,
     Attachment,
     MtomRootLast,
@@ -332,8 +332,6 @@ async def _rad75_streamed(request: web.Request, retrieval: ImagingRetrieval, act
                 await out.write(writer.PART_END)
                 written.append(document)
                 content_ids.append(cid)
-                if isinstance(document.data, Path):
-                    await asyncio.to_thread(document.data.unlink, missing_ok=True)
         body_el, _ = build_retrieve_response(retrieval.response(written), mtom=True, content_ids=content_ids)
         root = writer.root(_answer(body_el, action, env))
         out = await started()
@@ -359,17 +357,41 @@ async def _rad75_streamed(request: web.Request, retrieval: ImagingRetrieval, act
         return response
 
 
+#: A document up to this size is read in one go (one hand-off to a thread instead of one per chunk,
+#: per instance of a study of hundreds); a larger one is read in chunks of it.
+_WHOLE_READ_BYTES = 4 * 1024 * 1024
+
+
 async def _write_document(out: web.StreamResponse, data: bytes | Path) -> None:
-    """A document's bytes, read from disk in chunks in a thread (never the whole file, never on the loop)."""
+    """A document's bytes, read from disk in a thread (never more than 4 MiB of it at a time, never on
+    the loop), and its spool file removed: once written it has no other reader."""
     if isinstance(data, bytes):
         await out.write(data)
         return
-    fh = await asyncio.to_thread(data.open, "rb")
+    head, fh = await asyncio.to_thread(_open_document, data)
     try:
-        while chunk := await asyncio.to_thread(fh.read, DEFAULT_CHUNK_BYTES):
+        await out.write(head)
+        while fh is not None and (chunk := await asyncio.to_thread(fh.read, _WHOLE_READ_BYTES)):
             await out.write(chunk)
     finally:
-        await asyncio.to_thread(fh.close)
+        if fh is not None:
+            await asyncio.to_thread(_close_document, fh, data)
+
+
+def _open_document(path: Path) -> tuple[bytes, BinaryIO | None]:
+    """The first (or only) block of ``path``; the open file when more follows, else None and the file
+    already deleted."""
+    fh = path.open("rb")
+    head = fh.read(_WHOLE_READ_BYTES)
+    if len(head) < _WHOLE_READ_BYTES:
+        _close_document(fh, path)
+        return head, None
+    return head, fh
+
+
+def _close_document(fh: BinaryIO, path: Path) -> None:
+    fh.close()
+    path.unlink(missing_ok=True)
 
 
 def _wants_mtom(request: web.Request) -> bool:
