@@ -276,6 +276,30 @@ async def test_rad75_with_permit_delivers_the_instances_and_audits_the_disclosur
     assert result.spool is None and not any((rig.spool).iterdir()), "the spool goes with the answer"
 
 
+async def test_rad75_fetch_waits_while_the_consumer_holds_a_document(
+        build: Callable[..., Awaitable[Rig]]) -> None:
+    """The consumer paces the fetch: the PACS is not asked for the next instance while the answer is
+    still writing the last one, which is what keeps the spool within the PACS window."""
+    rig = await build()
+    result = await rig.service.retrieve_imaging(imaging((S1, REPO1)), context())
+    try:
+        async with aclosing(result.stream()) as documents:
+            first = await anext(documents)
+            result.disclosing(first)
+            for _ in range(10):
+                await asyncio.sleep(0.01)  # room for a fetch that did not wait to run ahead
+            assert result.spool is not None
+            assert sorted(p.name for p in result.spool.iterdir()) == [f"{S1}.1.1.dcm"], "fetched ahead"
+            assert not any((rig.spool.parent / "pacs").iterdir()), "the PACS was asked for the next one"
+            second = await anext(documents)
+            assert second.document_unique_id == f"{S1}.1.2"
+            result.disclosing(second)
+            assert [d async for d in documents] == []
+        assert result.status == ResponseStatus.SUCCESS
+    finally:
+        await result.aclose()
+
+
 async def test_rad75_of_a_study_of_another_patient_is_refused_without_asking_consent(
         build: Callable[..., Awaitable[Rig]]) -> None:
     rig = await build()
