@@ -995,7 +995,8 @@ class RespondingGateway:
         outcome = EventOutcome.MINOR_FAILURE if study.outcome is None else study.outcome
         description = study.description
         if study.outcome is None or len(disclosed) < len(study.handed):
-            why = stopped or "the answer ended before the fetch"
+            why = stopped or ("the answer ended before the fetch" if study.outcome is None
+                              else "the answer ended before all of it was sent")
             description = f"{description}; {why}" if description else why
             if outcome == EventOutcome.SUCCESS:
                 outcome = EventOutcome.MINOR_FAILURE

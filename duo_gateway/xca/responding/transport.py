@@ -299,8 +299,12 @@ class XcaRespondingDoor:
             async with contextlib.aclosing(retrieval.stream()) as documents:
                 async for _document in documents:
                     pass  # status first: every instance must be in the spool before the first byte
-            return await _mtom_response(request, retrieval.response(), route.response_action, env,
-                                        disclosing=retrieval.disclosing)
+            try:
+                return await _mtom_response(request, retrieval.response(), route.response_action, env,
+                                            disclosing=retrieval.disclosing)
+            except ConnectionError:
+                retrieval.stopped("the caller stopped reading the answer")
+                raise
         finally:
             await retrieval.aclose()
 
