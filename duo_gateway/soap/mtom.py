@@ -129,12 +129,16 @@ class MtomBody:
     def __bytes__(self) -> bytes:
         return b"".join(self)
 
-    async def astream(self) -> AsyncIterator[bytes]:
-        """The same chunks for an asyncio writer: file reads run in a thread, never on the loop."""
+    async def astream(self, on_attachment: Callable[[Attachment], None] | None = None
+                      ) -> AsyncIterator[bytes]:
+        """The same chunks for an asyncio writer: file reads run in a thread, never on the loop.
+        ``on_attachment`` hears of each attachment just before its content goes out (an audit)."""
         for seg in self._segments:
             if isinstance(seg, bytes):
                 yield seg
                 continue
+            if on_attachment is not None:
+                on_attachment(seg)
             if isinstance(seg.data, bytes):
                 yield seg.data
                 continue

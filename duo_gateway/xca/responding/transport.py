@@ -20,14 +20,17 @@ failed: a reader must then discard the whole answer, and no standard error says 
 What reads it: DUO's own initiating side (:class:`~duo_gateway.soap.mtom_stream.MtomStream` keeps the
 parts before the root and hands them over after it), any reader that honours ``start`` (RFC 2387, as
 xca.md §10 asks), and a plain multipart reader that returns parts by Content-ID. A reader that takes
-the first part as the envelope whatever ``start`` says (zeep's ``MultipartDecoder`` use) cannot; zeep
-sends plain SOAP, though, and a plain SOAP request gets the inline answer below. The first response
+the first part as the envelope whatever ``start`` says cannot: zeep (its ``MultipartDecoder`` use),
+which sends plain SOAP and so gets the inline answer below, and Apache CXF (``AttachmentDeserializer``
+reads the first part as the message), for which a peer is configured envelope-first, below. The first response
 byte leaves with the first instance, so a failure before that (consent, the C-FIND, nothing found)
 is still an ordinary answer; only DUO's own failure after it (its disk) cuts the connection, so the
 caller never takes a truncated answer for a whole one.
 
 A plain SOAP request gets inline base64 in one XML document, status first: that answer still waits
 for every instance in the spool before its first byte (its readers buffer the whole body anyway).
+So does an MTOM answer to a peer configured with ``rad75_envelope = "first"`` (``[[clients.xca]]``):
+Apache CXF's reader (and so IPF's) takes the first part as the envelope whatever ``start`` says.
 """
 
 from __future__ import annotations
@@ -293,12 +296,13 @@ class XcaRespondingDoor:
                 env,
             )
         retrieval = await self._service.retrieve_imaging(req, ctx)
+        peer = ctx.system.xca if ctx.system is not None else None
         try:
-            if _wants_mtom(request):
+            if _wants_mtom(request) and (peer is None or peer.rad75_envelope == "last"):
                 return await _rad75_streamed(request, retrieval, route.response_action, env)
             async with contextlib.aclosing(retrieval.stream()) as documents:
                 async for _document in documents:
-                    pass  # status first: every instance must be in the spool before the first byte
+                    pass  # envelope first: every instance must be in the spool before the first byte
             try:
                 return await _mtom_response(request, retrieval.response(), route.response_action, env,
                                             disclosing=retrieval.disclosing)
@@ -445,7 +449,8 @@ async def _mtom_response(
         response = web.StreamResponse(status=200, headers={"Content-Type": content_type})
         response.content_length = body.content_length
         await response.prepare(request)
-        async for chunk in body.astream():
+        on_attachment = None if disclosing is None else lambda a: disclosing(by_cid[a.content_id])
+        async for chunk in body.astream(on_attachment):
             await response.write(chunk)
     else:
         segments = _inline_segments(envelope, attachments)
