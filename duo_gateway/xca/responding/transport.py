@@ -17,20 +17,20 @@ PACS did not deliver, also after it failed mid-study, as XDSRepositoryError with
 gives (xca.md §9, §10). Chosen over an envelope first, which would have to promise Success and a part
 for every expected instance before any was fetched and could only truncate the message when the PACS
 failed: a reader must then discard the whole answer, and no standard error says why.
+
 What reads it: DUO's own initiating side (:class:`~duo_gateway.soap.mtom_stream.MtomStream` keeps the
 parts before the root and hands them over after it), any reader that honours ``start`` (RFC 2387, as
 xca.md §10 asks), and a plain multipart reader that returns parts by Content-ID. A reader that takes
-the first part as the envelope whatever ``start`` says cannot: zeep (its ``MultipartDecoder`` use),
-which sends plain SOAP and so gets the inline answer below, and Apache CXF (``AttachmentDeserializer``
-reads the first part as the message), for which a peer is configured envelope-first, below. The first response
-byte leaves with the first instance, so a failure before that (consent, the C-FIND, nothing found)
-is still an ordinary answer; only DUO's own failure after it (its disk) cuts the connection, so the
-caller never takes a truncated answer for a whole one.
+the first part as the envelope whatever ``start`` says cannot: zeep (its ``MultipartDecoder`` use)
+and Apache CXF (its ``AttachmentDeserializer`` reads the first part as the message, so IPF too). For
+such a peer, ``[[clients.xca]] rad75_envelope = "first"`` keeps the answer of before: every instance
+spooled, then the envelope first (with Content-Length); zeep itself sends plain SOAP and so gets the
+inline answer, which is spooled whole and status-first too (its readers buffer the body anyway).
 
-A plain SOAP request gets inline base64 in one XML document, status first: that answer still waits
-for every instance in the spool before its first byte (its readers buffer the whole body anyway).
-So does an MTOM answer to a peer configured with ``rad75_envelope = "first"`` (``[[clients.xca]]``):
-Apache CXF's reader (and so IPF's) takes the first part as the envelope whatever ``start`` says.
+The first response byte leaves with the first instance, so a failure before that (consent, the
+C-FIND, nothing found) is still an ordinary answer or fault; after it, only DUO's own failure (its
+disk) cuts the connection, so the caller never takes a truncated answer for a whole one. A caller
+that stops reading stops the fetch; the audit names what was written to it.
 """
 
 from __future__ import annotations
