@@ -8,13 +8,20 @@ the fly and keeping only each part's first bytes, so the client's memory does no
 
 DUO runs in a process of its own so that its peak RSS (VmHWM, reset just before the request) is
 DUO's alone; the client, the spool watcher and the getscu baseline run here, Mitz in a peers process.
-The spool directory is sampled during the request: its high-water mark and the time to the first
-response byte show how much of the study DUO holds on disk before it starts sending.
+DUO answers an MTOM RAD-75 as the instances arrive, envelope last (issue 14): the time to the first
+response byte is set against the C-FINDs and consent DUO did first (their durations from its /metrics),
+and the spool's high-water mark is read from DUO's own metric (what its byte window held at most),
+cross-checked by sampling the spool directory from outside.
 
 Correctness is checked, never assumed: every instance of the study must arrive exactly once, under its
 own SOP Instance UID and study, with a dataset exactly as long as the generated file's, in both paths.
 
 Usage: python -m bench.rad75 [--mb 500] [--size 512] [--series 4] [--load-jobs 2] [--repeat 1]
+                             [--window 64MiB]
+
+Ends with one line ``RESULT {json}``: ``ratio_getscu`` (DUO's MB/s ÷ getscu's), ``first_byte_s`` (request
+to first response byte), ``lookups_s`` (DUO's C-FINDs and Mitz before the C-GET, from its /metrics),
+``first_byte_after_lookups_s``, ``spool_high_water_mib`` (DUO's metric), ``window_mib``, and more.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
+import json
 import os
 import resource
 import shutil
@@ -89,6 +97,7 @@ ENV = {**os.environ, "TCP_NODELAY": "1"}
 HEAD_BYTES = 16 * 1024
 TAIL_BYTES = 64
 MB = 1e6
+MIB = 1024 * 1024
 
 
 class BrokenTransfer(AssertionError):
@@ -239,6 +248,8 @@ def getscu(study: Study, ae_title: str, port: int, out: Path) -> tuple[float, st
 @dataclass
 class Part:
     headers: dict[str, str]
+    #: The SOAP envelope: the part named by ``start`` (DUO sends it last), or the first without it.
+    is_root: bool = False
     size: int = 0
     head: bytearray = field(default_factory=bytearray)
     tail: bytes = b""
@@ -260,6 +271,8 @@ class MtomSplitter:
         self.parts: list[Part] = []
         self._current: Part | None = None
         self.done = False
+        #: perf_counter() when the first attachment was complete in the client
+        self.first_part_at: float | None = None
 
     def feed(self, chunk: bytes) -> None:
         self._parser.feed(chunk)
@@ -279,11 +292,13 @@ class MtomSplitter:
             if isinstance(event, NeedData):
                 return
             if isinstance(event, PartStart):
-                self._current = Part(dict(event.headers))
+                self._current = Part(dict(event.headers), event.is_root)
                 self.parts.append(self._current)
             elif isinstance(event, PartData):
                 self._body(event.data)
             elif isinstance(event, PartEnd):
+                if self._current is not None and not self._current.is_root and self.first_part_at is None:
+                    self.first_part_at = time.perf_counter()
                 self._current = None
             elif isinstance(event, MessageEnd):
                 self.done = True
@@ -294,7 +309,7 @@ class MtomSplitter:
             return
         part.size += len(data)
         part.tail = (part.tail + data[-TAIL_BYTES:])[-TAIL_BYTES:]
-        limit = self._root_limit if len(self.parts) == 1 else HEAD_BYTES
+        limit = self._root_limit if part.is_root else HEAD_BYTES
         if len(part.head) < limit:
             part.head += data[: limit - len(part.head)]
 
@@ -327,6 +342,7 @@ class SpoolWatcher(threading.Thread):
 class Rad75Result:
     seconds: float
     first_byte_s: float
+    first_part_s: float
     wire_bytes: int
     syntax: str
     peak_rss_kib: int
@@ -337,6 +353,10 @@ class Rad75Result:
     spool_after_files: int
     #: (peer, operation) → (calls, seconds) inside DUO during the request, from its /metrics
     peers: dict[tuple[str, ...], tuple[float, float]]
+    #: DUO's own account of its spool: the byte window's high-water mark and the window (bytes)
+    duo_spool_high_water: float
+    duo_window: float
+    chunked: bool
 
 
 async def rad75(study: Study, url: str, caller: XdsCaller, duo_pid: int, spool: Path,
@@ -363,6 +383,7 @@ async def rad75(study: Study, url: str, caller: XdsCaller, duo_pid: int, spool: 
             async with session.post(url, data=prepared.body,
                                     headers={"Content-Type": prepared.content_type}) as r:
                 first_byte = time.perf_counter() - started
+                chunked = r.headers.get("Transfer-Encoding", "").lower() == "chunked"
                 mime, params = parse_content_type(r.headers.get("Content-Type", ""))
                 if r.status != 200 or mime != "multipart/related" or "boundary" not in params:
                     raise BrokenTransfer(f"HTTP {r.status} {mime}: {(await r.content.read(2000))!r}")
@@ -389,13 +410,28 @@ async def rad75(study: Study, url: str, caller: XdsCaller, duo_pid: int, spool: 
         after_files = dir_usage(spool)[1]
     syntax = verify_answer(study, splitter.parts)
     peers = histogram_deltas(before, after, "duo_peer_request_duration_seconds", ("peer", "operation"))
-    return Rad75Result(elapsed, first_byte, wire, syntax, peak, idle, watcher.peak_bytes, watcher.peak_files,
-                       watcher.peak_at, after_files, peers)
+    first_part = (splitter.first_part_at or started) - started
+    return Rad75Result(elapsed, first_byte, first_part, wire, syntax, peak, idle, watcher.peak_bytes,
+                       watcher.peak_files, watcher.peak_at, after_files, peers,
+                       _gauge(after, "duo_retrieve_spool_last_high_water_bytes"),
+                       _gauge(after, "duo_retrieve_spool_window_bytes"), chunked)
+
+
+def _gauge(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+    """A per-peer gauge of DUO's (one PACS here); NaN where DUO does not export it."""
+    values = [v for (n, _labels), v in samples.items() if n == name]
+    return max(values) if values else float("nan")
 
 
 def verify_answer(study: Study, parts: Sequence[Part]) -> str:
-    """Success, one DocumentResponse per instance, and each part the very instance its cid names."""
-    root, *attachments = parts
+    """Success, one DocumentResponse per instance, and each part the very instance its cid names.
+
+    The envelope is the part ``start`` names wherever it is (DUO streams it last)."""
+    roots = [p for p in parts if p.is_root]
+    if len(roots) != 1:
+        raise BrokenTransfer(f"{len(roots)} root parts")
+    root = roots[0]
+    attachments = [p for p in parts if not p.is_root]
     env = parse_envelope(parse_xml(bytes(root.head), max_bytes=len(root.head) + 1))
     assert env.body is not None
     by_cid = {normalise_cid(p.headers.get("content-id", "")): p for p in attachments}
@@ -456,7 +492,8 @@ async def amain(args: argparse.Namespace, work: Path) -> int:
             tlb = [{"ura": hospital.ura, "name": hospital.name, "ae_title": orthanc.ae_title,
                     "host": HOST, "port": orthanc.dicom_port,
                     "repository_unique_id": hospital.repository_unique_id}]
-            raw = duo_config(work, tlb, info["mitz_url"], pki.ca_cert)
+            raw = duo_config(work, tlb, info["mitz_url"], pki.ca_cert,
+                             xca_responding={"retrieve_window": args.window})
             started_duo, ready = await asyncio.to_thread(start_duo, work, raw)
             duo, duo_pid = started_duo, started_duo.pid
             url = ready["http_url"] + "/xca/rad75"
@@ -479,6 +516,12 @@ async def amain(args: argparse.Namespace, work: Path) -> int:
         await asyncio.to_thread(peers.stop)
 
 
+def lookups(r: Rad75Result) -> float:
+    """Seconds DUO spent in C-FINDs and consent before its C-GET (sequential within one study)."""
+    return sum(secs for (peer, op), (_n, secs) in r.peers.items()
+               if op in ("c-find", "closed") or peer.startswith("mitz"))
+
+
 def print_report(args: argparse.Namespace, study: Study, generated_s: float, load_s: float,
                  baseline: list[float], base_syntax: str, results: list[Rad75Result]) -> None:
     mb = study.total_bytes / MB
@@ -498,18 +541,41 @@ def print_report(args: argparse.Namespace, study: Study, generated_s: float, loa
     print(f"DUO/getscu throughput ratio: {base / duo_s:.2f}  (median of {len(results)}; "
           f"both verified: all {study.count} instances once each, Pixel Data length and ends as generated; "
           f"getscu got {syntax_name(base_syntax)}, DUO sent {syntax_name(r.syntax)})")
-    print(f"DUO first response byte after {r.first_byte_s:.2f} s, last after {r.seconds:.2f} s: "
-          f"{r.first_byte_s / r.seconds:.0%} of the time fetching into the spool before sending anything; "
-          f"{r.wire_bytes / MB:.0f} MB on the wire")
+    looked = lookups(r)
+    print(f"DUO first response byte after {r.first_byte_s:.2f} s ({r.first_byte_s - looked:.2f} s after its "
+          f"C-FINDs and consent, {looked:.2f} s), first whole instance at {r.first_part_s:.2f} s, last byte "
+          f"after {r.seconds:.2f} s; {r.wire_bytes / MB:.0f} MB on the wire"
+          f"{', chunked' if r.chunked else ''}")
     where = "; ".join(f"{peer} {op} {n:.0f}× = {secs:.2f} s"
                       for (peer, op), (n, secs) in sorted(r.peers.items()))
-    print(f"inside DUO before the first byte (its /metrics): {where}")
-    print(f"DUO spool high-water: {r.spool_peak_bytes / MB:.0f} MB in {r.spool_peak_files} files "
-          f"({r.spool_peak_bytes / study.total_bytes:.0%} of the study) at {r.spool_peak_at:.2f} s; "
-          f"{r.spool_after_files} files left after the answer")
+    print(f"inside DUO during the request (its /metrics): {where}")
+    print(f"DUO spool high-water, its own metric: {r.duo_spool_high_water / MIB:.1f} MiB of a "
+          f"{r.duo_window / MIB:.0f} MiB window; sampled from outside: {r.spool_peak_bytes / MB:.0f} MB in "
+          f"{r.spool_peak_files} files ({r.spool_peak_bytes / study.total_bytes:.0%} of the study) at "
+          f"{r.spool_peak_at:.2f} s; {r.spool_after_files} files left after the answer")
+    client_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"DUO RSS: {r.idle_rss_kib / 1024:.0f} MiB idle, peak {r.peak_rss_kib / 1024:.0f} MiB during the "
-          f"request (VmHWM, separate process); client peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+          f"request (VmHWM, separate process); client peak RSS {client_rss:.0f} MiB")
+    result = {
+        "ratio_getscu": round(base / duo_s, 3),
+        "first_byte_s": round(r.first_byte_s, 3),
+        "lookups_s": round(looked, 3),
+        "first_byte_after_lookups_s": round(r.first_byte_s - looked, 3),
+        "first_part_s": round(r.first_part_s, 3),
+        "spool_high_water_mib": round(r.duo_spool_high_water / MIB, 2),
+        "window_mib": round(r.duo_window / MIB, 2),
+        "spool_sampled_peak_mib": round(r.spool_peak_bytes / MIB, 2),
+        "duo_mb_s": round(mb / duo_s, 1),
+        "getscu_mb_s": round(mb / base, 1),
+        "duo_s": round(duo_s, 3),
+        "getscu_s": round(base, 3),
+        "study_mb": round(mb, 1),
+        "instances": study.count,
+        "peak_rss_mib": round(r.peak_rss_kib / 1024, 1),
+        "chunked": r.chunked,
+        "repeat": len(results),
+    }
+    print("RESULT " + json.dumps(result, sort_keys=True))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -519,6 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--series", type=int, default=4)
     parser.add_argument("--load-jobs", type=int, default=2, help="storescu processes loading Orthanc")
     parser.add_argument("--repeat", type=int, default=1, help="getscu + RAD-75 rounds (medians printed)")
+    parser.add_argument("--window", default="64MiB", help="DUO's xca_responding.retrieve_window")
     args = parser.parse_args(argv)
     configure_logging(LoggingConfig(level="WARNING"))
     if (missing := missing_tools(("storescu", "getscu"), orthanc=True)) is not None:

@@ -38,7 +38,7 @@ from duo_gateway.mitz.notify import MitzNotifyDoor
 from duo_gateway.mitz.signing import request_signer
 from duo_gateway.mitz.subscriptions import SubscriptionManager
 from duo_gateway.observability.metrics import Metrics
-from duo_gateway.sources.dicom_pacs import DicomPacsSource
+from duo_gateway.sources.dicom_pacs import RETRIEVE_WINDOW_FILES, DicomPacsSource
 from duo_gateway.timeline.service import TimelineService
 from duo_gateway.timeline.study_ids import StudyIds
 from duo_gateway.tlb.api import TlbApiDoor
@@ -84,13 +84,14 @@ class Gateway:
         self._sync_task: asyncio.Task[None] | None = None
         self.spool_dir = config.storage.path / "spool"
         #: Each TLB hospital's PACS, as an ImagingSource (DICOM today).
-        window = config.xca_responding.retrieve_window
+        window_bytes = int(config.xca_responding.retrieve_window)
         method = config.xca_responding.retrieve_method
         #: Routes C-STOREs that PACSes send to DUO's AE back to the C-MOVE that asked for them.
         self.move_router = MoveRouter()
         self.sources: dict[str, DicomPacsSource] = {
             h.ura: DicomPacsSource(h, config.listeners.dicom.ae_title, self.spool_dir, retrieve_method=method,
-                                   retrieve_window=window, metrics=self.metrics, move_router=self.move_router)
+                                   retrieve_window=RETRIEVE_WINDOW_FILES, retrieve_window_bytes=window_bytes,
+                                   metrics=self.metrics, move_router=self.move_router)
             for h in config.tlb_hospitals}
         #: Keeps Mitz subscriptions complete, reading each PACS through the same source as the queries.
         self.subscriptions = SubscriptionManager(config, pacses=self.sources, auditor=self.auditor,

@@ -112,6 +112,12 @@ class XcaPeer(_Client):
     issuer: str = Field(min_length=1, max_length=1024)
     #: The certificates allowed to sign this issuer's assertions (pinned; a chain to a CA is not enough).
     signing_certs: list[ConfigPath] = Field(min_length=1)
+    #: Where the SOAP envelope goes in this peer's MTOM RAD-75 answers. ``last``: each instance is
+    #: written as it arrives and the envelope, the part ``start`` names (RFC 2387), closes the message
+    #: with the status and errors only then known. ``first``: for a peer whose MIME reader takes the
+    #: first part as the envelope whatever ``start`` says (Apache CXF, and so IPF; zeep): every instance
+    #: is spooled before the first byte, as before issue 14 (no early first byte, no spool bound).
+    rad75_envelope: Literal["last", "first"] = "last"
 
 
 class MitzCaller(_Client):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ByteSize, Field, field_validator
 
 from duo_gateway.config.base import StrictModel
 
@@ -20,6 +20,10 @@ def _c(code: str, scheme: str, display: str) -> CodeConfig:
 
 
 _SNOMED = "2.16.840.1.113883.6.96"
+
+#: ``retrieve_window``'s default: a few dozen CT slices or one large multi-frame object.
+RETRIEVE_WINDOW_DEFAULT = 64 * 1024 * 1024
+MIN_RETRIEVE_WINDOW = 1024 * 1024
 
 
 class DocumentCodes(StrictModel):
@@ -59,7 +63,18 @@ class XcaRespondingConfig(StrictModel):
     #: How DUO pulls instances from a PACS for RAD-75: C-GET over the same association, or C-MOVE
     #: to DUO's own storage SCP (for PACSes that refuse C-GET).
     retrieve_method: Literal["c-get", "c-move"] = "c-get"
-    #: Instances a PACS may deliver ahead of DUO's consumer (C-GET/C-MOVE back-pressure). It bounds
-    #: the retrieve queue, not the RAD-75 spool: RAD-75 answers only once the request's instances are
-    #: all on disk (status and errors precede the documents), so the spool holds the whole request.
-    retrieve_window: int = Field(default=16, ge=1, le=1024)
+    #: Bytes a PACS may deliver ahead of DUO's consumer (C-GET/C-MOVE back-pressure: a C-STORE that
+    #: does not fit waits, so the PACS waits), per study being fetched. A RAD-75 answered as MTOM
+    #: writes each instance out before the next is asked for, so this bounds its spool; an instance
+    #: larger than the window passes alone. A size: bytes, or "64MiB", "1GiB".
+    retrieve_window: ByteSize = Field(default=ByteSize(RETRIEVE_WINDOW_DEFAULT), ge=MIN_RETRIEVE_WINDOW)
+
+    @field_validator("retrieve_window", mode="before")
+    @classmethod
+    def _a_size_not_a_count(cls, value: object) -> object:
+        # Until issue 14 this key counted files (default 16): such a value now means bytes and would
+        # throttle every retrieve to one instance at a time, so it is refused with the reason.
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MIN_RETRIEVE_WINDOW:
+            raise ValueError(f"retrieve_window is a size in bytes (e.g. \"64MiB\"), at least "
+                             f"{MIN_RETRIEVE_WINDOW} bytes; {value} looks like the former count of files")
+        return value

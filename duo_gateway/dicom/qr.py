@@ -13,7 +13,8 @@ any of that, so this module keeps to three rules:
   through a bounded :class:`asyncio.Queue` with ``run_coroutine_threadsafe(...).result(timeout)``.
   A received instance is first written to the spool and renamed into place, then queued, and only
   then does the handler answer 0x0000; while the consumer lags, the handler waits (the PACS waits for
-  our C-STORE-RSP), so at most ``window`` files sit spooled and unconsumed and memory stays flat.
+  our C-STORE-RSP), so at most ``window`` files (and, with ``window_bytes``, at most that many bytes,
+  an instance larger than that alone) sit spooled and unconsumed and memory stays flat.
 - **Timeouts everywhere, abort on cancel.** All pynetdicom timeouts are set, every wait on a thread is
   bounded, and a consumer that stops iterating (cancel, break, error) aborts the association and
   leaves no files it did not receive behind.
@@ -38,6 +39,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
@@ -253,15 +255,25 @@ class Spool:
     the window bounds the whole retrieve, not each sub-request. A file counts against the window from
     the moment a C-STORE starts writing it until the consumer asks for the next item, so "at most
     ``window`` files in the spool" holds for anything the spool wrote, consumed or not.
+
+    ``window_bytes`` bounds the same files by size as well: a count alone lets a study of large
+    enhanced multi-frame objects fill the disk, and a consumer that keeps each instance until it is
+    written onwards (RAD-75 streams each into the HTTP answer) holds the spool to that many bytes.
+    A C-STORE whose instance does not fit waits for room like one over the count; an instance larger
+    than the whole window is let in alone (when nothing else is spooled), or it could never pass.
+    ``high_water_bytes`` is the most the window held at once, for the metric that proves the bound.
     """
 
     def __init__(self, directory: Path, window: int, *, validate: Validator | None = None,
-                 store_wait_s: float = 30.0, fsync: bool = False) -> None:
+                 store_wait_s: float = 30.0, fsync: bool = False, window_bytes: int | None = None) -> None:
         if window < 1:
             raise ValueError("window must be >= 1")
+        if window_bytes is not None and window_bytes < 1:
+            raise ValueError("window_bytes must be >= 1")
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.window = window
+        self.window_bytes = window_bytes
         #: How long a C-STORE may wait for the consumer before it is refused (0xA700). Keep it below
         #: the PACS's own DIMSE timeout, or the PACS aborts first.
         self.store_wait_s = store_wait_s
@@ -275,6 +287,13 @@ class Spool:
         self._outstanding: set[Path] = set()
         self._inflight = 0
         self.refused = 0
+        #: Bytes of the files counted against the window now; the most it ever was.
+        self._room = threading.Condition()
+        self.bytes_held = 0
+        self.high_water_bytes = 0
+        #: Sizes of the items handed over and not yet consumed, oldest first (``_drain`` hands over
+        #: and consumes strictly in turn, so the oldest is the one being consumed).
+        self._handed_sizes: deque[int] = deque()
 
     @property
     def closed(self) -> bool:
@@ -305,19 +324,34 @@ class Spool:
             return OUT_OF_RESOURCES
         queued = False
         tmp: Path | None = None
+        held = 0
         try:
+            # The size is known before a byte is written (pynetdicom holds the whole data set), so the
+            # byte window is waited for first and the spool never holds more than it allows.
+            if _config.STORE_RECV_CHUNKED_DATASET:
+                data: bytes | None = None
+                size = os.path.getsize(event.dataset_path)
+            else:
+                data = event.encoded_dataset(include_meta=True)
+                size = len(data)
+            if not self._acquire_bytes(size):
+                log.warning("qr_store_refused_window", sop_instance_uid=sop_uid, closed=self.closed,
+                            size=size)
+                return OUT_OF_RESOURCES
+            held = size
             fd, tmp_name = tempfile.mkstemp(dir=self.directory, prefix=".part-", suffix=".dcm")
             tmp = Path(tmp_name)
-            if _config.STORE_RECV_CHUNKED_DATASET:
+            if data is None:
                 # pynetdicom already wrote a Part-10 file and deletes it when we return: take it.
                 os.close(fd)
                 shutil.move(event.dataset_path, tmp)
             else:
                 with os.fdopen(fd, "wb") as fh:
-                    fh.write(event.encoded_dataset(include_meta=True))
+                    fh.write(data)
                     if self.fsync:
                         fh.flush()
                         os.fsync(fh.fileno())
+                data = None
             header = dcmread(tmp, stop_before_pixels=True)
             if str(header.get("SOPInstanceUID", "")) != sop_uid:
                 log.warning("qr_store_uid_mismatch", sop_instance_uid=sop_uid)
@@ -357,6 +391,7 @@ class Spool:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
             if not queued:
+                self._release_bytes(held)
                 self._permits.release()
 
     def _acquire(self) -> bool:
@@ -371,6 +406,34 @@ class Spool:
                 return False
         return False
 
+    def _acquire_bytes(self, size: int) -> bool:
+        """Wait until ``size`` more bytes fit the window (or nothing is held: an instance larger than
+        the window passes alone); False when closed or after ``store_wait_s``."""
+        if self.window_bytes is None:
+            with self._room:
+                self._hold(size)
+            return True
+        deadline = time.monotonic() + self.store_wait_s
+        with self._room:
+            while self.bytes_held and self.bytes_held + size > self.window_bytes:
+                if self.closed or time.monotonic() > deadline:
+                    return False
+                self._room.wait(_POLL_S)
+            if self.closed:
+                return False
+            self._hold(size)
+            return True
+
+    def _hold(self, size: int) -> None:
+        self.bytes_held += size
+        self.high_water_bytes = max(self.high_water_bytes, self.bytes_held)
+
+    def _release_bytes(self, size: int) -> None:
+        if size:
+            with self._room:
+                self.bytes_held -= size
+                self._room.notify_all()
+
     def _put_end(self, item: object, timeout_s: float) -> bool:
         return self._bridge.put(item, timeout_s)
 
@@ -382,8 +445,12 @@ class Spool:
     def _handed_over(self, item: SpooledInstance) -> None:
         with self._lock:
             self._outstanding.discard(item.path)
+            self._handed_sizes.append(item.size)
 
     def _consumed(self) -> None:
+        with self._lock:
+            size = self._handed_sizes.popleft() if self._handed_sizes else 0
+        self._release_bytes(size)
         self._permits.release()
 
     async def close(self) -> None:
@@ -556,8 +623,10 @@ class QrClient:
         self.move_idle_s = move_idle_s if move_idle_s is not None else timeout_s + self.store_wait_s
         self._slots = asyncio.Semaphore(max_associations)
 
-    def spool(self, directory: Path, window: int, validate: Validator | None = None) -> Spool:
-        return Spool(directory, window, validate=validate, store_wait_s=self.store_wait_s)
+    def spool(self, directory: Path, window: int, validate: Validator | None = None, *,
+              window_bytes: int | None = None) -> Spool:
+        return Spool(directory, window, validate=validate, store_wait_s=self.store_wait_s,
+                     window_bytes=window_bytes)
 
     @asynccontextmanager
     async def associate(self, *, find: bool = True, get_sop_classes: Sequence[str] = (),

@@ -33,6 +33,12 @@ class Misbehaviour(StrictModel):
 MitzDecisionOverride = Literal["Permit", "Deny", "NotApplicable", "Indeterminate"]
 
 
+class PacsMisbehaviour(Misbehaviour):
+    #: A C-GET or C-MOVE sends this many instances, then aborts the association, as a PACS that
+    #: crashes (or is restarted) mid-study does: what arrived is complete, the rest never comes.
+    abort_after_instances: int | None = Field(default=None, ge=0)
+
+
 class XcaMisbehaviour(Misbehaviour):
     #: SOP Instance UIDs the imaging document source behind the gateway no longer holds (purged,
     #: lost): the KOS still lists them, but RAD-75 answers ``XDSDocumentUniqueIdError`` for each,

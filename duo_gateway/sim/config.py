@@ -15,7 +15,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from duo_gateway.bsn import is_valid_bsn
 from duo_gateway.config.base import StrictModel
-from duo_gateway.sim.behaviour import Misbehaviour, MitzMisbehaviour, XcaMisbehaviour
+from duo_gateway.sim.behaviour import MitzMisbehaviour, PacsMisbehaviour, XcaMisbehaviour
 from duo_gateway.sim.codecs import ENCODABLE
 
 ConsentProfile = Literal["all", "partial", "none"]
@@ -74,7 +74,7 @@ class SimHospital(SimInstitution):
     repository_unique_id: str
     studies_per_patient: int = Field(default=2, ge=0, le=50)
     compressed: list[SimCompressedStudy] = Field(default_factory=list)
-    behaviour: Misbehaviour = Misbehaviour()
+    behaviour: PacsMisbehaviour = PacsMisbehaviour()
 
     def encodings(self, bsn: str, institution: SimInstitution | None = None) -> dict[int, str]:
         """Study index -> transfer syntax of the patient's studies stored other than Explicit VR LE."""

@@ -27,6 +27,8 @@ there, so all state is behind one lock and :meth:`SimPacs.start`, :meth:`SimPacs
   unique key of the queried level (e.g. StudyInstanceUID), then Success. This is the nasty case, a
   status that says "here is a match" with a match nobody can retrieve or de-duplicate; a blunt
   failure status would be too easy on the gateway.
+- ``abort_after_instances`` (:class:`~duo_gateway.sim.behaviour.PacsMisbehaviour`): a C-GET or
+  C-MOVE sends that many instances, then aborts the association, as a PACS crashing mid-study.
 - ``fault`` has no DICOM meaning and is ignored.
 
 Logs carry counts and UIDs only, never patient names or BSNs.
@@ -92,7 +94,7 @@ from duo_gateway.dicom.status import (
 )
 from duo_gateway.dicom.syntaxes import syntax_class
 from duo_gateway.dicom.teardown import install_fast_teardown
-from duo_gateway.sim.behaviour import Misbehaviour
+from duo_gateway.sim.behaviour import Misbehaviour, PacsMisbehaviour
 from duo_gateway.sim.codecs import encoded, serving_syntax
 from duo_gateway.sim.config import SimHospital
 from duo_gateway.sim.studies import GeneratedStudy, write_study
@@ -433,9 +435,15 @@ class SimPacs:
         """Each instance as stored when the receiver accepted that syntax, else converted without loss
         when a codec can (a compressed file decompressed, say), else as stored all the same: pynetdicom
         then finds no context for it and counts that one sub-operation failed, as a PACS would."""
-        for entry in entries:
+        behaviour = self._behaviour
+        abort_after = behaviour.abort_after_instances if isinstance(behaviour, PacsMisbehaviour) else None
+        for sent, entry in enumerate(entries):
             if event.is_cancelled:
                 yield CANCEL, None
+                return
+            if abort_after is not None and sent >= abort_after:
+                log.info("sim_pacs_abort_mid_retrieve", ae_title=self.ae_title, sent=sent)
+                event.assoc.abort()
                 return
             try:
                 ds: Dataset = dcmread(entry.path)

@@ -133,12 +133,16 @@ class MtomBody:
     def __bytes__(self) -> bytes:
         return b"".join(self)
 
-    async def astream(self) -> AsyncIterator[bytes]:
-        """The same chunks for an asyncio writer: file reads run in a thread, never on the loop."""
+    async def astream(self, on_attachment: Callable[[Attachment], None] | None = None
+                      ) -> AsyncIterator[bytes]:
+        """The same chunks for an asyncio writer: file reads run in a thread, never on the loop.
+        ``on_attachment`` hears of each attachment just before its content goes out (an audit)."""
         for seg in self._segments:
             if isinstance(seg, bytes):
                 yield seg
                 continue
+            if on_attachment is not None:
+                on_attachment(seg)
             if isinstance(seg.data, bytes):
                 yield seg.data
                 continue
@@ -156,6 +160,38 @@ def _header_safe(value: str, what: str) -> str:
     return value
 
 
+def _root_head(delim: bytes, root_cid: str) -> bytes:
+    return (delim + _CRLF
+            + b"Content-Type: " + XOP_CONTENT_TYPE.encode() + b'; charset=UTF-8; type="'
+            + SOAP12_CONTENT_TYPE.encode() + b'"' + _CRLF
+            + b"Content-Transfer-Encoding: binary" + _CRLF
+            + b"Content-ID: <" + root_cid.encode("ascii") + b">" + _CRLF + _CRLF)
+
+
+def _part_head(delim: bytes, content_id: str, content_type: str) -> bytes:
+    _header_safe(content_id, "Content-ID")
+    _header_safe(content_type, "Content-Type")
+    return (delim + _CRLF
+            + b"Content-Type: " + content_type.encode("ascii") + _CRLF
+            + b"Content-Transfer-Encoding: binary" + _CRLF
+            + b"Content-ID: <" + content_id.encode("ascii") + b">" + _CRLF + _CRLF)
+
+
+def _packaging(action: str, boundary: str | None, root_content_id: str | None) -> tuple[str, str, str]:
+    """(boundary, root Content-ID, HTTP Content-Type) of a new MTOM message, checked."""
+    _header_safe(action, "action")
+    boundary = boundary or f"MIMEBoundary_{uuid.uuid4().hex}"
+    if not re.fullmatch(r"[0-9A-Za-z'()+_,\-./:=?]{1,70}", boundary):
+        raise ValueError("invalid MIME boundary")
+    root_cid = root_content_id or new_content_id()
+    _header_safe(root_cid, "root Content-ID")
+    content_type = (
+        f'{MULTIPART_RELATED}; boundary="{boundary}"; type="{XOP_CONTENT_TYPE}"; '
+        f'start="<{root_cid}>"; start-info="{SOAP12_CONTENT_TYPE}"; action="{action}"'
+    )
+    return boundary, root_cid, content_type
+
+
 def build_mtom(
     envelope_root: etree._Element,
     attachments: Iterable[Attachment],
@@ -171,7 +207,6 @@ def build_mtom(
     in the caller that the peer would only report as an opaque "missing document".
     """
     atts = list(attachments)
-    _header_safe(action, "action")
     hrefs = {
         normalise_cid(inc.get("href", ""))
         for inc in envelope_root.iter(f"{{{XOP_NS}}}Include")
@@ -183,60 +218,64 @@ def build_mtom(
         raise ValueError(
             f"xop:Include hrefs and attachments differ: {sorted(hrefs ^ set(ids))}"
         )
-    boundary = boundary or f"MIMEBoundary_{uuid.uuid4().hex}"
-    if not re.fullmatch(r"[0-9A-Za-z'()+_,\-./:=?]{1,70}", boundary):
-        raise ValueError("invalid MIME boundary")
-    root_cid = root_content_id or new_content_id()
-    _header_safe(root_cid, "root Content-ID")
-    xml = to_bytes(envelope_root)
+    boundary, root_cid, content_type = _packaging(action, boundary, root_content_id)
     delim = b"--" + boundary.encode("ascii")
-    segments: list[bytes | Attachment] = [
-        delim + _CRLF
-        + b"Content-Type: " + XOP_CONTENT_TYPE.encode() + b'; charset=UTF-8; type="'
-        + SOAP12_CONTENT_TYPE.encode() + b'"' + _CRLF
-        + b"Content-Transfer-Encoding: binary" + _CRLF
-        + b"Content-ID: <" + root_cid.encode("ascii") + b">" + _CRLF + _CRLF
-        + xml + _CRLF
-    ]
+    segments: list[bytes | Attachment] = [_root_head(delim, root_cid) + to_bytes(envelope_root) + _CRLF]
     for att in atts:
-        _header_safe(att.content_id, "Content-ID")
-        _header_safe(att.content_type, "Content-Type")
-        segments.append(
-            delim + _CRLF
-            + b"Content-Type: " + att.content_type.encode("ascii") + _CRLF
-            + b"Content-Transfer-Encoding: binary" + _CRLF
-            + b"Content-ID: <" + att.content_id.encode("ascii") + b">" + _CRLF + _CRLF
-        )
+        segments.append(_part_head(delim, att.content_id, att.content_type))
         segments.append(att)
         segments.append(_CRLF)
     segments.append(delim + b"--" + _CRLF)
-    content_type = (
-        f'{MULTIPART_RELATED}; boundary="{boundary}"; type="{XOP_CONTENT_TYPE}"; '
-        f'start="<{root_cid}>"; start-info="{SOAP12_CONTENT_TYPE}"; action="{action}"'
-    )
     return content_type, MtomBody(segments, chunk_bytes)
-
 
 
 def mtom_request(envelope: bytes, action: str) -> tuple[str, bytes]:
     """An already serialised (signed) envelope as a one-part MTOM message, for a request whose answer
     should come back as MTOM: a Responding Gateway answers in kind (DUO's does, as do gateways that
     inline base64 for plain SOAP callers), and an inline answer cannot be read as it arrives."""
-    _header_safe(action, "action")
-    boundary = f"MIMEBoundary_{uuid.uuid4().hex}"
-    root_cid = new_content_id()
+    boundary, root_cid, content_type = _packaging(action, None, None)
     delim = b"--" + boundary.encode("ascii")
-    body = (delim + _CRLF
-            + b"Content-Type: " + XOP_CONTENT_TYPE.encode() + b'; charset=UTF-8; type="'
-            + SOAP12_CONTENT_TYPE.encode() + b'"' + _CRLF
-            + b"Content-Transfer-Encoding: binary" + _CRLF
-            + b"Content-ID: <" + root_cid.encode("ascii") + b">" + _CRLF + _CRLF
-            + envelope + _CRLF + delim + b"--" + _CRLF)
-    content_type = (
-        f'{MULTIPART_RELATED}; boundary="{boundary}"; type="{XOP_CONTENT_TYPE}"; '
-        f'start="<{root_cid}>"; start-info="{SOAP12_CONTENT_TYPE}"; action="{action}"'
-    )
-    return content_type, body
+    return content_type, _root_head(delim, root_cid) + envelope + _CRLF + delim + b"--" + _CRLF
+
+
+class MtomRootLast:
+    """The bytes of an MTOM message written as its attachments become available, envelope last.
+
+    For an answer whose SOAP envelope is only known at the end (RAD-75: the status and the
+    RegistryErrorList depend on what the PACS delivered), but whose attachments should go out as they
+    arrive. The root part is the one ``start`` names, as RFC 2387 lets any part be; it comes after the
+    attachments, so its ``xop:Include`` hrefs name parts already sent. Sans-I/O: the caller writes
+    :attr:`content_type` as the HTTP header, then for each attachment :meth:`part_head`, its content
+    and :data:`PART_END`, and at the end :meth:`root` (which also closes the message).
+    """
+
+    PART_END: Final = _CRLF
+
+    def __init__(self, action: str, *, boundary: str | None = None, root_content_id: str | None = None):
+        self.boundary, self.root_content_id, self.content_type = _packaging(action, boundary,
+                                                                             root_content_id)
+        self._delim = b"--" + self.boundary.encode("ascii")
+        self._sent: set[str] = set()
+
+    def part_head(self, content_id: str, content_type: str) -> bytes:
+        """The delimiter and header block opening one attachment (binary content follows)."""
+        cid = normalise_cid(content_id)
+        if cid in self._sent or cid == normalise_cid(self.root_content_id):
+            raise ValueError("duplicate attachment Content-ID")
+        self._sent.add(cid)
+        return _part_head(self._delim, content_id, content_type)
+
+    def root(self, envelope_root: etree._Element) -> bytes:
+        """The root part with the serialized envelope and the close delimiter.
+
+        Its hrefs must name attachments already written; the ones written but not named are allowed
+        (a reader ignores them) but never happen in DUO, whose envelope lists every part it sent.
+        """
+        for include in envelope_root.iter(f"{{{XOP_NS}}}Include"):
+            if normalise_cid(include.get("href", "")) not in self._sent:
+                raise ValueError("xop:Include names an attachment that was not written")
+        return (_root_head(self._delim, self.root_content_id) + to_bytes(envelope_root) + _CRLF
+                + self._delim + b"--" + _CRLF)
 
 
 # -- parsing -------------------------------------------------------------------------------------

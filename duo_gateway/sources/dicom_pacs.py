@@ -78,13 +78,18 @@ _SYNC_DEADLINE_FACTOR = 6
 _UIDS_PER_RETRIEVE = 200
 
 
+#: The file count that goes with a byte window: a backstop only (the bridge queue's size), so the
+#: configured bytes are what bounds a retrieve of ordinary instances, not 16 of them.
+RETRIEVE_WINDOW_FILES = 1024
+
+
 class DicomPacsSource:
     """One TLB hospital's PACS; answers only within a Permit for that hospital and patient."""
 
     def __init__(self, hospital: TlbHospital, calling_ae: str, spool_dir: Path,
                  retrieve_method: Literal["c-get", "c-move"] = "c-get", retrieve_window: int = 16,
                  metrics: Metrics | None = None, *, move_router: MoveRouter | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, retrieve_window_bytes: int | None = None) -> None:
         if retrieve_method == "c-move" and move_router is None:
             raise ValueError("C-MOVE needs the move_router of DUO's storage SCP (AE title = calling_ae)")
         self.hospital = hospital
@@ -93,7 +98,9 @@ class DicomPacsSource:
         self.calling_ae = calling_ae
         self.spool_dir = spool_dir
         self.retrieve_method = retrieve_method
+        #: Files, and bytes, a retrieve may hold spooled ahead of its consumer (qr.Spool's windows).
         self.retrieve_window = retrieve_window
+        self.retrieve_window_bytes = retrieve_window_bytes
         self._metrics = metrics
         self._router = move_router
         if tls is None and hospital.tls is not None:
@@ -238,7 +245,8 @@ class DicomPacsSource:
         counts = await self._deadline("c-find", self._series_counts(study_uid), self.hospital.timeout_s)
         operation = self.retrieve_method
         spool = self._qr.spool(self.spool_dir, self.retrieve_window,
-                               self._validator(bsn, study_uid, frozenset(wanted)))
+                               self._validator(bsn, study_uid, frozenset(wanted)),
+                               window_bytes=self.retrieve_window_bytes)
         delivered = 0
         started = time.perf_counter()
         outcome = "cancelled"
@@ -272,8 +280,11 @@ class DicomPacsSource:
         finally:
             await spool.close()
             self._observe(operation, outcome, time.perf_counter() - started)
+            if self._metrics is not None:
+                self._metrics.observe_spool(self.name, spool.high_water_bytes, spool.window_bytes)
             log.info("pacs_retrieve", source=self.name, study_instance_uid=study_uid, method=operation,
-                     asked=len(wanted), delivered=delivered, refused=spool.refused, outcome=outcome)
+                     asked=len(wanted), delivered=delivered, refused=spool.refused, outcome=outcome,
+                     spool_high_water_bytes=spool.high_water_bytes)
 
     def _association(self, operation: str, sop_classes: list[str],
                      syntaxes: tuple[str, ...]) -> AbstractAsyncContextManager[QrAssociation]:

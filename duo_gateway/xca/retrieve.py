@@ -148,11 +148,17 @@ def build_imaging_retrieve_request(req: RetrieveImagingDocumentSetRequest) -> et
 
 
 def build_retrieve_response(
-    resp: RetrieveDocumentSetResponse, *, mtom: bool = True
+    resp: RetrieveDocumentSetResponse, *, mtom: bool = True, content_ids: Sequence[str] | None = None
 ) -> tuple[etree._Element, list[Attachment]]:
-    """The response element plus the attachments its ``xop:Include``s name (empty when inline)."""
+    """The response element plus the attachments its ``xop:Include``s name (empty when inline).
+
+    ``content_ids``: one per document, for parts that were written already (a streamed answer names
+    what it sent); otherwise each document gets a fresh one.
+    """
     if resp.status == ResponseStatus.SUCCESS and any(e.is_error for e in resp.errors):
         raise MetadataError("a Success response cannot carry errors")
+    if content_ids is not None and len(content_ids) != len(resp.documents):
+        raise ValueError("one Content-ID per document")
     root = etree.Element(
         xdsb("RetrieveDocumentSetResponse"), nsmap={"xdsb": XDSB_NS, "rs": RS_NS}
     )
@@ -161,7 +167,7 @@ def build_retrieve_response(
     if errors is not None:
         rr.append(errors)
     attachments: list[Attachment] = []
-    for doc in resp.documents:
+    for i, doc in enumerate(resp.documents):
         dr = etree.SubElement(root, xdsb("DocumentResponse"))
         if doc.home is not None:
             _text(dr, xdsb("HomeCommunityId"), normalise_home(doc.home))
@@ -174,7 +180,7 @@ def build_retrieve_response(
         _text(dr, xdsb("mimeType"), doc.mime_type)
         d = etree.SubElement(dr, xdsb("Document"))
         if mtom:
-            cid = new_content_id()
+            cid = new_content_id() if content_ids is None else content_ids[i]
             d.append(xop_include(cid))
             attachments.append(Attachment(cid, doc.mime_type, doc.data))
         else:

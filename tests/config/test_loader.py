@@ -174,3 +174,15 @@ def test_console_script_exit_codes(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "duo_gateway", "check-config", str(good)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_retrieve_window_is_a_size_and_a_former_count_is_refused(tmp_path: Path) -> None:
+    sized = load_config(write(tmp_path, MINIMAL + '\n[xca_responding]\nretrieve_window = "8MiB"\n'))
+    assert sized.xca_responding.retrieve_window == 8 * 1024 * 1024
+    assert load_config(write(tmp_path, MINIMAL)).xca_responding.retrieve_window == 64 * 1024 * 1024
+    env = {"DUO__XCA_RESPONDING__RETRIEVE_WINDOW": "1GiB"}
+    assert load_config(write(tmp_path, MINIMAL), env=env).xca_responding.retrieve_window == 1 << 30
+    with pytest.raises(ConfigError) as refused:
+        load_config(write(tmp_path, MINIMAL + "\n[xca_responding]\nretrieve_window = 16\n"))
+    rendered = refused.value.render()
+    assert "retrieve_window" in rendered and "size in bytes" in rendered and "count of files" in rendered

@@ -4,6 +4,7 @@ back-pressure, C-MOVE routing, typed failures, cancellation, and a loop that kee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import time
@@ -277,6 +278,50 @@ async def test_slow_consumer_back_pressure_and_responsive_loop(pacs: SimPacs, si
     # on the loop would stall it for the whole transfer, seconds, not a scheduling hiccup.
     assert lateness < 1.0, lateness
     assert list(spool_dir.iterdir()) == []
+
+
+async def test_byte_window_bounds_the_spool_and_lets_a_larger_instance_pass_alone(
+        pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    """The byte window holds what is on disk, sampled from outside, and records its high-water mark;
+    an instance larger than the window still passes, alone."""
+    spool_dir = tmp_path / "spool"
+    largest = max(len(write_study(sim.big, tmp_path / "sizes")[0].read_bytes()), 1)
+    window_bytes = largest * 5 // 2  # room for two instances, never three
+    peak_bytes = peak_files = 0
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak_bytes, peak_files
+        while not done.is_set():
+            sizes = []
+            for f in spool_dir.iterdir() if spool_dir.exists() else ():
+                with contextlib.suppress(FileNotFoundError):  # consumed meanwhile
+                    sizes.append(f.stat().st_size)
+            peak_bytes, peak_files = max(peak_bytes, sum(sizes)), max(peak_files, len(sizes))
+            await asyncio.sleep(0.002)
+
+    qr = client(pacs.port)
+    spool = qr.spool(spool_dir, 100, window_bytes=window_bytes)
+    received = 0
+    with fixtures_frozen():
+        sampler = asyncio.create_task(sample())
+        async for item in qr.get(retrieve_query(sim.big.study_instance_uid), spool, sop_classes(sim.big)):
+            received += 1
+            if received in (1, 40):
+                await asyncio.sleep(0.3)  # a consumer that stalls: the PACS fills the window meanwhile
+            item.path.unlink()
+        done.set()
+        await sampler
+    assert received == len(sim.big.instances)
+    assert window_bytes // 2 < spool.high_water_bytes <= window_bytes  # two instances: filled, not overrun
+    assert peak_files == 2 and peak_bytes <= window_bytes
+    assert spool.bytes_held == 0 and list(spool_dir.iterdir()) == []
+
+    tiny = qr.spool(tmp_path / "tiny", 100, window_bytes=1)
+    got = [i async for i in qr.get(retrieve_query(sim.anna[0].study_instance_uid), tiny,
+                                   sop_classes(sim.anna[0]))]
+    assert len(got) == len(sim.anna[0].instances)
+    assert tiny.high_water_bytes == max(i.size for i in got)  # one at a time, whatever its size
 
 
 async def test_cancel_mid_get_aborts_and_cleans_up(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:

@@ -108,6 +108,23 @@ class Network:
         tls: ssl.SSLContext | None = None,
     ) -> Reply:
         """One request; ``message_id`` repeats a MessageID (replays), ``tls`` presents a client identity."""
+        data, content_type = self.message(path, action, body, assertion=assertion, with_xua=with_xua,
+                                          mtom=mtom, message_id=message_id)
+        return await self.post(path, data, content_type, tls=tls)
+
+    def message(
+        self,
+        path: str,
+        action: str,
+        body: etree._Element,
+        *,
+        assertion: etree._Element | None = None,
+        with_xua: bool = True,
+        mtom: bool = False,
+        message_id: str | None = None,
+    ) -> tuple[bytes, str]:
+        """The request :meth:`call` sends, as (body, Content-Type): for a test that reads the answer
+        itself, as it streams."""
         headers_el = []
         if with_xua:
             headers_el.append(
@@ -123,11 +140,8 @@ class Network:
         )
         if mtom:
             content_type, mbody = build_mtom(env, [], action)
-            data = bytes(mbody)
-        else:
-            content_type = f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{action}"'
-            data = serialize(env)
-        return await self.post(path, data, content_type, tls=tls)
+            return bytes(mbody), content_type
+        return serialize(env), f'{SOAP12_CONTENT_TYPE}; charset=UTF-8; action="{action}"'
 
     async def post(self, path: str, data: bytes, content_type: str, *,
                    tls: ssl.SSLContext | None = None) -> Reply:

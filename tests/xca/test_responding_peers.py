@@ -4,6 +4,10 @@
   ITI-38, ITI-39 (on-demand KOS) and RAD-75 must work against a PACS nobody here wrote.
 - **zeep as the XDS community**, built from the official WSDLs: its calls must succeed, and what it
   receives is checked field by field. zeep sends plain SOAP, so it gets inline base64 documents.
+  Its reader of MTOM answers takes the first part as the envelope whatever ``start`` says, as Apache
+  CXF's does: so its network's peer is configured ``rad75_envelope = "first"``, and zeep reads an
+  MTOM RAD-75 answer made for it, but not the streamed one (envelope last) the Orthanc network's
+  default peer gets.
 """
 
 from __future__ import annotations
@@ -41,11 +45,15 @@ from duo_gateway.xca.hl7 import reference_id
 from duo_gateway.xca.query import find_documents, parse_adhoc_query_response
 from duo_gateway.xca.retrieve import DocumentRequest, RetrieveImagingDocumentSetRequest
 from duo_gateway.xua import security_header
+from tests.support.clients import plain_xca_peer
 from tests.support.orthanc import Orthanc, load_with_storescu, run_orthanc
 from tests.xca.responding_harness import (
     HOME,
+    PEER_HOME,
+    XUA_ISSUER,
     Network,
     PacsEndpoint,
+    Reply,
     running_external_pacs_network,
     running_network,
 )
@@ -58,6 +66,7 @@ from tests.xca.test_responding import (
     iti39,
     kos_of,
     rad75,
+    repo,
     studies_of,
     study_request,
 )
@@ -174,7 +183,12 @@ async def test_orthanc_rad75(duo_orthanc: Network, wsdl_dir: Path, tmp_path: Pat
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def duo(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Network]:
-    async with running_network(tmp_path_factory.mktemp("duo-zeep")) as network:
+    tmp = tmp_path_factory.mktemp("duo-zeep")
+    # The harness's XCA peer (the XUA signer's certificate is where its PKI puts it), envelope first.
+    peer = {"name": "test-xca", "certificate": {"absent": True}, "rad75_envelope": "first",
+            **plain_xca_peer(home_community_id=PEER_HOME, issuer=XUA_ISSUER,
+                             signing_certs=[tmp / "pki" / "client.crt"])}
+    async with running_network(tmp, clients={"xca": [peer]}) as network:
         yield network
 
 
@@ -307,3 +321,45 @@ async def test_zeep_rad75(duo: Network, wsdl_dir: Path) -> None:
         assert ds.SOPInstanceUID == doc.DocumentUniqueId
         assert ds.file_meta.TransferSyntaxUID == EXPLICIT_VR_LITTLE_ENDIAN
         assert dataset_bytes(doc.Document) == dataset_bytes(stored[doc.DocumentUniqueId])
+
+
+def _zeep_reads_rad75(wsdl_dir: Path, reply: Reply) -> Any:
+    """What zeep makes of a RAD-75 answer it did not ask for itself (it cannot send MTOM)."""
+    import requests
+    import zeep
+
+    client = zeep.Client(str(wsdl_dir / "rad75.wsdl"),  # type: ignore[no-untyped-call]
+                         settings=zeep.Settings(strict=False))
+    service = client.create_service(  # type: ignore[no-untyped-call]
+        f"{{{XDSIB}}}RespondingGateway_Binding_Soap12", "http://127.0.0.1/unused")
+
+    response = requests.Response()
+    response.status_code = reply.status
+    response.headers["Content-Type"] = reply.content_type
+    response._content = reply.raw
+    response.encoding = "utf-8"
+    binding = service._binding
+    operation = binding.get("RespondingGateway_CrossGatewayRetrieveImagingDocumentSet")
+    return binding.process_reply(client, operation, response)
+
+
+async def test_zeep_reads_the_mtom_rad75_answer_of_an_envelope_first_peer_not_a_streamed_one(
+        duo: Network, duo_orthanc: Network, wsdl_dir: Path) -> None:
+    import zeep.exceptions
+
+    study = studies_of(duo, H1, ALL)[0]
+    request = RetrieveImagingDocumentSetRequest((study_request(study, repo(duo, H1)),),
+                                                (EXPLICIT_VR_LITTLE_ENDIAN,))
+    reply, own = await rad75(duo, request, wsdl_dir)
+    result = _zeep_reads_rad75(wsdl_dir, reply)
+    assert result.RegistryResponse.status == ResponseStatus.SUCCESS
+    assert {d.DocumentUniqueId: d.Document for d in result.DocumentResponse} == {
+        d.document_unique_id: d.data for d in own.documents}
+
+    streamed = studies_of(duo_orthanc, H1, ALL)[0]
+    repository = duo_orthanc.gateway.config.tlb_hospitals[0].repository_unique_id
+    reply, own = await rad75(duo_orthanc, RetrieveImagingDocumentSetRequest(
+        (study_request(streamed, repository),), (EXPLICIT_VR_LITTLE_ENDIAN,)), wsdl_dir)
+    assert own.status == ResponseStatus.SUCCESS and own.documents  # DUO's own reader finds the envelope
+    with pytest.raises(zeep.exceptions.TransportError, match="invalid XML"):
+        _zeep_reads_rad75(wsdl_dir, reply)  # zeep parses the first part, a DICOM file

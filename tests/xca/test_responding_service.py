@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,7 +32,7 @@ from duo_gateway.xca.docindex import DocumentIndex, IndexedDocument
 from duo_gateway.xca.errors import RegistryErrorException
 from duo_gateway.xca.metadata import kos_unique_id
 from duo_gateway.xca.query import AdhocQueryRequest, find_documents
-from duo_gateway.xca.responding.service import CallContext, RespondingGateway
+from duo_gateway.xca.responding.service import CallContext, ImagingRetrieval, RespondingGateway
 from duo_gateway.xca.retrieve import (
     DocumentRequest,
     RetrieveDocumentSetRequest,
@@ -244,73 +245,113 @@ async def test_the_service_period_selects_studies_and_is_passed_to_the_pacs_by_d
 # -- RAD-75 -----------------------------------------------------------------------------------------
 
 
+async def answered(service: RespondingGateway, request: RetrieveImagingDocumentSetRequest,
+                   ctx: CallContext) -> ImagingRetrieval:
+    """The answer driven as the door drives it: every document taken and disclosed, in turn."""
+    result = await service.retrieve_imaging(request, ctx)
+    async with aclosing(result.stream()) as documents:
+        async for document in documents:
+            result.disclosing(document)
+    return result
+
+
+
+
 async def test_rad75_with_permit_delivers_the_instances_and_audits_the_disclosure(
         build: Callable[..., Awaitable[Rig]]) -> None:
     rig = await build()
-    result = await rig.service.retrieve_imaging(imaging((S1, REPO1)), context())
+    result = await answered(rig.service, imaging((S1, REPO1)), context())
     try:
         assert result.status == ResponseStatus.SUCCESS
-        assert sorted(d.document_unique_id for d in result.documents) == [f"{S1}.1.1", f"{S1}.1.2"]
-        assert all(isinstance(d.data, Path) and d.data.is_file() for d in result.documents)
-        [audit] = rig.audits(RAD_75)
-        assert audit.event.outcome == EventOutcome.SUCCESS
-        assert any(p.user_is_requestor and p.user_id.startswith(CLAIMS.uzi) for p in audit.participants)
+        assert sorted(d.document_unique_id for d in result.handed) == [f"{S1}.1.1", f"{S1}.1.2"]
+        assert all(isinstance(d.data, Path) and d.data.is_file() for d in result.handed)
+        assert rig.audits(RAD_75) == [], "the disclosure is recorded once the answer is over"
     finally:
-        result.close()
+        await result.aclose()
+    [audit] = rig.audits(RAD_75)
+    assert audit.event.outcome == EventOutcome.SUCCESS, audit.event.outcome_description
+    assert sorted(o.object_id for o in audit.objects if o.object_id.startswith(f"{S1}.1.")) == [
+        f"{S1}.1.1", f"{S1}.1.2"]
+    assert any(p.user_is_requestor and p.user_id.startswith(CLAIMS.uzi) for p in audit.participants)
+    assert result.spool is None and not any((rig.spool).iterdir()), "the spool goes with the answer"
+
+
+async def test_rad75_fetch_waits_while_the_consumer_holds_a_document(
+        build: Callable[..., Awaitable[Rig]]) -> None:
+    """The consumer paces the fetch: the PACS is not asked for the next instance while the answer is
+    still writing the last one, which is what keeps the spool within the PACS window."""
+    rig = await build()
+    result = await rig.service.retrieve_imaging(imaging((S1, REPO1)), context())
+    try:
+        async with aclosing(result.stream()) as documents:
+            first = await anext(documents)
+            result.disclosing(first)
+            for _ in range(10):
+                await asyncio.sleep(0.01)  # room for a fetch that did not wait to run ahead
+            assert result.spool is not None
+            assert sorted(p.name for p in result.spool.iterdir()) == [f"{S1}.1.1.dcm"], "fetched ahead"
+            assert not any((rig.spool.parent / "pacs").iterdir()), "the PACS was asked for the next one"
+            second = await anext(documents)
+            assert second.document_unique_id == f"{S1}.1.2"
+            result.disclosing(second)
+            assert [d async for d in documents] == []
+        assert result.status == ResponseStatus.SUCCESS
+    finally:
+        await result.aclose()
 
 
 async def test_rad75_of_a_study_of_another_patient_is_refused_without_asking_consent(
         build: Callable[..., Awaitable[Rig]]) -> None:
     rig = await build()
-    result = await rig.service.retrieve_imaging(imaging((S3, REPO1)), context(patient_bsn=BSN))
+    result = await answered(rig.service, imaging((S3, REPO1)), context(patient_bsn=BSN))
     try:
         assert result.status == ResponseStatus.FAILURE
-        assert result.documents == []
+        assert result.handed == []
         assert [e.error_code for e in result.errors] == [ErrorCode.DOCUMENT_UNIQUE_ID_ERROR] * 2
         assert rig.mitz.closed_asked == []
         assert rig.sources[H1].methods() == ["patient_of_study"]
         [audit] = rig.audits(RAD_75)
         assert audit.event.outcome == EventOutcome.SERIOUS_FAILURE
     finally:
-        result.close()
+        await result.aclose()
 
 
 @pytest.mark.parametrize("refusal", ["Deny", "error"])
 async def test_rad75_without_permit_reads_nothing_and_says_only_not_available(
         build: Callable[..., Awaitable[Rig]], refusal: ClosedScript) -> None:
     rig = await build({H1: refusal})
-    result = await rig.service.retrieve_imaging(imaging((S1, REPO1), (S2, REPO2)), context())
+    result = await answered(rig.service, imaging((S1, REPO1), (S2, REPO2)), context())
     try:
         assert rig.sources[H1].methods() == ["patient_of_study"]
         assert result.status == ResponseStatus.PARTIAL_SUCCESS
-        assert sorted(d.document_unique_id for d in result.documents) == [f"{S2}.1.1", f"{S2}.1.2"]
+        assert sorted(d.document_unique_id for d in result.handed) == [f"{S2}.1.1", f"{S2}.1.2"]
         refused = [e for e in result.errors if S1 in e.code_context]
         assert [e.error_code for e in refused] == [ErrorCode.DOCUMENT_UNIQUE_ID_ERROR] * 2
-        outcomes = sorted(a.event.outcome for a in rig.audits(RAD_75))
-        assert outcomes == [EventOutcome.SUCCESS, EventOutcome.MINOR_FAILURE]
     finally:
-        result.close()
+        await result.aclose()
+    outcomes = sorted(a.event.outcome for a in rig.audits(RAD_75))
+    assert outcomes == [EventOutcome.SUCCESS, EventOutcome.MINOR_FAILURE]
 
 
 async def test_rad75_names_each_instance_the_pacs_did_not_deliver(
         build: Callable[..., Awaitable[Rig]]) -> None:
     rig = await build()
     rig.sources[H1].undeliverable = {f"{S1}.1.2"}
-    result = await rig.service.retrieve_imaging(imaging((S1, REPO1)), context())
+    result = await answered(rig.service, imaging((S1, REPO1)), context())
     try:
         assert result.status == ResponseStatus.PARTIAL_SUCCESS
-        assert [d.document_unique_id for d in result.documents] == [f"{S1}.1.1"]
+        assert [d.document_unique_id for d in result.handed] == [f"{S1}.1.1"]
         [error] = result.errors
         assert error.error_code == ErrorCode.REPOSITORY_ERROR
         assert error.code_context == f"{S1}:{S1}.1:{S1}.1.2"
     finally:
-        result.close()
+        await result.aclose()
 
 
 async def test_rad75_over_the_study_cap_is_refused_whole_before_any_lookup(
         build: Callable[..., Awaitable[Rig]]) -> None:
     rig = await build(max_studies_per_request=1)
-    result = await rig.service.retrieve_imaging(imaging((S1, REPO1), (S2, REPO2)), context())
+    result = await answered(rig.service, imaging((S1, REPO1), (S2, REPO2)), context())
 
     assert result.status == ResponseStatus.FAILURE
     [error] = result.errors
@@ -325,7 +366,7 @@ async def test_rad75_request_deadline_cuts_the_slow_study_and_names_the_unstarte
     rig.sources[H1].hang = True
     loop = asyncio.get_running_loop()
     started = loop.time()
-    result = await rig.service.retrieve_imaging(imaging((S1, REPO1), (S2, REPO2)), context())
+    result = await answered(rig.service, imaging((S1, REPO1), (S2, REPO2)), context())
     try:
         assert loop.time() - started < 1.0
         assert result.status == ResponseStatus.FAILURE
@@ -334,10 +375,10 @@ async def test_rad75_request_deadline_cuts_the_slow_study_and_names_the_unstarte
         assert len(late) == 2 and all("request deadline" in e.code_context for e in late)
         cut = [e for e in result.errors if S1 in e.code_context]
         assert [e.error_code for e in cut] == [ErrorCode.REPOSITORY_ERROR] * 2
-        [audit] = rig.audits(RAD_75)  # the late study was never asked about: nothing to audit
-        assert audit.event.outcome == EventOutcome.SERIOUS_FAILURE
     finally:
-        result.close()
+        await result.aclose()
+    [audit] = rig.audits(RAD_75)  # the late study was never asked about: nothing to audit
+    assert audit.event.outcome == EventOutcome.SERIOUS_FAILURE
 
 
 # -- ITI-39 -----------------------------------------------------------------------------------------
@@ -415,8 +456,8 @@ async def test_an_authorization_decision_in_the_assertion_refuses_the_request_be
         answer = await rig.service.retrieve(request, ctx)
         audit_code = ITI_39
     else:
-        answer = await rig.service.retrieve_imaging(imaging((S1, REPO1)), ctx)
-        answer.close()
+        answer = await answered(rig.service, imaging((S1, REPO1)), ctx)
+        await answer.aclose()
         audit_code = RAD_75
 
     assert answer.status == ResponseStatus.FAILURE

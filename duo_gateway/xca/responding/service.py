@@ -27,9 +27,10 @@ import hashlib
 import shutil
 import struct
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -140,18 +141,142 @@ class _HospitalAnswer:
 
 
 @dataclass
-class ImagingRetrieval:
-    """A RAD-75 answer whose instances are spooled files; ``close()`` removes the spool."""
+class _StudyDisclosure:
+    """What the ITI-20 record of one fetched study needs, kept until the answer is over: only then is
+    it known which of the instances handed to the transport reached the caller."""
 
-    status: ResponseStatus
-    documents: list[RetrievedDocument]
-    errors: list[RegistryError]
-    spool: Path | None
+    bsn: str | None
+    study_uid: str
+    hospital: TlbHospital
+    handed: list[DocumentRef] = field(default_factory=list)
+    #: Set once the fetch ended: its outcome and why, as the audit should say if all was disclosed.
+    outcome: EventOutcome | None = None
+    description: str | None = None
+
+
+@dataclass
+class _Handed:
+    document: RetrievedDocument
+    #: Resolved when the consumer asks for the next document: the study's fetch then goes on, so the
+    #: spool holds what the PACS window allows and nothing the consumer has not finished with.
+    taken: asyncio.Future[None]
+
+
+#: Records one fetched study's disclosure: the study, the instances disclosed, why the answer was cut.
+_StudyAudit = Callable[[_StudyDisclosure, list[DocumentRef], str | None], None]
+
+
+class ImagingRetrieval:
+    """A RAD-75 answer as it is fetched: each instance is handed over as soon as it is in the spool.
+
+    :meth:`stream` starts the fetch and yields every document (``data`` is a file in ``spool``) the
+    moment it arrives; a study's fetch waits while the consumer holds its document, so a consumer that
+    writes each one out (and deletes it) before asking for the next keeps the spool within the PACS
+    retrieve window (``xca_responding.retrieve_window``). What the PACSes did not deliver becomes
+    ``errors`` along the way; ``status`` and :meth:`response` are final once :meth:`stream` ended.
+
+    Disclosure is what the audit records: call :meth:`disclosing` before any byte of a document goes
+    to the caller. :meth:`aclose` (always, also after a failure or a caller who went away) stops the
+    fetch, writes one ITI-20 record per fetched study naming exactly the disclosed instances, and
+    removes the spool.
+    """
+
+    def __init__(self, errors: list[RegistryError], spool: Path | None,
+                 fetch: Callable[[ImagingRetrieval], Awaitable[None]] | None = None,
+                 audit: _StudyAudit | None = None) -> None:
+        self.errors = errors
+        self.spool = spool
+        #: Every document handed to the consumer, in the order handed: what the answer holds.
+        self.handed: list[RetrievedDocument] = []
+        self._fetch = fetch
+        self._audit = audit
+        self._queue: asyncio.Queue[_Handed | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._studies: list[_StudyDisclosure] = []
+        self._disclosed: set[tuple[str, str]] = set()
+        self._stopped: str | None = None
+        self._closed = False
+
+    @property
+    def status(self) -> ResponseStatus:
+        return status_for(self.errors, bool(self.handed))
+
+    def response(self, documents: Sequence[RetrievedDocument] | None = None) -> RetrieveDocumentSetResponse:
+        """The answer for ``documents`` (default: every one handed over), once :meth:`stream` ended."""
+        docs = tuple(self.handed if documents is None else documents)
+        return RetrieveDocumentSetResponse(status_for(self.errors, bool(docs)), docs, tuple(self.errors))
+
+    async def stream(self) -> AsyncGenerator[RetrievedDocument, None]:
+        """Each document as it lands, once; use inside ``contextlib.aclosing``. Not re-entrant."""
+        if self._fetch is None or self._task is not None:
+            return
+        fetch = self._fetch
+
+        async def run() -> None:
+            try:
+                await fetch(self)
+            finally:
+                self._queue.put_nowait(None)
+
+        self._task = asyncio.create_task(run())
+        while (item := await self._queue.get()) is not None:
+            self.handed.append(item.document)
+            try:
+                yield item.document
+            finally:
+                if not item.taken.done():
+                    item.taken.set_result(None)
+        await self._task  # a bug in the fetch surfaces here instead of vanishing
+
+    def disclosing(self, document: RetrievedDocument) -> None:
+        """``document``'s bytes are about to go to the caller (its header names the patient first)."""
+        self._disclosed.add((document.repository_unique_id, document.document_unique_id))
+
+    def stopped(self, why: str) -> None:
+        """The answer ends before everything handed over was written (the caller went away): the
+        audit says so for every study not wholly disclosed."""
+        self._stopped = self._stopped or why
+
+    async def aclose(self) -> None:
+        """Stop fetching, audit what was disclosed, remove the spool; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            self._stopped = self._stopped or "the answer ended before the fetch"
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None and not item.taken.done():
+                item.taken.cancel()
+        if self._audit is not None:
+            for study in self._studies:
+                disclosed = [r for r in study.handed
+                             if (r.repository_unique_id, r.document_unique_id) in self._disclosed]
+                self._audit(study, disclosed, self._stopped)
+        self.close()
 
     def close(self) -> None:
+        """Remove the spool (blocking; :meth:`aclose` is the whole ending)."""
         if self.spool is not None:
             shutil.rmtree(self.spool, ignore_errors=True)
             self.spool = None
+
+    # -- the fetch's side ---------------------------------------------------------------------------
+
+    def _study(self, record: _StudyDisclosure) -> _StudyDisclosure:
+        self._studies.append(record)
+        return record
+
+    async def _hand(self, study: _StudyDisclosure, document: RetrievedDocument) -> None:
+        """Give ``document`` to the consumer and wait until it asks for the next one."""
+        taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        study.handed.append(DocumentRef(document.document_unique_id, document.repository_unique_id,
+                                        document.home))
+        self._queue.put_nowait(_Handed(document, taken))
+        await taken
 
 
 class RespondingGateway:
@@ -663,10 +788,11 @@ class RespondingGateway:
     async def retrieve_imaging(
         self, req: RetrieveImagingDocumentSetRequest, ctx: CallContext
     ) -> ImagingRetrieval:
-        """Fetch every requested instance into a per-request spool, then answer exactly.
+        """The answer to a RAD-75 request, to be streamed: see :class:`ImagingRetrieval`.
 
-        Status and errors travel before the documents in the response, so they must be known before
-        the first byte is sent; spooling to disk keeps memory flat whatever the study size.
+        Refusals of the whole request are decided here, before anything is fetched; everything else
+        happens while the consumer iterates :meth:`ImagingRetrieval.stream`: per study, the patient,
+        consent and the C-FIND first, then each instance handed over as the PACS delivers it.
         """
         cfg = self._cfg.xca_responding
         requested = req.instances()
@@ -679,7 +805,7 @@ class RespondingGateway:
                 studies=[StudyTransfer(uid) for uid in studies_asked[:cfg.max_studies_per_request]],
                 documents=[], patient_id=None, outcome=EventOutcome.MINOR_FAILURE,
                 outcome_description=refusal.code_context, requestor=ctx.audit_requestor()))
-            return ImagingRetrieval(ResponseStatus.FAILURE, [], [refusal], None)
+            return ImagingRetrieval([refusal], None)
         if len(requested) > cfg.max_documents_per_request:
             return _refused("too many DocumentRequests", self._home)
         studies = len({(doc.repository_unique_id, study_uid) for study_uid, _se, doc in requested})
@@ -687,48 +813,39 @@ class RespondingGateway:
             return _refused(_over_cap(studies, "studies", cfg), self._home)
         accepted = [ts for ts in req.transfer_syntaxes]
         errors: list[RegistryError] = []
-        documents: list[RetrievedDocument] = []
+        by_study: dict[tuple[str, str], list[tuple[str, str, DocumentRequest]]] = {}
+        for study_uid, series_uid, doc in requested:
+            ctx_id = composite_context(study_uid, series_uid, doc.document_unique_id)
+            home_error = self._home_error(doc)
+            if home_error is not None:
+                errors.append(replace(home_error, code_context=f"{home_error.code_context} ({ctx_id})"))
+                continue
+            hospital = self._by_repository.get(doc.repository_unique_id)
+            if hospital is None or hospital.ura not in self._sources:
+                unknown = self._unknown_repository(doc)
+                errors.append(replace(unknown, code_context=f"{unknown.code_context} ({ctx_id})"))
+                continue
+            by_study.setdefault((hospital.ura, study_uid), []).append((study_uid, series_uid, doc))
         spool = Path(tempfile.mkdtemp(prefix="rad75-", dir=self._spool_dir))
-        result = ImagingRetrieval(ResponseStatus.FAILURE, documents, errors, spool)
-        try:
-            by_study: dict[tuple[str, str], list[tuple[str, str, DocumentRequest]]] = {}
-            for study_uid, series_uid, doc in requested:
-                ctx_id = composite_context(study_uid, series_uid, doc.document_unique_id)
-                home_error = self._home_error(doc)
-                if home_error is not None:
-                    errors.append(replace(home_error, code_context=f"{home_error.code_context} ({ctx_id})"))
-                    continue
-                hospital = self._by_repository.get(doc.repository_unique_id)
-                if hospital is None or hospital.ura not in self._sources:
-                    unknown = self._unknown_repository(doc)
-                    errors.append(replace(unknown, code_context=f"{unknown.code_context} ({ctx_id})"))
-                    continue
-                by_study.setdefault((hospital.ura, study_uid), []).append((study_uid, series_uid, doc))
-            Study = tuple[tuple[str, str], list[tuple[str, str, DocumentRequest]]]
-            Found = tuple[list[RetrievedDocument], list[RegistryError]]
+        Study = tuple[tuple[str, str], list[tuple[str, str, DocumentRequest]]]
 
-            def late(study: Study) -> Found:
-                # Never started: nobody was asked anything about it, so there is nothing to audit.
-                return [], _late(study[1], cfg.request_deadline_s, self._home)
+        def late(study: Study) -> list[RegistryError]:
+            # Never started: nobody was asked anything about it, so there is nothing to audit.
+            return _late(study[1], cfg.request_deadline_s, self._home)
 
-            async def one(study: Study, deadline: float) -> Found:
-                # Each study fills its own lists, merged in request order below.
+        async def fetch(answer: ImagingRetrieval) -> None:
+            async def one(study: Study, deadline: float) -> list[RegistryError]:
+                # Each study fills its own list, merged in request order below.
                 (ura, study_uid), wanted = study
-                docs: list[RetrievedDocument] = []
                 errs: list[RegistryError] = []
                 await self._retrieve_study(ctx, self._hospitals[ura], study_uid, wanted, accepted, spool,
-                                           docs, errs, deadline=deadline)
-                return docs, errs
+                                           answer, errs, deadline=deadline)
+                return errs
 
-            answers = await _bounded(list(by_study.items()), cfg, one, late)
-            for docs, errs in answers:
-                documents.extend(docs)
-                errors.extend(errs)
-            result.status = status_for(errors, bool(documents))
-            return result
-        except BaseException:
-            result.close()
-            raise
+            for errs in await _bounded(list(by_study.items()), cfg, one, late):
+                answer.errors.extend(errs)
+
+        return ImagingRetrieval(errors, spool, fetch, partial(self._audit_study, ctx))
 
     async def _retrieve_study(
         self,
@@ -738,14 +855,15 @@ class RespondingGateway:
         wanted: list[tuple[str, str, DocumentRequest]],
         accepted: list[str],
         spool: Path,
-        documents: list[RetrievedDocument],
+        answer: ImagingRetrieval,
         errors: list[RegistryError],
         *,
         deadline: float,
     ) -> None:
-        """One study into ``documents``/``errors`` (this study's own lists), by the loop time
-        ``deadline`` at the latest: a study cut by it is reported whole as not available (nothing of
-        it is in ``documents`` yet) and audited as a failure."""
+        """One study: its instances handed to ``answer`` as they arrive, what is not delivered into
+        ``errors`` (this study's own list), by the loop time ``deadline`` at the latest. A study cut by
+        it, or by its PACS failing, keeps what was already handed over (it may be on the wire) and
+        names every other instance as not available (XDSRepositoryError)."""
         source = self._sources[hospital.ura]
 
         def missing(
@@ -753,16 +871,19 @@ class RespondingGateway:
             code: str = ErrorCode.DOCUMENT_UNIQUE_ID_ERROR,
             why: str = "not available",
         ) -> None:
+            items = list(items)
             for st, se, doc in items:
                 errors.append(
                     RegistryError(
                         code, composite_context(st, se, doc.document_unique_id), Severity.ERROR, self._home
                     )
                 )
-            if why != "not available":
-                log.info("rad-75 instances not delivered", count=len(list(items)), reason=why)
+            if why != "not available" and items:
+                log.info("rad-75 instances not delivered", count=len(items), reason=why)
 
         bsn: str | None = None
+        disclosure: _StudyDisclosure | None = None
+        handed: set[str] = set()
         try:
             async with asyncio.timeout_at(_earlier(self._deadline, deadline)):
                 bsn = await source.patient_of_study(study_uid)
@@ -792,6 +913,8 @@ class RespondingGateway:
                     f"no consent: {verdict.reason}",
                 )
                 return
+            # From here on instances may reach the caller: the audit waits for the answer to end.
+            disclosure = answer._study(_StudyDisclosure(bsn, study_uid, hospital))
             async with asyncio.timeout_at(_earlier(self._deadline, deadline)):
                 existing = {
                     i.sop_instance_uid: i for i in await source.find_instances(verdict, bsn, study_uid)
@@ -804,8 +927,6 @@ class RespondingGateway:
             ]
             missing([w for w in wanted if w not in present])
             records = [existing[doc.document_unique_id] for _st, _se, doc in present]
-            arrived: dict[str, RetrievedDocument] = {}
-            refs: list[DocumentRef] = []
             # aclosing: an error below must end the C-GET at once, not at garbage collection.
             async with (
                 asyncio.timeout_at(deadline),
@@ -836,37 +957,50 @@ class RespondingGateway:
                             )
                             target.unlink(missing_ok=True)
                             continue
-                    arrived[got.record.sop_instance_uid] = RetrievedDocument(
+                    handed.add(got.record.sop_instance_uid)
+                    # Waits until the consumer is done with it: the PACS window then bounds the spool.
+                    await answer._hand(disclosure, RetrievedDocument(
                         hospital.repository_unique_id,
                         got.record.sop_instance_uid,
                         MIME_DICOM,
                         target,
                         home=self._home,
-                    )
-                    refs.append(
-                        DocumentRef(got.record.sop_instance_uid, hospital.repository_unique_id, self._home)
-                    )
+                    ))
             for st, se, doc in present:
-                if doc.document_unique_id in arrived:
-                    documents.append(arrived[doc.document_unique_id])
-                elif not any(doc.document_unique_id in e.code_context for e in errors):
+                if doc.document_unique_id not in handed and not any(
+                        doc.document_unique_id in e.code_context for e in errors):
                     missing([(st, se, doc)], ErrorCode.REPOSITORY_ERROR, "not delivered by the PACS")
-            self._audit_rad75(
-                ctx,
-                bsn,
-                study_uid,
-                hospital,
-                refs,
-                EventOutcome.SUCCESS if refs else EventOutcome.MINOR_FAILURE,
-                None,
-            )
+            disclosure.outcome = EventOutcome.SUCCESS if handed else EventOutcome.MINOR_FAILURE
         except (TimeoutError, SourceUnavailable) as exc:
             detail = getattr(exc, "detail", None) or "timeout"
-            # Whatever was reported of this study so far is replaced: every instance once, as missing.
-            documents.clear()
+            # What was handed over stays in the answer; every other instance is named once, as missing.
             errors.clear()
-            missing(wanted, ErrorCode.REPOSITORY_ERROR, detail)
-            self._audit_rad75(ctx, bsn, study_uid, hospital, [], EventOutcome.SERIOUS_FAILURE, detail)
+            missing([w for w in wanted if w[2].document_unique_id not in handed], ErrorCode.REPOSITORY_ERROR,
+                    detail)
+            if disclosure is None:
+                self._audit_rad75(ctx, bsn, study_uid, hospital, [], EventOutcome.SERIOUS_FAILURE, detail)
+            else:
+                disclosure.outcome = EventOutcome.MINOR_FAILURE if handed else EventOutcome.SERIOUS_FAILURE
+                disclosure.description = detail
+
+    def _audit_study(self, ctx: CallContext, study: _StudyDisclosure, disclosed: list[DocumentRef],
+                     stopped: str | None) -> None:
+        """A fetched study's ITI-20 record, once its answer ended: exactly the instances disclosed.
+
+        The fetch's own outcome stands (SUCCESS when anything was delivered, as before streaming);
+        an answer that ended before the study's fetch did, or before all it handed over went out (the
+        caller went away, DUO failed writing), is a MINOR_FAILURE that says why (``stopped``), unless
+        the fetch already failed worse.
+        """
+        outcome = EventOutcome.MINOR_FAILURE if study.outcome is None else study.outcome
+        description = study.description
+        if study.outcome is None or len(disclosed) < len(study.handed):
+            why = stopped or ("the answer ended before the fetch" if study.outcome is None
+                              else "the answer ended before all of it was sent")
+            description = f"{description}; {why}" if description else why
+            if outcome == EventOutcome.SUCCESS:
+                outcome = EventOutcome.MINOR_FAILURE
+        self._audit_rad75(ctx, study.bsn, study.study_uid, study.hospital, disclosed, outcome, description)
 
     def _audit_rad75(
         self,
@@ -944,8 +1078,7 @@ def _refused(why: str, home: str) -> ImagingRetrieval:
     and a SOAP Sender fault would call a well-formed request malformed; so, as for an oversized
     ITI-39, a Failure with XDSRegistryError whose codeContext names the limit.
     """
-    return ImagingRetrieval(ResponseStatus.FAILURE, [], [RegistryError(
-        ErrorCode.REGISTRY_ERROR, why, Severity.ERROR, home)], None)
+    return ImagingRetrieval([RegistryError(ErrorCode.REGISTRY_ERROR, why, Severity.ERROR, home)], None)
 
 
 def _late(

@@ -4,15 +4,45 @@ Everything protocol-specific happens in :mod:`.service`; here: size limits, MTOM
 parsing, WS-Addressing, XUA, and turning outcomes into SOAP 1.2 responses (faults with HTTP 400/500,
 registry errors inside 200 answers as XDS wants). Unexpected errors become a Receiver fault, never
 a stack trace and never a crashed daemon.
+
+**A RAD-75 answer to an MTOM request is written as the instances arrive, its envelope last.** The
+C-FIND says which instances to expect, but whether each arrives (and converts) is only known once the
+PACS delivered it, and the envelope's ``RegistryResponse/@status`` and ``RegistryErrorList`` come
+before every ``DocumentResponse`` in the schema. So each instance goes out in its own binary part
+(``multipart/related``, chunked, no Content-Length) the moment it is in the spool, its file deleted
+once written, and the root part (the SOAP envelope, the part the ``start`` parameter names, which
+RFC 2387 lets be any part) closes the message: it lists exactly the parts sent, and an instance the
+PACS did not deliver, also after it failed mid-study, as XDSRepositoryError with its
+``study:series:instance`` codeContext, so the status is the PartialSuccess or Failure the standard
+gives (xca.md §9, §10). Chosen over an envelope first, which would have to promise Success and a part
+for every expected instance before any was fetched and could only truncate the message when the PACS
+failed: a reader must then discard the whole answer, and no standard error says why.
+
+What reads it: DUO's own initiating side (:class:`~duo_gateway.soap.mtom_stream.MtomStream` keeps the
+parts before the root and hands them over after it), any reader that honours ``start`` (RFC 2387, as
+xca.md §10 asks), and a plain multipart reader that returns parts by Content-ID. A reader that takes
+the first part as the envelope whatever ``start`` says cannot: zeep (its ``MultipartDecoder`` use)
+and Apache CXF (its ``AttachmentDeserializer`` reads the first part as the message, so IPF too). For
+such a peer, ``[[clients.xca]] rad75_envelope = "first"`` keeps the answer of before: every instance
+spooled, then the envelope first (with Content-Length); zeep itself sends plain SOAP and so gets the
+inline answer, which is spooled whole and status-first too (its readers buffer the body anyway).
+
+The first response byte leaves with the first instance, so a failure before that (consent, the
+C-FIND, nothing found) is still an ordinary answer or fault; after it, only DUO's own failure (its
+disk) cuts the connection, so the caller never takes a truncated answer for a whole one. A caller
+that stops reading stops the fetch; the audit names what was written to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 from aiohttp import web
@@ -37,7 +67,15 @@ from duo_gateway.soap.envelope import (
     serialize,
     serialize_with,
 )
-from duo_gateway.soap.mtom import XOP_NS, Attachment, build_mtom, normalise_cid, parse_mtom
+from duo_gateway.soap.mtom import (
+    XOP_NS,
+    Attachment,
+    MtomRootLast,
+    build_mtom,
+    new_content_id,
+    normalise_cid,
+    parse_mtom,
+)
 from duo_gateway.soap.xml import INLINE_PARSE_BYTES, XmlError
 from duo_gateway.xca.codes import Action, ResponseStatus
 from duo_gateway.xca.errors import RegistryErrorException
@@ -47,8 +85,9 @@ from duo_gateway.xca.query import (
     parse_adhoc_query_request,
 )
 from duo_gateway.xca.responding.replay import ReplayGuard, ReplayStoreFull, replay_guard, replay_key
-from duo_gateway.xca.responding.service import CallContext, RespondingGateway
+from duo_gateway.xca.responding.service import CallContext, ImagingRetrieval, RespondingGateway
 from duo_gateway.xca.retrieve import (
+    RetrievedDocument,
     RetrieveDocumentSetResponse,
     build_retrieve_response,
     parse_imaging_retrieve_request,
@@ -260,13 +299,114 @@ class XcaRespondingDoor:
                 env,
             )
         retrieval = await self._service.retrieve_imaging(req, ctx)
+        peer = ctx.system.xca if ctx.system is not None else None
         try:
-            resp = RetrieveDocumentSetResponse(
-                retrieval.status, tuple(retrieval.documents), tuple(retrieval.errors)
-            )
-            return await _mtom_response(request, resp, route.response_action, env)
+            if _wants_mtom(request) and (peer is None or peer.rad75_envelope == "last"):
+                return await _rad75_streamed(request, retrieval, route.response_action, env)
+            async with contextlib.aclosing(retrieval.stream()) as documents:
+                async for _document in documents:
+                    pass  # envelope first: every instance must be in the spool before the first byte
+            try:
+                return await _mtom_response(request, retrieval.response(), route.response_action, env,
+                                            disclosing=retrieval.disclosing)
+            except ConnectionError:
+                retrieval.stopped("the caller stopped reading the answer")
+                raise
         finally:
-            retrieval.close()
+            await retrieval.aclose()
+
+
+async def _rad75_streamed(request: web.Request, retrieval: ImagingRetrieval, action: str,
+                          env: Envelope) -> web.StreamResponse:
+    """The MTOM answer written as the instances arrive, envelope last (see the module docstring)."""
+    writer = MtomRootLast(action)
+    response: web.StreamResponse | None = None
+    written: list[RetrievedDocument] = []
+    content_ids: list[str] = []
+
+    async def started() -> web.StreamResponse:
+        nonlocal response
+        if response is None:
+            response = web.StreamResponse(status=200, headers={"Content-Type": writer.content_type})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+        return response
+
+    try:
+        async with contextlib.aclosing(retrieval.stream()) as documents:
+            async for document in documents:
+                out = await started()
+                cid = new_content_id()
+                await out.write(writer.part_head(cid, document.mime_type))
+                retrieval.disclosing(document)
+                await _write_document(out, document.data)
+                await out.write(writer.PART_END)
+                written.append(document)
+                content_ids.append(cid)
+        body_el, _ = build_retrieve_response(retrieval.response(written), mtom=True, content_ids=content_ids)
+        root = writer.root(_answer(body_el, action, env))
+        out = await started()
+        await out.write(root)
+        await out.write_eof()
+        return out
+    except ConnectionError:
+        # The caller went away: nothing more can reach it, and what it got is audited as disclosed.
+        retrieval.stopped("the caller stopped reading the answer")
+        log.info("rad75 answer cut: the caller went away", parts_written=len(written))
+        if response is None:
+            raise
+        return response
+    except Exception:
+        if response is None:
+            raise  # nothing sent yet: the door's Receiver fault
+        # Parts went out but the envelope cannot follow: drop the connection, so the caller sees a
+        # truncated message (no close delimiter) and never a complete answer that is not one.
+        retrieval.stopped("DUO failed while writing the answer")
+        log.exception("rad75 answer cut: internal error", parts_written=len(written))
+        if request.transport is not None:
+            request.transport.close()
+        return response
+
+
+#: A document up to this size is read in one go (one hand-off to a thread instead of one per chunk,
+#: per instance of a study of hundreds); a larger one is read in chunks of it.
+_WHOLE_READ_BYTES = 4 * 1024 * 1024
+
+
+async def _write_document(out: web.StreamResponse, data: bytes | Path) -> None:
+    """A document's bytes, read from disk in a thread (never more than 4 MiB of it at a time, never on
+    the loop), and its spool file removed: once written it has no other reader."""
+    if isinstance(data, bytes):
+        await out.write(data)
+        return
+    head, fh = await asyncio.to_thread(_open_document, data)
+    try:
+        await out.write(head)
+        while fh is not None and (chunk := await asyncio.to_thread(fh.read, _WHOLE_READ_BYTES)):
+            await out.write(chunk)
+    finally:
+        if fh is not None:
+            await asyncio.to_thread(_close_document, fh, data)
+
+
+def _open_document(path: Path) -> tuple[bytes, BinaryIO | None]:
+    """The first (or only) block of ``path``; the open file when more follows, else None and the file
+    already deleted."""
+    fh = path.open("rb")
+    head = fh.read(_WHOLE_READ_BYTES)
+    if len(head) < _WHOLE_READ_BYTES:
+        _close_document(fh, path)
+        return head, None
+    return head, fh
+
+
+def _close_document(fh: BinaryIO, path: Path) -> None:
+    fh.close()
+    path.unlink(missing_ok=True)
+
+
+def _wants_mtom(request: web.Request) -> bool:
+    return request.headers.get("Content-Type", "").lower().startswith("multipart/related")
 
 
 async def _read_bounded(request: web.Request, limit: int) -> bytes:
@@ -293,19 +433,23 @@ def _answer(body: etree._Element, action: str, env: Envelope) -> etree._Element:
 
 
 async def _mtom_response(
-    request: web.Request, resp: RetrieveDocumentSetResponse, action: str, env: Envelope
+    request: web.Request, resp: RetrieveDocumentSetResponse, action: str, env: Envelope, *,
+    disclosing: Callable[[RetrievedDocument], None] | None = None,
 ) -> web.StreamResponse:
     """Answer in kind: MTOM to an MTOM request, inline base64 to a plain SOAP one (peers that cannot
     read multipart, zeep among them). Both stream; documents on disk are read chunk by chunk in a
-    thread, so neither memory nor the event loop depends on the study size."""
+    thread, so neither memory nor the event loop depends on the study size. ``disclosing`` hears of
+    each document just before its bytes are written (inline answers; the RAD-75 audit)."""
     body_el, attachments = build_retrieve_response(resp, mtom=True)
     envelope = _answer(body_el, action, env)
-    if request.headers.get("Content-Type", "").lower().startswith("multipart/related"):
+    by_cid = dict(zip((a.content_id for a in attachments), resp.documents, strict=True))
+    if _wants_mtom(request):
         content_type, body = build_mtom(envelope, attachments, action)
         response = web.StreamResponse(status=200, headers={"Content-Type": content_type})
         response.content_length = body.content_length
         await response.prepare(request)
-        async for chunk in body.astream():
+        on_attachment = None if disclosing is None else lambda a: disclosing(by_cid[a.content_id])
+        async for chunk in body.astream(on_attachment):
             await response.write(chunk)
     else:
         segments = _inline_segments(envelope, attachments)
@@ -318,6 +462,8 @@ async def _mtom_response(
             if isinstance(segment, bytes):
                 await response.write(segment)
                 continue
+            if disclosing is not None:
+                disclosing(by_cid[segment.content_id])
             async for chunk in _b64_stream(segment):
                 await response.write(chunk)
     await response.write_eof()
