@@ -29,6 +29,7 @@ UIDs for PACSes that leave the originator fields empty).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
 import re
@@ -44,7 +45,7 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, BinaryIO, ClassVar, Literal, TypeVar
 
 import structlog
 from pydicom import dcmread
@@ -82,6 +83,10 @@ from duo_gateway.dicom.status import (
 )
 from duo_gateway.dicom.syntaxes import PREFERRED, UNCOMPRESSED_LE, syntax_class
 from duo_gateway.dicom.teardown import install_fast_teardown
+from duo_gateway.dicom.ul.association import AcceptedContext, DatasetSink
+from duo_gateway.dicom.ul.association import Association as UlAssociation
+from duo_gateway.dicom.ul.dimse import Command
+from duo_gateway.dicom.ul.part10 import file_meta
 from duo_gateway.failure import Failure, FailureKind
 
 log = structlog.get_logger(__name__)
@@ -106,6 +111,8 @@ MAX_CONTEXTS = 128
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 #: How often blocked thread-side waits look at the cancel flag.
 _POLL_S = 0.05
+#: Write buffer of a spool file received on the loop: PDVs are often 16 KiB, the disk prefers more.
+_SINK_BUFFER = 256 * 1024
 
 T = TypeVar("T")
 
@@ -275,6 +282,8 @@ class Spool:
         self._outstanding: set[Path] = set()
         self._inflight = 0
         self.refused = 0
+        #: Set when the consumer frees a place in the window: wakes a loop-side receive waiting for one.
+        self._room = asyncio.Event()
 
     @property
     def closed(self) -> bool:
@@ -318,35 +327,10 @@ class Spool:
                     if self.fsync:
                         fh.flush()
                         os.fsync(fh.fileno())
-            header = dcmread(tmp, stop_before_pixels=True)
-            if str(header.get("SOPInstanceUID", "")) != sop_uid:
-                log.warning("qr_store_uid_mismatch", sop_instance_uid=sop_uid)
-                self.refused += 1
-                return UNABLE_TO_PROCESS
-            reason = self._validate(header) if self._validate is not None else None
-            if reason is not None:
-                log.warning("qr_store_refused", sop_instance_uid=sop_uid, reason=reason)
-                self.refused += 1
-                return NOT_AUTHORISED
-            final = self.directory / f"{sop_uid}.{secrets.token_hex(4)}.dcm"
-            with self._lock:
-                if self.closed:
-                    return OUT_OF_RESOURCES
-                os.replace(tmp, final)
-                tmp = None
-                self._outstanding.add(final)
-            meta = getattr(header, "file_meta", None)
-            ts = str(meta.get("TransferSyntaxUID", "") if meta is not None else "") or str(
-                event.context.transfer_syntax)
-            item = SpooledInstance(final, sop_class, sop_uid, ts, final.stat().st_size, header)
-            if not self._bridge.put(item, self.store_wait_s):
-                with self._lock:
-                    self._outstanding.discard(final)
-                final.unlink(missing_ok=True)
-                log.warning("qr_store_not_queued", sop_instance_uid=sop_uid, closed=self.closed)
-                return OUT_OF_RESOURCES
-            queued = True
-            return SUCCESS
+            status, tmp = self._admit(tmp, sop_class, sop_uid, str(event.context.transfer_syntax),
+                                      lambda item: self._bridge.put(item, self.store_wait_s))
+            queued = status == SUCCESS
+            return status
         except OSError as exc:
             log.error("qr_store_spool_failed", sop_instance_uid=sop_uid, error=type(exc).__name__)
             return OUT_OF_RESOURCES
@@ -358,6 +342,38 @@ class Spool:
                 tmp.unlink(missing_ok=True)
             if not queued:
                 self._permits.release()
+
+    def _admit(self, tmp: Path, sop_class: str, sop_uid: str, context_syntax: str,
+               put: Callable[[SpooledInstance], bool]) -> tuple[int, Path | None]:
+        """A completely written ``.part-`` file: check it is what was announced, validate, rename into
+        place, queue. Returns the C-STORE status and the temporary path if it is still there (the
+        caller deletes it). Both receive paths (pynetdicom's thread, the asyncio UL) end here."""
+        header = dcmread(tmp, stop_before_pixels=True)
+        if str(header.get("SOPInstanceUID", "")) != sop_uid:
+            log.warning("qr_store_uid_mismatch", sop_instance_uid=sop_uid)
+            self.refused += 1
+            return UNABLE_TO_PROCESS, tmp
+        reason = self._validate(header) if self._validate is not None else None
+        if reason is not None:
+            log.warning("qr_store_refused", sop_instance_uid=sop_uid, reason=reason)
+            self.refused += 1
+            return NOT_AUTHORISED, tmp
+        final = self.directory / f"{sop_uid}.{secrets.token_hex(4)}.dcm"
+        with self._lock:
+            if self.closed:
+                return OUT_OF_RESOURCES, tmp
+            os.replace(tmp, final)
+            self._outstanding.add(final)
+        meta = getattr(header, "file_meta", None)
+        ts = str(meta.get("TransferSyntaxUID", "") if meta is not None else "") or context_syntax
+        item = SpooledInstance(final, sop_class, sop_uid, ts, final.stat().st_size, header)
+        if not put(item):
+            with self._lock:
+                self._outstanding.discard(final)
+            final.unlink(missing_ok=True)
+            log.warning("qr_store_not_queued", sop_instance_uid=sop_uid, closed=self.closed)
+            return OUT_OF_RESOURCES, None
+        return SUCCESS, None
 
     def _acquire(self) -> bool:
         deadline = time.monotonic() + self.store_wait_s
@@ -374,6 +390,76 @@ class Spool:
     def _put_end(self, item: object, timeout_s: float) -> bool:
         return self._bridge.put(item, timeout_s)
 
+    # loop side: the asyncio Upper Layer's receive path (dicom/ul) ------------------------------------
+
+    async def receive(self, sop_class: str, sop_uid: str, transfer_syntax: str,
+                      source_ae: str = "") -> SpoolSink | int:
+        """Where a C-STORE received on the event loop goes: a sink writing the ``.part-`` file (Part 10
+        meta first, then each PDV as it arrives), or the status to refuse it with.
+
+        The same rules as :meth:`store`: the UID must be one (it names the file), a place in the window
+        is taken before anything is written, waiting at most ``store_wait_s`` (the PACS waits for our
+        C-STORE-RSP meanwhile, and the association stops reading: back-pressure down to the socket).
+        """
+        with self._lock:
+            if self.closed:
+                return OUT_OF_RESOURCES
+            self._inflight += 1
+        handed = False
+        try:
+            if not _UID_RE.match(sop_uid) or len(sop_uid) > 64:
+                log.warning("qr_store_bad_uid")
+                return UNABLE_TO_PROCESS
+            if not await self._acquire_on_loop():
+                log.warning("qr_store_refused_window", sop_instance_uid=sop_uid, closed=self.closed)
+                return OUT_OF_RESOURCES
+            try:
+                fh, tmp = _open_part(self.directory)
+            except OSError as exc:
+                self._permits.release()
+                log.error("qr_store_spool_failed", sop_instance_uid=sop_uid, error=type(exc).__name__)
+                return OUT_OF_RESOURCES
+            sink = SpoolSink(self, fh, tmp, sop_class, sop_uid, transfer_syntax)
+            sink.write(memoryview(file_meta(sop_class, sop_uid, transfer_syntax, source_ae)))
+            handed = True
+            return sink
+        finally:
+            if not handed:
+                self._left()
+
+    async def _acquire_on_loop(self) -> bool:
+        """The window permit, awaited on the loop: woken when the consumer takes an item (``_room``),
+        with a short timed look as backstop for permits released by pynetdicom's threads."""
+        deadline = time.monotonic() + self.store_wait_s
+        while not self.closed:
+            if self._permits.acquire(blocking=False):
+                if self.closed:
+                    self._permits.release()
+                    return False
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._room.clear()
+            try:
+                await asyncio.wait_for(self._room.wait(), min(left, _POLL_S))
+            except TimeoutError:
+                pass
+        return False
+
+    def _left(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+    def _put_on_loop(self, item: SpooledInstance) -> bool:
+        if self.closed:
+            return False
+        try:
+            self._bridge.queue.put_nowait(item)  # never full: one slot per permit, plus the end marker
+        except asyncio.QueueFull:
+            return False
+        return True
+
     # loop side ------------------------------------------------------------------------------------
 
     async def _next(self, timeout_s: float) -> object:
@@ -385,6 +471,7 @@ class Spool:
 
     def _consumed(self) -> None:
         self._permits.release()
+        self._room.set()
 
     async def close(self) -> None:
         """Stop accepting, wait briefly for C-STOREs in flight, delete every file not handed over."""
@@ -404,6 +491,86 @@ class Spool:
             leftovers, self._outstanding = self._outstanding, set()
         for path in leftovers:
             path.unlink(missing_ok=True)
+
+
+def _open_part(directory: Path) -> tuple[BinaryIO, Path]:
+    """A new ``.part-`` file, opened on the loop on purpose: a local create is cheaper than a hop."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".part-", suffix=".dcm")
+    return open(fd, "wb", buffering=_SINK_BUFFER), Path(name)
+
+
+class SpoolSink:
+    """One C-STORE dataset being received by the asyncio UL into the spool (a ``DatasetSink``).
+
+    Holds a window permit and counts as in flight from :meth:`Spool.receive` until :meth:`finish` or
+    :meth:`discard`; the file is only renamed into place and queued once complete and valid, so the
+    C-STORE-RSP (sent after ``finish``) still means "in place and queued".
+    """
+
+    def __init__(self, spool: Spool, fh: BinaryIO, tmp: Path, sop_class: str, sop_uid: str,
+                 transfer_syntax: str) -> None:
+        self._spool = spool
+        self._fh = fh
+        self._tmp: Path | None = tmp
+        self._sop_class = sop_class
+        self._sop_uid = sop_uid
+        self._ts = transfer_syntax
+        self._error: OSError | None = None
+        self._done = False
+
+    def write(self, data: memoryview) -> None:
+        if self._error is None:
+            try:
+                self._fh.write(data)
+            except OSError as exc:
+                self._error = exc
+
+    async def finish(self) -> int:
+        spool = self._spool
+        queued = False
+        try:
+            try:
+                if self._error is None:
+                    if spool.fsync:
+                        self._fh.flush()
+                        os.fsync(self._fh.fileno())
+                self._fh.close()
+            except OSError as exc:
+                self._error = self._error or exc
+            if self._error is not None:
+                log.error("qr_store_spool_failed", sop_instance_uid=self._sop_uid,
+                          error=type(self._error).__name__)
+                return OUT_OF_RESOURCES
+            assert self._tmp is not None
+            try:
+                status, self._tmp = spool._admit(self._tmp, self._sop_class, self._sop_uid, self._ts,
+                                                 spool._put_on_loop)
+            except OSError as exc:
+                log.error("qr_store_spool_failed", sop_instance_uid=self._sop_uid, error=type(exc).__name__)
+                return OUT_OF_RESOURCES
+            except Exception as exc:
+                log.warning("qr_store_undecodable", sop_instance_uid=self._sop_uid, error=type(exc).__name__)
+                return UNABLE_TO_PROCESS
+            queued = status == SUCCESS
+            return status
+        finally:
+            self._end(queued)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._fh.close()
+        self._end(False)
+
+    def _end(self, queued: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+        if not queued:
+            self._spool._permits.release()
+        self._spool._left()
 
 
 # -- C-MOVE routing --------------------------------------------------------------------------------
@@ -454,21 +621,35 @@ class MoveRouter:
         with self._lock:
             return len(self._moves)
 
-    def handle_store(self, event: Any) -> int | None:
-        """The C-STORE status when the instance belongs to an active move; None when it is not ours."""
-        req = event.request
-        sop_uid = str(req.AffectedSOPInstanceUID or "")
+    def route(self, move_originator_message_id: int | None, sop_uid: str) -> Spool | None:
+        """The spool of the active move an incoming instance belongs to; None when it is not ours."""
         with self._lock:
-            reg = self._moves.get(req.MoveOriginatorMessageID) if req.MoveOriginatorMessageID else None
+            reg = self._moves.get(move_originator_message_id) if move_originator_message_id else None
             if reg is not None and reg.expected is not None and sop_uid not in reg.expected:
                 reg = None
             if reg is None:
                 candidates = [r for r in self._moves.values()
                               if r.expected is not None and sop_uid in r.expected]
                 reg = candidates[0] if len(candidates) == 1 else None
-        if reg is None:
-            return None
-        return reg.spool.store(event)
+        return reg.spool if reg is not None else None
+
+    def handle_store(self, event: Any) -> int | None:
+        """The C-STORE status when the instance belongs to an active move; None when it is not ours."""
+        req = event.request
+        spool = self.route(req.MoveOriginatorMessageID, str(req.AffectedSOPInstanceUID or ""))
+        return spool.store(event) if spool is not None else None
+
+    async def ul_store(self, assoc: UlAssociation, context: AcceptedContext,
+                       command: Command) -> DatasetSink | int:
+        """The asyncio acceptor's store handler (:class:`~duo_gateway.dicom.ul.association.UlServer`):
+        the same routing, then :meth:`Spool.receive`; anything not ours is refused (0x0124)."""
+        sop_uid = command.affected_sop_instance_uid or ""
+        spool = self.route(command.move_originator_message_id, sop_uid)
+        if spool is None:
+            log.warning("qr_move_unsolicited_store", calling_ae=assoc.calling_ae)
+            return NOT_AUTHORISED
+        return await spool.receive(command.affected_sop_class_uid or "", sop_uid, context.transfer_syntax,
+                                   assoc.calling_ae)
 
     def on_c_store(self, event: Any) -> int:
         """EVT_C_STORE handler for an SCP that only takes C-MOVE results: anything else is refused."""
@@ -513,6 +694,11 @@ def storage_contexts(sop_classes: Iterable[str], budget: int = MAX_CONTEXTS - 1,
         if len(classes) * len(tier) <= budget:
             return [build_context(sop, ts) for sop in classes for ts in tier]
     return [build_context(sop, kept) for sop in classes]
+
+
+def receiving_syntaxes() -> dict[str, list[str]]:
+    """:func:`receiving_contexts` for the asyncio acceptor: SOP class -> its syntaxes, ours first."""
+    return {str(cx.abstract_syntax): [str(ts) for ts in cx.transfer_syntax] for cx in receiving_contexts()}
 
 
 def receiving_contexts() -> list[PresentationContext]:
