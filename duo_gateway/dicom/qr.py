@@ -20,6 +20,14 @@ any of that, so this module keeps to three rules:
 
 Failures surface as :class:`QrError` subclasses, each with a ``label`` short enough for a metric label.
 
+The bulk paths are not pynetdicom's: a C-GET association (:class:`UlGetAssociation`) and DUO's storage
+SCP (the C-MOVE destination, started in daemon.py) run on DUO's asyncio Upper Layer
+(:mod:`duo_gateway.dicom.ul`), where each received dataset streams PDV by PDV into its spool file
+(:meth:`Spool.receive`) on the event loop; the same window, validation and "answer only once renamed
+and queued" rules hold there, back-pressure reaching the socket (reads pause while the PACS's C-STORE
+waits for a place in the window). C-FIND and the C-MOVE-RQ itself (a handful of messages) stay on
+pynetdicom and the rules above.
+
 C-MOVE needs DUO's own storage SCP as destination: :class:`MoveRouter` is the piece that SCP's
 C-STORE handler calls, and it routes each incoming instance to the move that asked for it (by Move
 Originator Message ID, which the router allocates uniquely, falling back to the expected SOP Instance
@@ -44,13 +52,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Literal, TypeVar
 
 import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -61,6 +70,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.association import Association
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -83,10 +93,19 @@ from duo_gateway.dicom.status import (
 )
 from duo_gateway.dicom.syntaxes import PREFERRED, UNCOMPRESSED_LE, syntax_class
 from duo_gateway.dicom.teardown import install_fast_teardown
-from duo_gateway.dicom.ul.association import AcceptedContext, DatasetSink
+from duo_gateway.dicom.ul.association import (
+    AcceptedContext,
+    DatasetSink,
+    Timeouts,
+    UlError,
+    UlRejected,
+    UlTimeout,
+)
 from duo_gateway.dicom.ul.association import Association as UlAssociation
-from duo_gateway.dicom.ul.dimse import Command
+from duo_gateway.dicom.ul.association import connect as ul_connect
+from duo_gateway.dicom.ul.dimse import C_GET_RSP, Command, c_get_rq
 from duo_gateway.dicom.ul.part10 import file_meta
+from duo_gateway.dicom.ul.pdu import PresentationContextRQ, RoleSelection
 from duo_gateway.failure import Failure, FailureKind
 
 log = structlog.get_logger(__name__)
@@ -762,17 +781,19 @@ class QrClient:
         if move:
             contexts.append(build_context(_MOVE[model]))
         ext_neg = []
-        handlers: list[EventHandlerType] = []
-        state = _AssocState()
         if get_sop_classes:
             contexts.append(build_context(_GET[model]))
             contexts.extend(storage_contexts(get_sop_classes, MAX_CONTEXTS - len(contexts),
                                              transfer_syntaxes))
             ext_neg = [build_role(sop, scp_role=True) for sop in dict.fromkeys(get_sop_classes)]
-            handlers = [(evt.EVT_C_STORE, state.on_c_store)]
         dimse = dimse_timeout_s if dimse_timeout_s is not None else self.timeout_s
         async with self._slots:
-            qa = await QrAssociation._open(self, contexts, ext_neg, handlers, state, dimse)
+            if get_sop_classes:
+                if find or move:
+                    raise ValueError("a C-GET association carries C-GET only")
+                qa: QrAssociation = await UlGetAssociation.open(self, contexts, ext_neg, dimse)
+            else:
+                qa = await QrAssociation._open(self, contexts, dimse)
             try:
                 yield qa
             except QrStatusError:
@@ -829,19 +850,6 @@ class QrClient:
             await spool.close()
 
 
-class _AssocState:
-    """What the association's C-STORE handler (running in the pump thread) delivers into."""
-
-    def __init__(self) -> None:
-        self.spool: Spool | None = None
-
-    def on_c_store(self, event: Any) -> int:
-        spool = self.spool
-        if spool is None:
-            return NOT_AUTHORISED  # a C-STORE outside any C-GET of ours
-        return spool.store(event)
-
-
 def _run_in(executor: ThreadPoolExecutor, fn: Callable[[], T]) -> Future[T]:
     """Submit with the caller's contextvars (run_in_executor would drop them)."""
     ctx = contextvars.copy_context()
@@ -851,18 +859,15 @@ def _run_in(executor: ThreadPoolExecutor, fn: Callable[[], T]) -> Future[T]:
 class QrAssociation:
     """One established association; operations run one at a time, each pumped on its executor."""
 
-    def __init__(self, client: QrClient, assoc: Association, executor: ThreadPoolExecutor,
-                 state: _AssocState) -> None:
+    def __init__(self, client: QrClient, assoc: Association, executor: ThreadPoolExecutor) -> None:
         self._client = client
         self._assoc = assoc
         self._executor = executor
-        self._state = state
         self._busy = False
         self._broken = False
 
     @classmethod
-    async def _open(cls, client: QrClient, contexts: list[PresentationContext], ext_neg: list[Any],
-                    handlers: list[EventHandlerType], state: _AssocState,
+    async def _open(cls, client: QrClient, contexts: list[PresentationContext],
                     dimse_timeout_s: float) -> QrAssociation:
         ensure_tcp_nodelay()
         install_fast_teardown()
@@ -874,8 +879,7 @@ class QrAssociation:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"qr-{client.called_ae.strip()}")
         tls_args = (client.tls, client.host) if client.tls is not None else None
         fut = _run_in(executor, partial(ae.associate, client.host, client.port, contexts=contexts,
-                                        ae_title=client.called_ae, ext_neg=ext_neg or None,
-                                        tls_args=tls_args, evt_handlers=handlers or None))
+                                        ae_title=client.called_ae, tls_args=tls_args))
         try:
             assoc = await asyncio.wait_for(asyncio.wrap_future(fut), client.timeout_s * 3 + 1)
         except BaseException:
@@ -889,7 +893,7 @@ class QrAssociation:
                 raise AssociationRejected(f"association rejected by {client.called_ae}")
             # pynetdicom reports a refused connection as "aborted" too: either way nothing was said
             raise AssociationFailed(f"no association with {client.called_ae} at {client.host}:{client.port}")
-        return cls(client, assoc, executor, state)
+        return cls(client, assoc, executor)
 
     async def _release(self) -> None:
         if self._broken:
@@ -974,19 +978,9 @@ class QrAssociation:
 
     async def get(self, query: Dataset, spool: Spool,
                   model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
-        """One C-GET; instances land in ``spool`` (the caller closes it). Raises :class:`QrStatusError`
-        on a Failure/Cancel final status, after yielding what did arrive."""
-        self._start()
-        self._state.spool = spool
-        pump = _run_in(self._executor, partial(self._pump_retrieve, "C-GET", spool, partial(
-            self._assoc.send_c_get, query, _GET[model])))
-        try:
-            async with aclosing(self._drain(spool)) as stream:
-                async for item in stream:
-                    yield item
-        finally:
-            self._state.spool = None
-            await _join(pump, self._idle_s() if not self._broken else 1.0)
+        """C-GET runs on :class:`UlGetAssociation` (``associate(get_sop_classes=...)``), not here."""
+        raise QrError("C-GET needs an association opened with get_sop_classes")
+        yield  # pragma: no cover - makes this an async generator like its override
 
     # C-MOVE -------------------------------------------------------------------------------------
 
@@ -1021,7 +1015,7 @@ class QrAssociation:
                     continue
                 finished = True
                 if isinstance(item, QrError):
-                    self._broken = self._broken or not self._assoc.is_established
+                    self._broken = self._broken or not self._established()
                     raise item
                 assert isinstance(item, _End)
                 return
@@ -1067,9 +1061,12 @@ class QrAssociation:
     def _start(self) -> None:
         if self._busy:
             raise RuntimeError("one operation at a time per association")
-        if self._broken or not self._assoc.is_established:
+        if self._broken or not self._established():
             raise QrAborted("association no longer established")
         self._busy = True
+
+    def _established(self) -> bool:
+        return bool(self._assoc.is_established)
 
     def _no_response(self, operation: str, since: float) -> QrError:
         """pynetdicom yields an empty status both on DIMSE timeout and on abort: tell them apart."""
@@ -1078,6 +1075,163 @@ class QrAssociation:
         if dimse is not None and time.monotonic() - since >= float(dimse) * 0.9:
             return QrTimeout(f"no {operation} response within {float(dimse):g} s")
         return QrAborted(f"association aborted during {operation}")
+
+
+class UlGetAssociation(QrAssociation):
+    """A C-GET association on DUO's asyncio Upper Layer (:mod:`duo_gateway.dicom.ul`).
+
+    Why: C-GET is a bulk path, its instances arrive as C-STORE sub-operations on this very
+    association; here each one streams PDV by PDV into the spool (:meth:`Spool.receive`) on the event
+    loop, where pynetdicom would take every PDU through its polling DUL thread and a thread hand-off.
+    The rules stay those of the module: the window bounds the spool and, through the sub-operation's
+    unanswered C-STORE and paused socket reads, the PACS; every wait has a timeout; a consumer that
+    stops iterating aborts the association. C-FIND and C-MOVE stay on pynetdicom (few messages).
+    """
+
+    def __init__(self, client: QrClient, ul: UlAssociation, get_context: int, dimse_timeout_s: float) -> None:
+        self._client = client
+        self._ul = ul
+        self._get_context = get_context
+        self._dimse_s = dimse_timeout_s
+        self._spool: Spool | None = None
+        self._busy = False
+        self._broken = False
+        ul.store_handler = self._on_store
+
+    @classmethod
+    async def open(cls, client: QrClient, contexts: list[PresentationContext], ext_neg: list[Any],
+                   dimse_timeout_s: float) -> UlGetAssociation:
+        proposed = [PresentationContextRQ(2 * i + 1, str(cx.abstract_syntax),
+                                          tuple(str(ts) for ts in cx.transfer_syntax))
+                    for i, cx in enumerate(contexts)]
+        roles = [RoleSelection(str(role.sop_class_uid), False, True) for role in ext_neg]
+        timeouts = Timeouts(connect_s=client.timeout_s, acse_s=client.timeout_s, dimse_s=dimse_timeout_s,
+                            network_s=client.timeout_s)
+        try:
+            ul = await ul_connect(client.host, client.port, calling_ae=client.calling_ae,
+                                  called_ae=client.called_ae, contexts=proposed, roles=roles,
+                                  ssl_context=client.tls, timeouts=timeouts)
+        except UlRejected:
+            raise AssociationRejected(f"association rejected by {client.called_ae}") from None
+        except UlError as exc:
+            raise AssociationFailed(f"no association with {client.called_ae} at {client.host}:{client.port}: "
+                                    f"{exc}") from None
+        get_models = {str(m) for m in _GET.values()}
+        get_context = next((cx.context_id for cx in ul.accepted.values()
+                            if cx.abstract_syntax in get_models), None)
+        if get_context is None:
+            await ul.release()
+            raise QrError(f"{client.called_ae} accepted no C-GET presentation context")
+        return cls(client, ul, get_context, dimse_timeout_s)
+
+    def _established(self) -> bool:
+        return not self._ul.closed
+
+    def _idle_s(self) -> float:
+        return self._dimse_s + 5
+
+    async def _release(self) -> None:
+        if self._broken:
+            await self._abort()
+            return
+        await self._ul.release()
+
+    async def _abort(self) -> None:
+        self._broken = True
+        self._ul.abort()
+
+    async def _on_store(self, assoc: UlAssociation, context: AcceptedContext,
+                        command: Command) -> DatasetSink | int:
+        spool = self._spool
+        if spool is None:
+            return NOT_AUTHORISED  # a C-STORE outside any C-GET of ours
+        return await spool.receive(command.affected_sop_class_uid or "",
+                                   command.affected_sop_instance_uid or "", context.transfer_syntax,
+                                   self._client.called_ae)
+
+    async def find(self, query: Dataset, model: Model = "study") -> AsyncGenerator[Dataset, None]:
+        raise QrError("C-FIND on a C-GET association")
+        yield  # pragma: no cover - makes this an async generator like the method it overrides
+
+    async def move(self, query: Dataset, destination_ae: str, router: MoveRouter, spool: Spool,
+                   expected: Iterable[str] | None = None,
+                   model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
+        raise QrError("C-MOVE on a C-GET association")
+        yield  # pragma: no cover
+
+    async def get(self, query: Dataset, spool: Spool,
+                  model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
+        """One C-GET; instances land in ``spool`` (the caller closes it). Raises :class:`QrStatusError`
+        on a Failure/Cancel final status, after yielding what did arrive."""
+        self._start()
+        self._spool = spool
+        pump = asyncio.create_task(self._pump_get(query, spool, _GET[model]))
+        try:
+            async with aclosing(self._drain(spool)) as stream:
+                async for item in stream:
+                    yield item
+        finally:
+            self._spool = None
+            if not pump.done():
+                self._ul.abort()
+                pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
+
+    async def _pump_get(self, query: Dataset, spool: Spool, model: UID) -> None:
+        """Send the C-GET-RQ, then receive until its final C-GET-RSP (the C-STOREs in between go to
+        the spool inside ``receive``); the outcome goes to the spool's queue as the terminal item."""
+        outcome: object
+        try:
+            cx = self._ul.accepted[self._get_context]
+            identifier = encode(query, cx.transfer_syntax == str(ImplicitVRLittleEndian), True)
+            if identifier is None:
+                raise QrError("C-GET identifier could not be encoded")
+            msg_id = self._ul.next_message_id()
+            await self._ul.send_command(cx.context_id, c_get_rq(msg_id, str(model)), identifier)
+            while True:
+                msg = await self._ul.receive(self._dimse_s)
+                if msg is None:
+                    outcome = QrAborted("the PACS released the association during C-GET")
+                    break
+                rsp = msg.command
+                if rsp.command_field != C_GET_RSP or rsp.message_id_responded_to != msg_id:
+                    self._ul.abort()
+                    outcome = QrAborted(f"unexpected DIMSE message 0x{rsp.command_field:04X} during C-GET")
+                    break
+                code = rsp.status if rsp.status is not None else UNABLE_TO_PROCESS
+                if is_pending(code):
+                    continue
+                summary = RetrieveSummary(code, rsp.completed, rsp.failed, rsp.warning)
+                if code == SUCCESS or is_warning(code):
+                    if code != SUCCESS:
+                        log.warning("qr_retrieve_warning", operation="C-GET", status=f"0x{code:04X}",
+                                    failed=summary.failed, completed=summary.completed)
+                    outcome = _End(summary)
+                else:
+                    outcome = QrStatusError("C-GET", code, _failed_uids(_identifier(msg.dataset, cx)))
+                break
+        except UlTimeout:
+            self._broken = True
+            outcome = QrTimeout(f"no C-GET response within {self._dimse_s:g} s")
+        except UlError as exc:
+            self._broken = True
+            outcome = QrAborted(f"association aborted during C-GET: {exc}")
+        except QrError as exc:
+            outcome = exc
+        if not spool.closed:
+            with contextlib.suppress(asyncio.QueueFull):
+                spool._bridge.queue.put_nowait(outcome)
+
+
+def _identifier(data: bytes | None, cx: AcceptedContext) -> Dataset | None:
+    """A response's identifier (e.g. the Failed SOP Instance UID List); None when absent or unreadable."""
+    if not data:
+        return None
+    try:
+        return decode(BytesIO(data), cx.transfer_syntax == str(ImplicitVRLittleEndian), True)
+    except Exception:
+        return None
 
 
 def _wake_pump(assoc: Association) -> None:
