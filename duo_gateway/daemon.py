@@ -275,6 +275,7 @@ class Gateway:
         install_tcp_nodelay(listener.tcp_nodelay)
         install_fast_teardown()
         policy = AcceptorPolicy(listener.ae_title, {**verification_supported(), **receiving_syntaxes()},
+                                max_associations=listener.max_associations,
                                 max_pdu=listener.max_pdu_length, send_pdu=listener.max_pdu_length,
                                 timeouts=Timeouts(acse_s=listener.timeout_s, dimse_s=listener.idle_timeout_s,
                                                   network_s=listener.timeout_s))

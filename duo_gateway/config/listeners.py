@@ -46,6 +46,8 @@ class DicomListener(StrictModel):
     timeout_s: float = Field(default=30.0, gt=0, le=600)
     #: Longest silence on an association between C-STOREs (the PACS then gets an A-ABORT).
     idle_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    #: Associations served at once; more are rejected (transient) until one ends.
+    max_associations: int = Field(default=32, ge=1, le=1024)
 
 
 class OpsListener(StrictModel):

@@ -579,6 +579,9 @@ class AcceptorPolicy:
     ae_title: str
     supported: Mapping[str, Sequence[str]]
     require_called_ae: bool = True
+    #: Associations served at once; one more is rejected (transient, local limit exceeded), as
+    #: pynetdicom's ``maximum_associations`` did, so a flood of connections cannot exhaust the spool.
+    max_associations: int = 32
     max_pdu: int = DEFAULT_MAX_PDU
     send_pdu: int = DEFAULT_SEND_PDU
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -662,6 +665,9 @@ class UlServer:
             return
         assoc.calling_ae, assoc.called_ae = ev.calling_ae, ev.called_ae
         outcome = self.policy.negotiate(ev)
+        busy = len(self._associations) > self.policy.max_associations
+        if busy and not isinstance(outcome, pdu.AssociateRJ):
+            outcome = pdu.AssociateRJ(pdu.RJ_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, pdu.RJ_PRESENTATION_LIMIT)
         if isinstance(outcome, pdu.AssociateRJ):
             log.warning("ul_association_rejected", calling_ae=ev.calling_ae, called_ae=ev.called_ae,
                         reason=outcome.reason)

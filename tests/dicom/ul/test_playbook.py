@@ -433,6 +433,24 @@ async def test_acceptor_rejects_with_the_standard_reason(rq: pdu.AssociateRQ, re
     await acc.server.close()
 
 
+async def test_acceptor_rejects_past_its_association_limit() -> None:
+    acc = Acceptor()
+    acc.server.policy.max_associations = 1
+    rq = pdu.AssociateRQ("DUO", "PACS", (pdu.PresentationContextRQ(1, CT, (EXPLICIT,)),))
+    await acc.feed([pdu.encode_associate_rq(rq)])
+    second = acc.server._protocol()
+    transport = MemoryTransport()
+    second.connection_made(transport)
+    second.data_received(pdu.encode_associate_rq(rq))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert isinstance(acc.answers()[0], pdu.AssociateAC)
+    assert read_all([bytes(transport.out)]) == [
+        pdu.AssociateRJ(pdu.RJ_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, pdu.RJ_PRESENTATION_LIMIT)]
+    assert transport.closing
+    await acc.server.close()
+
+
 async def test_acceptor_artim_aborts_a_silent_peer() -> None:
     acc = Acceptor()
     acc.server.policy.timeouts = Timeouts(acse_s=0.05)
