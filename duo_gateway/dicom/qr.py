@@ -1,4 +1,5 @@
-"""Asyncio-facing DICOM Query/Retrieve SCU (C-FIND, C-GET, C-MOVE) over thread-based pynetdicom.
+"""Asyncio-facing DICOM Query/Retrieve SCU: C-FIND over thread-based pynetdicom, C-GET and C-MOVE on
+DUO's asyncio Upper Layer (see below, and :mod:`duo_gateway.dicom.ul`).
 
 pynetdicom blocks: each association is a thread plus a reactor, ``send_c_*`` are blocking generators
 and event handlers run in pynetdicom's threads (docs/dicom.md §6). The event loop must never wait on
@@ -20,13 +21,12 @@ any of that, so this module keeps to three rules:
 
 Failures surface as :class:`QrError` subclasses, each with a ``label`` short enough for a metric label.
 
-The bulk paths are not pynetdicom's: a C-GET association (:class:`UlGetAssociation`) and DUO's storage
-SCP (the C-MOVE destination, started in daemon.py) run on DUO's asyncio Upper Layer
+The bulk paths are not pynetdicom's: C-GET and C-MOVE associations (:class:`UlRetrieveAssociation`)
+and DUO's storage SCP (the C-MOVE destination, started in daemon.py) run on DUO's asyncio Upper Layer
 (:mod:`duo_gateway.dicom.ul`), where each received dataset streams PDV by PDV into its spool file
 (:meth:`Spool.receive`) on the event loop; the same window, validation and "answer only once renamed
 and queued" rules hold there, back-pressure reaching the socket (reads pause while the PACS's C-STORE
-waits for a place in the window). C-FIND and the C-MOVE-RQ itself (a handful of messages) stay on
-pynetdicom and the rules above.
+waits for a place in the window). C-FIND stays on pynetdicom and the rules above.
 
 C-MOVE needs DUO's own storage SCP as destination: :class:`MoveRouter` is the piece that SCP's
 C-STORE handler calls, and it routes each incoming instance to the move that asked for it (by Move
@@ -47,7 +47,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -103,7 +103,7 @@ from duo_gateway.dicom.ul.association import (
 )
 from duo_gateway.dicom.ul.association import Association as UlAssociation
 from duo_gateway.dicom.ul.association import connect as ul_connect
-from duo_gateway.dicom.ul.dimse import C_GET_RSP, Command, c_get_rq
+from duo_gateway.dicom.ul.dimse import C_GET_RSP, C_MOVE_RSP, Command, c_get_rq, c_move_rq
 from duo_gateway.dicom.ul.part10 import file_meta
 from duo_gateway.dicom.ul.pdu import PresentationContextRQ, RoleSelection
 from duo_gateway.failure import Failure, FailureKind
@@ -788,10 +788,11 @@ class QrClient:
             ext_neg = [build_role(sop, scp_role=True) for sop in dict.fromkeys(get_sop_classes)]
         dimse = dimse_timeout_s if dimse_timeout_s is not None else self.timeout_s
         async with self._slots:
-            if get_sop_classes:
-                if find or move:
-                    raise ValueError("a C-GET association carries C-GET only")
-                qa: QrAssociation = await UlGetAssociation.open(self, contexts, ext_neg, dimse)
+            if get_sop_classes or move:
+                if find or (get_sop_classes and move):
+                    raise ValueError("a retrieve association carries C-GET or C-MOVE only")
+                models = _GET.values() if get_sop_classes else _MOVE.values()
+                qa: QrAssociation = await UlRetrieveAssociation.open(self, contexts, ext_neg, dimse, models)
             else:
                 qa = await QrAssociation._open(self, contexts, dimse)
             try:
@@ -978,7 +979,7 @@ class QrAssociation:
 
     async def get(self, query: Dataset, spool: Spool,
                   model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
-        """C-GET runs on :class:`UlGetAssociation` (``associate(get_sop_classes=...)``), not here."""
+        """C-GET runs on :class:`UlRetrieveAssociation` (``associate(get_sop_classes=...)``), not here."""
         raise QrError("C-GET needs an association opened with get_sop_classes")
         yield  # pragma: no cover - makes this an async generator like its override
 
@@ -987,19 +988,9 @@ class QrAssociation:
     async def move(self, query: Dataset, destination_ae: str, router: MoveRouter, spool: Spool,
                    expected: Iterable[str] | None = None,
                    model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
-        """One C-MOVE to ``destination_ae``; DUO's SCP hands the instances over through ``router``."""
-        self._start()
-        msg_id = router.register(spool, expected, originators=(self._client.calling_ae,
-                                                               self._client.called_ae))
-        pump = _run_in(self._executor, partial(self._pump_retrieve, "C-MOVE", spool, partial(
-            self._assoc.send_c_move, query, destination_ae, _MOVE[model], msg_id=msg_id)))
-        try:
-            async with aclosing(self._drain(spool)) as stream:
-                async for item in stream:
-                    yield item
-        finally:
-            router.unregister(msg_id)
-            await _join(pump, self._idle_s() if not self._broken else 1.0)
+        """C-MOVE runs on :class:`UlRetrieveAssociation` (``associate(move=True)``), not here."""
+        raise QrError("C-MOVE needs an association opened with move=True")
+        yield  # pragma: no cover - makes this an async generator like its override
 
     async def _drain(self, spool: Spool) -> AsyncGenerator[SpooledInstance, None]:
         finished = False
@@ -1028,34 +1019,6 @@ class QrAssociation:
                 await spool.close()
                 await self._abort()
 
-    def _pump_retrieve(self, operation: str, spool: Spool,
-                       send: Callable[[], Iterator[tuple[Dataset, Dataset | None]]]) -> None:
-        wait = self._idle_s()
-        try:
-            started = time.monotonic()
-            for status, identifier in send():
-                code = status.get("Status")
-                if code is None:
-                    spool._put_end(self._no_response(operation, started), wait)
-                    return
-                started = time.monotonic()
-                if is_pending(code):
-                    continue
-                summary = RetrieveSummary(int(code), status.get("NumberOfCompletedSuboperations"),
-                                          status.get("NumberOfFailedSuboperations"),
-                                          status.get("NumberOfWarningSuboperations"))
-                if code == SUCCESS or is_warning(code):
-                    if code != SUCCESS:
-                        log.warning("qr_retrieve_warning", operation=operation, status=f"0x{code:04X}",
-                                    failed=summary.failed, completed=summary.completed)
-                    spool._put_end(_End(summary), wait)
-                else:
-                    spool._put_end(QrStatusError(operation, int(code), _failed_uids(identifier)), wait)
-                return
-            spool._put_end(QrAborted(f"{operation} ended without a final status"), wait)
-        except Exception as exc:
-            spool._put_end(_as_qr_error(operation, exc), wait)
-
     # shared -------------------------------------------------------------------------------------
 
     def _start(self) -> None:
@@ -1077,21 +1040,24 @@ class QrAssociation:
         return QrAborted(f"association aborted during {operation}")
 
 
-class UlGetAssociation(QrAssociation):
-    """A C-GET association on DUO's asyncio Upper Layer (:mod:`duo_gateway.dicom.ul`).
+class UlRetrieveAssociation(QrAssociation):
+    """A C-GET or C-MOVE association on DUO's asyncio Upper Layer (:mod:`duo_gateway.dicom.ul`).
 
-    Why: C-GET is a bulk path, its instances arrive as C-STORE sub-operations on this very
+    Why: these are the bulk paths. A C-GET's instances arrive as C-STORE sub-operations on this very
     association; here each one streams PDV by PDV into the spool (:meth:`Spool.receive`) on the event
     loop, where pynetdicom would take every PDU through its polling DUL thread and a thread hand-off.
-    The rules stay those of the module: the window bounds the spool and, through the sub-operation's
-    unanswered C-STORE and paused socket reads, the PACS; every wait has a timeout; a consumer that
-    stops iterating aborts the association. C-FIND and C-MOVE stay on pynetdicom (few messages).
+    A C-MOVE's instances arrive at DUO's storage SCP (same receive path); this association only
+    carries the request and its pending responses, but on pynetdicom it kept two polling threads
+    busy for the whole retrieve. The rules stay those of the module: the window bounds the spool and,
+    through the sub-operation's unanswered C-STORE and paused socket reads, the PACS; every wait has
+    a timeout; a consumer that stops iterating aborts the association. C-FIND stays on pynetdicom.
     """
 
-    def __init__(self, client: QrClient, ul: UlAssociation, get_context: int, dimse_timeout_s: float) -> None:
+    def __init__(self, client: QrClient, ul: UlAssociation, model_context: int,
+                 dimse_timeout_s: float) -> None:
         self._client = client
         self._ul = ul
-        self._get_context = get_context
+        self._model_context = model_context
         self._dimse_s = dimse_timeout_s
         self._spool: Spool | None = None
         self._busy = False
@@ -1100,7 +1066,7 @@ class UlGetAssociation(QrAssociation):
 
     @classmethod
     async def open(cls, client: QrClient, contexts: list[PresentationContext], ext_neg: list[Any],
-                   dimse_timeout_s: float) -> UlGetAssociation:
+                   dimse_timeout_s: float, models: Iterable[UID]) -> UlRetrieveAssociation:
         proposed = [PresentationContextRQ(2 * i + 1, str(cx.abstract_syntax),
                                           tuple(str(ts) for ts in cx.transfer_syntax))
                     for i, cx in enumerate(contexts)]
@@ -1116,13 +1082,13 @@ class UlGetAssociation(QrAssociation):
         except UlError as exc:
             raise AssociationFailed(f"no association with {client.called_ae} at {client.host}:{client.port}: "
                                     f"{exc}") from None
-        get_models = {str(m) for m in _GET.values()}
-        get_context = next((cx.context_id for cx in ul.accepted.values()
-                            if cx.abstract_syntax in get_models), None)
-        if get_context is None:
+        wanted = {str(m) for m in models}
+        model_context = next((cx.context_id for cx in ul.accepted.values() if cx.abstract_syntax in wanted),
+                             None)
+        if model_context is None:
             await ul.release()
-            raise QrError(f"{client.called_ae} accepted no C-GET presentation context")
-        return cls(client, ul, get_context, dimse_timeout_s)
+            raise QrError(f"{client.called_ae} accepted no C-GET/C-MOVE presentation context")
+        return cls(client, ul, model_context, dimse_timeout_s)
 
     def _established(self) -> bool:
         return not self._ul.closed
@@ -1150,14 +1116,8 @@ class UlGetAssociation(QrAssociation):
                                    self._client.called_ae)
 
     async def find(self, query: Dataset, model: Model = "study") -> AsyncGenerator[Dataset, None]:
-        raise QrError("C-FIND on a C-GET association")
+        raise QrError("C-FIND on a retrieve association")
         yield  # pragma: no cover - makes this an async generator like the method it overrides
-
-    async def move(self, query: Dataset, destination_ae: str, router: MoveRouter, spool: Spool,
-                   expected: Iterable[str] | None = None,
-                   model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
-        raise QrError("C-MOVE on a C-GET association")
-        yield  # pragma: no cover
 
     async def get(self, query: Dataset, spool: Spool,
                   model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
@@ -1165,39 +1125,66 @@ class UlGetAssociation(QrAssociation):
         on a Failure/Cancel final status, after yielding what did arrive."""
         self._start()
         self._spool = spool
-        pump = asyncio.create_task(self._pump_get(query, spool, _GET[model]))
+        request = c_get_rq(self._ul.next_message_id(), str(_GET[model]))
+        try:
+            async with aclosing(self._retrieve("C-GET", query, spool, request, C_GET_RSP)) as stream:
+                async for item in stream:
+                    yield item
+        finally:
+            self._spool = None
+
+    async def move(self, query: Dataset, destination_ae: str, router: MoveRouter, spool: Spool,
+                   expected: Iterable[str] | None = None,
+                   model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
+        """One C-MOVE to ``destination_ae``; DUO's SCP hands the instances over through ``router``,
+        which allocated the Message ID the PACS echoes as Move Originator Message ID."""
+        self._start()
+        msg_id = router.register(spool, expected, originators=(self._client.calling_ae,
+                                                               self._client.called_ae))
+        request = c_move_rq(msg_id, str(_MOVE[model]), destination_ae)
+        try:
+            async with aclosing(self._retrieve("C-MOVE", query, spool, request, C_MOVE_RSP)) as stream:
+                async for item in stream:
+                    yield item
+        finally:
+            router.unregister(msg_id)
+
+    async def _retrieve(self, operation: str, query: Dataset, spool: Spool, request: Command,
+                        response_field: int) -> AsyncGenerator[SpooledInstance, None]:
+        pump = asyncio.create_task(self._pump(operation, query, spool, request, response_field))
         try:
             async with aclosing(self._drain(spool)) as stream:
                 async for item in stream:
                     yield item
         finally:
-            self._spool = None
             if not pump.done():
                 self._ul.abort()
                 pump.cancel()
             with contextlib.suppress(BaseException):
                 await pump
 
-    async def _pump_get(self, query: Dataset, spool: Spool, model: UID) -> None:
-        """Send the C-GET-RQ, then receive until its final C-GET-RSP (the C-STOREs in between go to
-        the spool inside ``receive``); the outcome goes to the spool's queue as the terminal item."""
+    async def _pump(self, operation: str, query: Dataset, spool: Spool, request: Command,
+                    response_field: int) -> None:
+        """Send the request, then receive until its final response (a C-GET's C-STOREs in between go
+        to the spool inside ``receive``); the outcome goes to the spool's queue as the terminal item."""
         outcome: object
         try:
-            cx = self._ul.accepted[self._get_context]
+            cx = self._ul.accepted[self._model_context]
             identifier = encode(query, cx.transfer_syntax == str(ImplicitVRLittleEndian), True)
             if identifier is None:
-                raise QrError("C-GET identifier could not be encoded")
-            msg_id = self._ul.next_message_id()
-            await self._ul.send_command(cx.context_id, c_get_rq(msg_id, str(model)), identifier)
+                raise QrError(f"{operation} identifier could not be encoded")
+            msg_id = request.message_id
+            await self._ul.send_command(cx.context_id, request, identifier)
             while True:
                 msg = await self._ul.receive(self._dimse_s)
                 if msg is None:
-                    outcome = QrAborted("the PACS released the association during C-GET")
+                    outcome = QrAborted(f"the PACS released the association during {operation}")
                     break
                 rsp = msg.command
-                if rsp.command_field != C_GET_RSP or rsp.message_id_responded_to != msg_id:
+                if rsp.command_field != response_field or rsp.message_id_responded_to != msg_id:
                     self._ul.abort()
-                    outcome = QrAborted(f"unexpected DIMSE message 0x{rsp.command_field:04X} during C-GET")
+                    outcome = QrAborted(f"unexpected DIMSE message 0x{rsp.command_field:04X} "
+                                        f"during {operation}")
                     break
                 code = rsp.status if rsp.status is not None else UNABLE_TO_PROCESS
                 if is_pending(code):
@@ -1205,18 +1192,18 @@ class UlGetAssociation(QrAssociation):
                 summary = RetrieveSummary(code, rsp.completed, rsp.failed, rsp.warning)
                 if code == SUCCESS or is_warning(code):
                     if code != SUCCESS:
-                        log.warning("qr_retrieve_warning", operation="C-GET", status=f"0x{code:04X}",
+                        log.warning("qr_retrieve_warning", operation=operation, status=f"0x{code:04X}",
                                     failed=summary.failed, completed=summary.completed)
                     outcome = _End(summary)
                 else:
-                    outcome = QrStatusError("C-GET", code, _failed_uids(_identifier(msg.dataset, cx)))
+                    outcome = QrStatusError(operation, code, _failed_uids(_identifier(msg.dataset, cx)))
                 break
         except UlTimeout:
             self._broken = True
-            outcome = QrTimeout(f"no C-GET response within {self._dimse_s:g} s")
+            outcome = QrTimeout(f"no {operation} response within {self._dimse_s:g} s")
         except UlError as exc:
             self._broken = True
-            outcome = QrAborted(f"association aborted during C-GET: {exc}")
+            outcome = QrAborted(f"association aborted during {operation}: {exc}")
         except QrError as exc:
             outcome = exc
         if not spool.closed:
