@@ -17,19 +17,16 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from duo_gateway.access import AccessConfigError, ClientDirectory, access_problems
 from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.messages import Peer, application_activity
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.consent import ConsentGate
-from duo_gateway.dicom.acceptor import start_acceptor
 from duo_gateway.dicom.nodelay import install_tcp_nodelay
-from duo_gateway.dicom.qr import MoveRouter, receiving_contexts
-from duo_gateway.dicom.status import SUCCESS
+from duo_gateway.dicom.qr import MoveRouter, receiving_syntaxes
 from duo_gateway.dicom.teardown import install_fast_teardown
+from duo_gateway.dicom.ul.association import AcceptorPolicy, Timeouts, UlServer, verification_supported
 from duo_gateway.health import Probe, build_probes
 from duo_gateway.http.server import FrontDoor, build_app, build_ops_app
 from duo_gateway.http.slow import HeaderTimeoutSite
@@ -134,7 +131,7 @@ class Gateway:
         self._runner: web.AppRunner | None = None
         self._ops_runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
-        self._dicom_server: Any = None
+        self._dicom_server: UlServer | None = None
         self.app: web.Application | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -183,7 +180,7 @@ class Gateway:
             await self._ops_runner.setup()
             await HeaderTimeoutSite(self._ops_runner, cfg.listeners.ops.host, cfg.listeners.ops.port,
                                     header_timeout_s=http.header_timeout_s).start()
-        await asyncio.to_thread(self._start_dicom)
+        await self._start_dicom()
         if self.transfers is not None:
             # After DUO's AE is up: a resumed job may C-MOVE to it at once.
             (self.spool_dir / "rad75").mkdir(parents=True, exist_ok=True)
@@ -265,27 +262,28 @@ class Gateway:
     @property
     def dicom_port(self) -> int:
         assert self._dicom_server is not None, "gateway not started"
-        return int(self._dicom_server.server_address[1])
+        return self._dicom_server.port
 
     # -- internals -----------------------------------------------------------------------------
-    def _start_dicom(self) -> None:
+    async def _start_dicom(self) -> None:
         """DUO's own AE: C-ECHO, and C-STORE for instances PACSes send because DUO asked (C-MOVE).
 
         Unsolicited C-STOREs are refused by the router: DUO is not an archive anyone may push to.
+        It runs on the event loop (:mod:`duo_gateway.dicom.ul`): each received dataset goes from the
+        socket into its spool file PDV by PDV, with no pynetdicom thread on the bulk path.
         """
         listener = self.config.listeners.dicom
         install_tcp_nodelay(listener.tcp_nodelay)
         install_fast_teardown()
-        ae = AE(ae_title=listener.ae_title)
-        ae.add_supported_context(Verification)
-        for context in receiving_contexts():
-            assert context.abstract_syntax is not None
-            ae.add_supported_context(context.abstract_syntax, context.transfer_syntax)
-        ae.require_called_aet = True
+        policy = AcceptorPolicy(listener.ae_title, {**verification_supported(), **receiving_syntaxes()},
+                                max_associations=listener.max_associations,
+                                max_pdu=listener.max_pdu_length, send_pdu=listener.max_pdu_length,
+                                timeouts=Timeouts(acse_s=listener.timeout_s, dimse_s=listener.idle_timeout_s,
+                                                  network_s=listener.timeout_s))
         ssl_ctx = server_context(listener.tls) if listener.tls else None
-        self._dicom_server = start_acceptor(ae, (listener.host, listener.port), ssl_context=ssl_ctx,
-                                            evt_handlers=[(evt.EVT_C_ECHO, lambda _e: SUCCESS),
-                                                          *self.move_router.evt_handlers()])
+        server = UlServer(policy, self.move_router.ul_store, ssl_context=ssl_ctx)
+        await server.start(listener.host, listener.port)
+        self._dicom_server = server
 
     def _audit_activity(self, *, started: bool) -> None:
         self.auditor.record(application_activity(started=started, application=self.identity,
@@ -294,7 +292,7 @@ class Gateway:
     async def _stop_dicom(self) -> None:
         if self._dicom_server is not None:
             server, self._dicom_server = self._dicom_server, None
-            await asyncio.to_thread(server.shutdown)
+            await server.close()
 
     async def _stop_http(self) -> None:
         runners = [r for r in (self._runner, self._ops_runner) if r is not None]

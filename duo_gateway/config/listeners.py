@@ -38,6 +38,16 @@ class DicomListener(StrictModel):
     #: DICOM over TLS (PS3.15 B.1, conventionally port 2762); with client_auth "required" only PACSes
     #: holding a certificate from ca_file may associate.
     tls: ServerTls | None = None
+    #: Maximum PDU length DUO advertises (and the largest it sends). Received PDUs are streamed to
+    #: the spool, never held whole, so a large value costs no memory and saves per-PDU work at both
+    #: ends; the PACS still chooses to send smaller ones (0 would mean "no limit").
+    max_pdu_length: int = Field(default=1 << 20, ge=4096, le=1 << 26)
+    #: ARTIM: how long a connecting PACS may take to send its A-ASSOCIATE-RQ (and a write to stall).
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    #: Longest silence on an association between C-STOREs (the PACS then gets an A-ABORT).
+    idle_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    #: Associations served at once; more are rejected (transient) until one ends.
+    max_associations: int = Field(default=32, ge=1, le=1024)
 
 
 class OpsListener(StrictModel):

@@ -96,6 +96,21 @@ def tcp_nodelay_enabled() -> bool:
     return _enabled and is_installed()
 
 
+def nodelay_wanted() -> bool:
+    """The process's choice for every DICOM socket: on unless someone explicitly chose off."""
+    return _enabled or not _chosen
+
+
+def apply_tcp_nodelay(sock: socket.socket) -> None:
+    """Apply the process's choice to a socket DUO created itself (the asyncio Upper Layer,
+    :mod:`duo_gateway.dicom.ul`): same rule as the pynetdicom sockets, both ways, so that
+    ``tcp_nodelay = false`` reproduces the stall there too (asyncio switches it on by default)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if nodelay_wanted() else 0)
+    except OSError as exc:
+        log.warning("tcp_nodelay_failed", error=str(exc))
+
+
 def _set_nodelay(sock: socket.socket) -> socket.socket:
     if _enabled:
         try:

@@ -1,4 +1,5 @@
-"""Asyncio-facing DICOM Query/Retrieve SCU (C-FIND, C-GET, C-MOVE) over thread-based pynetdicom.
+"""Asyncio-facing DICOM Query/Retrieve SCU: C-FIND over thread-based pynetdicom, C-GET and C-MOVE on
+DUO's asyncio Upper Layer (see below, and :mod:`duo_gateway.dicom.ul`).
 
 pynetdicom blocks: each association is a thread plus a reactor, ``send_c_*`` are blocking generators
 and event handlers run in pynetdicom's threads (docs/dicom.md §6). The event loop must never wait on
@@ -21,6 +22,13 @@ any of that, so this module keeps to three rules:
 
 Failures surface as :class:`QrError` subclasses, each with a ``label`` short enough for a metric label.
 
+The bulk paths are not pynetdicom's: C-GET and C-MOVE associations (:class:`UlRetrieveAssociation`)
+and DUO's storage SCP (the C-MOVE destination, started in daemon.py) run on DUO's asyncio Upper Layer
+(:mod:`duo_gateway.dicom.ul`), where each received dataset streams PDV by PDV into its spool file
+(:meth:`Spool.receive`) on the event loop; the same window, validation and "answer only once renamed
+and queued" rules hold there, back-pressure reaching the socket (reads pause while the PACS's C-STORE
+waits for a place in the window). C-FIND stays on pynetdicom and the rules above.
+
 C-MOVE needs DUO's own storage SCP as destination: :class:`MoveRouter` is the piece that SCP's
 C-STORE handler calls, and it routes each incoming instance to the move that asked for it (by Move
 Originator Message ID, which the router allocates uniquely, falling back to the expected SOP Instance
@@ -30,6 +38,7 @@ UIDs for PACSes that leave the originator fields empty).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
 import re
@@ -40,18 +49,19 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from io import BytesIO
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, BinaryIO, ClassVar, Literal, TypeVar
 
 import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -62,6 +72,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.association import Association
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -84,6 +95,19 @@ from duo_gateway.dicom.status import (
 )
 from duo_gateway.dicom.syntaxes import PREFERRED, UNCOMPRESSED_LE, syntax_class
 from duo_gateway.dicom.teardown import install_fast_teardown
+from duo_gateway.dicom.ul.association import (
+    AcceptedContext,
+    DatasetSink,
+    Timeouts,
+    UlError,
+    UlRejected,
+    UlTimeout,
+)
+from duo_gateway.dicom.ul.association import Association as UlAssociation
+from duo_gateway.dicom.ul.association import connect as ul_connect
+from duo_gateway.dicom.ul.dimse import C_GET_RSP, C_MOVE_RSP, Command, c_get_rq, c_move_rq
+from duo_gateway.dicom.ul.part10 import file_meta
+from duo_gateway.dicom.ul.pdu import PresentationContextRQ, RoleSelection
 from duo_gateway.failure import Failure, FailureKind
 
 log = structlog.get_logger(__name__)
@@ -108,6 +132,8 @@ MAX_CONTEXTS = 128
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 #: How often blocked thread-side waits look at the cancel flag.
 _POLL_S = 0.05
+#: Write buffer of a spool file received on the loop: PDVs are often 16 KiB, the disk prefers more.
+_SINK_BUFFER = 256 * 1024
 
 T = TypeVar("T")
 
@@ -294,6 +320,10 @@ class Spool:
         #: Sizes of the items handed over and not yet consumed, oldest first (``_drain`` hands over
         #: and consumes strictly in turn, so the oldest is the one being consumed).
         self._handed_sizes: deque[int] = deque()
+        #: Set when the consumer frees a place in the window: wakes a loop-side receive waiting for one.
+        self._room_event = asyncio.Event()
+        #: The largest instance received on the loop so far: what the next one is expected to need.
+        self._largest = 0
 
     @property
     def closed(self) -> bool:
@@ -352,35 +382,10 @@ class Spool:
                         fh.flush()
                         os.fsync(fh.fileno())
                 data = None
-            header = dcmread(tmp, stop_before_pixels=True)
-            if str(header.get("SOPInstanceUID", "")) != sop_uid:
-                log.warning("qr_store_uid_mismatch", sop_instance_uid=sop_uid)
-                self.refused += 1
-                return UNABLE_TO_PROCESS
-            reason = self._validate(header) if self._validate is not None else None
-            if reason is not None:
-                log.warning("qr_store_refused", sop_instance_uid=sop_uid, reason=reason)
-                self.refused += 1
-                return NOT_AUTHORISED
-            final = self.directory / f"{sop_uid}.{secrets.token_hex(4)}.dcm"
-            with self._lock:
-                if self.closed:
-                    return OUT_OF_RESOURCES
-                os.replace(tmp, final)
-                tmp = None
-                self._outstanding.add(final)
-            meta = getattr(header, "file_meta", None)
-            ts = str(meta.get("TransferSyntaxUID", "") if meta is not None else "") or str(
-                event.context.transfer_syntax)
-            item = SpooledInstance(final, sop_class, sop_uid, ts, final.stat().st_size, header)
-            if not self._bridge.put(item, self.store_wait_s):
-                with self._lock:
-                    self._outstanding.discard(final)
-                final.unlink(missing_ok=True)
-                log.warning("qr_store_not_queued", sop_instance_uid=sop_uid, closed=self.closed)
-                return OUT_OF_RESOURCES
-            queued = True
-            return SUCCESS
+            status, tmp = self._admit(tmp, sop_class, sop_uid, str(event.context.transfer_syntax),
+                                      lambda item: self._bridge.put(item, self.store_wait_s))
+            queued = status == SUCCESS
+            return status
         except OSError as exc:
             log.error("qr_store_spool_failed", sop_instance_uid=sop_uid, error=type(exc).__name__)
             return OUT_OF_RESOURCES
@@ -393,6 +398,38 @@ class Spool:
             if not queued:
                 self._release_bytes(held)
                 self._permits.release()
+
+    def _admit(self, tmp: Path, sop_class: str, sop_uid: str, context_syntax: str,
+               put: Callable[[SpooledInstance], bool]) -> tuple[int, Path | None]:
+        """A completely written ``.part-`` file: check it is what was announced, validate, rename into
+        place, queue. Returns the C-STORE status and the temporary path if it is still there (the
+        caller deletes it). Both receive paths (pynetdicom's thread, the asyncio UL) end here."""
+        header = dcmread(tmp, stop_before_pixels=True)
+        if str(header.get("SOPInstanceUID", "")) != sop_uid:
+            log.warning("qr_store_uid_mismatch", sop_instance_uid=sop_uid)
+            self.refused += 1
+            return UNABLE_TO_PROCESS, tmp
+        reason = self._validate(header) if self._validate is not None else None
+        if reason is not None:
+            log.warning("qr_store_refused", sop_instance_uid=sop_uid, reason=reason)
+            self.refused += 1
+            return NOT_AUTHORISED, tmp
+        final = self.directory / f"{sop_uid}.{secrets.token_hex(4)}.dcm"
+        with self._lock:
+            if self.closed:
+                return OUT_OF_RESOURCES, tmp
+            os.replace(tmp, final)
+            self._outstanding.add(final)
+        meta = getattr(header, "file_meta", None)
+        ts = str(meta.get("TransferSyntaxUID", "") if meta is not None else "") or context_syntax
+        item = SpooledInstance(final, sop_class, sop_uid, ts, final.stat().st_size, header)
+        if not put(item):
+            with self._lock:
+                self._outstanding.discard(final)
+            final.unlink(missing_ok=True)
+            log.warning("qr_store_not_queued", sop_instance_uid=sop_uid, closed=self.closed)
+            return OUT_OF_RESOURCES, None
+        return SUCCESS, None
 
     def _acquire(self) -> bool:
         deadline = time.monotonic() + self.store_wait_s
@@ -437,6 +474,94 @@ class Spool:
     def _put_end(self, item: object, timeout_s: float) -> bool:
         return self._bridge.put(item, timeout_s)
 
+    # loop side: the asyncio Upper Layer's receive path (dicom/ul) ------------------------------------
+
+    async def receive(self, sop_class: str, sop_uid: str, transfer_syntax: str,
+                      source_ae: str = "") -> SpoolSink | int:
+        """Where a C-STORE received on the event loop goes: a sink writing the ``.part-`` file (Part 10
+        meta first, then each PDV as it arrives), or the status to refuse it with.
+
+        The same rules as :meth:`store`: the UID must be one (it names the file), a place in the window
+        is taken before anything is written, waiting at most ``store_wait_s`` (the PACS waits for our
+        C-STORE-RSP meanwhile, and the association stops reading: back-pressure down to the socket).
+        """
+        with self._lock:
+            if self.closed:
+                return OUT_OF_RESOURCES
+            self._inflight += 1
+        handed = False
+        try:
+            if not _UID_RE.match(sop_uid) or len(sop_uid) > 64:
+                log.warning("qr_store_bad_uid")
+                return UNABLE_TO_PROCESS
+            if not await self._acquire_on_loop():
+                log.warning("qr_store_refused_window", sop_instance_uid=sop_uid, closed=self.closed)
+                return OUT_OF_RESOURCES
+            try:
+                fh, tmp = _open_part(self.directory)
+            except OSError as exc:
+                self._permits.release()
+                log.error("qr_store_spool_failed", sop_instance_uid=sop_uid, error=type(exc).__name__)
+                return OUT_OF_RESOURCES
+            sink = SpoolSink(self, fh, tmp, sop_class, sop_uid, transfer_syntax)
+            sink.write(memoryview(file_meta(sop_class, sop_uid, transfer_syntax, source_ae)))
+            handed = True
+            return sink
+        finally:
+            if not handed:
+                self._left()
+
+    async def _acquire_on_loop(self) -> bool:
+        """The window permit, awaited on the loop: woken when the consumer takes an item
+        (``_room_event``), with a short timed look as backstop for room made by pynetdicom's threads.
+
+        The byte window is judged before the size is known (the dataset streams in after this): a new
+        instance is let in when the largest one this spool has seen still fits, or nothing is held.
+        Instances of one study are alike in size, so the high-water mark stays within the window
+        unless an instance is larger than every one before it.
+        """
+        deadline = time.monotonic() + self.store_wait_s
+        while not self.closed:
+            if self._permits.acquire(blocking=False):
+                if self.closed:
+                    self._permits.release()
+                    return False
+                if self._bytes_fit(self._largest):
+                    return True
+                self._permits.release()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._room_event.clear()
+            try:
+                await asyncio.wait_for(self._room_event.wait(), min(left, _POLL_S))
+            except TimeoutError:
+                pass
+        return False
+
+    def _bytes_fit(self, size: int) -> bool:
+        if self.window_bytes is None:
+            return True
+        with self._room:
+            return not self.bytes_held or self.bytes_held + size <= self.window_bytes
+
+    def _hold_received(self, size: int) -> None:
+        with self._room:
+            self._hold(size)
+
+    def _left(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+    def _put_on_loop(self, item: SpooledInstance) -> bool:
+        if self.closed:
+            return False
+        try:
+            self._bridge.queue.put_nowait(item)  # never full: one slot per permit, plus the end marker
+        except asyncio.QueueFull:
+            return False
+        return True
+
     # loop side ------------------------------------------------------------------------------------
 
     async def _next(self, timeout_s: float) -> object:
@@ -452,6 +577,7 @@ class Spool:
             size = self._handed_sizes.popleft() if self._handed_sizes else 0
         self._release_bytes(size)
         self._permits.release()
+        self._room_event.set()
 
     async def close(self) -> None:
         """Stop accepting, wait briefly for C-STOREs in flight, delete every file not handed over."""
@@ -471,6 +597,94 @@ class Spool:
             leftovers, self._outstanding = self._outstanding, set()
         for path in leftovers:
             path.unlink(missing_ok=True)
+
+
+def _open_part(directory: Path) -> tuple[BinaryIO, Path]:
+    """A new ``.part-`` file, opened on the loop on purpose: a local create is cheaper than a hop."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".part-", suffix=".dcm")
+    return open(fd, "wb", buffering=_SINK_BUFFER), Path(name)
+
+
+class SpoolSink:
+    """One C-STORE dataset being received by the asyncio UL into the spool (a ``DatasetSink``).
+
+    Holds a window permit and counts as in flight from :meth:`Spool.receive` until :meth:`finish` or
+    :meth:`discard`; the file is only renamed into place and queued once complete and valid, so the
+    C-STORE-RSP (sent after ``finish``) still means "in place and queued".
+    """
+
+    def __init__(self, spool: Spool, fh: BinaryIO, tmp: Path, sop_class: str, sop_uid: str,
+                 transfer_syntax: str) -> None:
+        self._spool = spool
+        self._fh = fh
+        self._tmp: Path | None = tmp
+        self._sop_class = sop_class
+        self._sop_uid = sop_uid
+        self._ts = transfer_syntax
+        self._error: OSError | None = None
+        self._done = False
+        #: Bytes written so far, counted against the spool's byte window as they land.
+        self._written = 0
+
+    def write(self, data: memoryview) -> None:
+        if self._error is None:
+            try:
+                self._fh.write(data)
+            except OSError as exc:
+                self._error = exc
+            else:
+                self._written += len(data)
+                self._spool._hold_received(len(data))
+
+    async def finish(self) -> int:
+        spool = self._spool
+        queued = False
+        try:
+            try:
+                if self._error is None:
+                    if spool.fsync:
+                        self._fh.flush()
+                        os.fsync(self._fh.fileno())
+                self._fh.close()
+            except OSError as exc:
+                self._error = self._error or exc
+            if self._error is not None:
+                log.error("qr_store_spool_failed", sop_instance_uid=self._sop_uid,
+                          error=type(self._error).__name__)
+                return OUT_OF_RESOURCES
+            assert self._tmp is not None
+            try:
+                status, self._tmp = spool._admit(self._tmp, self._sop_class, self._sop_uid, self._ts,
+                                                 spool._put_on_loop)
+            except OSError as exc:
+                log.error("qr_store_spool_failed", sop_instance_uid=self._sop_uid, error=type(exc).__name__)
+                return OUT_OF_RESOURCES
+            except Exception as exc:
+                log.warning("qr_store_undecodable", sop_instance_uid=self._sop_uid, error=type(exc).__name__)
+                return UNABLE_TO_PROCESS
+            queued = status == SUCCESS
+            return status
+        finally:
+            self._end(queued)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._fh.close()
+        self._end(False)
+
+    def _end(self, queued: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        spool = self._spool
+        spool._largest = max(spool._largest, self._written)
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+        if not queued:
+            spool._release_bytes(self._written)
+            spool._permits.release()
+        spool._left()
 
 
 # -- C-MOVE routing --------------------------------------------------------------------------------
@@ -521,21 +735,35 @@ class MoveRouter:
         with self._lock:
             return len(self._moves)
 
-    def handle_store(self, event: Any) -> int | None:
-        """The C-STORE status when the instance belongs to an active move; None when it is not ours."""
-        req = event.request
-        sop_uid = str(req.AffectedSOPInstanceUID or "")
+    def route(self, move_originator_message_id: int | None, sop_uid: str) -> Spool | None:
+        """The spool of the active move an incoming instance belongs to; None when it is not ours."""
         with self._lock:
-            reg = self._moves.get(req.MoveOriginatorMessageID) if req.MoveOriginatorMessageID else None
+            reg = self._moves.get(move_originator_message_id) if move_originator_message_id else None
             if reg is not None and reg.expected is not None and sop_uid not in reg.expected:
                 reg = None
             if reg is None:
                 candidates = [r for r in self._moves.values()
                               if r.expected is not None and sop_uid in r.expected]
                 reg = candidates[0] if len(candidates) == 1 else None
-        if reg is None:
-            return None
-        return reg.spool.store(event)
+        return reg.spool if reg is not None else None
+
+    def handle_store(self, event: Any) -> int | None:
+        """The C-STORE status when the instance belongs to an active move; None when it is not ours."""
+        req = event.request
+        spool = self.route(req.MoveOriginatorMessageID, str(req.AffectedSOPInstanceUID or ""))
+        return spool.store(event) if spool is not None else None
+
+    async def ul_store(self, assoc: UlAssociation, context: AcceptedContext,
+                       command: Command) -> DatasetSink | int:
+        """The asyncio acceptor's store handler (:class:`~duo_gateway.dicom.ul.association.UlServer`):
+        the same routing, then :meth:`Spool.receive`; anything not ours is refused (0x0124)."""
+        sop_uid = command.affected_sop_instance_uid or ""
+        spool = self.route(command.move_originator_message_id, sop_uid)
+        if spool is None:
+            log.warning("qr_move_unsolicited_store", calling_ae=assoc.calling_ae)
+            return NOT_AUTHORISED
+        return await spool.receive(command.affected_sop_class_uid or "", sop_uid, context.transfer_syntax,
+                                   assoc.calling_ae)
 
     def on_c_store(self, event: Any) -> int:
         """EVT_C_STORE handler for an SCP that only takes C-MOVE results: anything else is refused."""
@@ -580,6 +808,11 @@ def storage_contexts(sop_classes: Iterable[str], budget: int = MAX_CONTEXTS - 1,
         if len(classes) * len(tier) <= budget:
             return [build_context(sop, ts) for sop in classes for ts in tier]
     return [build_context(sop, kept) for sop in classes]
+
+
+def receiving_syntaxes() -> dict[str, list[str]]:
+    """:func:`receiving_contexts` for the asyncio acceptor: SOP class -> its syntaxes, ours first."""
+    return {str(cx.abstract_syntax): [str(ts) for ts in cx.transfer_syntax] for cx in receiving_contexts()}
 
 
 def receiving_contexts() -> list[PresentationContext]:
@@ -645,17 +878,20 @@ class QrClient:
         if move:
             contexts.append(build_context(_MOVE[model]))
         ext_neg = []
-        handlers: list[EventHandlerType] = []
-        state = _AssocState()
         if get_sop_classes:
             contexts.append(build_context(_GET[model]))
             contexts.extend(storage_contexts(get_sop_classes, MAX_CONTEXTS - len(contexts),
                                              transfer_syntaxes))
             ext_neg = [build_role(sop, scp_role=True) for sop in dict.fromkeys(get_sop_classes)]
-            handlers = [(evt.EVT_C_STORE, state.on_c_store)]
         dimse = dimse_timeout_s if dimse_timeout_s is not None else self.timeout_s
         async with self._slots:
-            qa = await QrAssociation._open(self, contexts, ext_neg, handlers, state, dimse)
+            if get_sop_classes or move:
+                if find or (get_sop_classes and move):
+                    raise ValueError("a retrieve association carries C-GET or C-MOVE only")
+                models = _GET.values() if get_sop_classes else _MOVE.values()
+                qa: QrAssociation = await UlRetrieveAssociation.open(self, contexts, ext_neg, dimse, models)
+            else:
+                qa = await QrAssociation._open(self, contexts, dimse)
             try:
                 yield qa
             except QrStatusError:
@@ -712,19 +948,6 @@ class QrClient:
             await spool.close()
 
 
-class _AssocState:
-    """What the association's C-STORE handler (running in the pump thread) delivers into."""
-
-    def __init__(self) -> None:
-        self.spool: Spool | None = None
-
-    def on_c_store(self, event: Any) -> int:
-        spool = self.spool
-        if spool is None:
-            return NOT_AUTHORISED  # a C-STORE outside any C-GET of ours
-        return spool.store(event)
-
-
 def _run_in(executor: ThreadPoolExecutor, fn: Callable[[], T]) -> Future[T]:
     """Submit with the caller's contextvars (run_in_executor would drop them)."""
     ctx = contextvars.copy_context()
@@ -734,18 +957,15 @@ def _run_in(executor: ThreadPoolExecutor, fn: Callable[[], T]) -> Future[T]:
 class QrAssociation:
     """One established association; operations run one at a time, each pumped on its executor."""
 
-    def __init__(self, client: QrClient, assoc: Association, executor: ThreadPoolExecutor,
-                 state: _AssocState) -> None:
+    def __init__(self, client: QrClient, assoc: Association, executor: ThreadPoolExecutor) -> None:
         self._client = client
         self._assoc = assoc
         self._executor = executor
-        self._state = state
         self._busy = False
         self._broken = False
 
     @classmethod
-    async def _open(cls, client: QrClient, contexts: list[PresentationContext], ext_neg: list[Any],
-                    handlers: list[EventHandlerType], state: _AssocState,
+    async def _open(cls, client: QrClient, contexts: list[PresentationContext],
                     dimse_timeout_s: float) -> QrAssociation:
         ensure_tcp_nodelay()
         install_fast_teardown()
@@ -757,8 +977,7 @@ class QrAssociation:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"qr-{client.called_ae.strip()}")
         tls_args = (client.tls, client.host) if client.tls is not None else None
         fut = _run_in(executor, partial(ae.associate, client.host, client.port, contexts=contexts,
-                                        ae_title=client.called_ae, ext_neg=ext_neg or None,
-                                        tls_args=tls_args, evt_handlers=handlers or None))
+                                        ae_title=client.called_ae, tls_args=tls_args))
         try:
             assoc = await asyncio.wait_for(asyncio.wrap_future(fut), client.timeout_s * 3 + 1)
         except BaseException:
@@ -772,7 +991,7 @@ class QrAssociation:
                 raise AssociationRejected(f"association rejected by {client.called_ae}")
             # pynetdicom reports a refused connection as "aborted" too: either way nothing was said
             raise AssociationFailed(f"no association with {client.called_ae} at {client.host}:{client.port}")
-        return cls(client, assoc, executor, state)
+        return cls(client, assoc, executor)
 
     async def _release(self) -> None:
         if self._broken:
@@ -857,38 +1076,18 @@ class QrAssociation:
 
     async def get(self, query: Dataset, spool: Spool,
                   model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
-        """One C-GET; instances land in ``spool`` (the caller closes it). Raises :class:`QrStatusError`
-        on a Failure/Cancel final status, after yielding what did arrive."""
-        self._start()
-        self._state.spool = spool
-        pump = _run_in(self._executor, partial(self._pump_retrieve, "C-GET", spool, partial(
-            self._assoc.send_c_get, query, _GET[model])))
-        try:
-            async with aclosing(self._drain(spool)) as stream:
-                async for item in stream:
-                    yield item
-        finally:
-            self._state.spool = None
-            await _join(pump, self._idle_s() if not self._broken else 1.0)
+        """C-GET runs on :class:`UlRetrieveAssociation` (``associate(get_sop_classes=...)``), not here."""
+        raise QrError("C-GET needs an association opened with get_sop_classes")
+        yield  # pragma: no cover - makes this an async generator like its override
 
     # C-MOVE -------------------------------------------------------------------------------------
 
     async def move(self, query: Dataset, destination_ae: str, router: MoveRouter, spool: Spool,
                    expected: Iterable[str] | None = None,
                    model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
-        """One C-MOVE to ``destination_ae``; DUO's SCP hands the instances over through ``router``."""
-        self._start()
-        msg_id = router.register(spool, expected, originators=(self._client.calling_ae,
-                                                               self._client.called_ae))
-        pump = _run_in(self._executor, partial(self._pump_retrieve, "C-MOVE", spool, partial(
-            self._assoc.send_c_move, query, destination_ae, _MOVE[model], msg_id=msg_id)))
-        try:
-            async with aclosing(self._drain(spool)) as stream:
-                async for item in stream:
-                    yield item
-        finally:
-            router.unregister(msg_id)
-            await _join(pump, self._idle_s() if not self._broken else 1.0)
+        """C-MOVE runs on :class:`UlRetrieveAssociation` (``associate(move=True)``), not here."""
+        raise QrError("C-MOVE needs an association opened with move=True")
+        yield  # pragma: no cover - makes this an async generator like its override
 
     async def _drain(self, spool: Spool) -> AsyncGenerator[SpooledInstance, None]:
         finished = False
@@ -904,7 +1103,7 @@ class QrAssociation:
                     continue
                 finished = True
                 if isinstance(item, QrError):
-                    self._broken = self._broken or not self._assoc.is_established
+                    self._broken = self._broken or not self._established()
                     raise item
                 assert isinstance(item, _End)
                 return
@@ -917,42 +1116,17 @@ class QrAssociation:
                 await spool.close()
                 await self._abort()
 
-    def _pump_retrieve(self, operation: str, spool: Spool,
-                       send: Callable[[], Iterator[tuple[Dataset, Dataset | None]]]) -> None:
-        wait = self._idle_s()
-        try:
-            started = time.monotonic()
-            for status, identifier in send():
-                code = status.get("Status")
-                if code is None:
-                    spool._put_end(self._no_response(operation, started), wait)
-                    return
-                started = time.monotonic()
-                if is_pending(code):
-                    continue
-                summary = RetrieveSummary(int(code), status.get("NumberOfCompletedSuboperations"),
-                                          status.get("NumberOfFailedSuboperations"),
-                                          status.get("NumberOfWarningSuboperations"))
-                if code == SUCCESS or is_warning(code):
-                    if code != SUCCESS:
-                        log.warning("qr_retrieve_warning", operation=operation, status=f"0x{code:04X}",
-                                    failed=summary.failed, completed=summary.completed)
-                    spool._put_end(_End(summary), wait)
-                else:
-                    spool._put_end(QrStatusError(operation, int(code), _failed_uids(identifier)), wait)
-                return
-            spool._put_end(QrAborted(f"{operation} ended without a final status"), wait)
-        except Exception as exc:
-            spool._put_end(_as_qr_error(operation, exc), wait)
-
     # shared -------------------------------------------------------------------------------------
 
     def _start(self) -> None:
         if self._busy:
             raise RuntimeError("one operation at a time per association")
-        if self._broken or not self._assoc.is_established:
+        if self._broken or not self._established():
             raise QrAborted("association no longer established")
         self._busy = True
+
+    def _established(self) -> bool:
+        return bool(self._assoc.is_established)
 
     def _no_response(self, operation: str, since: float) -> QrError:
         """pynetdicom yields an empty status both on DIMSE timeout and on abort: tell them apart."""
@@ -961,6 +1135,187 @@ class QrAssociation:
         if dimse is not None and time.monotonic() - since >= float(dimse) * 0.9:
             return QrTimeout(f"no {operation} response within {float(dimse):g} s")
         return QrAborted(f"association aborted during {operation}")
+
+
+class UlRetrieveAssociation(QrAssociation):
+    """A C-GET or C-MOVE association on DUO's asyncio Upper Layer (:mod:`duo_gateway.dicom.ul`).
+
+    Why: these are the bulk paths. A C-GET's instances arrive as C-STORE sub-operations on this very
+    association; here each one streams PDV by PDV into the spool (:meth:`Spool.receive`) on the event
+    loop, where pynetdicom would take every PDU through its polling DUL thread and a thread hand-off.
+    A C-MOVE's instances arrive at DUO's storage SCP (same receive path); this association only
+    carries the request and its pending responses, but on pynetdicom it kept two polling threads
+    busy for the whole retrieve. The rules stay those of the module: the window bounds the spool and,
+    through the sub-operation's unanswered C-STORE and paused socket reads, the PACS; every wait has
+    a timeout; a consumer that stops iterating aborts the association. C-FIND stays on pynetdicom.
+    """
+
+    def __init__(self, client: QrClient, ul: UlAssociation, model_context: int,
+                 dimse_timeout_s: float) -> None:
+        self._client = client
+        self._ul = ul
+        self._model_context = model_context
+        self._dimse_s = dimse_timeout_s
+        self._spool: Spool | None = None
+        self._busy = False
+        self._broken = False
+        ul.store_handler = self._on_store
+
+    @classmethod
+    async def open(cls, client: QrClient, contexts: list[PresentationContext], ext_neg: list[Any],
+                   dimse_timeout_s: float, models: Iterable[UID]) -> UlRetrieveAssociation:
+        proposed = [PresentationContextRQ(2 * i + 1, str(cx.abstract_syntax),
+                                          tuple(str(ts) for ts in cx.transfer_syntax))
+                    for i, cx in enumerate(contexts)]
+        roles = [RoleSelection(str(role.sop_class_uid), False, True) for role in ext_neg]
+        timeouts = Timeouts(connect_s=client.timeout_s, acse_s=client.timeout_s, dimse_s=dimse_timeout_s,
+                            network_s=client.timeout_s)
+        try:
+            ul = await ul_connect(client.host, client.port, calling_ae=client.calling_ae,
+                                  called_ae=client.called_ae, contexts=proposed, roles=roles,
+                                  ssl_context=client.tls, timeouts=timeouts)
+        except UlRejected:
+            raise AssociationRejected(f"association rejected by {client.called_ae}") from None
+        except UlError as exc:
+            raise AssociationFailed(f"no association with {client.called_ae} at {client.host}:{client.port}: "
+                                    f"{exc}") from None
+        wanted = {str(m) for m in models}
+        model_context = next((cx.context_id for cx in ul.accepted.values() if cx.abstract_syntax in wanted),
+                             None)
+        if model_context is None:
+            await ul.release()
+            raise QrError(f"{client.called_ae} accepted no C-GET/C-MOVE presentation context")
+        return cls(client, ul, model_context, dimse_timeout_s)
+
+    def _established(self) -> bool:
+        return not self._ul.closed
+
+    def _idle_s(self) -> float:
+        return self._dimse_s + 5
+
+    async def _release(self) -> None:
+        if self._broken:
+            await self._abort()
+            return
+        await self._ul.release()
+
+    async def _abort(self) -> None:
+        self._broken = True
+        self._ul.abort()
+
+    async def _on_store(self, assoc: UlAssociation, context: AcceptedContext,
+                        command: Command) -> DatasetSink | int:
+        spool = self._spool
+        if spool is None:
+            return NOT_AUTHORISED  # a C-STORE outside any C-GET of ours
+        return await spool.receive(command.affected_sop_class_uid or "",
+                                   command.affected_sop_instance_uid or "", context.transfer_syntax,
+                                   self._client.called_ae)
+
+    async def find(self, query: Dataset, model: Model = "study") -> AsyncGenerator[Dataset, None]:
+        raise QrError("C-FIND on a retrieve association")
+        yield  # pragma: no cover - makes this an async generator like the method it overrides
+
+    async def get(self, query: Dataset, spool: Spool,
+                  model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
+        """One C-GET; instances land in ``spool`` (the caller closes it). Raises :class:`QrStatusError`
+        on a Failure/Cancel final status, after yielding what did arrive."""
+        self._start()
+        self._spool = spool
+        request = c_get_rq(self._ul.next_message_id(), str(_GET[model]))
+        try:
+            async with aclosing(self._retrieve("C-GET", query, spool, request, C_GET_RSP)) as stream:
+                async for item in stream:
+                    yield item
+        finally:
+            self._spool = None
+
+    async def move(self, query: Dataset, destination_ae: str, router: MoveRouter, spool: Spool,
+                   expected: Iterable[str] | None = None,
+                   model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
+        """One C-MOVE to ``destination_ae``; DUO's SCP hands the instances over through ``router``,
+        which allocated the Message ID the PACS echoes as Move Originator Message ID."""
+        self._start()
+        msg_id = router.register(spool, expected, originators=(self._client.calling_ae,
+                                                               self._client.called_ae))
+        request = c_move_rq(msg_id, str(_MOVE[model]), destination_ae)
+        try:
+            async with aclosing(self._retrieve("C-MOVE", query, spool, request, C_MOVE_RSP)) as stream:
+                async for item in stream:
+                    yield item
+        finally:
+            router.unregister(msg_id)
+
+    async def _retrieve(self, operation: str, query: Dataset, spool: Spool, request: Command,
+                        response_field: int) -> AsyncGenerator[SpooledInstance, None]:
+        pump = asyncio.create_task(self._pump(operation, query, spool, request, response_field))
+        try:
+            async with aclosing(self._drain(spool)) as stream:
+                async for item in stream:
+                    yield item
+        finally:
+            if not pump.done():
+                self._ul.abort()
+                pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
+
+    async def _pump(self, operation: str, query: Dataset, spool: Spool, request: Command,
+                    response_field: int) -> None:
+        """Send the request, then receive until its final response (a C-GET's C-STOREs in between go
+        to the spool inside ``receive``); the outcome goes to the spool's queue as the terminal item."""
+        outcome: object
+        try:
+            cx = self._ul.accepted[self._model_context]
+            identifier = encode(query, cx.transfer_syntax == str(ImplicitVRLittleEndian), True)
+            if identifier is None:
+                raise QrError(f"{operation} identifier could not be encoded")
+            msg_id = request.message_id
+            await self._ul.send_command(cx.context_id, request, identifier)
+            while True:
+                msg = await self._ul.receive(self._dimse_s)
+                if msg is None:
+                    outcome = QrAborted(f"the PACS released the association during {operation}")
+                    break
+                rsp = msg.command
+                if rsp.command_field != response_field or rsp.message_id_responded_to != msg_id:
+                    self._ul.abort()
+                    outcome = QrAborted(f"unexpected DIMSE message 0x{rsp.command_field:04X} "
+                                        f"during {operation}")
+                    break
+                code = rsp.status if rsp.status is not None else UNABLE_TO_PROCESS
+                if is_pending(code):
+                    continue
+                summary = RetrieveSummary(code, rsp.completed, rsp.failed, rsp.warning)
+                if code == SUCCESS or is_warning(code):
+                    if code != SUCCESS:
+                        log.warning("qr_retrieve_warning", operation=operation, status=f"0x{code:04X}",
+                                    failed=summary.failed, completed=summary.completed)
+                    outcome = _End(summary)
+                else:
+                    outcome = QrStatusError(operation, code, _failed_uids(_identifier(msg.dataset, cx)))
+                break
+        except UlTimeout:
+            self._broken = True
+            outcome = QrTimeout(f"no {operation} response within {self._dimse_s:g} s")
+        except UlError as exc:
+            self._broken = True
+            outcome = QrAborted(f"association aborted during {operation}: {exc}")
+        except QrError as exc:
+            outcome = exc
+        if not spool.closed:
+            with contextlib.suppress(asyncio.QueueFull):
+                spool._bridge.queue.put_nowait(outcome)
+
+
+def _identifier(data: bytes | None, cx: AcceptedContext) -> Dataset | None:
+    """A response's identifier (e.g. the Failed SOP Instance UID List); None when absent or unreadable."""
+    if not data:
+        return None
+    try:
+        return decode(BytesIO(data), cx.transfer_syntax == str(ImplicitVRLittleEndian), True)
+    except Exception:
+        return None
 
 
 def _wake_pump(assoc: Association) -> None:

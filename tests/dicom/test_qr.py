@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from pathlib import Path
 
@@ -23,9 +23,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
 )
 from pynetdicom import AE, _config
-from pynetdicom.transport import ThreadedAssociationServer
 
-from duo_gateway.dicom.acceptor import start_acceptor
 from duo_gateway.dicom.qr import (
     MAX_CONTEXTS,
     AssociationFailed,
@@ -36,10 +34,11 @@ from duo_gateway.dicom.qr import (
     QrStatusError,
     QrTimeout,
     SpooledInstance,
-    receiving_contexts,
+    receiving_syntaxes,
     storage_contexts,
 )
 from duo_gateway.dicom.syntaxes import LOSSLESS_PREFERRED, LOSSY_PREFERRED, PREFERRED
+from duo_gateway.dicom.ul.association import AcceptorPolicy, UlServer, verification_supported
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import default_network
 from duo_gateway.sim.pacs import SimPacs
@@ -411,17 +410,17 @@ def test_storage_contexts_in_the_requesters_syntaxes_and_order() -> None:
 
 
 @pytest.fixture
-def move_scp() -> Iterator[tuple[MoveRouter, int]]:
-    """DUO's storage SCP as the daemon would run it: every C-STORE goes through the router."""
+async def move_scp() -> AsyncIterator[tuple[MoveRouter, int]]:
+    """DUO's storage SCP as the daemon runs it (the asyncio UL acceptor): every C-STORE goes through
+    the router into the move's spool."""
     router = MoveRouter()
-    ae = AE(ae_title=DUO_AE)
-    ae.supported_contexts = receiving_contexts()
-    server = start_acceptor(ae, (HOST, 0), evt_handlers=router.evt_handlers())
-    assert isinstance(server, ThreadedAssociationServer)
+    server = UlServer(AcceptorPolicy(DUO_AE, {**verification_supported(), **receiving_syntaxes()}),
+                      router.ul_store)
+    await server.start(HOST, 0)
     try:
-        yield router, int(server.server_address[1])
+        yield router, server.port
     finally:
-        server.shutdown()
+        await server.close()
 
 
 async def test_move_to_own_scp_routes_by_originator(pacs: SimPacs, sim: Sim, tmp_path: Path,
@@ -436,18 +435,21 @@ async def test_move_to_own_scp_routes_by_originator(pacs: SimPacs, sim: Sim, tmp
     assert router.active == 0
 
 
-def test_unsolicited_store_at_own_scp_is_refused(move_scp: tuple[MoveRouter, int], sim: Sim) -> None:
+async def test_unsolicited_store_at_own_scp_is_refused(move_scp: tuple[MoveRouter, int], sim: Sim) -> None:
     _, port = move_scp
     ds = sim.anna[0].instances[0]
-    ae = AE(ae_title="INTRUDER")
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate(HOST, port, ae_title=DUO_AE)
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(ds)
-    finally:
-        assoc.release()
-    assert status.Status == 0x0124  # no move asked for it: DUO takes no unsolicited data
+
+    def intrude() -> int:
+        ae = AE(ae_title="INTRUDER")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate(HOST, port, ae_title=DUO_AE)
+        assert assoc.is_established
+        try:
+            return int(assoc.send_c_store(ds).Status)
+        finally:
+            assoc.release()
+
+    assert await asyncio.to_thread(intrude) == 0x0124  # no move asked for it: DUO takes no unsolicited data
 
 
 # -- Orthanc --------------------------------------------------------------------------------------

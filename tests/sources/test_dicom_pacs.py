@@ -25,7 +25,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from duo_gateway.config.peers import TlbHospital
 from duo_gateway.consent import ConsentGate, Permit
 from duo_gateway.dicom.acceptor import start_acceptor
-from duo_gateway.dicom.qr import MoveRouter, receiving_contexts
+from duo_gateway.dicom.qr import MoveRouter, receiving_syntaxes
+from duo_gateway.dicom.ul.association import AcceptorPolicy, UlServer, verification_supported
 from duo_gateway.mitz.client import ConsentDecision
 from duo_gateway.mitz.xacml import ClosedQuestion
 from duo_gateway.observability.metrics import Metrics
@@ -490,12 +491,11 @@ async def test_retrieve_refuses_an_instance_of_another_patient(pacs: SimPacs, si
 
 
 async def test_retrieve_by_c_move_to_own_scp(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
-    router = MoveRouter()
-    ae = AE(ae_title=DUO_AE)
-    ae.supported_contexts = receiving_contexts()
-    server = start_acceptor(ae, (HOST, 0), evt_handlers=router.evt_handlers())
-    assert isinstance(server, ThreadedAssociationServer)
-    pacs.add_move_destination(DUO_AE, HOST, int(server.server_address[1]))
+    router = MoveRouter()  # DUO's storage SCP as the daemon runs it: the asyncio UL acceptor
+    server = UlServer(AcceptorPolicy(DUO_AE, {**verification_supported(), **receiving_syntaxes()}),
+                      router.ul_store)
+    await server.start(HOST, 0)
+    pacs.add_move_destination(DUO_AE, HOST, server.port)
     try:
         src = source(pacs.port, tmp_path, retrieve_method="c-move", move_router=router)
         study = sim.anna[1]
@@ -503,7 +503,7 @@ async def test_retrieve_by_c_move_to_own_scp(pacs: SimPacs, sim: Sim, tmp_path: 
                                          records_of(study)))
         assert_identical(got, study.instances)
     finally:
-        server.shutdown()
+        await server.close()
 
 
 async def test_retrieve_window_bounds_the_spool_and_cancel_cleans_up(pacs: SimPacs, sim: Sim,
