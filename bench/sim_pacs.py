@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -121,7 +122,7 @@ async def _find_latency(port: int, ae_title: str, finds: int) -> dict[str, list[
     return times
 
 
-def find_latency(work: Path, finds: int) -> None:
+def find_latency(work: Path, finds: int) -> dict[str, float]:
     """One patient's 50 studies in a SimPacs, asked ``finds`` times through DUO's QrClient."""
     net = default_network()
     hospital = SimHospital(ura="00010001", name="Bench", ae_title="BENCH_PACS",
@@ -144,6 +145,8 @@ def find_latency(work: Path, finds: int) -> None:
     for label, key in (("whole find", "find"), ("CPU per find (both ends)", "cpu"),
                        ("associate", "associate"), ("release", "release")):
         print(f"{label:<28} {pct(times[key], 0.5):8.1f} {pct(times[key], 0.9):8.1f}")
+    return {f"find_{key}_p50_ms": round(pct(times[key], 0.5), 2)
+            for key in ("find", "cpu", "associate", "release")}
 
 
 def main() -> int:
@@ -201,7 +204,12 @@ def main() -> int:
         print(f"{'path':<56} {'seconds':>8} {'inst/s':>8} {'MB/s':>8} {'× baseline time':>16}")
         for label, secs in rows:
             print(f"{label:<56} {secs:8.2f} {args.count / secs:8.0f} {mb / secs:8.1f} {secs / base:16.1f}")
-        find_latency(work, args.finds)
+        result: dict[str, object] = {
+            "instances": args.count, "mb": round(mb, 1),
+            "paths": {label: {"seconds": round(secs, 3), "ratio_time_storescu": round(secs / base, 2)}
+                      for label, secs in rows}}
+        result.update(find_latency(work, args.finds))
+        print("RESULT " + json.dumps(result, sort_keys=True))
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -96,7 +96,7 @@ from duo_gateway.config.runtime import LoggingConfig
 from duo_gateway.config.timeline import TimelineConfig
 from duo_gateway.daemon import stop_on_signals
 from duo_gateway.observability.logging import configure_logging
-from duo_gateway.sim.behaviour import Misbehaviour
+from duo_gateway.sim.behaviour import XcaMisbehaviour
 from duo_gateway.sim.config import SimCommunity, SimInstitution, SimNetworkConfig
 from duo_gateway.sim.mitz import MitzSimulator
 from duo_gateway.sim.network import DUO_HOME_COMMUNITY_ID, HOST
@@ -144,7 +144,7 @@ def bench_network(communities: int, studies: int, delay_ms: int) -> SimNetworkCo
     base = network()
     patient = base.patients[0]
     assert patient.consent == "all", "the benchmark needs a patient with consent everywhere"
-    slow = Misbehaviour(delay_ms=delay_ms)
+    slow = XcaMisbehaviour(delay_ms=delay_ms)
     return SimNetworkConfig(
         seed=base.seed, image_size=8, patients=[patient], hospitals=base.hospitals[:1],
         communities=[
@@ -684,7 +684,30 @@ async def amain(args: argparse.Namespace, work: Path) -> int:
     for setups in results.values():
         if setups[-1].load is not None:
             report_load(args, setups[-1])
+    print("RESULT " + json.dumps(result_json(results), sort_keys=True))
     return 0
+
+
+def result_json(results: dict[str, list[Setup]]) -> dict[str, object]:
+    """The numbers above for a script: per peer mode and community count, p50/p99 and the goal ratio."""
+    out: dict[str, object] = {}
+    for mode, setups in results.items():
+        base, cold_base = setups[0].seq.p50, setups[0].cold.p50
+        per_n: dict[str, object] = {}
+        for s in setups:
+            row: dict[str, object] = {
+                "p50_ms": round(s.seq.p50 * 1e3, 1), "p99_ms": round(s.seq.p99 * 1e3, 1),
+                "ratio_n1": round(s.seq.p50 / base, 3),
+                "cold_p50_ms": round(s.cold.p50 * 1e3, 1), "cold_ratio_n1": round(s.cold.p50 / cold_base, 3),
+                "duo_cpu_ms_per_timeline": round(s.seq.duo_cpu_s / len(s.seq.latencies) * 1e3, 1)}
+            if s.load is not None:
+                ld = s.load
+                row["load"] = {"timelines_s": round(len(ld.latencies) / ld.wall_s, 2),
+                               "p50_ms": round(ld.p50 * 1e3, 1), "p99_ms": round(ld.p99 * 1e3, 1),
+                               "complete": sum(ld.timed.complete), "requests": len(ld.latencies)}
+            per_n[str(s.communities)] = row
+        out[mode] = per_n
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
