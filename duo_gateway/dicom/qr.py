@@ -644,7 +644,8 @@ class SpoolSink:
                 if self._error is None:
                     if spool.fsync:
                         self._fh.flush()
-                        os.fsync(self._fh.fileno())
+                        # a disk flush takes milliseconds to seconds: never on the loop
+                        await asyncio.to_thread(os.fsync, self._fh.fileno())
                 self._fh.close()
             except OSError as exc:
                 self._error = self._error or exc
