@@ -11,6 +11,7 @@ so on the same event loop as DUO and the simulators) answers every poll in under
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
@@ -90,6 +91,11 @@ async def test_a_64_mib_manifest_is_refused_at_the_limit_while_healthz_stays_fas
     before = switch.value
     switch.value = XcaMisbehaviour(oversized_manifest_bytes=MANIFEST_BYTES)
     worst: list[float] = []
+    # This process also holds what the rest of the suite left behind (hundreds of thousands of objects
+    # by the end of a full run): a full collection walking them paused it for 100-500 ms, a pause
+    # DUO's own process does not have. Frozen, they are left out of the collections the test triggers.
+    gc.collect()
+    gc.freeze()
     try:
         for _ in range(ATTEMPTS):
             mark = len(community.log)
@@ -115,6 +121,7 @@ async def test_a_64_mib_manifest_is_refused_at_the_limit_while_healthz_stays_fas
                 break
     finally:
         switch.value = before
+        gc.unfreeze()
     assert min(worst) < HEALTHZ_MAX_S, (
         "/healthz took up to " + ", ".join(f"{w * 1000:.0f}" for w in worst)
         + " ms in each transfer while the manifest was read")
