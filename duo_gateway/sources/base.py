@@ -9,7 +9,7 @@ cover that patient and this source (``permit.covers(bsn, source.holder_ura)``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -115,8 +115,11 @@ class ImagingSource(Protocol):
         ...
 
     async def find_instances(self, permit: Permit, bsn: str, study_uid: str, *,
-                             modalities: Sequence[str] = ()) -> list[InstanceRecord]:
-        """Every instance of one study (optionally only series of the given modalities)."""
+                             modalities: Sequence[str] = (),
+                             series: Collection[str] = ()) -> list[InstanceRecord]:
+        """Every instance of one study (optionally only series of the given modalities, or only the
+        given series: a RAD-75 batch names its series, and walking the others per batch multiplied the
+        C-FIND work of a large study by its series count)."""
         ...
 
     async def patient_of_study(self, study_uid: str) -> str | None:

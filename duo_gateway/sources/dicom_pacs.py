@@ -27,7 +27,7 @@ import asyncio
 import dataclasses
 import ssl
 import time
-from collections.abc import AsyncGenerator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Collection, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing
 from datetime import date
 from pathlib import Path
@@ -172,10 +172,11 @@ class DicomPacsSource:
         return found
 
     async def find_instances(self, permit: Permit, bsn: str, study_uid: str, *,
-                             modalities: Sequence[str] = ()) -> list[InstanceRecord]:
+                             modalities: Sequence[str] = (),
+                             series: Collection[str] = ()) -> list[InstanceRecord]:
         self._check(permit, bsn)
         # One association for the whole walk; its deadline grows with the series it has to visit.
-        return await self._deadline("c-find", self._walk_study(bsn, study_uid, modalities),
+        return await self._deadline("c-find", self._walk_study(bsn, study_uid, modalities, series),
                                     self.hospital.timeout_s * 4)
 
     async def patient_of_study(self, study_uid: str) -> str | None:
@@ -328,7 +329,8 @@ class DicomPacsSource:
 
     # -- find helpers ------------------------------------------------------------------------------
 
-    async def _walk_study(self, bsn: str, study_uid: str, modalities: Sequence[str]) -> list[InstanceRecord]:
+    async def _walk_study(self, bsn: str, study_uid: str, modalities: Sequence[str],
+                          only_series: Collection[str] = ()) -> list[InstanceRecord]:
         wanted_modalities = {m.upper() for m in modalities}
         async with self._qr.associate() as qa:
             check = bsn_query("STUDY", self.hospital.bsn_attribute, bsn)
@@ -352,6 +354,8 @@ class DicomPacsSource:
                 modality = _text(ds, "Modality")
                 listed.add(uid := self._unique(ds, "SeriesInstanceUID"))
                 if wanted_modalities and (modality or "").upper() not in wanted_modalities:
+                    continue
+                if only_series and uid not in only_series:
                     continue
                 series.setdefault(uid, ds)
             self._complete("series", counted_series, len(listed), study_uid)

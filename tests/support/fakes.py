@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -180,13 +180,16 @@ class FakeSource:
                 and (high is None or (s.study_date or "99999999") <= high)]
 
     async def find_instances(self, permit: Permit, bsn: str, study_uid: str, *,
-                             modalities: Sequence[str] = ()) -> list[InstanceRecord]:
-        self.calls.append(Call("find_instances", bsn, study_uid, {"modalities": tuple(modalities)}))
+                             modalities: Sequence[str] = (),
+                             series: Collection[str] = ()) -> list[InstanceRecord]:
+        self.calls.append(Call("find_instances", bsn, study_uid, {"modalities": tuple(modalities),
+                                                                   "series": tuple(sorted(series))}))
         await self._behave()
         self._check(permit, bsn)
         if not any(s.study_instance_uid == study_uid and s.patient_id == bsn for s in self.studies):
             return []
-        return [i for i in self.instances.get(study_uid, []) if not modalities or i.modality in modalities]
+        return [i for i in self.instances.get(study_uid, []) if (not modalities or i.modality in modalities)
+                and (not series or i.series_instance_uid in series)]
 
     async def patient_of_study(self, study_uid: str) -> str | None:
         self.calls.append(Call("patient_of_study", None, study_uid))

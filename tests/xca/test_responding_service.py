@@ -268,6 +268,9 @@ async def test_rad75_with_permit_delivers_the_instances_and_audits_the_disclosur
         assert rig.audits(RAD_75) == [], "the disclosure is recorded once the answer is over"
     finally:
         await result.aclose()
+    # Only the series the request names are walked (a batch per series must not C-FIND the others).
+    [walk] = [c for c in rig.sources[H1].calls if c.method == "find_instances"]
+    assert walk.args["series"] == (f"{S1}.1",)
     [audit] = rig.audits(RAD_75)
     assert audit.event.outcome == EventOutcome.SUCCESS, audit.event.outcome_description
     assert sorted(o.object_id for o in audit.objects if o.object_id.startswith(f"{S1}.1.")) == [

@@ -917,7 +917,8 @@ class RespondingGateway:
             disclosure = answer._study(_StudyDisclosure(bsn, study_uid, hospital))
             async with asyncio.timeout_at(_earlier(self._deadline, deadline)):
                 existing = {
-                    i.sop_instance_uid: i for i in await source.find_instances(verdict, bsn, study_uid)
+                    i.sop_instance_uid: i for i in await source.find_instances(
+                        verdict, bsn, study_uid, series={se for _st, se, _doc in wanted})
                 }
             present = [
                 (st, se, doc)
