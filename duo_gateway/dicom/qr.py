@@ -10,12 +10,12 @@ any of that, so this module keeps to three rules:
   driven by one thread. Parallelism comes from more associations, limited per PACS by a semaphore
   (``max_associations``), never from more threads per association. Abort is the exception: it must
   interrupt a blocked pump, so it runs in a thread of its own.
-- **Bounded hand-over with back-pressure.** The pump and the C-STORE handler hand results to the loop
-  through a bounded :class:`asyncio.Queue` with ``run_coroutine_threadsafe(...).result(timeout)``.
-  A received instance is first written to the spool and renamed into place, then queued, and only
-  then does the handler answer 0x0000; while the consumer lags, the handler waits (the PACS waits for
-  our C-STORE-RSP), so at most ``window`` files (and, with ``window_bytes``, at most that many bytes,
-  an instance larger than that alone) sit spooled and unconsumed and memory stays flat.
+- **Bounded hand-over with back-pressure.** The C-FIND pump hands results to the loop through a
+  bounded :class:`asyncio.Queue` with ``run_coroutine_threadsafe(...).result(timeout)``. Received
+  instances (C-GET, C-MOVE; on the event loop, see below) are first written to the spool and renamed
+  into place, then queued, and only then answered 0x0000; while the consumer lags, the C-STORE waits
+  (the PACS waits for our C-STORE-RSP), so at most ``window`` files (and, with ``window_bytes``, about
+  that many bytes) sit spooled and unconsumed and memory stays flat.
 - **Timeouts everywhere, abort on cancel.** All pynetdicom timeouts are set, every wait on a thread is
   bounded, and a consumer that stops iterating (cancel, break, error) aborts the association and
   leaves no files it did not receive behind.
@@ -43,7 +43,6 @@ import contextvars
 import os
 import re
 import secrets
-import shutil
 import ssl
 import tempfile
 import threading
@@ -69,11 +68,9 @@ from pynetdicom import (
     _config,
     build_context,
     build_role,
-    evt,
 )
 from pynetdicom.association import Association
 from pynetdicom.dsutils import decode, encode
-from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -200,7 +197,7 @@ class SpooledInstance:
     sop_instance_uid: str
     transfer_syntax_uid: str
     size: int
-    #: The file's header (no pixel data), read once in the receiving thread for validation.
+    #: The file's header (no pixel data), read once on receipt for validation.
     header: Dataset
 
 
@@ -314,7 +311,6 @@ class Spool:
         self._inflight = 0
         self.refused = 0
         #: Bytes of the files counted against the window now; the most it ever was.
-        self._room = threading.Condition()
         self.bytes_held = 0
         self.high_water_bytes = 0
         #: Sizes of the items handed over and not yet consumed, oldest first (``_drain`` hands over
@@ -329,81 +325,11 @@ class Spool:
     def closed(self) -> bool:
         return self._bridge.closed.is_set()
 
-    # thread side ----------------------------------------------------------------------------------
-
-    def store(self, event: Any) -> int:
-        """EVT_C_STORE handler body: 0x0000 only once the file is in place and queued."""
-        with self._lock:
-            if self.closed:
-                return OUT_OF_RESOURCES
-            self._inflight += 1
-        try:
-            return self._store(event)
-        finally:
-            with self._lock:
-                self._inflight -= 1
-
-    def _store(self, event: Any) -> int:
-        sop_uid = str(event.request.AffectedSOPInstanceUID or "")
-        sop_class = str(event.request.AffectedSOPClassUID or "")
-        if not _UID_RE.match(sop_uid) or len(sop_uid) > 64:
-            log.warning("qr_store_bad_uid")  # the UID becomes part of a file name: never trust it
-            return UNABLE_TO_PROCESS
-        if not self._acquire():
-            log.warning("qr_store_refused_window", sop_instance_uid=sop_uid, closed=self.closed)
-            return OUT_OF_RESOURCES
-        queued = False
-        tmp: Path | None = None
-        held = 0
-        try:
-            # The size is known before a byte is written (pynetdicom holds the whole data set), so the
-            # byte window is waited for first and the spool never holds more than it allows.
-            if _config.STORE_RECV_CHUNKED_DATASET:
-                data: bytes | None = None
-                size = os.path.getsize(event.dataset_path)
-            else:
-                data = event.encoded_dataset(include_meta=True)
-                size = len(data)
-            if not self._acquire_bytes(size):
-                log.warning("qr_store_refused_window", sop_instance_uid=sop_uid, closed=self.closed,
-                            size=size)
-                return OUT_OF_RESOURCES
-            held = size
-            fd, tmp_name = tempfile.mkstemp(dir=self.directory, prefix=".part-", suffix=".dcm")
-            tmp = Path(tmp_name)
-            if data is None:
-                # pynetdicom already wrote a Part-10 file and deletes it when we return: take it.
-                os.close(fd)
-                shutil.move(event.dataset_path, tmp)
-            else:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    if self.fsync:
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                data = None
-            status, tmp = self._admit(tmp, sop_class, sop_uid, str(event.context.transfer_syntax),
-                                      lambda item: self._bridge.put(item, self.store_wait_s))
-            queued = status == SUCCESS
-            return status
-        except OSError as exc:
-            log.error("qr_store_spool_failed", sop_instance_uid=sop_uid, error=type(exc).__name__)
-            return OUT_OF_RESOURCES
-        except Exception as exc:
-            log.warning("qr_store_undecodable", sop_instance_uid=sop_uid, error=type(exc).__name__)
-            return UNABLE_TO_PROCESS
-        finally:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-            if not queued:
-                self._release_bytes(held)
-                self._permits.release()
-
     def _admit(self, tmp: Path, sop_class: str, sop_uid: str, context_syntax: str,
                put: Callable[[SpooledInstance], bool]) -> tuple[int, Path | None]:
         """A completely written ``.part-`` file: check it is what was announced, validate, rename into
         place, queue. Returns the C-STORE status and the temporary path if it is still there (the
-        caller deletes it). Both receive paths (pynetdicom's thread, the asyncio UL) end here."""
+        caller deletes it)."""
         header = dcmread(tmp, stop_before_pixels=True)
         if str(header.get("SOPInstanceUID", "")) != sop_uid:
             log.warning("qr_store_uid_mismatch", sop_instance_uid=sop_uid)
@@ -431,48 +357,12 @@ class Spool:
             return OUT_OF_RESOURCES, None
         return SUCCESS, None
 
-    def _acquire(self) -> bool:
-        deadline = time.monotonic() + self.store_wait_s
-        while not self.closed:
-            if self._permits.acquire(timeout=_POLL_S):
-                if self.closed:
-                    self._permits.release()
-                    return False
-                return True
-            if time.monotonic() > deadline:
-                return False
-        return False
-
-    def _acquire_bytes(self, size: int) -> bool:
-        """Wait until ``size`` more bytes fit the window (or nothing is held: an instance larger than
-        the window passes alone); False when closed or after ``store_wait_s``."""
-        if self.window_bytes is None:
-            with self._room:
-                self._hold(size)
-            return True
-        deadline = time.monotonic() + self.store_wait_s
-        with self._room:
-            while self.bytes_held and self.bytes_held + size > self.window_bytes:
-                if self.closed or time.monotonic() > deadline:
-                    return False
-                self._room.wait(_POLL_S)
-            if self.closed:
-                return False
-            self._hold(size)
-            return True
-
     def _hold(self, size: int) -> None:
         self.bytes_held += size
         self.high_water_bytes = max(self.high_water_bytes, self.bytes_held)
 
     def _release_bytes(self, size: int) -> None:
-        if size:
-            with self._room:
-                self.bytes_held -= size
-                self._room.notify_all()
-
-    def _put_end(self, item: object, timeout_s: float) -> bool:
-        return self._bridge.put(item, timeout_s)
+        self.bytes_held -= size
 
     # loop side: the asyncio Upper Layer's receive path (dicom/ul) ------------------------------------
 
@@ -513,7 +403,7 @@ class Spool:
 
     async def _acquire_on_loop(self) -> bool:
         """The window permit, awaited on the loop: woken when the consumer takes an item
-        (``_room_event``), with a short timed look as backstop for room made by pynetdicom's threads.
+        (``_room_event``), with a short timed look as backstop.
 
         The byte window is judged before the size is known (the dataset streams in after this): a new
         instance is let in when the largest one this spool has seen still fits, or nothing is held.
@@ -540,14 +430,7 @@ class Spool:
         return False
 
     def _bytes_fit(self, size: int) -> bool:
-        if self.window_bytes is None:
-            return True
-        with self._room:
-            return not self.bytes_held or self.bytes_held + size <= self.window_bytes
-
-    def _hold_received(self, size: int) -> None:
-        with self._room:
-            self._hold(size)
+        return self.window_bytes is None or not self.bytes_held or self.bytes_held + size <= self.window_bytes
 
     def _left(self) -> None:
         with self._lock:
@@ -634,7 +517,7 @@ class SpoolSink:
                 self._error = exc
             else:
                 self._written += len(data)
-                self._spool._hold_received(len(data))
+                self._spool._hold(len(data))
 
     async def finish(self) -> int:
         spool = self._spool
@@ -701,8 +584,8 @@ class _MoveRegistration:
 class MoveRouter:
     """Routes C-STOREs arriving at DUO's storage SCP to the C-MOVE that caused them.
 
-    The daemon's storage SCP calls :meth:`handle_store` from its EVT_C_STORE handler (or installs
-    :meth:`evt_handlers` as is). A move registers before sending its C-MOVE-RQ and gets a Message ID
+    The daemon's storage SCP (the asyncio UL acceptor) calls :meth:`ul_store` for each C-STORE-RQ.
+    A move registers before sending its C-MOVE-RQ and gets a Message ID
     unique among active moves; PACSes copy it into Move Originator Message ID, so that is the key.
     The Move Originator AE Title is not required to match: pynetdicom-based PACSes put their own AE
     title there. PACSes that send no originator fields are matched by expected SOP Instance UID,
@@ -748,12 +631,6 @@ class MoveRouter:
                 reg = candidates[0] if len(candidates) == 1 else None
         return reg.spool if reg is not None else None
 
-    def handle_store(self, event: Any) -> int | None:
-        """The C-STORE status when the instance belongs to an active move; None when it is not ours."""
-        req = event.request
-        spool = self.route(req.MoveOriginatorMessageID, str(req.AffectedSOPInstanceUID or ""))
-        return spool.store(event) if spool is not None else None
-
     async def ul_store(self, assoc: UlAssociation, context: AcceptedContext,
                        command: Command) -> DatasetSink | int:
         """The asyncio acceptor's store handler (:class:`~duo_gateway.dicom.ul.association.UlServer`):
@@ -765,17 +642,6 @@ class MoveRouter:
             return NOT_AUTHORISED
         return await spool.receive(command.affected_sop_class_uid or "", sop_uid, context.transfer_syntax,
                                    assoc.calling_ae)
-
-    def on_c_store(self, event: Any) -> int:
-        """EVT_C_STORE handler for an SCP that only takes C-MOVE results: anything else is refused."""
-        status = self.handle_store(event)
-        if status is None:
-            log.warning("qr_move_unsolicited_store", calling_ae=str(event.assoc.requestor.ae_title).strip())
-            return NOT_AUTHORISED
-        return status
-
-    def evt_handlers(self) -> list[EventHandlerType]:
-        return [(evt.EVT_C_STORE, self.on_c_store)]
 
 
 # -- presentation contexts ---------------------------------------------------------------------------

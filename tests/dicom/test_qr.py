@@ -44,7 +44,7 @@ from duo_gateway.sim.config import default_network
 from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
 from tests.support.gc import fixtures_frozen
-from tests.support.orthanc import Orthanc, orthanc_moving_to
+from tests.support.orthanc import Orthanc, orthanc_moving_to, own_storage_scp
 from tests.support.studies import big_study
 
 NET = default_network()
@@ -460,6 +460,8 @@ class Loaded:
     orthanc: Orthanc
     studies: list[GeneratedStudy]
     router: MoveRouter
+    #: Where Orthanc sends its C-MOVEs: DUO's storage SCP, started by the test that moves.
+    scp_port: int
 
 
 @pytest.fixture(scope="module")
@@ -468,8 +470,8 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
     studies = generate_studies(ANNA, HOSPITAL, 2, NET.seed) + generate_studies(BRAM, HOSPITAL, 1, NET.seed)
     files = [str(p) for s in studies for p in write_study(s, tmp / "send" / s.study_instance_uid)]
     router = MoveRouter()
-    with orthanc_moving_to(tmp / "db", router, DUO_AE, files) as orthanc:
-        yield Loaded(orthanc, studies, router)
+    with orthanc_moving_to(tmp / "db", DUO_AE, files) as (orthanc, scp_port):
+        yield Loaded(orthanc, studies, router, scp_port)
 
 
 def orthanc_client(o: Orthanc) -> QrClient:
@@ -486,9 +488,10 @@ async def test_orthanc_find_get_and_move(orthanc: Loaded, tmp_path: Path) -> Non
                                    sop_classes(anna[0]))]
     assert_identical(got, anna[0])
 
-    moved = [i async for i in qr.move(retrieve_query(anna[1].study_instance_uid), DUO_AE, orthanc.router,
-                                      qr.spool(tmp_path / "m", 2),
-                                      expected={str(ds.SOPInstanceUID) for ds in anna[1].instances})]
+    async with own_storage_scp(orthanc.router, DUO_AE, orthanc.scp_port):
+        moved = [i async for i in qr.move(retrieve_query(anna[1].study_instance_uid), DUO_AE, orthanc.router,
+                                          qr.spool(tmp_path / "m", 2),
+                                          expected={str(ds.SOPInstanceUID) for ds in anna[1].instances})]
     assert_identical(moved, anna[1])
 
 

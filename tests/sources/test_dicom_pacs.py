@@ -38,7 +38,7 @@ from duo_gateway.sources.base import InstanceRecord, NotCovered, RetrievedInstan
 from duo_gateway.sources.dicom_pacs import DicomPacsSource
 from tests import test_bsn as bsn_shapes
 from tests.support.gc import fixtures_frozen
-from tests.support.orthanc import Orthanc, orthanc_moving_to
+from tests.support.orthanc import Orthanc, orthanc_moving_to, own_storage_scp
 from tests.support.studies import big_study
 
 NET = default_network()
@@ -564,6 +564,8 @@ class Loaded:
     orthanc: Orthanc
     anna: list[GeneratedStudy]
     router: MoveRouter
+    #: Where Orthanc sends its C-MOVEs: DUO's storage SCP, started by the test that moves.
+    scp_port: int
 
 
 @pytest.fixture(scope="module")
@@ -573,8 +575,8 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
     studies = anna + generate_studies(BRAM, HOSPITAL, 1, NET.seed)
     files = [str(p) for s in studies for p in write_study(s, tmp / "send" / s.study_instance_uid)]
     router = MoveRouter()
-    with orthanc_moving_to(tmp / "db", router, DUO_AE, files) as orthanc:
-        yield Loaded(orthanc, anna, router)
+    with orthanc_moving_to(tmp / "db", DUO_AE, files) as (orthanc, scp_port):
+        yield Loaded(orthanc, anna, router, scp_port)
 
 
 def orthanc_source(o: Loaded, spool: Path, **kw: object) -> DicomPacsSource:
@@ -608,9 +610,10 @@ async def test_orthanc_retrieve_whole_and_subset(orthanc: Loaded, tmp_path: Path
     src = orthanc_source(orthanc, tmp_path, retrieve_method=method)
     p = await permit(ANNA.bsn)
     study = orthanc.anna[1]
-    got = await collect(src.retrieve(p, ANNA.bsn, study.study_instance_uid, records_of(study)))
-    assert_identical(got, study.instances)
     subset = records_of(study)[::2]
-    got = await collect(src.retrieve(p, ANNA.bsn, study.study_instance_uid, subset))
+    async with own_storage_scp(orthanc.router, DUO_AE, orthanc.scp_port):
+        got = await collect(src.retrieve(p, ANNA.bsn, study.study_instance_uid, records_of(study)))
+        assert_identical(got, study.instances)
+        got = await collect(src.retrieve(p, ANNA.bsn, study.study_instance_uid, subset))
     wanted = {r.sop_instance_uid for r in subset}
     assert_identical(got, [ds for ds in study.instances if str(ds.SOPInstanceUID) in wanted])

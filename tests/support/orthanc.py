@@ -9,8 +9,8 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,21 +115,29 @@ def load_with_storescu(orthanc: Orthanc, files: list[str]) -> None:
 
 
 @contextmanager
-def orthanc_moving_to(workdir: Path, router: Any, ae_title: str, files: list[str]) -> Iterator[Orthanc]:
-    """A loaded Orthanc whose C-MOVE destination ``ae_title`` is a pynetdicom storage SCP on loopback
-    that hands what arrives to ``router`` (duo_gateway.dicom.qr.MoveRouter), as DUO's own AE does."""
-    from pynetdicom import AE
+def orthanc_moving_to(workdir: Path, ae_title: str, files: list[str]) -> Iterator[tuple[Orthanc, int]]:
+    """A loaded Orthanc whose C-MOVE destination ``ae_title`` is a loopback port reserved for DUO's own
+    storage SCP: (the Orthanc, that port). The SCP itself runs on the test's event loop
+    (:func:`own_storage_scp`), as the daemon runs it, so Orthanc's config can name it before it exists."""
+    from duo_gateway.daemon import free_port
 
-    from duo_gateway.dicom.acceptor import start_acceptor
-    from duo_gateway.dicom.qr import receiving_contexts
+    port = free_port()
+    with run_orthanc(workdir, modalities={"duo": (ae_title, "127.0.0.1", port)}) as orthanc:
+        load_with_storescu(orthanc, files)
+        yield orthanc, port
 
-    ae = AE(ae_title=ae_title)
-    ae.supported_contexts = receiving_contexts()
-    server = start_acceptor(ae, ("127.0.0.1", 0), evt_handlers=router.evt_handlers())
+
+@asynccontextmanager
+async def own_storage_scp(router: Any, ae_title: str, port: int) -> AsyncIterator[None]:
+    """DUO's storage SCP (the asyncio UL acceptor the daemon starts) on ``port``: every C-STORE goes
+    through ``router`` (duo_gateway.dicom.qr.MoveRouter) into the spool of the move it belongs to."""
+    from duo_gateway.dicom.qr import receiving_syntaxes
+    from duo_gateway.dicom.ul.association import AcceptorPolicy, UlServer, verification_supported
+
+    server = UlServer(AcceptorPolicy(ae_title, {**verification_supported(), **receiving_syntaxes()}),
+                      router.ul_store)
+    await server.start("127.0.0.1", port)
     try:
-        modalities = {"duo": (ae_title, "127.0.0.1", int(server.server_address[1]))}
-        with run_orthanc(workdir, modalities=modalities) as orthanc:
-            load_with_storescu(orthanc, files)
-            yield orthanc
+        yield
     finally:
-        server.shutdown()
+        await server.close()
