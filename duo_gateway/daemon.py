@@ -25,7 +25,6 @@ from duo_gateway.config.loader import DuoConfig
 from duo_gateway.consent import ConsentGate
 from duo_gateway.dicom.nodelay import install_tcp_nodelay
 from duo_gateway.dicom.qr import MoveRouter, receiving_syntaxes
-from duo_gateway.dicom.teardown import install_fast_teardown
 from duo_gateway.dicom.ul.association import AcceptorPolicy, Timeouts, UlServer, verification_supported
 from duo_gateway.health import Probe, build_probes
 from duo_gateway.http.server import FrontDoor, build_app, build_ops_app
@@ -274,7 +273,6 @@ class Gateway:
         """
         listener = self.config.listeners.dicom
         install_tcp_nodelay(listener.tcp_nodelay)
-        install_fast_teardown()
         policy = AcceptorPolicy(listener.ae_title, {**verification_supported(), **receiving_syntaxes()},
                                 max_associations=listener.max_associations,
                                 max_pdu=listener.max_pdu_length, send_pdu=listener.max_pdu_length,

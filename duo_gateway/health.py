@@ -74,8 +74,7 @@ def build_probes(config: DuoConfig, extra: list[Probe] | None = None) -> list[Pr
     for h in config.tlb_hospitals:
         async def echo(h: Any = h) -> tuple[bool, str]:
             tls = client_context(h.tls) if h.tls else None
-            result = await asyncio.to_thread(c_echo, config.listeners.dicom.ae_title, h.host, h.port,
-                                             h.ae_title, timeout, tls)
+            result = await c_echo(config.listeners.dicom.ae_title, h.host, h.port, h.ae_title, timeout, tls)
             return result.ok, result.detail
         probes.append(Probe(f"tlb:{h.ura}", "dicom", False, echo))
     for c in config.xca_communities:

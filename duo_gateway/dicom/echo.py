@@ -1,15 +1,21 @@
-"""C-ECHO, the DICOM liveness probe behind /readyz. Blocking: call it through asyncio.to_thread."""
+"""C-ECHO, the DICOM liveness probe behind /readyz, on DUO's asyncio Upper Layer.
+
+Why asyncio: a probe per TLB hospital per readiness check would otherwise be a pynetdicom
+association in a thread (two polling threads each); here it is one coroutine with a bounded
+connect, association and answer, whatever the peer does.
+"""
 
 from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
 
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from duo_gateway.dicom.nodelay import ensure_tcp_nodelay
-from duo_gateway.dicom.teardown import install_fast_teardown
+from duo_gateway.dicom.status import SUCCESS
+from duo_gateway.dicom.ul.association import VERIFICATION, Timeouts, UlError, UlRejected, UlTimeout, connect
+from duo_gateway.dicom.ul.dimse import C_ECHO_RSP, c_echo_rq
+from duo_gateway.dicom.ul.pdu import PresentationContextRQ
 
 
 @dataclass(frozen=True)
@@ -18,25 +24,35 @@ class EchoResult:
     detail: str
 
 
-def c_echo(calling_ae: str, host: str, port: int, called_ae: str, timeout_s: float,
-           tls: ssl.SSLContext | None = None) -> EchoResult:
-    ensure_tcp_nodelay()
-    install_fast_teardown()
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = timeout_s
-    ae.dimse_timeout = timeout_s
-    ae.network_timeout = timeout_s
-    ae.connection_timeout = timeout_s
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=(tls, host) if tls else None)
-    if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "association failed"
-        return EchoResult(False, reason)
+async def c_echo(calling_ae: str, host: str, port: int, called_ae: str, timeout_s: float,
+                 tls: ssl.SSLContext | None = None) -> EchoResult:
+    """One association, one C-ECHO, release; every failure is a result with a reason, never raised."""
+    timeouts = Timeouts(connect_s=timeout_s, acse_s=timeout_s, dimse_s=timeout_s, network_s=timeout_s)
+    syntaxes = (str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian))
+    context = PresentationContextRQ(1, VERIFICATION, syntaxes)
     try:
-        status = assoc.send_c_echo()
+        assoc = await connect(host, port, calling_ae=calling_ae, called_ae=called_ae, contexts=[context],
+                              ssl_context=tls, timeouts=timeouts)
+    except UlRejected:
+        return EchoResult(False, "association rejected")
+    except UlError:
+        return EchoResult(False, "association failed")
+    try:
+        if 1 not in assoc.accepted:
+            return EchoResult(False, "Verification not accepted")
+        request = c_echo_rq(assoc.next_message_id())
+        await assoc.send_command(1, request)
+        msg = await assoc.receive(timeout_s)
+    except UlTimeout:
+        return EchoResult(False, "no C-ECHO response")
+    except UlError as exc:
+        return EchoResult(False, f"association aborted: {exc}")
     finally:
-        assoc.release()
-    code = getattr(status, "Status", None)
-    if code == 0x0000:
+        await assoc.release()
+    if msg is None or msg.command.command_field != C_ECHO_RSP or \
+            msg.command.message_id_responded_to != request.message_id:
+        return EchoResult(False, "no C-ECHO response")
+    code = msg.command.status
+    if code == SUCCESS:
         return EchoResult(True, "C-ECHO success")
-    return EchoResult(False, "no C-ECHO response" if code is None else f"C-ECHO status 0x{code:04X}")
+    return EchoResult(False, "no C-ECHO status" if code is None else f"C-ECHO status 0x{code:04X}")

@@ -1,33 +1,22 @@
-"""Asyncio-facing DICOM Query/Retrieve SCU: C-FIND over thread-based pynetdicom, C-GET and C-MOVE on
-DUO's asyncio Upper Layer (see below, and :mod:`duo_gateway.dicom.ul`).
+"""Asyncio DICOM Query/Retrieve SCU: C-FIND, C-GET and C-MOVE on DUO's asyncio Upper Layer
+(:mod:`duo_gateway.dicom.ul`), and the spool retrieved instances land in.
 
-pynetdicom blocks: each association is a thread plus a reactor, ``send_c_*`` are blocking generators
-and event handlers run in pynetdicom's threads (docs/dicom.md §6). The event loop must never wait on
-any of that, so this module keeps to three rules:
+Everything runs on the event loop; the rules this module keeps:
 
-- **One single-thread executor per association.** Associate, the Q/R pump (the thread iterating the
-  ``send_c_*`` generator) and release run on it, one after the other, so an association is only ever
-  driven by one thread. Parallelism comes from more associations, limited per PACS by a semaphore
-  (``max_associations``), never from more threads per association. Abort is the exception: it must
-  interrupt a blocked pump, so it runs in a thread of its own.
-- **Bounded hand-over with back-pressure.** The C-FIND pump hands results to the loop through a
-  bounded :class:`asyncio.Queue` with ``run_coroutine_threadsafe(...).result(timeout)``. Received
-  instances (C-GET, C-MOVE; on the event loop, see below) are first written to the spool and renamed
-  into place, then queued, and only then answered 0x0000; while the consumer lags, the C-STORE waits
-  (the PACS waits for our C-STORE-RSP), so at most ``window`` files (and, with ``window_bytes``, about
-  that many bytes) sit spooled and unconsumed and memory stays flat.
-- **Timeouts everywhere, abort on cancel.** All pynetdicom timeouts are set, every wait on a thread is
-  bounded, and a consumer that stops iterating (cancel, break, error) aborts the association and
-  leaves no files it did not receive behind.
+- **One operation at a time per association.** Parallelism comes from more associations, limited
+  per PACS by a semaphore (``max_associations``).
+- **Bounded hand-over with back-pressure.** A received instance (C-GET sub-operation, or a C-MOVE's
+  C-STORE at DUO's storage SCP) streams PDV by PDV into its spool file (:meth:`Spool.receive`), is
+  renamed into place and queued, and only then answered 0x0000. A place in the window (``window``
+  files, and with ``window_bytes`` about that many bytes) is taken before anything is written; while
+  the consumer lags, the C-STORE waits and the association stops reading: back-pressure reaches the
+  PACS through the socket, and memory and disk stay flat. C-FIND identifiers are yielded one by one
+  as they are decoded; an unread association pauses its socket the same way.
+- **Timeouts everywhere, abort on cancel.** Every wait has a timeout (connect, ARTIM, DIMSE), and a
+  consumer that stops iterating (cancel, break, error) aborts the association and leaves no files it
+  did not receive behind.
 
 Failures surface as :class:`QrError` subclasses, each with a ``label`` short enough for a metric label.
-
-The bulk paths are not pynetdicom's: C-GET and C-MOVE associations (:class:`UlRetrieveAssociation`)
-and DUO's storage SCP (the C-MOVE destination, started in daemon.py) run on DUO's asyncio Upper Layer
-(:mod:`duo_gateway.dicom.ul`), where each received dataset streams PDV by PDV into its spool file
-(:meth:`Spool.receive`) on the event loop; the same window, validation and "answer only once renamed
-and queued" rules hold there, back-pressure reaching the socket (reads pause while the PACS's C-STORE
-waits for a place in the window). C-FIND stays on pynetdicom and the rules above.
 
 C-MOVE needs DUO's own storage SCP as destination: :class:`MoveRouter` is the piece that SCP's
 C-STORE handler calls, and it routes each incoming instance to the move that asked for it (by Move
@@ -39,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import os
 import re
 import secrets
@@ -49,27 +37,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, Literal, TypeVar
+from typing import Any, BinaryIO, ClassVar, Literal
 
 import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import (
-    AE,
     ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
-    _config,
     build_context,
     build_role,
 )
-from pynetdicom.association import Association
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -81,7 +64,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from duo_gateway.dicom.nodelay import ensure_tcp_nodelay
 from duo_gateway.dicom.status import (
     NOT_AUTHORISED,
     OUT_OF_RESOURCES,
@@ -91,10 +73,10 @@ from duo_gateway.dicom.status import (
     is_warning,
 )
 from duo_gateway.dicom.syntaxes import PREFERRED, UNCOMPRESSED_LE, syntax_class
-from duo_gateway.dicom.teardown import install_fast_teardown
 from duo_gateway.dicom.ul.association import (
     AcceptedContext,
     DatasetSink,
+    Message,
     Timeouts,
     UlError,
     UlRejected,
@@ -102,17 +84,20 @@ from duo_gateway.dicom.ul.association import (
 )
 from duo_gateway.dicom.ul.association import Association as UlAssociation
 from duo_gateway.dicom.ul.association import connect as ul_connect
-from duo_gateway.dicom.ul.dimse import C_GET_RSP, C_MOVE_RSP, Command, c_get_rq, c_move_rq
+from duo_gateway.dicom.ul.dimse import (
+    C_FIND_RSP,
+    C_GET_RSP,
+    C_MOVE_RSP,
+    Command,
+    c_find_rq,
+    c_get_rq,
+    c_move_rq,
+)
 from duo_gateway.dicom.ul.part10 import file_meta
 from duo_gateway.dicom.ul.pdu import PresentationContextRQ, RoleSelection
 from duo_gateway.failure import Failure, FailureKind
 
 log = structlog.get_logger(__name__)
-
-# pynetdicom starts its own threads (association, reactor, SCP handlers); with this switch they
-# inherit the caller's contextvars, so structlog's bound request_id follows a request into them.
-# It is process-global and only ever wanted on, so it is set once, here, on import.
-_config.PASS_CONTEXTVARS = True
 
 Model = Literal["study", "patient"]
 
@@ -122,17 +107,16 @@ _GET = {"study": StudyRootQueryRetrieveInformationModelGet,
         "patient": PatientRootQueryRetrieveInformationModelGet}
 _MOVE = {"study": StudyRootQueryRetrieveInformationModelMove,
          "patient": PatientRootQueryRetrieveInformationModelMove}
+_QR_MODELS = frozenset(str(uid) for models in (_FIND, _GET, _MOVE) for uid in models.values())
 
 
 #: Presentation context IDs are odd numbers 1..255: at most 128 contexts in one association.
 MAX_CONTEXTS = 128
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-#: How often blocked thread-side waits look at the cancel flag.
+#: Backstop of a receive waiting for room in the window (the consumer's wake-up is the real signal).
 _POLL_S = 0.05
 #: Write buffer of a spool file received on the loop: PDVs are often 16 KiB, the disk prefers more.
 _SINK_BUFFER = 256 * 1024
-
-T = TypeVar("T")
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -226,32 +210,12 @@ class _End:
 
 
 class _Bridge:
-    """A bounded queue fed from threads; a put waits for room (back-pressure) but never forever."""
+    """The queue between a retrieve's receive path and its consumer, with the flag that closes it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, maxsize: int) -> None:
         self.loop = loop
         self.queue: asyncio.Queue[object] = asyncio.Queue(maxsize)
         self.closed = threading.Event()
-
-    def put(self, item: object, timeout_s: float) -> bool:
-        """Thread side: True once ``item`` is in the queue; False when closed, timed out or no loop."""
-        if self.closed.is_set():
-            return False
-        try:
-            fut = asyncio.run_coroutine_threadsafe(self.queue.put(item), self.loop)
-        except RuntimeError:  # loop closed
-            return False
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fut.result(timeout=_POLL_S)
-                return True
-            except TimeoutError:
-                if self.closed.is_set() or time.monotonic() > deadline:
-                    # cancel() fails when the put completed meanwhile: the item is queued after all
-                    return not fut.cancel()
-            except Exception:  # cancelled, or the loop went away
-                return False
 
     async def get(self, timeout_s: float) -> object:
         try:
@@ -752,13 +716,7 @@ class QrClient:
             ext_neg = [build_role(sop, scp_role=True) for sop in dict.fromkeys(get_sop_classes)]
         dimse = dimse_timeout_s if dimse_timeout_s is not None else self.timeout_s
         async with self._slots:
-            if get_sop_classes or move:
-                if find or (get_sop_classes and move):
-                    raise ValueError("a retrieve association carries C-GET or C-MOVE only")
-                models = _GET.values() if get_sop_classes else _MOVE.values()
-                qa: QrAssociation = await UlRetrieveAssociation.open(self, contexts, ext_neg, dimse, models)
-            else:
-                qa = await QrAssociation._open(self, contexts, dimse)
+            qa = await QrAssociation.open(self, contexts, ext_neg, dimse)
             try:
                 yield qa
             except QrStatusError:
@@ -815,146 +773,227 @@ class QrClient:
             await spool.close()
 
 
-def _run_in(executor: ThreadPoolExecutor, fn: Callable[[], T]) -> Future[T]:
-    """Submit with the caller's contextvars (run_in_executor would drop them)."""
-    ctx = contextvars.copy_context()
-    return executor.submit(ctx.run, fn)
-
-
 class QrAssociation:
-    """One established association; operations run one at a time, each pumped on its executor."""
+    """One established association on DUO's asyncio Upper Layer (:mod:`duo_gateway.dicom.ul`); one
+    operation at a time, any of C-FIND, C-GET and C-MOVE the association negotiated.
 
-    def __init__(self, client: QrClient, assoc: Association, executor: ThreadPoolExecutor) -> None:
+    Why not pynetdicom: its associations are two polling threads each plus a thread hand-off per
+    message. C-GET instances arrive as C-STORE sub-operations on this very association and stream PDV
+    by PDV into the spool (:meth:`Spool.receive`) on the event loop; a C-MOVE's arrive at DUO's storage
+    SCP (same receive path), this association carrying only the request and its pending responses; a
+    C-FIND's identifiers are decoded as they come, where pynetdicom's path cost a RAD-75 answer 2.5x
+    DCMTK findscu's time for the same IMAGE-level query (docs/performance.md). The module's rules hold:
+    the window bounds the spool and, through the sub-operation's unanswered C-STORE and paused socket
+    reads, the PACS; every wait has a timeout; a consumer that stops iterating aborts the association.
+    """
+
+    def __init__(self, client: QrClient, ul: UlAssociation, dimse_timeout_s: float) -> None:
         self._client = client
-        self._assoc = assoc
-        self._executor = executor
+        self._ul = ul
+        self._dimse_s = dimse_timeout_s
+        self._spool: Spool | None = None
         self._busy = False
         self._broken = False
+        ul.store_handler = self._on_store
 
     @classmethod
-    async def _open(cls, client: QrClient, contexts: list[PresentationContext],
-                    dimse_timeout_s: float) -> QrAssociation:
-        ensure_tcp_nodelay()
-        install_fast_teardown()
-        ae = AE(ae_title=client.calling_ae)
-        ae.acse_timeout = client.timeout_s
-        ae.network_timeout = client.timeout_s
-        ae.connection_timeout = client.timeout_s
-        ae.dimse_timeout = dimse_timeout_s
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"qr-{client.called_ae.strip()}")
-        tls_args = (client.tls, client.host) if client.tls is not None else None
-        fut = _run_in(executor, partial(ae.associate, client.host, client.port, contexts=contexts,
-                                        ae_title=client.called_ae, tls_args=tls_args))
+    async def open(cls, client: QrClient, contexts: list[PresentationContext], ext_neg: list[Any],
+                   dimse_timeout_s: float) -> QrAssociation:
+        proposed = [PresentationContextRQ(2 * i + 1, str(cx.abstract_syntax),
+                                          tuple(str(ts) for ts in cx.transfer_syntax))
+                    for i, cx in enumerate(contexts)]
+        roles = [RoleSelection(str(role.sop_class_uid), False, True) for role in ext_neg]
+        timeouts = Timeouts(connect_s=client.timeout_s, acse_s=client.timeout_s, dimse_s=dimse_timeout_s,
+                            network_s=client.timeout_s)
         try:
-            assoc = await asyncio.wait_for(asyncio.wrap_future(fut), client.timeout_s * 3 + 1)
-        except BaseException:
-            # Cancelled (or stuck) while associating: whatever comes of it must not stay open.
-            executor.submit(_abort_when_done, fut)
-            executor.shutdown(wait=False)
-            raise
-        if not assoc.is_established:
-            executor.shutdown(wait=False)
-            if assoc.is_rejected:
-                raise AssociationRejected(f"association rejected by {client.called_ae}")
-            # pynetdicom reports a refused connection as "aborted" too: either way nothing was said
-            raise AssociationFailed(f"no association with {client.called_ae} at {client.host}:{client.port}")
-        return cls(client, assoc, executor)
+            ul = await ul_connect(client.host, client.port, calling_ae=client.calling_ae,
+                                  called_ae=client.called_ae, contexts=proposed, roles=roles,
+                                  ssl_context=client.tls, timeouts=timeouts)
+        except UlRejected:
+            raise AssociationRejected(f"association rejected by {client.called_ae}") from None
+        except UlError as exc:
+            raise AssociationFailed(f"no association with {client.called_ae} at {client.host}:{client.port}: "
+                                    f"{exc}") from None
+        if not any(cx.abstract_syntax in _QR_MODELS for cx in ul.accepted.values()):
+            await ul.release()
+            raise QrError(f"{client.called_ae} accepted none of the Query/Retrieve presentation contexts")
+        return cls(client, ul, dimse_timeout_s)
+
+    def _context(self, operation: str, model: UID) -> AcceptedContext:
+        for cx in self._ul.accepted.values():
+            if cx.abstract_syntax == str(model):
+                return cx
+        raise QrError(f"{self._client.called_ae} accepted no {operation} context for {model.name}")
+
+    def _established(self) -> bool:
+        return not self._ul.closed
+
+    def _idle_s(self) -> float:
+        return self._dimse_s + 5
 
     async def _release(self) -> None:
         if self._broken:
             await self._abort()
             return
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(_run_in(self._executor, self._assoc.release)),
-                                   self._client.timeout_s + 1)
-        except TimeoutError:
-            await self._abort()
-        finally:
-            self._executor.shutdown(wait=False)
+        await self._ul.release()
 
     async def _abort(self) -> None:
-        """Abort from a thread of its own: the executor's thread may be blocked in the pump."""
         self._broken = True
-        try:
-            await asyncio.wait_for(asyncio.to_thread(self._assoc.abort), self._client.timeout_s + 1)
-        except Exception as exc:  # nothing more we can do; the socket dies with the thread
-            log.warning("qr_abort_failed", error=type(exc).__name__)
-        finally:
-            _wake_pump(self._assoc)
-            self._executor.shutdown(wait=False)
+        self._ul.abort()
 
-    def _idle_s(self) -> float:
-        dimse = self._assoc.dimse_timeout
-        return (float(dimse) if dimse is not None else self._client.timeout_s) + 5
+    def _start(self) -> None:
+        if self._busy:
+            raise RuntimeError("one operation at a time per association")
+        if self._broken or not self._established():
+            raise QrAborted("association no longer established")
+        self._busy = True
+
+    async def _send(self, operation: str, cx: AcceptedContext, request: Command, query: Dataset) -> None:
+        identifier = encode(query, cx.transfer_syntax == str(ImplicitVRLittleEndian), True)
+        if identifier is None:
+            raise QrError(f"{operation} identifier could not be encoded", kind="error", retryable=False)
+        await self._ul.send_command(cx.context_id, request, identifier)
+
+    async def _response(self, operation: str, request: Command, response_field: int) -> Message:
+        """The next response to ``request``; anything else (or the peer releasing) ends the association."""
+        msg = await self._ul.receive(self._dimse_s)
+        if msg is None:
+            self._broken = True
+            raise QrAborted(f"the PACS released the association during {operation}")
+        rsp = msg.command
+        if rsp.command_field != response_field or rsp.message_id_responded_to != request.message_id:
+            await self._abort()
+            raise QrAborted(f"unexpected DIMSE message 0x{rsp.command_field:04X} during {operation}")
+        return msg
+
+    def _failed(self, operation: str, exc: UlError) -> QrError:
+        """The one mapping of an Upper Layer failure mid-operation to a :class:`QrError`."""
+        self._broken = True
+        if isinstance(exc, UlTimeout):
+            return QrTimeout(f"no {operation} response within {self._dimse_s:g} s")
+        return QrAborted(f"association aborted during {operation}: {exc}")
 
     # C-FIND -------------------------------------------------------------------------------------
 
     async def find(self, query: Dataset, model: Model = "study") -> AsyncGenerator[Dataset, None]:
-        """Matches as the PACS sends them; raises a :class:`QrError` on failure."""
+        """Matches as the PACS sends them; raises a :class:`QrError` on failure. A consumer that stops
+        early aborts the association (the PACS stops at once; C-CANCEL would leave it to the PACS)."""
+        cx = self._context("C-FIND", _FIND[model])
         self._start()
-        bridge = _Bridge(asyncio.get_running_loop(), 64)
-        pump = _run_in(self._executor, partial(self._pump_find, query, _FIND[model], bridge))
         finished = False
         try:
-            while True:
-                item = await bridge.get(self._idle_s())
-                if isinstance(item, _End):
+            request = c_find_rq(self._ul.next_message_id(), str(_FIND[model]))
+            try:
+                await self._send("C-FIND", cx, request, query)
+                while True:
+                    msg = await self._response("C-FIND", request, C_FIND_RSP)
+                    code = msg.command.status if msg.command.status is not None else UNABLE_TO_PROCESS
+                    if is_pending(code):
+                        if msg.dataset:
+                            yield _decode_identifier("C-FIND", msg.dataset, cx)
+                        continue
                     finished = True
+                    if code != SUCCESS:
+                        raise QrStatusError("C-FIND", code, msg.command.error_comment or "")
                     return
-                if isinstance(item, QrError):
-                    finished = True
-                    self._broken = self._broken or not self._assoc.is_established
-                    raise item
-                assert isinstance(item, Dataset)
-                yield item
+            except UlError as exc:
+                raise self._failed("C-FIND", exc) from None
         finally:
             self._busy = False
             if not finished:
-                bridge.closed.set()
                 await self._abort()
-            await _join(pump, self._idle_s() if finished else 1.0)
 
-    def _pump_find(self, query: Dataset, model: UID, bridge: _Bridge) -> None:
-        wait = self._idle_s()
-        try:
-            started = time.monotonic()
-            for status, identifier in self._assoc.send_c_find(query, model):
-                if bridge.closed.is_set():
-                    return
-                code = status.get("Status")
-                if code is None:
-                    bridge.put(self._no_response("C-FIND", started), wait)
-                    return
-                if is_pending(code):
-                    started = time.monotonic()
-                    if identifier is not None and not bridge.put(identifier, wait):
-                        return
-                elif code == SUCCESS:
-                    bridge.put(_End(), wait)
-                    return
-                else:
-                    bridge.put(QrStatusError("C-FIND", int(code), _error_comment(status)), wait)
-                    return
-            bridge.put(QrAborted("C-FIND ended without a final status"), wait)
-        except Exception as exc:
-            bridge.put(_as_qr_error("C-FIND", exc), wait)
+    # C-GET and C-MOVE ---------------------------------------------------------------------------
 
-    # C-GET --------------------------------------------------------------------------------------
+    async def _on_store(self, assoc: UlAssociation, context: AcceptedContext,
+                        command: Command) -> DatasetSink | int:
+        spool = self._spool
+        if spool is None:
+            return NOT_AUTHORISED  # a C-STORE outside any C-GET of ours
+        return await spool.receive(command.affected_sop_class_uid or "",
+                                   command.affected_sop_instance_uid or "", context.transfer_syntax,
+                                   self._client.called_ae)
 
     async def get(self, query: Dataset, spool: Spool,
                   model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
-        """C-GET runs on :class:`UlRetrieveAssociation` (``associate(get_sop_classes=...)``), not here."""
-        raise QrError("C-GET needs an association opened with get_sop_classes")
-        yield  # pragma: no cover - makes this an async generator like its override
-
-    # C-MOVE -------------------------------------------------------------------------------------
+        """One C-GET; instances land in ``spool`` (the caller closes it). Raises :class:`QrStatusError`
+        on a Failure/Cancel final status, after yielding what did arrive."""
+        cx = self._context("C-GET", _GET[model])
+        self._start()
+        self._spool = spool
+        try:
+            request = c_get_rq(self._ul.next_message_id(), str(_GET[model]))
+            async with aclosing(self._retrieve("C-GET", cx, query, spool, request, C_GET_RSP)) as stream:
+                async for item in stream:
+                    yield item
+        finally:
+            self._spool = None
+            self._busy = False
 
     async def move(self, query: Dataset, destination_ae: str, router: MoveRouter, spool: Spool,
                    expected: Iterable[str] | None = None,
                    model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
-        """C-MOVE runs on :class:`UlRetrieveAssociation` (``associate(move=True)``), not here."""
-        raise QrError("C-MOVE needs an association opened with move=True")
-        yield  # pragma: no cover - makes this an async generator like its override
+        """One C-MOVE to ``destination_ae``; DUO's SCP hands the instances over through ``router``,
+        which allocated the Message ID the PACS echoes as Move Originator Message ID."""
+        cx = self._context("C-MOVE", _MOVE[model])
+        self._start()
+        try:
+            msg_id = router.register(spool, expected, originators=(self._client.calling_ae,
+                                                                   self._client.called_ae))
+            try:
+                request = c_move_rq(msg_id, str(_MOVE[model]), destination_ae)
+                moved = self._retrieve("C-MOVE", cx, query, spool, request, C_MOVE_RSP)
+                async with aclosing(moved) as stream:
+                    async for item in stream:
+                        yield item
+            finally:
+                router.unregister(msg_id)
+        finally:
+            self._busy = False
+
+    async def _retrieve(self, operation: str, cx: AcceptedContext, query: Dataset, spool: Spool,
+                        request: Command, response_field: int) -> AsyncGenerator[SpooledInstance, None]:
+        pump = asyncio.create_task(self._pump(operation, cx, query, spool, request, response_field))
+        try:
+            async with aclosing(self._drain(spool)) as stream:
+                async for item in stream:
+                    yield item
+        finally:
+            if not pump.done():
+                self._ul.abort()
+                pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
+
+    async def _pump(self, operation: str, cx: AcceptedContext, query: Dataset, spool: Spool,
+                    request: Command, response_field: int) -> None:
+        """Send the request, then receive until its final response (a C-GET's C-STOREs in between go
+        to the spool inside ``receive``); the outcome goes to the spool's queue as the terminal item."""
+        outcome: object
+        try:
+            await self._send(operation, cx, request, query)
+            while True:
+                msg = await self._response(operation, request, response_field)
+                rsp = msg.command
+                code = rsp.status if rsp.status is not None else UNABLE_TO_PROCESS
+                if is_pending(code):
+                    continue
+                summary = RetrieveSummary(code, rsp.completed, rsp.failed, rsp.warning)
+                if code == SUCCESS or is_warning(code):
+                    if code != SUCCESS:
+                        log.warning("qr_retrieve_warning", operation=operation, status=f"0x{code:04X}",
+                                    failed=summary.failed, completed=summary.completed)
+                    outcome = _End(summary)
+                else:
+                    outcome = QrStatusError(operation, code, _failed_uids(_identifier(msg.dataset, cx)))
+                break
+        except UlError as exc:
+            outcome = self._failed(operation, exc)
+        except QrError as exc:
+            outcome = exc
+        if not spool.closed:
+            with contextlib.suppress(asyncio.QueueFull):
+                spool._bridge.queue.put_nowait(outcome)
 
     async def _drain(self, spool: Spool) -> AsyncGenerator[SpooledInstance, None]:
         finished = False
@@ -975,204 +1014,19 @@ class QrAssociation:
                 assert isinstance(item, _End)
                 return
         finally:
-            self._busy = False
             if not finished:
                 # Cancelled, broken off or timed out: refuse further C-STOREs and let the ones in
-                # flight answer first (a C-STORE-RSP after the abort upsets pynetdicom's state
-                # machine), then stop the PACS mid-stream.
+                # flight answer first, then stop the PACS mid-stream.
                 await spool.close()
                 await self._abort()
 
-    # shared -------------------------------------------------------------------------------------
 
-    def _start(self) -> None:
-        if self._busy:
-            raise RuntimeError("one operation at a time per association")
-        if self._broken or not self._established():
-            raise QrAborted("association no longer established")
-        self._busy = True
-
-    def _established(self) -> bool:
-        return bool(self._assoc.is_established)
-
-    def _no_response(self, operation: str, since: float) -> QrError:
-        """pynetdicom yields an empty status both on DIMSE timeout and on abort: tell them apart."""
-        self._broken = True
-        dimse = self._assoc.dimse_timeout
-        if dimse is not None and time.monotonic() - since >= float(dimse) * 0.9:
-            return QrTimeout(f"no {operation} response within {float(dimse):g} s")
-        return QrAborted(f"association aborted during {operation}")
-
-
-class UlRetrieveAssociation(QrAssociation):
-    """A C-GET or C-MOVE association on DUO's asyncio Upper Layer (:mod:`duo_gateway.dicom.ul`).
-
-    Why: these are the bulk paths. A C-GET's instances arrive as C-STORE sub-operations on this very
-    association; here each one streams PDV by PDV into the spool (:meth:`Spool.receive`) on the event
-    loop, where pynetdicom would take every PDU through its polling DUL thread and a thread hand-off.
-    A C-MOVE's instances arrive at DUO's storage SCP (same receive path); this association only
-    carries the request and its pending responses, but on pynetdicom it kept two polling threads
-    busy for the whole retrieve. The rules stay those of the module: the window bounds the spool and,
-    through the sub-operation's unanswered C-STORE and paused socket reads, the PACS; every wait has
-    a timeout; a consumer that stops iterating aborts the association. C-FIND stays on pynetdicom.
-    """
-
-    def __init__(self, client: QrClient, ul: UlAssociation, model_context: int,
-                 dimse_timeout_s: float) -> None:
-        self._client = client
-        self._ul = ul
-        self._model_context = model_context
-        self._dimse_s = dimse_timeout_s
-        self._spool: Spool | None = None
-        self._busy = False
-        self._broken = False
-        ul.store_handler = self._on_store
-
-    @classmethod
-    async def open(cls, client: QrClient, contexts: list[PresentationContext], ext_neg: list[Any],
-                   dimse_timeout_s: float, models: Iterable[UID]) -> UlRetrieveAssociation:
-        proposed = [PresentationContextRQ(2 * i + 1, str(cx.abstract_syntax),
-                                          tuple(str(ts) for ts in cx.transfer_syntax))
-                    for i, cx in enumerate(contexts)]
-        roles = [RoleSelection(str(role.sop_class_uid), False, True) for role in ext_neg]
-        timeouts = Timeouts(connect_s=client.timeout_s, acse_s=client.timeout_s, dimse_s=dimse_timeout_s,
-                            network_s=client.timeout_s)
-        try:
-            ul = await ul_connect(client.host, client.port, calling_ae=client.calling_ae,
-                                  called_ae=client.called_ae, contexts=proposed, roles=roles,
-                                  ssl_context=client.tls, timeouts=timeouts)
-        except UlRejected:
-            raise AssociationRejected(f"association rejected by {client.called_ae}") from None
-        except UlError as exc:
-            raise AssociationFailed(f"no association with {client.called_ae} at {client.host}:{client.port}: "
-                                    f"{exc}") from None
-        wanted = {str(m) for m in models}
-        model_context = next((cx.context_id for cx in ul.accepted.values() if cx.abstract_syntax in wanted),
-                             None)
-        if model_context is None:
-            await ul.release()
-            raise QrError(f"{client.called_ae} accepted no C-GET/C-MOVE presentation context")
-        return cls(client, ul, model_context, dimse_timeout_s)
-
-    def _established(self) -> bool:
-        return not self._ul.closed
-
-    def _idle_s(self) -> float:
-        return self._dimse_s + 5
-
-    async def _release(self) -> None:
-        if self._broken:
-            await self._abort()
-            return
-        await self._ul.release()
-
-    async def _abort(self) -> None:
-        self._broken = True
-        self._ul.abort()
-
-    async def _on_store(self, assoc: UlAssociation, context: AcceptedContext,
-                        command: Command) -> DatasetSink | int:
-        spool = self._spool
-        if spool is None:
-            return NOT_AUTHORISED  # a C-STORE outside any C-GET of ours
-        return await spool.receive(command.affected_sop_class_uid or "",
-                                   command.affected_sop_instance_uid or "", context.transfer_syntax,
-                                   self._client.called_ae)
-
-    async def find(self, query: Dataset, model: Model = "study") -> AsyncGenerator[Dataset, None]:
-        raise QrError("C-FIND on a retrieve association")
-        yield  # pragma: no cover - makes this an async generator like the method it overrides
-
-    async def get(self, query: Dataset, spool: Spool,
-                  model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
-        """One C-GET; instances land in ``spool`` (the caller closes it). Raises :class:`QrStatusError`
-        on a Failure/Cancel final status, after yielding what did arrive."""
-        self._start()
-        self._spool = spool
-        request = c_get_rq(self._ul.next_message_id(), str(_GET[model]))
-        try:
-            async with aclosing(self._retrieve("C-GET", query, spool, request, C_GET_RSP)) as stream:
-                async for item in stream:
-                    yield item
-        finally:
-            self._spool = None
-
-    async def move(self, query: Dataset, destination_ae: str, router: MoveRouter, spool: Spool,
-                   expected: Iterable[str] | None = None,
-                   model: Model = "study") -> AsyncGenerator[SpooledInstance, None]:
-        """One C-MOVE to ``destination_ae``; DUO's SCP hands the instances over through ``router``,
-        which allocated the Message ID the PACS echoes as Move Originator Message ID."""
-        self._start()
-        msg_id = router.register(spool, expected, originators=(self._client.calling_ae,
-                                                               self._client.called_ae))
-        request = c_move_rq(msg_id, str(_MOVE[model]), destination_ae)
-        try:
-            async with aclosing(self._retrieve("C-MOVE", query, spool, request, C_MOVE_RSP)) as stream:
-                async for item in stream:
-                    yield item
-        finally:
-            router.unregister(msg_id)
-
-    async def _retrieve(self, operation: str, query: Dataset, spool: Spool, request: Command,
-                        response_field: int) -> AsyncGenerator[SpooledInstance, None]:
-        pump = asyncio.create_task(self._pump(operation, query, spool, request, response_field))
-        try:
-            async with aclosing(self._drain(spool)) as stream:
-                async for item in stream:
-                    yield item
-        finally:
-            if not pump.done():
-                self._ul.abort()
-                pump.cancel()
-            with contextlib.suppress(BaseException):
-                await pump
-
-    async def _pump(self, operation: str, query: Dataset, spool: Spool, request: Command,
-                    response_field: int) -> None:
-        """Send the request, then receive until its final response (a C-GET's C-STOREs in between go
-        to the spool inside ``receive``); the outcome goes to the spool's queue as the terminal item."""
-        outcome: object
-        try:
-            cx = self._ul.accepted[self._model_context]
-            identifier = encode(query, cx.transfer_syntax == str(ImplicitVRLittleEndian), True)
-            if identifier is None:
-                raise QrError(f"{operation} identifier could not be encoded")
-            msg_id = request.message_id
-            await self._ul.send_command(cx.context_id, request, identifier)
-            while True:
-                msg = await self._ul.receive(self._dimse_s)
-                if msg is None:
-                    outcome = QrAborted(f"the PACS released the association during {operation}")
-                    break
-                rsp = msg.command
-                if rsp.command_field != response_field or rsp.message_id_responded_to != msg_id:
-                    self._ul.abort()
-                    outcome = QrAborted(f"unexpected DIMSE message 0x{rsp.command_field:04X} "
-                                        f"during {operation}")
-                    break
-                code = rsp.status if rsp.status is not None else UNABLE_TO_PROCESS
-                if is_pending(code):
-                    continue
-                summary = RetrieveSummary(code, rsp.completed, rsp.failed, rsp.warning)
-                if code == SUCCESS or is_warning(code):
-                    if code != SUCCESS:
-                        log.warning("qr_retrieve_warning", operation=operation, status=f"0x{code:04X}",
-                                    failed=summary.failed, completed=summary.completed)
-                    outcome = _End(summary)
-                else:
-                    outcome = QrStatusError(operation, code, _failed_uids(_identifier(msg.dataset, cx)))
-                break
-        except UlTimeout:
-            self._broken = True
-            outcome = QrTimeout(f"no {operation} response within {self._dimse_s:g} s")
-        except UlError as exc:
-            self._broken = True
-            outcome = QrAborted(f"association aborted during {operation}: {exc}")
-        except QrError as exc:
-            outcome = exc
-        if not spool.closed:
-            with contextlib.suppress(asyncio.QueueFull):
-                spool._bridge.queue.put_nowait(outcome)
+def _decode_identifier(operation: str, data: bytes, cx: AcceptedContext) -> Dataset:
+    try:
+        return decode(BytesIO(data), cx.transfer_syntax == str(ImplicitVRLittleEndian), True)
+    except Exception as exc:
+        raise QrError(f"{operation} answer with an undecodable identifier: {type(exc).__name__}",
+                      kind="error", retryable=False) from None
 
 
 def _identifier(data: bytes | None, cx: AcceptedContext) -> Dataset | None:
@@ -1180,50 +1034,9 @@ def _identifier(data: bytes | None, cx: AcceptedContext) -> Dataset | None:
     if not data:
         return None
     try:
-        return decode(BytesIO(data), cx.transfer_syntax == str(ImplicitVRLittleEndian), True)
-    except Exception:
+        return _decode_identifier("response", data, cx)
+    except QrError:
         return None
-
-
-def _wake_pump(assoc: Association) -> None:
-    """Unblock a pump waiting in ``dimse.get_msg`` after an abort, which pynetdicom does not do: the
-    pump would otherwise sit until the DIMSE timeout. ``(None, None)`` is exactly what get_msg returns
-    on timeout or abort, so the pump ends through its ordinary no-response path. Private pynetdicom
-    API (3.0.x, pinned like nodelay.py); without ``msg_queue`` the pump just waits for the timeout."""
-    queue = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
-    if queue is not None:
-        queue.put((None, None))
-
-
-def _abort_when_done(fut: Future[Association]) -> None:
-    try:
-        assoc = fut.result()
-    except Exception:
-        return
-    if assoc.is_established:
-        assoc.abort()
-
-
-async def _join(fut: Future[None], timeout_s: float) -> None:
-    """Wait for a pump to finish (it does once the association ends), but never forever."""
-    try:
-        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), timeout_s)
-    except TimeoutError:
-        log.warning("qr_pump_still_running")
-    except Exception as exc:
-        log.warning("qr_pump_failed", error=type(exc).__name__)
-
-
-def _as_qr_error(operation: str, exc: Exception) -> QrError:
-    if isinstance(exc, QrError):
-        return exc
-    if isinstance(exc, ValueError | RuntimeError):  # no accepted context, unencodable identifier
-        return QrError(f"{operation} could not be sent: {exc}")
-    return QrError(f"{operation} failed: {type(exc).__name__}")
-
-
-def _error_comment(status: Dataset) -> str:
-    return str(status.get("ErrorComment", "") or "")
 
 
 def _failed_uids(identifier: Dataset | None) -> str:

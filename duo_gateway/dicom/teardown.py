@@ -4,10 +4,9 @@ pynetdicom ends an association in ``Association.kill``, which polls for its DUL 
 ``time.sleep(0.01)``: the DUL reaches its idle state within about a millisecond of the A-RELEASE-RP,
 yet the caller waits a full 10 ms poll. ``Association.abort`` (the blocking form, outside event
 handlers) then adds a flat ``time.sleep(0.1)`` after kill has already waited for the DUL thread to
-end and the socket is shut down. Both sit on DUO's critical path: every C-FIND, C-GET, C-MOVE,
-C-ECHO and C-STORE association ends in a release (``qr.py`` awaits it before the next operation
-gets its slot), and a cancelled or timed-out operation ends in an abort. Counted over the DICOM,
-source, timeline, XCA and transfer tests: 939 releases took 8.7 s, 29 aborts 3.1 s.
+end and the socket is shut down. DUO itself no longer runs pynetdicom associations (its Q/R SCU, C-STORE
+SCU, C-ECHO and storage SCP are on :mod:`duo_gateway.dicom.ul`); the simulated PACS (``sim/pacs.py``)
+does, and in the tests and the demo every query reaches it, so those waits still add up there.
 
 This module replaces the two methods with copies that differ only in those waits (kill polls every
 millisecond, as pynetdicom's own ``stop_dul`` does; abort does not sleep after kill). Because the

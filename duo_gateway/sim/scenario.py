@@ -23,7 +23,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from duo_gateway.bsn import bsn_cx
-from duo_gateway.dicom.find import c_find
+from duo_gateway.dicom.qr import QrClient
 from duo_gateway.mitz.xacml import ClosedQuestion
 from duo_gateway.mitz.xcpd import OpenQuestion
 from duo_gateway.sim.network import (
@@ -147,8 +147,7 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
                     query.PatientID = patient.bsn
                     query.StudyInstanceUID = ""
                     query.ModalitiesInStudy = ""
-                    found = await asyncio.to_thread(c_find, "DUO_DEMO", "127.0.0.1", port, hospital.ae_title,
-                                                    query, 10.0)
+                    found = await QrClient("DUO_DEMO", "127.0.0.1", port, hospital.ae_title).find_all(query)
                     counts.append(len(found))
                 expected = [hospital.studies_per_patient] * len(net.patients)
                 return counts == expected, f"C-FIND studies per patient {counts} (expected {expected})"

@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 
 from duo_gateway.daemon import Gateway, free_port
 from duo_gateway.dicom.echo import c_echo
-from duo_gateway.dicom.find import FindError, c_find
+from duo_gateway.dicom.qr import AssociationRejected, QrClient
 from duo_gateway.sim.config import default_network
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
 from tests.support.gateway import make_config
@@ -32,22 +32,22 @@ def loaded_orthanc(tmp_path: Path) -> Iterator[Loaded]:
         yield orthanc, studies
 
 
-def test_c_find_and_c_echo_against_orthanc(loaded_orthanc: Loaded) -> None:
+async def test_c_find_and_c_echo_against_orthanc(loaded_orthanc: Loaded) -> None:
     orthanc, studies = loaded_orthanc
-    assert c_echo("DUO_GATEWAY", orthanc.host, orthanc.dicom_port, orthanc.ae_title, 5).ok
+    assert (await c_echo("DUO_GATEWAY", orthanc.host, orthanc.dicom_port, orthanc.ae_title, 5)).ok
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.PatientID = NET.patients[0].bsn
     query.StudyInstanceUID = ""
     query.NumberOfStudyRelatedInstances = ""
-    found = c_find("DUO_GATEWAY", orthanc.host, orthanc.dicom_port, orthanc.ae_title, query, 10)
+    found = await QrClient("DUO_GATEWAY", orthanc.host, orthanc.dicom_port, orthanc.ae_title).find_all(query)
     assert sorted(str(d.StudyInstanceUID) for d in found) == sorted(s.study_instance_uid for s in studies)
     counts = {str(d.StudyInstanceUID): int(d.NumberOfStudyRelatedInstances) for d in found}
     assert counts == {s.study_instance_uid: len(s.instances) for s in studies}
     # a wrong called AE title is refused by Orthanc (DicomCheckCalledAet): reported, not raised raw
-    assert not c_echo("DUO_GATEWAY", orthanc.host, orthanc.dicom_port, "NOT_ORTHANC", 5).ok
-    with pytest.raises(FindError):
-        c_find("DUO_GATEWAY", orthanc.host, orthanc.dicom_port, "NOT_ORTHANC", query, 5)
+    assert not (await c_echo("DUO_GATEWAY", orthanc.host, orthanc.dicom_port, "NOT_ORTHANC", 5)).ok
+    with pytest.raises(AssociationRejected):
+        await QrClient("DUO_GATEWAY", orthanc.host, orthanc.dicom_port, "NOT_ORTHANC").find_all(query)
 
 
 async def test_readiness_probes_orthanc_as_a_tlb_hospital(loaded_orthanc: Loaded, tmp_path: Path) -> None:

@@ -259,9 +259,9 @@ async def test_dicom_listener_requires_a_client_certificate_under_mtls(tmp_path:
         no_cert = client_context(ClientTls(ca_file=pki.ca_cert))
         rogue = client_context(ClientTls(ca_file=pki.ca_cert, cert_file=pki.rogue_client.cert,
                                          key_file=pki.rogue_client.key))
-        assert (await asyncio.to_thread(c_echo, "PROBE", "127.0.0.1", port, ae, 5, good)).ok
+        assert (await c_echo("PROBE", "127.0.0.1", port, ae, 5, good)).ok
         for ctx in (no_cert, rogue, None):
-            assert not (await asyncio.to_thread(c_echo, "PROBE", "127.0.0.1", port, ae, 5, ctx)).ok
+            assert not (await c_echo("PROBE", "127.0.0.1", port, ae, 5, ctx)).ok
     finally:
         await gw.stop()
 

@@ -373,7 +373,7 @@ GATE_MODES = ["permit", "deny", "notapplicable", "indeterminate", *FAILURES, "in
 @pytest.mark.parametrize("mode", GATE_MODES)
 async def test_the_gate_discloses_only_on_permit(mitz: MitzServer, mode: str, tmp_path: Path) -> None:
     """A caller whose data source is a real simulated PACS query: it runs only on a Permit."""
-    from duo_gateway.dicom.find import c_find
+    from duo_gateway.dicom.qr import QrClient
     from duo_gateway.sim.pacs import SimPacs
     from duo_gateway.sim.studies import generate_studies
 
@@ -395,7 +395,7 @@ async def test_the_gate_discloses_only_on_permit(mitz: MitzServer, mode: str, tm
 
         q = Dataset()
         q.QueryRetrieveLevel, q.PatientID, q.StudyInstanceUID = "STUDY", bsn, ""
-        found = await asyncio.to_thread(c_find, "DUO", "127.0.0.1", pacs.port, hospital.ae_title, q, 10)
+        found = await QrClient("DUO", "127.0.0.1", pacs.port, hospital.ae_title).find_all(q)
         return [str(d.StudyInstanceUID) for d in found]
 
     def form() -> ClosedQuestion:

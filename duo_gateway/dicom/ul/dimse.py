@@ -180,6 +180,11 @@ def c_get_rq(message_id: int, sop_class_uid: str, priority: int = PRIORITY_MEDIU
                    data_set_type=HAS_DATASET)
 
 
+def c_find_rq(message_id: int, sop_class_uid: str, priority: int = PRIORITY_MEDIUM) -> Command:
+    return Command(C_FIND_RQ, message_id=message_id, affected_sop_class_uid=sop_class_uid, priority=priority,
+                   data_set_type=HAS_DATASET)
+
+
 def c_move_rq(message_id: int, sop_class_uid: str, destination: str,
               priority: int = PRIORITY_MEDIUM) -> Command:
     return Command(C_MOVE_RQ, message_id=message_id, affected_sop_class_uid=sop_class_uid, priority=priority,
@@ -193,6 +198,6 @@ def c_cancel_rq(message_id: int) -> Command:
 __all__ = [
     "C_CANCEL_RQ", "C_ECHO_RQ", "C_ECHO_RSP", "C_FIND_RQ", "C_FIND_RSP", "C_GET_RQ", "C_GET_RSP", "C_MOVE_RQ",
     "C_MOVE_RSP", "C_STORE_RQ", "C_STORE_RSP", "HAS_DATASET", "NO_DATASET", "Command", "DimseError",
-    "c_cancel_rq", "c_echo_rq", "c_echo_rsp", "c_get_rq", "c_move_rq", "c_store_rq", "c_store_rsp",
-    "decode_command", "encode_command",
+    "c_cancel_rq", "c_echo_rq", "c_echo_rsp", "c_find_rq", "c_get_rq", "c_move_rq", "c_store_rq",
+    "c_store_rsp", "decode_command", "encode_command",
 ]
