@@ -46,6 +46,8 @@ from typing import Any, BinaryIO, ClassVar, Literal
 import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import (
     ALL_TRANSFER_SYNTAXES,
@@ -290,11 +292,14 @@ class Spool:
         return self._bridge.closed.is_set()
 
     def _admit(self, tmp: Path, sop_class: str, sop_uid: str, context_syntax: str,
-               put: Callable[[SpooledInstance], bool]) -> tuple[int, Path | None]:
+               put: Callable[[SpooledInstance], bool], head: bytes | bytearray | None = None, *,
+               whole: bool = False) -> tuple[int, Path | None]:
         """A completely written ``.part-`` file: check it is what was announced, validate, rename into
         place, queue. Returns the C-STORE status and the temporary path if it is still there (the
-        caller deletes it)."""
-        header = dcmread(tmp, stop_before_pixels=True)
+        caller deletes it). ``head`` is the file's first bytes as written (``whole``: all of it)."""
+        header = _header_from(head, whole) if head is not None else None
+        if header is None:
+            header = dcmread(tmp, stop_before_pixels=True)
         if str(header.get("SOPInstanceUID", "")) != sop_uid:
             log.warning("qr_store_uid_mismatch", sop_instance_uid=sop_uid)
             self.refused += 1
@@ -446,6 +451,38 @@ class Spool:
             path.unlink(missing_ok=True)
 
 
+#: The first bytes of each received file a sink keeps in memory to read the header from: a CT or MR
+#: header (Part 10 meta included) is 2-10 kB, so this covers all but headers with large private or
+#: embedded data, which are read back from the file instead.
+_HEAD_BYTES = 64 * 1024
+
+
+#: Float, Double Float and (plain) Pixel Data: where ``stop_before_pixels`` stops too.
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+
+
+def _header_from(head: bytes | bytearray, whole: bool) -> Dataset | None:
+    """The header of a received file from its first bytes, or None when they do not hold all of it.
+
+    Why: reading it back from the spool file cost an open and a second parse path per instance on the
+    event loop. Trusted only when the parse provably reached the pixel data or ``head`` is the ``whole``
+    file; a header cut at the buffer's end would lack elements, so that case reads the file.
+    """
+    reached: list[bool] = []
+
+    def stop(tag: BaseTag, vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_TAGS:
+            reached.append(True)
+            return True
+        return False
+
+    try:
+        header = read_partial(BytesIO(head), stop_when=stop)
+    except Exception:
+        return None
+    return header if reached or whole else None
+
+
 def _open_part(directory: Path) -> tuple[BinaryIO, Path]:
     """A new ``.part-`` file, opened on the loop on purpose: a local create is cheaper than a hop."""
     fd, name = tempfile.mkstemp(dir=directory, prefix=".part-", suffix=".dcm")
@@ -470,6 +507,8 @@ class SpoolSink:
         self._ts = transfer_syntax
         self._error: OSError | None = None
         self._done = False
+        #: The file's first bytes (see :data:`_HEAD_BYTES`), to read the header from without the file.
+        self._head = bytearray()
         #: Bytes written so far, counted against the spool's byte window as they land.
         self._written = 0
 
@@ -480,6 +519,8 @@ class SpoolSink:
             except OSError as exc:
                 self._error = exc
             else:
+                if len(self._head) < _HEAD_BYTES:
+                    self._head += data[:_HEAD_BYTES - len(self._head)]
                 self._written += len(data)
                 self._spool._hold(len(data))
 
@@ -503,7 +544,8 @@ class SpoolSink:
             assert self._tmp is not None
             try:
                 status, self._tmp = spool._admit(self._tmp, self._sop_class, self._sop_uid, self._ts,
-                                                 spool._put_on_loop)
+                                                 spool._put_on_loop, self._head,
+                                                 whole=self._written <= len(self._head))
             except OSError as exc:
                 log.error("qr_store_spool_failed", sop_instance_uid=self._sop_uid, error=type(exc).__name__)
                 return OUT_OF_RESOURCES

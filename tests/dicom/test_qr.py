@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -22,9 +24,10 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
 )
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 from duo_gateway.dicom.qr import (
+    _HEAD_BYTES,
     MAX_CONTEXTS,
     AssociationFailed,
     AssociationRejected,
@@ -34,6 +37,7 @@ from duo_gateway.dicom.qr import (
     QrStatusError,
     QrTimeout,
     SpooledInstance,
+    _header_from,
     receiving_syntaxes,
     storage_contexts,
 )
@@ -207,15 +211,32 @@ async def test_get_spools_identical_files(pacs: SimPacs, sim: Sim, tmp_path: Pat
     assert not list((tmp_path / "spool").glob(".part-*"))
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-async def test_get_in_both_receive_modes(pacs: SimPacs, sim: Sim, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch, chunked: bool) -> None:
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", chunked)
-    study = sim.anna[1]
-    qr = client(pacs.port)
-    items = [i async for i in qr.get(retrieve_query(study.study_instance_uid), qr.spool(tmp_path, 2),
-                                     sop_classes(study))]
-    assert_identical(items, study)
+def _part10(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_the_header_is_read_from_the_first_bytes_only_when_they_hold_all_of_it(sim: Sim) -> None:
+    """A received file's header comes from the bytes the sink kept; a header longer than those (a large
+    private element before the pixels) is read from the file, never taken half."""
+    instance = sim.big.instances[0]
+    whole = _part10(instance)
+    header = _header_from(whole[:_HEAD_BYTES], whole=False)
+    assert header is not None and header.SOPInstanceUID == instance.SOPInstanceUID
+    assert "PixelData" not in header
+    padded = copy.deepcopy(instance)  # the fixture is shared: never change it
+    padded.add_new(0x00111010, "OB", b"\0" * (2 * _HEAD_BYTES))  # a private blob before the pixels
+    padded.add_new(0x00110010, "LO", "DUO TEST")
+    data = _part10(padded)
+    assert _header_from(data[:_HEAD_BYTES], whole=False) is None
+    report = Dataset()  # no pixel data at all: the whole file is the header
+    report.SOPInstanceUID, report.SOPClassUID = "1.2.3.4", "1.2.840.10008.5.1.4.1.1.88.11"
+    report.file_meta = copy.deepcopy(instance.file_meta)
+    report.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    small = _part10(report)
+    assert _header_from(small, whole=False) is None, "without the pixels, only the whole file is trusted"
+    assert _header_from(small, whole=True) is not None
 
 
 async def test_validator_refusals_never_reach_the_consumer(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
