@@ -46,8 +46,7 @@ from typing import Any, BinaryIO, ClassVar, Literal
 import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_partial
-from pydicom.tag import BaseTag
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import (
     ALL_TRANSFER_SYNTAXES,
@@ -66,6 +65,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from duo_gateway.dicom.header import IDENTIFYING_TAGS, cut_elements, is_implicit, walkable
 from duo_gateway.dicom.status import (
     NOT_AUTHORISED,
     OUT_OF_RESOURCES,
@@ -183,7 +183,8 @@ class SpooledInstance:
     sop_instance_uid: str
     transfer_syntax_uid: str
     size: int
-    #: The file's header (no pixel data), read once on receipt for validation.
+    #: The file's identifying elements (``header.IDENTIFYING_KEYWORDS``), read once on receipt for
+    #: validation: a validator sees these and nothing else.
     header: Dataset
 
 
@@ -293,13 +294,14 @@ class Spool:
 
     def _admit(self, tmp: Path, sop_class: str, sop_uid: str, context_syntax: str,
                put: Callable[[SpooledInstance], bool], head: bytes | bytearray | None = None, *,
-               whole: bool = False) -> tuple[int, Path | None]:
+               meta_length: int = 0, whole: bool = False) -> tuple[int, Path | None]:
         """A completely written ``.part-`` file: check it is what was announced, validate, rename into
         place, queue. Returns the C-STORE status and the temporary path if it is still there (the
-        caller deletes it). ``head`` is the file's first bytes as written (``whole``: all of it)."""
-        header = _header_from(head, whole) if head is not None else None
+        caller deletes it). ``head`` is the file's first bytes as written (``whole``: all of it), of
+        which ``meta_length`` are its Part 10 meta."""
+        header = _header_from(head, meta_length, context_syntax, whole) if head is not None else None
         if header is None:
-            header = dcmread(tmp, stop_before_pixels=True)
+            header = dcmread(tmp, stop_before_pixels=True, specific_tags=list(IDENTIFYING_TAGS))
         if str(header.get("SOPInstanceUID", "")) != sop_uid:
             log.warning("qr_store_uid_mismatch", sop_instance_uid=sop_uid)
             self.refused += 1
@@ -362,8 +364,9 @@ class Spool:
                 self._permits.release()
                 log.error("qr_store_spool_failed", sop_instance_uid=sop_uid, error=type(exc).__name__)
                 return OUT_OF_RESOURCES
-            sink = SpoolSink(self, fh, tmp, sop_class, sop_uid, transfer_syntax)
-            sink.write(memoryview(file_meta(sop_class, sop_uid, transfer_syntax, source_ae)))
+            meta = file_meta(sop_class, sop_uid, transfer_syntax, source_ae)
+            sink = SpoolSink(self, fh, tmp, sop_class, sop_uid, transfer_syntax, len(meta))
+            sink.write(memoryview(meta))
             handed = True
             return sink
         finally:
@@ -457,30 +460,28 @@ class Spool:
 _HEAD_BYTES = 64 * 1024
 
 
-#: Float, Double Float and (plain) Pixel Data: where ``stop_before_pixels`` stops too.
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+def _header_from(head: bytes | bytearray, meta_length: int, transfer_syntax: str,
+                 whole: bool) -> Dataset | None:
+    """The identifying elements of a received file from its first bytes (Part 10 meta of
+    ``meta_length`` bytes, then the dataset), or None when they do not provably hold all of them.
 
-
-def _header_from(head: bytes | bytearray, whole: bool) -> Dataset | None:
-    """The header of a received file from its first bytes, or None when they do not hold all of it.
-
-    Why: reading it back from the spool file cost an open and a second parse path per instance on the
-    event loop. Trusted only when the parse provably reached the pixel data or ``head`` is the ``whole``
-    file; a header cut at the buffer's end would lack elements, so that case reads the file.
+    Why: reading the header back from the spool file and parsing all of it with pydicom was the
+    largest per-instance cost on the event loop (:mod:`duo_gateway.dicom.header`). ``whole``: the
+    bytes are the entire file. The header holds the elements of ``IDENTIFYING_KEYWORDS`` only.
     """
-    reached: list[bool] = []
-
-    def stop(tag: BaseTag, vr: str | None, length: int) -> bool:
-        if tag in _PIXEL_TAGS:
-            reached.append(True)
-            return True
-        return False
-
+    if not walkable(transfer_syntax):
+        return None
+    implicit = is_implicit(transfer_syntax)
+    cut = cut_elements(memoryview(head)[meta_length:], implicit=implicit, whole=whole)
+    if cut is None:
+        return None
     try:
-        header = read_partial(BytesIO(head), stop_when=stop)
+        header = read_dataset(BytesIO(cut), implicit, True)
+        header.ensure_file_meta()
+        header.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     except Exception:
         return None
-    return header if reached or whole else None
+    return header
 
 
 def _open_part(directory: Path) -> tuple[BinaryIO, Path]:
@@ -498,7 +499,7 @@ class SpoolSink:
     """
 
     def __init__(self, spool: Spool, fh: BinaryIO, tmp: Path, sop_class: str, sop_uid: str,
-                 transfer_syntax: str) -> None:
+                 transfer_syntax: str, meta_length: int = 0) -> None:
         self._spool = spool
         self._fh = fh
         self._tmp: Path | None = tmp
@@ -507,8 +508,10 @@ class SpoolSink:
         self._ts = transfer_syntax
         self._error: OSError | None = None
         self._done = False
-        #: The file's first bytes (see :data:`_HEAD_BYTES`), to read the header from without the file.
+        #: The file's first bytes (see :data:`_HEAD_BYTES`), to read the header from without the file;
+        #: the first ``_meta_length`` of them are the Part 10 meta the spool wrote.
         self._head = bytearray()
+        self._meta_length = meta_length
         #: Bytes written so far, counted against the spool's byte window as they land.
         self._written = 0
 
@@ -545,6 +548,7 @@ class SpoolSink:
             try:
                 status, self._tmp = spool._admit(self._tmp, self._sop_class, self._sop_uid, self._ts,
                                                  spool._put_on_loop, self._head,
+                                                 meta_length=self._meta_length,
                                                  whole=self._written <= len(self._head))
             except OSError as exc:
                 log.error("qr_store_spool_failed", sop_instance_uid=self._sop_uid, error=type(exc).__name__)
