@@ -19,8 +19,11 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pynetdicom.dimse_messages import C_FIND_RQ as PynetC_FIND_RQ
+from pynetdicom.dimse_messages import C_GET_RQ as PynetC_GET_RQ
+from pynetdicom.dimse_messages import C_MOVE_RQ as PynetC_MOVE_RQ
 from pynetdicom.dimse_messages import C_STORE_RQ as PynetC_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import A_ASSOCIATE_RQ as PynetAssociateRQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification, SCP_SCU_RoleSelectionNegotiation
@@ -43,7 +46,9 @@ from duo_gateway.dicom.ul.dimse import (
     Command,
     DimseError,
     c_echo_rq,
+    c_find_rq,
     c_get_rq,
+    c_move_rq,
     c_store_rq,
     decode_command,
     encode_command,
@@ -232,6 +237,25 @@ def test_command_set_encodes_as_pynetdicom_would() -> None:
     cmd = Command(0x8010, message_id_responded_to=3, affected_sop_class_uid="1.2", status=0xFF00, remaining=4,
                   completed=5, failed=6, warning=7, error_comment="odd", other={0x0901: b"\x10\x00\x20\x00"})
     assert decode_command(encode_command(cmd)) == cmd
+
+
+def test_query_retrieve_requests_encode_as_pynetdicom_would() -> None:
+    """C-FIND, C-GET and C-MOVE requests, as the Q/R SCU sends them (dicom/qr.py)."""
+    find_model, get_model, move_model = ("1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.1.2.2.3",
+                                         "1.2.840.10008.5.1.4.1.2.2.2")
+    for ours, primitive, message in (
+            (c_find_rq(7, find_model), C_FIND(), PynetC_FIND_RQ()),
+            (c_get_rq(8, get_model), C_GET(), PynetC_GET_RQ()),
+            (c_move_rq(9, move_model, "DUO_SCP"), C_MOVE(), PynetC_MOVE_RQ())):
+        primitive.MessageID = ours.message_id
+        primitive.Priority = 0
+        primitive.AffectedSOPClassUID = ours.affected_sop_class_uid
+        if ours.move_destination is not None:
+            primitive.MoveDestination = ours.move_destination
+        message.primitive_to_message(primitive)
+        message.command_set.CommandDataSetType = 0x0001
+        message._set_command_group_length()
+        assert encode_command(ours) == encode(message.command_set, True, True), type(message).__name__
 
 
 @pytest.mark.parametrize("bad", [
