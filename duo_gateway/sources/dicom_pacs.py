@@ -401,9 +401,10 @@ class DicomPacsSource:
     def _complete(self, what: str, counted: int | None, listed: int, study_uid: str,
                   series_uid: str | None = None) -> None:
         """A manifest must be the whole study: fewer answers than the PACS's own count of them (a
-        dropped C-FIND response: pynetdicom's reactor once took one off the queue before the find
-        read it; or a PACS that stops early) would make a transfer of the rest "complete and verified". Refused as transient, so
-        the runner walks the study again; a PACS that lists more than it counts is not refused."""
+        dropped C-FIND response, as pynetdicom's reactor once took one off the queue before the find
+        read it, or a PACS that stops early) would make a transfer of the rest "complete and
+        verified". Refused as transient, so the runner walks the study again; a PACS that lists more
+        than it counts is not refused."""
         if counted is not None and listed < counted:
             log.warning("pacs_find_incomplete", source=self.name, study_instance_uid=study_uid,
                         series_instance_uid=series_uid, level=what, counted=counted, listed=listed)
