@@ -22,6 +22,8 @@ from typing import Final
 from pydicom.datadict import tag_for_keyword
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
+from duo_gateway.dicom.reconcile import PIXEL_TAGS
+
 #: What a validator may look at: identity, study and patient keys (bsn.py reads the last four).
 IDENTIFYING_KEYWORDS: Final = (
     "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "PatientID", "IssuerOfPatientID",
@@ -37,7 +39,6 @@ def _tag(keyword: str) -> int:
 
 
 IDENTIFYING_TAGS: Final = frozenset(_tag(k) for k in IDENTIFYING_KEYWORDS)
-_PIXEL_TAGS: Final = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS: Final = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
                               b"UT", b"UV"})
@@ -83,7 +84,7 @@ def cut_elements(data: bytes | bytearray | memoryview, *, implicit: bool,
             if tag <= previous:
                 return None  # top-level tags ascend (PS3.5 7.1): this is not a walk of element headers
             previous = tag
-            if tag in _PIXEL_TAGS:
+            if tag in PIXEL_TAGS:
                 return bytes(out)
             if length == _UNDEFINED:
                 pos = _skip_undefined(view, pos, end, implicit)
