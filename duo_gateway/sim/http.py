@@ -8,7 +8,8 @@ simulator, which reads :func:`current_behaviour`.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -31,6 +32,19 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def current_behaviour(app: web.Application) -> Misbehaviour:
     return app[BEHAVIOUR_KEY].value
+
+
+@contextmanager
+def misbehaving(app: web.Application, behaviour: Misbehaviour) -> Iterator[None]:
+    """A running simulator behaves as ``behaviour`` for the block and is switched back after it, also
+    when the block fails: the in-process form of ``PUT /admin/behaviour`` for tests and benches."""
+    switch = app[BEHAVIOUR_KEY]
+    before = switch.value
+    switch.value = behaviour
+    try:
+        yield
+    finally:
+        switch.value = before
 
 
 def install_behaviour(app: web.Application, behaviour: Misbehaviour) -> None:

@@ -43,7 +43,7 @@ from duo_gateway.sim.config import (
     SimInstitution,
     default_network,
 )
-from duo_gateway.sim.http import BEHAVIOUR_KEY, Handler, install_behaviour
+from duo_gateway.sim.http import Handler, install_behaviour, misbehaving
 from duo_gateway.sim.mitz import MitzSimulator
 from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.pki import Pki, make_pki
@@ -209,13 +209,8 @@ class TimelineNetwork:
     @contextmanager
     def misbehaving(self, peer: Peer, behaviour: Misbehaviour) -> Iterator[None]:
         """Switch an HTTP simulator's behaviour for the block; always switched back, even on failure."""
-        switch = peer.app[BEHAVIOUR_KEY]
-        before = switch.value
-        switch.value = behaviour
-        try:
+        with misbehaving(peer.app, behaviour):
             yield
-        finally:
-            switch.value = before
 
     def duo_config(self, storage: str, **timeline: Any) -> DuoConfig:
         """A DUO config for this network: same peers, own storage, ``timeline`` settings overridden."""

@@ -31,7 +31,7 @@ from duo_gateway.config.loader import parse_config
 from duo_gateway.daemon import Gateway
 from duo_gateway.sim.behaviour import XcaMisbehaviour
 from duo_gateway.sim.config import SimCommunity, SimHospital, SimInstitution, SimNetworkConfig, SimPatient
-from duo_gateway.sim.http import BEHAVIOUR_KEY
+from duo_gateway.sim.http import misbehaving
 from duo_gateway.sim.mitz import MitzSimulator
 from duo_gateway.sim.pki import Pki, make_pki
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies
@@ -138,13 +138,8 @@ class SimulatedCommunity:
 
     @contextmanager
     def misbehaving(self, behaviour: XcaMisbehaviour) -> Iterator[None]:
-        switch = self.peer.app[BEHAVIOUR_KEY]
-        before = switch.value
-        switch.value = behaviour
-        try:
+        with misbehaving(self.peer.app, behaviour):
             yield
-        finally:
-            switch.value = before
 
 
 @dataclass

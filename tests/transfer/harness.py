@@ -28,7 +28,7 @@ from duo_gateway.daemon import Gateway
 from duo_gateway.dicom.kos import parse_kos
 from duo_gateway.sim.behaviour import Misbehaviour
 from duo_gateway.sim.config import SimHospital, default_network
-from duo_gateway.sim.http import BEHAVIOUR_KEY
+from duo_gateway.sim.http import misbehaving
 from duo_gateway.sim.mitz import MitzSimulator
 from duo_gateway.sim.pki import Pki, make_pki
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies
@@ -110,13 +110,8 @@ class TransferNetwork:
 
     @contextmanager
     def misbehaving(self, behaviour: Misbehaviour) -> Iterator[None]:
-        switch = self.community.app[BEHAVIOUR_KEY]
-        before = switch.value
-        switch.value = behaviour
-        try:
+        with misbehaving(self.community.app, behaviour):
             yield
-        finally:
-            switch.value = before
 
 
 def kos_instances(sim: XcaCommunitySimulator, study_uid: str) -> set[str]:

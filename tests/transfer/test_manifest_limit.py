@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from duo_gateway.sim.behaviour import XcaMisbehaviour
 from duo_gateway.sim.config import SimCommunity, SimInstitution, default_network
-from duo_gateway.sim.http import BEHAVIOUR_KEY
+from duo_gateway.sim.http import misbehaving
 from tests.conformance.ig_network import DESTINATION, REQUESTER, IgNetwork, running
 from tests.support.storescp import StoreScp, run_storescp
 
@@ -87,41 +87,38 @@ async def test_a_64_mib_manifest_is_refused_at_the_limit_while_healthz_stays_fas
     grown = await community.sim.grown_manifest(doc.entry.unique_id, MANIFEST_BYTES)
     assert grown is not None and MANIFEST_BYTES <= len(grown) < 64 * 1024 * 1024
     gateway = network.gateways["duo"]
-    switch = community.peer.app[BEHAVIOUR_KEY]
-    before = switch.value
-    switch.value = XcaMisbehaviour(oversized_manifest_bytes=MANIFEST_BYTES)
     worst: list[float] = []
-    # This process also holds what the rest of the suite left behind (hundreds of thousands of objects
-    # by the end of a full run): a full collection walking them paused it for 100-500 ms, a pause
-    # DUO's own process does not have. Frozen, they are left out of the collections the test triggers.
-    gc.collect()
-    gc.freeze()
-    try:
-        for _ in range(ATTEMPTS):
-            mark = len(community.log)
-            stop = asyncio.Event()
-            poller = asyncio.create_task(_poll_healthz(gateway.http_url, stop))
-            try:
-                status = await _transfer(network, study_id, timeout_s=30.0)
-            finally:
-                stop.set()
-                latencies = await poller
-            worst.append(max(latencies))
-            if status is None:
-                break  # a transfer stuck on the manifest: no point in another
-            assert status["state"] == "failed", status
-            (result,) = status["studies"]
-            assert result["id"] == study_id
-            detail = result["detail"]
-            assert "ITI-39 of the manifest" in detail
-            assert f"xca_communities.iti39_max_manifest_bytes = {LIMIT} bytes" in detail, detail
-            # Refused, not asked again: the same request would bring the same answer.
-            assert [e.path for e in community.log[mark:]] == ["/iti39"]
-            if worst[-1] < HEALTHZ_MAX_S:
-                break
-    finally:
-        switch.value = before
-        gc.unfreeze()
+    with misbehaving(community.peer.app, XcaMisbehaviour(oversized_manifest_bytes=MANIFEST_BYTES)):
+        # This process also holds what the rest of the suite left behind (hundreds of thousands of objects
+        # by the end of a full run): a full collection walking them paused it for 100-500 ms, a pause
+        # DUO's own process does not have. Frozen, they are left out of the collections the test triggers.
+        gc.collect()
+        gc.freeze()
+        try:
+            for _ in range(ATTEMPTS):
+                mark = len(community.log)
+                stop = asyncio.Event()
+                poller = asyncio.create_task(_poll_healthz(gateway.http_url, stop))
+                try:
+                    status = await _transfer(network, study_id, timeout_s=30.0)
+                finally:
+                    stop.set()
+                    latencies = await poller
+                worst.append(max(latencies))
+                if status is None:
+                    break  # a transfer stuck on the manifest: no point in another
+                assert status["state"] == "failed", status
+                (result,) = status["studies"]
+                assert result["id"] == study_id
+                detail = result["detail"]
+                assert "ITI-39 of the manifest" in detail
+                assert f"xca_communities.iti39_max_manifest_bytes = {LIMIT} bytes" in detail, detail
+                # Refused, not asked again: the same request would bring the same answer.
+                assert [e.path for e in community.log[mark:]] == ["/iti39"]
+                if worst[-1] < HEALTHZ_MAX_S:
+                    break
+        finally:
+            gc.unfreeze()
     assert min(worst) < HEALTHZ_MAX_S, (
         "/healthz took up to " + ", ".join(f"{w * 1000:.0f}" for w in worst)
         + " ms in each transfer while the manifest was read")

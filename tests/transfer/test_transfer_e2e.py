@@ -24,7 +24,7 @@ from duo_gateway.audit.syslog import parse_message
 from duo_gateway.dicom.acceptor import start_acceptor
 from duo_gateway.dicom.qr import receiving_contexts
 from duo_gateway.sim.behaviour import Misbehaviour, MitzMisbehaviour
-from duo_gateway.sim.http import BEHAVIOUR_KEY
+from duo_gateway.sim.http import misbehaving
 from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.studies import write_study
 from duo_gateway.soap.xml import parse_xml
@@ -176,14 +176,9 @@ async def test_no_consent_fails_the_study_and_nothing_is_fetched(network: Transf
                                                                   destination: Orthanc) -> None:
     """A study id issued while consent held, used after it is gone: Mitz is asked again, and wins."""
     [(study_id, study)] = await network.study_ids(ALL.bsn, "tlb:")
-    mitz_switch = network.mitz.app[BEHAVIOUR_KEY]
-    before = mitz_switch.value
-    mitz_switch.value = MitzMisbehaviour(force_decision="Deny")
-    try:
+    with misbehaving(network.mitz.app, MitzMisbehaviour(force_decision="Deny")):
         _, accepted = await network.submit([study_id])
         final = await network.wait(accepted["id"])
-    finally:
-        mitz_switch.value = before
     assert final["state"] == "failed", final
     assert "no consent" in final["studies"][0]["detail"]
     assert await asyncio.to_thread(destination_instances, destination, study["study_instance_uid"]) == {}
