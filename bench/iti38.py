@@ -371,6 +371,43 @@ def _plain_name(parent: etree._Element, text: str) -> None:
     etree.SubElement(etree.SubElement(parent, _P_NAME), _P_LOCALIZED, value=text)
 
 
+# What both baselines write for an entry, in DUO's order: one list, two encoders of it.
+
+
+def _entry_slots(e: DocumentEntry) -> list[tuple[str, Sequence[str]]]:
+    single = (("creationTime", e.creation_time), ("hash", e.hash), ("languageCode", e.language_code),
+              ("repositoryUniqueId", e.repository_unique_id), ("serviceStartTime", e.service_start_time),
+              ("serviceStopTime", e.service_stop_time), ("size", None if e.size is None else str(e.size)),
+              ("sourcePatientId", e.source_patient_id or e.patient_id))
+    slots: list[tuple[str, Sequence[str]]] = [(name, (value,)) for name, value in single if value]
+    if e.reference_ids:
+        slots.append((REFERENCE_ID_LIST_SLOT, e.reference_ids))
+    slots.extend(e.extra_slots)
+    return slots
+
+
+def _author_slots(author: Any) -> list[tuple[str, Sequence[str]]]:
+    return [(name, values) for name, values in (
+        ("authorPerson", (author.person,) if author.person else ()),
+        ("authorInstitution", [str(x) for x in author.institutions]),
+        ("authorRole", author.roles), ("authorSpecialty", author.specialties)) if values]
+
+
+def _coded(e: DocumentEntry) -> tuple[tuple[Scheme, str, Sequence[Any]], ...]:
+    return ((Scheme.CLASS_CODE, "classCode", (e.class_code,)),
+            (Scheme.CONFIDENTIALITY_CODE, "confidentialityCode", e.confidentiality_codes),
+            (Scheme.EVENT_CODE_LIST, "eventCode", e.event_codes),
+            (Scheme.FORMAT_CODE, "formatCode", (e.format_code,)),
+            (Scheme.HEALTHCARE_FACILITY_TYPE_CODE, "facilityCode", (e.healthcare_facility_type_code,)),
+            (Scheme.PRACTICE_SETTING_CODE, "practiceCode", (e.practice_setting_code,)),
+            (Scheme.TYPE_CODE, "typeCode", (e.type_code,)))
+
+
+def _identifiers(e: DocumentEntry) -> tuple[tuple[Scheme, str, str], ...]:
+    return ((Scheme.PATIENT_ID, e.patient_id, "XDSDocumentEntry.patientId"),
+            (Scheme.UNIQUE_ID, e.unique_id, "XDSDocumentEntry.uniqueId"))
+
+
 def plain_tree_answer(entries: Sequence[DocumentEntry], message_id: str, relates_to: str) -> bytes:
     """The serialized ITI-38 Success envelope DUO sends for ``entries``, one SubElement per element."""
     sub = etree.SubElement
@@ -386,18 +423,7 @@ def plain_tree_answer(entries: Sequence[DocumentEntry], message_id: str, relates
         uid = e.entry_uuid
         eo = sub(rol, _P_EO, {"id": uid, "lid": uid, "home": e.home or "", "objectType": e.object_type,
                               "status": e.status, "mimeType": e.mime_type, "isOpaque": "false"})
-        for name, value in (("creationTime", e.creation_time), ("hash", e.hash),
-                            ("languageCode", e.language_code),
-                            ("repositoryUniqueId", e.repository_unique_id),
-                            ("serviceStartTime", e.service_start_time),
-                            ("serviceStopTime", e.service_stop_time),
-                            ("size", None if e.size is None else str(e.size)),
-                            ("sourcePatientId", e.source_patient_id or e.patient_id)):
-            if value:
-                _plain_slot(eo, name, (value,))
-        if e.reference_ids:
-            _plain_slot(eo, REFERENCE_ID_LIST_SLOT, e.reference_ids)
-        for name, values in e.extra_slots:
+        for name, values in _entry_slots(e):
             _plain_slot(eo, name, values)
         if e.title:
             _plain_name(eo, e.title)
@@ -406,22 +432,9 @@ def plain_tree_answer(entries: Sequence[DocumentEntry], message_id: str, relates
             cl = sub(eo, _P_CLASSIFICATION, {
                 "id": name_uuid(uid, "author", str(i)), "objectType": OBJECT_TYPE_CLASSIFICATION,
                 "classificationScheme": Scheme.AUTHOR, "classifiedObject": uid, "nodeRepresentation": ""})
-            if author.person:
-                _plain_slot(cl, "authorPerson", (author.person,))
-            if author.institutions:
-                _plain_slot(cl, "authorInstitution", [str(x) for x in author.institutions])
-            if author.roles:
-                _plain_slot(cl, "authorRole", author.roles)
-            if author.specialties:
-                _plain_slot(cl, "authorSpecialty", author.specialties)
-        for scheme, role, codes in (
-                (Scheme.CLASS_CODE, "classCode", (e.class_code,)),
-                (Scheme.CONFIDENTIALITY_CODE, "confidentialityCode", e.confidentiality_codes),
-                (Scheme.EVENT_CODE_LIST, "eventCode", e.event_codes),
-                (Scheme.FORMAT_CODE, "formatCode", (e.format_code,)),
-                (Scheme.HEALTHCARE_FACILITY_TYPE_CODE, "facilityCode", (e.healthcare_facility_type_code,)),
-                (Scheme.PRACTICE_SETTING_CODE, "practiceCode", (e.practice_setting_code,)),
-                (Scheme.TYPE_CODE, "typeCode", (e.type_code,))):
+            for name, values in _author_slots(author):
+                _plain_slot(cl, name, values)
+        for scheme, role, codes in _coded(e):
             for i, code in enumerate(codes):
                 if code is None:
                     continue
@@ -431,8 +444,7 @@ def plain_tree_answer(entries: Sequence[DocumentEntry], message_id: str, relates
                     "nodeRepresentation": code.code})
                 _plain_slot(cl, "codingScheme", (code.scheme,))
                 _plain_name(cl, code.display or code.code)
-        for scheme, value, name in ((Scheme.PATIENT_ID, e.patient_id, "XDSDocumentEntry.patientId"),
-                                    (Scheme.UNIQUE_ID, e.unique_id, "XDSDocumentEntry.uniqueId")):
+        for scheme, value, name in _identifiers(e):
             ei = sub(eo, _P_EXTERNAL, {
                 "id": name_uuid(uid, name, "0"), "objectType": OBJECT_TYPE_EXTERNAL_IDENTIFIER,
                 "registryObject": uid, "identificationScheme": scheme, "value": value})
@@ -466,18 +478,7 @@ def plain_template_answer(entries: Sequence[DocumentEntry], message_id: str, rel
         out.append(f'<rim:ExtrinsicObject id="{uid}" lid="{uid}" home="{a(e.home or "")}" '
                    f'objectType="{a(e.object_type)}" status="{a(e.status)}" mimeType="{a(e.mime_type)}" '
                    'isOpaque="false">')
-        for name, value in (("creationTime", e.creation_time), ("hash", e.hash),
-                            ("languageCode", e.language_code),
-                            ("repositoryUniqueId", e.repository_unique_id),
-                            ("serviceStartTime", e.service_start_time),
-                            ("serviceStopTime", e.service_stop_time),
-                            ("size", None if e.size is None else str(e.size)),
-                            ("sourcePatientId", e.source_patient_id or e.patient_id)):
-            if value:
-                _tpl_slot(out, name, (value,))
-        if e.reference_ids:
-            _tpl_slot(out, REFERENCE_ID_LIST_SLOT, e.reference_ids)
-        for name, values in e.extra_slots:
+        for name, values in _entry_slots(e):
             _tpl_slot(out, name, values)
         if e.title:
             _tpl_name(out, e.title)
@@ -487,23 +488,10 @@ def plain_template_answer(entries: Sequence[DocumentEntry], message_id: str, rel
                        f'objectType="{OBJECT_TYPE_CLASSIFICATION}" '
                        f'classificationScheme="{Scheme.AUTHOR.value}" classifiedObject="{uid}" '
                        'nodeRepresentation="">')
-            if author.person:
-                _tpl_slot(out, "authorPerson", (author.person,))
-            if author.institutions:
-                _tpl_slot(out, "authorInstitution", [str(x) for x in author.institutions])
-            if author.roles:
-                _tpl_slot(out, "authorRole", author.roles)
-            if author.specialties:
-                _tpl_slot(out, "authorSpecialty", author.specialties)
+            for name, values in _author_slots(author):
+                _tpl_slot(out, name, values)
             out.append("</rim:Classification>")
-        for scheme, role, codes in (
-                (Scheme.CLASS_CODE, "classCode", (e.class_code,)),
-                (Scheme.CONFIDENTIALITY_CODE, "confidentialityCode", e.confidentiality_codes),
-                (Scheme.EVENT_CODE_LIST, "eventCode", e.event_codes),
-                (Scheme.FORMAT_CODE, "formatCode", (e.format_code,)),
-                (Scheme.HEALTHCARE_FACILITY_TYPE_CODE, "facilityCode", (e.healthcare_facility_type_code,)),
-                (Scheme.PRACTICE_SETTING_CODE, "practiceCode", (e.practice_setting_code,)),
-                (Scheme.TYPE_CODE, "typeCode", (e.type_code,))):
+        for scheme, role, codes in _coded(e):
             for i, code in enumerate(codes):
                 if code is None:
                     continue
@@ -513,8 +501,7 @@ def plain_template_answer(entries: Sequence[DocumentEntry], message_id: str, rel
                 _tpl_slot(out, "codingScheme", (code.scheme,))
                 _tpl_name(out, code.display or code.code)
                 out.append("</rim:Classification>")
-        for scheme, value, name in ((Scheme.PATIENT_ID, e.patient_id, "XDSDocumentEntry.patientId"),
-                                    (Scheme.UNIQUE_ID, e.unique_id, "XDSDocumentEntry.uniqueId")):
+        for scheme, value, name in _identifiers(e):
             out.append(f'<rim:ExternalIdentifier id="{name_uuid(e.entry_uuid, name, "0")}" '
                        f'objectType="{OBJECT_TYPE_EXTERNAL_IDENTIFIER}" registryObject="{uid}" '
                        f'identificationScheme="{scheme.value}" value="{a(value)}">')
