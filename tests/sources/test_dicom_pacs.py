@@ -9,8 +9,8 @@ import copy
 import dataclasses
 import socket
 import time
-from collections.abc import AsyncGenerator, Iterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -245,19 +245,13 @@ async def test_pacs_ignoring_the_patient_key_does_not_leak() -> None:
             yield 0xFF00, ds
         yield 0x0000, None
 
-    ae = AE(ae_title=HOSPITAL.ae_title)
-    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    server = start_acceptor(ae, (HOST, 0), evt_handlers=[(evt.EVT_C_FIND, on_find)])
-    assert isinstance(server, ThreadedAssociationServer)
-    try:
-        src = source(int(server.server_address[1]), Path("/nonexistent"))
+    with scripted_find_scp(on_find) as port:
+        src = source(port, Path("/nonexistent"))
         found = await src.find_studies(await permit(ANNA.bsn), ANNA.bsn)
         assert [r.study_instance_uid for r in found] == ["1.2.3.1"]
         del answers[0]["StudyInstanceUID"]  # a "match" nobody can retrieve is a broken answer
         with pytest.raises(SourceUnavailable, match="without StudyInstanceUID"):
             await src.find_studies(await permit(ANNA.bsn), ANNA.bsn)
-    finally:
-        server.shutdown()
 
 
 async def test_a_walk_that_lists_less_than_the_pacs_counts_is_refused_as_transient(tmp_path: Path) -> None:
@@ -292,12 +286,8 @@ async def test_a_walk_that_lists_less_than_the_pacs_counts_is_refused_as_transie
                 yield 0xFF00, ds
         yield 0x0000, None
 
-    ae = AE(ae_title=HOSPITAL.ae_title)
-    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    server = start_acceptor(ae, (HOST, 0), evt_handlers=[(evt.EVT_C_FIND, on_find)])
-    assert isinstance(server, ThreadedAssociationServer)
-    try:
-        src = source(int(server.server_address[1]), tmp_path)
+    with scripted_find_scp(on_find) as port:
+        src = source(port, tmp_path)
         ok = await permit(ANNA.bsn)
         assert len(await src.find_instances(ok, ANNA.bsn, study)) == 6
         answer["series"] = answer["series"][1:]  # a series response lost
@@ -312,11 +302,23 @@ async def test_a_walk_that_lists_less_than_the_pacs_counts_is_refused_as_transie
             await src.find_instances(ok, ANNA.bsn, study)
         answer["counts"] = False  # a PACS that does not count: nothing to hold the answer to
         assert len(await src.find_instances(ok, ANNA.bsn, study)) == 5
-    finally:
-        server.shutdown()
 
 
 # -- the BSN rule, as each consumer reads it through a PACS --------------------------------------------
+
+
+@contextmanager
+def scripted_find_scp(on_find: Callable[[evt.Event], Iterator[tuple[int, Dataset | None]]]) -> Iterator[int]:
+    """A C-FIND SCP answering with ``on_find`` (pynetdicom: a PACS scripted to misbehave exactly as a
+    test needs); yields its port on loopback."""
+    ae = AE(ae_title=HOSPITAL.ae_title)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    server = start_acceptor(ae, (HOST, 0), evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    assert isinstance(server, ThreadedAssociationServer)
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
 
 
 @dataclasses.dataclass
@@ -337,15 +339,8 @@ def fake_pacs() -> Iterator[FakePacs]:
                 yield 0xFF00, ds
         yield 0x0000, None
 
-    ae = AE(ae_title=HOSPITAL.ae_title)
-    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    server = start_acceptor(ae, (HOST, 0), evt_handlers=[(evt.EVT_C_FIND, on_find)])
-    assert isinstance(server, ThreadedAssociationServer)
-    fake.port = int(server.server_address[1])
-    try:
+    with scripted_find_scp(on_find) as fake.port:
         yield fake
-    finally:
-        server.shutdown()
 
 
 #: Every number a shape mentions: none but the shape's own patient may read it as theirs.
