@@ -33,7 +33,6 @@ import re
 import secrets
 import ssl
 import tempfile
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
@@ -202,7 +201,7 @@ class RetrieveSummary:
 Validator = Callable[[Dataset], str | None]
 
 
-# -- thread -> loop hand-over ------------------------------------------------------------------------
+# -- the hand-over ---------------------------------------------------------------------------------
 
 
 class _End:
@@ -210,29 +209,6 @@ class _End:
 
     def __init__(self, summary: RetrieveSummary | None = None) -> None:
         self.summary = summary
-
-
-class _Bridge:
-    """The queue between a retrieve's receive path and its consumer, with the flag that closes it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, maxsize: int) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[object] = asyncio.Queue(maxsize)
-        self.closed = threading.Event()
-
-    async def get(self, timeout_s: float) -> object:
-        try:
-            return await asyncio.wait_for(self.queue.get(), timeout_s)
-        except TimeoutError:
-            raise QrTimeout(f"no DIMSE progress within {timeout_s:g} s") from None
-
-    def drain(self) -> list[object]:
-        items: list[object] = []
-        while True:
-            try:
-                items.append(self.queue.get_nowait())
-            except asyncio.QueueEmpty:
-                return items
 
 
 # -- the spool -------------------------------------------------------------------------------------
@@ -256,6 +232,8 @@ class Spool:
 
     def __init__(self, directory: Path, window: int, *, validate: Validator | None = None,
                  store_wait_s: float = 30.0, fsync: bool = False, window_bytes: int | None = None) -> None:
+        # Everything here runs on the event loop (the receive path is dicom/ul's), so the window is
+        # plain counters: no locks, no thread-safe semaphore.
         if window < 1:
             raise ValueError("window must be >= 1")
         if window_bytes is not None and window_bytes < 1:
@@ -271,11 +249,16 @@ class Spool:
         #: by default; a renamed-into-place file is complete either way.
         self.fsync = fsync
         self._validate = validate
-        self._permits = threading.Semaphore(window)
-        self._bridge = _Bridge(asyncio.get_running_loop(), window + 1)
-        self._lock = threading.Lock()
+        #: Places left in the window (files counted from the first byte written to consumption).
+        self._free = window
+        #: Items for the consumer: one per place in the window, plus the terminal item.
+        self._queue: asyncio.Queue[object] = asyncio.Queue(window + 1)
+        self._closed = False
         self._outstanding: set[Path] = set()
+        #: C-STOREs between :meth:`receive` and their sink's end; ``_idle`` is set while there are none.
         self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.refused = 0
         #: Bytes of the files counted against the window now; the most it ever was.
         self.bytes_held = 0
@@ -290,11 +273,11 @@ class Spool:
 
     @property
     def closed(self) -> bool:
-        return self._bridge.closed.is_set()
+        return self._closed
 
     def _admit(self, tmp: Path, sop_class: str, sop_uid: str, context_syntax: str,
-               put: Callable[[SpooledInstance], bool], head: bytes | bytearray | None = None, *,
-               meta_length: int = 0, whole: bool = False) -> tuple[int, Path | None]:
+               head: bytes | bytearray | None = None, *, meta_length: int = 0,
+               whole: bool = False) -> tuple[int, Path | None]:
         """A completely written ``.part-`` file: check it is what was announced, validate, rename into
         place, queue. Returns the C-STORE status and the temporary path if it is still there (the
         caller deletes it). ``head`` is the file's first bytes as written (``whole``: all of it), of
@@ -311,18 +294,16 @@ class Spool:
             log.warning("qr_store_refused", sop_instance_uid=sop_uid, reason=reason)
             self.refused += 1
             return NOT_AUTHORISED, tmp
+        if self.closed:
+            return OUT_OF_RESOURCES, tmp
         final = self.directory / f"{sop_uid}.{secrets.token_hex(4)}.dcm"
-        with self._lock:
-            if self.closed:
-                return OUT_OF_RESOURCES, tmp
-            os.replace(tmp, final)
-            self._outstanding.add(final)
+        os.replace(tmp, final)
+        self._outstanding.add(final)
         meta = getattr(header, "file_meta", None)
         ts = str(meta.get("TransferSyntaxUID", "") if meta is not None else "") or context_syntax
         item = SpooledInstance(final, sop_class, sop_uid, ts, final.stat().st_size, header)
-        if not put(item):
-            with self._lock:
-                self._outstanding.discard(final)
+        if not self._put(item):
+            self._outstanding.discard(final)
             final.unlink(missing_ok=True)
             log.warning("qr_store_not_queued", sop_instance_uid=sop_uid, closed=self.closed)
             return OUT_OF_RESOURCES, None
@@ -335,33 +316,33 @@ class Spool:
     def _release_bytes(self, size: int) -> None:
         self.bytes_held -= size
 
-    # loop side: the asyncio Upper Layer's receive path (dicom/ul) ------------------------------------
+    # the receive path (dicom/ul) ------------------------------------------------------------------
 
     async def receive(self, sop_class: str, sop_uid: str, transfer_syntax: str,
                       source_ae: str = "") -> SpoolSink | int:
         """Where a C-STORE received on the event loop goes: a sink writing the ``.part-`` file (Part 10
         meta first, then each PDV as it arrives), or the status to refuse it with.
 
-        The same rules as :meth:`store`: the UID must be one (it names the file), a place in the window
-        is taken before anything is written, waiting at most ``store_wait_s`` (the PACS waits for our
-        C-STORE-RSP meanwhile, and the association stops reading: back-pressure down to the socket).
+        The UID must be one (it names the file), and a place in the window is taken before anything is
+        written, waiting at most ``store_wait_s`` (the PACS waits for our C-STORE-RSP meanwhile, and the
+        association stops reading: back-pressure down to the socket).
         """
-        with self._lock:
-            if self.closed:
-                return OUT_OF_RESOURCES
-            self._inflight += 1
+        if self.closed:
+            return OUT_OF_RESOURCES
+        self._inflight += 1
+        self._idle.clear()
         handed = False
         try:
             if not _UID_RE.match(sop_uid) or len(sop_uid) > 64:
                 log.warning("qr_store_bad_uid")
                 return UNABLE_TO_PROCESS
-            if not await self._acquire_on_loop():
+            if not await self._take_place():
                 log.warning("qr_store_refused_window", sop_instance_uid=sop_uid, closed=self.closed)
                 return OUT_OF_RESOURCES
             try:
                 fh, tmp = _open_part(self.directory)
             except OSError as exc:
-                self._permits.release()
+                self._free += 1
                 log.error("qr_store_spool_failed", sop_instance_uid=sop_uid, error=type(exc).__name__)
                 return OUT_OF_RESOURCES
             meta = file_meta(sop_class, sop_uid, transfer_syntax, source_ae)
@@ -373,9 +354,9 @@ class Spool:
             if not handed:
                 self._left()
 
-    async def _acquire_on_loop(self) -> bool:
-        """The window permit, awaited on the loop: woken when the consumer takes an item
-        (``_room_event``), with a short timed look as backstop.
+    async def _take_place(self) -> bool:
+        """A place in the window, awaited: woken when the consumer takes an item (``_room_event``),
+        with a short timed look as backstop.
 
         The byte window is judged before the size is known (the dataset streams in after this): a new
         instance is let in when the largest one this spool has seen still fits, or nothing is held.
@@ -384,13 +365,9 @@ class Spool:
         """
         deadline = time.monotonic() + self.store_wait_s
         while not self.closed:
-            if self._permits.acquire(blocking=False):
-                if self.closed:
-                    self._permits.release()
-                    return False
-                if self._bytes_fit(self._largest):
-                    return True
-                self._permits.release()
+            if self._free and self._bytes_fit(self._largest):
+                self._free -= 1
+                return True
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -405,51 +382,48 @@ class Spool:
         return self.window_bytes is None or not self.bytes_held or self.bytes_held + size <= self.window_bytes
 
     def _left(self) -> None:
-        with self._lock:
-            self._inflight -= 1
+        self._inflight -= 1
+        if not self._inflight:
+            self._idle.set()
 
-    def _put_on_loop(self, item: SpooledInstance) -> bool:
+    def _put(self, item: object) -> bool:
+        """Queue an instance, or the operation's terminal item; False once closed."""
         if self.closed:
             return False
         try:
-            self._bridge.queue.put_nowait(item)  # never full: one slot per permit, plus the end marker
+            self._queue.put_nowait(item)  # never full: one slot per place in the window, plus the end
         except asyncio.QueueFull:
             return False
         return True
 
-    # loop side ------------------------------------------------------------------------------------
+    # the consumer's side ----------------------------------------------------------------------------
 
     async def _next(self, timeout_s: float) -> object:
-        return await self._bridge.get(timeout_s)
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout_s)
+        except TimeoutError:
+            raise QrTimeout(f"no DIMSE progress within {timeout_s:g} s") from None
 
     def _handed_over(self, item: SpooledInstance) -> None:
-        with self._lock:
-            self._outstanding.discard(item.path)
-            self._handed_sizes.append(item.size)
+        self._outstanding.discard(item.path)
+        self._handed_sizes.append(item.size)
 
     def _consumed(self) -> None:
-        with self._lock:
-            size = self._handed_sizes.popleft() if self._handed_sizes else 0
+        size = self._handed_sizes.popleft() if self._handed_sizes else 0
         self._release_bytes(size)
-        self._permits.release()
+        self._free += 1
         self._room_event.set()
 
     async def close(self) -> None:
         """Stop accepting, wait briefly for C-STOREs in flight, delete every file not handed over."""
-        with self._lock:
-            self._bridge.closed.set()
-        deadline = time.monotonic() + self.store_wait_s + 1
-        while True:
-            with self._lock:
-                busy = self._inflight
-            if not busy or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.01)
-        for item in self._bridge.drain():
+        self._closed = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), self.store_wait_s + 1)
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
             if isinstance(item, SpooledInstance):
                 item.path.unlink(missing_ok=True)
-        with self._lock:
-            leftovers, self._outstanding = self._outstanding, set()
+        leftovers, self._outstanding = self._outstanding, set()
         for path in leftovers:
             path.unlink(missing_ok=True)
 
@@ -547,7 +521,7 @@ class SpoolSink:
             assert self._tmp is not None
             try:
                 status, self._tmp = spool._admit(self._tmp, self._sop_class, self._sop_uid, self._ts,
-                                                 spool._put_on_loop, self._head,
+                                                 self._head,
                                                  meta_length=self._meta_length,
                                                  whole=self._written <= len(self._head))
             except OSError as exc:
@@ -577,7 +551,7 @@ class SpoolSink:
             self._tmp = None
         if not queued:
             spool._release_bytes(self._written)
-            spool._permits.release()
+            spool._free += 1
         spool._left()
 
 
@@ -603,42 +577,37 @@ class MoveRouter:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Used on the event loop only (moves and the storage SCP alike): no lock.
         self._moves: dict[int, _MoveRegistration] = {}
         self._next_id = 1
 
     def register(self, spool: Spool, expected: Iterable[str] | None = None,
                  originators: Iterable[str] = ()) -> int:
-        with self._lock:
-            for _ in range(65535):
-                msg_id = self._next_id
-                self._next_id = self._next_id % 65535 + 1
-                if msg_id not in self._moves:
-                    self._moves[msg_id] = _MoveRegistration(
-                        spool, frozenset(expected) if expected is not None else None,
-                        frozenset(a.strip() for a in originators))
-                    return msg_id
+        for _ in range(65535):
+            msg_id = self._next_id
+            self._next_id = self._next_id % 65535 + 1
+            if msg_id not in self._moves:
+                self._moves[msg_id] = _MoveRegistration(
+                    spool, frozenset(expected) if expected is not None else None,
+                    frozenset(a.strip() for a in originators))
+                return msg_id
         raise QrError("65535 C-MOVEs in flight: no Message ID left")
 
     def unregister(self, msg_id: int) -> None:
-        with self._lock:
-            self._moves.pop(msg_id, None)
+        self._moves.pop(msg_id, None)
 
     @property
     def active(self) -> int:
-        with self._lock:
-            return len(self._moves)
+        return len(self._moves)
 
     def route(self, move_originator_message_id: int | None, sop_uid: str) -> Spool | None:
         """The spool of the active move an incoming instance belongs to; None when it is not ours."""
-        with self._lock:
-            reg = self._moves.get(move_originator_message_id) if move_originator_message_id else None
-            if reg is not None and reg.expected is not None and sop_uid not in reg.expected:
-                reg = None
-            if reg is None:
-                candidates = [r for r in self._moves.values()
-                              if r.expected is not None and sop_uid in r.expected]
-                reg = candidates[0] if len(candidates) == 1 else None
+        reg = self._moves.get(move_originator_message_id) if move_originator_message_id else None
+        if reg is not None and reg.expected is not None and sop_uid not in reg.expected:
+            reg = None
+        if reg is None:
+            candidates = [r for r in self._moves.values() if r.expected is not None and sop_uid in r.expected]
+            reg = candidates[0] if len(candidates) == 1 else None
         return reg.spool if reg is not None else None
 
     async def ul_store(self, assoc: UlAssociation, context: AcceptedContext,
@@ -1037,9 +1006,7 @@ class QrAssociation:
             outcome = self._failed(operation, exc)
         except QrError as exc:
             outcome = exc
-        if not spool.closed:
-            with contextlib.suppress(asyncio.QueueFull):
-                spool._bridge.queue.put_nowait(outcome)
+        spool._put(outcome)
 
     async def _drain(self, spool: Spool) -> AsyncGenerator[SpooledInstance, None]:
         finished = False
