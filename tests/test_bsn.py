@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from duo_gateway.bsn import (
@@ -22,6 +25,7 @@ from duo_gateway.bsn import (
     is_valid_bsn,
     names_bsn,
     names_other_patient,
+    reading_key,
 )
 
 ANNA = "999911120"
@@ -219,3 +223,31 @@ def test_eleven_proef(value: str, expected: bool) -> None:
 
 def test_cx() -> None:
     assert bsn_cx(ANNA) == f"{ANNA}^^^&{BSN_OID}&ISO"
+
+
+def encoded(record: Dataset, sop_uid: str, implicit: bool) -> Dataset:
+    """``record`` with its own SOP Instance UID, written and read back: raw, as the receive path has it."""
+    copy = Dataset(record)
+    copy.SOPInstanceUID = sop_uid
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, implicit
+    write_dataset(buf, copy)
+    return read_dataset(DicomBytesIO(buf.getvalue()), implicit, True)
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_a_reading_key_is_shared_exactly_by_records_read_alike(implicit: bool) -> None:
+    """Equal keys must mean equal readings (a validator reuses them); instances of one patient share
+    a key whatever else differs; a record already decoded gets none."""
+    for shape in SHAPES:
+        one, two = (encoded(shape.record, uid, implicit) for uid in ("1.2.3", "1.2.4"))
+        assert reading_key(one) is not None and reading_key(one) == reading_key(two), shape.id
+    keyed = [(reading_key(encoded(s.record, "1.2.3", implicit)), s) for s in SHAPES]
+    for key, shape in keyed:
+        for other_key, other in keyed:
+            if key == other_key:
+                assert bsn_of(shape.record, shape.attribute) == bsn_of(other.record, shape.attribute)
+    assert len({k for k, _s in keyed}) > len(SHAPES) // 2  # distinct records, distinct keys
+    raw = encoded(SHAPES[0].record, "1.2.3", implicit)
+    raw.get("PatientID")
+    assert reading_key(raw) is None

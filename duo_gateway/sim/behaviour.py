@@ -37,6 +37,9 @@ class PacsMisbehaviour(Misbehaviour):
     #: A C-GET or C-MOVE sends this many instances, then aborts the association, as a PACS that
     #: crashes (or is restarted) mid-study does: what arrived is complete, the rest never comes.
     abort_after_instances: int | None = Field(default=None, ge=0)
+    #: C-FIND answers leave out these (optional) attributes, as a PACS that does not compute them does:
+    #: SOPClassesInStudy, say, which DUO's RAD-75 uses to skip walking a study to the image level.
+    omit_keys: list[str] = Field(default_factory=list, max_length=100)
 
 
 class XcaMisbehaviour(Misbehaviour):

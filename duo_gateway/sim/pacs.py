@@ -29,6 +29,8 @@ there, so all state is behind one lock and :meth:`SimPacs.start`, :meth:`SimPacs
   failure status would be too easy on the gateway.
 - ``abort_after_instances`` (:class:`~duo_gateway.sim.behaviour.PacsMisbehaviour`): a C-GET or
   C-MOVE sends that many instances, then aborts the association, as a PACS crashing mid-study.
+- ``omit_keys`` (the same): C-FIND answers leave those optional attributes out, as a PACS that does
+  not compute SOPClassesInStudy does.
 - ``fault`` has no DICOM meaning and is ignored.
 
 Logs carry counts and UIDs only, never patient names or BSNs.
@@ -367,6 +369,8 @@ class SimPacs:
             yield exc.status, None
             return
         malformed = self._behaviour.malformed
+        omit = set(self._behaviour.omit_keys if isinstance(self._behaviour, PacsMisbehaviour) else ())
+        omit.discard(UNIQUE_KEYS[level])
         log.info("sim_pacs_find", ae_title=self.ae_title, level=level, matches=len(groups),
                  malformed=malformed)
         for group in groups:
@@ -374,6 +378,8 @@ class SimPacs:
                 yield CANCEL, None
                 return
             answer = _answer(identifier, level, group, self.ae_title)
+            for keyword in omit & set(answer.dir()):
+                del answer[keyword]
             if malformed:
                 for keyword in ("QueryRetrieveLevel", UNIQUE_KEYS[level]):
                     if keyword in answer:

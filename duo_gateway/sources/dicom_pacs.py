@@ -27,7 +27,7 @@ import asyncio
 import dataclasses
 import ssl
 import time
-from collections.abc import AsyncGenerator, Awaitable, Collection, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing
 from datetime import date
 from pathlib import Path
@@ -36,7 +36,7 @@ from typing import Literal, TypeVar
 import structlog
 from pydicom.dataset import Dataset
 
-from duo_gateway.bsn import bsn_of, bsn_query, bsns_in, names_bsn, names_other_patient
+from duo_gateway.bsn import bsn_of, bsn_query, bsns_in, names_bsn, names_other_patient, reading_key
 from duo_gateway.config.peers import TlbHospital
 from duo_gateway.consent import Permit
 from duo_gateway.dicom.qr import (
@@ -58,6 +58,7 @@ from duo_gateway.sources.base import (
     RetrievedInstance,
     SourceUnavailable,
     StudyRecord,
+    retrieve_named_by_walk,
 )
 from duo_gateway.tls import client_context
 
@@ -69,6 +70,8 @@ _STUDY_RETURN_KEYS = ("StudyDate", "StudyTime", "AccessionNumber", "StudyDescrip
                       "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "StudyID",
                       "PatientName", "PatientBirthDate", "PatientSex", "ReferringPhysicianName",
                       "InstitutionName")
+#: Patient readings one retrieve's validator remembers (see bsn.reading_key).
+_READINGS_KEPT = 16
 _SERIES_RETURN_KEYS = ("Modality", "SeriesNumber", "BodyPartExamined", "NumberOfSeriesRelatedInstances")
 _IMAGE_RETURN_KEYS = ("SOPClassUID", "InstanceNumber", "ContentDate", "ContentTime",
                       "MIMETypeOfEncapsulatedDocument", "DocumentTitle")
@@ -228,31 +231,94 @@ class DicomPacsSource:
         """
         # Checked here, not inside the generator, so a wrong Permit fails at the call, before anything.
         self._check(permit, bsn)
-        return self._retrieve(bsn, study_uid, list(instances), tuple(transfer_syntaxes))
+        return self._retrieve_records(bsn, study_uid, list(instances), tuple(transfer_syntaxes))
+
+    def retrieve_named(
+        self, permit: Permit, bsn: str, study_uid: str, named: Mapping[str, str], *,
+        transfer_syntaxes: Sequence[str] = PREFERRED,
+    ) -> AsyncGenerator[RetrievedInstance, None]:
+        """The named instances without an image-level walk: the study level answers the SOP classes to
+        propose (SOPClassesInStudy), and the instances are asked for by UID list only, never as a
+        whole series, so the PACS sends nothing that was not named (a request may name a UID the
+        series lacks beside all it holds). The receive path's validator refuses anything not named,
+        not in the named series, or not this patient's. A PACS that does not answer
+        SOPClassesInStudy is walked as before (:func:`retrieve_named_by_walk`)."""
+        self._check(permit, bsn)
+        return self._retrieve_named(permit, bsn, study_uid, dict(named), tuple(transfer_syntaxes))
 
     # -- retrieve ----------------------------------------------------------------------------------
 
-    async def _retrieve(self, bsn: str, study_uid: str, instances: list[InstanceRecord],
-                        syntaxes: tuple[str, ...]) -> AsyncGenerator[RetrievedInstance, None]:
+    async def _retrieve_named(self, permit: Permit, bsn: str, study_uid: str, named: dict[str, str],
+                              syntaxes: tuple[str, ...]) -> AsyncGenerator[RetrievedInstance, None]:
+        if not named:
+            return
+        classes = await self._deadline("c-find", self._sop_classes(bsn, study_uid), self.hospital.timeout_s)
+        rest = named
+        if classes:
+            # The class is the object's to say: each delivered instance's record takes it on receipt.
+            wanted = {uid: InstanceRecord(study_instance_uid=study_uid, series_instance_uid=series_uid,
+                                          sop_class_uid="", sop_instance_uid=uid)
+                      for uid, series_uid in named.items()}
+            rest = dict(named)
+            async with aclosing(self._retrieve(bsn, study_uid, wanted, classes, {}, syntaxes)) as items:
+                async for item in items:
+                    rest.pop(item.record.sop_instance_uid, None)
+                    yield item
+            if rest:
+                # One unknown UID in a list fails the whole C-GET at some PACSes (Orthanc: 0xC000), so
+                # what did not come is asked again the long way, which names only instances that exist.
+                log.info("pacs_retrieve_named_walk", source=self.name, study_instance_uid=study_uid,
+                         undelivered=len(rest))
+        if rest:
+            async with aclosing(retrieve_named_by_walk(self, permit, bsn, study_uid, rest,
+                                                       transfer_syntaxes=syntaxes)) as items:
+                async for item in items:
+                    yield item
+
+    async def _sop_classes(self, bsn: str, study_uid: str) -> list[str]:
+        """The study's SOP classes (SOPClassesInStudy); none when the PACS does not list them (the key
+        is optional), or the study is not this patient's."""
+        query = bsn_query("STUDY", self.hospital.bsn_attribute, bsn)
+        query.StudyInstanceUID = study_uid
+        query.SOPClassesInStudy = ""
+        own = [ds for ds in await self._find(query)
+               if self._unique(ds, "StudyInstanceUID") == study_uid and self._belongs(ds, bsn)]
+        if not own:
+            log.warning("pacs_study_not_of_patient", source=self.name, study_instance_uid=study_uid)
+            return []
+        return sorted(set(_values(own[0], "SOPClassesInStudy")))
+
+    async def _retrieve_records(self, bsn: str, study_uid: str, instances: list[InstanceRecord],
+                                syntaxes: tuple[str, ...]) -> AsyncGenerator[RetrievedInstance, None]:
         wanted = {i.sop_instance_uid: i for i in instances if i.study_instance_uid == study_uid}
         if len(wanted) != len(instances):
             log.warning("pacs_retrieve_foreign_records_ignored", source=self.name,
                         count=len(instances) - len(wanted))
         if not wanted:
             return
+        counts = await self._deadline("c-find", self._series_counts(study_uid), self.hospital.timeout_s)
+        classes = sorted({r.sop_class_uid for r in wanted.values()})
+        async with aclosing(self._retrieve(bsn, study_uid, wanted, classes, counts, syntaxes)) as items:
+            async for item in items:
+                yield item
+
+    async def _retrieve(self, bsn: str, study_uid: str, wanted: dict[str, InstanceRecord], classes: list[str],
+                        counts: dict[str, int | None],
+                        syntaxes: tuple[str, ...]) -> AsyncGenerator[RetrievedInstance, None]:
+        """``wanted``'s instances, a series whole where all of it is wanted (``counts``; empty: never),
+        proposing storage for ``classes`` (C-GET)."""
         by_series: dict[str, list[InstanceRecord]] = {}
         for record in wanted.values():
             by_series.setdefault(record.series_instance_uid, []).append(record)
-        counts = await self._deadline("c-find", self._series_counts(study_uid), self.hospital.timeout_s)
         operation = self.retrieve_method
         spool = self._qr.spool(self.spool_dir, self.retrieve_window,
-                               self._validator(bsn, study_uid, frozenset(wanted)),
+                               self._validator(bsn, study_uid,
+                                               {uid: r.series_instance_uid for uid, r in wanted.items()}),
                                window_bytes=self.retrieve_window_bytes)
         delivered = 0
         started = time.perf_counter()
         outcome = "cancelled"
         try:
-            classes = sorted({r.sop_class_uid for r in wanted.values()})
             async with self._association(operation, classes, syntaxes) as qa:
                 for series_uid, members in by_series.items():
                     whole = counts.get(series_uid) == len(members)
@@ -313,15 +379,32 @@ class DicomPacsSource:
             counts[self._unique(ds, "SeriesInstanceUID")] = _int(ds, "NumberOfSeriesRelatedInstances")
         return counts
 
-    def _validator(self, bsn: str, study_uid: str, wanted: frozenset[str]) -> Validator:
-        """Runs in the receiving thread: refuse what was not asked for or is not this patient's."""
+    def _validator(self, bsn: str, study_uid: str, wanted: Mapping[str, str]) -> Validator:
+        """Refuse on receipt what was not asked for (SOP Instance UID → its series) or is not this
+        patient's."""
+
+        readings: dict[tuple[object, ...], bool] = {}  # reading_key → is this patient's
+
+        def belongs(header: Dataset) -> bool:
+            key = reading_key(header)
+            if key is None:
+                return self._belongs(header, bsn)
+            verdict = readings.get(key)
+            if verdict is None:
+                verdict = self._belongs(header, bsn)
+                if len(readings) < _READINGS_KEPT:  # a study names one patient: a few keys at most
+                    readings[key] = verdict
+            return verdict
 
         def validate(header: Dataset) -> str | None:
-            if str(header.get("SOPInstanceUID", "")) not in wanted:
+            series_uid = wanted.get(str(header.get("SOPInstanceUID", "")))
+            if series_uid is None:
                 return "instance not requested"
             if str(header.get("StudyInstanceUID", "")) != study_uid:
                 return "instance of another study"
-            if not self._belongs(header, bsn):
+            if str(header.get("SeriesInstanceUID", "")) != series_uid:
+                return "instance of another series"
+            if not belongs(header):
                 return "instance of another patient"
             return None
 
@@ -467,13 +550,7 @@ class DicomPacsSource:
         return value
 
     def _study_record(self, ds: Dataset, bsn: str) -> StudyRecord:
-        modalities = ds.get("ModalitiesInStudy", None)
-        if modalities is None or modalities == "":
-            mods: tuple[str, ...] = ()
-        elif isinstance(modalities, str):
-            mods = tuple(m for m in modalities.split("\\") if m)
-        else:
-            mods = tuple(str(m) for m in modalities if m)
+        mods = _values(ds, "ModalitiesInStudy")
         return StudyRecord(
             study_instance_uid=self._unique(ds, "StudyInstanceUID"), patient_id=bsn,
             study_date=_text(ds, "StudyDate"), study_time=_text(ds, "StudyTime"),
@@ -536,6 +613,16 @@ def _text(ds: Dataset, keyword: str) -> str | None:
         return None
     text = str(value).strip()
     return text or None
+
+
+def _values(ds: Dataset, keyword: str) -> tuple[str, ...]:
+    """A multi-valued attribute's non-empty values, whether pydicom decoded it as one or many."""
+    value = ds.get(keyword, None)
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return tuple(v for v in value.split("\\") if v)
+    return tuple(str(v) for v in value if str(v))
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:

@@ -22,7 +22,7 @@ Adaptations common to every case (docs/conformance.md says which apply where):
   Toolkit checks of the forwarded RAD-69 (the study, series and instance UIDs each source is asked
   for) is checked of the C-GETs each PACS received: exactly the requested instances it holds, from
   the hospital the RepositoryUniqueId names, and nothing from the other. An instance the PACS does
-  not hold is found missing by the C-FIND and never asked for.
+  not hold is asked for with the others and sends nothing; only then does a C-FIND find it missing.
 - **Images.** Beyond the Toolkit's tag list, the pixel data and the whole data set (everything after
   the File Meta group, which the writer of a file rewrites) must equal the stored file.
 - **Schemas.** Every answer, its MTOM attachments inlined, is valid against the official XSDs.
@@ -320,8 +320,8 @@ async def test_rig_2018_5424b(duo: Network, wsdl_dir: Path) -> None:
     instance UID; Failure, no document, XDSDocumentUniqueIdError (Error) naming the composite
     study:series:instance UID.
 
-    Adapted: the Toolkit's source gets the RAD-69 and answers the error; DUO's C-FIND of the study
-    finds the instance missing, so the PACS is never asked to send anything.
+    Adapted: the Toolkit's source gets the RAD-69 and answers the error; DUO's C-GET of it brings
+    nothing, and its C-FIND of the study then finds the instance missing.
     """
     ghost = images(duo, H1, 0)[0].unknown()
     reply, resp = await rad75(duo, [ghost], wsdl_dir)
@@ -377,7 +377,7 @@ async def test_rig_2018_5425b(duo: Network, wsdl_dir: Path) -> None:
     image and XDSDocumentUniqueIdError (Error) for F's composite UID.
 
     Adapted: E and F are H1 and H2; the Toolkit's F receives a RAD-69 for the unknown instance and
-    answers the error, H2's PACS is C-FINDed and asked to send nothing.
+    answers the error, H2's PACS sends nothing and is C-FINDed.
     """
     on_e = images(duo, H1, 1)[0]
     ghost_on_f = images(duo, H2, 0)[0].unknown()

@@ -15,6 +15,8 @@ from datetime import date
 from pathlib import Path
 
 import pytest
+import structlog
+import structlog.testing
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -30,7 +32,7 @@ from duo_gateway.dicom.ul.association import AcceptorPolicy, UlServer, verificat
 from duo_gateway.mitz.client import ConsentDecision
 from duo_gateway.mitz.xacml import ClosedQuestion
 from duo_gateway.observability.metrics import Metrics
-from duo_gateway.sim.behaviour import Misbehaviour
+from duo_gateway.sim.behaviour import Misbehaviour, PacsMisbehaviour
 from duo_gateway.sim.config import default_network
 from duo_gateway.sim.pacs import SimPacs
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
@@ -612,3 +614,85 @@ async def test_orthanc_retrieve_whole_and_subset(orthanc: Loaded, tmp_path: Path
         got = await collect(src.retrieve(p, ANNA.bsn, study.study_instance_uid, subset))
     wanted = {r.sop_instance_uid for r in subset}
     assert_identical(got, [ds for ds in study.instances if str(ds.SOPInstanceUID) in wanted])
+
+
+# -- retrieve what a request names ------------------------------------------------------------------
+
+
+def named_with_strays(study: GeneratedStudy, sim: Sim) -> tuple[dict[str, str], list[Dataset]]:
+    """Every instance of ``study`` named under its own series, plus three a RAD-75 request may name
+    that must not come back: an unknown UID, a real instance named under another series of the study,
+    and another patient's image filed under this study. Returns the names and what must arrive."""
+    series = study.series_instance_uids
+    misfiled = next(ds for ds in study.instances if str(ds.SeriesInstanceUID) == series[1])
+    named = {str(ds.SOPInstanceUID): str(ds.SeriesInstanceUID) for ds in study.instances}
+    named[str(misfiled.SOPInstanceUID)] = series[0]
+    named[generate_uid()] = series[0]
+    named[str(sim.foreign.SOPInstanceUID)] = str(sim.foreign.SeriesInstanceUID)
+    return named, [ds for ds in study.instances if ds is not misfiled]
+
+
+def find_levels(logs: list[dict[str, object]]) -> list[object]:
+    return [e["level"] for e in logs if e["event"] == "sim_pacs_find"]
+
+
+async def test_retrieve_named_skips_the_image_walk(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    study = sim.anna[1]
+    series = study.series_instance_uids
+    # a whole series and part of another, both by UID list
+    chosen = [ds for ds in study.instances if str(ds.SeriesInstanceUID) == series[0]] + [
+        ds for ds in study.instances if str(ds.SeriesInstanceUID) == series[1]][:1]
+    with structlog.testing.capture_logs() as logs:
+        got = await collect(source(pacs.port, tmp_path / "spool").retrieve_named(
+            await permit(ANNA.bsn), ANNA.bsn, study.study_instance_uid,
+            {str(ds.SOPInstanceUID): str(ds.SeriesInstanceUID) for ds in chosen}))
+    assert_identical(got, chosen)
+    assert {i.record.sop_class_uid for i in got} == {str(ds.SOPClassUID) for ds in chosen}
+    assert find_levels(logs) == ["STUDY"]
+
+
+async def test_retrieve_named_delivers_only_what_is_named_and_walks_for_the_rest(
+        pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    study = sim.anna[2]  # holds the foreign image too
+    named, expected = named_with_strays(study, sim)
+    with structlog.testing.capture_logs() as logs:
+        got = await collect(source(pacs.port, tmp_path / "spool").retrieve_named(
+            await permit(ANNA.bsn), ANNA.bsn, study.study_instance_uid, named))
+    assert_identical(got, expected)
+    # what did not come was looked for, and only then
+    assert "IMAGE" in find_levels(logs)
+    assert [e["undelivered"] for e in logs if e["event"] == "pacs_retrieve_named_walk"] == [3]
+
+
+async def test_retrieve_named_walks_a_pacs_that_does_not_list_sop_classes(
+        pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    study = sim.anna[2]
+    named, expected = named_with_strays(study, sim)
+    pacs.set_behaviour(PacsMisbehaviour(omit_keys=["SOPClassesInStudy"]))
+    with structlog.testing.capture_logs() as logs:
+        got = await collect(source(pacs.port, tmp_path / "spool").retrieve_named(
+            await permit(ANNA.bsn), ANNA.bsn, study.study_instance_uid, named))
+    assert_identical(got, expected)
+    assert "IMAGE" in find_levels(logs)
+
+
+async def test_retrieve_named_checks_the_permit_at_the_call(sim: Sim, tmp_path: Path) -> None:
+    with pytest.raises(NotCovered):
+        source(sim.pacs.port, tmp_path).retrieve_named(await permit(BRAM.bsn), ANNA.bsn, "1.2.3", {})
+
+
+@pytest.mark.parametrize("method", ["c-get", "c-move"])
+async def test_orthanc_retrieve_named(orthanc: Loaded, tmp_path: Path, method: str) -> None:
+    """Orthanc answers SOPClassesInStudy: the named instances come without an image-level walk, and a
+    name that is unknown, or under the wrong series, brings nothing."""
+    study = orthanc.anna[2]
+    series = study.series_instance_uids
+    misfiled = next(ds for ds in study.instances if str(ds.SeriesInstanceUID) == series[1])
+    named = {str(ds.SOPInstanceUID): str(ds.SeriesInstanceUID) for ds in study.instances}
+    named[str(misfiled.SOPInstanceUID)] = series[0]
+    named[generate_uid()] = series[0]
+    src = orthanc_source(orthanc, tmp_path, retrieve_method=method)
+    async with own_storage_scp(orthanc.router, DUO_AE, orthanc.scp_port):
+        got = await collect(src.retrieve_named(await permit(ANNA.bsn), ANNA.bsn, study.study_instance_uid,
+                                               named))
+    assert_identical(got, [ds for ds in study.instances if ds is not misfiled])

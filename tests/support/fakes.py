@@ -45,6 +45,7 @@ from duo_gateway.sources.base import (
     RetrievedInstance,
     SourceUnavailable,
     StudyRecord,
+    retrieve_named_by_walk,
 )
 from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed
 from duo_gateway.transfer.jobstore import ExpectedInstance
@@ -195,6 +196,13 @@ class FakeSource:
         self.calls.append(Call("patient_of_study", None, study_uid))
         await self._behave()
         return next((s.patient_id for s in self.studies if s.study_instance_uid == study_uid), None)
+
+    def retrieve_named(self, permit: Permit, bsn: str, study_uid: str, named: Mapping[str, str], *,
+                       transfer_syntaxes: Sequence[str] = PREFERRED,
+                       ) -> AsyncGenerator[RetrievedInstance, None]:
+        self.calls.append(Call("retrieve_named", bsn, study_uid, {"named": dict(named)}))
+        return retrieve_named_by_walk(self, permit, bsn, study_uid, named,
+                                      transfer_syntaxes=transfer_syntaxes)
 
     async def retrieve(self, permit: Permit, bsn: str, study_uid: str, instances: Sequence[InstanceRecord], *,
                        transfer_syntaxes: Sequence[str] = PREFERRED,

@@ -915,24 +915,12 @@ class RespondingGateway:
                 return
             # From here on instances may reach the caller: the audit waits for the answer to end.
             disclosure = answer._study(_StudyDisclosure(bsn, study_uid, hospital))
-            async with asyncio.timeout_at(_earlier(self._deadline, deadline)):
-                existing = {
-                    i.sop_instance_uid: i for i in await source.find_instances(
-                        verdict, bsn, study_uid, series={se for _st, se, _doc in wanted})
-                }
-            present = [
-                (st, se, doc)
-                for st, se, doc in wanted
-                if doc.document_unique_id in existing
-                and existing[doc.document_unique_id].series_instance_uid == se
-            ]
-            missing([w for w in wanted if w not in present])
-            records = [existing[doc.document_unique_id] for _st, _se, doc in present]
+            named = {doc.document_unique_id: se for _st, se, doc in wanted}
             # aclosing: an error below must end the C-GET at once, not at garbage collection.
             async with (
                 asyncio.timeout_at(deadline),
-                contextlib.aclosing(source.retrieve(verdict, bsn, study_uid, records,
-                                                    transfer_syntaxes=accepted)) as stream,
+                contextlib.aclosing(source.retrieve_named(verdict, bsn, study_uid, named,
+                                                          transfer_syntaxes=accepted)) as stream,
             ):
                 async for got in stream:
                     target = spool / f"{got.record.sop_instance_uid}.dcm"
@@ -967,10 +955,20 @@ class RespondingGateway:
                         target,
                         home=self._home,
                     ))
-            for st, se, doc in present:
-                if doc.document_unique_id not in handed and not any(
-                        doc.document_unique_id in e.code_context for e in errors):
-                    missing([(st, se, doc)], ErrorCode.REPOSITORY_ERROR, "not delivered by the PACS")
+            undelivered = [(st, se, doc) for st, se, doc in wanted if doc.document_unique_id not in handed
+                           and not any(doc.document_unique_id in e.code_context for e in errors)]
+            if undelivered:
+                # Only now is the study listed, and only the series concerned: the instances it holds
+                # under the named series were the PACS's to deliver, the others do not exist there.
+                async with asyncio.timeout_at(_earlier(self._deadline, deadline)):
+                    listed = await source.find_instances(verdict, bsn, study_uid,
+                                                         series={se for _st, se, _doc in undelivered})
+                existing = {(i.sop_instance_uid, i.series_instance_uid) for i in listed}
+                for st, se, doc in undelivered:
+                    if (doc.document_unique_id, se) in existing:
+                        missing([(st, se, doc)], ErrorCode.REPOSITORY_ERROR, "not delivered by the PACS")
+                    else:
+                        missing([(st, se, doc)])
             disclosure.outcome = EventOutcome.SUCCESS if handed else EventOutcome.MINOR_FAILURE
         except (TimeoutError, SourceUnavailable) as exc:
             detail = getattr(exc, "detail", None) or "timeout"
