@@ -24,7 +24,7 @@ from duo_gateway.audit.messages import Peer, application_activity
 from duo_gateway.config.loader import DuoConfig
 from duo_gateway.consent import ConsentGate
 from duo_gateway.dicom.nodelay import install_tcp_nodelay
-from duo_gateway.dicom.qr import MoveRouter, receiving_syntaxes
+from duo_gateway.dicom.qr import MemoryBudget, MoveRouter, receiving_syntaxes
 from duo_gateway.dicom.ul.association import AcceptorPolicy, Timeouts, UlServer, verification_supported
 from duo_gateway.health import Probe, build_probes
 from duo_gateway.http.server import FrontDoor, build_app, build_ops_app
@@ -82,12 +82,13 @@ class Gateway:
         #: Each TLB hospital's PACS, as an ImagingSource (DICOM today).
         window_bytes = int(config.xca_responding.retrieve_window)
         method = config.xca_responding.retrieve_method
+        memory = MemoryBudget(int(config.xca_responding.retrieve_memory))
         #: Routes C-STOREs that PACSes send to DUO's AE back to the C-MOVE that asked for them.
         self.move_router = MoveRouter()
         self.sources: dict[str, DicomPacsSource] = {
             h.ura: DicomPacsSource(h, config.listeners.dicom.ae_title, self.spool_dir, retrieve_method=method,
                                    retrieve_window=RETRIEVE_WINDOW_FILES, retrieve_window_bytes=window_bytes,
-                                   metrics=self.metrics, move_router=self.move_router)
+                                   metrics=self.metrics, move_router=self.move_router, memory=memory)
             for h in config.tlb_hospitals}
         #: Keeps Mitz subscriptions complete, reading each PACS through the same source as the queries.
         self.subscriptions = SubscriptionManager(config, pacses=self.sources, auditor=self.auditor,

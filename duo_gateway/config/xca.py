@@ -24,6 +24,8 @@ _SNOMED = "2.16.840.1.113883.6.96"
 #: ``retrieve_window``'s default: a few dozen CT slices or one large multi-frame object.
 RETRIEVE_WINDOW_DEFAULT = 64 * 1024 * 1024
 MIN_RETRIEVE_WINDOW = 1024 * 1024
+#: ``retrieve_memory``'s default: two requests' windows.
+RETRIEVE_MEMORY_DEFAULT = 2 * RETRIEVE_WINDOW_DEFAULT
 
 
 class DocumentCodes(StrictModel):
@@ -68,6 +70,10 @@ class XcaRespondingConfig(StrictModel):
     #: writes each instance out before the next is asked for, so this bounds its spool; an instance
     #: larger than the window passes alone. A size: bytes, or "64MiB", "1GiB".
     retrieve_window: ByteSize = Field(default=ByteSize(RETRIEVE_WINDOW_DEFAULT), ge=MIN_RETRIEVE_WINDOW)
+    #: Bytes of instances that streamed RAD-75 answers may hold in memory at once, all requests
+    #: together, instead of a spool file each (each request also stays within retrieve_window).
+    #: Beyond it instances go to files as before; 0: always files. A size, as retrieve_window.
+    retrieve_memory: ByteSize = Field(default=ByteSize(RETRIEVE_MEMORY_DEFAULT), ge=0)
 
     @field_validator("retrieve_window", mode="before")
     @classmethod

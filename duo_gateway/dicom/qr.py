@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import secrets
 import ssl
-import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
@@ -175,9 +175,10 @@ class QrStatusError(QrError):
 
 @dataclass(frozen=True)
 class SpooledInstance:
-    """One instance received and renamed into the spool; the consumer now owns ``path``."""
+    """One instance received: renamed into the spool (``path``, which the consumer now owns), or held
+    in memory (``data``, the Part 10 bytes; ``path`` None) by a spool with a :class:`MemoryBudget`."""
 
-    path: Path
+    path: Path | None
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
@@ -185,6 +186,9 @@ class SpooledInstance:
     #: The file's identifying elements (``header.IDENTIFYING_KEYWORDS``), read once on receipt for
     #: validation: a validator sees these and nothing else.
     header: Dataset
+    data: bytes | None = None
+    #: Bytes of the memory budget this instance holds until it is consumed.
+    reserved: int = 0
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,32 @@ class _End:
 # -- the spool -------------------------------------------------------------------------------------
 
 
+class MemoryBudget:
+    """Bytes of received instances all spools of the process may hold in memory at once.
+
+    Why: a consumer that writes each instance onwards at once (RAD-75 into its HTTP answer) gains
+    nothing from a file per instance but its cost (create, write, rename, reopen, read, unlink: a
+    third of DUO's CPU per instance). Memory is bounded twice: each spool's byte window bounds what it
+    holds, and this bounds the sum over concurrent retrieves; an instance that does not fit is
+    written to a file as before (it spills mid-write if it outgrows its reservation). Loop-only.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError("limit must be >= 0")
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
 class Spool:
     """Where one retrieve lands: a directory, a window of unconsumed files, and a validator.
 
@@ -231,7 +261,8 @@ class Spool:
     """
 
     def __init__(self, directory: Path, window: int, *, validate: Validator | None = None,
-                 store_wait_s: float = 30.0, fsync: bool = False, window_bytes: int | None = None) -> None:
+                 store_wait_s: float = 30.0, fsync: bool = False, window_bytes: int | None = None,
+                 memory: MemoryBudget | None = None) -> None:
         # Everything here runs on the event loop (the receive path is dicom/ul's), so the window is
         # plain counters: no locks, no thread-safe semaphore.
         if window < 1:
@@ -249,6 +280,8 @@ class Spool:
         #: by default; a renamed-into-place file is complete either way.
         self.fsync = fsync
         self._validate = validate
+        #: Where instances are held in memory instead of files, while it has room (None: never).
+        self.memory = memory
         #: Places left in the window (files counted from the first byte written to consumption).
         self._free = window
         #: Items for the consumer: one per place in the window, plus the terminal item.
@@ -263,28 +296,36 @@ class Spool:
         #: Bytes of the files counted against the window now; the most it ever was.
         self.bytes_held = 0
         self.high_water_bytes = 0
-        #: Sizes of the items handed over and not yet consumed, oldest first (``_drain`` hands over
-        #: and consumes strictly in turn, so the oldest is the one being consumed).
-        self._handed_sizes: deque[int] = deque()
+        #: Sizes (and memory reservations) of the items handed over and not yet consumed, oldest
+        #: first (``_drain`` hands over and consumes strictly in turn, so the oldest is being consumed).
+        self._handed_sizes: deque[tuple[int, int]] = deque()
         #: Set when the consumer frees a place in the window: wakes a loop-side receive waiting for one.
         self._room_event = asyncio.Event()
         #: The largest instance received on the loop so far: what the next one is expected to need.
         self._largest = 0
+        #: File names: this spool's own token and a serial (mkstemp's random names cost as much as the
+        #: create itself); O_EXCL still refuses a clash, with another spool in the same directory say.
+        self._token = secrets.token_hex(4)
+        self._serial = itertools.count()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def _admit(self, tmp: Path, sop_class: str, sop_uid: str, context_syntax: str,
+    def _admit(self, tmp: Path | None, sop_class: str, sop_uid: str, context_syntax: str,
                head: bytes | bytearray | None = None, *, meta_length: int = 0,
-               whole: bool = False) -> tuple[int, Path | None]:
-        """A completely written ``.part-`` file: check it is what was announced, validate, rename into
-        place, queue. Returns the C-STORE status and the temporary path if it is still there (the
-        caller deletes it). ``head`` is the file's first bytes as written (``whole``: all of it), of
-        which ``meta_length`` are its Part 10 meta."""
+               whole: bool = False, size: int | None = None, data: bytes | None = None,
+               reserved: int = 0) -> tuple[int, Path | None]:
+        """A completely received instance: check it is what was announced, validate, rename into
+        place (a ``.part-`` file, ``tmp``) or keep (``data``, holding ``reserved`` of the memory
+        budget, which passes to the queued item), queue. Returns the C-STORE status and the temporary
+        path if it is still there (the caller deletes it). ``head`` is the file's first bytes as
+        written (``whole``: all of it), of which ``meta_length`` are its Part 10 meta; ``size``, the
+        file's, when the writer counted it."""
         header = _header_from(head, meta_length, context_syntax, whole) if head is not None else None
         if header is None:
-            header = dcmread(tmp, stop_before_pixels=True, specific_tags=list(IDENTIFYING_TAGS))
+            source: Path | BytesIO = tmp if tmp is not None else BytesIO(data or b"")
+            header = dcmread(source, stop_before_pixels=True, specific_tags=list(IDENTIFYING_TAGS))
         if str(header.get("SOPInstanceUID", "")) != sop_uid:
             log.warning("qr_store_uid_mismatch", sop_instance_uid=sop_uid)
             self.refused += 1
@@ -296,12 +337,20 @@ class Spool:
             return NOT_AUTHORISED, tmp
         if self.closed:
             return OUT_OF_RESOURCES, tmp
-        final = self.directory / f"{sop_uid}.{secrets.token_hex(4)}.dcm"
+        if tmp is None:
+            assert data is not None and size is not None
+            item = SpooledInstance(None, sop_class, sop_uid, context_syntax, size, header, data, reserved)
+            if not self._put(item):
+                log.warning("qr_store_not_queued", sop_instance_uid=sop_uid, closed=self.closed)
+                return OUT_OF_RESOURCES, None
+            return SUCCESS, None
+        final = self.directory / f"{sop_uid}.{self._token}{next(self._serial)}.dcm"
         os.replace(tmp, final)
         self._outstanding.add(final)
         meta = getattr(header, "file_meta", None)
         ts = str(meta.get("TransferSyntaxUID", "") if meta is not None else "") or context_syntax
-        item = SpooledInstance(final, sop_class, sop_uid, ts, final.stat().st_size, header)
+        item = SpooledInstance(final, sop_class, sop_uid, ts, final.stat().st_size if size is None else size,
+                               header)
         if not self._put(item):
             self._outstanding.discard(final)
             final.unlink(missing_ok=True)
@@ -339,14 +388,20 @@ class Spool:
             if not await self._take_place():
                 log.warning("qr_store_refused_window", sop_instance_uid=sop_uid, closed=self.closed)
                 return OUT_OF_RESOURCES
-            try:
-                fh, tmp = _open_part(self.directory)
-            except OSError as exc:
-                self._free += 1
-                log.error("qr_store_spool_failed", sop_instance_uid=sop_uid, error=type(exc).__name__)
-                return OUT_OF_RESOURCES
             meta = file_meta(sop_class, sop_uid, transfer_syntax, source_ae)
-            sink = SpoolSink(self, fh, tmp, sop_class, sop_uid, transfer_syntax, len(meta))
+            # In memory when the budget holds one more instance the size of the largest so far.
+            reserve = max(self._largest, len(meta))
+            if self.memory is not None and self.memory.take(reserve):
+                sink = SpoolSink(self, None, None, sop_class, sop_uid, transfer_syntax, len(meta),
+                                 reserved=reserve)
+            else:
+                try:
+                    fh, tmp = self._open_part()
+                except OSError as exc:
+                    self._free += 1
+                    log.error("qr_store_spool_failed", sop_instance_uid=sop_uid, error=type(exc).__name__)
+                    return OUT_OF_RESOURCES
+                sink = SpoolSink(self, fh, tmp, sop_class, sop_uid, transfer_syntax, len(meta))
             sink.write(memoryview(meta))
             handed = True
             return sink
@@ -378,6 +433,12 @@ class Spool:
                 pass
         return False
 
+    def _open_part(self) -> tuple[BinaryIO, Path]:
+        """A new ``.part-`` file, opened on the loop on purpose: a local create is cheaper than a hop."""
+        path = self.directory / f".part-{self._token}{next(self._serial)}.dcm"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        return open(fd, "wb", buffering=_SINK_BUFFER), path
+
     def _bytes_fit(self, size: int) -> bool:
         return self.window_bytes is None or not self.bytes_held or self.bytes_held + size <= self.window_bytes
 
@@ -405,12 +466,15 @@ class Spool:
             raise QrTimeout(f"no DIMSE progress within {timeout_s:g} s") from None
 
     def _handed_over(self, item: SpooledInstance) -> None:
-        self._outstanding.discard(item.path)
-        self._handed_sizes.append(item.size)
+        if item.path is not None:
+            self._outstanding.discard(item.path)
+        self._handed_sizes.append((item.size, item.reserved))
 
     def _consumed(self) -> None:
-        size = self._handed_sizes.popleft() if self._handed_sizes else 0
+        size, reserved = self._handed_sizes.popleft() if self._handed_sizes else (0, 0)
         self._release_bytes(size)
+        if reserved and self.memory is not None:
+            self.memory.give(reserved)
         self._free += 1
         self._room_event.set()
 
@@ -422,7 +486,10 @@ class Spool:
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if isinstance(item, SpooledInstance):
-                item.path.unlink(missing_ok=True)
+                if item.path is not None:
+                    item.path.unlink(missing_ok=True)
+                if item.reserved and self.memory is not None:
+                    self.memory.give(item.reserved)
         leftovers, self._outstanding = self._outstanding, set()
         for path in leftovers:
             path.unlink(missing_ok=True)
@@ -450,33 +517,32 @@ def _header_from(head: bytes | bytearray, meta_length: int, transfer_syntax: str
     if cut is None:
         return None
     try:
-        header = read_dataset(BytesIO(cut), implicit, True)
-        header.ensure_file_meta()
-        header.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+        # No file meta: the spool wrote this file's, so its syntax is the context's (_admit's fallback).
+        return read_dataset(BytesIO(cut), implicit, True)
     except Exception:
         return None
-    return header
-
-
-def _open_part(directory: Path) -> tuple[BinaryIO, Path]:
-    """A new ``.part-`` file, opened on the loop on purpose: a local create is cheaper than a hop."""
-    fd, name = tempfile.mkstemp(dir=directory, prefix=".part-", suffix=".dcm")
-    return open(fd, "wb", buffering=_SINK_BUFFER), Path(name)
 
 
 class SpoolSink:
     """One C-STORE dataset being received by the asyncio UL into the spool (a ``DatasetSink``).
 
     Holds a window permit and counts as in flight from :meth:`Spool.receive` until :meth:`finish` or
-    :meth:`discard`; the file is only renamed into place and queued once complete and valid, so the
-    C-STORE-RSP (sent after ``finish``) still means "in place and queued".
+    :meth:`discard`; the instance is only renamed into place (or kept) and queued once complete and
+    valid, so the C-STORE-RSP (sent after ``finish``) still means "in place and queued".
+
+    Without a file (``fh`` None) it collects the bytes in memory against ``reserved`` bytes of the
+    spool's :class:`MemoryBudget`, taking more as they come, and spills to a ``.part-`` file when the
+    budget has no more: an instance is never refused for want of memory.
     """
 
-    def __init__(self, spool: Spool, fh: BinaryIO, tmp: Path, sop_class: str, sop_uid: str,
-                 transfer_syntax: str, meta_length: int = 0) -> None:
+    def __init__(self, spool: Spool, fh: BinaryIO | None, tmp: Path | None, sop_class: str, sop_uid: str,
+                 transfer_syntax: str, meta_length: int = 0, *, reserved: int = 0) -> None:
         self._spool = spool
         self._fh = fh
         self._tmp: Path | None = tmp
+        #: The bytes so far while in memory; None once written to a file.
+        self._chunks: list[bytes] | None = [] if fh is None else None
+        self._reserved = reserved
         self._sop_class = sop_class
         self._sop_uid = sop_uid
         self._ts = transfer_syntax
@@ -490,28 +556,81 @@ class SpoolSink:
         self._written = 0
 
     def write(self, data: memoryview) -> None:
-        if self._error is None:
+        if self._error is not None:
+            return
+        if self._chunks is not None:
+            short = self._written + len(data) - self._reserved
+            if short > 0 and not self._take(short):
+                self._spill()
+        if self._chunks is not None:
+            self._chunks.append(bytes(data))  # the PDU buffer is reused: a copy
+        else:
+            assert self._fh is not None
             try:
                 self._fh.write(data)
             except OSError as exc:
                 self._error = exc
-            else:
-                if len(self._head) < _HEAD_BYTES:
-                    self._head += data[:_HEAD_BYTES - len(self._head)]
-                self._written += len(data)
-                self._spool._hold(len(data))
+                return
+            if len(self._head) < _HEAD_BYTES:
+                self._head += data[:_HEAD_BYTES - len(self._head)]
+        self._written += len(data)
+        self._spool._hold(len(data))
+
+    def _take(self, size: int) -> bool:
+        memory = self._spool.memory
+        # grow by at least a quarter, so a large instance costs a few reservations, not one per PDV
+        more = max(size, self._reserved // 4)
+        if memory is not None and memory.take(more):
+            self._reserved += more
+            return True
+        return False
+
+    def _spill(self) -> None:
+        """The budget is spent: what came so far goes to a new ``.part-`` file, the rest follows."""
+        chunks, self._chunks = self._chunks or [], None
+        self._give_back()
+        try:
+            self._fh, self._tmp = self._spool._open_part()
+            for chunk in chunks:
+                self._fh.write(chunk)
+        except OSError as exc:
+            self._error = exc
+            return
+        joined = b"".join(chunks)
+        self._head += joined[:_HEAD_BYTES]
+
+    def _give_back(self) -> None:
+        if self._reserved and self._spool.memory is not None:
+            self._spool.memory.give(self._reserved)
+        self._reserved = 0
 
     async def finish(self) -> int:
         spool = self._spool
         queued = False
         try:
+            if self._chunks is not None:
+                data = b"".join(self._chunks)
+                self._chunks = None
+                try:
+                    status, _tmp = spool._admit(None, self._sop_class, self._sop_uid, self._ts, data,
+                                                meta_length=self._meta_length, whole=True,
+                                                size=len(data), data=data, reserved=self._reserved)
+                except Exception as exc:
+                    log.warning("qr_store_undecodable", sop_instance_uid=self._sop_uid,
+                                error=type(exc).__name__)
+                    return UNABLE_TO_PROCESS
+                queued = status == SUCCESS
+                if queued:
+                    self._reserved = 0  # the queued item holds it now
+                return status
             try:
                 if self._error is None:
+                    assert self._fh is not None
                     if spool.fsync:
                         self._fh.flush()
                         # a disk flush takes milliseconds to seconds: never on the loop
                         await asyncio.to_thread(os.fsync, self._fh.fileno())
-                self._fh.close()
+                    self._fh.close()
             except OSError as exc:
                 self._error = self._error or exc
             if self._error is not None:
@@ -523,7 +642,7 @@ class SpoolSink:
                 status, self._tmp = spool._admit(self._tmp, self._sop_class, self._sop_uid, self._ts,
                                                  self._head,
                                                  meta_length=self._meta_length,
-                                                 whole=self._written <= len(self._head))
+                                                 whole=self._written <= len(self._head), size=self._written)
             except OSError as exc:
                 log.error("qr_store_spool_failed", sop_instance_uid=self._sop_uid, error=type(exc).__name__)
                 return OUT_OF_RESOURCES
@@ -536,8 +655,10 @@ class SpoolSink:
             self._end(queued)
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self._fh.close()
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()
+        self._chunks = None
         self._end(False)
 
     def _end(self, queued: bool) -> None:
@@ -546,6 +667,7 @@ class SpoolSink:
         self._done = True
         spool = self._spool
         spool._largest = max(spool._largest, self._written)
+        self._give_back()
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
@@ -703,9 +825,9 @@ class QrClient:
         self._slots = asyncio.Semaphore(max_associations)
 
     def spool(self, directory: Path, window: int, validate: Validator | None = None, *,
-              window_bytes: int | None = None) -> Spool:
+              window_bytes: int | None = None, memory: MemoryBudget | None = None) -> Spool:
         return Spool(directory, window, validate=validate, store_wait_s=self.store_wait_s,
-                     window_bytes=window_bytes)
+                     window_bytes=window_bytes, memory=memory)
 
     @asynccontextmanager
     async def associate(self, *, find: bool = True, get_sop_classes: Sequence[str] = (),

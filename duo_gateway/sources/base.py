@@ -84,16 +84,25 @@ class InstanceRecord:
 
 @dataclass(frozen=True)
 class RetrievedInstance:
-    """One instance fetched from the source, spooled to ``path`` (Part 10 file).
+    """One instance fetched from the source, spooled to ``path`` (Part 10 file), or held as ``data``
+    (the same bytes, ``path`` None) where the caller asked for memory (``retrieve_named``).
 
     The consumer owns the file: it must delete it (or move it) once consumed, so the spool holds at
-    most the instances in flight and memory never grows with the study.
+    most the instances in flight and memory never grows with the study. Held bytes count against the
+    source's memory budget until the consumer asks for the next instance.
     """
 
     record: InstanceRecord
-    path: Path
+    path: Path | None
     transfer_syntax_uid: str
     size: int
+    data: bytes | None = None
+
+    def file(self) -> Path:
+        """The spooled file, for consumers of :meth:`ImagingSource.retrieve`, which always spools."""
+        if self.path is None:
+            raise TypeError("this instance is held in memory, not spooled to a file")
+        return self.path
 
 
 @dataclass(frozen=True)
@@ -144,10 +153,12 @@ class ImagingSource(Protocol):
 
     def retrieve_named(
         self, permit: Permit, bsn: str, study_uid: str, named: Mapping[str, str], *,
-        transfer_syntaxes: Sequence[str] = PREFERRED,
+        transfer_syntaxes: Sequence[str] = PREFERRED, in_memory: bool = False,
     ) -> AsyncGenerator[RetrievedInstance, None]:
         """Stream the instances a request names (SOP Instance UID → the series the request puts it in)
         as :meth:`retrieve` does, without listing the study first where the source can avoid it.
+        ``in_memory``: the caller writes each instance onwards before asking for the next, so the
+        source may hand over bytes (``RetrievedInstance.data``) instead of files, within its budget.
 
         Why: a RAD-75 request names its instances; walking the study to the image level before the
         first byte cost a 570-image study half a second of the PACS's time. An instance that is not

@@ -40,6 +40,7 @@ from duo_gateway.bsn import bsn_of, bsn_query, bsns_in, names_bsn, names_other_p
 from duo_gateway.config.peers import TlbHospital
 from duo_gateway.consent import Permit
 from duo_gateway.dicom.qr import (
+    MemoryBudget,
     MoveRouter,
     QrAssociation,
     QrClient,
@@ -92,7 +93,8 @@ class DicomPacsSource:
     def __init__(self, hospital: TlbHospital, calling_ae: str, spool_dir: Path,
                  retrieve_method: Literal["c-get", "c-move"] = "c-get", retrieve_window: int = 16,
                  metrics: Metrics | None = None, *, move_router: MoveRouter | None = None,
-                 tls: ssl.SSLContext | None = None, retrieve_window_bytes: int | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, retrieve_window_bytes: int | None = None,
+                 memory: MemoryBudget | None = None) -> None:
         if retrieve_method == "c-move" and move_router is None:
             raise ValueError("C-MOVE needs the move_router of DUO's storage SCP (AE title = calling_ae)")
         self.hospital = hospital
@@ -104,6 +106,8 @@ class DicomPacsSource:
         #: Files, and bytes, a retrieve may hold spooled ahead of its consumer (qr.Spool's windows).
         self.retrieve_window = retrieve_window
         self.retrieve_window_bytes = retrieve_window_bytes
+        #: Where retrieve_named(in_memory=True) holds instances (the daemon's, shared); None: files.
+        self.memory = memory
         self._metrics = metrics
         self._router = move_router
         if tls is None and hospital.tls is not None:
@@ -235,7 +239,7 @@ class DicomPacsSource:
 
     def retrieve_named(
         self, permit: Permit, bsn: str, study_uid: str, named: Mapping[str, str], *,
-        transfer_syntaxes: Sequence[str] = PREFERRED,
+        transfer_syntaxes: Sequence[str] = PREFERRED, in_memory: bool = False,
     ) -> AsyncGenerator[RetrievedInstance, None]:
         """The named instances without an image-level walk: the study level answers the SOP classes to
         propose (SOPClassesInStudy), and the instances are asked for by UID list only, never as a
@@ -244,12 +248,14 @@ class DicomPacsSource:
         not in the named series, or not this patient's. A PACS that does not answer
         SOPClassesInStudy is walked as before (:func:`retrieve_named_by_walk`)."""
         self._check(permit, bsn)
-        return self._retrieve_named(permit, bsn, study_uid, dict(named), tuple(transfer_syntaxes))
+        return self._retrieve_named(permit, bsn, study_uid, dict(named), tuple(transfer_syntaxes),
+                                    self.memory if in_memory else None)
 
     # -- retrieve ----------------------------------------------------------------------------------
 
     async def _retrieve_named(self, permit: Permit, bsn: str, study_uid: str, named: dict[str, str],
-                              syntaxes: tuple[str, ...]) -> AsyncGenerator[RetrievedInstance, None]:
+                              syntaxes: tuple[str, ...],
+                              memory: MemoryBudget | None) -> AsyncGenerator[RetrievedInstance, None]:
         if not named:
             return
         classes = await self._deadline("c-find", self._sop_classes(bsn, study_uid), self.hospital.timeout_s)
@@ -260,7 +266,8 @@ class DicomPacsSource:
                                           sop_class_uid="", sop_instance_uid=uid)
                       for uid, series_uid in named.items()}
             rest = dict(named)
-            async with aclosing(self._retrieve(bsn, study_uid, wanted, classes, {}, syntaxes)) as items:
+            async with aclosing(self._retrieve(bsn, study_uid, wanted, classes, {}, syntaxes,
+                                               memory=memory)) as items:
                 async for item in items:
                     rest.pop(item.record.sop_instance_uid, None)
                     yield item
@@ -303,10 +310,10 @@ class DicomPacsSource:
                 yield item
 
     async def _retrieve(self, bsn: str, study_uid: str, wanted: dict[str, InstanceRecord], classes: list[str],
-                        counts: dict[str, int | None],
-                        syntaxes: tuple[str, ...]) -> AsyncGenerator[RetrievedInstance, None]:
+                        counts: dict[str, int | None], syntaxes: tuple[str, ...], *,
+                        memory: MemoryBudget | None = None) -> AsyncGenerator[RetrievedInstance, None]:
         """``wanted``'s instances, a series whole where all of it is wanted (``counts``; empty: never),
-        proposing storage for ``classes`` (C-GET)."""
+        proposing storage for ``classes`` (C-GET), held in ``memory`` while it has room."""
         by_series: dict[str, list[InstanceRecord]] = {}
         for record in wanted.values():
             by_series.setdefault(record.series_instance_uid, []).append(record)
@@ -314,7 +321,7 @@ class DicomPacsSource:
         spool = self._qr.spool(self.spool_dir, self.retrieve_window,
                                self._validator(bsn, study_uid,
                                                {uid: r.series_instance_uid for uid, r in wanted.items()}),
-                               window_bytes=self.retrieve_window_bytes)
+                               window_bytes=self.retrieve_window_bytes, memory=memory)
         delivered = 0
         started = time.perf_counter()
         outcome = "cancelled"
@@ -334,7 +341,7 @@ class DicomPacsSource:
                                         # The object is the authority on its own class, not the C-FIND.
                                         record = dataclasses.replace(record, sop_class_uid=item.sop_class_uid)
                                     yield RetrievedInstance(record, item.path, item.transfer_syntax_uid,
-                                                            item.size)
+                                                            item.size, item.data)
                         except QrStatusError as exc:
                             # This series failed at the PACS; the others may still come. The caller
                             # compares what arrived with what it asked for.

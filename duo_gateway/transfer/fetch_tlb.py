@@ -65,7 +65,7 @@ class TlbStudyFetcher:
                 async for item in stream:
                     arrived.add(item.record.sop_instance_uid)
                     # The spool checked the header (instance asked, this study, this patient).
-                    yield Fetched(item.record.sop_instance_uid, item.path, item.size,
+                    yield Fetched(item.record.sop_instance_uid, item.file(), item.size,
                                   item.record.sop_class_uid, item.transfer_syntax_uid)
         except SourceUnavailable as exc:
             if not arrived:

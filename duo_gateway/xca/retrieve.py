@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lxml import etree
@@ -89,6 +89,12 @@ class RetrievedDocument:
     home: str | None = None
     new_repository_unique_id: str | None = None
     new_document_unique_id: str | None = None
+
+
+def spent(document: RetrievedDocument) -> RetrievedDocument:
+    """``document`` once its bytes were written out: what it was (ids, type) stays for the envelope
+    and the audit, the bytes go, so an answer streamed from memory keeps none of them."""
+    return replace(document, data=b"") if isinstance(document.data, bytes) else document
 
 
 @dataclass(frozen=True)

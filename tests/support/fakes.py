@@ -198,7 +198,7 @@ class FakeSource:
         return next((s.patient_id for s in self.studies if s.study_instance_uid == study_uid), None)
 
     def retrieve_named(self, permit: Permit, bsn: str, study_uid: str, named: Mapping[str, str], *,
-                       transfer_syntaxes: Sequence[str] = PREFERRED,
+                       transfer_syntaxes: Sequence[str] = PREFERRED, in_memory: bool = False,
                        ) -> AsyncGenerator[RetrievedInstance, None]:
         self.calls.append(Call("retrieve_named", bsn, study_uid, {"named": dict(named)}))
         return retrieve_named_by_walk(self, permit, bsn, study_uid, named,

@@ -93,6 +93,7 @@ from duo_gateway.xca.retrieve import (
     RetrieveDocumentSetResponse,
     RetrieveImagingDocumentSetRequest,
     composite_context,
+    spent,
 )
 from duo_gateway.xua import PATIENT_MISMATCH, Requester, patient_mismatch
 
@@ -196,6 +197,8 @@ class ImagingRetrieval:
         self._disclosed: set[tuple[str, str]] = set()
         self._stopped: str | None = None
         self._closed = False
+        #: Set by :meth:`stream`: the consumer writes each document out before asking for the next.
+        self.writes_through = False
 
     @property
     def status(self) -> ResponseStatus:
@@ -206,10 +209,17 @@ class ImagingRetrieval:
         docs = tuple(self.handed if documents is None else documents)
         return RetrieveDocumentSetResponse(status_for(self.errors, bool(docs)), docs, tuple(self.errors))
 
-    async def stream(self) -> AsyncGenerator[RetrievedDocument, None]:
-        """Each document as it lands, once; use inside ``contextlib.aclosing``. Not re-entrant."""
+    async def stream(self, *, writes_through: bool = False) -> AsyncGenerator[RetrievedDocument, None]:
+        """Each document as it lands, once; use inside ``contextlib.aclosing``. Not re-entrant.
+
+        ``writes_through``: the consumer is done with each document's bytes when it asks for the next
+        (a streamed answer). The fetch may then hand over bytes held in memory instead of files, and
+        :attr:`handed` keeps only what each document was (:func:`spent`), so memory never grows with
+        the study.
+        """
         if self._fetch is None or self._task is not None:
             return
+        self.writes_through = writes_through
         fetch = self._fetch
 
         async def run() -> None:
@@ -224,6 +234,8 @@ class ImagingRetrieval:
             try:
                 yield item.document
             finally:
+                if writes_through:
+                    self.handed[-1] = spent(item.document)
                 if not item.taken.done():
                     item.taken.set_result(None)
         await self._task  # a bug in the fetch surfaces here instead of vanishing
@@ -720,8 +732,9 @@ class RespondingGateway:
         # not whenever the abandoned generator is garbage-collected.
         async with contextlib.aclosing(source.retrieve(permit, bsn, indexed.study_uid, [record])) as stream:
             async for got in stream:
-                data = await asyncio.to_thread(got.path.read_bytes)
-                got.path.unlink(missing_ok=True)
+                path = got.file()
+                data = await asyncio.to_thread(path.read_bytes)
+                path.unlink(missing_ok=True)
                 if indexed.mime_type == _PDF:
                     return await asyncio.to_thread(_encapsulated_document, data), _PDF, None
                 return data, MIME_DICOM, None
@@ -920,15 +933,22 @@ class RespondingGateway:
             async with (
                 asyncio.timeout_at(deadline),
                 contextlib.aclosing(source.retrieve_named(verdict, bsn, study_uid, named,
-                                                          transfer_syntaxes=accepted)) as stream,
+                                                          transfer_syntaxes=accepted,
+                                                          in_memory=answer.writes_through)) as stream,
             ):
                 async for got in stream:
                     target = spool / f"{got.record.sop_instance_uid}.dcm"
-                    await asyncio.to_thread(shutil.move, got.path, target)
+                    # Held in memory it goes out as it is; spooled, the file moves into this answer's.
+                    content: bytes | Path = got.data if got.data is not None else target
+                    if got.path is not None:
+                        await asyncio.to_thread(shutil.move, got.path, target)
                     where = composite_context(
                         study_uid, got.record.series_instance_uid, got.record.sop_instance_uid
                     )
                     if got.transfer_syntax_uid not in accepted:
+                        if got.data is not None:  # a conversion works on a file
+                            await asyncio.to_thread(target.write_bytes, got.data)
+                            content = target
                         # The PACS chose (a C-MOVE cannot negotiate): converted between uncompressed
                         # syntaxes or decompressed if lossless, never re-encoded, or it fails alone.
                         why = await asyncio.to_thread(_convert, target, accepted, self._decoder)
@@ -952,7 +972,7 @@ class RespondingGateway:
                         hospital.repository_unique_id,
                         got.record.sop_instance_uid,
                         MIME_DICOM,
-                        target,
+                        content,
                         home=self._home,
                     ))
             undelivered = [(st, se, doc) for st, se, doc in wanted if doc.document_unique_id not in handed

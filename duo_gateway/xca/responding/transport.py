@@ -92,6 +92,7 @@ from duo_gateway.xca.retrieve import (
     build_retrieve_response,
     parse_imaging_retrieve_request,
     parse_retrieve_request,
+    spent,
 )
 from duo_gateway.xmldsig import TrustStore
 from duo_gateway.xua import accepted_audiences, peer_trust, validate_xua
@@ -337,7 +338,7 @@ async def _rad75_streamed(request: web.Request, retrieval: ImagingRetrieval, act
         return response
 
     try:
-        async with contextlib.aclosing(retrieval.stream()) as documents:
+        async with contextlib.aclosing(retrieval.stream(writes_through=True)) as documents:
             async for document in documents:
                 out = await started()
                 cid = new_content_id()
@@ -345,7 +346,7 @@ async def _rad75_streamed(request: web.Request, retrieval: ImagingRetrieval, act
                 retrieval.disclosing(document)
                 await _write_document(out, document.data)
                 await out.write(writer.PART_END)
-                written.append(document)
+                written.append(spent(document))
                 content_ids.append(cid)
         body_el, _ = build_retrieve_response(retrieval.response(written), mtom=True, content_ids=content_ids)
         root = writer.root(_answer(body_el, action, env))
