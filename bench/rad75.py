@@ -10,8 +10,9 @@ DUO runs in a process of its own so that its peak RSS (VmHWM, reset just before 
 DUO's alone; the client, the spool watcher and the getscu baseline run here, Mitz in a peers process.
 DUO answers an MTOM RAD-75 as the instances arrive, envelope last (issue 14): the time to the first
 response byte is set against the C-FINDs and consent DUO did first (their durations from its /metrics),
-and the spool's high-water mark is read from DUO's own metric (what its byte window held at most),
-cross-checked by sampling the spool directory from outside.
+and the spool's high-water mark is read from DUO's own metric (what its byte window held at most,
+in memory or in files); the spool directory is sampled from outside as well, where anything spilled
+to files (xca_responding.retrieve_memory spent) would show.
 
 Correctness is checked, never assumed: every instance of the study must arrive exactly once, under its
 own SOP Instance UID and study, with a dataset exactly as long as the generated file's, in both paths.
@@ -550,7 +551,8 @@ def print_report(args: argparse.Namespace, study: Study, generated_s: float, loa
                       for (peer, op), (n, secs) in sorted(r.peers.items()))
     print(f"inside DUO during the request (its /metrics): {where}")
     print(f"DUO spool high-water, its own metric: {r.duo_spool_high_water / MIB:.1f} MiB of a "
-          f"{r.duo_window / MIB:.0f} MiB window; sampled from outside: {r.spool_peak_bytes / MB:.0f} MB in "
+          f"{r.duo_window / MIB:.0f} MiB window (memory and files); spool files sampled from outside: "
+          f"{r.spool_peak_bytes / MB:.0f} MB in "
           f"{r.spool_peak_files} files ({r.spool_peak_bytes / study.total_bytes:.0%} of the study) at "
           f"{r.spool_peak_at:.2f} s; {r.spool_after_files} files left after the answer")
     client_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -31,12 +31,15 @@ from duo_gateway.dicom.qr import (
     MAX_CONTEXTS,
     AssociationFailed,
     AssociationRejected,
+    MemoryBudget,
     MoveRouter,
     QrClient,
     QrError,
     QrStatusError,
     QrTimeout,
+    Spool,
     SpooledInstance,
+    SpoolSink,
     _header_from,
     receiving_syntaxes,
     storage_contexts,
@@ -337,6 +340,77 @@ async def test_byte_window_bounds_the_spool_and_lets_a_larger_instance_pass_alon
                                    sop_classes(sim.anna[0]))]
     assert len(got) == len(sim.anna[0].instances)
     assert tiny.high_water_bytes == max(i.size for i in got)  # one at a time, whatever its size
+
+
+async def test_a_memory_budget_holds_instances_without_files_and_spills_beyond_it(
+        pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:
+    """With room in the budget each instance comes as its Part 10 bytes, exactly what the file would
+    hold, and no file is made; the budget is given back as each is consumed. A budget too small for
+    the study spills: the instances that do not fit (or outgrow their reservation mid-write) come as
+    files, identical too, and nothing is refused for want of memory."""
+    study = sim.big
+    qr = client(pacs.port)
+    largest = max(len(p.read_bytes()) for p in write_study(study, tmp_path / "sizes"))
+
+    def as_file(item: SpooledInstance, where: Path) -> SpooledInstance:
+        if item.data is None:
+            return item
+        assert item.path is None and item.size == len(item.data) and item.reserved >= item.size
+        where.write_bytes(item.data)
+        return dataclasses.replace(item, path=where, data=None)
+
+    for limit, in_memory in ((64 * largest, len(study.instances)), (5 * largest // 2, None), (0, 0)):
+        budget = MemoryBudget(limit)
+        spool_dir = tmp_path / f"spool-{limit}"
+        spool = qr.spool(spool_dir, 4, memory=budget)
+        got: list[SpooledInstance] = []
+        async for item in qr.get(retrieve_query(study.study_instance_uid), spool, sop_classes(study)):
+            assert budget.used <= limit
+            got.append(as_file(item, tmp_path / f"{limit}-{item.sop_instance_uid}.dcm"))
+            if len(got) == 1:
+                await asyncio.sleep(0.3)  # a consumer that stalls: the window fills past the budget
+        held = sum(1 for i in got if i.path is not None and i.path.parent == tmp_path)
+        if in_memory is None:
+            assert 0 < held < len(study.instances)  # some in memory, the rest spilled to files
+        else:
+            assert held == in_memory
+        assert budget.used == 0
+        assert not list(spool_dir.glob(".part-*"))
+        assert_identical(got, study)
+
+
+async def test_an_instance_that_outgrows_the_budget_spills_mid_write(sim: Sim, tmp_path: Path) -> None:
+    """The receive path as dicom/ul drives it, without a PACS: an instance starts in memory, the budget
+    runs out halfway, and it ends as a file with every byte, the budget given back."""
+    instance = sim.big.instances[0]
+    whole = _part10(instance)
+    dataset = whole[144 + int.from_bytes(whole[140:144], "little"):]
+    budget = MemoryBudget(len(dataset) // 2)
+    spool = Spool(tmp_path, 4, memory=budget)
+    sink = await spool.receive(str(instance.SOPClassUID), str(instance.SOPInstanceUID),
+                               str(instance.file_meta.TransferSyntaxUID))
+    assert isinstance(sink, SpoolSink)
+    for start in range(0, len(dataset), 4096):
+        sink.write(memoryview(dataset)[start:start + 4096])
+    assert await sink.finish() == 0
+    item = await spool._next(1)
+    assert isinstance(item, SpooledInstance) and item.data is None and item.path is not None
+    assert dcmread(item.path) == instance and item.size == item.path.stat().st_size
+    assert budget.used == 0 and item.reserved == 0
+    await spool.close()
+
+
+async def test_a_memory_budget_is_given_back_when_a_retrieve_is_cut(pacs: SimPacs, sim: Sim,
+                                                                    tmp_path: Path) -> None:
+    budget = MemoryBudget(1 << 30)
+    qr = client(pacs.port)
+    stream = qr.get(retrieve_query(sim.big.study_instance_uid), qr.spool(tmp_path, 8, memory=budget),
+                    sop_classes(sim.big))
+    async with aclosing(stream):
+        async for _item in stream:
+            await asyncio.sleep(0.2)  # the PACS fills the window meanwhile
+            break
+    assert budget.used == 0
 
 
 async def test_cancel_mid_get_aborts_and_cleans_up(pacs: SimPacs, sim: Sim, tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ from duo_gateway.xca.retrieve import (
 from duo_gateway.xmldsig import load_signing_pair
 from tests.support.studies import big_study
 from tests.xca.responding_harness import CLAIMS, HOME, XUA_ISSUER, Network, running_network
-from tests.xca.test_responding import ALL, H1, dataset_bytes, pacs_index, repo, study_request
+from tests.xca.test_responding import ALL, H1, dataset_bytes, pacs_index, rad75, repo, study_request
 from tests.xca.test_responding_audit import records_of
 from tests.xca.xsd import assert_valid
 
@@ -222,6 +222,34 @@ async def test_the_answer_streams_within_the_window_and_the_envelope_comes_last(
     assert not any(p.is_file() for p in duo.gateway.spool_dir.rglob("*"))
     uids, outcomes = await disclosed(duo, assertion_id)
     assert uids == set(stored) and outcomes == ["0"]
+
+
+async def test_a_streamed_answer_holds_the_instances_in_memory_and_an_inline_one_spools_files(
+        duo: Network, big: GeneratedStudy, wsdl_dir: Path) -> None:
+    """Streamed, each instance goes out from memory (no spool file is ever made) within the budget
+    and the window; an inline answer, which must have every instance before its first byte, keeps
+    using files, so its memory does not grow with the study."""
+    budget = duo.gateway.sources[H1].memory
+    assert budget is not None
+    spool_dir = duo.gateway.spool_dir
+
+    async def sampled(call: Any) -> tuple[int, int]:
+        peak_memory = peak_files = 0
+        task = asyncio.ensure_future(call)
+        while not task.done():
+            peak_memory = max(peak_memory, budget.used)
+            peak_files = max(peak_files, sum(1 for _ in spool_dir.rglob("*.dcm")))
+            await asyncio.sleep(0.001)
+        await task
+        return peak_memory, peak_files
+
+    memory, files = await sampled(post_streamed(duo, request_of(duo, big)))
+    assert files == 0
+    assert 0 < memory <= WINDOW * 5 // 4  # the window bounds the bytes; a reservation may round up
+    assert budget.used == 0
+    memory, files = await sampled(rad75(duo, request_of(duo, big), wsdl_dir, mtom=False))
+    assert memory == 0 and files > 0
+    assert budget.used == 0
 
 
 async def test_a_pacs_failing_mid_study_ends_the_answer_with_the_standard_error_and_audits_what_went_out(
