@@ -26,6 +26,11 @@ class FetchFailed(Failure):
     """
 
 
+class ConsentRefused(FetchFailed):
+    """No Permit from Mitz for this source (Deny, NotApplicable, Indeterminate, or no usable answer):
+    it gives nothing. ``retryable`` as for any FetchFailed: an outage may pass, a Deny will not."""
+
+
 @dataclass(frozen=True)
 class Fetched:
     """One instance on disk; the runner owns ``path`` from here and deletes it after relaying."""
@@ -65,4 +70,4 @@ class StudyFetcher(Protocol):
         ...
 
 
-__all__ = ["FetchFailed", "Fetched", "Missed", "StudyFetcher"]
+__all__ = ["ConsentRefused", "FetchFailed", "Fetched", "Missed", "StudyFetcher"]

@@ -12,7 +12,7 @@ from contextlib import aclosing
 from duo_gateway.config.peers import TlbHospital
 from duo_gateway.consent import ConsentGate, Permit, Refusal
 from duo_gateway.sources.base import ImagingSource, InstanceRecord, SourceUnavailable
-from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed
+from duo_gateway.transfer.fetch import ConsentRefused, Fetched, FetchFailed, Missed
 from duo_gateway.transfer.jobstore import ExpectedInstance
 from duo_gateway.xua import Claims
 
@@ -35,11 +35,12 @@ class TlbStudyFetcher:
             verdict = await self._gate.check(self._gate.for_hospital(self._claims, self._bsn, self._hospital))
             if isinstance(verdict, Refusal):
                 if verdict.denied:
-                    raise FetchFailed("error", f"no consent: Mitz {verdict.summary}", retryable=False)
+                    raise ConsentRefused("error", f"no consent: Mitz {verdict.summary}", retryable=False)
                 # A Mitz outage may pass; an incomplete question (no decision at all) will not.
                 retryable = verdict.decision is not None
-                raise FetchFailed("unavailable" if retryable else "error",
-                                  f"consent could not be established: {verdict.reason}", retryable=retryable)
+                raise ConsentRefused("unavailable" if retryable else "error",
+                                     f"consent could not be established: {verdict.reason}",
+                                     retryable=retryable)
             self._permit = verdict
         return self._permit
 
