@@ -277,6 +277,8 @@ def _decode(ds: Dataset, frame: int) -> tuple[npt.NDArray[Any], dict[str, str | 
     """The frame's pixels as pydicom decodes them (YBR_FULL / YBR_FULL_422 already RGB, signedness and
     unused bits corrected), with the pixel properties that describe the decoded array."""
     syntax = _transfer_syntax(ds)
+    if not syntax.is_encapsulated and ds.get("BitsAllocated") == 1:
+        return _unpacked_bits(ds, frame)
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError as exc:
@@ -288,6 +290,19 @@ def _decode(ds: Dataset, frame: int) -> tuple[npt.NDArray[Any], dict[str, str | 
     except Exception as exc:  # the codecs fail in many ways; each means this frame cannot be shown
         raise RenderError(f"the pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
     return arr, properties
+
+
+def _unpacked_bits(ds: Dataset, frame: int) -> tuple[npt.NDArray[Any], dict[str, str | int]]:
+    """A 1-bit frame unpacked from :func:`frame_bytes`: pydicom 3.0 mis-slices a single 1-bit frame that
+    starts mid-byte (``as_array`` with ``index``), and ours is re-packed to start on a byte."""
+    if int(ds.get("SamplesPerPixel") or 1) != 1:
+        raise RenderError("1-bit pixel data with more than one sample per pixel cannot be rendered")
+    rows, columns = _required_int(ds, "Rows"), _required_int(ds, "Columns")
+    bits = np.unpackbits(np.frombuffer(frame_bytes(ds, frame), np.uint8), bitorder="little")
+    properties: dict[str, str | int] = {
+        "photometric_interpretation": str(ds.get("PhotometricInterpretation", "")),
+        "samples_per_pixel": 1, "bits_stored": 1}
+    return bits[:rows * columns].reshape(rows, columns), properties
 
 
 def _frame_item(ds: Dataset, frame: int, sequence: str) -> Dataset:
