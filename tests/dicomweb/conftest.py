@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -17,15 +17,21 @@ from duo_gateway.sim.studies import GeneratedStudy, generate_studies
 
 @dataclass
 class Origin:
-    """Answers GET ``path`` with a fixed body; a body given in pieces goes out one chunk per piece
-    (chunked transfer coding), the way a streaming route sends a multipart answer as it is made."""
+    """Answers GET ``path`` with a fixed body, or one made from the request target (path and query); a
+    body given in pieces goes out one chunk per piece (chunked transfer coding), the way a streaming
+    route sends a multipart answer as it is made."""
 
     url: str
-    routes: dict[str, tuple[str, bytes | Sequence[bytes]]] = field(default_factory=dict)
+    routes: dict[str, tuple[str, bytes | Sequence[bytes]] | Callable[[str], tuple[str, bytes]]] = \
+        field(default_factory=dict)
     accept_headers: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)  # each request's path and query, as sent
 
     def serve(self, path: str, content_type: str, body: bytes | Sequence[bytes]) -> None:
         self.routes[path] = (content_type, body)
+
+    def answer(self, path: str, respond: Callable[[str], tuple[str, bytes]]) -> None:
+        self.routes[path] = respond
 
 
 @pytest.fixture
@@ -37,11 +43,13 @@ def origin() -> Iterator[Origin]:
 
         def do_GET(self) -> None:
             state.accept_headers.append(self.headers.get("Accept", ""))
+            state.targets.append(self.path)
             path = self.path.partition("?")[0]
             if path not in state.routes:
                 self.send_error(404)
                 return
-            content_type, body = state.routes[path]
+            route = state.routes[path]
+            content_type, body = route(self.path) if callable(route) else route
             self.send_response(200)
             self.send_header("Content-Type", content_type)
             if isinstance(body, bytes):

@@ -242,10 +242,10 @@ def test_dicomweb_client_reads_metadata_and_bulk_data(origin: Origin, ct_study: 
     """A WADO-RS metadata answer with bulk data URIs, and the bulk data behind them as multipart
     octet-stream: dicomweb-client fetches both, and pydicom rebuilds every instance from them."""
     study = ct_study.study_instance_uid
-    metadata = []
+    metadata: list[dict[str, Any]] = []
     for ds in ct_study.instances:
         base = f"{origin.url}/studies/{study}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
-        obj = to_dicom_json(ds, bulk_uri=lambda path, base=base: f"{base}/bulk/{path}")
+        obj = to_dicom_json(ds, bulk_uri=f"{base}/bulk/{{}}".format)
         metadata.append(obj)
         for path, value in _bulk_values(ds, obj):
             writer = MultipartRelated("application/octet-stream")
