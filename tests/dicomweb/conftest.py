@@ -4,15 +4,21 @@
 from __future__ import annotations
 
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BytesIO
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
 
 from duo_gateway.sim.config import default_network
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies
+from tests.support.orthanc import Orthanc, run_orthanc
 
 
 @dataclass
@@ -96,3 +102,20 @@ def ct(ct_study: GeneratedStudy) -> Dataset:
 @pytest.fixture(scope="session")
 def report(ct_study: GeneratedStudy) -> Dataset:
     return next(ds for ds in ct_study.instances if ds.Modality == "SR")
+
+
+@contextmanager
+def dicomweb_orthanc(workdir: Path, instances: Sequence[Dataset]) -> Iterator[Orthanc]:
+    """Orthanc with its DICOMweb plugin (the Debian orthanc-dicomweb package), holding ``instances``:
+    the independent QIDO-RS and WADO-RS implementation the codec's answers are compared with."""
+    options: dict[str, object] = {"Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+                                  "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    with run_orthanc(workdir, options=options) as peer:
+        for ds in instances:
+            buffer = BytesIO()
+            dcmwrite(buffer, ds, enforce_file_format=True)
+            request = urllib.request.Request(f"http://{peer.host}:{peer.http_port}/instances",
+                                             data=buffer.getvalue(), method="POST")
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                answer.read()
+        yield peer

@@ -1,10 +1,13 @@
-"""The DICOM JSON model (dicomweb/dicomjson.py) against pydicom's own F.2 writer and reader, and read by
-dicomweb-client from a loopback origin the way a viewer reads WADO-RS metadata and bulk data."""
+"""The DICOM JSON model (dicomweb/dicomjson.py) against pydicom's own F.2 writer and reader and against
+Orthanc's DICOMweb plugin (DCMTK's writer), and read by dicomweb-client from a loopback origin the way a
+viewer reads WADO-RS metadata and bulk data."""
 
 from __future__ import annotations
 
 import copy
 import json
+import urllib.request
+from collections.abc import Iterator
 from io import BytesIO
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,12 +19,13 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
 from duo_gateway.dicomweb.dicomjson import from_dicom_json, to_dicom_json
 from duo_gateway.dicomweb.multipart import MultipartRelated
 from duo_gateway.sim.studies import GeneratedStudy
-from tests.dicomweb.conftest import Origin
+from tests.dicomweb.conftest import Origin, dicomweb_orthanc
+from tests.support.orthanc import Orthanc
 
 
 def _as_pydicom_should(obj: dict[str, Any]) -> dict[str, Any]:
@@ -278,3 +282,67 @@ def _bulk_values(ds: Dataset, obj: dict[str, Any], prefix: str = "") -> list[tup
             for index, item in enumerate(attribute.get("Value", [])):
                 found += _bulk_values(elem.value[index], item, f"{prefix}{key}/{index}/")
     return found
+
+
+@pytest.fixture(scope="module")
+def odd(ct: Dataset) -> Dataset:
+    """The CT with the values F.2 has special rules for, as a new instance of its series."""
+    ds = copy.deepcopy(ct)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.ImageType = ["ORIGINAL", "", "AXIAL"]
+    ds.PixelSpacing = ["0.5", ""]
+    ds.add_new(0x00081060, "PN", ["de Boer^Pieter", "", "=Visser"])
+    ds.add_new(0x00081070, "PN", "Müller^Jürgen==")
+    ds.SeriesNumber = None
+    ds.StudyDescription = ""
+    ds.ReferencedSeriesSequence = DicomSequence([])
+    ds.ReferencedStudySequence = DicomSequence([Dataset()])
+    ds.add_new(0x00290010, "LO", "ACME 1.0")
+    ds.add_new(0x00291001, "OB", b"\x00\x01\x02\x03")
+    ds.add_new(0x00291002, "OB", b"\x00\x01" * 2000)
+    ds.FrameIncrementPointer = [0x00181063, 0x00181065]
+    ds.SelectorSVValue = [-(2**62), 12]
+    ds.ImagePositionPatient = ["-125.5", "0", "1e2"]
+    ds.SmallestImagePixelValue = 0
+    return ds
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory, ct_study: GeneratedStudy,
+            odd: Dataset) -> Iterator[Orthanc]:
+    with dicomweb_orthanc(tmp_path_factory.mktemp("orthanc"), [*ct_study.instances, odd]) as peer:
+        yield peer
+
+
+def _orthanc_metadata(orthanc: Orthanc, ds: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Orthanc's metadata of ``ds``, and ours with bulk data URIs made the way Orthanc makes them."""
+    base = (f"http://{orthanc.host}:{orthanc.http_port}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
+            f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+    with urllib.request.urlopen(f"{base}/metadata", timeout=10) as answer:
+        theirs: dict[str, Any] = json.loads(answer.read())[0]
+    return theirs, to_dicom_json(ds, bulk_uri=lambda path: f"{base}/bulk/{path.lower()}")
+
+
+def test_same_metadata_as_orthanc(orthanc: Orthanc, ct_study: GeneratedStudy) -> None:
+    """Every instance of the study, the report's nested and empty sequences included, attribute for
+    attribute and bulk data URI for bulk data URI."""
+    for ds in ct_study.instances:
+        theirs, ours = _orthanc_metadata(orthanc, ds)
+        assert ours == theirs
+
+
+def test_odd_values_against_orthanc(orthanc: Orthanc, odd: Dataset) -> None:
+    """Orthanc (DCMTK 3.6.7) agrees on null for empty values among others, absent values, empty
+    groups left out, AT, DS and US numbers. It differs where it is the odd one out: it writes an empty
+    name among others as {} (F.2.5: null) with an empty Alphabetic group, drops a sequence holding one
+    empty item and the 64-bit SV element, and sends every private binary value as bulk data."""
+    theirs, ours = _orthanc_metadata(orthanc, odd)
+    differing = {"00081060", "00081110", "00720082", "00291001"}
+    assert {key: value for key, value in ours.items() if key not in differing} == \
+        {key: value for key, value in theirs.items() if key not in differing}
+    assert theirs["00081060"]["Value"] == [{"Alphabetic": "de Boer^Pieter"}, {},
+                                           {"Alphabetic": "", "Ideographic": "Visser"}]
+    assert ours["00081060"]["Value"] == [{"Alphabetic": "de Boer^Pieter"}, None, {"Ideographic": "Visser"}]
+    assert "00081110" not in theirs and "00720082" not in theirs
+    assert ours["00080008"] == {"vr": "CS", "Value": ["ORIGINAL", None, "AXIAL"]}
+    assert ours["00291001"] == {"vr": "OB", "InlineBinary": "AAECAw=="}

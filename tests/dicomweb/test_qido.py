@@ -8,20 +8,18 @@ import copy
 import json
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from io import BytesIO
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
-from pydicom.filewriter import dcmwrite
 
 from duo_gateway.dicomweb.dicomjson import to_dicom_json
 from duo_gateway.dicomweb.qido import Level, QidoError, QidoQuery, matches, parse_qido, return_tags
 from duo_gateway.sim.config import default_network
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies
-from tests.dicomweb.conftest import Origin
-from tests.support.orthanc import Orthanc, run_orthanc
+from tests.dicomweb.conftest import Origin, dicomweb_orthanc
+from tests.support.orthanc import Orthanc
 
 #: PS3.18 Tables 10.6.3-3, -4 and -5, as tags: the required return attributes of each level.
 REQUIRED = {
@@ -216,17 +214,8 @@ def test_dicomweb_client_searches(origin: Origin, studies: list[GeneratedStudy])
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory, studies: list[GeneratedStudy]) -> Iterator[Orthanc]:
-    options: dict[str, object] = {"Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
-               "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
-    with run_orthanc(tmp_path_factory.mktemp("orthanc"), options=options) as peer:
-        for study in studies:
-            for ds in study.instances:
-                buffer = BytesIO()
-                dcmwrite(buffer, ds, enforce_file_format=True)
-                request = urllib.request.Request(f"http://{peer.host}:{peer.http_port}/instances",
-                                                 data=buffer.getvalue(), method="POST")
-                with urllib.request.urlopen(request, timeout=10) as answer:
-                    answer.read()
+    instances = [ds for study in studies for ds in study.instances]
+    with dicomweb_orthanc(tmp_path_factory.mktemp("orthanc"), instances) as peer:
         yield peer
 
 
