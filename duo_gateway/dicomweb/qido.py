@@ -81,8 +81,8 @@ _TM = r"\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?"
 _DT = r"\d{4}(?:\d{2}(?:\d{2}(?:\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?)?)?(?:[+-](?:0\d|1[0-4])[0-5]\d)?"
 _DATE_PATTERNS: Final = {"DA": _DA, "TM": _TM, "DT": _DT}
 _PARTIAL: Final = {"DA": "00000000", "TM": "000000.000000", "DT": "00000000000000.000000"}
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-_COUNT = re.compile(r"\d{1,18}")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+_COUNT = re.compile(r"\d{1,18}", re.ASCII)
 
 _Matcher = Callable[[DataElement | None], bool]
 
@@ -143,8 +143,8 @@ def matches(query: QidoQuery, ds: Dataset) -> bool:
     archives do; ``*`` and ``?`` are wildcards except in UIDs, dates, times and numbers; DA/TM/DT take
     ranges (``20200101-``, ``-20201231``, ``20200101-20201231``), a TM or DT to its given precision
     (``1030`` is the minute), time zone offsets not applied; a UID key takes a comma-separated list; a
-    multi-valued attribute matches when one of its values does. An attribute ``ds`` lacks matches only
-    an empty key (universal matching).
+    multi-valued attribute matches when one of its values does. An attribute ``ds`` lacks, or has
+    empty, matches only universal matching: an empty key, or ``*`` alone.
     """
     return all(_matcher(tag, value)(ds.get(tag)) for tag, value in query.matches)
 
@@ -275,10 +275,10 @@ def _range(name: str, vr: str, value: str) -> Callable[[str], bool]:
     """Range or single value matching of a DA/TM/DT key (PS3.4 C.2.2.2.5), as a test of a normalised
     stored value. A single TM or DT value is the range its precision spans."""
     pattern = _DATE_PATTERNS[vr]
-    if re.fullmatch(pattern, value):
+    if re.fullmatch(pattern, value, re.ASCII):
         low, high = value, value
     else:
-        found = re.fullmatch(f"({pattern})?-({pattern})?", value)
+        found = re.fullmatch(f"({pattern})?-({pattern})?", value, re.ASCII)
         if found is None or value == "-":
             raise QidoError(f"{name}: {value!r} is neither a {vr} value nor a range of them")
         low, high = found.group(1) or "", found.group(2) or ""
