@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any, Final
 
 from pydicom.dataelem import DataElement
@@ -65,13 +66,13 @@ def _refuse_bulk_data(tag: str, vr: str, uri: str) -> bytes:
     raise ValueError(f"BulkDataURI of {tag} is not resolved here: the codec does no I/O")
 
 
+@dataclass(frozen=True)
 class _Bulk:
     """When a binary value goes out by reference, and how the reference is made."""
 
-    def __init__(self, uri: Callable[[str], str] | None, threshold: int, encapsulated: bool) -> None:
-        self.uri = uri
-        self.threshold = threshold
-        self.encapsulated = encapsulated
+    uri: Callable[[str], str] | None
+    threshold: int
+    encapsulated: bool  # the dataset's pixel data is encapsulated, so OB (PS3.5 A.4)
 
 
 def _encapsulated(ds: Dataset) -> bool:

@@ -16,10 +16,10 @@ import pytest
 from dicomweb_client import DICOMwebClient
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 from duo_gateway.dicomweb.dicomjson import from_dicom_json, to_dicom_json
 from duo_gateway.dicomweb.multipart import MultipartRelated
@@ -131,6 +131,19 @@ def test_bulk_data_uri_paths_and_threshold() -> None:
     inline = to_dicom_json(ds)
     assert inline["7FE00010"] == {"vr": "OB", "InlineBinary": "AQEBAQ=="}
     _assert_same(ds, from_dicom_json(inline))
+
+
+def test_encapsulated_pixel_data_is_ob() -> None:
+    """PS3.5 A.4: encapsulated pixel data is OB whatever BitsAllocated says (pydicom's VR correction
+    alone would call 16-bit pixel data OW unless the element was read with undefined length)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.BitsAllocated = 16
+    ds.PixelData = b"\xfe\xff\x00\xe0\x00\x00\x00\x00"  # an empty basic offset table item
+    assert to_dicom_json(ds, bulk_uri=str)["7FE00010"] == {"vr": "OB", "BulkDataURI": "7FE00010"}
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    assert to_dicom_json(ds, bulk_uri=str)["7FE00010"] == {"vr": "OW", "BulkDataURI": "7FE00010"}
 
 
 def test_empty_values_are_null_inside_and_absent_alone() -> None:
