@@ -76,6 +76,8 @@ _FRAME_MEDIA: Final = {
     "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
     "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
+#: A refused frame or rendering: a bad parameter, a frame the instance lacks, or data it cannot render.
+_RENDER_STATUS: Final = {"parameter": 400, "frame": 404, "unrenderable": 406}
 _UNCOMPRESSED: Final = frozenset({str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)})
 
 Handler = Callable[[web.Request, View], Awaitable[web.StreamResponse]]
@@ -335,7 +337,7 @@ class DicomWebDoor:
                 break
             base = (f"{root}/studies/{feed.study_uid}/series/{feed.expected[uid].series_instance_uid}"
                     f"/instances/{uid}")
-            item = to_dicom_json(header, bulk_uri=lambda path, base=base: f"{base}/bulk/{path}")
+            item = to_dicom_json(header, bulk_uri=_bulk_uri(base))
             if "7FE00010" not in item:
                 frames = ",".join(str(n) for n in range(1, int(header.get("NumberOfFrames", 1) or 1) + 1))
                 item["7FE00010"] = {"vr": "OW", "BulkDataURI": f"{base}/frames/{frames}"}
@@ -363,7 +365,7 @@ class DicomWebDoor:
         try:
             frames = [await asyncio.to_thread(frame_bytes, ds, n) for n in numbers]
         except RenderError as exc:
-            raise _Problem(404 if "range" in str(exc) else 400, str(exc)) from None
+            raise _Problem(_RENDER_STATUS[exc.reason], str(exc)) from None
         writer = MultipartRelated(media, transfer_syntax=stored)
         parts = [writer.part_head(f"{media}; transfer-syntax={stored}") + f + writer.PART_END for f in frames]
         response = web.Response(body=b"".join(parts) + writer.end())
@@ -406,7 +408,7 @@ class DicomWebDoor:
                 data = await asyncio.to_thread(render, ds, frame, media, viewport=viewport, quality=quality,
                                                window=_window(request.query.get("window")))
         except RenderError as exc:
-            raise _Problem(400, str(exc)) from None
+            raise _Problem(_RENDER_STATUS[exc.reason], str(exc)) from None
         response = web.Response(body=data, content_type=media)
         response.headers["Cache-Control"] = "no-store"
         return response
@@ -426,6 +428,13 @@ class DicomWebDoor:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _bulk_uri(base: str) -> Callable[[str], str]:
+    def uri(path: str) -> str:
+        return f"{base}/bulk/{path}"
+
+    return uri
 
 
 def _pick(header: Dataset | None, keywords: Sequence[str]) -> Dataset:
