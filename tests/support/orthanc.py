@@ -76,6 +76,14 @@ class Orthanc:
         with urllib.request.urlopen(request, timeout=10) as r:
             return json.loads(r.read())
 
+    def upload(self, part10: bytes) -> object:
+        """Store one Part 10 file over REST: unlike a C-STORE, in whatever syntax the file has, with no
+        presentation context to negotiate."""
+        request = urllib.request.Request(f"http://{self.host}:{self.http_port}/instances", data=part10,
+                                         method="POST", headers={"Content-Type": "application/dicom"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return json.loads(r.read())
+
 
 @contextmanager
 def run_orthanc(workdir: Path, *, ae_title: str = "ORTHANC",
