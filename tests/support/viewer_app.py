@@ -29,6 +29,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from yarl import URL
 
 from tests.support.peers import serve_peer
 
@@ -56,6 +57,8 @@ class ProxiedRequest:
     path: str
     accept: str
     status: int
+    #: The upstream's answer as it was passed on (multipart/related; type=...; transfer-syntax=...).
+    content_type: str = ""
 
 
 def _lock_digest() -> str:
@@ -100,13 +103,14 @@ def install_page() -> Path:
 def _proxy(upstream_root: str, session: aiohttp.ClientSession, ssl: SSLContext | None,
            log: list[ProxiedRequest] | None) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        tail = request.match_info["tail"]
-        path = f"{tail}?{request.query_string}" if request.query_string else tail
+        # raw, as the page wrote it: decoding and re-encoding could change a query's meaning
+        path = request.raw_path[len(DICOMWEB_PREFIX) + 1:]
         accept = request.headers.get("Accept", "")
         headers = {name: value for name in _FORWARDED_REQUEST_HEADERS
                    if (value := request.headers.get(name)) is not None}
         try:
-            upstream = await session.request(request.method, f"{upstream_root}/{path}", headers=headers,
+            upstream = await session.request(request.method, URL(f"{upstream_root}/{path}", encoded=True),
+                                             headers=headers,
                                              data=request.content if request.body_exists else None,
                                              ssl=ssl if ssl is not None else True)
         except aiohttp.ClientError as exc:
@@ -114,7 +118,8 @@ def _proxy(upstream_root: str, session: aiohttp.ClientSession, ssl: SSLContext |
                 log.append(ProxiedRequest(request.method, path, accept, 502))
             raise web.HTTPBadGateway(text=f"upstream DICOMweb root unreachable: {exc}") from exc
         if log is not None:
-            log.append(ProxiedRequest(request.method, path, accept, upstream.status))
+            log.append(ProxiedRequest(request.method, path, accept, upstream.status,
+                                      upstream.headers.get("Content-Type", "")))
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in upstream.headers.items():
