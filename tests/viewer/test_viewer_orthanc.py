@@ -22,11 +22,14 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
+from duo_gateway.sim.codecs import stored_as
 from duo_gateway.sim.config import SimInstitution, SimPatient
-from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
+from duo_gateway.sim.studies import GeneratedStudy, generate_studies
 from tests.support.browser import Browser, headless_chromium
-from tests.support.orthanc import Orthanc, load_with_storescu, run_orthanc
+from tests.support.orthanc import Orthanc, run_orthanc
 from tests.support.viewer_app import DICOMWEB_PREFIX, ProxiedRequest, viewer_app
 
 pytestmark = pytest.mark.slow
@@ -42,6 +45,9 @@ IMAGE_SIZE = 256
 BACKGROUND_HU = -1000
 BRIGHT_HU = 140
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+#: What archives keep studies in besides native pixels: the browser decodes these itself (the image
+#: loader's WebAssembly codecs), so each must render the same as the uncompressed image.
+COMPRESSED = (JPEGLSLossless, JPEG2000Lossless, RLELossless)
 #: Screenshot pixels kept clear of each quadrant's edges, where scaling smooths bright into dark.
 MARGIN = 24
 
@@ -55,6 +61,8 @@ class Loaded:
     named: tuple[str, str]
     #: The image QIDO order makes first (series 1, instance 1), shown with its bottom-right bright.
     first: tuple[str, str]
+    #: Transfer syntax UID -> (study, series, instance) of the named image stored in that syntax.
+    compressed: dict[str, tuple[str, str, str]]
 
 
 def _ct_study() -> GeneratedStudy:
@@ -89,6 +97,27 @@ def expected_grey(ds: Dataset, hu: float) -> float:
     return min(255.0, max(0.0, value))
 
 
+def _part10(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _compressed_copies(named: Dataset) -> dict[str, Dataset]:
+    """The named image in each lossless syntax an archive (and the simulator) stores, one series each
+    in a study of their own: the frames reach the browser compressed, and its codecs must decode them."""
+    study_uid = generate_uid()
+    copies = {}
+    for number, syntax in enumerate(COMPRESSED, start=1):
+        ds = copy.deepcopy(named)
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesNumber = number
+        copies[str(syntax)] = stored_as(ds, syntax)
+    return copies
+
+
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
     study = _ct_study()
@@ -103,14 +132,19 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
             ds = copy.deepcopy(ds)
             _paint(ds, "top-left" if uid == named.SOPInstanceUID
                    else "bottom-right" if uid == first.SOPInstanceUID else "top-right")
+            if uid == named.SOPInstanceUID:
+                named = ds
         instances.append(ds)
     painted = dataclasses.replace(study, instances=instances)
-    work = tmp_path_factory.mktemp("viewer")
-    files = write_study(painted, work / "files")
-    with run_orthanc(work / "orthanc", dicomweb=True) as orthanc:
-        load_with_storescu(orthanc, [str(f) for f in files])
+    compressed = _compressed_copies(named)
+    with run_orthanc(tmp_path_factory.mktemp("viewer"), dicomweb=True) as orthanc:
+        # over REST, not C-STORE: each file is stored in its own syntax, with nothing negotiated away
+        for ds in [*painted.instances, *compressed.values()]:
+            orthanc.upload(_part10(ds))
         yield Loaded(orthanc, painted, (str(named.SeriesInstanceUID), str(named.SOPInstanceUID)),
-                     (str(first.SeriesInstanceUID), str(first.SOPInstanceUID)))
+                     (str(first.SeriesInstanceUID), str(first.SOPInstanceUID)),
+                     {syntax: (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+                      for syntax, ds in compressed.items()})
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +261,19 @@ async def test_unreachable_upstream_is_an_error_not_a_hang(browser: Browser) -> 
     async with viewer_app(f"http://127.0.0.1:{free_port()}/dicom-web") as base_url:
         state, _ = await show(browser, page_url(base_url, "1.2.3"))
     assert state.startswith("error: HTTP 502"), state
+
+
+@pytest.mark.parametrize("syntax", [str(uid) for uid in COMPRESSED], ids=[uid.keyword for uid in COMPRESSED])
+async def test_compressed_frames_are_decoded_in_the_browser(loaded: Loaded, browser: Browser,
+                                                            syntax: str) -> None:
+    """Orthanc hands the frame out in the syntax it stores (transfer-syntax=* lets it), so the screen
+    shows the image only if the page's codec for that syntax ran in the browser."""
+    assert loaded.orthanc.dicomweb_root is not None
+    log: list[ProxiedRequest] = []
+    study, series, instance = loaded.compressed[syntax]
+    async with viewer_app(loaded.orthanc.dicomweb_root, log=log) as base_url:
+        state, png = await show(browser, page_url(base_url, study, series, instance))
+    assert state == "rendered", f"{state}\n{browser.console()}"
+    assert_one_bright_quadrant(png, "top-left", _bright_grey(loaded))
+    frame = log[-1]
+    assert frame.path.endswith("/frames/1") and f"transfer-syntax={syntax}" in frame.content_type, frame
