@@ -399,7 +399,14 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
                 # every instance of the source's manifest (a KOS lists images, not reports), as held there
                 if len(set(got)) != manifests[uid] or len(got) != manifests[uid] or not set(got) <= set(held):
                     problems.append(f"{study['sources'][0]}: {len(got)} of {manifests[uid]} instances")
-            report.details.append(f"      DICOMweb root (valid {gw.config.views.ttl_s:.0f} s): {root}")
+            # The capability is the first client's: the second TLB client (its own certificate) gets a 404.
+            other = aiohttp.TCPConnector(ssl=network.tlb_clients[1].ssl_context(ca))
+            async with aiohttp.ClientSession(timeout=timeout, connector=other) as stranger, \
+                    stranger.get(f"{root}/studies") as r:
+                if r.status != 404:
+                    problems.append(f"another TLB client read the view: HTTP {r.status}")
+            report.details.append(f"      DICOMweb root (valid {gw.config.views.ttl_s:.0f} s): {root}; "
+                                  f"{network.tlb_clients[1].name} gets 404 there")
             return not problems, "QIDO and WADO-RS through one view" if not problems else "; ".join(problems)
 
         await _step(report, "A view over DICOMweb (TLB and XCA)", views)
