@@ -56,18 +56,20 @@ class TlbStudyFetcher:
         self._records = {r.sop_instance_uid: r for r in records}
         return [ExpectedInstance(r.sop_instance_uid, r.series_instance_uid, r.sop_class_uid) for r in records]
 
-    async def fetch(self, wanted: Sequence[ExpectedInstance]) -> AsyncGenerator[Fetched | Missed, None]:
+    async def fetch(self, wanted: Sequence[ExpectedInstance], *,
+                    in_memory: bool = False) -> AsyncGenerator[Fetched | Missed, None]:
         permit = await self._consent()
         # ``wanted`` comes from this fetcher's own manifest, so every record is known.
         records = [self._records[w.sop_instance_uid] for w in wanted]
         arrived: set[str] = set()
         try:
-            async with aclosing(self._pacs.retrieve(permit, self._bsn, self._study_uid, records)) as stream:
+            async with aclosing(self._pacs.retrieve(permit, self._bsn, self._study_uid, records,
+                                                    in_memory=in_memory)) as stream:
                 async for item in stream:
                     arrived.add(item.record.sop_instance_uid)
                     # The spool checked the header (instance asked, this study, this patient).
-                    yield Fetched(item.record.sop_instance_uid, item.file(), item.size,
-                                  item.record.sop_class_uid, item.transfer_syntax_uid)
+                    yield Fetched(item.record.sop_instance_uid, item.path, item.size,
+                                  item.record.sop_class_uid, item.transfer_syntax_uid, item.data)
         except SourceUnavailable as exc:
             if not arrived:
                 raise FetchFailed(exc.kind, f"{self.source}: {exc.detail}", retryable=exc.retryable) from exc

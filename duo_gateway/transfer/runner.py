@@ -170,13 +170,13 @@ class _Relay:
     async def __call__(self, item: Fetched) -> bool:
         """True when the failure (if any) was transient, so another pass may still store it."""
         job, cfg = self._job, self._r.cfg.transfers
-        paths = [item.path]
+        paths = [item.file()]
         try:
             sop_uid, sop_class, syntax = item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax_uid
-            path = item.path
+            path = item.file()
             try:
                 if sop_class is None or syntax is None:
-                    meta = await asyncio.to_thread(read_file_meta_info, item.path)
+                    meta = await asyncio.to_thread(read_file_meta_info, path)
                     sop_uid = str(meta.get("MediaStorageSOPInstanceUID", ""))
                     sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
                     syntax = str(meta.get("TransferSyntaxUID", ""))
@@ -184,9 +184,9 @@ class _Relay:
                     await self._failed(item, "the source sent an object that is not the instance asked for")
                     return True
                 if job.local_patient_id:
-                    path = item.path.with_name(item.path.name + ".reconciled")
+                    original, path = path, path.with_name(path.name + ".reconciled")
                     paths.append(path)
-                    await asyncio.to_thread(reconcile_file, item.path, path,
+                    await asyncio.to_thread(reconcile_file, original, path,
                                             local_patient_id=job.local_patient_id, issuer=self._issuer,
                                             bsn=self._bsn)
             except (InvalidDicomError, ValueError, OSError) as exc:
@@ -473,7 +473,7 @@ class JobRunner:
             nonlocal transient, failure
             while (item := await queue.get()) is not None:
                 if failure is not None:
-                    item.path.unlink(missing_ok=True)
+                    item.file().unlink(missing_ok=True)
                     continue
                 try:
                     # Not ``transient |= await relay(item)``: that reads ``transient`` before the await
@@ -512,7 +512,7 @@ class JobRunner:
             await asyncio.gather(*consumers, return_exceptions=True)
             while not queue.empty():
                 if (left := queue.get_nowait()) is not None:
-                    left.path.unlink(missing_ok=True)
+                    left.file().unlink(missing_ok=True)
             raise
         for _ in consumers:
             await queue.put(None)

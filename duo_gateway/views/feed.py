@@ -17,6 +17,7 @@ import contextlib
 import shutil
 from collections.abc import Sequence
 from contextlib import aclosing
+from io import BytesIO
 from pathlib import Path
 
 import structlog
@@ -72,7 +73,8 @@ class StudyFeed:
 
     async def _run(self, wanted: list[ExpectedInstance]) -> None:
         try:
-            async with aclosing(self._fetcher.fetch(wanted)) as stream:
+            # In memory where the source can: each instance is written once, into the cache.
+            async with aclosing(self._fetcher.fetch(wanted, in_memory=True)) as stream:
                 async for item in stream:
                     if isinstance(item, Missed):
                         self._missed[item.sop_instance_uid] = item.detail
@@ -103,19 +105,19 @@ class StudyFeed:
         uid = item.sop_instance_uid
         expected = self.expected.get(uid)
         if expected is None or self._closed or uid in self._cached:
-            await asyncio.to_thread(item.path.unlink, missing_ok=True)
+            await _discard(item)
             return
         try:
             await self._cache.reserve(item.size, wait_s=self._wait_s)
         except CacheFull:
-            await asyncio.to_thread(item.path.unlink, missing_ok=True)
+            await _discard(item)
             raise
         target = self._dir / f"{uid}.dcm"
         try:
-            header = await asyncio.to_thread(_move_and_read, item.path, target)
+            header = await asyncio.to_thread(_place, item, target)
         except Exception:
             self._cache.release(item.size)
-            await asyncio.to_thread(item.path.unlink, missing_ok=True)
+            await _discard(item)
             raise
         if self._closed:
             self._cache.release(item.size)
@@ -223,6 +225,16 @@ class StudyFeed:
         await asyncio.to_thread(shutil.rmtree, self._dir, True)
 
 
-def _move_and_read(source: Path, target: Path) -> Dataset:
-    shutil.move(source, target)
+def _place(item: Fetched, target: Path) -> Dataset:
+    """The instance into the cache (written once from memory, or its spool file moved), and its
+    header read for metadata."""
+    if item.data is not None:
+        target.write_bytes(item.data)
+        return dcmread(BytesIO(item.data), stop_before_pixels=True)
+    shutil.move(item.file(), target)
     return dcmread(target, stop_before_pixels=True)
+
+
+async def _discard(item: Fetched) -> None:
+    if item.path is not None:
+        await asyncio.to_thread(item.path.unlink, missing_ok=True)
