@@ -27,7 +27,8 @@ log = structlog.get_logger(__name__)
 
 @dataclass(eq=False)
 class CachedInstance:
-    """One fetched instance on disk. ``header`` is its dataset without pixel data (metadata, QIDO)."""
+    """One fetched instance on disk. ``header`` is its dataset without pixel data (metadata, QIDO), read
+    when first needed."""
 
     sop_instance_uid: str
     series_instance_uid: str
@@ -35,7 +36,7 @@ class CachedInstance:
     transfer_syntax_uid: str
     path: Path
     size: int
-    header: Dataset
+    header: Dataset | None
     #: Readers holding the file open now: such an entry is never evicted.
     readers: int = 0
     #: Called when the cache evicts it, so its owner forgets it (and fetches it again on demand).

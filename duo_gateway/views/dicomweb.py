@@ -233,7 +233,7 @@ class DicomWebDoor:
         found = []
         for uid in uids:
             expected = feed.expected[uid]
-            ds = _pick(feed.known_header(uid), _INSTANCE_KEYWORDS)
+            ds = _pick(await feed.known_header(uid), _INSTANCE_KEYWORDS)
             ds.SOPClassUID = ds.get("SOPClassUID") or expected.sop_class_uid
             ds.SOPInstanceUID = uid
             ds.SeriesInstanceUID = expected.series_instance_uid
@@ -266,8 +266,9 @@ class DicomWebDoor:
         first = await feed.any_header([uid for members in feed.series.values() for uid in members[:1]])
         ds = _pick(first, _STUDY_KEYWORDS)
         ds.StudyInstanceUID = feed.study_uid
+        await feed.read_headers()
         modalities = sorted({str(h.Modality) for uid in feed.expected
-                             if (h := feed.known_header(uid)) is not None and h.get("Modality")})
+                             if (h := await feed.known_header(uid)) is not None and h.get("Modality")})
         if modalities:
             ds.ModalitiesInStudy = modalities
         ds.NumberOfStudyRelatedSeries = len(feed.series)
@@ -292,6 +293,8 @@ class DicomWebDoor:
                     raise _Problem(504, "the source did not deliver the instance in time") from None
                 break
             try:
+                if not entry.transfer_syntax_uid:
+                    await feed.read_headers()  # a spooled file from a community: its meta says
                 syntax = _syntax_for(accepted, entry.transfer_syntax_uid)
                 if syntax is None:
                     if response is None and sent == 0 and len(uids) == 1:
@@ -357,8 +360,8 @@ class DicomWebDoor:
     async def _frames(self, request: web.Request, view: View) -> web.StreamResponse:
         feed, uids = self._scope(request, view)
         numbers = _frame_numbers(request.match_info["frames"])
-        ds, entry = await self._dataset(feed, uids[0])
-        stored = entry.transfer_syntax_uid
+        ds, _entry = await self._dataset(feed, uids[0])
+        stored = str(ds.file_meta.TransferSyntaxUID)
         media = "application/octet-stream" if stored in _UNCOMPRESSED else _FRAME_MEDIA.get(stored)
         if media is None:
             raise NotAcceptable(f"frames of {stored} data are not served")
@@ -481,6 +484,11 @@ def _converted(entry: CachedInstance, syntax: str) -> bytes:
 
 
 async def _file_chunks(entry: CachedInstance) -> AsyncIterator[bytes]:
+    """The cached file: an instance of a few MB in one hop to a thread (a hop per chunk waits for the
+    GIL's switch interval each time the loop is busy), a larger one in chunks."""
+    if entry.size <= _CHUNK * 4:
+        yield await asyncio.to_thread(entry.path.read_bytes)
+        return
     fh: BinaryIO = await asyncio.to_thread(entry.path.open, "rb")
     try:
         while chunk := await asyncio.to_thread(fh.read, _CHUNK):

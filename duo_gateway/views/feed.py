@@ -17,7 +17,6 @@ import contextlib
 import shutil
 from collections.abc import Sequence
 from contextlib import aclosing
-from io import BytesIO
 from pathlib import Path
 
 import structlog
@@ -29,6 +28,9 @@ from duo_gateway.transfer.jobstore import ExpectedInstance
 from duo_gateway.views.cache import CachedInstance, CacheFull, ViewCache
 
 log = structlog.get_logger(__name__)
+
+#: Instances up to this size are written into the cache on the event loop (see ``_store``).
+_WRITE_ON_LOOP = 4 * 1024 * 1024
 
 
 class InstanceGone(Exception):
@@ -114,7 +116,12 @@ class StudyFeed:
             raise
         target = self._dir / f"{uid}.dcm"
         try:
-            header = await asyncio.to_thread(_place, item, target)
+            if item.data is not None and len(item.data) <= _WRITE_ON_LOOP:
+                # A local write of a slice or two is cheaper than a hop to a thread, which under a
+                # busy loop waits for the GIL's switch interval (5 ms) once per instance.
+                target.write_bytes(item.data)
+            else:
+                await asyncio.to_thread(_place, item, target)
         except Exception:
             self._cache.release(item.size)
             await _discard(item)
@@ -123,15 +130,12 @@ class StudyFeed:
             self._cache.release(item.size)
             await asyncio.to_thread(target.unlink, missing_ok=True)
             return
-        meta = getattr(header, "file_meta", None)
         entry = CachedInstance(
             sop_instance_uid=uid, series_instance_uid=expected.series_instance_uid,
-            sop_class_uid=str(header.get("SOPClassUID", "") or expected.sop_class_uid),
-            transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "") if meta is not None else "")
-            or item.transfer_syntax_uid or "", path=target, size=item.size, header=header,
-            on_evict=self._evicted)
+            sop_class_uid=item.sop_class_uid or expected.sop_class_uid,
+            transfer_syntax_uid=item.transfer_syntax_uid or "", path=target, size=item.size,
+            header=None, on_evict=self._evicted)
         self._cached[uid] = entry
-        self._headers[uid] = header
         self._missed.pop(uid, None)
         self._fetching.discard(uid)
         self._cache.add(entry)
@@ -177,6 +181,9 @@ class StudyFeed:
         while (found := self._headers.get(uid)) is None:
             if self._closed:
                 raise InstanceGone("the view was closed")
+            if uid in self._cached:
+                await self.read_headers()
+                continue
             if uid in self._missed:
                 raise InstanceGone(self._missed[uid])
             if uid not in self._fetching:
@@ -184,7 +191,33 @@ class StudyFeed:
             await self._until_change(deadline)
         return found
 
-    def known_header(self, uid: str) -> Dataset | None:
+    async def read_headers(self) -> None:
+        """Read the headers of every instance that arrived and was not read yet, in one hop to a
+        thread: headers are read when metadata or a search needs them, never on the fetch's path,
+        and a series' worth at a time rather than one hop per instance."""
+        pending = [(uid, e) for uid, e in self._cached.items() if uid not in self._headers]
+        if not pending:
+            return
+        for _uid, entry in pending:
+            entry.readers += 1  # kept on disk while they are read
+        try:
+            read = await asyncio.to_thread(_read_headers, [(uid, e.path) for uid, e in pending])
+        finally:
+            for _uid, entry in pending:
+                self._cache.done_reading(entry)
+        for uid, header in read.items():
+            self._headers[uid] = header
+            cached = self._cached.get(uid)
+            if cached is not None:
+                cached.header = header
+                meta = getattr(header, "file_meta", None)
+                if meta is not None and meta.get("TransferSyntaxUID"):
+                    cached.transfer_syntax_uid = str(meta.TransferSyntaxUID)
+
+    async def known_header(self, uid: str) -> Dataset | None:
+        """The header if the instance has arrived (read now if need be), else None: no waiting."""
+        if uid in self._cached and uid not in self._headers:
+            await self.read_headers()
         return self._headers.get(uid)
 
     async def any_header(self, uids: Sequence[str]) -> Dataset | None:
@@ -194,8 +227,8 @@ class StudyFeed:
         deadline = loop.time() + self._wait_s
         while True:
             for uid in uids:
-                if uid in self._headers:
-                    return self._headers[uid]
+                if (found := await self.known_header(uid)) is not None:
+                    return found
             if all(uid in self._missed for uid in uids) or self._closed:
                 return None
             if not any(uid in self._fetching for uid in uids):
@@ -225,14 +258,20 @@ class StudyFeed:
         await asyncio.to_thread(shutil.rmtree, self._dir, True)
 
 
-def _place(item: Fetched, target: Path) -> Dataset:
-    """The instance into the cache (written once from memory, or its spool file moved), and its
-    header read for metadata."""
+def _place(item: Fetched, target: Path) -> None:
+    """The instance into the cache: written once from memory, or its spool file moved."""
     if item.data is not None:
         target.write_bytes(item.data)
-        return dcmread(BytesIO(item.data), stop_before_pixels=True)
-    shutil.move(item.file(), target)
-    return dcmread(target, stop_before_pixels=True)
+    else:
+        shutil.move(item.file(), target)
+
+
+def _read_headers(files: list[tuple[str, Path]]) -> dict[str, Dataset]:
+    read: dict[str, Dataset] = {}
+    for uid, path in files:
+        with contextlib.suppress(FileNotFoundError):
+            read[uid] = dcmread(path, stop_before_pixels=True)
+    return read
 
 
 async def _discard(item: Fetched) -> None:
