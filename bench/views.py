@@ -51,8 +51,8 @@ from bench._harness import (
     start_duo,
 )
 from bench.rad75 import BrokenTransfer, Study, load_into_orthanc, make_study
-from bench.transfer import PERIOD, REQUESTER, XCA_INITIATOR_AE, XCA_INITIATOR_URA
-from duo_gateway.sim.network import DEMO_XDS_HOME, DEMO_XUA_ISSUER, DUO_HOME_COMMUNITY_ID, HOST
+from bench.transfer import PERIOD, REQUESTER, initiating_config
+from duo_gateway.sim.network import HOST
 from duo_gateway.sim.pki import Pki, make_pki
 
 MB: Final = 1e6
@@ -169,24 +169,6 @@ def tlb_config(work: Path, orthanc: Any, mitz_url: str, pki: Pki) -> dict[str, A
     return duo_config(work, tlb, mitz_url, pki.ca_cert)
 
 
-def xca_config(work: Path, responder_url: str, mitz_url: str, pki: Pki) -> dict[str, Any]:
-    """DUO with no TLB hospital, whose one community is the responding DUO (see bench.transfer)."""
-    hospital = network().hospitals[0]
-    xca = f"{responder_url}/xca"
-    raw = duo_config(work, [], mitz_url, pki.ca_cert,
-                     gateway={"home_community_id": DEMO_XDS_HOME, "ura": XCA_INITIATOR_URA,
-                              "name": "DUO initiating (bench)"},
-                     listeners={"dicom": {"ae_title": XCA_INITIATOR_AE, "host": HOST, "port": 0}},
-                     xua={"issuer": DEMO_XUA_ISSUER, "signing_key_file": str(pki.client.key),
-                          "signing_cert_file": str(pki.client.cert)},
-                     clients={"xca": []})
-    raw["xca_communities"] = [{
-        "home_community_id": DUO_HOME_COMMUNITY_ID, "name": "DUO responding (bench)",
-        "iti38": f"{xca}/iti38", "iti39": f"{xca}/iti39", "rad75": f"{xca}/rad75", "uras": [hospital.ura],
-        "query_without_localization": True, "timeout_s": 120.0}]
-    return raw
-
-
 async def amain(args: argparse.Namespace, work: Path) -> int:
     from tests.support.orthanc import run_orthanc  # the project's Orthanc runner, with the DICOMweb plugin
 
@@ -214,8 +196,9 @@ async def amain(args: argparse.Namespace, work: Path) -> int:
                 responder, ready = await asyncio.to_thread(
                     start_duo, work / "responder", tlb_config(work / "responder", orthanc, mitz_url, pki))
                 children.append(responder)
-                child, ready = await asyncio.to_thread(
-                    start_duo, work / "xca", xca_config(work / "xca", ready["http_url"], mitz_url, pki))
+                raw = initiating_config(work / "xca", ready["http_url"], mitz_url, pki,
+                                        network().hospitals[0].ura)
+                child, ready = await asyncio.to_thread(start_duo, work / "xca", raw)
                 children.append(child)
                 duo["xca"] = ready["http_url"]
             for _ in range(args.repeat):

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from duo_gateway.sim.studies import GeneratedStudy, generate_studies
 from tests.support.browser import Browser, headless_chromium
 from tests.support.orthanc import Orthanc, run_orthanc
 from tests.support.viewer_app import ProxiedRequest, viewer_app
-from tests.transfer.harness import ALL, NET, REQUESTER, TLB, TransferNetwork, running
+from tests.transfer.harness import ALL, NET, REQUESTER, TLB, TransferNetwork
 from tests.viewer.test_viewer_orthanc import (
     BRIGHT_HU,
     IMAGE_SIZE,
@@ -66,13 +65,6 @@ def source(tmp_path_factory: pytest.TempPathFactory,
         for ds in study[0].instances:
             orthanc.upload(_part10(ds))
         yield orthanc
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def network(tmp_path_factory: pytest.TempPathFactory,
-                  source: Orthanc) -> AsyncIterator[TransferNetwork]:
-    async with running(tmp_path_factory.mktemp("net"), source, source) as net:
-        yield net
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,12 @@ Mitz notification each close the view: its root then answers 404.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from io import BytesIO
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.dataset import Dataset
@@ -23,28 +22,24 @@ from pydicom.dataset import Dataset
 from duo_gateway.mitz.fhir import FHIR_JSON, ConsentStatement, Notification, build_notification
 from duo_gateway.sim.behaviour import MitzMisbehaviour
 from duo_gateway.sim.http import misbehaving
-from duo_gateway.sim.studies import write_study
-from tests.support.orthanc import Orthanc, load_with_storescu, run_orthanc
-from tests.transfer.harness import ALL, REQUESTER, TLB, TransferNetwork, kos_instances, running, tlb_studies
+from tests.support.orthanc import Orthanc
+from tests.transfer.harness import (
+    ALL,
+    REQUESTER,
+    TLB,
+    TransferNetwork,
+    kos_instances,
+    tlb_source,
+    tlb_studies,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    tmp = tmp_path_factory.mktemp("source")
-    files = [str(p) for s in tlb_studies() for p in write_study(s, tmp / "send" / s.study_instance_uid)]
-    with run_orthanc(tmp / "orthanc", ae_title="ORTHANC_SRC") as orthanc:
-        load_with_storescu(orthanc, files)
+    with tlb_source(tmp_path_factory.mktemp("source")) as orthanc:
         yield orthanc
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def network(tmp_path_factory: pytest.TempPathFactory,
-                  source: Orthanc) -> AsyncIterator[TransferNetwork]:
-    # The source doubles as the (unused) transfer destination: views store nothing anywhere.
-    async with running(tmp_path_factory.mktemp("net"), source, source) as net:
-        yield net
 
 
 async def make_view(network: TransferNetwork, study_ids: list[str]) -> tuple[int, dict[str, Any]]:
