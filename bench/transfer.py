@@ -363,6 +363,26 @@ def _destination(dest: Any) -> dict[str, Any]:
                               "patient_id_issuer": "OWN_HOSPITAL", "timeout_s": 60.0}]}
 
 
+def initiating_config(work: Path, responder_url: str, mitz_url: str, pki: Any, hospital_ura: str,
+                      **overrides: dict[str, Any]) -> dict[str, Any]:
+    """The measured DUO of an XCA-source bench: no TLB hospital, one community, which is the responding
+    DUO at ``responder_url``; it signs its XUA assertions as the benchmarks' XDS peer, whom the
+    responder trusts, and nobody asks it anything over XCA."""
+    xca = responder_url + "/xca"
+    raw = duo_config(work, [], mitz_url, pki.ca_cert,
+                     gateway={"home_community_id": DEMO_XDS_HOME, "ura": XCA_INITIATOR_URA,
+                              "name": "DUO initiating (bench)"},
+                     listeners={"dicom": {"ae_title": XCA_INITIATOR_AE, "host": HOST, "port": 0}},
+                     xua={"issuer": DEMO_XUA_ISSUER, "signing_key_file": str(pki.client.key),
+                          "signing_cert_file": str(pki.client.cert)},
+                     clients={"xca": []}, **overrides)
+    raw["xca_communities"] = [{
+        "home_community_id": DUO_HOME_COMMUNITY_ID, "name": "DUO responding (bench)",
+        "iti38": f"{xca}/iti38", "iti39": f"{xca}/iti39", "rad75": f"{xca}/rad75", "uras": [hospital_ura],
+        "query_without_localization": True, "timeout_s": 120.0}]
+    return raw
+
+
 def xca_transfer(work: Path, study: Study, source: Any, dest: Any, mitz_url: str, pki: Any, hospital: Any,
                  reconcile: bool) -> DuoRun:
     """The study fetched from an XCA community: a second DUO process is that community's Responding
@@ -387,19 +407,8 @@ def xca_transfer(work: Path, study: Study, source: Any, dest: Any, mitz_url: str
         if profile is not None:
             os.environ["DUO_BENCH_PROFILE"] = profile
     try:
-        xca = ready["http_url"] + "/xca"
-        community = {"home_community_id": DUO_HOME_COMMUNITY_ID, "name": "DUO responding (bench)",
-                     "iti38": f"{xca}/iti38", "iti39": f"{xca}/iti39", "rad75": f"{xca}/rad75",
-                     "uras": [hospital.ura], "query_without_localization": True, "timeout_s": 120.0}
-        raw = duo_config(run_dir, [], mitz_url, pki.ca_cert,
-                         gateway={"home_community_id": DEMO_XDS_HOME, "ura": XCA_INITIATOR_URA,
-                                  "name": "DUO initiating (bench)"},
-                         listeners={"dicom": {"ae_title": XCA_INITIATOR_AE, "host": HOST, "port": 0}},
-                         xua={"issuer": DEMO_XUA_ISSUER, "signing_key_file": str(pki.client.key),
-                              "signing_cert_file": str(pki.client.cert)},
-                         clients={"xca": []},  # it is that XDS peer: nobody asks it anything over XCA
-                         transfers=_destination(dest))
-        raw["xca_communities"] = [community]
+        raw = initiating_config(run_dir, ready["http_url"], mitz_url, pki, hospital.ura,
+                                transfers=_destination(dest))
         return _measured_transfer(run_dir, raw, study, "xca", source, dest, reconcile,
                                   responder=responder.pid)
     finally:

@@ -43,6 +43,9 @@ from duo_gateway.tls import server_context
 from duo_gateway.transfer.jobstore import TransferStore
 from duo_gateway.transfer.metrics import TransferMetrics
 from duo_gateway.transfer.service import TransferService
+from duo_gateway.transfer.sources import StudySources
+from duo_gateway.views.dicomweb import DicomWebDoor
+from duo_gateway.views.service import ViewService
 from duo_gateway.xca.docindex import DocumentIndex
 from duo_gateway.xca.initiating.finder import CommunityClient
 from duo_gateway.xca.initiating.retriever import CommunityRetriever
@@ -72,7 +75,7 @@ class Gateway:
         self.consent = ConsentGate(self.mitz, categories=config.mitz.categories)
         # Mitz notifications evict cached decisions before they are acknowledged.
         self._front_doors = [
-            MitzNotifyDoor(config, lambda bsn, ura: self.mitz.consent_changed(bsn, ura), self.auditor),
+            MitzNotifyDoor(config, self._consent_changed, self.auditor),
             *front_doors,
         ]
         self._responding: RespondingGateway | None = None
@@ -123,8 +126,18 @@ class Gateway:
                 config, store=TransferStore.open(config.storage.url, config.storage.path),
                 study_ids=self.study_ids, gate=self.consent, sources=self.sources, retrievers=self.retrievers,
                 metrics=TransferMetrics(self.metrics.registry), auditor=self.auditor, identity=self.identity)
+        #: Remote studies shown to a viewer over DICOMweb before import (duo_gateway.views).
+        self.views: ViewService | None = None
+        if config.views.enabled:
+            self.views = ViewService(
+                config.views, study_ids=self.study_ids,
+                sources=StudySources(config, gate=self.consent, sources=self.sources,
+                                     retrievers=self.retrievers),
+                root=config.storage.path / "views", auditor=self.auditor, identity=self.identity)
+            self._front_doors.append(DicomWebDoor(self.views, config.views))
         if config.timeline.enabled:
             self._front_doors.append(TlbApiDoor(self.timeline, config.timeline, transfers=self.transfers,
+                                                views=self.views,
                                                 identity=AssertionIdentity.from_config(config)))
         self.index: DocumentIndex | None = None
         self._extra_probes = list(extra_probes)
@@ -133,6 +146,12 @@ class Gateway:
         self._site: web.TCPSite | None = None
         self._dicom_server: UlServer | None = None
         self.app: web.Application | None = None
+
+    def _consent_changed(self, bsn: str, holder_ura: str) -> None:
+        """A Mitz notification: cached decisions go, and so does every view it concerns."""
+        self.mitz.consent_changed(bsn, holder_ura)
+        if self.views is not None:
+            self.views.consent_changed(bsn, holder_ura)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -154,6 +173,8 @@ class Gateway:
             self._front_doors.append(XcaRespondingDoor(cfg, service))
         if self.transfers is not None:
             await self.transfers.open()
+        if self.views is not None:
+            await self.views.start()
         self.app = build_app(
             self.metrics,
             lambda: build_probes(cfg, self._extra_probes),
@@ -197,6 +218,8 @@ class Gateway:
         if self.transfers is not None:
             self.transfers.end_watches()  # open event streams end now instead of holding the shutdown
         await self._stop_http()
+        if self.views is not None:
+            await self.views.stop()
         if self.transfers is not None:
             # Jobs stop where they are and go back to the queue, to resume here or on another replica.
             await self.transfers.stop(timeout_s=self.config.daemon.shutdown_grace_s)

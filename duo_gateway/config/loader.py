@@ -28,6 +28,7 @@ from duo_gateway.config.peers import TlbHospital, XcaCommunity
 from duo_gateway.config.runtime import DaemonConfig, LoggingConfig, StorageConfig
 from duo_gateway.config.timeline import TimelineConfig
 from duo_gateway.config.transfer import TransferConfig
+from duo_gateway.config.views import ViewsConfig
 from duo_gateway.config.xca import XcaRespondingConfig
 from duo_gateway.config.xua import XuaConfig
 
@@ -46,6 +47,7 @@ class DuoConfig(StrictModel):
     xca_responding: XcaRespondingConfig = XcaRespondingConfig()
     timeline: TimelineConfig = TimelineConfig()
     transfers: TransferConfig = TransferConfig()
+    views: ViewsConfig = ViewsConfig()
     audit: AuditConfig = AuditConfig()
     storage: StorageConfig = StorageConfig()
     logging: LoggingConfig = LoggingConfig()

@@ -9,6 +9,7 @@ The scenario grows with the gateway: timeline queries and transfers through DUO 
 from __future__ import annotations
 
 import asyncio
+import email
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -372,6 +373,44 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
 
         await _step(report, "Transfers into the requester's PACS (TLB and XCA)", transfers)
 
+        async def views() -> tuple[bool, str]:
+            """One TLB and one XCA study of the same patient in a view, read back over its DICOMweb root:
+            QIDO lists both, a WADO-RS retrieve of each gives every instance its source holds."""
+            made = await make_demo_view(gw.http_url, gw.config.timeline.path_prefix,
+                                        next(p for p in net.patients if p.consent == "all").bsn, http)
+            if isinstance(made, str):
+                return False, made
+            root, chosen, manifests = made
+            problems: list[str] = []
+            async with http.get(f"{root}/studies", headers={"Accept": "application/dicom+json"}) as r:
+                listed = {s["0020000D"]["Value"][0] for s in await r.json()} if r.status == 200 else set()
+            if listed != {s["study_instance_uid"] for s in chosen}:
+                problems.append(f"QIDO listed {len(listed)} of {len(chosen)} studies")
+            for study in chosen:
+                uid = study["study_instance_uid"]
+                async with http.get(f"{root}/studies/{uid}",
+                                    headers={"Accept": 'multipart/related; type="application/dicom"'}) as r:
+                    body = await r.read()
+                    content_type = r.headers.get("Content-Type", "")
+                got = await asyncio.to_thread(_dicom_parts, content_type, body)
+                held = await asyncio.to_thread(_held_syntaxes, network, uid)
+                report.details.append(f"      {study['sources'][0]:<40} {len(got)}/{manifests[uid]} "
+                                      f"instances of its manifest over WADO-RS, {len(body) / 1e6:.1f} MB")
+                # every instance of the source's manifest (a KOS lists images, not reports), as held there
+                if len(set(got)) != manifests[uid] or len(got) != manifests[uid] or not set(got) <= set(held):
+                    problems.append(f"{study['sources'][0]}: {len(got)} of {manifests[uid]} instances")
+            # The capability is the first client's: the second TLB client (its own certificate) gets a 404.
+            other = aiohttp.TCPConnector(ssl=network.tlb_clients[1].ssl_context(ca))
+            async with aiohttp.ClientSession(timeout=timeout, connector=other) as stranger, \
+                    stranger.get(f"{root}/studies") as r:
+                if r.status != 404:
+                    problems.append(f"another TLB client read the view: HTTP {r.status}")
+            report.details.append(f"      DICOMweb root (valid {gw.config.views.ttl_s:.0f} s): {root}; "
+                                  f"{network.tlb_clients[1].name} gets 404 there")
+            return not problems, "QIDO and WADO-RS through one view" if not problems else "; ".join(problems)
+
+        await _step(report, "A view over DICOMweb (TLB and XCA)", views)
+
         async def trust() -> tuple[bool, str]:
             """Every door knows who calls: each identity works for itself and for nobody else."""
             api = f"{gw.http_url}{gw.config.timeline.path_prefix}/timeline"
@@ -412,6 +451,42 @@ async def run_scenario(network: SimulatedNetwork) -> Report:
 
         await _step(report, "DUO /metrics (Prometheus)", metrics)
     return report
+
+
+DemoView = tuple[str, list[dict[str, Any]], dict[str, int]]
+
+
+async def make_demo_view(http_url: str, prefix: str, bsn: str, http: aiohttp.ClientSession) -> DemoView | str:
+    """A view of the patient's first TLB and first XCA study from a fresh timeline: its DICOMweb root,
+    the two timeline entries and the instances each source's manifest lists, or why not."""
+    requester = {"ura": REQUESTER_PACS.ura, "organization_type": "V6", "uzi": DEMO_UZI, "role": DEMO_ROLE,
+                 "purpose": "TREAT"}
+    body = {"patient": {"bsn": bsn}, "requester": requester,
+            "period": {"from": "2015-01-01", "to": "2026-12-31"}}
+    async with http.post(f"{http_url}{prefix}/timeline", json=body) as r:
+        studies = (await r.json()).get("studies", [])
+    firsts = [next((s for s in studies if s["sources"][0].startswith(kind)), None)
+              for kind in ("tlb:", "xca:")]
+    chosen = [s for s in firsts if s is not None]
+    async with http.post(f"{http_url}{prefix}/views",
+                         json={"studies": [s["id"] for s in chosen], "requester": requester}) as r:
+        view = await r.json()
+        if r.status != 201:
+            return f"HTTP {r.status}: {view.get('detail')}"
+    manifests = {s["study_instance_uid"]: int(s["instances"]) for s in view["studies"]}
+    return str(view["dicomweb"]), chosen, manifests
+
+
+def _dicom_parts(content_type: str, body: bytes) -> list[str]:
+    """The SOP Instance UIDs of a multipart/related answer's application/dicom parts."""
+    message = email.message_from_bytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    uids = []
+    for part in message.walk():
+        if part.get_content_type() == "application/dicom":
+            payload = part.get_payload(decode=True)
+            assert isinstance(payload, bytes)
+            uids.append(str(dcmread(BytesIO(payload), stop_before_pixels=True).SOPInstanceUID))
+    return uids
 
 
 def _headers(paths: list[Path]) -> dict[str, tuple[str, str]]:

@@ -141,9 +141,11 @@ class ImagingSource(Protocol):
         ...
 
     def retrieve(self, permit: Permit, bsn: str, study_uid: str, instances: Sequence[InstanceRecord], *,
-                 transfer_syntaxes: Sequence[str] = PREFERRED) -> AsyncGenerator[RetrievedInstance, None]:
+                 transfer_syntaxes: Sequence[str] = PREFERRED,
+                 in_memory: bool = False) -> AsyncGenerator[RetrievedInstance, None]:
         """Stream the instances as they arrive, bounded in memory; what could not be fetched is
         reported by raising nothing: the caller compares what arrived with what it asked for.
+        ``in_memory`` as for :meth:`retrieve_named`.
 
         ``transfer_syntaxes``: what the caller can use, best first (a RAD-75 request's list); the source
         asks for those where its protocol lets it negotiate, and each instance says what it came in

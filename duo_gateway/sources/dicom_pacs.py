@@ -224,7 +224,8 @@ class DicomPacsSource:
         return [bsn_of(ds, self.hospital.bsn_attribute) for ds in answers]
 
     def retrieve(self, permit: Permit, bsn: str, study_uid: str, instances: Sequence[InstanceRecord], *,
-                 transfer_syntaxes: Sequence[str] = PREFERRED) -> AsyncGenerator[RetrievedInstance, None]:
+                 transfer_syntaxes: Sequence[str] = PREFERRED,
+                 in_memory: bool = False) -> AsyncGenerator[RetrievedInstance, None]:
         """Stream the instances; consume inside ``contextlib.aclosing`` so that stopping early (an
         error, a cancelled consumer) aborts the PACS and empties the spool at once.
 
@@ -235,7 +236,8 @@ class DicomPacsSource:
         """
         # Checked here, not inside the generator, so a wrong Permit fails at the call, before anything.
         self._check(permit, bsn)
-        return self._retrieve_records(bsn, study_uid, list(instances), tuple(transfer_syntaxes))
+        return self._retrieve_records(bsn, study_uid, list(instances), tuple(transfer_syntaxes),
+                                      self.memory if in_memory else None)
 
     def retrieve_named(
         self, permit: Permit, bsn: str, study_uid: str, named: Mapping[str, str], *,
@@ -295,8 +297,10 @@ class DicomPacsSource:
             return []
         return sorted(set(_values(own[0], "SOPClassesInStudy")))
 
-    async def _retrieve_records(self, bsn: str, study_uid: str, instances: list[InstanceRecord],
-                                syntaxes: tuple[str, ...]) -> AsyncGenerator[RetrievedInstance, None]:
+    async def _retrieve_records(
+        self, bsn: str, study_uid: str, instances: list[InstanceRecord], syntaxes: tuple[str, ...],
+        memory: MemoryBudget | None = None,
+    ) -> AsyncGenerator[RetrievedInstance, None]:
         wanted = {i.sop_instance_uid: i for i in instances if i.study_instance_uid == study_uid}
         if len(wanted) != len(instances):
             log.warning("pacs_retrieve_foreign_records_ignored", source=self.name,
@@ -305,7 +309,8 @@ class DicomPacsSource:
             return
         counts = await self._deadline("c-find", self._series_counts(study_uid), self.hospital.timeout_s)
         classes = sorted({r.sop_class_uid for r in wanted.values()})
-        async with aclosing(self._retrieve(bsn, study_uid, wanted, classes, counts, syntaxes)) as items:
+        async with aclosing(self._retrieve(bsn, study_uid, wanted, classes, counts, syntaxes,
+                                           memory=memory)) as items:
             async for item in items:
                 yield item
 

@@ -52,9 +52,13 @@ from duo_gateway.tlb.models import (
     TransferList,
     TransferQuery,
     TransferStatus,
+    ViewCreated,
+    ViewQuery,
+    ViewStudy,
 )
 from duo_gateway.transfer.jobstore import Job
 from duo_gateway.transfer.service import AdhocDestination, TransferRefused, TransferRequest
+from duo_gateway.views.service import ViewRefused, ViewService
 from duo_gateway.xua import Claims
 
 log = structlog.get_logger(__name__)
@@ -95,7 +99,18 @@ _TITLES: Final[dict[ProblemType, str]] = {
     ProblemType.FORBIDDEN: "Forbidden",
     ProblemType.TOO_MANY_REQUESTS: "Too many requests",
     ProblemType.INVALID_ASSERTION: "No acceptable XUA assertion",
+    ProblemType.NO_CONSENT: "No consent",
+    ProblemType.SOURCE_UNAVAILABLE: "Source unavailable",
 }
+#: How each refusal of a view is answered.
+_VIEW_REFUSALS: Final[dict[str, tuple[int, ProblemType]]] = {
+    "invalid-study": (422, ProblemType.INVALID_STUDY),
+    "no-consent": (403, ProblemType.NO_CONSENT),
+    "source-unavailable": (502, ProblemType.SOURCE_UNAVAILABLE),
+    "too-many": (429, ProblemType.TOO_MANY_REQUESTS),
+}
+#: View ids are UUIDs (the service makes them); anything else is answered 404 without a lookup.
+_VIEW_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 #: Which problem a refused member belongs to, by the top-level member it sits in.
 _BY_MEMBER: Final[dict[str, ProblemType]] = {
     "patient": ProblemType.INVALID_BSN,
@@ -169,6 +184,7 @@ class TlbApiDoor:
 
     def __init__(self, provider: TimelineProvider, config: TimelineConfig, *,
                  transfers: TransferProvider | None = None,
+                 views: ViewService | None = None,
                  identity: AssertionIdentity | None = None,
                  schema_path: Path | None = DEFAULT_SCHEMA_PATH,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -177,6 +193,7 @@ class TlbApiDoor:
             raise ValueError("max_body_bytes must be positive and deadline_grace_s not negative")
         self._provider = provider
         self._transfers = transfers
+        self._views = views
         #: Checks the assertions of clients with ``identity = "assertion"``; None: no such client.
         self._identity = identity
         self._config = config
@@ -201,6 +218,10 @@ class TlbApiDoor:
                                   name=route_name("tlb", "transfers.cancel"))
             app.router.add_get(f"{prefix}/transfers/{{id}}/events", self._events,
                                name=route_name("tlb", "transfers.events"))
+        if self._views is not None:
+            app.router.add_post(f"{prefix}/views", self._create_view, name=route_name("tlb", "views.create"))
+            app.router.add_delete(f"{prefix}/views/{{id}}", self._delete_view,
+                                  name=route_name("tlb", "views.delete"))
         document = self._document
         if document is not None:
             async def openapi(_request: web.Request) -> web.Response:
@@ -375,6 +396,46 @@ class TlbApiDoor:
                 with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                     await pending
             await stream.aclose()  # type: ignore[attr-defined]
+
+    # -- views ---------------------------------------------------------------------------------
+    async def _create_view(self, request: web.Request) -> web.Response:
+        assert self._views is not None
+        try:
+            client = _client(request)
+            query = await self._parse(request, ViewQuery, TRANSFER_MAX_BODY_BYTES)
+            _speaks_for(client, query.requester.ura)
+            requester = self._requester(request, client, query.requester.claims())
+        except _Refusal as refusal:
+            log.info("tlb_view_refused", status=refusal.status, problem=refusal.type.value)
+            return _refused(refusal)
+        try:
+            view = await self._views.create(client=client.name, requester=requester, study_ids=query.studies)
+        except ViewRefused as refused:
+            status, type_ = _VIEW_REFUSALS[refused.kind]
+            log.info("tlb_view_refused", status=status, problem=type_.value, source=refused.source)
+            return _problem(status, type_, refused.detail)
+        except Exception:
+            return _internal_error("the view service raised", event="tlb_view_failed",
+                                   failed="the view could not be made")
+        root = f"{request.scheme}://{request.host}{self._views.cfg.dicomweb_path}/{view.token}"
+        body = ViewCreated(id=view.id, dicomweb=root, expires_at=view.expires_iso(), studies=[
+            ViewStudy(id=feed.study_id, study_instance_uid=uid, source=feed.source,
+                      instances=len(feed.expected))
+            for uid, feed in view.feeds.items()])
+        response = web.json_response(body.model_dump(mode="json"), status=201)
+        response.headers["Location"] = f"{self._config.path_prefix}/views/{view.id}"
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    async def _delete_view(self, request: web.Request) -> web.Response:
+        assert self._views is not None
+        client = caller_of(request).tlb
+        view_id = request.match_info["id"]
+        deleted = client is not None and _VIEW_ID.fullmatch(view_id) is not None \
+            and await self._views.delete(view_id, client.name)
+        if not deleted:
+            return _problem(404, ProblemType.NOT_FOUND, "no open view with this id")
+        return web.Response(status=204)
 
     # -- the professional ----------------------------------------------------------------------
     def _requester(self, request: web.Request, client: TlbClient, stated: Claims) -> Claims:

@@ -64,6 +64,8 @@ class ProblemType(StrEnum):
     FORBIDDEN = "urn:duo-gateway:problem:forbidden"
     TOO_MANY_REQUESTS = "urn:duo-gateway:problem:too-many-requests"
     INVALID_ASSERTION = "urn:duo-gateway:problem:invalid-assertion"
+    NO_CONSENT = "urn:duo-gateway:problem:no-consent"
+    SOURCE_UNAVAILABLE = "urn:duo-gateway:problem:source-unavailable"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,6 +248,8 @@ class TimelineAnswer(_Response):
 #: A DICOM LO value without backslash: what PatientID may hold.
 PATIENT_ID_PATTERN: Final = r"^[ -\[\]-~]{1,64}$"
 MAX_TRANSFER_STUDIES: Final = 100
+#: Most studies one view request may name (the configured views.max_studies may be lower).
+MAX_VIEW_STUDIES: Final = 200
 
 
 class DestinationAddress(_Request):
@@ -269,6 +273,31 @@ class TransferQuery(_Request):
         default=None, pattern=PATIENT_ID_PATTERN,
         description="The patient's id in the destination PACS: DUO writes it as PatientID (keeping the "
         "original in OtherPatientIDsSequence) so the study lands on the right patient.")
+
+
+class ViewQuery(_Request):
+    """POST {prefix}/views: studies from a timeline, shown in a viewer over DICOMweb before import."""
+
+    studies: list[Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[A-Za-z0-9_-]+$")]] = Field(
+        min_length=1, max_length=MAX_VIEW_STUDIES,
+        description="Study `id`s exactly as a timeline answer gave them (opaque, sealed by DUO), all of "
+        "one patient.")
+    requester: Requester
+
+
+class ViewStudy(_Response):
+    id: str = Field(description="The study id from the request.")
+    study_instance_uid: str
+    source: str = Field(description="Where DUO fetches it from, e.g. `tlb:00010001` or `xca:urn:oid:…`.")
+    instances: int = Field(ge=0, description="Instances in the source's manifest.")
+
+
+class ViewCreated(_Response):
+    id: str
+    dicomweb: str = Field(description="The view's DICOMweb root (PS3.18): a capability URL, usable by the "
+                          "client that made the view only, until `expires_at` or until deleted.")
+    expires_at: str = Field(description="RFC 3339, UTC.")
+    studies: list[ViewStudy]
 
 
 #: The store's own states, so the API cannot drift from what jobs can be in.
@@ -345,7 +374,8 @@ def openapi_component_schemas() -> dict[str, Any]:
     _, top = models_json_schema(
         [(TimelineQuery, "validation"), (TimelineAnswer, "serialization"), (Problem, "serialization"),
          (TransferQuery, "validation"), (TransferAccepted, "serialization"),
-         (TransferStatus, "serialization"), (TransferList, "serialization")],
+         (TransferStatus, "serialization"), (TransferList, "serialization"),
+         (ViewQuery, "validation"), (ViewCreated, "serialization")],
         ref_template=REF_TEMPLATE)
     defs: dict[str, Any] = top["$defs"]
     return defs
@@ -372,5 +402,8 @@ __all__ = [
     "TransferList",
     "TransferQuery",
     "TransferStatus",
+    "ViewCreated",
+    "ViewQuery",
+    "ViewStudy",
     "openapi_component_schemas",
 ]

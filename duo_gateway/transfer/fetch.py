@@ -26,17 +26,30 @@ class FetchFailed(Failure):
     """
 
 
+class ConsentRefused(FetchFailed):
+    """No Permit from Mitz for this source (Deny, NotApplicable, Indeterminate, or no usable answer):
+    it gives nothing. ``retryable`` as for any FetchFailed: an outage may pass, a Deny will not."""
+
+
 @dataclass(frozen=True)
 class Fetched:
-    """One instance on disk; the runner owns ``path`` from here and deletes it after relaying."""
+    """One instance on disk; the runner owns ``path`` from here and deletes it after relaying. Or, for a
+    consumer that asked for memory (``fetch(..., in_memory=True)``), its Part 10 bytes (``path`` None)."""
 
     sop_instance_uid: str
-    path: Path
+    path: Path | None
     size: int
     #: Set by a source that already read and checked the file's header while receiving it (the
     #: C-GET/C-MOVE spool does): the relay then does not read the header a second time.
     sop_class_uid: str | None = None
     transfer_syntax_uid: str | None = None
+    data: bytes | None = None
+
+    def file(self) -> Path:
+        """The spooled file, for consumers that did not ask for memory (a transfer's relay)."""
+        if self.path is None:
+            raise TypeError("this instance is held in memory, not spooled to a file")
+        return self.path
 
 
 @dataclass(frozen=True)
@@ -56,8 +69,11 @@ class StudyFetcher(Protocol):
         """Every instance of the study the source will deliver: what "completed" is checked against."""
         ...
 
-    def fetch(self, wanted: Sequence[ExpectedInstance]) -> AsyncGenerator[Fetched | Missed, None]:
+    def fetch(self, wanted: Sequence[ExpectedInstance], *,
+              in_memory: bool = False) -> AsyncGenerator[Fetched | Missed, None]:
         """Stream ``wanted`` as it arrives, then a :class:`Missed` for each one that did not come.
+        ``in_memory``: the consumer keeps nothing past the next item, so a source may hand over bytes
+        (``Fetched.data``) instead of spool files where it can (a view writes them into its cache).
 
         Raises :class:`FetchFailed` when the source as a whole failed; consumers iterate inside
         ``contextlib.aclosing`` so an early stop releases the source and its spool at once.
@@ -65,4 +81,4 @@ class StudyFetcher(Protocol):
         ...
 
 
-__all__ = ["FetchFailed", "Fetched", "Missed", "StudyFetcher"]
+__all__ = ["ConsentRefused", "FetchFailed", "Fetched", "Missed", "StudyFetcher"]

@@ -12,7 +12,7 @@ from contextlib import aclosing
 from duo_gateway.config.peers import TlbHospital
 from duo_gateway.consent import ConsentGate, Permit, Refusal
 from duo_gateway.sources.base import ImagingSource, InstanceRecord, SourceUnavailable
-from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed
+from duo_gateway.transfer.fetch import ConsentRefused, Fetched, FetchFailed, Missed
 from duo_gateway.transfer.jobstore import ExpectedInstance
 from duo_gateway.xua import Claims
 
@@ -35,11 +35,12 @@ class TlbStudyFetcher:
             verdict = await self._gate.check(self._gate.for_hospital(self._claims, self._bsn, self._hospital))
             if isinstance(verdict, Refusal):
                 if verdict.denied:
-                    raise FetchFailed("error", f"no consent: Mitz {verdict.summary}", retryable=False)
+                    raise ConsentRefused("error", f"no consent: Mitz {verdict.summary}", retryable=False)
                 # A Mitz outage may pass; an incomplete question (no decision at all) will not.
                 retryable = verdict.decision is not None
-                raise FetchFailed("unavailable" if retryable else "error",
-                                  f"consent could not be established: {verdict.reason}", retryable=retryable)
+                raise ConsentRefused("unavailable" if retryable else "error",
+                                     f"consent could not be established: {verdict.reason}",
+                                     retryable=retryable)
             self._permit = verdict
         return self._permit
 
@@ -55,18 +56,20 @@ class TlbStudyFetcher:
         self._records = {r.sop_instance_uid: r for r in records}
         return [ExpectedInstance(r.sop_instance_uid, r.series_instance_uid, r.sop_class_uid) for r in records]
 
-    async def fetch(self, wanted: Sequence[ExpectedInstance]) -> AsyncGenerator[Fetched | Missed, None]:
+    async def fetch(self, wanted: Sequence[ExpectedInstance], *,
+                    in_memory: bool = False) -> AsyncGenerator[Fetched | Missed, None]:
         permit = await self._consent()
         # ``wanted`` comes from this fetcher's own manifest, so every record is known.
         records = [self._records[w.sop_instance_uid] for w in wanted]
         arrived: set[str] = set()
         try:
-            async with aclosing(self._pacs.retrieve(permit, self._bsn, self._study_uid, records)) as stream:
+            async with aclosing(self._pacs.retrieve(permit, self._bsn, self._study_uid, records,
+                                                    in_memory=in_memory)) as stream:
                 async for item in stream:
                     arrived.add(item.record.sop_instance_uid)
                     # The spool checked the header (instance asked, this study, this patient).
-                    yield Fetched(item.record.sop_instance_uid, item.file(), item.size,
-                                  item.record.sop_class_uid, item.transfer_syntax_uid)
+                    yield Fetched(item.record.sop_instance_uid, item.path, item.size,
+                                  item.record.sop_class_uid, item.transfer_syntax_uid, item.data)
         except SourceUnavailable as exc:
             if not arrived:
                 raise FetchFailed(exc.kind, f"{self.source}: {exc.detail}", retryable=exc.retryable) from exc

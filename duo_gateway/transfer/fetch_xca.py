@@ -76,7 +76,9 @@ class XcaStudyFetcher:
                               retryable=False)
         return expected
 
-    async def fetch(self, wanted: Sequence[ExpectedInstance]) -> AsyncGenerator[Fetched | Missed, None]:
+    async def fetch(self, wanted: Sequence[ExpectedInstance], *,
+                    in_memory: bool = False) -> AsyncGenerator[Fetched | Missed, None]:
+        # RAD-75 answers arrive as MTOM parts spooled by the retriever: files, whatever ``in_memory``.
         by_series: dict[str, list[str]] = {}
         for w in wanted:
             by_series.setdefault(w.series_instance_uid, []).append(w.sop_instance_uid)

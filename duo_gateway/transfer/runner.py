@@ -37,7 +37,6 @@ from pydicom.filereader import read_file_meta_info
 from duo_gateway.audit.auditor import Auditor
 from duo_gateway.audit.messages import Peer, Requestor
 from duo_gateway.config.loader import DuoConfig
-from duo_gateway.config.peers import TlbHospital, XcaCommunity
 from duo_gateway.config.transfer import DestinationPacs
 from duo_gateway.consent import ConsentGate
 from duo_gateway.dicom.reconcile import reconcile_file
@@ -49,8 +48,6 @@ from duo_gateway.timeline.study_ids import StudyIds
 from duo_gateway.tls import client_context
 from duo_gateway.transfer.audit import audit_study
 from duo_gateway.transfer.fetch import Fetched, FetchFailed, Missed, StudyFetcher
-from duo_gateway.transfer.fetch_tlb import TlbStudyFetcher
-from duo_gateway.transfer.fetch_xca import XcaStudyFetcher
 from duo_gateway.transfer.jobstore import (
     ExpectedInstance,
     InstanceRow,
@@ -61,6 +58,7 @@ from duo_gateway.transfer.jobstore import (
     TransferStore,
 )
 from duo_gateway.transfer.metrics import TransferMetrics
+from duo_gateway.transfer.sources import StudySources
 from duo_gateway.xca.initiating.retriever import CommunityRetriever
 from duo_gateway.xua import Claims
 
@@ -172,13 +170,13 @@ class _Relay:
     async def __call__(self, item: Fetched) -> bool:
         """True when the failure (if any) was transient, so another pass may still store it."""
         job, cfg = self._job, self._r.cfg.transfers
-        paths = [item.path]
+        paths = [item.file()]
         try:
             sop_uid, sop_class, syntax = item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax_uid
-            path = item.path
+            path = item.file()
             try:
                 if sop_class is None or syntax is None:
-                    meta = await asyncio.to_thread(read_file_meta_info, item.path)
+                    meta = await asyncio.to_thread(read_file_meta_info, path)
                     sop_uid = str(meta.get("MediaStorageSOPInstanceUID", ""))
                     sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
                     syntax = str(meta.get("TransferSyntaxUID", ""))
@@ -186,9 +184,9 @@ class _Relay:
                     await self._failed(item, "the source sent an object that is not the instance asked for")
                     return True
                 if job.local_patient_id:
-                    path = item.path.with_name(item.path.name + ".reconciled")
+                    original, path = path, path.with_name(path.name + ".reconciled")
                     paths.append(path)
-                    await asyncio.to_thread(reconcile_file, item.path, path,
+                    await asyncio.to_thread(reconcile_file, original, path,
                                             local_patient_id=job.local_patient_id, issuer=self._issuer,
                                             bsn=self._bsn)
             except (InvalidDicomError, ValueError, OSError) as exc:
@@ -253,13 +251,13 @@ class JobRunner:
         self.changed = changed
         self._ids = study_ids
         self._gate = gate
-        self._sources = dict(sources)
-        self._retrievers = dict(retrievers)
+        #: Which configured hospital or community serves a reference, and its fetcher.
+        self.study_sources = StudySources(cfg, gate=gate, sources=sources, retrievers=retrievers)
         self._auditor = auditor
         self._identity = identity
         self._rng = rng or random.SystemRandom()
         self._destination_clients = destination_clients
-        self._make_fetcher: FetcherFactory = fetchers or self._fetcher
+        self._make_fetcher: FetcherFactory = fetchers or self.study_sources.fetcher
 
     async def backoff(self, attempt: int) -> None:
         cfg = self.cfg.transfers
@@ -373,29 +371,11 @@ class JobRunner:
         sealed.check_use(ura)
         for ref in sealed.refs:
             try:
-                if ref.kind == "tlb":
-                    self._hospital(ref)
-                else:
-                    self._community(ref)
+                self.study_sources.check(ref)
                 return ref.study_uid
             except LookupError as exc:
                 problems.append(str(exc))
         raise LookupError("; ".join(problems))
-
-    def _hospital(self, ref: StudyRef) -> tuple[TlbHospital, ImagingSource]:
-        hospital = next((h for h in self.cfg.tlb_hospitals if h.ura == ref.hospital_ura), None)
-        source = self._sources.get(ref.hospital_ura or "")
-        if hospital is None or source is None:
-            raise LookupError(f"TLB hospital {ref.hospital_ura} is not (or no longer) configured")
-        return hospital, source
-
-    def _community(self, ref: StudyRef) -> tuple[XcaCommunity, CommunityRetriever]:
-        community = next((c for c in self.cfg.xca_communities
-                          if c.home_community_id == ref.home_community_id), None)
-        retriever = self._retrievers.get(ref.home_community_id)
-        if community is None or retriever is None:
-            raise LookupError(f"community {ref.home_community_id} is not (or no longer) configured")
-        return community, retriever
 
     def _fetchers(self, refs: Sequence[StudyRef], bsn: str,
                   claims: Claims) -> tuple[list[tuple[StudyRef, StudyFetcher]], list[str]]:
@@ -409,16 +389,6 @@ class JobRunner:
             except LookupError as exc:
                 skipped.append(str(exc))
         return fetchers, skipped
-
-    def _fetcher(self, ref: StudyRef, bsn: str, claims: Claims) -> StudyFetcher:
-        """The default :data:`FetcherFactory`: the configured TLB hospital's PACS behind the consent
-        gate, or the configured community's retriever."""
-        if ref.kind == "tlb":
-            hospital, source = self._hospital(ref)
-            return TlbStudyFetcher(hospital=hospital, source=source, gate=self._gate, claims=claims, bsn=bsn,
-                                   study_uid=ref.study_uid)
-        community, retriever = self._community(ref)
-        return XcaStudyFetcher(community=community, retriever=retriever, claims=claims, bsn=bsn, ref=ref)
 
     async def _study(self, job: Job, study: StudyProgress, claims: Claims, clients: list[DestinationClient],
                      destination: DestinationPacs) -> StudyOutcome:
@@ -503,7 +473,7 @@ class JobRunner:
             nonlocal transient, failure
             while (item := await queue.get()) is not None:
                 if failure is not None:
-                    item.path.unlink(missing_ok=True)
+                    item.file().unlink(missing_ok=True)
                     continue
                 try:
                     # Not ``transient |= await relay(item)``: that reads ``transient`` before the await
@@ -542,7 +512,7 @@ class JobRunner:
             await asyncio.gather(*consumers, return_exceptions=True)
             while not queue.empty():
                 if (left := queue.get_nowait()) is not None:
-                    left.path.unlink(missing_ok=True)
+                    left.file().unlink(missing_ok=True)
             raise
         for _ in consumers:
             await queue.put(None)

@@ -27,7 +27,7 @@ def test_demo_once_shows_every_component_healthy(tmp_path: Path) -> None:
     ports_file = tmp_path / "ports.json"
     proc = run_demo("--once", "--ports-file", str(ports_file))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "15 of 15 checks passed: network healthy" in proc.stdout
+    assert "16 of 16 checks passed: network healthy" in proc.stdout
     assert "[ok  ] Trust: callers bound to their certificates" in proc.stdout
     ports = json.loads(ports_file.read_text())
     assert ports["duo"]["home_community_id"].startswith("urn:oid:")

@@ -205,7 +205,7 @@ class FakeSource:
                                       transfer_syntaxes=transfer_syntaxes)
 
     async def retrieve(self, permit: Permit, bsn: str, study_uid: str, instances: Sequence[InstanceRecord], *,
-                       transfer_syntaxes: Sequence[str] = PREFERRED,
+                       transfer_syntaxes: Sequence[str] = PREFERRED, in_memory: bool = False,
                        ) -> AsyncGenerator[RetrievedInstance, None]:
         self.calls.append(Call("retrieve", bsn, study_uid,
                                {"instances": tuple(i.sop_instance_uid for i in instances),
@@ -282,7 +282,8 @@ class FakeFetcher:
             raise step
         return list(step)
 
-    async def fetch(self, wanted: Sequence[ExpectedInstance]) -> AsyncGenerator[Fetched | Missed, None]:
+    async def fetch(self, wanted: Sequence[ExpectedInstance], *,
+                    in_memory: bool = False) -> AsyncGenerator[Fetched | Missed, None]:
         n = len(self.fetch_calls)
         self.fetch_calls.append([w.sop_instance_uid for w in wanted])
         script = self._passes[min(n, len(self._passes) - 1)] if self._passes else {}

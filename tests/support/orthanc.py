@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -34,12 +35,35 @@ def orthanc_binary() -> str:
     return path
 
 
+#: Where Debian's orthanc-dicomweb puts the plugin: the unversioned link first, the library it names
+#: after (a packaging change that drops the link must not silently untest DICOMweb).
+_DICOMWEB_PLUGIN_GLOBS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+                          "/usr/lib/orthanc/libOrthancDicomWeb.so*")
+#: The plugin's root as its Debian configuration and Orthanc's documentation have it.
+DICOMWEB_ROOT = "/dicom-web/"
+
+
+def dicomweb_plugin() -> str:
+    """Path of Orthanc's DICOMweb plugin; skip loudly without it, fail under CI where `make test`
+    installs it."""
+    for pattern in _DICOMWEB_PLUGIN_GLOBS:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    msg = "Orthanc's DICOMweb plugin not installed (apt-get install orthanc-dicomweb): DICOMweb untested"
+    if os.environ.get("CI") == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
 @dataclass(frozen=True)
 class Orthanc:
     ae_title: str
     host: str
     dicom_port: int
     http_port: int
+    #: ``http://host:port/dicom-web`` (no trailing slash) when started with ``dicomweb=True``.
+    dicomweb_root: str | None = None
 
     def rest(self, path: str) -> object:
         with urllib.request.urlopen(f"http://{self.host}:{self.http_port}{path}", timeout=10) as r:
@@ -52,18 +76,30 @@ class Orthanc:
         with urllib.request.urlopen(request, timeout=10) as r:
             return json.loads(r.read())
 
+    def upload(self, part10: bytes) -> object:
+        """Store one Part 10 file over REST: unlike a C-STORE, in whatever syntax the file has, with no
+        presentation context to negotiate."""
+        request = urllib.request.Request(f"http://{self.host}:{self.http_port}/instances", data=part10,
+                                         method="POST", headers={"Content-Type": "application/dicom"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return json.loads(r.read())
+
 
 @contextmanager
 def run_orthanc(workdir: Path, *, ae_title: str = "ORTHANC",
                 modalities: dict[str, tuple[str, str, int]] | None = None,
-                nodelay: bool = True, options: dict[str, object] | None = None) -> Iterator[Orthanc]:
+                nodelay: bool = True, options: dict[str, object] | None = None,
+                dicomweb: bool = False) -> Iterator[Orthanc]:
     """Start Orthanc with its index and storage in ``workdir``; ``modalities`` are C-MOVE destinations,
-    ``options`` further configuration entries (e.g. ``AcceptedTransferSyntaxes``).
+    ``options`` further configuration entries (e.g. ``AcceptedTransferSyntaxes``). ``dicomweb`` loads
+    the DICOMweb plugin at :data:`DICOMWEB_ROOT`: the reference DICOMweb server the viewer test and the
+    benchmark hold DUO's own routes against.
 
     Orthanc binds 0.0.0.0 (no listen-address option in 1.10); DicomCheckModalityHost and the disabled
     remote HTTP access keep it to loopback peers.
     """
     binary = orthanc_binary()
+    plugins = [dicomweb_plugin()] if dicomweb else []
     workdir.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = _free_port(), _free_port()
     config = {
@@ -75,7 +111,10 @@ def run_orthanc(workdir: Path, *, ae_title: str = "ORTHANC",
         "DicomAlwaysAllowGet": True, "DicomCheckModalityHost": False,
         "DicomModalities": {name: {"AET": aet, "Host": host, "Port": port}
                             for name, (aet, host, port) in (modalities or {}).items()},
-        "Plugins": [], "StableAge": 1, "SaveJobs": False, "ConcurrentJobs": 2,
+        "Plugins": plugins, "StableAge": 1, "SaveJobs": False, "ConcurrentJobs": 2,
+        # No "Host": the plugin then takes the request's Host header for the URLs it writes into answers
+        # (RetrieveURL, BulkDataURI) instead of a hard-coded name.
+        **({"DicomWeb": {"Enable": True, "Root": DICOMWEB_ROOT, "EnableWado": False}} if dicomweb else {}),
         **(options or {}),
     }
     cfg_path = workdir / "orthanc.json"
@@ -83,7 +122,8 @@ def run_orthanc(workdir: Path, *, ae_title: str = "ORTHANC",
     env = {**os.environ, **({"TCP_NODELAY": "1"} if nodelay else {})}
     log = (workdir / "orthanc.log").open("wb")
     proc = subprocess.Popen([binary, str(cfg_path)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    orthanc = Orthanc(ae_title, "127.0.0.1", dicom_port, http_port)
+    root = f"http://127.0.0.1:{http_port}{DICOMWEB_ROOT.rstrip('/')}" if dicomweb else None
+    orthanc = Orthanc(ae_title, "127.0.0.1", dicom_port, http_port, root)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -95,6 +135,9 @@ def run_orthanc(workdir: Path, *, ae_title: str = "ORTHANC",
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"Orthanc did not start: see {workdir / 'orthanc.log'}") from None
                 time.sleep(0.05)
+        if dicomweb and "dicom-web" not in cast(list[str], orthanc.rest("/plugins")):
+            # Orthanc starts without a plugin it could not load: say so here, not as a 404 in a browser
+            raise RuntimeError(f"Orthanc did not load its DICOMweb plugin: see {workdir / 'orthanc.log'}")
         yield orthanc
     finally:
         # Killed, not terminated: the peer's index and storage go with the test's tmp dir, and a

@@ -26,8 +26,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from duo_gateway.audit.messages import Peer
 from duo_gateway.config.timeline import TimelineConfig
 from duo_gateway.config.transfer import DestinationPacs, TransferConfig
+from duo_gateway.config.views import ViewsConfig
 from duo_gateway.consent import ConsentGate
 from duo_gateway.http.server import build_app
 from duo_gateway.mitz.client import ConsentDecision
@@ -48,6 +50,8 @@ from duo_gateway.tlb.models import (
 from duo_gateway.transfer.jobstore import TransferStore
 from duo_gateway.transfer.metrics import TransferMetrics
 from duo_gateway.transfer.service import TransferService
+from duo_gateway.transfer.sources import StudySources
+from duo_gateway.views.service import ViewService
 from tests.support.clients import plain_directory
 from tests.support.gateway import make_config
 from tests.tlb.test_api import CANNED, FakeProvider
@@ -176,7 +180,12 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                                     gate=gate, sources={}, retrievers={},
                                     metrics=TransferMetrics(CollectorRegistry()), auditor=None)
         await transfers.start()
-        door = TlbApiDoor(FakeProvider(result=CANNED), TimelineConfig(), transfers=transfers)
+        # Schemathesis cannot forge a study id either, so no view is ever made: its refusals are checked.
+        views = ViewService(ViewsConfig(), study_ids=ids,
+                            sources=StudySources(config, gate=gate, sources={}, retrievers={}),
+                            root=storage / "views", auditor=None,
+                            identity=Peer(user_id="DUO", host="localhost"))
+        door = TlbApiDoor(FakeProvider(result=CANNED), TimelineConfig(), transfers=transfers, views=views)
         clients = plain_directory(tlb_uras=("00000666", "00000659"))
         runner = web.AppRunner(build_app(Metrics(), lambda: [], 1.0, [door], clients=clients))
         await runner.setup()

@@ -31,11 +31,11 @@ from duo_gateway.sim.config import SimHospital, default_network
 from duo_gateway.sim.http import misbehaving
 from duo_gateway.sim.mitz import MitzSimulator
 from duo_gateway.sim.pki import Pki, make_pki
-from duo_gateway.sim.studies import GeneratedStudy, generate_studies
+from duo_gateway.sim.studies import GeneratedStudy, generate_studies, write_study
 from duo_gateway.sim.xca import XcaCommunitySimulator
 from duo_gateway.xca.metadata import KOS_FORMAT
 from tests.support.clients import plain_clients
-from tests.support.orthanc import Orthanc
+from tests.support.orthanc import Orthanc, load_with_storescu, run_orthanc
 from tests.support.peers import Peer, serve_peer
 
 HOST: Final = "127.0.0.1"
@@ -57,6 +57,15 @@ LOCAL_ISSUER: Final = "OWN_HOSPITAL"
 def tlb_studies() -> list[GeneratedStudy]:
     return [s for p in NET.patients for s in generate_studies(p, TLB, TLB.studies_per_patient, NET.seed,
                                                               image_size=NET.image_size)]
+
+
+@contextmanager
+def tlb_source(tmp: Path) -> Iterator[Orthanc]:
+    """The TLB hospital's Orthanc, loaded with :func:`tlb_studies` over DCMTK storescu."""
+    files = [str(p) for s in tlb_studies() for p in write_study(s, tmp / "send" / s.study_instance_uid)]
+    with run_orthanc(tmp / "orthanc", ae_title=TLB.ae_title) as orthanc:
+        load_with_storescu(orthanc, files)
+        yield orthanc
 
 
 @dataclass

@@ -60,7 +60,8 @@ class FileSource:
     async def manifest(self) -> list[ExpectedInstance]:
         return [ExpectedInstance(m.sop_instance_uid, self.series, m.sop_class_uid) for m in self.files]
 
-    async def fetch(self, wanted: Sequence[ExpectedInstance]) -> AsyncGenerator[Fetched | Missed, None]:
+    async def fetch(self, wanted: Sequence[ExpectedInstance], *,
+                    in_memory: bool = False) -> AsyncGenerator[Fetched | Missed, None]:
         self.fetches += 1
         asked = {w.sop_instance_uid for w in wanted}
         for m in self.files:

@@ -26,10 +26,9 @@ from duo_gateway.dicom.qr import receiving_contexts
 from duo_gateway.sim.behaviour import Misbehaviour, MitzMisbehaviour
 from duo_gateway.sim.http import misbehaving
 from duo_gateway.sim.pacs import SimPacs
-from duo_gateway.sim.studies import write_study
 from duo_gateway.soap.xml import parse_xml
 from duo_gateway.timeline.model import StudyRef
-from tests.support.orthanc import Orthanc, load_with_storescu, run_orthanc
+from tests.support.orthanc import Orthanc, run_orthanc
 from tests.transfer.harness import (
     ALL,
     LOCAL_ISSUER,
@@ -42,6 +41,7 @@ from tests.transfer.harness import (
     destination_instances,
     kos_instances,
     running,
+    tlb_source,
     tlb_studies,
 )
 
@@ -50,10 +50,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    tmp = tmp_path_factory.mktemp("source")
-    files = [str(p) for s in tlb_studies() for p in write_study(s, tmp / "send" / s.study_instance_uid)]
-    with run_orthanc(tmp / "orthanc", ae_title="ORTHANC_SRC") as orthanc:
-        load_with_storescu(orthanc, files)
+    with tlb_source(tmp_path_factory.mktemp("source")) as orthanc:
         yield orthanc
 
 
