@@ -39,6 +39,7 @@ from duo_gateway.audit.messages import (
 )
 from duo_gateway.bsn import bsn_cx
 from duo_gateway.config.views import ViewsConfig
+from duo_gateway.dicom.decode_worker import SharedDecodeWorker
 from duo_gateway.timeline.model import StudyRef
 from duo_gateway.timeline.study_ids import StudyIdRefused, StudyIds
 from duo_gateway.transfer.fetch import ConsentRefused, FetchFailed
@@ -98,6 +99,9 @@ class ViewService:
         self._views: dict[str, View] = {}
         self._by_token: dict[str, View] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        #: Decodes a lossless instance a viewer asked for uncompressed (dicom/convert), in a helper
+        #: process started on first use.
+        self.decoder = SharedDecodeWorker()
         self._cleaning: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -116,6 +120,7 @@ class ViewService:
             await self._close(view, "DUO stopped")
         if self._cleaning:
             await asyncio.gather(*self._cleaning, return_exceptions=True)
+        await asyncio.to_thread(self.decoder.close)
 
     async def _sweep(self) -> None:
         while True:
