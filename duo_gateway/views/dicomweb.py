@@ -86,6 +86,8 @@ _RENDER_STATUS: Final = {"parameter": 400, "frame": 404, "unrenderable": 406}
 _UNCOMPRESSED: Final = frozenset({str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)})
 
 Handler = Callable[[web.Request, View], Awaitable[web.StreamResponse]]
+#: Set once a streamed answer's headers are on their way: a failure after that cannot be a problem body.
+_STARTED: Final = web.RequestKey("duo.dicomweb.started", bool)
 
 
 class _Problem(Exception):
@@ -95,8 +97,8 @@ class _Problem(Exception):
         self.detail = detail
 
 
-_TITLES: Final = {400: "Bad request", 404: "Not found", 406: "Not acceptable", 502: "Source failed",
-                  504: "Source too slow"}
+_TITLES: Final = {400: "Bad request", 404: "Not found", 406: "Not acceptable", 500: "Internal error",
+                  502: "Source failed", 504: "Source too slow"}
 
 
 def _problem(status: int, detail: str) -> web.Response:
@@ -154,6 +156,15 @@ class DicomWebDoor:
                 response = _problem(problem.status, problem.detail)
             except NotAcceptable as exc:
                 response = _problem(406, str(exc) or "none of the accepted media types can be served")
+            except (ConnectionError, asyncio.CancelledError):
+                raise  # the viewer went away: nothing to answer
+            except Exception:
+                # Before the answer started, DUO's own failure is a 500 with a request id; after it,
+                # aiohttp drops the connection, so a truncated answer is never taken for a whole one.
+                log.exception("dicomweb_failed", route=request.match_info.route.name)
+                if request.get(_STARTED):
+                    raise
+                response = _problem(500, "DUO failed answering this request; quote the request id")
             self._cors(request, response)
             return response
 
@@ -179,6 +190,7 @@ class DicomWebDoor:
 
     def _started(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
         """CORS on a streamed answer must be set before it is prepared."""
+        request[_STARTED] = True
         self._cors(request, response)
         response.headers["Cache-Control"] = "no-store"
         return response
