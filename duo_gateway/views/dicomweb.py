@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from io import BytesIO
 from typing import Any, BinaryIO, Final
 
 import structlog
@@ -31,6 +32,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from duo_gateway.config.views import ViewsConfig
+from duo_gateway.dicom.convert import convert_in_place, convertible
+from duo_gateway.dicom.decode_worker import SharedDecodeWorker
 from duo_gateway.dicomweb.dicomjson import to_dicom_json
 from duo_gateway.dicomweb.multipart import (
     Acceptable,
@@ -83,6 +86,8 @@ _RENDER_STATUS: Final = {"parameter": 400, "frame": 404, "unrenderable": 406}
 _UNCOMPRESSED: Final = frozenset({str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)})
 
 Handler = Callable[[web.Request, View], Awaitable[web.StreamResponse]]
+#: Set once a streamed answer's headers are on their way: a failure after that cannot be a problem body.
+_STARTED: Final = web.RequestKey("duo.dicomweb.started", bool)
 
 
 class _Problem(Exception):
@@ -92,8 +97,8 @@ class _Problem(Exception):
         self.detail = detail
 
 
-_TITLES: Final = {400: "Bad request", 404: "Not found", 406: "Not acceptable", 502: "Source failed",
-                  504: "Source too slow"}
+_TITLES: Final = {400: "Bad request", 404: "Not found", 406: "Not acceptable", 500: "Internal error",
+                  502: "Source failed", 504: "Source too slow"}
 
 
 def _problem(status: int, detail: str) -> web.Response:
@@ -151,6 +156,15 @@ class DicomWebDoor:
                 response = _problem(problem.status, problem.detail)
             except NotAcceptable as exc:
                 response = _problem(406, str(exc) or "none of the accepted media types can be served")
+            except (ConnectionError, asyncio.CancelledError):
+                raise  # the viewer went away: nothing to answer
+            except Exception:
+                # Before the answer started, DUO's own failure is a 500 with a request id; after it,
+                # aiohttp drops the connection, so a truncated answer is never taken for a whole one.
+                log.exception("dicomweb_failed", route=request.match_info.route.name)
+                if request.get(_STARTED):
+                    raise
+                response = _problem(500, "DUO failed answering this request; quote the request id")
             self._cors(request, response)
             return response
 
@@ -176,6 +190,7 @@ class DicomWebDoor:
 
     def _started(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
         """CORS on a streamed answer must be set before it is prepared."""
+        request[_STARTED] = True
         self._cors(request, response)
         response.headers["Cache-Control"] = "no-store"
         return response
@@ -305,6 +320,13 @@ class DicomWebDoor:
                         raise NotAcceptable("the instance cannot be served in an accepted transfer syntax")
                     log.info("view_instance_not_convertible", stored=entry.transfer_syntax_uid)
                     continue
+                converted = None
+                if syntax != entry.transfer_syntax_uid:
+                    converted = await asyncio.to_thread(_converted, entry, syntax, self._service.decoder)
+                    if converted is None:
+                        if response is None and len(uids) == 1:
+                            raise NotAcceptable("the instance could not be converted losslessly")
+                        continue
                 if response is None:
                     writer = MultipartRelated(DICOM)
                     response = self._started(request, web.StreamResponse(
@@ -312,11 +334,11 @@ class DicomWebDoor:
                     await response.prepare(request)
                 assert writer is not None
                 await response.write(writer.part_head(f'{DICOM}; transfer-syntax={syntax}'))
-                if syntax == entry.transfer_syntax_uid:
+                if converted is not None:
+                    await response.write(converted)
+                else:
                     async for chunk in _file_chunks(entry):
                         await response.write(chunk)
-                else:
-                    await response.write(await asyncio.to_thread(_converted, entry, syntax))
                 await response.write(writer.PART_END)
                 sent += 1
             finally:
@@ -494,22 +516,24 @@ def _accepting(request: web.Request, media_type: str) -> list[Acceptable]:
 
 def _syntax_for(accepted: list[Acceptable], stored: str) -> str | None:
     try:
-        return choose_transfer_syntax(accepted, stored, convertible=_convertible)
+        return choose_transfer_syntax(accepted, stored, convertible=convertible)
     except NotAcceptable:
         return None
 
 
-def _convertible(stored: str, wanted: str) -> bool:
-    return stored in _UNCOMPRESSED and wanted in _UNCOMPRESSED
-
-
-def _converted(entry: CachedInstance, syntax: str) -> bytes:
-    """An uncompressed little-endian instance re-encoded in the other such syntax."""
-    ds = dcmread(entry.path)
-    out = BytesIO()
-    ds.save_as(out, implicit_vr=syntax == str(ImplicitVRLittleEndian), little_endian=True,
-               enforce_file_format=True)
-    return out.getvalue()
+def _converted(entry: CachedInstance, syntax: str, decoder: SharedDecodeWorker) -> bytes | None:
+    """The instance in ``syntax`` (dicom/convert's rule: nothing lost), from a copy of the cached file;
+    None when it cannot be converted after all (a corrupt stream, a decoder that gave up)."""
+    copy = entry.path.with_name(f".serve-{secrets.token_hex(4)}-{entry.path.name}")
+    try:
+        shutil.copyfile(entry.path, copy)
+        why = convert_in_place(copy, [syntax], decoder)
+        if why is not None:
+            log.info("view_instance_not_converted", reason=why)
+            return None
+        return copy.read_bytes()
+    finally:
+        copy.unlink(missing_ok=True)
 
 
 async def _file_chunks(entry: CachedInstance) -> AsyncIterator[bytes]:

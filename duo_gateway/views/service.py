@@ -39,8 +39,9 @@ from duo_gateway.audit.messages import (
 )
 from duo_gateway.bsn import bsn_cx
 from duo_gateway.config.views import ViewsConfig
+from duo_gateway.dicom.decode_worker import SharedDecodeWorker
 from duo_gateway.timeline.model import StudyRef
-from duo_gateway.timeline.study_ids import StudyIdRefused, StudyIds
+from duo_gateway.timeline.study_ids import StudyIds
 from duo_gateway.transfer.fetch import ConsentRefused, FetchFailed
 from duo_gateway.transfer.sources import StudySources
 from duo_gateway.views.cache import ViewCache
@@ -98,6 +99,9 @@ class ViewService:
         self._views: dict[str, View] = {}
         self._by_token: dict[str, View] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        #: Decodes a lossless instance a viewer asked for uncompressed (dicom/convert), in a helper
+        #: process started on first use.
+        self.decoder = SharedDecodeWorker()
         self._cleaning: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -116,6 +120,7 @@ class ViewService:
             await self._close(view, "DUO stopped")
         if self._cleaning:
             await asyncio.gather(*self._cleaning, return_exceptions=True)
+        await asyncio.to_thread(self.decoder.close)
 
     async def _sweep(self) -> None:
         while True:
@@ -137,9 +142,7 @@ class ViewService:
             try:
                 sealed = self._ids.open(study_id)
                 sealed.check_use(requester.ura)
-            except StudyIdRefused as exc:
-                raise ViewRefused("invalid-study", f"studies[{n}]: {exc}") from None
-            except ValueError as exc:
+            except ValueError as exc:  # not DUO's id, or (StudyIdRefused) another organisation's or expired
                 raise ViewRefused("invalid-study", f"studies[{n}]: {exc}") from None
             sealed_studies.append((study_id, sealed))
         patients = {sealed.bsn for _id, sealed in sealed_studies}
@@ -156,8 +159,8 @@ class ViewService:
                 feed, holder = await self._feed(view_id, study_id, sealed.refs, bsn, requester)
                 feeds[sealed.ref.study_uid] = feed
                 holders.add(holder)
-        except ViewRefused:
-            for feed in feeds.values():
+        except BaseException:
+            for feed in feeds.values():  # none started yet: nothing fetched, but their directories go
                 await feed.close()
             raise
         view = View(id=view_id, token=secrets.token_urlsafe(32), client=client, requester=requester, bsn=bsn,

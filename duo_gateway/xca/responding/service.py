@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import hashlib
 import shutil
-import struct
 import tempfile
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,7 +35,6 @@ from typing import TypeVar
 
 import structlog
 from pydicom import dcmread
-from pydicom.uid import UID
 
 from duo_gateway.access import Caller
 from duo_gateway.audit.auditor import Auditor
@@ -55,10 +53,9 @@ from duo_gateway.config.loader import DuoConfig
 from duo_gateway.config.peers import TlbHospital
 from duo_gateway.config.xca import XcaRespondingConfig
 from duo_gateway.consent import ConsentGate, Permit, Refusal
+from duo_gateway.dicom.convert import convert_in_place
 from duo_gateway.dicom.decode_worker import SharedDecodeWorker
 from duo_gateway.dicom.kos import encode_part10
-from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE, syntax_class
-from duo_gateway.dicom.transcode import TranscodeError, transcode_uncompressed
 from duo_gateway.observability.metrics import Metrics
 from duo_gateway.sources.base import ImagingSource, SourceUnavailable
 from duo_gateway.xca.codes import (
@@ -951,7 +948,7 @@ class RespondingGateway:
                             content = target
                         # The PACS chose (a C-MOVE cannot negotiate): converted between uncompressed
                         # syntaxes or decompressed if lossless, never re-encoded, or it fails alone.
-                        why = await asyncio.to_thread(_convert, target, accepted, self._decoder)
+                        why = await asyncio.to_thread(convert_in_place, target, accepted, self._decoder)
                         if why is not None:
                             log.info("rad75 instance not convertible", source=got.transfer_syntax_uid,
                                      reason=why)
@@ -1175,35 +1172,3 @@ def _encapsulated_document(part10: bytes) -> bytes:
     return data.rstrip(b"\x00") if data.endswith(b"\x00") else data
 
 
-def _convert(path: Path, accepted: Sequence[str], decoder: SharedDecodeWorker) -> str | None:
-    """Re-encode ``path`` in place in a requested uncompressed syntax; why not, or None when done.
-
-    The relay's two conversions (dicom/transcode): uncompressed data is re-encoded with its pixel data
-    copied in chunks; lossless data is decompressed in the decoder helper; lossy data never is
-    (decompressing would hide that it is lossy: dicom/syntaxes).
-    """
-    current = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-    target = next((ts for ts in accepted if ts in UNCOMPRESSED_LE), None)
-    if target is None:
-        return "no uncompressed syntax was requested"
-    kind = syntax_class(current)
-    if kind == "lossy":
-        return "lossy data is not decompressed"
-    if kind == "uncompressed" and current not in UNCOMPRESSED_LE:
-        return "DUO converts only between little-endian uncompressed syntaxes"
-    tmp = path.with_name(f".convert-{path.name}")
-    try:
-        if kind == "uncompressed":
-            transcode_uncompressed(path, tmp, UID(target))
-        else:
-            decoder.decompress(path, tmp, target)
-        tmp.replace(path)
-    except TranscodeError as exc:
-        return f"not decompressed: {exc.reason}"
-    except (ValueError, struct.error) as exc:
-        return f"not converted: {exc}"
-    except OSError as exc:
-        return f"not converted: {type(exc).__name__}"
-    finally:
-        tmp.unlink(missing_ok=True)
-    return None
