@@ -55,6 +55,8 @@ log = structlog.get_logger(__name__)
 DICOM_JSON: Final = "application/dicom+json"
 DICOM: Final = "application/dicom"
 _CHUNK: Final = 1024 * 1024
+#: Cached instances up to this size are read on the event loop (see ``_file_chunks``).
+_READ_ON_LOOP: Final = 4 * 1024 * 1024
 #: Headers encoded per hop to a thread in a metadata answer, and QIDO results encoded on the loop.
 _METADATA_BATCH: Final = 64
 #: Study-level attributes a study answer takes from its first instance (PS3.18 Table 10.6.3-3).
@@ -537,10 +539,12 @@ def _converted(entry: CachedInstance, syntax: str, decoder: SharedDecodeWorker) 
 
 
 async def _file_chunks(entry: CachedInstance) -> AsyncIterator[bytes]:
-    """The cached file: an instance of a few MB in one hop to a thread (a hop per chunk waits for the
-    GIL's switch interval each time the loop is busy), a larger one in chunks."""
-    if entry.size <= _CHUNK * 4:
-        yield await asyncio.to_thread(entry.path.read_bytes)
+    """The cached file. An instance of a few MB, just written into the page cache by the feed, is read
+    on the loop, as the feed wrote it: a hop to a thread waits for the GIL's switch interval (5 ms)
+    whenever the loop is busy, which per instance was most of a study's serving time. A larger one
+    is read in chunks in a thread."""
+    if entry.size <= _READ_ON_LOOP:
+        yield entry.path.read_bytes()
         return
     fh: BinaryIO = await asyncio.to_thread(entry.path.open, "rb")
     try:
