@@ -126,10 +126,14 @@ class ImagingSource(Protocol):
 
     async def find_instances(self, permit: Permit, bsn: str, study_uid: str, *,
                              modalities: Sequence[str] = (),
-                             series: Collection[str] = ()) -> list[InstanceRecord]:
+                             series: Collection[str] = (), lean: bool = False) -> list[InstanceRecord]:
         """Every instance of one study (optionally only series of the given modalities, or only the
         given series: a RAD-75 batch names its series, and walking the others per batch multiplied the
-        C-FIND work of a large study by its series count)."""
+        C-FIND work of a large study by its series count).
+
+        ``lean``: the instances' identity is all the caller needs (a view fetching the study), so the
+        source may ask for less where that is cheaper; a per-instance patient check it skips is then
+        the retrieve's (on receipt). Records may lack content dates, titles and MIME types."""
         ...
 
     async def patient_of_study(self, study_uid: str) -> str | None:

@@ -180,10 +180,10 @@ class DicomPacsSource:
 
     async def find_instances(self, permit: Permit, bsn: str, study_uid: str, *,
                              modalities: Sequence[str] = (),
-                             series: Collection[str] = ()) -> list[InstanceRecord]:
+                             series: Collection[str] = (), lean: bool = False) -> list[InstanceRecord]:
         self._check(permit, bsn)
         # One association for the whole walk; its deadline grows with the series it has to visit.
-        return await self._deadline("c-find", self._walk_study(bsn, study_uid, modalities, series),
+        return await self._deadline("c-find", self._walk_study(bsn, study_uid, modalities, series, lean),
                                     self.hospital.timeout_s * 4)
 
     async def patient_of_study(self, study_uid: str) -> str | None:
@@ -425,17 +425,24 @@ class DicomPacsSource:
     # -- find helpers ------------------------------------------------------------------------------
 
     async def _walk_study(self, bsn: str, study_uid: str, modalities: Sequence[str],
-                          only_series: Collection[str] = ()) -> list[InstanceRecord]:
+                          only_series: Collection[str] = (), lean: bool = False) -> list[InstanceRecord]:
         wanted_modalities = {m.upper() for m in modalities}
         async with self._qr.associate() as qa:
             check = bsn_query("STUDY", self.hospital.bsn_attribute, bsn)
             check.StudyInstanceUID = study_uid
             check.NumberOfStudyRelatedSeries = ""
+            if lean:
+                check.SOPClassesInStudy = ""
             own = [ds for ds in await _collect(qa.find(check))
                    if self._unique(ds, "StudyInstanceUID") == study_uid and self._belongs(ds, bsn)]
             if not own:
                 log.warning("pacs_study_not_of_patient", source=self.name, study_instance_uid=study_uid)
                 return []
+            classes = sorted(set(_values(own[0], "SOPClassesInStudy"))) if lean else []
+            # One class in the study: every instance has it, so the image level is asked for its
+            # identity only (main tags; Orthanc answers without reading each file). The per-instance
+            # patient check then happens on receipt (the retrieve's validator), not here.
+            only_class = classes[0] if len(classes) == 1 else None
             counted_series = _int(own[0], "NumberOfStudyRelatedSeries")
             series_query = Dataset()
             series_query.QueryRetrieveLevel = "SERIES"
@@ -459,11 +466,15 @@ class DicomPacsSource:
             for series_uid, sds in series.items():
                 # Patient keys as return keys: a PACS that names a patient per instance gets checked
                 # per instance too (one that files a foreign instance under this study, say).
-                image_query = bsn_query("IMAGE", self.hospital.bsn_attribute)
+                if only_class is not None:
+                    image_query = Dataset()
+                    image_query.QueryRetrieveLevel = "IMAGE"
+                else:
+                    image_query = bsn_query("IMAGE", self.hospital.bsn_attribute)
                 image_query.StudyInstanceUID = study_uid
                 image_query.SeriesInstanceUID = series_uid
                 image_query.SOPInstanceUID = ""
-                for keyword in _IMAGE_RETURN_KEYS:
+                for keyword in _IMAGE_RETURN_KEYS if only_class is None else ("InstanceNumber",):
                     setattr(image_query, keyword, "")
                 answers = await _collect(qa.find(image_query))
                 found = {self._unique(ds, "SOPInstanceUID") for ds in answers}
@@ -474,7 +485,7 @@ class DicomPacsSource:
                     if names_other_patient(ds, self.hospital.bsn_attribute, bsn):
                         foreign += 1
                         continue
-                    sop_class = _text(ds, "SOPClassUID")
+                    sop_class = only_class or _text(ds, "SOPClassUID")
                     if not sop_class:
                         raise SourceUnavailable(self.name, "IMAGE-level answer without SOPClassUID", "error")
                     records.setdefault(sop_uid, InstanceRecord(

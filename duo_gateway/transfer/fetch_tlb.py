@@ -19,7 +19,7 @@ from duo_gateway.xua import Claims
 
 class TlbStudyFetcher:
     def __init__(self, *, hospital: TlbHospital, source: ImagingSource, gate: ConsentGate, claims: Claims,
-                 bsn: str, study_uid: str) -> None:
+                 bsn: str, study_uid: str, lean: bool = False) -> None:
         self.source = f"tlb:{hospital.ura}"
         self._hospital = hospital
         self._pacs = source
@@ -27,6 +27,8 @@ class TlbStudyFetcher:
         self._claims = claims
         self._bsn = bsn
         self._study_uid = study_uid
+        #: A manifest of identities only (ImagingSource.find_instances(lean=True)): for views.
+        self._lean = lean
         self._permit: Permit | None = None
         self._records: dict[str, InstanceRecord] = {}
 
@@ -47,7 +49,7 @@ class TlbStudyFetcher:
     async def manifest(self) -> list[ExpectedInstance]:
         permit = await self._consent()
         try:
-            records = await self._pacs.find_instances(permit, self._bsn, self._study_uid)
+            records = await self._pacs.find_instances(permit, self._bsn, self._study_uid, lean=self._lean)
         except SourceUnavailable as exc:
             raise FetchFailed(exc.kind, f"{self.source}: {exc.detail}", retryable=exc.retryable) from exc
         if not records:

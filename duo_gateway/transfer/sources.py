@@ -53,11 +53,12 @@ class StudySources:
             raise LookupError(f"community {ref.home_community_id} is not (or no longer) configured")
         return community, retriever
 
-    def fetcher(self, ref: StudyRef, bsn: str, claims: Claims) -> StudyFetcher:
-        """The configured TLB hospital's PACS behind the consent gate, or the community's retriever."""
+    def fetcher(self, ref: StudyRef, bsn: str, claims: Claims, *, lean: bool = False) -> StudyFetcher:
+        """The configured TLB hospital's PACS behind the consent gate, or the community's retriever.
+        ``lean``: a manifest of identities only will do (a view; see ImagingSource.find_instances)."""
         if ref.kind == "tlb":
             hospital, source = self.hospital(ref)
             return TlbStudyFetcher(hospital=hospital, source=source, gate=self._gate, claims=claims, bsn=bsn,
-                                   study_uid=ref.study_uid)
+                                   study_uid=ref.study_uid, lean=lean)
         community, retriever = self.community(ref)
         return XcaStudyFetcher(community=community, retriever=retriever, claims=claims, bsn=bsn, ref=ref)

@@ -181,7 +181,7 @@ class ViewService:
         denied: list[str] = []
         for ref in refs:
             try:
-                fetcher = self._sources.fetcher(ref, bsn, requester)
+                fetcher = self._sources.fetcher(ref, bsn, requester, lean=True)
             except LookupError as exc:
                 reasons.append(str(exc))
                 continue

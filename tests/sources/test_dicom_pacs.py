@@ -696,3 +696,19 @@ async def test_orthanc_retrieve_named(orthanc: Loaded, tmp_path: Path, method: s
         got = await collect(src.retrieve_named(await permit(ANNA.bsn), ANNA.bsn, study.study_instance_uid,
                                                named))
     assert_identical(got, [ds for ds in study.instances if ds is not misfiled])
+
+
+async def test_orthanc_lean_walk_names_the_same_instances(orthanc: Loaded, tmp_path: Path) -> None:
+    """A lean walk (identities only, for a view) lists exactly what the full walk lists, with the same
+    series and SOP classes, whether the study holds one SOP class (image level asked for main tags
+    only) or several (the full walk)."""
+    src = orthanc_source(orthanc, tmp_path)
+    p = await permit(ANNA.bsn)
+    for study in orthanc.anna:
+        full = await src.find_instances(p, ANNA.bsn, study.study_instance_uid)
+        lean = await src.find_instances(p, ANNA.bsn, study.study_instance_uid, lean=True)
+        key = sorted((r.sop_instance_uid, r.series_instance_uid, r.sop_class_uid, r.instance_number)
+                     for r in full)
+        assert sorted((r.sop_instance_uid, r.series_instance_uid, r.sop_class_uid, r.instance_number)
+                      for r in lean) == key
+        assert {r.sop_instance_uid for r in full} == {str(ds.SOPInstanceUID) for ds in study.instances}

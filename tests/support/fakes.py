@@ -182,7 +182,7 @@ class FakeSource:
 
     async def find_instances(self, permit: Permit, bsn: str, study_uid: str, *,
                              modalities: Sequence[str] = (),
-                             series: Collection[str] = ()) -> list[InstanceRecord]:
+                             series: Collection[str] = (), lean: bool = False) -> list[InstanceRecord]:
         self.calls.append(Call("find_instances", bsn, study_uid, {"modalities": tuple(modalities),
                                                                    "series": tuple(sorted(series))}))
         await self._behave()
