@@ -29,11 +29,11 @@ import structlog
 from aiohttp import web
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from duo_gateway.config.views import ViewsConfig
 from duo_gateway.dicom.convert import convert_in_place, convertible
 from duo_gateway.dicom.decode_worker import SharedDecodeWorker
+from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE
 from duo_gateway.dicomweb.dicomjson import to_dicom_json
 from duo_gateway.dicomweb.multipart import (
     Acceptable,
@@ -85,7 +85,6 @@ _FRAME_MEDIA: Final = {
 }
 #: A refused frame or rendering: a bad parameter, a frame the instance lacks, or data it cannot render.
 _RENDER_STATUS: Final = {"parameter": 400, "frame": 404, "unrenderable": 406}
-_UNCOMPRESSED: Final = frozenset({str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)})
 
 Handler = Callable[[web.Request, View], Awaitable[web.StreamResponse]]
 #: Set once a streamed answer's headers are on their way: a failure after that cannot be a problem body.
@@ -249,6 +248,7 @@ class DicomWebDoor:
     async def _qido_instances(self, request: web.Request, view: View) -> web.StreamResponse:
         query = self._qido(request, "instance")
         feed, uids = self._scope(request, view)
+        await feed.read_headers(set(uids))  # those that arrived, in one hop
         found = []
         for uid in uids:
             expected = feed.expected[uid]
@@ -287,9 +287,10 @@ class DicomWebDoor:
         first = await feed.any_header([uid for members in feed.series.values() for uid in members[:1]])
         ds = _pick(first, _STUDY_KEYWORDS)
         ds.StudyInstanceUID = feed.study_uid
-        await feed.read_headers()
-        modalities = sorted({str(h.Modality) for uid in feed.expected
-                             if (h := await feed.known_header(uid)) is not None and h.get("Modality")})
+        # A series has one modality: the first instance of each that arrived says it.
+        firsts = [next((u for u in members if feed.arrived(u)), None) for members in feed.series.values()]
+        modalities = sorted({str(h.Modality) for uid in firsts if uid is not None
+                             and (h := await feed.known_header(uid)) is not None and h.get("Modality")})
         if modalities:
             ds.ModalitiesInStudy = modalities
         ds.NumberOfStudyRelatedSeries = len(feed.series)
@@ -399,7 +400,7 @@ class DicomWebDoor:
         numbers = _frame_numbers(request.match_info["frames"])
         ds, _entry = await self._dataset(feed, uids[0])
         stored = str(ds.file_meta.TransferSyntaxUID)
-        media = "application/octet-stream" if stored in _UNCOMPRESSED else _FRAME_MEDIA.get(stored)
+        media = "application/octet-stream" if stored in UNCOMPRESSED_LE else _FRAME_MEDIA.get(stored)
         if media is None:
             raise NotAcceptable(f"frames of {stored} data are not served")
         try:
