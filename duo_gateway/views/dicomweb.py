@@ -40,6 +40,7 @@ from duo_gateway.dicomweb.multipart import (
     MultipartRelated,
     NotAcceptable,
     choose_transfer_syntax,
+    covers_dicom_parts,
     parse_accept,
 )
 from duo_gateway.dicomweb.qido import Level, QidoError, matches, parse_qido, return_tags
@@ -300,7 +301,7 @@ class DicomWebDoor:
     # -- WADO-RS -------------------------------------------------------------------------------
     async def _retrieve(self, request: web.Request, view: View) -> web.StreamResponse:
         feed, uids = self._scope(request, view)
-        accepted = _accepting(request, DICOM)
+        accepted = _accepting(request)
         writer: MultipartRelated | None = None
         response: web.StreamResponse | None = None
         sent = 0
@@ -504,22 +505,18 @@ def _pick(header: Dataset | None, keywords: Sequence[str]) -> Dataset:
     return ds
 
 
-def _accepting(request: web.Request, media_type: str) -> list[Acceptable]:
-    """The Accept entries that allow ``media_type`` parts (multipart/related, or a wildcard)."""
+def _accepting(request: web.Request) -> list[Acceptable]:
+    """The Accept header's ranges, when one admits application/dicom parts (none: the default)."""
     accepted = parse_accept(request.headers.get("Accept"))
-    if not accepted:
-        return [Acceptable(media_type, "*", True, 1.0)]
-    usable = [a for a in accepted if a.media_type in (media_type, "*/*", "multipart/related")
-              or (a.multipart and a.media_type == media_type)]
-    if not usable:
-        raise NotAcceptable(f"this resource is multipart/related; type=\"{media_type}\"")
-    # The issue's contract: without a transfer-syntax parameter, the stored syntax is served.
-    return [a if a.transfer_syntax else Acceptable(a.media_type, "*", a.multipart, a.q) for a in usable]
+    if accepted and not any(covers_dicom_parts(a) for a in accepted):
+        raise NotAcceptable(f'this resource is multipart/related; type="{DICOM}"')
+    return accepted
 
 
 def _syntax_for(accepted: list[Acceptable], stored: str) -> str | None:
     try:
-        return choose_transfer_syntax(accepted, stored, convertible=convertible)
+        # The issue's contract: a range without transfer-syntax gets the syntax as stored.
+        return choose_transfer_syntax(accepted, stored, convertible=convertible, unnamed="*")
     except NotAcceptable:
         return None
 
