@@ -112,18 +112,20 @@ def parse_accept(header: str | None) -> list[Acceptable]:
 
 
 def choose_transfer_syntax(accepted: Sequence[Acceptable], stored: str, *,
-                           convertible: Callable[[str, str], bool]) -> str:
+                           convertible: Callable[[str, str], bool],
+                           unnamed: str = EXPLICIT_VR_LITTLE_ENDIAN) -> str:
     """The transfer syntax to send an instance stored in ``stored`` in, for a WADO-RS retrieve of
     instances (multipart/related; type="application/dicom"), following PS3.18 8.7.3: a range without
-    transfer-syntax means Explicit VR Little Endian, ``*`` means as stored, any other must be the stored
-    syntax or one ``convertible(stored, wanted)`` allows. The first acceptable range that can be met
-    wins; no Accept header at all (``accepted`` empty) is the default range. NotAcceptable (406) when no
-    range can be met."""
+    transfer-syntax means ``unnamed`` (the standard's Explicit VR Little Endian; ``"*"`` for a server
+    whose contract is "as stored"), ``*`` means as stored, any other must be the stored syntax or one
+    ``convertible(stored, wanted)`` allows. The first acceptable range that can be met wins; no Accept
+    header at all (``accepted`` empty) is the default range. NotAcceptable (406) when no range can be
+    met."""
     candidates = list(accepted) or [Acceptable("application/dicom", None, multipart=True, q=1.0)]
     for acceptable in candidates:
-        if not _covers_dicom_multipart(acceptable):
+        if not covers_dicom_parts(acceptable):
             continue
-        wanted = acceptable.transfer_syntax or EXPLICIT_VR_LITTLE_ENDIAN
+        wanted = acceptable.transfer_syntax or unnamed
         if wanted == "*" or wanted == stored:
             return stored
         if convertible(stored, wanted):
@@ -131,7 +133,8 @@ def choose_transfer_syntax(accepted: Sequence[Acceptable], stored: str, *,
     raise NotAcceptable(f"no acceptable transfer syntax for an instance stored as {stored}")
 
 
-def _covers_dicom_multipart(acceptable: Acceptable) -> bool:
+def covers_dicom_parts(acceptable: Acceptable) -> bool:
+    """Whether the range admits multipart/related; type="application/dicom"."""
     if acceptable.multipart:
         return acceptable.media_type in ("application/dicom", "application/*", "*/*")
     return acceptable.media_type == "*/*"

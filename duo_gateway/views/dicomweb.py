@@ -29,17 +29,18 @@ import structlog
 from aiohttp import web
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from duo_gateway.config.views import ViewsConfig
 from duo_gateway.dicom.convert import convert_in_place, convertible
 from duo_gateway.dicom.decode_worker import SharedDecodeWorker
+from duo_gateway.dicom.syntaxes import UNCOMPRESSED_LE
 from duo_gateway.dicomweb.dicomjson import to_dicom_json
 from duo_gateway.dicomweb.multipart import (
     Acceptable,
     MultipartRelated,
     NotAcceptable,
     choose_transfer_syntax,
+    covers_dicom_parts,
     parse_accept,
 )
 from duo_gateway.dicomweb.qido import Level, QidoError, matches, parse_qido, return_tags
@@ -85,7 +86,6 @@ _FRAME_MEDIA: Final = {
 }
 #: A refused frame or rendering: a bad parameter, a frame the instance lacks, or data it cannot render.
 _RENDER_STATUS: Final = {"parameter": 400, "frame": 404, "unrenderable": 406}
-_UNCOMPRESSED: Final = frozenset({str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)})
 
 Handler = Callable[[web.Request, View], Awaitable[web.StreamResponse]]
 #: Set once a streamed answer's headers are on their way: a failure after that cannot be a problem body.
@@ -249,6 +249,7 @@ class DicomWebDoor:
     async def _qido_instances(self, request: web.Request, view: View) -> web.StreamResponse:
         query = self._qido(request, "instance")
         feed, uids = self._scope(request, view)
+        await feed.read_headers(set(uids))  # those that arrived, in one hop
         found = []
         for uid in uids:
             expected = feed.expected[uid]
@@ -287,9 +288,10 @@ class DicomWebDoor:
         first = await feed.any_header([uid for members in feed.series.values() for uid in members[:1]])
         ds = _pick(first, _STUDY_KEYWORDS)
         ds.StudyInstanceUID = feed.study_uid
-        await feed.read_headers()
-        modalities = sorted({str(h.Modality) for uid in feed.expected
-                             if (h := await feed.known_header(uid)) is not None and h.get("Modality")})
+        # A series has one modality: the first instance of each that arrived says it.
+        firsts = [next((u for u in members if feed.arrived(u)), None) for members in feed.series.values()]
+        modalities = sorted({str(h.Modality) for uid in firsts if uid is not None
+                             and (h := await feed.known_header(uid)) is not None and h.get("Modality")})
         if modalities:
             ds.ModalitiesInStudy = modalities
         ds.NumberOfStudyRelatedSeries = len(feed.series)
@@ -299,7 +301,7 @@ class DicomWebDoor:
     # -- WADO-RS -------------------------------------------------------------------------------
     async def _retrieve(self, request: web.Request, view: View) -> web.StreamResponse:
         feed, uids = self._scope(request, view)
-        accepted = _accepting(request, DICOM)
+        accepted = _accepting(request)
         writer: MultipartRelated | None = None
         response: web.StreamResponse | None = None
         sent = 0
@@ -399,7 +401,7 @@ class DicomWebDoor:
         numbers = _frame_numbers(request.match_info["frames"])
         ds, _entry = await self._dataset(feed, uids[0])
         stored = str(ds.file_meta.TransferSyntaxUID)
-        media = "application/octet-stream" if stored in _UNCOMPRESSED else _FRAME_MEDIA.get(stored)
+        media = "application/octet-stream" if stored in UNCOMPRESSED_LE else _FRAME_MEDIA.get(stored)
         if media is None:
             raise NotAcceptable(f"frames of {stored} data are not served")
         try:
@@ -503,22 +505,18 @@ def _pick(header: Dataset | None, keywords: Sequence[str]) -> Dataset:
     return ds
 
 
-def _accepting(request: web.Request, media_type: str) -> list[Acceptable]:
-    """The Accept entries that allow ``media_type`` parts (multipart/related, or a wildcard)."""
+def _accepting(request: web.Request) -> list[Acceptable]:
+    """The Accept header's ranges, when one admits application/dicom parts (none: the default)."""
     accepted = parse_accept(request.headers.get("Accept"))
-    if not accepted:
-        return [Acceptable(media_type, "*", True, 1.0)]
-    usable = [a for a in accepted if a.media_type in (media_type, "*/*", "multipart/related")
-              or (a.multipart and a.media_type == media_type)]
-    if not usable:
-        raise NotAcceptable(f"this resource is multipart/related; type=\"{media_type}\"")
-    # The issue's contract: without a transfer-syntax parameter, the stored syntax is served.
-    return [a if a.transfer_syntax else Acceptable(a.media_type, "*", a.multipart, a.q) for a in usable]
+    if accepted and not any(covers_dicom_parts(a) for a in accepted):
+        raise NotAcceptable(f'this resource is multipart/related; type="{DICOM}"')
+    return accepted
 
 
 def _syntax_for(accepted: list[Acceptable], stored: str) -> str | None:
     try:
-        return choose_transfer_syntax(accepted, stored, convertible=convertible)
+        # The issue's contract: a range without transfer-syntax gets the syntax as stored.
+        return choose_transfer_syntax(accepted, stored, convertible=convertible, unnamed="*")
     except NotAcceptable:
         return None
 

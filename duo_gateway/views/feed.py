@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import aclosing
 from pathlib import Path
 
@@ -191,11 +191,15 @@ class StudyFeed:
             await self._until_change(deadline)
         return found
 
-    async def read_headers(self) -> None:
-        """Read the headers of every instance that arrived and was not read yet, in one hop to a
-        thread: headers are read when metadata or a search needs them, never on the fetch's path,
-        and a series' worth at a time rather than one hop per instance."""
-        pending = [(uid, e) for uid, e in self._cached.items() if uid not in self._headers]
+    def arrived(self, uid: str) -> bool:
+        return uid in self._headers or uid in self._cached
+
+    async def read_headers(self, uids: Collection[str] | None = None) -> None:
+        """Read the headers of the instances (of ``uids``, default every one) that arrived and were not
+        read yet, in one hop to a thread: headers are read when metadata or a search needs them,
+        never on the fetch's path, and a batch at a time rather than one hop per instance."""
+        pending = [(uid, e) for uid, e in self._cached.items()
+                   if uid not in self._headers and (uids is None or uid in uids)]
         if not pending:
             return
         for _uid, entry in pending:
@@ -217,7 +221,7 @@ class StudyFeed:
     async def known_header(self, uid: str) -> Dataset | None:
         """The header if the instance has arrived (read now if need be), else None: no waiting."""
         if uid in self._cached and uid not in self._headers:
-            await self.read_headers()
+            await self.read_headers((uid,))
         return self._headers.get(uid)
 
     async def any_header(self, uids: Sequence[str]) -> Dataset | None:

@@ -148,6 +148,10 @@ def test_accept_headers_dicomweb_client_sends(origin: Origin, ct_study: Generate
     assert choose_transfer_syntax(named, ILE, convertible=can_convert) == j2k
     with pytest.raises(NotAcceptable):
         choose_transfer_syntax(named, str(JPEGBaseline8Bit), convertible=can_convert)
+    # A range naming no syntax: PS3.18's Explicit VR Little Endian, or as stored where the server says so.
+    plain = parse_accept('multipart/related; type="application/dicom"')
+    assert choose_transfer_syntax(plain, jpeg_ls, convertible=can_convert) == "1.2.840.10008.1.2.1"
+    assert choose_transfer_syntax(plain, jpeg_ls, convertible=can_convert, unnamed="*") == jpeg_ls
 
 
 def test_accept_media_ranges_parameters_and_order() -> None:
