@@ -648,7 +648,10 @@ async def test_retrieve_named_skips_the_image_walk(pacs: SimPacs, sim: Sim, tmp_
             {str(ds.SOPInstanceUID): str(ds.SeriesInstanceUID) for ds in chosen}))
     assert_identical(got, chosen)
     assert {i.record.sop_class_uid for i in got} == {str(ds.SOPClassUID) for ds in chosen}
-    assert find_levels(logs) == ["STUDY"]
+    # The sim PACS logs from its own threads, so a late line of an earlier test may show up here: what
+    # matters is that this retrieve asked the study level and nothing below it.
+    levels = find_levels(logs)
+    assert "STUDY" in levels and "SERIES" not in levels and "IMAGE" not in levels
 
 
 async def test_retrieve_named_delivers_only_what_is_named_and_walks_for_the_rest(
